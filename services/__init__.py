@@ -1,0 +1,1 @@
+"""The nuclide services: gateway, store, deployer, optimizer, runtime and the CLI."""

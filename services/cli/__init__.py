@@ -1,0 +1,1 @@
+"""The nuclide command-line interface."""

@@ -1,0 +1,1 @@
+"""The deployer-worker: turns desired deployments into running instances."""

@@ -1,0 +1,91 @@
+"""Entry point: python -m services.deployer [--check]."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import zmq
+
+from shared.aiosock import sync_call
+from shared.config import Settings
+from shared.entry import main
+
+
+async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> int:
+    from shared.aiosock import AsyncRpcServer, RpcClient
+    from shared.errors import InvalidRequest, NuclideError
+    from shared.liveness import DEPLOYER_REPORT_INTERVAL_S
+    from shared.logs import get_logger
+    from shared.statefeed import StateFeed
+    from services.deployer.backends.process import ProcessBackend
+    from services.deployer.builder import Builder
+    from services.deployer.reconciler import Reconciler
+
+    log = get_logger("deployer")
+    if settings.backend != "process":
+        log.error("backend not available in this build", backend=settings.backend)
+        return 2
+    store = RpcClient(ctx, settings.store_rpc, "store")
+    reconciler = Reconciler(settings, store, Builder(settings, store))
+    backend = ProcessBackend(settings, reconciler.on_exit)
+    reconciler.backend = backend
+    adopted = backend.adopt()
+    if adopted:
+        log.info("adopted running instances", count=len(adopted))
+
+    def handle(method: str, args: dict[str, Any], _bodies: tuple[bytes, ...]) -> Any:
+        if method == "ping":
+            return {"ok": True, "instances": len(backend.list())}
+        if method == "instances":
+            return [{"id": h.id, "group_id": h.group_id, "group_version": h.group_version, "pid": h.pid}
+                    for h in backend.list()]
+        if method == "logs":
+            name = str(args.get("function", ""))
+            group = reconciler.function_groups.get(name)
+            if group is None:
+                return {"text": ""}
+            logs_dir = settings.var_dir.resolve() / "logs" / group
+            paths = list(logs_dir.glob("*.log")) if logs_dir.is_dir() else []
+            return {"text": backend.logs(paths, int(args.get("tail", 200)))}
+        raise InvalidRequest(f"unknown deployer method {method!r}")
+
+    rpc = AsyncRpcServer(ctx, settings.deployer_rpc, handle, name="deployer")
+    feed = StateFeed(ctx, settings.store_pub, store, reconciler.on_snapshot, reconciler.on_event)
+    feed.start()
+
+    async def report() -> None:
+        while True:
+            try:
+                await store.call("deployer.report", {"instances": len(backend.list())}, timeout_s=2.0)
+            except NuclideError:
+                pass
+            await asyncio.sleep(DEPLOYER_REPORT_INTERVAL_S)
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            reconciler.kick()
+
+    tasks = [asyncio.ensure_future(report()), asyncio.ensure_future(tick())]
+    log.info("deployer ready", backend=backend.name, rpc=settings.deployer_rpc)
+    await stop.wait()
+    log.info("deployer stopping", stop_instances=settings.stop_instances_on_exit)
+    for task in tasks:
+        task.cancel()
+    reconciler.close()
+    if settings.stop_instances_on_exit:
+        await reconciler.stop_all()
+    feed.close()
+    rpc.close()
+    store.close()
+    return 0
+
+
+def check(settings: Settings) -> str:
+    result = sync_call(settings.deployer_rpc, "ping")
+    return f"deployer ok, {result['instances']} instances"
+
+
+if __name__ == "__main__":
+    main("deployer", serve, check)

@@ -1,0 +1,1 @@
+"""Deployment backends: one module per platform behind base.Backend."""

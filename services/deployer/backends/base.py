@@ -1,0 +1,78 @@
+"""The one interface every deployment backend implements (process, docker, ...)."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Everything a backend needs to start one instance of a group version."""
+
+    id: str
+    group_id: str
+    group_version: int
+    functions: list[dict[str, Any]]  # runtime config per function: name, version, handler, code_dir, deps_dir, env
+    memory_bytes: int
+    log_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InstanceHandle:
+    """A running instance as the backend knows it."""
+
+    id: str
+    group_id: str
+    group_version: int
+    pid: int | None
+    log_path: Path
+    started_at: float
+    adopted: bool = False
+    stopping: bool = False
+
+
+ExitCallback = Callable[[InstanceHandle, "int | None"], None]
+
+
+class Backend(abc.ABC):
+    name = "abstract"
+
+    def __init__(self, on_exit: ExitCallback) -> None:
+        self.on_exit = on_exit
+
+    @abc.abstractmethod
+    async def start(self, spec: InstanceSpec) -> InstanceHandle:
+        """Start an instance; returns once it is launched (READY comes later, to the gateway)."""
+
+    @abc.abstractmethod
+    async def stop(self, handle: InstanceHandle, timeout_s: float) -> None:
+        """Ask the instance to drain and stop; kill it after ``timeout_s``."""
+
+    @abc.abstractmethod
+    def adopt(self) -> list[InstanceHandle]:
+        """Instances left running by an earlier deployer process, now watched by this one."""
+
+    @abc.abstractmethod
+    def list(self) -> list[InstanceHandle]:
+        """Instances this backend is running."""
+
+    def logs(self, paths: list[Path], tail_lines: int) -> str:
+        """The last lines across the given instance log files, oldest first."""
+        chunks: list[str] = []
+        remaining = tail_lines
+        for path in sorted((p for p in paths if p.exists()), key=lambda p: p.stat().st_mtime, reverse=True):
+            with open(path, "rb") as fh:
+                fh.seek(0, 2)
+                size = fh.tell()
+                fh.seek(max(0, size - 256 * 1024))
+                lines = fh.read().decode(errors="replace").splitlines()
+            take = lines[-remaining:]
+            chunks.insert(0, "\n".join(take))
+            remaining -= len(take)
+            if remaining <= 0:
+                break
+        return "\n".join(c for c in chunks if c) + ("\n" if chunks else "")

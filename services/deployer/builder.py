@@ -1,0 +1,151 @@
+"""Builds what instances run: the function's code directory and its dependency environment.
+
+Code: the version's zip from the store, extracted once to
+``<var>/functions/<name>/<version>/code``. Dependencies: one environment per
+hash of (Python version, requirements.txt, build commands) at
+``<var>/envs/<hash>``, shared by every function with the same hash and kept
+across restarts; built in a temporary directory and renamed into place, so a
+half-built environment is never used. Builds run as sandboxed subprocesses and
+never block the deployer's loop; builds of the same hash wait for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.aiosock import RpcClient
+from shared.archive import extract_archive, read_archive
+from shared.config import Settings
+from shared.errors import BuildFailed
+from shared.logs import get_logger
+from services.deployer.sandbox import Mounts, base_env, hidden_paths, wrap
+
+log = get_logger(__name__)
+
+LOG_TAIL_LINES = 30
+
+
+def env_key(spec: dict[str, Any]) -> str | None:
+    requirements = (spec.get("requirements") or "").strip()
+    commands = [str(c) for c in spec.get("build_commands") or []]
+    if not requirements and not commands:
+        return None
+    h = hashlib.sha256()
+    h.update(f"python{sys.version_info.major}.{sys.version_info.minor}\0".encode())
+    h.update(requirements.encode() + b"\0")
+    for command in commands:
+        h.update(command.encode() + b"\0")
+    return h.hexdigest()[:24]
+
+
+def tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+class Builder:
+    def __init__(self, settings: Settings, store: RpcClient) -> None:
+        self.settings = settings
+        self.store = store
+        self.var = settings.var_dir.resolve()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    def code_dir(self, name: str, version: int) -> Path:
+        return self.var / "functions" / name / str(version) / "code"
+
+    async def ensure_code(self, name: str, version: int, digest: str) -> Path:
+        target = self.code_dir(name, version)
+        if target.exists():
+            return target
+        async with self._lock(f"code:{name}:{version}"):
+            if target.exists():
+                return target
+            _, bodies = await self.store.call_with_bodies("blob.get", {"digest": digest}, timeout_s=60)
+            data = bodies[0]
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise BuildFailed(f"the stored archive of '{name}' v{version} is corrupt (digest mismatch)")
+            tmp = target.parent / f".code-{os.getpid()}-{time.monotonic_ns()}"
+            await asyncio.to_thread(extract_archive, read_archive(data), tmp)
+            os.replace(tmp, target)
+            return target
+
+    def env_dir(self, key: str) -> Path:
+        return self.var / "envs" / key
+
+    async def ensure_env(self, spec: dict[str, Any]) -> Path | None:
+        """The dependency directory for a spec (to put on sys.path), or None when it needs none."""
+        key = env_key(spec)
+        if key is None:
+            return None
+        target = self.env_dir(key)
+        if (target / "site").is_dir():
+            return target / "site"
+        async with self._lock(f"env:{key}"):
+            if (target / "site").is_dir():
+                return target / "site"
+            await self._build_env(key, spec, target)
+            return target / "site"
+
+    async def _build_env(self, key: str, spec: dict[str, Any], target: Path) -> None:
+        started = time.monotonic()
+        work = target.parent / f".build-{key}-{time.monotonic_ns()}"
+        site = work / "site"
+        site.mkdir(parents=True)
+        cache = self.var / "cache" / "pip"
+        cache.mkdir(parents=True, exist_ok=True)
+        log_path = work / "build.log"
+        env = base_env(home=str(work))
+        env.update({"PIP_TARGET": str(site), "PIP_CACHE_DIR": str(cache), "PYTHONPATH": str(site),
+                    "PATH": f"{site / 'bin'}:{env['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"})
+        mounts = Mounts(writable=(work, cache), hidden=hidden_paths())
+        steps: list[tuple[str, list[str]]] = []
+        requirements = (spec.get("requirements") or "").strip()
+        if requirements:
+            (work / "requirements.txt").write_text(requirements + "\n")
+            steps.append(("pip install -r requirements.txt", [
+                sys.executable, "-m", "pip", "install", "--no-input", "--target", str(site),
+                "-r", str(work / "requirements.txt"),
+            ]))
+        for command in spec.get("build_commands") or []:
+            # build commands are the user's own shell lines (nuclio's spec.build.commands),
+            # run as one argv in the sandbox; nothing of ours is interpolated into them
+            steps.append((str(command), ["/bin/sh", "-c", str(command)]))
+        with open(log_path, "wb") as out:
+            for title, argv in steps:
+                out.write(f"$ {title}\n".encode())
+                out.flush()
+                proc = await asyncio.create_subprocess_exec(
+                    *wrap(self.settings, argv, mounts, work), cwd=str(work), env=env,
+                    stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                try:
+                    code = await asyncio.wait_for(proc.wait(), self.settings.build_timeout_s)
+                except asyncio.TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+                    code = None
+                if code != 0:
+                    out.flush()
+                    text = log_path.read_text(errors="replace")
+                    shutil.rmtree(work, ignore_errors=True)
+                    reason = "timed out" if code is None else f"exited with code {code}"
+                    raise BuildFailed(f"build step '{title}' {reason}", {"log_tail": tail(text)})
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(work, target)
+        log.info("environment built", key=key, took_s=round(time.monotonic() - started, 2))

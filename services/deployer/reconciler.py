@@ -1,0 +1,255 @@
+"""Reconciliation: make the instances running on the backend match the store's groups.
+
+Runs on every state event and on a short tick. It only schedules work (builds,
+starts, stops run as tasks), so a slow build never blocks another group or the
+loop. Rules per group:
+
+- the target version (group.version) gets replicas_desired instances;
+- instances of other versions stop once the target version is ready (so a
+  redeploy never leaves a gap), or at once when they are neither target nor ready;
+- a version whose build failed or whose instances failed to load is reported
+  to the store once (deploy.failed) and not retried;
+- an instance that crashes is restarted with backoff; repeated crashes are
+  reported so the function shows as failed with its last log lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.aiosock import RpcClient
+from shared.config import Settings
+from shared.errors import BuildFailed, NuclideError
+from shared.liveness import DRAIN_TIMEOUT_S
+from shared.logs import get_logger
+from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec
+from services.deployer.builder import Builder, tail
+
+log = get_logger(__name__)
+
+CRASH_WINDOW_S = 60.0
+CRASH_LIMIT = 3  # crashes within the window before the function is reported failed
+BACKOFF_MAX_S = 30.0
+EXIT_INIT_FAILED = 3  # the runtime's exit code when the function cannot load
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, store: RpcClient, builder: Builder) -> None:
+        self.settings = settings
+        self.store = store
+        self.builder = builder
+        self.backend: Backend  # set by the service once it exists
+        self.groups: dict[str, dict[str, Any]] = {}
+        self.function_groups: dict[str, str] = {}
+        self.ever_ready: set[str] = set()
+        self.failed_versions: set[tuple[str, int]] = set()
+        self.starting: dict[tuple[str, int], asyncio.Task] = {}
+        self.crashes: dict[tuple[str, int], list[float]] = {}
+        self.backoff_until: dict[str, float] = {}
+        self.stopping: set[str] = set()
+        self._versions: dict[tuple[str, int], dict[str, Any]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._kick_pending = False
+        self.synced = False
+
+    # ----- state from the store -------------------------------------------------------
+
+    def on_snapshot(self, snap: dict[str, Any]) -> None:
+        self.groups = {g["id"]: g for g in snap.get("groups", [])}
+        self.function_groups = {f["name"]: f["group"]["id"] for f in snap.get("functions", [])}
+        for inst in snap.get("instances", []):
+            if inst.get("state") == "ready":
+                self.ever_ready.add(inst["id"])
+        self.synced = True
+        self.kick()
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "group.changed":
+            group = data["group"]
+            self.groups[group["id"]] = group
+        elif kind == "group.deleted":
+            self.groups.pop(data["group_id"], None)
+        elif kind == "function.changed":
+            fn = data["function"]
+            self.function_groups[fn["name"]] = fn["group"]["id"]
+        elif kind == "function.deleted":
+            self.function_groups.pop(data["name"], None)
+        elif kind == "instance.changed":
+            inst = data["instance"]
+            if inst.get("state") == "ready":
+                self.ever_ready.add(inst["id"])
+        self.kick()
+
+    # ----- the loop -------------------------------------------------------------------
+
+    def kick(self) -> None:
+        if not self._kick_pending:
+            self._kick_pending = True
+            asyncio.get_running_loop().call_soon(self._reconcile)
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _reconcile(self) -> None:
+        self._kick_pending = False
+        if not self.synced:
+            return
+        now = time.monotonic()
+        handles = [h for h in self.backend.list() if h.id not in self.stopping]
+        for h in handles:
+            group = self.groups.get(h.group_id)
+            if group is None:
+                self._stop(h, "its group was deleted")
+                continue
+            if h.group_version == group["version"]:
+                if group["state"] == "failed" and group["ready_version"] != group["version"]:
+                    self._stop(h, "its version failed")
+                continue
+            if group["ready_version"] == group["version"] and group["state"] == "ready":
+                self._stop(h, f"version {group['version']} is ready")
+            elif h.group_version != group["ready_version"]:
+                self._stop(h, "superseded")
+        for group in self.groups.values():
+            key = (group["id"], group["version"])
+            if key in self.failed_versions or key in self.starting:
+                continue
+            if group["state"] == "failed" and group["ready_version"] != group["version"]:
+                continue
+            if now < self.backoff_until.get(group["id"], 0):
+                asyncio.get_running_loop().call_later(self.backoff_until[group["id"]] - now + 0.01, self.kick)
+                continue
+            running = [h for h in handles if h.group_id == group["id"] and h.group_version == group["version"]
+                       and h.id not in self.stopping]
+            missing = int(group["replicas_desired"]) - len(running)
+            if missing > 0:
+                self.starting[key] = self._spawn(self._start(group, missing))
+            elif missing < 0:
+                extras = sorted(running, key=lambda h: (h.id in self.ever_ready, h.started_at))[:-missing]
+                for h in extras:
+                    self._stop(h, "more replicas than desired")
+
+    def _stop(self, handle: InstanceHandle, reason: str) -> None:
+        self.stopping.add(handle.id)
+        log.info("stopping instance", instance=handle.id, reason=reason)
+
+        async def stop() -> None:
+            try:
+                await self.backend.stop(handle, DRAIN_TIMEOUT_S)
+            finally:
+                self.stopping.discard(handle.id)
+
+        self._spawn(stop())
+
+    async def _version(self, name: str, version: int) -> dict[str, Any]:
+        key = (name, version)
+        rec = self._versions.get(key)
+        if rec is None:
+            rec = self._versions[key] = await self.store.call("version.get", {"name": name, "version": version})
+        return rec
+
+    async def _start(self, group: dict[str, Any], count: int) -> None:
+        key = (group["id"], group["version"])
+        try:
+            functions = []
+            memory = 0
+            for name, version in sorted(group["members"].items()):
+                rec = await self._version(name, int(version))
+                spec = rec["spec"]
+                code = await self.builder.ensure_code(name, int(version), rec["digest"])
+                deps = await self.builder.ensure_env(spec)
+                functions.append({
+                    "name": name, "version": int(version), "handler": spec["handler"], "code_dir": str(code),
+                    "deps_dir": str(deps) if deps else None, "env": spec.get("env") or {},
+                    "max_concurrency": int(spec.get("max_concurrency", 1)), "timeout_s": spec.get("timeout_s", 30.0),
+                })
+                memory = max(memory, int(spec.get("memory_bytes") or 0))
+            memory = memory or self.settings.default_memory_bytes
+            for _ in range(count):
+                inst_id = f"{group['id']}-v{group['version']}-{secrets.token_hex(3)}"
+                log_path = self.settings.var_dir.resolve() / "logs" / group["id"] / f"{inst_id}.log"
+                spec = InstanceSpec(inst_id, group["id"], int(group["version"]), functions, memory, log_path)
+                handle = await self.backend.start(spec)
+                log.info("instance started", instance=inst_id, pid=handle.pid)
+                await self.store.call("instance.started", {
+                    "id": inst_id, "group_id": group["id"], "group_version": int(group["version"]),
+                    "backend": self.backend.name, "pid": handle.pid,
+                })
+        except BuildFailed as exc:
+            self.failed_versions.add(key)
+            log.warning("build failed", group=group["id"], version=group["version"], error=exc.message)
+            await self._report_failed(key, exc.message, str(exc.details.get("log_tail", "")))
+        except NuclideError as exc:
+            log.warning("start failed, will retry", group=group["id"], error=str(exc))
+            self._backoff(group["id"])
+        except OSError as exc:
+            log.error("could not start instance", group=group["id"], error=str(exc))
+            self._backoff(group["id"])
+        finally:
+            self.starting.pop(key, None)
+            self.kick()
+
+    def _backoff(self, group_id: str) -> None:
+        current = self.backoff_until.get(group_id, 0) - time.monotonic()
+        delay = min(BACKOFF_MAX_S, max(0.5, current * 2 if current > 0 else 0.5))
+        self.backoff_until[group_id] = time.monotonic() + delay
+
+    async def _report_failed(self, key: tuple[str, int], error: str, log_tail: str) -> None:
+        try:
+            await self.store.call("deploy.failed", {"group_id": key[0], "group_version": key[1], "error": error,
+                                                    "log_tail": log_tail})
+        except NuclideError as exc:
+            log.error("could not report a failed deploy", group=key[0], error=str(exc))
+
+    # ----- instance exits -----------------------------------------------------------------
+
+    def on_exit(self, handle: InstanceHandle, code: int | None) -> None:
+        self._spawn(self._exited(handle, code))
+
+    async def _exited(self, handle: InstanceHandle, code: int | None) -> None:
+        expected = handle.stopping or handle.id in self.stopping
+        last_lines = ""
+        try:
+            last_lines = tail(Path(handle.log_path).read_text(errors="replace"), 30)
+        except OSError:
+            pass
+        try:
+            await self.store.call("instance.exited", {"id": handle.id, "exit_code": code,
+                                                      "error": None if expected else last_lines})
+        except NuclideError as exc:
+            log.warning("could not report an exit", instance=handle.id, error=str(exc))
+        if expected:
+            return
+        key = (handle.group_id, handle.group_version)
+        group = self.groups.get(handle.group_id)
+        log.warning("instance exited unexpectedly", instance=handle.id, exit_code=code)
+        never_ready = group is not None and group["ready_version"] != handle.group_version
+        if code == EXIT_INIT_FAILED and never_ready:
+            self.failed_versions.add(key)
+            await self._report_failed(key, "the function failed to load (exit code 3)", last_lines)
+            self.kick()
+            return
+        crashes = [t for t in self.crashes.get(key, []) if time.monotonic() - t < CRASH_WINDOW_S]
+        crashes.append(time.monotonic())
+        self.crashes[key] = crashes
+        if len(crashes) >= CRASH_LIMIT:
+            if never_ready:
+                self.failed_versions.add(key)
+            await self._report_failed(key, f"instances keep crashing ({len(crashes)} exits in {CRASH_WINDOW_S:g} s,"
+                                           f" last exit code {code})", last_lines)
+            self._backoff(handle.group_id)
+        self.kick()
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.backend.stop(h, DRAIN_TIMEOUT_S) for h in self.backend.list()),
+                             return_exceptions=True)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()

@@ -1,0 +1,88 @@
+"""Sandboxing of user code (builds and instances) with bubblewrap, when it is available.
+
+The sandbox sees the host's system read-only, a private /tmp, a private PID
+namespace, no capabilities, and none of nuclide's state directory except the
+paths bound in explicitly (the function's own directory writable, its
+dependencies read-only). The network is shared: instances reach the gateway on
+127.0.0.1 and builds reach the package index.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import Settings
+
+
+@dataclass(frozen=True)
+class Mounts:
+    writable: tuple[Path, ...] = ()
+    readonly: tuple[Path, ...] = ()
+    hidden: tuple[Path, ...] = field(default_factory=tuple)
+
+
+def bwrap_path(settings: Settings) -> str | None:
+    """The bwrap binary to use, None to run unsandboxed; raises when bwrap is required but missing."""
+    if settings.sandbox == "none":
+        return None
+    path = shutil.which("bwrap")
+    if path is None and settings.sandbox == "bwrap":
+        raise RuntimeError("sandbox is 'bwrap' but bwrap is not installed; apt-get install bubblewrap")
+    return path
+
+
+def wrap(settings: Settings, argv: list[str], mounts: Mounts, cwd: Path) -> list[str]:
+    """The argv that runs ``argv`` inside the sandbox (or ``argv`` itself without bwrap)."""
+    bwrap = bwrap_path(settings)
+    if bwrap is None:
+        return argv
+    cmd = [
+        bwrap,
+        "--ro-bind", "/", "/",
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--tmpfs", "/tmp",
+        "--tmpfs", str(settings.var_dir.resolve()),
+    ]
+    for hidden in mounts.hidden:
+        if hidden.exists():
+            cmd += ["--tmpfs", str(hidden)]
+    for path in mounts.readonly:
+        cmd += ["--ro-bind", str(path), str(path)]
+    for path in mounts.writable:
+        cmd += ["--bind", str(path), str(path)]
+    cmd += [
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--cap-drop", "ALL",
+        "--new-session",
+        "--chdir", str(cwd),
+        "--",
+        *argv,
+    ]
+    return cmd
+
+
+def hidden_paths() -> tuple[Path, ...]:
+    """Places outside the state directory that hold secrets of nuclide's (the CLI's token file)."""
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return (config_home / "nuclide",)
+
+
+def base_env(home: str = "/tmp") -> dict[str, str]:
+    """A small, predictable environment for user code; nothing of nuclide's own settings leaks in."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": home,
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "MALLOC_ARENA_MAX": "2",
+    }
+    for key in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL",
+                "PIP_FIND_LINKS", "PIP_CONSTRAINT", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env

@@ -1,0 +1,1 @@
+"""HTTP gateway: the API and the invoke broker."""

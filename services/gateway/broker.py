@@ -1,0 +1,360 @@
+"""The invoke broker: instances register on a ROUTER, calls go to the least loaded one.
+
+Instances connect a DEALER (identity = instance id) and say READY with the
+functions they serve and their credit (how many INVOKEs they accept at once,
+which includes one prefetched call so the instance never idles between calls).
+A call for a function goes to the instance of that function's newest version with
+the most free credit; when none has credit it waits in that function's bounded
+queue until a RESULT frees one, or until its deadline. Older-version instances
+keep serving their in-flight calls while a redeploy or regroup drains them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any, Callable
+
+import zmq
+
+from shared import protocol
+from shared.aiosock import AsyncSocket
+from shared.errors import DeadlineExceeded, InstanceFailed, NotFound, ProtocolError, TooManyRequests
+from shared.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+
+_INVOKE = protocol.INVOKE
+_SIG = protocol.SIGNATURE
+_packb = protocol.pack_header
+
+
+class Instance:
+    __slots__ = ("id", "group", "group_version", "functions", "credit", "inflight", "last_seen", "pid", "draining")
+
+    def __init__(self, ident: bytes, header: dict[str, Any]) -> None:
+        self.id = ident
+        self.group = str(header.get("group", ""))
+        self.group_version = int(header.get("group_version", 0))
+        functions = header.get("functions") or {}
+        if not isinstance(functions, dict) or not functions:
+            raise ProtocolError("READY needs a non-empty map of functions to versions")
+        self.functions: dict[str, int] = {str(k): int(v) for k, v in functions.items()}
+        self.credit = max(1, int(header.get("credit", 1)))
+        self.pid = header.get("pid")
+        self.inflight: dict[str, Call] = {}
+        self.last_seen = time.monotonic()
+        self.draining = False
+
+    @property
+    def free(self) -> int:
+        return self.credit - len(self.inflight)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id.decode(errors="replace"), "group": self.group, "group_version": self.group_version,
+            "functions": self.functions, "credit": self.credit, "inflight": len(self.inflight),
+            "draining": self.draining, "pid": self.pid,
+        }
+
+
+class Call:
+    __slots__ = ("call_id", "function", "header", "body", "future", "instance", "timer", "timeout_s", "queued_at")
+
+    def __init__(self, call_id: str, function: str, header: dict[str, Any], body: bytes,
+                 future: asyncio.Future, timeout_s: float) -> None:
+        self.call_id = call_id
+        self.function = function
+        self.header = header
+        self.body = body
+        self.future = future
+        self.instance: Instance | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timeout_s = timeout_s
+        self.queued_at = 0.0
+
+
+class Broker:
+    def __init__(self, ctx: zmq.Context, endpoint: str, queue_limit: int,
+                 on_ready: Callable[[Instance], None], on_gone: Callable[[Instance, str], None]) -> None:
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished instance raises, so we notice
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting instance takes its identity back
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.bind(endpoint)
+        self.endpoint = endpoint
+        self.queue_limit = queue_limit
+        self.instances: dict[bytes, Instance] = {}
+        self.routes: dict[str, list[Instance]] = {}  # function -> instances of its newest version
+        self.queues: dict[str, deque[Call]] = {}
+        self.pending: dict[str, Call] = {}
+        self.ready_waiters: list[tuple[Callable[[Instance], bool], asyncio.Future]] = []
+        self._on_ready = on_ready
+        self._on_gone = on_gone
+        self._loop = asyncio.get_running_loop()
+        self._asock = AsyncSocket(sock, self._on_message)
+        self._send = self._asock.send
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    # ----- calls --------------------------------------------------------------
+
+    def submit(self, call: Call) -> None:
+        """Dispatch now, or queue; raises TooManyRequests when the queue is full."""
+        insts = self.routes.get(call.function)
+        if insts:
+            best = None
+            best_free = 0
+            for inst in insts:
+                free = inst.credit - len(inst.inflight)
+                if free > best_free:
+                    best, best_free = inst, free
+            if best is not None:
+                call.timer = self._loop.call_later(call.timeout_s, self._expire, call)
+                self._dispatch(best, call)
+                return
+        queue = self.queues.get(call.function)
+        if queue is None:
+            queue = self.queues[call.function] = deque()
+        if len(queue) >= self.queue_limit:
+            raise TooManyRequests(
+                f"function '{call.function}' has {len(queue)} calls waiting, its queue limit; retry shortly",
+                {"retry_after_s": 1},
+            )
+        call.queued_at = time.monotonic()
+        call.timer = self._loop.call_later(call.timeout_s, self._expire, call)
+        queue.append(call)
+
+    def _dispatch(self, inst: Instance, call: Call) -> None:
+        call.instance = inst
+        inst.inflight[call.call_id] = call
+        self.pending[call.call_id] = call
+        try:
+            self._send([inst.id, _SIG, _INVOKE, _packb(call.header), call.body])
+        except zmq.ZMQError as exc:
+            self._drop_instance(inst, f"instance unreachable: {exc}")
+
+    def _expire(self, call: Call) -> None:
+        if call.future.done():
+            return
+        if call.instance is None:
+            queue = self.queues.get(call.function)
+            if queue is not None:
+                try:
+                    queue.remove(call)
+                except ValueError:
+                    pass
+            waited = call.timeout_s
+            call.future.set_exception(DeadlineExceeded(
+                f"no instance of function '{call.function}' became free within its {waited:g} s timeout",
+                {"function": call.function, "timeout_s": waited},
+            ))
+            return
+        self.pending.pop(call.call_id, None)
+        call.instance.inflight.pop(call.call_id, None)
+        call.future.set_exception(DeadlineExceeded(
+            f"function '{call.function}' did not finish within its {call.timeout_s:g} s timeout",
+            {"function": call.function, "timeout_s": call.timeout_s},
+        ))
+
+    def _pump(self, inst: Instance) -> None:
+        """Give queued calls to an instance that has free credit."""
+        if inst.draining:
+            return
+        for fn in inst.functions:
+            queue = self.queues.get(fn)
+            if not queue:
+                continue
+            routes = self.routes.get(fn)
+            if not routes or inst not in routes:
+                continue
+            while queue and inst.credit > len(inst.inflight):
+                self._dispatch(inst, queue.popleft())
+            if inst.credit <= len(inst.inflight):
+                return
+
+    def fail_function(self, name: str, exc: Exception) -> None:
+        """Fail every queued call of a function (it was deleted)."""
+        queue = self.queues.pop(name, None)
+        while queue:
+            call = queue.popleft()
+            if call.timer:
+                call.timer.cancel()
+            if not call.future.done():
+                call.future.set_exception(exc)
+
+    # ----- messages from instances -------------------------------------------
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        if len(frames) < 4:
+            log.warning("dropped short message on the instance socket", frames=len(frames))
+            return
+        ident = frames[0]
+        try:
+            msg = protocol.decode(frames[1:])
+        except ProtocolError as exc:
+            log.warning("dropped malformed message", peer=ident[:40], error=str(exc))
+            return
+        cmd = msg.command
+        inst = self.instances.get(ident)
+        if inst is not None:
+            inst.last_seen = time.monotonic()
+        if cmd == protocol.RESULT:
+            self._on_result(inst, msg)
+        elif cmd == protocol.HEARTBEAT or cmd == protocol.READY:
+            if inst is None or cmd == protocol.READY:
+                self._register(ident, msg.header, inst)
+        elif cmd == protocol.BYE:
+            self._on_bye(ident, inst)
+        else:
+            log.warning("unexpected command from instance", command=cmd, peer=ident[:40])
+
+    def _on_result(self, inst: Instance | None, msg: protocol.Message) -> None:
+        call = self.pending.pop(msg.header.get("call_id"), None)
+        if call is None:
+            return  # late result of a call that timed out
+        if call.timer:
+            call.timer.cancel()
+        owner = call.instance
+        if owner is not None:
+            owner.inflight.pop(call.call_id, None)
+        if not call.future.done():
+            call.future.set_result((msg.header, msg.body))
+        if owner is not None and owner.id in self.instances:
+            self._pump(owner)
+
+    def _register(self, ident: bytes, header: dict[str, Any], old: Instance | None) -> None:
+        try:
+            inst = Instance(ident, header)
+        except (ProtocolError, TypeError, ValueError) as exc:
+            log.warning("dropped bad READY", peer=ident[:40], error=str(exc))
+            return
+        if old is not None:
+            inst.inflight = old.inflight
+            for call in inst.inflight.values():
+                call.instance = inst
+            self._unroute(old)
+        self.instances[ident] = inst
+        for fn in inst.functions:
+            self._reroute(fn)
+        log.info("instance ready", **inst.describe())
+        if old is None:
+            self._on_ready(inst)
+        for waiter in list(self.ready_waiters):
+            match, fut = waiter
+            if not fut.done() and match(inst):
+                fut.set_result(inst)
+        self._pump(inst)
+
+    def _on_bye(self, ident: bytes, inst: Instance | None) -> None:
+        try:
+            self._send([ident, *protocol.encode(protocol.BYE, {})])
+        except zmq.ZMQError:
+            pass
+        if inst is None:
+            return
+        inst.draining = True
+        self._unroute(inst)
+        if not inst.inflight:
+            self._forget(inst, "said BYE")
+
+    # ----- routing table ---------------------------------------------------------
+
+    def _reroute(self, fn: str) -> None:
+        """routes[fn] = live, non-draining instances of the newest version serving fn."""
+        best_version = -1
+        chosen: list[Instance] = []
+        for inst in self.instances.values():
+            if inst.draining:
+                continue
+            version = inst.functions.get(fn)
+            if version is None:
+                continue
+            key = version * 1_000_000 + inst.group_version
+            if key > best_version:
+                best_version, chosen = key, [inst]
+            elif key == best_version:
+                chosen.append(inst)
+        if chosen:
+            self.routes[fn] = chosen
+            for inst in chosen:
+                self._pump(inst)
+        else:
+            self.routes.pop(fn, None)
+
+    def _unroute(self, inst: Instance) -> None:
+        for fn in inst.functions:
+            routes = self.routes.get(fn)
+            if routes and inst in routes:
+                routes.remove(inst)
+            if not routes:
+                self._reroute(fn)
+
+    def _forget(self, inst: Instance, reason: str) -> None:
+        if self.instances.get(inst.id) is inst:
+            del self.instances[inst.id]
+        self._unroute(inst)
+        log.info("instance gone", instance=inst.id.decode(errors="replace"), reason=reason)
+        self._on_gone(inst, reason)
+
+    def _drop_instance(self, inst: Instance, reason: str) -> None:
+        """An instance died or vanished: fail what it was running, stop routing to it."""
+        self._forget(inst, reason)
+        calls = list(inst.inflight.values())
+        inst.inflight.clear()
+        for call in calls:
+            self.pending.pop(call.call_id, None)
+            if call.timer:
+                call.timer.cancel()
+            if not call.future.done():
+                call.future.set_exception(InstanceFailed(
+                    f"the instance running function '{call.function}' failed during the call: {reason}",
+                    {"function": call.function},
+                ))
+
+    def instance_exited(self, instance_id: str, detail: str) -> None:
+        inst = self.instances.get(instance_id.encode())
+        if inst is not None:
+            self._drop_instance(inst, detail)
+
+    def serving(self, fn: str) -> list[Instance]:
+        return [i for i in self.instances.values() if fn in i.functions]
+
+    async def wait_ready(self, match: Callable[[Instance], bool], timeout_s: float) -> Instance:
+        for inst in self.instances.values():
+            if match(inst):
+                return inst
+        fut = self._loop.create_future()
+        waiter = (match, fut)
+        self.ready_waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self.ready_waiters.remove(waiter)
+
+    # ----- liveness ----------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        beat = protocol.encode(protocol.HEARTBEAT, {})
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            now = time.monotonic()
+            limit = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
+            for inst in list(self.instances.values()):
+                if now - inst.last_seen > limit and not inst.inflight:
+                    self._drop_instance(inst, f"no heartbeat for {now - inst.last_seen:.1f} s")
+                    continue
+                try:
+                    self._send([inst.id, *beat])
+                except zmq.ZMQError as exc:
+                    self._drop_instance(inst, f"unreachable: {exc}")
+
+    def close(self) -> None:
+        self._sweeper.cancel()
+        for call in list(self.pending.values()):
+            if not call.future.done():
+                call.future.set_exception(NotFound("the gateway is shutting down"))
+        self._asock.close()

@@ -1,0 +1,184 @@
+"""The control plane: FastAPI routes for deploying, describing and deleting functions.
+
+Off the invoke path on purpose (FastAPI costs about 4x a bare ASGI app per
+request); OpenAPI lives at /docs. Every route but /healthz needs the bearer token.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Any
+
+import yaml
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import UploadFile
+
+from shared.archive import ArchiveLimits, make_zip, read_archive
+from shared.errors import BuildFailed, InvalidRequest, NuclideError, PayloadTooLarge, Unavailable
+from shared.names import validate_function_name
+from shared.spec import check_handler, parse_function
+from services.gateway.core import Gateway, error_payload
+
+MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_control_app(gw: Gateway) -> FastAPI:
+    app = FastAPI(
+        title="nuclide",
+        description="Self-hosted serverless platform for Python functions. Invoke routes (POST /{name}, "
+        "POST /functions/{name}/invoke, POST /functions/{id}/execute) are served by the lean invoke path.",
+        version="0.1.0",
+    )
+
+    @app.exception_handler(NuclideError)
+    async def _nuclide_error(_request: Request, exc: NuclideError) -> JSONResponse:
+        return JSONResponse(error_payload(exc), status_code=exc.http_status)
+
+    async def require_token(request: Request) -> None:
+        gw.check_token(request.headers.get("authorization"))
+
+    auth = [Depends(require_token)]
+
+    async def read_upload(request: Request) -> bytes:
+        limit = gw.settings.max_zip_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD_BYTES:
+            raise PayloadTooLarge(f"upload is {declared} bytes, over the {limit} byte archive limit")
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=4, max_fields=16)
+            for _key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    data = await value.read(limit + 1)
+                    if len(data) > limit:
+                        raise PayloadTooLarge(f"uploaded file is over the {limit} byte archive limit")
+                    return data
+            raise InvalidRequest("the multipart upload has no file; send the zip as a file field, e.g. -F zip_file=@task.zip")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"upload is over the {limit} byte archive limit")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if not data:
+            raise InvalidRequest("the request has no body; send a zip (application/zip or a multipart file field)")
+        return data
+
+    async def describe(name: str) -> dict[str, Any]:
+        assert gw.store is not None
+        return await gw.store.call("function.get", {"name": name})
+
+    async def deploy(name: str, data: bytes, wait: bool, status_ok: int = 200) -> JSONResponse:
+        validate_function_name(name)
+        archive = read_archive(data, ArchiveLimits(max_zip_bytes=gw.settings.max_zip_bytes))
+        spec, warnings = parse_function(archive)
+        check_handler(archive, spec.handler)
+        if spec.name and spec.name != name:
+            warnings.append(f"metadata.name '{spec.name}' differs from the deployed name '{name}'; using '{name}'")
+        assert gw.store is not None
+        result = await gw.store.call("function.put", {"name": name, "spec": spec.to_dict(), "warnings": warnings}, data)
+        gw.apply_function(result["function"])
+        if not wait:
+            return JSONResponse(result["function"], status_code=202)
+        outcome = await gw.wait_deployed(result["group_id"], int(result["group_version"]), gw.settings.deploy_timeout_s)
+        desc = await describe(name)
+        if not outcome.ok:
+            exc = BuildFailed(f"deploying '{name}' version {result['version']} failed: {outcome.error}",
+                              {"log_tail": outcome.log_tail, "function": desc})
+            return JSONResponse(error_payload(exc), status_code=exc.http_status)
+        return JSONResponse(desc, status_code=status_ok)
+
+    @app.get("/healthz", tags=["system"])
+    async def healthz() -> JSONResponse:
+        parts: dict[str, Any] = {"gateway": True, "store": False, "deployer": False}
+        try:
+            assert gw.store is not None
+            health = await gw.store.call("health", timeout_s=1.0)
+            parts["store"] = bool(health.get("store"))
+            parts["deployer"] = bool(health.get("deployer"))
+        except NuclideError as exc:
+            parts["error"] = str(exc)
+        ok = parts["store"] and parts["deployer"] and gw.feed is not None and gw.feed.synced.is_set()
+        parts["status"] = "ok" if ok else "degraded"
+        return JSONResponse(parts, status_code=200 if ok else 503)
+
+    @app.get("/functions", dependencies=auth, tags=["functions"])
+    async def list_functions() -> JSONResponse:
+        assert gw.store is not None
+        return JSONResponse(await gw.store.call("function.list"))
+
+    @app.post("/functions", dependencies=auth, tags=["functions"], status_code=201)
+    async def create_from_file(request: Request) -> JSONResponse:
+        """Service FaaS style: multipart `python_file` + `function_name` -> 201 with the function's id."""
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise InvalidRequest("POST /functions needs multipart fields python_file and function_name")
+        form = await request.form(max_files=2, max_fields=8)
+        upload = form.get("python_file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("field python_file is missing: send -F python_file=@handler.py")
+        source = await upload.read(gw.settings.max_zip_bytes + 1)
+        if len(source) > gw.settings.max_zip_bytes:
+            raise PayloadTooLarge(f"python_file is over the {gw.settings.max_zip_bytes} byte limit")
+        func = str(form.get("function_name") or "handle")
+        if not _IDENT.match(func):
+            raise InvalidRequest(f"function_name {func!r} is not a Python identifier")
+        stem = (upload.filename or "main.py").rsplit("/", 1)[-1].removesuffix(".py")
+        module = stem if _IDENT.match(stem) and stem not in ("function",) else "main"
+        base = re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-")[:40] or "fn"
+        name = str(form.get("name") or f"{base}-{secrets.token_hex(3)}")
+        spec_yaml = yaml.safe_dump({"metadata": {"name": name}, "spec": {"handler": f"{module}:{func}"}})
+        data = make_zip({f"{module}.py": source, "function.yaml": spec_yaml.encode()})
+        response = await deploy(name, data, wait=not _truthy(request.headers.get("x-nuclide-async")), status_ok=201)
+        if response.status_code in (201, 202):
+            import json as _json
+
+            body = _json.loads(response.body)
+            body["id"] = name
+            return JSONResponse(body, status_code=response.status_code)
+        return response
+
+    async def put_function(name: str, request: Request) -> JSONResponse:
+        data = await read_upload(request)
+        wait = not (_truthy(request.headers.get("x-nuclide-async")) or _truthy(request.query_params.get("async")))
+        return await deploy(name, data, wait)
+
+    async def get_function(name: str) -> JSONResponse:
+        return JSONResponse(await describe(name))
+
+    async def delete_function(name: str) -> Response:
+        assert gw.store is not None
+        await gw.store.call("function.delete", {"name": name})
+        gw.functions.pop(name, None)
+        return Response(status_code=204)
+
+    async def function_logs(name: str, tail: int = 200) -> PlainTextResponse:
+        await describe(name)  # 404 for unknown functions
+        assert gw.deployer is not None
+        try:
+            result = await gw.deployer.call("logs", {"function": name, "tail": max(1, min(tail, 10_000))}, timeout_s=5.0)
+        except NuclideError as exc:
+            raise Unavailable(f"logs are kept by the deployer, which did not answer: {exc}") from None
+        return PlainTextResponse(result.get("text", ""))
+
+    for prefix in ("/functions", ""):
+        app.add_api_route(prefix + "/{name}", put_function, methods=["PUT"], dependencies=auth, tags=["functions"])
+        app.add_api_route(prefix + "/{name}", get_function, methods=["GET"], dependencies=auth, tags=["functions"])
+        app.add_api_route(prefix + "/{name}", delete_function, methods=["DELETE"], dependencies=auth,
+                          tags=["functions"], status_code=204)
+    app.add_api_route("/functions/{name}/logs", function_logs, methods=["GET"], dependencies=auth, tags=["functions"])
+
+    @app.get("/", tags=["system"])
+    async def root() -> dict[str, Any]:
+        return {"name": "nuclide", "docs": "/docs", "health": "/healthz"}
+
+    return app

@@ -1,0 +1,311 @@
+"""The gateway's state and its lean invoke path (raw ASGI, no framework, no store round trip).
+
+:class:`Gateway` owns the broker, the store and deployer RPC clients and the
+catalog of functions (followed from the store's events). ``asgi`` sends invoke
+routes straight to :meth:`Gateway.invoke` and everything else to the FastAPI
+control plane in ``control.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import json
+import os
+import time
+from typing import Any
+
+import zmq
+
+from shared.aiosock import RpcClient
+from shared.config import Settings
+from shared.errors import (
+    DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unauthorized,
+)
+from shared.logs import get_logger
+from shared.names import RESERVED_NAMES
+from shared.statefeed import StateFeed
+from services.gateway.broker import Broker, Call, Instance
+
+log = get_logger(__name__)
+
+_JSON_CT = (b"content-type", b"application/json")
+_SKIP_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+
+
+class FunctionInfo:
+    """What the invoke path needs to know about a function, kept from store events."""
+
+    __slots__ = ("name", "private", "timeout_s", "state", "version", "group_id")
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.name = record["name"]
+        self.private = bool(record.get("private", False))
+        self.timeout_s = float(record.get("timeout_s") or 30.0)
+        self.state = record.get("state")
+        self.version = record.get("version")
+        self.group_id = (record.get("group") or {}).get("id")
+
+
+class DeployOutcome:
+    __slots__ = ("ok", "error", "log_tail")
+
+    def __init__(self, ok: bool, error: str = "", log_tail: str = "") -> None:
+        self.ok, self.error, self.log_tail = ok, error, log_tail
+
+
+def json_body(status: int, payload: Any) -> tuple[int, bytes]:
+    return status, json.dumps(payload, separators=(",", ":")).encode()
+
+
+def error_payload(exc: NuclideError) -> dict[str, Any]:
+    return {"error": exc.to_wire()}
+
+
+class Gateway:
+    def __init__(self, settings: Settings, ctx: zmq.Context, token: str) -> None:
+        self.settings = settings
+        self.token = token.encode()
+        self.ctx = ctx
+        self.functions: dict[str, FunctionInfo] = {}
+        self.deploy_waiters: dict[tuple[str, int], asyncio.Future] = {}
+        self._prefix = os.urandom(4).hex()
+        self._counter = itertools.count(1)
+        self.started_at = time.time()
+        self.store: RpcClient | None = None
+        self.deployer: RpcClient | None = None
+        self.broker: Broker | None = None
+        self.feed: StateFeed | None = None
+        self._bg: set[asyncio.Task] = set()
+        self._fusionizer_host = settings.advertised_host
+
+    async def start(self) -> None:
+        s = self.settings
+        self.store = RpcClient(self.ctx, s.store_rpc, "store")
+        self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer")
+        self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone)
+        self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event)
+        self.feed.start()
+
+    async def stop(self) -> None:
+        for task in self._bg:
+            task.cancel()
+        for closer in (self.broker, self.feed, self.store, self.deployer):
+            if closer is not None:
+                closer.close()
+
+    # ----- state from the store ------------------------------------------------
+
+    def _on_snapshot(self, snap: dict[str, Any]) -> None:
+        self.functions = {rec["name"]: FunctionInfo(rec) for rec in snap.get("functions", [])}
+
+    def _on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "function.changed":
+            self.apply_function(data["function"])
+        elif kind == "function.deleted":
+            name = data["name"]
+            self.functions.pop(name, None)
+            if self.broker:
+                self.broker.fail_function(name, NotFound(f"function '{name}' was deleted"))
+        elif kind == "deploy.failed":
+            fut = self.deploy_waiters.get((data["group_id"], int(data["group_version"])))
+            if fut is not None and not fut.done():
+                fut.set_result(DeployOutcome(False, data.get("error", "deploy failed"), data.get("log_tail", "")))
+        elif kind == "instance.changed":
+            inst = data.get("instance") or {}
+            if inst.get("state") == "exited" and self.broker:
+                self.broker.instance_exited(inst["id"], f"instance exited with code {inst.get('exit_code')}")
+
+    def apply_function(self, record: dict[str, Any]) -> None:
+        self.functions[record["name"]] = FunctionInfo(record)
+
+    def _instance_ready(self, inst: Instance) -> None:
+        self._background(self._report_ready(inst))
+
+    async def _report_ready(self, inst: Instance) -> None:
+        assert self.store is not None
+        try:
+            await self.store.call("instance.ready", {
+                "id": inst.id.decode(errors="replace"), "group_id": inst.group,
+                "group_version": inst.group_version, "functions": inst.functions,
+            })
+        except NuclideError as exc:
+            log.warning("could not report instance ready", error=str(exc))
+        fut = self.deploy_waiters.get((inst.group, inst.group_version))
+        if fut is not None and not fut.done():
+            fut.set_result(DeployOutcome(True))
+
+    def _instance_gone(self, inst: Instance, reason: str) -> None:
+        pass  # the deployer owns instance lifecycles; the store learns exits from it
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def wait_deployed(self, group_id: str, group_version: int, timeout_s: float) -> DeployOutcome:
+        assert self.broker is not None
+        for inst in self.broker.instances.values():
+            if inst.group == group_id and inst.group_version == group_version:
+                return DeployOutcome(True)
+        key = (group_id, group_version)
+        fut = self.deploy_waiters.get(key)
+        if fut is None:
+            fut = self.deploy_waiters[key] = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"the deployment did not become ready within {timeout_s:g} s; it continues in the background,"
+                " check GET /functions/{name}"
+            ) from None
+        finally:
+            if fut.done():
+                self.deploy_waiters.pop(key, None)
+
+    # ----- auth -----------------------------------------------------------------
+
+    def check_token(self, authorization: str | bytes | None) -> None:
+        if isinstance(authorization, str):
+            authorization = authorization.encode("latin-1", "replace")
+        if not authorization:
+            raise Unauthorized("missing token: send 'Authorization: Bearer <token>' (nuclide up prints it)")
+        scheme, _, value = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
+            raise Unauthorized("invalid token: send 'Authorization: Bearer <token>' with the token nuclide up printed")
+
+    # ----- the invoke path ----------------------------------------------------------
+
+    def new_call_id(self) -> str:
+        return f"{self._prefix}{next(self._counter):010x}"
+
+    async def invoke(self, scope: dict, receive: Any, send: Any, name: str, mode: str) -> None:
+        call_id = self.new_call_id()
+        try:
+            status, headers, body = await self._invoke(scope, receive, name, mode, call_id)
+        except NuclideError as exc:
+            status, payload = json_body(exc.http_status, error_payload(exc))
+            headers = [_JSON_CT]
+            if isinstance(exc, TooManyRequests):
+                headers.append((b"retry-after", str(exc.details.get("retry_after_s", 1)).encode()))
+            body = payload
+        headers.append((b"x-call-id", call_id.encode()))
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _invoke(self, scope: dict, receive: Any, name: str, mode: str, call_id: str) -> tuple[int, list, bytes]:
+        info = self.functions.get(name)
+        if info is None:
+            raise NotFound(f"function '{name}' not found")
+        raw_headers = scope["headers"]
+        if info.private:
+            auth = None
+            for k, v in raw_headers:
+                if k == b"authorization":
+                    auth = v
+                    break
+            self.check_token(auth)
+        body = await self._read_body(scope, receive)
+        headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers]
+        headers.append(["fusionizer-server-address", self._fusionizer_host])
+        content_type = ""
+        for k, v in headers:
+            if k == "content-type":
+                content_type = v
+                break
+        if mode == "execute":
+            body, content_type = self._execute_payload(body)
+        timeout_s = info.timeout_s
+        header = {
+            "call_id": call_id,
+            "parent_id": None,
+            "function": name,
+            "method": scope["method"],
+            "path": scope["path"],
+            "query": scope["query_string"].decode("latin-1"),
+            "headers": headers,
+            "content_type": content_type,
+            "deadline_ms": int((time.time() + timeout_s) * 1000),
+            "mode": mode,
+        }
+        fut = asyncio.get_running_loop().create_future()
+        assert self.broker is not None
+        self.broker.submit(Call(call_id, name, header, body, fut, timeout_s))
+        result, rbody = await fut
+        out_headers = []
+        for k, v in result.get("headers") or ():
+            if k.lower() not in _SKIP_RESPONSE_HEADERS and k.lower() != "content-type":
+                out_headers.append((k.encode("latin-1"), str(v).encode("latin-1")))
+        out_headers.append((b"content-type", (result.get("content_type") or "application/octet-stream").encode("latin-1")))
+        return int(result.get("status", 200)), out_headers, rbody
+
+    async def _read_body(self, scope: dict, receive: Any) -> bytes:
+        limit = self.settings.max_body_bytes
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    raise InvalidRequest("Content-Length is not a number") from None
+                if declared > limit:
+                    raise PayloadTooLarge(f"request body is {declared} bytes, over the {limit} byte invoke limit")
+                break
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidRequest("client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is over the {limit} byte invoke limit")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    @staticmethod
+    def _execute_payload(body: bytes) -> tuple[bytes, str]:
+        """The Service FaaS execute route: body {"payload": "<string>"} -> the payload string."""
+        try:
+            doc = json.loads(body or b"null")
+        except ValueError:
+            raise InvalidRequest('execute needs a JSON body like {"payload": "<string>"}') from None
+        if not isinstance(doc, dict) or "payload" not in doc:
+            raise InvalidRequest('execute needs a JSON body like {"payload": "<string>"}')
+        payload = doc["payload"]
+        if not isinstance(payload, str):
+            payload = json.dumps(payload)
+        return payload.encode(), "text/plain; charset=utf-8"
+
+
+def match_invoke(path: str) -> tuple[str, str] | None:
+    """(function, mode) when a POST path is an invoke route, else None."""
+    parts = path.strip("/").split("/")
+    if len(parts) == 1:
+        name = parts[0]
+        if name and name.lower() not in RESERVED_NAMES:
+            return name, "http"
+        return None
+    if len(parts) == 3 and parts[0] == "functions":
+        if parts[2] == "invoke":
+            return parts[1], "http"
+        if parts[2] == "execute":
+            return parts[1], "execute"
+    return None
+
+
+def make_asgi(gateway: Gateway, control: Any) -> Any:
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            target = match_invoke(scope["path"])
+            if target is not None:
+                await gateway.invoke(scope, receive, send, target[0], target[1])
+                return
+        await control(scope, receive, send)
+
+    return app

@@ -1,0 +1,1 @@
+"""The optimizer: fusion setup and replica targets."""

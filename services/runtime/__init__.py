@@ -1,0 +1,1 @@
+"""The instance program: runs one fusion group's handlers."""

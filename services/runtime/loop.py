@@ -1,0 +1,266 @@
+"""The instance's main loop: READY, then INVOKE -> handler -> RESULT, heartbeats, BYE.
+
+A plain blocking ZeroMQ poll loop: with the default maxConcurrency of 1 the
+handler runs inline on this thread, which is the fastest path (no thread hand-off
+per call). With maxConcurrency > 1, sync handlers run in a thread pool and async
+handlers on a loop thread; finished calls are queued and announced through a pipe
+that the poll loop watches. Exit codes: 0 stopped, 3 the function failed to load
+or initialise (the deployer does not retry that version), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import signal
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+
+from shared import protocol
+from shared.errors import ProtocolError
+from shared.liveness import DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from services.runtime import responses
+from services.runtime.context import Context, Logger
+from services.runtime.event import Event
+from services.runtime.handlers import (
+    HandlerForm, LoadedHandler, build_args, call_init_context, invoke, load_handler,
+)
+from services.runtime.session import GatewaySession
+
+EXIT_INIT_FAILED = 3
+
+_RESULT = protocol.RESULT
+_SIG = protocol.SIGNATURE
+_packb = protocol.pack_header
+
+
+class Function:
+    """One loaded handler with its context."""
+
+    __slots__ = ("name", "version", "handler", "context", "logger", "needs_session")
+
+    def __init__(self, name: str, version: int, handler: LoadedHandler, context: Context, logger: Logger) -> None:
+        self.name = name
+        self.version = version
+        self.handler = handler
+        self.context = context
+        self.logger = logger
+        self.needs_session = handler.form is HandlerForm.FUSIONIZER
+
+
+def load_functions(config: dict[str, Any]) -> dict[str, Function]:
+    functions: dict[str, Function] = {}
+    for fc in config["functions"]:
+        for key, value in (fc.get("env") or {}).items():
+            os.environ[str(key)] = str(value)
+        extra = [fc["deps_dir"]] if fc.get("deps_dir") else []
+        handler = load_handler(fc["code_dir"], fc["handler"], extra)
+        logger = Logger(function=fc["name"])
+        context = Context(function_name=fc["name"], version=int(fc["version"]), logger=logger)
+        call_init_context(handler, context)
+        functions[fc["name"]] = Function(fc["name"], int(fc["version"]), handler, context, logger)
+    return functions
+
+
+class Runtime:
+    def __init__(self, config: dict[str, Any], functions: dict[str, Function]) -> None:
+        self.config = config
+        self.functions = functions
+        self.instance_id: str = config["instance_id"]
+        self.max_concurrency = max(1, min(int(fc.get("max_concurrency", 1)) for fc in config["functions"]))
+        self.credit = self.max_concurrency + 1  # one prefetched call keeps the handler busy between round trips
+        self.session = GatewaySession(config.get("fusionizer_host", "127.0.0.1"), config.get("gateway_url", ""))
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.ROUTING_ID, self.instance_id.encode())
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        for endpoint in config["gateways"]:
+            self.sock.connect(endpoint)
+        self.stopping = False
+        self.bye_acked = False
+        self.inflight = 0
+        self.loop = asyncio.new_event_loop()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._pool: ThreadPoolExecutor | None = None
+        if self.max_concurrency > 1:
+            self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="handler")
+
+    def ready_header(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "group": self.config["group"],
+            "group_version": int(self.config["group_version"]),
+            "functions": {f.name: f.version for f in self.functions.values()},
+            "credit": self.credit,
+            "pid": os.getpid(),
+        }
+
+    # ----- calls ---------------------------------------------------------------------
+
+    def execute(self, header: dict[str, Any], body: bytes,
+                loop: asyncio.AbstractEventLoop | None = None) -> tuple[dict[str, Any], bytes]:
+        """Run one call and build its RESULT header and body; never raises.
+
+        ``loop`` runs async handlers; None gives each pool thread a loop of its own.
+        """
+        started = time.perf_counter()
+        call_id = header.get("call_id", "")
+        fn = self.functions.get(header.get("function", ""))
+        mode = header.get("mode", "http")
+        if fn is None:
+            status, hdrs, ctype, out = 404, [], "application/json", json.dumps(
+                {"error": {"code": "not_found", "message": f"function '{header.get('function')}' is not served by this instance"}}
+            ).encode()
+        else:
+            ctx = fn.context
+            try:
+                ctx._begin(call_id, int(header.get("deadline_ms") or 0))
+                fn.logger.set_call_id(call_id)
+                if mode == "execute":
+                    event = Event.from_invoke(header, body)
+                    args = build_args(fn.handler, ctx, event, self.session if fn.needs_session else None,
+                                      body.decode("utf-8", "replace"))
+                    status, hdrs, ctype, out = responses.execute_result(invoke(fn.handler, args, loop))
+                else:
+                    event = Event.from_invoke(header, body)
+                    args = build_args(fn.handler, ctx, event, self.session if fn.needs_session else None, None)
+                    status, hdrs, ctype, out = responses.to_result(invoke(fn.handler, args, loop))
+            except Exception as exc:
+                fn.logger.error("handler raised", error=f"{type(exc).__name__}: {exc}",
+                                traceback=traceback.format_exc(limit=20))
+                status, hdrs, ctype, out = responses.error_result(exc)
+        result = {
+            "call_id": call_id,
+            "status": status,
+            "headers": hdrs,
+            "content_type": ctype,
+            "took_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        return result, out
+
+    def _finish_later(self, header: dict[str, Any], body: bytes) -> None:
+        assert self._pool is not None
+
+        def run() -> None:
+            self._done.put(self.execute(header, body, None))
+            os.write(self._wake_w, b"x")
+
+        self._pool.submit(run)
+
+    def send_result(self, result: dict[str, Any], body: bytes) -> None:
+        self.sock.send_multipart([_SIG, _RESULT, _packb(result), body], copy=False)
+
+    # ----- the loop ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        sock = self.sock
+        sock.send_multipart(protocol.encode(protocol.READY, self.ready_header()))
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        interval_ms = int(HEARTBEAT_INTERVAL_S * 1000)
+        last_heard = last_sent = time.monotonic()
+        bye_sent_at = 0.0
+        inline = self._pool is None
+        while True:
+            if self.stopping and not bye_sent_at:
+                sock.send_multipart(protocol.encode(protocol.BYE, {"instance_id": self.instance_id}))
+                bye_sent_at = time.monotonic()
+            if bye_sent_at and self.inflight == 0 and (
+                self.bye_acked or time.monotonic() - bye_sent_at > DRAIN_TIMEOUT_S
+            ):
+                return 0
+            events = dict(poller.poll(interval_ms))
+            now = time.monotonic()
+            if self._wake_r in events:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                while True:
+                    try:
+                        result, out = self._done.get_nowait()
+                    except queue.Empty:
+                        break
+                    self.inflight -= 1
+                    self.send_result(result, out)
+                    last_sent = now
+            if sock in events:
+                last_heard = now
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        msg = protocol.decode(frames)
+                    except ProtocolError as exc:
+                        print(f"nuclide runtime: dropped malformed message: {exc}", file=sys.stderr)
+                        continue
+                    if msg.command == protocol.INVOKE:
+                        if inline:
+                            result, out = self.execute(msg.header, msg.body, self.loop)
+                            self.send_result(result, out)
+                        else:
+                            self.inflight += 1
+                            self._finish_later(msg.header, msg.body)
+                        last_sent = time.monotonic()
+                    elif msg.command == protocol.BYE:
+                        self.bye_acked = True
+                    # HEARTBEAT from the gateway only refreshes last_heard
+            now = time.monotonic()
+            if now - last_sent >= HEARTBEAT_INTERVAL_S and not self.stopping:
+                if now - last_heard > HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS:
+                    # the gateway went quiet (restarted?): announce ourselves again
+                    sock.send_multipart(protocol.encode(protocol.READY, self.ready_header()))
+                    last_heard = now
+                else:
+                    sock.send_multipart(protocol.encode(protocol.HEARTBEAT, self.ready_header()))
+                last_sent = now
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.sock.close(linger=1000)
+        self.ctx.term()
+
+
+def main(argv: list[str]) -> int:
+    path = argv[1] if len(argv) > 1 else os.environ.get("NUCLIDE_INSTANCE_CONFIG", "")
+    if not path:
+        print("usage: python -m services.runtime <instance-config.json>", file=sys.stderr)
+        return 2
+    with open(path) as fh:
+        config = json.load(fh)
+    try:
+        functions = load_functions(config)
+    except Exception as exc:
+        # one line the deployer shows the user, then the details
+        cause = exc.__cause__ or exc
+        print(f"nuclide: function failed to load: {exc}", file=sys.stderr)
+        traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
+        sys.stderr.flush()
+        return EXIT_INIT_FAILED
+    runtime = Runtime(config, functions)
+    try:
+        return runtime.run()
+    finally:
+        runtime.close()

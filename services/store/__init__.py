@@ -1,0 +1,1 @@
+"""The mapper-store: the only writer of nuclide state."""

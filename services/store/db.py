@@ -1,0 +1,118 @@
+"""The store's database: SQLite in WAL mode, schema kept by numbered migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+# Each migration runs once, in order, inside a transaction; never edit a released one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE blobs (digest TEXT PRIMARY KEY, size INTEGER NOT NULL, created_at REAL NOT NULL);
+    CREATE TABLE functions (
+        name TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        latest_version INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        group_id TEXT NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE function_versions (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        warnings TEXT NOT NULL,
+        state TEXT NOT NULL,
+        error TEXT,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE groups (
+        id TEXT PRIMARY KEY,
+        members TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        version_counter INTEGER NOT NULL,
+        ready_version INTEGER NOT NULL,
+        ready_members TEXT NOT NULL,
+        state TEXT NOT NULL,
+        replicas_desired INTEGER NOT NULL,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        group_id TEXT NOT NULL,
+        group_version INTEGER NOT NULL,
+        backend TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pid INTEGER,
+        exit_code INTEGER,
+        error TEXT,
+        started_at REAL,
+        ready_at REAL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX instances_group ON instances (group_id, group_version);
+    INSERT INTO meta (key, value) VALUES ('seq', '0');
+    """,
+]
+
+
+class Database:
+    """A single connection used by the store's one thread; every change is a transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.migrate()
+
+    def migrate(self) -> int:
+        self.conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+        done = {row[0] for row in self.conn.execute("SELECT version FROM schema_migrations")}
+        applied = 0
+        for number, sql in enumerate(MIGRATIONS, start=1):
+            if number in done:
+                continue
+            with self.tx():
+                for statement in filter(None, (s.strip() for s in sql.split(";"))):
+                    self.conn.execute(statement)
+                self.conn.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (number, time.time()))
+            applied += 1
+        return applied
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def one(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
+        return self.conn.execute(sql, params).fetchone()
+
+    def all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def execute(self, sql: str, params: tuple = ()) -> Any:
+        return self.conn.execute(sql, params)
+
+    def close(self) -> None:
+        self.conn.close()

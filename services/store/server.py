@@ -1,0 +1,116 @@
+"""The store service: RPC on a ROUTER, change events on a PUB with sequence numbers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import zmq
+
+from shared import protocol
+from shared.aiosock import AsyncRpcServer
+from shared.config import Settings
+from shared.errors import InvalidRequest
+from shared.liveness import DEPLOYER_REPORT_INTERVAL_S, HEARTBEAT_LIVENESS
+from shared.logs import get_logger
+from services.store.db import Database
+from services.store.state import BlobStore, Event, StoreState
+
+log = get_logger(__name__)
+
+
+def _arg(args: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = args.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise InvalidRequest(f"argument {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
+    return value
+
+
+class StoreServer:
+    def __init__(self, settings: Settings, ctx: zmq.Context) -> None:
+        self.settings = settings
+        self.db = Database(settings.state_db)
+        self.state = StoreState(self.db, BlobStore(settings.var_dir / "blobs"))
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.bind(settings.store_pub)
+        self.rpc = AsyncRpcServer(ctx, settings.store_rpc, self.handle, name="store")
+
+    def publish(self, events: list[Event]) -> None:
+        for topic, data in events:
+            seq = data.pop("seq")
+            try:
+                self.pub.send_multipart(
+                    protocol.encode_event(topic.encode(), {"seq": seq, "kind": topic, "data": data}), zmq.NOBLOCK
+                )
+            except zmq.Again:  # subscribers resync from a snapshot when they see a gap
+                log.warning("event dropped: PUB queue full", topic=topic, seq=seq)
+
+    def handle(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
+        st = self.state
+        if method == "ping":
+            return {"ok": True, "seq": st.seq()}
+        if method == "health":
+            age = time.time() - st.deployer_seen_at
+            return {
+                "store": True,
+                "deployer": age < DEPLOYER_REPORT_INTERVAL_S * HEARTBEAT_LIVENESS,
+                "deployer_age_s": round(age, 3),
+            }
+        if method == "deployer.report":
+            st.deployer_seen_at = time.time()
+            return {"ok": True}
+        if method == "snapshot":
+            return st.snapshot()
+        if method == "function.get":
+            return st.get_function(_arg(args, "name", str))
+        if method == "function.list":
+            return st.list_functions()
+        if method == "version.get":
+            return st.get_version(_arg(args, "name", str), _arg(args, "version", int))
+        if method == "blob.get":
+            digest = _arg(args, "digest", str)
+            return {"digest": digest}, [st.blobs.get(digest)]
+        if method == "instances.list":
+            return st.instances_of(args.get("group_id"))
+        if method == "function.put":
+            spec = _arg(args, "spec", dict)
+            warnings = args.get("warnings") or []
+            result, events = st.put_function(_arg(args, "name", str), spec, list(warnings), bodies[0] if bodies else b"")
+        elif method == "function.delete":
+            result, events = st.delete_function(_arg(args, "name", str))
+        elif method == "instance.started":
+            events = st.instance_started(
+                _arg(args, "id", str), _arg(args, "group_id", str), _arg(args, "group_version", int),
+                str(args.get("backend", "")), args.get("pid"),
+            )
+            result = {"ok": True}
+        elif method == "instance.ready":
+            functions = args.get("functions") or {}
+            events = st.instance_ready(
+                _arg(args, "id", str), _arg(args, "group_id", str), _arg(args, "group_version", int), dict(functions)
+            )
+            result = {"ok": True}
+        elif method == "instance.exited":
+            events = st.instance_exited(_arg(args, "id", str), args.get("exit_code"), args.get("error"))
+            result = {"ok": True}
+        elif method == "deploy.failed":
+            events = st.deploy_failed(
+                _arg(args, "group_id", str), _arg(args, "group_version", int),
+                str(args.get("error", "deploy failed")), str(args.get("log_tail", "")),
+            )
+            result = {"ok": True}
+        else:
+            raise InvalidRequest(f"unknown store method {method!r}")
+        self.publish(events)
+        return result
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        log.info("store ready", rpc=self.settings.store_rpc, pub=self.settings.store_pub, db=str(self.db.path))
+        await stop.wait()
+        log.info("store stopping")
+        self.rpc.close()
+        self.pub.close(linger=0)
+        self.db.close()

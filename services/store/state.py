@@ -1,0 +1,400 @@
+"""The store's logic: functions, versions, groups and instances, and the events each change emits.
+
+Pure of sockets: every public method takes plain arguments, changes the database
+in one transaction, and returns a result plus the events to publish, so unit tests
+call it directly. Lifecycle of a deployment (one fusion group):
+
+    function.put   -> group.version += 1, members[name] = new version, state deploying
+    instance.ready -> first READY of the group's version promotes it: ready_version,
+                      function.version (the serving version) and state ready
+    deploy.failed  -> the new version is marked failed; the group falls back to its
+                      ready version (still running), or is failed when it had none
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InvalidRequest, NotFound
+from shared.names import validate_function_name
+from services.store.db import Database
+
+Event = tuple[str, dict[str, Any]]
+
+INSTANCE_HISTORY = 20  # exited instance rows kept per group, for logs and diagnosis
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+class BlobStore:
+    """Content-addressed files: blobs/ab/cdef... named by their sha256."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise InvalidRequest(f"blob digest {digest!r:.80} is not a sha256 hex digest")
+        return self.root / digest[:2] / digest[2:]
+
+    def put(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.path(digest)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} not found") from None
+
+
+class StoreState:
+    def __init__(self, db: Database, blobs: BlobStore) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.deployer_seen_at = 0.0
+
+    # ----- sequence numbers -------------------------------------------------
+
+    def seq(self) -> int:
+        row = self.db.one("SELECT value FROM meta WHERE key='seq'")
+        return int(row[0]) if row else 0
+
+    def next_seqs(self, count: int) -> int:
+        """Reserve ``count`` sequence numbers inside the caller's transaction; return the first."""
+        current = self.seq()
+        self.db.execute("UPDATE meta SET value=? WHERE key='seq'", (str(current + count),))
+        return current + 1
+
+    # ----- records ----------------------------------------------------------
+
+    def _group_row(self, group_id: str) -> Any:
+        return self.db.one("SELECT * FROM groups WHERE id=?", (group_id,))
+
+    def group_record(self, row: Any) -> dict[str, Any]:
+        ready = self.db.one(
+            "SELECT COUNT(*) FROM instances WHERE group_id=? AND group_version=? AND state='ready'",
+            (row["id"], row["ready_version"]),
+        )[0]
+        return {
+            "id": row["id"],
+            "members": json.loads(row["members"]),
+            "version": row["version"],
+            "ready_version": row["ready_version"],
+            "ready_members": json.loads(row["ready_members"]),
+            "state": row["state"],
+            "replicas_desired": row["replicas_desired"],
+            "replicas_ready": ready,
+            "error": row["error"],
+            "created_at": row["created_at"],
+            "updated_at": row["updated_at"],
+        }
+
+    def function_record(self, row: Any) -> dict[str, Any]:
+        shown = row["version"] or row["latest_version"]
+        ver = self.db.one("SELECT * FROM function_versions WHERE name=? AND version=?", (row["name"], shown))
+        spec = json.loads(ver["spec"]) if ver else {}
+        group = self._group_row(row["group_id"])
+        grec = self.group_record(group) if group else None
+        return {
+            "name": row["name"],
+            "id": row["name"],
+            "version": row["version"],
+            "latest_version": row["latest_version"],
+            "state": row["state"],
+            "runtime": spec.get("runtime"),
+            "handler": spec.get("handler"),
+            "description": spec.get("description", ""),
+            "private": bool(spec.get("private", False)),
+            "timeout_s": spec.get("timeout_s", 30.0),
+            "group": {
+                "id": row["group_id"],
+                "version": grec["ready_version"] if grec else 0,
+                "tasks": sorted(grec["members"]) if grec else [row["name"]],
+            },
+            "replicas": {
+                "desired": grec["replicas_desired"] if grec else 0,
+                "ready": grec["replicas_ready"] if grec else 0,
+            },
+            "warnings": json.loads(ver["warnings"]) if ver else [],
+            "last_error": row["last_error"],
+            "created_at": _iso(row["created_at"]),
+            "updated_at": _iso(row["updated_at"]),
+            "spec": spec,
+        }
+
+    def instance_record(self, row: Any) -> dict[str, Any]:
+        return {k: row[k] for k in row.keys()}
+
+    def _function_row(self, name: str) -> Any:
+        row = self.db.one("SELECT * FROM functions WHERE name=?", (name,))
+        if row is None:
+            raise NotFound(f"function '{name}' not found")
+        return row
+
+    # ----- queries ------------------------------------------------------------
+
+    def get_function(self, name: str) -> dict[str, Any]:
+        return self.function_record(self._function_row(name))
+
+    def list_functions(self) -> list[dict[str, Any]]:
+        return [self.function_record(r) for r in self.db.all("SELECT * FROM functions ORDER BY name")]
+
+    def get_version(self, name: str, version: int) -> dict[str, Any]:
+        row = self.db.one("SELECT * FROM function_versions WHERE name=? AND version=?", (name, version))
+        if row is None:
+            raise NotFound(f"function '{name}' has no version {version}")
+        return {"name": name, "version": version, "digest": row["digest"], "spec": json.loads(row["spec"]), "state": row["state"]}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq(),
+            "functions": self.list_functions(),
+            "groups": [self.group_record(r) for r in self.db.all("SELECT * FROM groups ORDER BY id")],
+            "instances": [self.instance_record(r) for r in self.db.all("SELECT * FROM instances WHERE state!='exited'")],
+        }
+
+    # ----- changes ------------------------------------------------------------
+
+    def put_function(self, name: str, spec: dict[str, Any], warnings: list[str], zip_bytes: bytes) -> tuple[dict[str, Any], list[Event]]:
+        validate_function_name(name)
+        if not zip_bytes:
+            raise InvalidRequest("function.put needs the zip as its body")
+        digest = self.blobs.put(zip_bytes)
+        now = time.time()
+        replicas = max(int(spec.get("min_replicas", 1) or 0), 1)
+        with self.db.tx():
+            self.db.execute("INSERT OR IGNORE INTO blobs (digest, size, created_at) VALUES (?, ?, ?)", (digest, len(zip_bytes), now))
+            row = self.db.one("SELECT * FROM functions WHERE name=?", (name,))
+            if row is None:
+                version, group_id = 1, f"g-{name}"
+                self.db.execute(
+                    "INSERT INTO functions (name, version, latest_version, state, group_id, last_error, created_at, updated_at)"
+                    " VALUES (?, 0, 1, 'deploying', ?, NULL, ?, ?)",
+                    (name, group_id, now, now),
+                )
+            else:
+                version, group_id = row["latest_version"] + 1, row["group_id"]
+                self.db.execute(
+                    "UPDATE functions SET latest_version=?, state='deploying', updated_at=? WHERE name=?", (version, now, name)
+                )
+            self.db.execute(
+                "INSERT INTO function_versions (name, version, digest, spec, warnings, state, error, created_at)"
+                " VALUES (?, ?, ?, ?, ?, 'pending', NULL, ?)",
+                (name, version, digest, json.dumps(spec, sort_keys=True), json.dumps(warnings), now),
+            )
+            group = self._group_row(group_id)
+            if group is None:
+                self.db.execute(
+                    "INSERT INTO groups (id, members, version, version_counter, ready_version, ready_members, state,"
+                    " replicas_desired, error, created_at, updated_at) VALUES (?, ?, 1, 1, 0, '{}', 'deploying', ?, NULL, ?, ?)",
+                    (group_id, json.dumps({name: version}), replicas, now, now),
+                )
+                group_version = 1
+            else:
+                members = json.loads(group["members"])
+                members[name] = version
+                group_version = group["version_counter"] + 1
+                self.db.execute(
+                    "UPDATE groups SET members=?, version=?, version_counter=?, state='deploying', replicas_desired=?,"
+                    " updated_at=? WHERE id=?",
+                    (json.dumps(members), group_version, group_version, max(replicas, 1), now, group_id),
+                )
+            fn = self.get_function(name)
+            grec = self.group_record(self._group_row(group_id))
+            first = self.next_seqs(2)
+        events = [("function.changed", {"seq": first, "function": fn}), ("group.changed", {"seq": first + 1, "group": grec})]
+        return {"function": fn, "version": version, "group_id": group_id, "group_version": group_version}, events
+
+    def delete_function(self, name: str) -> tuple[dict[str, Any], list[Event]]:
+        with self.db.tx():
+            row = self._function_row(name)
+            group = self._group_row(row["group_id"])
+            self.db.execute("DELETE FROM functions WHERE name=?", (name,))
+            self.db.execute("DELETE FROM function_versions WHERE name=?", (name,))
+            n = 1
+            group_event: Event | None = None
+            if group is not None:
+                members = json.loads(group["members"])
+                members.pop(name, None)
+                if not members:
+                    self.db.execute("DELETE FROM groups WHERE id=?", (group["id"],))
+                    group_event = ("group.deleted", {"group_id": group["id"]})
+                else:
+                    ready_members = json.loads(group["ready_members"])
+                    ready_members.pop(name, None)
+                    counter = group["version_counter"] + 1
+                    self.db.execute(
+                        "UPDATE groups SET members=?, ready_members=?, version=?, version_counter=?, state='deploying',"
+                        " updated_at=? WHERE id=?",
+                        (json.dumps(members), json.dumps(ready_members), counter, counter, time.time(), group["id"]),
+                    )
+                    group_event = ("group.changed", {"group": self.group_record(self._group_row(group["id"]))})
+                n += 1
+            first = self.next_seqs(n)
+        events: list[Event] = [("function.deleted", {"seq": first, "name": name, "group_id": row["group_id"]})]
+        if group_event:
+            group_event[1]["seq"] = first + 1
+            events.append(group_event)
+        return {"deleted": name}, events
+
+    def instance_started(self, instance_id: str, group_id: str, group_version: int, backend: str, pid: int | None) -> list[Event]:
+        now = time.time()
+        with self.db.tx():
+            self.db.execute(
+                "INSERT INTO instances (id, group_id, group_version, backend, state, pid, started_at, updated_at)"
+                " VALUES (?, ?, ?, ?, 'starting', ?, ?, ?) ON CONFLICT(id) DO UPDATE SET pid=excluded.pid,"
+                " updated_at=excluded.updated_at",
+                (instance_id, group_id, group_version, backend, pid, now, now),
+            )
+            rec = self.instance_record(self.db.one("SELECT * FROM instances WHERE id=?", (instance_id,)))
+            seq = self.next_seqs(1)
+        return [("instance.changed", {"seq": seq, "instance": rec})]
+
+    def instance_ready(self, instance_id: str, group_id: str, group_version: int, functions: dict[str, int]) -> list[Event]:
+        now = time.time()
+        events: list[Event] = []
+        with self.db.tx():
+            self.db.execute(
+                "INSERT INTO instances (id, group_id, group_version, backend, state, started_at, ready_at, updated_at)"
+                " VALUES (?, ?, ?, '', 'ready', ?, ?, ?) ON CONFLICT(id) DO UPDATE SET state='ready',"
+                " ready_at=excluded.ready_at, updated_at=excluded.updated_at",
+                (instance_id, group_id, group_version, now, now, now),
+            )
+            group = self._group_row(group_id)
+            changed_functions: list[str] = []
+            if group is not None and group["version"] == group_version and (
+                group["ready_version"] != group_version or group["state"] != "ready"
+            ):
+                members = json.loads(group["members"])
+                self.db.execute(
+                    "UPDATE groups SET ready_version=?, ready_members=?, state='ready', error=NULL, updated_at=? WHERE id=?",
+                    (group_version, json.dumps(members), now, group_id),
+                )
+                for name, version in members.items():
+                    self.db.execute(
+                        "UPDATE functions SET version=?, state='ready', last_error=NULL, updated_at=? WHERE name=?",
+                        (version, now, name),
+                    )
+                    self.db.execute(
+                        "UPDATE function_versions SET state='ready' WHERE name=? AND version=?", (name, version)
+                    )
+                    self.db.execute(
+                        "UPDATE function_versions SET state='superseded' WHERE name=? AND version<? AND state='ready'",
+                        (name, version),
+                    )
+                    changed_functions.append(name)
+            rec = self.instance_record(self.db.one("SELECT * FROM instances WHERE id=?", (instance_id,)))
+            payloads: list[Event] = [("instance.changed", {"instance": rec})]
+            if group is not None:
+                payloads.append(("group.changed", {"group": self.group_record(self._group_row(group_id))}))
+            for name in changed_functions:
+                payloads.append(("function.changed", {"function": self.get_function(name)}))
+            first = self.next_seqs(len(payloads))
+        for i, (topic, data) in enumerate(payloads):
+            data["seq"] = first + i
+            events.append((topic, data))
+        return events
+
+    def instance_exited(self, instance_id: str, exit_code: int | None, error: str | None) -> list[Event]:
+        now = time.time()
+        with self.db.tx():
+            row = self.db.one("SELECT * FROM instances WHERE id=?", (instance_id,))
+            if row is None:
+                return []
+            self.db.execute(
+                "UPDATE instances SET state='exited', exit_code=?, error=?, updated_at=? WHERE id=?",
+                (exit_code, error, now, instance_id),
+            )
+            # keep a short history per group; older exited rows go
+            self.db.execute(
+                "DELETE FROM instances WHERE group_id=? AND state='exited' AND id NOT IN (SELECT id FROM instances"
+                " WHERE group_id=? AND state='exited' ORDER BY updated_at DESC LIMIT ?)",
+                (row["group_id"], row["group_id"], INSTANCE_HISTORY),
+            )
+            rec = self.instance_record(self.db.one("SELECT * FROM instances WHERE id=?", (instance_id,)))
+            group = self._group_row(row["group_id"])
+            payloads: list[Event] = [("instance.changed", {"instance": rec})]
+            if group is not None:
+                payloads.append(("group.changed", {"group": self.group_record(group)}))
+            first = self.next_seqs(len(payloads))
+        for i, (_, data) in enumerate(payloads):
+            data["seq"] = first + i
+        return payloads
+
+    def deploy_failed(self, group_id: str, group_version: int, error: str, log_tail: str) -> list[Event]:
+        now = time.time()
+        with self.db.tx():
+            group = self._group_row(group_id)
+            if group is None or group["version"] != group_version:
+                return []
+            members = json.loads(group["members"])
+            ready_members = json.loads(group["ready_members"])
+            payloads: list[Event] = []
+            names: list[str] = []
+            message = error if not log_tail else f"{error}\n{log_tail}"
+            if group["ready_version"] == group_version:
+                # the serving version itself keeps crashing
+                self.db.execute("UPDATE groups SET state='failed', error=?, updated_at=? WHERE id=?", (message, now, group_id))
+                for name in members:
+                    self.db.execute(
+                        "UPDATE functions SET state='failed', last_error=?, updated_at=? WHERE name=?", (message, now, name)
+                    )
+                    names.append(name)
+            else:
+                for name, version in members.items():
+                    if ready_members.get(name) == version:
+                        continue
+                    names.append(name)
+                    self.db.execute(
+                        "UPDATE function_versions SET state='failed', error=? WHERE name=? AND version=?", (message, name, version)
+                    )
+                    self.db.execute(
+                        "UPDATE functions SET state=CASE WHEN version>0 THEN 'ready' ELSE 'failed' END, last_error=?,"
+                        " updated_at=? WHERE name=?",
+                        (message, now, name),
+                    )
+                if group["ready_version"] > 0:
+                    self.db.execute(
+                        "UPDATE groups SET version=ready_version, members=ready_members, state='ready', error=?, updated_at=?"
+                        " WHERE id=?",
+                        (message, now, group_id),
+                    )
+                else:
+                    self.db.execute("UPDATE groups SET state='failed', error=?, updated_at=? WHERE id=?", (message, now, group_id))
+            payloads.append(
+                ("deploy.failed", {"group_id": group_id, "group_version": group_version, "error": error,
+                                   "log_tail": log_tail, "functions": names})
+            )
+            payloads.append(("group.changed", {"group": self.group_record(self._group_row(group_id))}))
+            for name in names:
+                fn = self.db.one("SELECT * FROM functions WHERE name=?", (name,))
+                if fn is not None:
+                    payloads.append(("function.changed", {"function": self.function_record(fn)}))
+            first = self.next_seqs(len(payloads))
+        for i, (_, data) in enumerate(payloads):
+            data["seq"] = first + i
+        return payloads
+
+    def instances_of(self, group_id: str | None = None) -> list[dict[str, Any]]:
+        if group_id:
+            rows = self.db.all("SELECT * FROM instances WHERE group_id=? ORDER BY started_at", (group_id,))
+        else:
+            rows = self.db.all("SELECT * FROM instances ORDER BY started_at")
+        return [self.instance_record(r) for r in rows]

@@ -1,0 +1,1 @@
+"""Code shared by every nuclide service: protocol, errors, config, logging, validation."""

@@ -1,0 +1,168 @@
+"""Settings, read once at start: NUCLIDE_<SERVICE>_<KEY>, NUCLIDE_<KEY>, a YAML file, defaults.
+
+Every service gets the same frozen :class:`Settings` (services need each other's
+endpoints); a service-specific variable wins over the common one, so
+``NUCLIDE_GATEWAY_HTTP_PORT=9000`` changes only what the gateway reads. The YAML
+file named by ``NUCLIDE_CONFIG`` may hold the same keys at top level or under a
+section named after the service. A bad value fails fast with the key's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+class Secret(str):
+    """A string that hides itself in repr and logs."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+
+BACKENDS = ("process", "docker")
+SANDBOX_MODES = ("auto", "bwrap", "none")
+
+
+@dataclass(frozen=True)
+class Settings:
+    var_dir: Path = Path("var")
+    token: Secret = Secret("")
+    # HTTP
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    public_host: str = ""  # host tasks use to reach the gateway; defaults to http_host
+    # ZeroMQ endpoints (bind side and connect side use the same strings)
+    gateway_router: str = "tcp://127.0.0.1:5560"
+    gateway_pull: str = "tcp://127.0.0.1:5561"
+    gateway_sub: str = "tcp://127.0.0.1:5562"
+    gateway_pub: str = "tcp://127.0.0.1:5563"
+    store_rpc: str = "tcp://127.0.0.1:5550"
+    store_pub: str = "tcp://127.0.0.1:5551"
+    deployer_rpc: str = "tcp://127.0.0.1:5552"
+    # state
+    database_url: str = ""  # empty: SQLite at <var_dir>/state.db
+    # deployer
+    backend: str = "process"
+    sandbox: str = "auto"
+    build_timeout_s: float = 900.0
+    stop_instances_on_exit: bool = False
+    default_memory_bytes: int = 1024 * 1024 * 1024
+    # gateway limits
+    max_body_bytes: int = 6 * 1024 * 1024
+    max_zip_bytes: int = 50 * 1024 * 1024
+    deploy_timeout_s: float = 600.0
+    queue_limit: int = 1000  # waiting sync calls per function before 429
+    # logging
+    log_format: str = "auto"  # auto | json | console
+    log_level: str = "info"
+
+    @property
+    def state_db(self) -> Path:
+        return self.var_dir / "state.db"
+
+    @property
+    def advertised_host(self) -> str:
+        return self.public_host or self.http_host
+
+    @property
+    def http_url(self) -> str:
+        host = self.http_host if self.http_host not in ("0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{host}:{self.http_port}"
+
+    def validate(self) -> "Settings":
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+        if self.sandbox not in SANDBOX_MODES:
+            raise ConfigError(f"sandbox {self.sandbox!r} is unknown; use one of {', '.join(SANDBOX_MODES)}")
+        if not 0 < self.http_port < 65536:
+            raise ConfigError(f"http_port {self.http_port} is out of range 1-65535")
+        for name in ("max_body_bytes", "max_zip_bytes", "queue_limit"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.log_format not in ("auto", "json", "console"):
+            raise ConfigError("log_format must be auto, json or console")
+        return self
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    def child_env(self) -> dict[str, str]:
+        """Environment that hands these settings to a child service process."""
+        env: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"NUCLIDE_{f.name.upper()}"] = str(value)
+        return env
+
+
+def _convert(name: str, raw: Any, kind: Any) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(str(raw))
+        if kind is Secret:
+            return Secret(str(raw))
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name} has an invalid value {raw!r}; expected {kind.__name__}") from None
+
+
+def load_settings(service: str = "", environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read settings for one service; explicit overrides win over everything."""
+    env = os.environ if environ is None else environ
+    file_values: dict[str, Any] = {}
+    config_path = env.get("NUCLIDE_CONFIG")
+    if config_path:
+        try:
+            loaded = yaml.safe_load(Path(config_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {config_path}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_path} must be a YAML mapping")
+        file_values = {k: v for k, v in loaded.items() if not isinstance(v, dict)}
+        if service and isinstance(loaded.get(service), dict):
+            file_values.update(loaded[service])
+    hints = typing.get_type_hints(Settings)
+    values: dict[str, Any] = {}
+    known = {f.name for f in fields(Settings)}
+    for key in file_values:
+        if key not in known:
+            raise ConfigError(f"config file {config_path}: unknown setting {key!r}")
+    for f in fields(Settings):
+        key = f.name.upper()
+        raw: Any = None
+        if service and f"NUCLIDE_{service.upper()}_{key}" in env:
+            raw = env[f"NUCLIDE_{service.upper()}_{key}"]
+        elif f"NUCLIDE_{key}" in env:
+            raw = env[f"NUCLIDE_{key}"]
+        elif f.name in file_values:
+            raw = file_values[f.name]
+        if raw is not None:
+            values[f.name] = _convert(f"NUCLIDE_{key}", raw, hints[f.name])
+    values.update(overrides)
+    return Settings(**values).validate()

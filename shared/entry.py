@@ -1,0 +1,43 @@
+"""The common `python -m services.<name>` entry: settings, logging, --check, run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Awaitable, Callable
+
+import zmq
+
+from shared import service
+from shared.config import ConfigError, Settings, load_settings
+from shared.logs import configure
+
+
+def main(name: str, serve: Callable[[Settings, zmq.Context, asyncio.Event], Awaitable[int | None]],
+         check: Callable[[Settings], str]) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m services.{name}")
+    parser.add_argument("--check", action="store_true", help="ask the running service if it is healthy; exit 0 if so")
+    opts = parser.parse_args()
+    try:
+        settings = load_settings(name)
+    except ConfigError as exc:
+        print(f"nuclide {name}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if opts.check:
+        try:
+            print(check(settings))
+        except Exception as exc:
+            print(f"{name} is not healthy: {exc}", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(0)
+    configure(name, settings.log_format, settings.log_level)
+
+    async def run(stop: asyncio.Event) -> int | None:
+        ctx = zmq.Context.instance()
+        try:
+            return await serve(settings, ctx, stop)
+        finally:
+            ctx.destroy(linger=0)
+
+    service.exit_with(service.run(run, name))

@@ -1,0 +1,117 @@
+"""The one error hierarchy: each error has a wire code and an HTTP status.
+
+Errors cross ZeroMQ as ``{"code": ..., "message": ..., "details": ...}`` and come
+back as the same class through :func:`from_wire`. The gateway maps them to HTTP
+with :attr:`NuclideError.http_status`, in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NuclideError(Exception):
+    """Base class: a failure with a message that says what was wrong and what to do."""
+
+    code = "internal"
+    http_status = 500
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            wire["details"] = self.details
+        return wire
+
+
+class InvalidRequest(NuclideError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class Unauthorized(NuclideError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class NotFound(NuclideError):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(NuclideError):
+    code = "conflict"
+    http_status = 409
+
+
+class PayloadTooLarge(NuclideError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class BuildFailed(NuclideError):
+    code = "build_failed"
+    http_status = 422
+
+
+class TooManyRequests(NuclideError):
+    code = "too_many_requests"
+    http_status = 429
+
+
+class Internal(NuclideError):
+    code = "internal"
+    http_status = 500
+
+
+class InstanceFailed(NuclideError):
+    code = "instance_failed"
+    http_status = 502
+
+
+class Unavailable(NuclideError):
+    code = "unavailable"
+    http_status = 503
+
+
+class DeadlineExceeded(NuclideError):
+    code = "deadline_exceeded"
+    http_status = 504
+
+
+class ProtocolError(InvalidRequest):
+    """A ZeroMQ message that does not follow shared/protocol.py."""
+
+    code = "protocol_error"
+
+
+_BY_CODE: dict[str, type[NuclideError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        Unauthorized,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        BuildFailed,
+        TooManyRequests,
+        Internal,
+        InstanceFailed,
+        Unavailable,
+        DeadlineExceeded,
+        ProtocolError,
+    )
+}
+
+
+def from_wire(wire: Any) -> NuclideError:
+    """Rebuild the error a peer sent; an unknown or malformed one becomes Internal."""
+    if not isinstance(wire, dict):
+        return Internal(f"malformed error from peer: {wire!r:.200}")
+    cls = _BY_CODE.get(str(wire.get("code")), Internal)
+    details = wire.get("details")
+    return cls(str(wire.get("message", "")), details if isinstance(details, dict) else None)

@@ -1,0 +1,161 @@
+"""The nuclide wire protocol: the only code that packs or unpacks ZeroMQ frames.
+
+Every message, on every socket::
+
+    [routing frames ...]   added and removed by ROUTER sockets only
+    frame 0   b"NUC1"      signature: protocol and version; anything else is rejected
+    frame 1   command      short ASCII verb, one of COMMANDS
+    frame 2   header       msgpack map with str keys (ids, method, deadline_ms, ...)
+    frame 3+  bodies       raw bytes (zips, payloads, results), never re-encoded
+
+PUB/SUB messages put the topic alone in front::
+
+    frame 0   topic        b"function.changed", b"call.done", ...
+    frame 1+  as above     b"NUC1", b"EVENT", header, bodies ...
+
+Commands and who sends them:
+
+    REQ / REP / ERR     RPC request, its reply, or an error reply {code, message}
+    READY               instance -> gateway: {instance_id, group, group_version,
+                        functions: {name: version}, credit, pid}
+    HEARTBEAT           both ways; from an instance it repeats the READY fields
+    INVOKE              gateway -> instance: {call_id, function, ...}, body = payload
+    RESULT              instance -> gateway: {call_id, status, ...}, body = result
+    CALL                instance -> gateway: a task-to-task call
+    BYE                 instance -> gateway: stop sending me work; gateway -> instance: ack
+    EVENT               store -> subscribers (PUB): {seq, kind, data}
+
+Limits: a header is at most MAX_HEADER_BYTES, a message at most MAX_FRAMES frames
+and MAX_MESSAGE_BYTES in total. Decoding raises :class:`ProtocolError` on anything
+else; services log and drop such messages, or answer ERR where a reply is expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+
+from shared.errors import ProtocolError
+
+SIGNATURE = b"NUC1"
+
+REQ = b"REQ"
+REP = b"REP"
+ERR = b"ERR"
+READY = b"READY"
+INVOKE = b"INVOKE"
+RESULT = b"RESULT"
+CALL = b"CALL"
+HEARTBEAT = b"HEARTBEAT"
+BYE = b"BYE"
+EVENT = b"EVENT"
+
+COMMANDS = frozenset({REQ, REP, ERR, READY, INVOKE, RESULT, CALL, HEARTBEAT, BYE, EVENT})
+
+MAX_HEADER_BYTES = 64 * 1024  # headers carry ids and small settings, never payloads
+MAX_FRAMES = 16  # signature, command, header and up to 13 bodies
+MAX_ROUTING_FRAMES = 4  # ROUTER envelopes nuclide produces have 1 (DEALER peers)
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # zips are capped lower, by the gateway
+
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decoded message: its command, its header and its raw bodies."""
+
+    command: bytes
+    header: dict[str, Any]
+    bodies: tuple[bytes, ...] = field(default=())
+
+    @property
+    def body(self) -> bytes:
+        """The first body, or b"" when there is none."""
+        return self.bodies[0] if self.bodies else b""
+
+
+def pack_header(header: dict[str, Any]) -> bytes:
+    return _packb(header)
+
+
+def encode(command: bytes, header: dict[str, Any], *bodies: bytes) -> list[bytes]:
+    """Frames for one message (no routing frames, no topic)."""
+    if command not in COMMANDS:
+        raise ProtocolError(f"unknown command {command!r}")
+    packed = _packb(header)
+    if len(packed) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header is {len(packed)} bytes, over the {MAX_HEADER_BYTES} byte limit")
+    return [SIGNATURE, command, packed, *bodies]
+
+
+def encode_event(topic: bytes, header: dict[str, Any], *bodies: bytes) -> list[bytes]:
+    """Frames for a PUB message: the topic, then an EVENT message."""
+    return [topic, *encode(EVENT, header, *bodies)]
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Decode frames that start at the signature (routing frames already removed)."""
+    if len(frames) < 3:
+        raise ProtocolError(f"message has {len(frames)} frames; at least 3 are required")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"message has {len(frames)} frames; at most {MAX_FRAMES} are allowed")
+    if bytes(frames[0]) != SIGNATURE:
+        raise ProtocolError(f"bad signature {bytes(frames[0])[:16]!r}; expected {SIGNATURE!r}")
+    command = bytes(frames[1])
+    if command not in COMMANDS:
+        raise ProtocolError(f"unknown command {command[:32]!r}")
+    raw_header = frames[2]
+    if len(raw_header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header is {len(raw_header)} bytes, over the {MAX_HEADER_BYTES} byte limit")
+    total = sum(len(f) for f in frames)
+    if total > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message is {total} bytes, over the {MAX_MESSAGE_BYTES} byte limit")
+    try:
+        header = msgpack.unpackb(raw_header, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    return Message(command, header, tuple(bytes(f) for f in frames[3:]))
+
+
+def split_envelope(frames: Sequence[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Split a ROUTER message into (routing frames, message frames).
+
+    The routing frames are everything before the signature (an empty delimiter
+    frame from REQ peers is kept in the envelope so replies route back).
+    """
+    for i in range(min(len(frames), MAX_ROUTING_FRAMES + 1)):
+        if bytes(frames[i]) == SIGNATURE:
+            if i == 0:
+                raise ProtocolError("message has no routing frame")
+            return list(frames[:i]), list(frames[i:])
+    raise ProtocolError("no NUC1 signature frame found in the first frames")
+
+
+def decode_event(frames: Sequence[bytes]) -> tuple[bytes, Message]:
+    """Decode a SUB message into (topic, message)."""
+    if len(frames) < 4:
+        raise ProtocolError(f"event has {len(frames)} frames; at least 4 are required")
+    topic = bytes(frames[0])
+    msg = decode(frames[1:])
+    if msg.command != EVENT:
+        raise ProtocolError(f"expected EVENT after the topic, got {msg.command!r}")
+    return topic, msg
+
+
+def request(req_id: int, method: str, args: dict[str, Any] | None = None, *bodies: bytes) -> list[bytes]:
+    """An RPC request: header {id, method, args}."""
+    return encode(REQ, {"id": req_id, "method": method, "args": args or {}}, *bodies)
+
+
+def reply(req_id: Any, result: Any, *bodies: bytes) -> list[bytes]:
+    """A successful RPC reply: header {id, result}."""
+    return encode(REP, {"id": req_id, "result": result}, *bodies)
+
+
+def error_reply(req_id: Any, wire_error: dict[str, Any]) -> list[bytes]:
+    """An RPC error reply: header {id, error: {code, message, details}}."""
+    return encode(ERR, {"id": req_id, "error": wire_error})

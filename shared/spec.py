@@ -1,0 +1,538 @@
+"""The function spec: nuclio's function.yaml (or a bare handler file) turned into a FunctionSpec."""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import keyword
+import math
+import re
+import sys
+import dataclasses
+from typing import Any
+
+import yaml
+
+from shared.archive import Archive
+from shared.errors import InvalidRequest
+from shared.names import validate_function_name
+
+MiB = 1024 * 1024
+HOST_RUNTIME = f"python:{sys.version_info.major}.{sys.version_info.minor}"
+SPEC_FILES = ("function.yaml", "function.yml")
+MAX_REQUIREMENTS_BYTES = 64 * 1024
+MIN_MEMORY_BYTES = 16 * MiB
+MAX_REPLICAS = 64
+MAX_TIMEOUT_S = 3600.0
+MAX_IDLE_TIMEOUT_S = 7 * 24 * 3600.0
+# Trigger attributes are kept verbatim; a YAML alias bomb must not explode when they are copied.
+_MAX_TRIGGER_NODES = 10_000
+
+_RUNTIME_RE = re.compile(r"python(?::?(?P<major>\d+)(?:\.(?P<minor>\d+))?)?")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_QUANTITY_RE = re.compile(r"(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?")
+_DURATION_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_QUANTITY_FACTOR = {None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+_QUANTITY_FACTOR.update({s: 1024 ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))})
+# Options that would point pip at another index or pull in files we never checked.
+# pip's parser accepts unambiguous prefixes of long options ("--ind"), so we match prefixes too.
+_PIP_REFUSED_LONG = ("--editable", "--index-url", "--extra-index-url", "--trusted-host", "--find-links",
+                     "--requirement", "--constraint")
+_PIP_REFUSED_SHORT = ("-e", "-i", "-f", "-r", "-c")
+_PIP_COMMENT_RE = re.compile(r"(^|\s)#.*$")
+
+_TOP_KNOWN = {"apiVersion", "kind", "metadata", "spec"}
+_TOP_IGNORED = {"status"}
+_METADATA_SILENT = {"labels", "annotations", "namespace"}
+_SPEC_IGNORED = {
+    "image", "imageHash", "platform", "readinessTimeoutSeconds", "waitReadinessTimeoutBeforeFailure",
+    "loggerSinks", "volumes", "serviceType", "httpPort", "alias", "version", "dealer", "dataBindings",
+    "runtimeAttributes", "targetCPU", "avatar", "affinity", "nodeSelector", "nodeName", "tolerations",
+    "priorityClassName", "preemptionPolicy", "securityContext", "serviceAccount", "imagePullSecrets",
+    "imagePullPolicy", "runRegistry", "publish", "disable", "disableDefaultHTTPTrigger",
+    "customScalingMetricSpecs", "autoscaleMetrics",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionSpec:
+    """Everything nuclide needs to build and run one function; defaults match a bare main.py."""
+
+    name: str | None = None
+    handler: str = "main:handler"
+    runtime: str = HOST_RUNTIME
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    build_commands: tuple[str, ...] = ()
+    requirements: str = ""
+    min_replicas: int = 1
+    max_replicas: int = 1
+    description: str = ""
+    timeout_s: float = 30.0
+    max_concurrency: int = 1
+    memory_bytes: int | None = None
+    cpu: float | None = None
+    private: bool = False
+    idle_timeout_s: float = 300.0
+    triggers: tuple[dict, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, dict):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FunctionSpec:
+        # Unknown keys are dropped and missing ones defaulted: stored specs outlive code versions.
+        kwargs: dict[str, Any] = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        if "env" in kwargs:
+            kwargs["env"] = {str(k): str(v) for k, v in (kwargs["env"] or {}).items()}
+        for key in ("build_commands", "triggers"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key] or ())
+        return cls(**kwargs)
+
+
+def _err(where: str, what: str) -> InvalidRequest:
+    return InvalidRequest(f"function.yaml: {where} {what}")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str, expected: str) -> Any:
+    # bool is an int in Python but `replicas: true` is a mistake, not a 1.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise _err(where, f"must be {expected}, got a bool ({value!r})")
+    if not isinstance(value, kind):
+        raise _err(where, f"must be {expected}, got {_type_name(value)} {value!r:.60}")
+    return value
+
+
+def _int_in(value: Any, where: str, low: int, high: int) -> int:
+    _expect(value, int, where, "an integer")
+    if not low <= value <= high:
+        raise _err(where, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def parse_duration_s(value: Any, field: str) -> float:
+    """Seconds from a number or a Go-style duration ("500ms", "30s", "2m", "1h30m"); must be >= 0."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_PART_RE.findall(text)
+            if not parts or "".join(num + unit for num, unit in parts) != text:
+                raise InvalidRequest(
+                    f"{field} {value!r} is not a duration; use seconds (30) or a string like '500ms', '30s', '2m'"
+                ) from None
+            seconds = sum(float(num) * _DURATION_UNIT_S[unit] for num, unit in parts)
+    else:
+        raise InvalidRequest(f"{field} must be a number of seconds or a duration like '30s', got {value!r:.60}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidRequest(f"{field} must be a finite, non-negative duration, got {value!r}")
+    return seconds
+
+
+def parse_memory_bytes(value: Any, field: str) -> int:
+    """Bytes from an int or a Kubernetes quantity ("128Mi", "1Gi", "512M"); must be > 0."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n_bytes = value
+    else:
+        match = _QUANTITY_RE.fullmatch(value.strip()) if isinstance(value, str) else None
+        if match is None:
+            raise InvalidRequest(f"{field} {value!r:.60} is not a memory size; use bytes or e.g. '128Mi', '1Gi', '512M'")
+        n_bytes = int(float(match.group(1)) * _QUANTITY_FACTOR[match.group(2)])
+    if n_bytes <= 0:
+        raise InvalidRequest(f"{field} must be a positive memory size, got {value!r}")
+    return n_bytes
+
+
+def _parse_cpu(value: Any, where: str) -> float:
+    if isinstance(value, str) and value.strip().endswith("m"):
+        number, scale = value.strip()[:-1], 1e-3
+    else:
+        number, scale = value, 1.0
+    try:
+        cpu = float(number) * scale if not isinstance(number, bool) else math.nan
+    except (TypeError, ValueError):
+        cpu = math.nan
+    if not math.isfinite(cpu) or cpu <= 0:
+        raise _err(where, f"{value!r:.60} is not a CPU amount; use e.g. '500m', '1' or 2")
+    return cpu
+
+
+def _parse_handler(value: Any, where: str) -> str:
+    def ok(name: str) -> bool:
+        return name.isidentifier() and not keyword.iskeyword(name)
+
+    module, sep, func = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if not sep or not ok(func) or not all(ok(part) for part in module.split(".")):
+        raise InvalidRequest(f"{where} {value!r:.80} is not a handler; use 'module:function', e.g. 'main:handler'")
+    return value
+
+
+def _parse_runtime(value: Any) -> str:
+    _expect(value, str, "spec.runtime", "a string like 'python'")
+    match = _RUNTIME_RE.fullmatch(value.strip().lower())
+    major, minor = sys.version_info.major, sys.version_info.minor
+    if match and (match["major"] is None or (
+        int(match["major"]) == major and (match["minor"] is None or int(match["minor"]) == minor)
+    )):
+        return HOST_RUNTIME
+    raise _err("spec.runtime", f"{value!r} is not available here; use 'python' or '{HOST_RUNTIME}'")
+
+
+def _plain(value: Any, where: str, budget: list[int]) -> Any:
+    """Copy YAML data into JSON types, bounded in size."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _err(where, "is too large; keep trigger definitions small")
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}.{k}", budget) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, f"{where}[{i}]", budget) for i, v in enumerate(value)]
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise _err(where, f"has an unsupported value of type {_type_name(value)}")
+
+
+def _parse_triggers(value: Any) -> tuple[dict, ...]:
+    budget = [_MAX_TRIGGER_NODES]
+    if isinstance(value, dict):
+        items = [(f"spec.triggers.{k}", str(k), t) for k, t in value.items()]
+    else:
+        _expect(value, list, "spec.triggers", "a mapping of name -> trigger")
+        items = []
+        for i, t in enumerate(value):
+            name = t.get("name") if isinstance(t, dict) else None
+            if not isinstance(name, str) or not name:
+                raise _err(f"spec.triggers[{i}].name", "is required and must be a string")
+            items.append((f"spec.triggers[{i}]", name, t))
+    triggers: list[dict] = []
+    for where, name, trigger in items:
+        _expect(trigger, dict, where, "a mapping with 'kind' and 'attributes'")
+        kind = trigger.get("kind")
+        if not isinstance(kind, str) or not kind:
+            raise _err(f"{where}.kind", "is required and must be a string, e.g. 'http' or 'cron'")
+        if name in {t["name"] for t in triggers}:
+            raise _err(where, f"repeats trigger name {name!r}; give each trigger its own name")
+        triggers.append({**_plain(trigger, where, budget), "name": name})
+    return tuple(triggers)
+
+
+def _parse_env(value: Any, warnings: list[str]) -> dict[str, str]:
+    if isinstance(value, dict):
+        items = [(f"spec.env.{k}", k, v, False) for k, v in value.items()]
+    else:
+        _expect(value, list, "spec.env", "a list of {name, value} or a mapping")
+        items = []
+        for i, item in enumerate(value):
+            where = f"spec.env[{i}]"
+            _expect(item, dict, where, "a mapping with 'name' and 'value'")
+            if "valueFrom" in item:
+                warnings.append(f"function.yaml: {where}.valueFrom is not supported by nuclide; variable skipped")
+                continue
+            for extra in sorted(set(map(str, item)) - {"name", "value"}):
+                warnings.append(f"function.yaml: unknown field '{where}.{extra}' is ignored")
+            items.append((where, item.get("name"), item.get("value"), True))
+    env: dict[str, str] = {}
+    for where, name, raw, listed in items:
+        name_where = f"{where}.name" if listed else where
+        if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
+            raise _err(name_where, f"{name!r} is not a valid variable name; use letters, digits and '_' "
+                       "(quote names YAML reads as booleans or numbers)")
+        if name.upper().startswith("NUCLIDE_"):
+            raise _err(name_where, f"{name!r} is reserved: NUCLIDE_* variables are set by nuclide; rename it")
+        value_where = f"{where}.value" if listed else where
+        if isinstance(raw, bool):
+            text = "true" if raw else "false"
+        elif raw is None or isinstance(raw, (str, int, float)):
+            text = "" if raw is None else str(raw)
+        else:
+            raise _err(value_where, f"must be a string or number, got {_type_name(raw)}")
+        if "\x00" in text:
+            raise _err(value_where, "contains a NUL byte, which environment variables cannot hold")
+        if name in env:
+            warnings.append(f"function.yaml: spec.env sets {name!r} twice; the last value is used")
+        env[name] = text
+    return env
+
+
+def _pip_refused(token: str) -> bool:
+    if token.startswith("--"):
+        option = token.split("=", 1)[0]
+        return len(option) > 2 and any(long.startswith(option) for long in _PIP_REFUSED_LONG)
+    return token[:2] in _PIP_REFUSED_SHORT
+
+
+def _parse_requirements(archive: Archive) -> str:
+    raw = archive.get("requirements.txt")
+    if raw is None:
+        return ""
+    if len(raw) > MAX_REQUIREMENTS_BYTES:
+        raise InvalidRequest(f"requirements.txt is {len(raw)} bytes, over the {MAX_REQUIREMENTS_BYTES} limit; "
+                             "list only the packages the function imports")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"requirements.txt is not UTF-8 text ({exc}); save it as UTF-8") from None
+    # pip joins backslash-continued lines before parsing, so an option can hide on a continuation.
+    logical: list[tuple[int, str]] = []
+    pending: tuple[int, str] | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        start, prefix = pending or (number, "")
+        pending = (start, prefix + line[:-1]) if line.endswith("\\") else None
+        if pending is None:
+            logical.append((start, prefix + line))
+    if pending is not None:
+        logical.append(pending)
+    for number, line in logical:
+        for token in _PIP_COMMENT_RE.sub("", line).split():
+            if _pip_refused(token):
+                raise InvalidRequest(
+                    f"requirements.txt line {number}: {line.strip()!r:.120} is not allowed: an upload cannot "
+                    "change the package index or include other files; list plain requirements instead"
+                )
+    return text
+
+
+def _infer_handler(archive: Archive, fallback_module: str | None) -> str:
+    """Pick module:handler (or :handle) from top-level .py files, without running them."""
+    if fallback_module:
+        _parse_handler(f"{fallback_module}:handler", "fallback handler")
+    modules = [fallback_module] if fallback_module else [
+        name[:-3] for name in archive.py_files() if "/" not in name and name[:-3].isidentifier()
+    ]
+    found: list[str] = []
+    broken: list[str] = []
+    for module in modules:
+        path = module.replace(".", "/") + ".py"
+        try:
+            tree = ast.parse(archive.get(path) or b"", filename=path)
+        except (SyntaxError, ValueError):
+            broken.append(path)  # check_handler reports the exact error once a handler is chosen
+            continue
+        defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        for func in ("handler", "handle"):
+            if func in defined:
+                found.append(f"{module}:{func}")
+                break
+    if fallback_module:
+        return found[0] if found else f"{fallback_module}:handler"
+    if len(found) == 1:
+        return found[0]
+    hint = "add function.yaml with spec.handler, e.g. 'main:handler'"
+    if not found:
+        unparsed = f" ({', '.join(broken)} could not be parsed)" if broken else ""
+        raise InvalidRequest(
+            f"no handler found: no top-level .py file defines handler() or handle(){unparsed}; {hint}"
+        )
+    raise InvalidRequest(f"several handlers found ({', '.join(found)}); {hint} to choose one")
+
+
+def _load_yaml(archive: Archive, warnings: list[str]) -> dict[str, Any] | None:
+    present = [name for name in SPEC_FILES if archive.get(name) is not None]
+    if not present:
+        return None
+    if len(present) > 1:
+        warnings.append("both function.yaml and function.yml exist; function.yml is ignored")
+    filename = present[0]
+    try:
+        doc = yaml.safe_load(archive.files[filename].decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"{filename} is not UTF-8 text ({exc}); save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InvalidRequest(f"{filename}{where}: invalid YAML ({problem}); fix the syntax") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise InvalidRequest(f"{filename} must be a YAML mapping with 'metadata' and 'spec', got a {_type_name(doc)}")
+    return doc
+
+
+def _warn_unknown(mapping: dict, prefix: str, known: set[str], ignored: set[str], warnings: list[str]) -> None:
+    for key in mapping:
+        dotted = f"{prefix}{key}"
+        if key in ignored:
+            warnings.append(f"function.yaml: {dotted} is ignored by nuclide")
+        elif key not in known:
+            warnings.append(f"function.yaml: unknown field '{dotted}' is ignored")
+
+
+def _sub(spec: dict, key: str, where: str) -> dict:
+    value = spec.get(key)
+    return {} if value is None else _expect(value, dict, where, "a mapping")
+
+
+def _duration_in(value: Any, where: str, max_s: float) -> float:
+    seconds = parse_duration_s(value, f"function.yaml: {where}")
+    if not 0 < seconds <= max_s:
+        raise _err(where, f"must be more than 0 and at most {max_s:.0f} seconds, got {value!r}")
+    return seconds
+
+
+def _parse_scaling(spec: dict, kw: dict[str, Any], warnings: list[str]) -> None:
+    """Replicas, timeouts and concurrency: the fields that decide how many calls run where."""
+    minimum, maximum = spec.get("minReplicas"), spec.get("maxReplicas")
+    if spec.get("replicas") is not None:
+        replicas = _int_in(spec["replicas"], "spec.replicas", 0, MAX_REPLICAS)
+        if minimum is None and maximum is None:
+            minimum = maximum = replicas
+        else:
+            warnings.append("function.yaml: spec.replicas is ignored because spec.minReplicas/maxReplicas are set")
+    kw["min_replicas"] = 1 if minimum is None else _int_in(minimum, "spec.minReplicas", 0, MAX_REPLICAS)
+    kw["max_replicas"] = (max(kw["min_replicas"], 1) if maximum is None
+                          else _int_in(maximum, "spec.maxReplicas", 1, MAX_REPLICAS))
+    if kw["min_replicas"] > kw["max_replicas"]:
+        raise _err("spec.minReplicas", f"({kw['min_replicas']}) must not exceed spec.maxReplicas ({kw['max_replicas']})")
+    # eventTimeout is nuclio's own name for the per-call timeout.
+    timeouts = [key for key in ("timeout", "timeoutSeconds", "eventTimeout") if spec.get(key) is not None]
+    if timeouts:
+        kw["timeout_s"] = _duration_in(spec[timeouts[0]], f"spec.{timeouts[0]}", MAX_TIMEOUT_S)
+        for other in timeouts[1:]:
+            warnings.append(f"function.yaml: spec.{other} is ignored because spec.{timeouts[0]} is set")
+    if spec.get("maxConcurrency") is not None:
+        kw["max_concurrency"] = _int_in(spec["maxConcurrency"], "spec.maxConcurrency", 1, 1024)
+    scale_to_zero = _sub(spec, "scaleToZero", "spec.scaleToZero")
+    _warn_unknown(scale_to_zero, "spec.scaleToZero.", {"idleTimeout"}, set(scale_to_zero) - {"idleTimeout"}, warnings)
+    for where, value in (("spec.scaleToZero.idleTimeout", scale_to_zero.get("idleTimeout")),
+                         ("spec.idleTimeout", spec.get("idleTimeout"))):
+        if value is not None:
+            kw["idle_timeout_s"] = _duration_in(value, where, MAX_IDLE_TIMEOUT_S)
+            break
+
+
+def _parse_resources(spec: dict, kw: dict[str, Any], warnings: list[str]) -> None:
+    resources = _sub(spec, "resources", "spec.resources")
+    _warn_unknown(resources, "spec.resources.", {"limits"}, {"requests", "claims"}, warnings)
+    limits = _sub(resources, "limits", "spec.resources.limits")
+    _warn_unknown(limits, "spec.resources.limits.", {"memory", "cpu"}, set(limits) - {"memory", "cpu"}, warnings)
+    if limits.get("memory") is not None:
+        where = "function.yaml: spec.resources.limits.memory"
+        kw["memory_bytes"] = parse_memory_bytes(limits["memory"], where)
+        if kw["memory_bytes"] < MIN_MEMORY_BYTES:
+            raise InvalidRequest(f"{where} must be at least 16Mi, got {limits['memory']!r}")
+    if limits.get("cpu") is not None:
+        kw["cpu"] = _parse_cpu(limits["cpu"], "spec.resources.limits.cpu")
+
+
+_SPEC_KNOWN = {"handler", "runtime", "env", "build", "minReplicas", "maxReplicas", "replicas", "description",
+               "timeout", "timeoutSeconds", "eventTimeout", "maxConcurrency", "resources", "private",
+               "scaleToZero", "idleTimeout", "triggers"}
+
+
+def parse_function(archive: Archive, *, fallback_handler_module: str | None = None) -> tuple[FunctionSpec, list[str]]:
+    """Read function.yaml (or infer a handler) and requirements.txt; return (spec, warnings)."""
+    warnings: list[str] = []
+    kw: dict[str, Any] = {"requirements": _parse_requirements(archive)}
+    doc = _load_yaml(archive, warnings)
+    if doc is None:
+        kw["handler"] = _infer_handler(archive, fallback_handler_module)
+        return FunctionSpec(**kw), warnings
+    _warn_unknown(doc, "", _TOP_KNOWN, _TOP_IGNORED, warnings)
+    metadata = _sub(doc, "metadata", "metadata")
+    _warn_unknown(metadata, "metadata.", {"name"} | _METADATA_SILENT, set(), warnings)
+    if metadata.get("name") is not None:
+        name = _expect(metadata["name"], str, "metadata.name", "a string")
+        try:
+            kw["name"] = validate_function_name(name)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"function.yaml: metadata.name: {exc.message}") from None
+    spec = _sub(doc, "spec", "spec")
+    _warn_unknown(spec, "spec.", _SPEC_KNOWN, _SPEC_IGNORED, warnings)
+
+    if spec.get("handler") is not None:
+        kw["handler"] = _parse_handler(spec["handler"], "function.yaml: spec.handler")
+    else:
+        try:
+            kw["handler"] = _infer_handler(archive, fallback_handler_module)
+        except InvalidRequest:
+            raise _err("spec.handler", "is required, e.g. 'main:handler'") from None
+        warnings.append(f"function.yaml: spec.handler missing; using {kw['handler']!r}")
+    if spec.get("runtime") is not None:
+        kw["runtime"] = _parse_runtime(spec["runtime"])
+    if spec.get("env") is not None:
+        kw["env"] = _parse_env(spec["env"], warnings)
+    build = _sub(spec, "build", "spec.build")
+    _warn_unknown(build, "spec.build.", {"commands"}, set(build) - {"commands"}, warnings)
+    commands = _expect(build.get("commands") or [], list, "spec.build.commands", "a list of shell commands")
+    kw["build_commands"] = tuple(_expect(c, str, f"spec.build.commands[{i}]", "a string") for i, c in enumerate(commands))
+    if spec.get("description") is not None:
+        kw["description"] = _expect(spec["description"], str, "spec.description", "a string")
+    if spec.get("private") is not None:
+        kw["private"] = _expect(spec["private"], bool, "spec.private", "true or false")
+    _parse_scaling(spec, kw, warnings)
+    _parse_resources(spec, kw, warnings)
+    if spec.get("triggers") is not None:
+        kw["triggers"] = _parse_triggers(spec["triggers"])
+    return FunctionSpec(**kw), warnings
+
+
+def _top_level(body: list[ast.stmt]) -> Any:
+    """Statements that run at import: the body and any if/try/with/for blocks, not def/class bodies."""
+    for stmt in body:
+        yield stmt
+        if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for attr in ("body", "orelse", "finalbody", "handlers"):
+                yield from _top_level(getattr(stmt, attr, []))
+
+
+def _bound_names(body: list[ast.stmt]) -> tuple[set[str], bool]:
+    """Names a module binds at top level, and whether it does `from x import *`."""
+    names: set[str] = set()
+    star = False
+    for stmt in _top_level(body):
+        targets: list[ast.AST] = []
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(stmt.name)
+        elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            star = star or any(alias.name == "*" for alias in stmt.names)
+            names.update(alias.asname or alias.name.split(".")[0] for alias in stmt.names)
+        elif isinstance(stmt, ast.Assign):
+            targets = stmt.targets
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            targets = [stmt.target]
+        elif isinstance(stmt, (ast.For, ast.AsyncFor)):
+            targets = [stmt.target]
+        elif isinstance(stmt, (ast.With, ast.AsyncWith)):
+            targets = [item.optional_vars for item in stmt.items if item.optional_vars is not None]
+        names.update(node.id for target in targets for node in ast.walk(target) if isinstance(node, ast.Name))
+    return names, star
+
+
+def check_handler(archive: Archive, handler: str) -> None:
+    """Statically check that handler's module is in the archive and binds the function (no code runs)."""
+    _parse_handler(handler, "handler")  # a malformed handler must not become a file path
+    module, _, func = handler.partition(":")
+    base = module.replace(".", "/")
+    path = next((p for p in (f"{base}.py", f"{base}/__init__.py") if archive.get(p) is not None), None)
+    if path is None:
+        raise InvalidRequest(f"handler module {module!r} not found: no {base}.py in the archive; "
+                             "add it or fix spec.handler")
+    try:
+        tree = ast.parse(archive.files[path], filename=path)
+    except (SyntaxError, ValueError) as exc:  # ValueError: NUL bytes, on some Python versions
+        line = f" line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+        reason = getattr(exc, "msg", None) or str(exc)
+        raise InvalidRequest(f"{path}{line}: invalid syntax ({reason}); fix it and deploy again") from None
+    names, star = _bound_names(tree.body)
+    if func not in names and not star:
+        raise InvalidRequest(f"handler {handler!r} not found in {path}: define `def {func}(context, event)` "
+                             "at the top level of the module or fix spec.handler")

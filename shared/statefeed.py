@@ -1,0 +1,106 @@
+"""Follow the store's state: subscribe first, then snapshot, then apply newer events.
+
+Events carry a sequence number; a gap (a lost event, a store restart) triggers a
+fresh snapshot, so a follower never acts on a state it has only half seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+import zmq
+
+from shared import protocol
+from shared.aiosock import AsyncSocket, RpcClient
+from shared.errors import NuclideError, ProtocolError
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+
+RESNAPSHOT_RETRY_S = 0.5
+
+
+class StateFeed:
+    """Calls ``on_snapshot(snapshot)`` once per (re)sync and ``on_event(kind, data)`` for each newer event."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        pub_endpoint: str,
+        store: RpcClient,
+        on_snapshot: Callable[[dict[str, Any]], None],
+        on_event: Callable[[str, dict[str, Any]], None],
+    ) -> None:
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(pub_endpoint)
+        self._store = store
+        self._on_snapshot = on_snapshot
+        self._on_event = on_event
+        self._seq: int | None = None  # None: not synced yet, events are buffered
+        self._buffer: list[tuple[int, str, dict[str, Any]]] = []
+        self._sync_task: asyncio.Task | None = None
+        self.synced = asyncio.Event()
+        self._asock = AsyncSocket(sock, self._on_message)
+
+    def start(self) -> None:
+        self._resync()
+
+    def _resync(self) -> None:
+        self._seq = None
+        self.synced.clear()
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.ensure_future(self._sync())
+
+    async def _sync(self) -> None:
+        while True:
+            try:
+                snap = await self._store.call("snapshot", timeout_s=5.0)
+                break
+            except NuclideError as exc:
+                log.info("waiting for the store", error=str(exc))
+                await asyncio.sleep(RESNAPSHOT_RETRY_S)
+        seq = int(snap["seq"])
+        self._on_snapshot(snap)
+        self._seq = seq
+        buffered, self._buffer = self._buffer, []
+        for ev_seq, kind, data in buffered:
+            self._apply(ev_seq, kind, data)
+        if self._seq is not None:
+            self.synced.set()
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        try:
+            _topic, msg = protocol.decode_event(frames)
+            seq = int(msg.header["seq"])
+            kind = str(msg.header["kind"])
+            data = msg.header.get("data") or {}
+        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+            log.warning("dropped malformed event", error=str(exc))
+            return
+        if self._seq is None:
+            self._buffer.append((seq, kind, data))
+            return
+        self._apply(seq, kind, data)
+
+    def _apply(self, seq: int, kind: str, data: dict[str, Any]) -> None:
+        assert self._seq is not None
+        if seq <= self._seq:
+            return  # already in the snapshot
+        if seq != self._seq + 1:
+            log.info("event gap, resyncing", expected=self._seq + 1, got=seq)
+            self._resync()
+            return
+        self._seq = seq
+        try:
+            self._on_event(kind, data)
+        except Exception:
+            log.exception("event handler failed", kind=kind)
+
+    def close(self) -> None:
+        if self._sync_task:
+            self._sync_task.cancel()
+        self._asock.close()
