@@ -1,0 +1,203 @@
+"""The CLI's HTTP client for the nuclide API, and where it finds the URL and token."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import quote
+
+import httpx
+
+from services.cli.up import cli_config_path
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 30.0
+# The longest function timeout the spec allows is 3600 s; the gateway answers 504 before this.
+INVOKE_TIMEOUT_S = 3700.0
+_CONNECT_TIMEOUT_S = 5.0
+_TOKEN_HINT = "pass --token or set NUCLIDE_TOKEN (`nuclide up` prints it)"
+
+
+class CliError(Exception):
+    """An expected failure: the CLI prints ``message`` as one line and exits non-zero."""
+
+    def __init__(self, message: str, details: Mapping[str, Any] | None = None, *,
+                 status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = dict(details or {})
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to send requests, and the token to send."""
+
+    url: str
+    token: str | None
+
+
+def normalise_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    # `--url localhost:8000` is what people type; httpx would refuse it for lack of a scheme.
+    if url and "://" not in url:
+        url = "http://" + url
+    return url
+
+
+def config_file(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path | None:
+    """The CLI config file to read: $NUCLIDE_CLI_CONFIG, else ./var/cli.json, else the user's one."""
+    environ = os.environ if environ is None else environ
+    explicit = environ.get("NUCLIDE_CLI_CONFIG")
+    if explicit:
+        return Path(explicit)
+    local = (cwd or Path.cwd()) / "var" / "cli.json"
+    if local.is_file():
+        return local
+    user = cli_config_path()
+    return user if user.is_file() else None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CliError(f"CLI config {path} does not exist; fix NUCLIDE_CLI_CONFIG or unset it") from None
+    except OSError as exc:
+        raise CliError(f"cannot read CLI config {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CliError(f"CLI config {path} is not valid JSON ({exc}); fix it or delete it") from None
+    if not isinstance(data, dict):
+        raise CliError(f"CLI config {path} must be a JSON object like {{\"url\": ..., \"token\": ...}}")
+    return data
+
+
+def resolve_target(url_flag: str | None = None, token_flag: str | None = None,
+                   environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Target:
+    """URL and token from flags, then NUCLIDE_URL/NUCLIDE_TOKEN, then the config file, then the default URL."""
+    environ = os.environ if environ is None else environ
+    url = url_flag or environ.get("NUCLIDE_URL") or None
+    token = token_flag or environ.get("NUCLIDE_TOKEN") or None
+    if url is None or token is None:
+        path = config_file(environ, cwd)
+        data = read_config_file(path) if path is not None else {}
+        file_url = data.get("url") if isinstance(data.get("url"), str) and data.get("url") else None
+        file_token = data.get("token") if isinstance(data.get("token"), str) and data.get("token") else None
+        if url is None:
+            url = file_url
+        # The file's token belongs to the file's stack: never send it to a URL given elsewhere.
+        if token is None and file_token and (file_url is None or normalise_url(file_url) == normalise_url(url or DEFAULT_URL)):
+            token = file_token
+    return Target(normalise_url(url or DEFAULT_URL), token)
+
+
+def error_from_response(resp: httpx.Response, url: str, token: str | None) -> CliError:
+    """One actionable line from an error answer, using the server's {"error": {...}} body when there is one."""
+    status = resp.status_code
+    err: dict[str, Any] = {}
+    try:
+        body = resp.json()
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            err = body["error"]
+    except ValueError:
+        pass
+    message = str(err.get("message") or "").strip()
+    details = err.get("details") if isinstance(err.get("details"), dict) else {}
+    code = str(err["code"]) if err.get("code") else None
+    if status == 401:
+        why = "no token was sent" if not token else f"nuclide at {url} rejected the token"
+        return CliError(f"unauthorized: {why}; {_TOKEN_HINT}", details, status=status, code=code or "unauthorized")
+    if not message:
+        text = " ".join(resp.text.split())[:200]
+        message = f"HTTP {status} from {url}" + (f": {text}" if text else "")
+    return CliError(message, details, status=status, code=code)
+
+
+def _path(name: str) -> str:
+    # Names are validated by the server; quoting keeps a stray '/' or '?' from reaching another route.
+    return quote(name, safe="")
+
+
+class Client:
+    """One method per API call: parsed JSON back, or a CliError."""
+
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.url = normalise_url(url)
+        self.token = token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers["User-Agent"] = "nuclide-cli"
+        try:
+            self._http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
+                                      timeout=httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S))
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise CliError(f"invalid nuclide URL {url!r} ({exc}); pass --url like {DEFAULT_URL}") from None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """Send one request; transport failures become a CliError, HTTP statuses are left to the caller."""
+        try:
+            return self._http.request(method, path, **kw)
+        except httpx.ConnectError:
+            raise CliError(f"cannot reach nuclide at {self.url}: is `nuclide up` running?") from None
+        except httpx.TimeoutException:
+            raise CliError(f"nuclide at {self.url} did not answer in time; retry, or pass a longer --timeout") from None
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            raise CliError(f"invalid nuclide URL {self.url!r} ({exc}); pass --url like {DEFAULT_URL}") from None
+        except httpx.HTTPError as exc:
+            raise CliError(f"request to nuclide at {self.url} failed: {exc or type(exc).__name__}") from None
+
+    def _checked(self, resp: httpx.Response) -> httpx.Response:
+        if resp.status_code >= 400:
+            raise error_from_response(resp, self.url, self.token)
+        return resp
+
+    def _json(self, resp: httpx.Response) -> Any:
+        self._checked(resp)
+        try:
+            return resp.json()
+        except ValueError:
+            raise CliError(f"nuclide at {self.url} sent a response that is not JSON (HTTP {resp.status_code});"
+                           " is --url pointing at nuclide?") from None
+
+    # ----- API calls --------------------------------------------------------------
+
+    def deploy(self, name: str, zip_bytes: bytes, *, wait: bool = True, timeout_s: float | None = None) -> dict[str, Any]:
+        """PUT the package; with wait the server answers once the function is ready (or failed)."""
+        headers = {} if wait else {"X-Nuclide-Async": "true"}
+        kw: dict[str, Any] = {}
+        if timeout_s is not None:
+            kw["timeout"] = httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S)
+        resp = self.request("PUT", f"/functions/{_path(name)}", headers=headers,
+                            files={"zip_file": (f"{name}.zip", zip_bytes, "application/zip")}, **kw)
+        return self._json(resp)
+
+    def get_function(self, name: str) -> dict[str, Any]:
+        return self._json(self.request("GET", f"/functions/{_path(name)}"))
+
+    def list_functions(self) -> list[dict[str, Any]]:
+        return self._json(self.request("GET", "/functions"))
+
+    def delete_function(self, name: str) -> None:
+        self._checked(self.request("DELETE", f"/functions/{_path(name)}"))
+
+    def logs(self, name: str, tail: int = 200) -> str:
+        return self._checked(self.request("GET", f"/functions/{_path(name)}/logs", params={"tail": tail})).text
+
+    def invoke(self, name: str, body: bytes = b"", *, method: str = "POST", headers: Mapping[str, str] | None = None,
+               timeout_s: float | None = None) -> httpx.Response:
+        """Call the function; any HTTP status comes back as is, since the body is the function's answer."""
+        return self.request(method, f"/{_path(name)}", content=body, headers=dict(headers or {}),
+                            timeout=httpx.Timeout(timeout_s or INVOKE_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S))

@@ -1,0 +1,47 @@
+"""Shared fixtures: a real stack per test session, and fresh stacks for tests that break things."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.stack import Stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One stack shared by the tests that only deploy and invoke."""
+    s = Stack(tmp_path_factory.mktemp("stack") / "var")
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack of this test's own, for tests that restart or kill services."""
+    s = Stack(tmp_path / "var")
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+
+
+def has_bwrap() -> bool:
+    if not shutil.which("bwrap"):
+        return False
+    return subprocess.run(["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "true"], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def require_bwrap() -> None:
+    if not has_bwrap():
+        if os.environ.get("NUCLIDE_REQUIRE_BWRAP") == "1":
+            pytest.fail("bubblewrap is required here (NUCLIDE_REQUIRE_BWRAP=1) but bwrap is missing or cannot run")
+        pytest.skip("bubblewrap (bwrap) is not installed or cannot create a sandbox here: apt-get install bubblewrap")

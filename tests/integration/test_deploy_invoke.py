@@ -1,0 +1,256 @@
+"""Deploy real functions on a real stack and invoke them over HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from tests.stack import Stack, function_yaml, make_zip, wait_for
+
+pytestmark = pytest.mark.integration
+
+ECHO = """
+def handler(context, event):
+    context.logger.info("echo called", size=len(event.raw_body))
+    body = event.body.decode() if isinstance(event.body, bytes) else event.body
+    return {"body": body, "method": event.method, "path": event.path,
+            "fields": event.fields, "ctype": event.content_type,
+            "hdr": event.headers.get("X-Test"), "fusionizer": event.headers["Fusionizer-Server-Address"]}
+"""
+
+
+def test_deploy_describe_invoke_delete(stack: Stack) -> None:
+    resp = stack.deploy("echo", {"function.yaml": function_yaml("echo", description="says it back"), "main.py": ECHO})
+    desc = resp.json()
+    assert desc["name"] == "echo" and desc["state"] == "ready" and desc["version"] == 1
+    assert desc["replicas"] == {"desired": 1, "ready": 1}
+    assert desc["handler"] == "main:handler" and desc["runtime"].startswith("python:3.")
+    assert desc["group"]["tasks"] == ["echo"] and desc["description"] == "says it back"
+
+    r = stack.anon.post("/echo?x=1&y=two", json={"a": 1}, headers={"X-Test": "yes"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["x-call-id"]
+    out = r.json()
+    assert out["body"] == {"a": 1} and out["method"] == "POST" and out["path"] == "/echo"
+    assert out["fields"] == {"x": "1", "y": "two"} and out["hdr"] == "yes"
+    assert out["fusionizer"] == "127.0.0.1"
+
+    # the same operations under /functions
+    assert stack.client.get("/functions/echo").json()["version"] == 1
+    assert any(f["name"] == "echo" for f in stack.client.get("/functions").json())
+    r2 = stack.anon.post("/functions/echo/invoke", content=b"raw bytes")
+    assert r2.json()["body"] == "raw bytes"
+
+    logs = stack.client.get("/functions/echo/logs").text
+    assert "echo called" in logs and r.headers["x-call-id"] in logs
+
+    assert stack.client.delete("/echo").status_code == 204
+    assert stack.client.get("/echo").status_code == 404
+    gone = stack.invoke("echo", b"x")
+    assert gone.status_code == 404 and "function 'echo' not found" in gone.json()["error"]["message"]
+    wait_for(lambda: not any("g-echo-" in p for p in _instance_dirs(stack)), 15, what="echo's instance to stop")
+
+
+def _instance_dirs(stack: Stack) -> list[str]:
+    d = stack.var_dir / "instances"
+    return [p.name for p in d.iterdir()] if d.exists() else []
+
+
+def test_raw_zip_body_and_redeploy(stack: Stack) -> None:
+    v1 = make_zip({"function.yaml": function_yaml("redeploy"), "main.py": "def handler(context, event):\n    return 'one'\n"})
+    r = stack.client.put("/functions/redeploy", content=v1, headers={"content-type": "application/zip"})
+    assert r.status_code == 200, r.text
+    assert stack.invoke("redeploy").text == "one"
+
+    stop = threading.Event()
+    results: list[int] = []
+
+    def hammer() -> None:
+        import httpx
+
+        with httpx.Client(base_url=stack.url, timeout=30) as c:
+            while not stop.is_set():
+                results.append(c.post("/redeploy").status_code)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        wait_for(lambda: len(results) > 20, 10, what="calls before the redeploy")
+        r = stack.deploy("redeploy", {"function.yaml": function_yaml("redeploy"),
+                                      "main.py": "def handler(context, event):\n    return 'two'\n"})
+        assert r.json()["version"] == 2
+        wait_for(lambda: stack.invoke("redeploy").text == "two", 10, what="version 2 to serve")
+        n = len(results)
+        wait_for(lambda: len(results) > n + 20, 10, what="calls after the redeploy")
+    finally:
+        stop.set()
+        t.join()
+    assert results and set(results) == {200}, f"failed calls during redeploy: {[s for s in results if s != 200][:5]}"
+
+
+def test_handler_forms_and_return_mapping(stack: Stack) -> None:
+    code = """
+import asyncio
+
+COUNT = {"init": 0}
+
+def init_context(context):
+    COUNT["init"] += 1
+    context.user_data.greeting = "hi"
+
+def nuclio(context, event):
+    return context.user_data.greeting + " " + str(COUNT["init"])
+
+def lam(event, context):
+    return {"lambda": event.body}
+
+def handle(payload: str):
+    return payload.upper()
+
+async def coro(context, event):
+    await asyncio.sleep(0)
+    return ("201", "bad")  if False else (201, {"created": True})
+
+def text(context, event):
+    return "plain"
+
+def raw(context, event):
+    return b"\\x00\\x01"
+
+def resp(context, event):
+    return context.Response(body="teapot", headers={"X-Extra": "1"}, content_type="text/x-tea", status_code=418)
+
+def boom(context, event):
+    raise ValueError("bad input: value1 is missing")
+"""
+    for name, handler in [("f-nuclio", "nuclio"), ("f-lambda", "lam"), ("f-payload", "handle"), ("f-async", "coro"),
+                          ("f-text", "text"), ("f-raw", "raw"), ("f-resp", "resp"), ("f-boom", "boom")]:
+        stack.deploy(name, {"function.yaml": function_yaml(name, f"funcs:{handler}"), "funcs.py": code})
+    assert stack.invoke("f-nuclio").text == "hi 1"
+    assert stack.invoke("f-nuclio").text == "hi 1", "init_context must run once per instance"
+    assert stack.invoke("f-lambda", {"k": 2}).json() == {"lambda": {"k": 2}}
+    assert stack.invoke("f-payload", b"shout").text == "SHOUT"
+    r = stack.invoke("f-async")
+    assert r.status_code == 201 and r.json() == {"created": True}
+    r = stack.invoke("f-text")
+    assert r.text == "plain" and r.headers["content-type"].startswith("text/plain")
+    r = stack.invoke("f-raw")
+    assert r.content == b"\x00\x01" and r.headers["content-type"] == "application/octet-stream"
+    r = stack.invoke("f-resp")
+    assert r.status_code == 418 and r.text == "teapot" and r.headers["x-extra"] == "1"
+    assert r.headers["content-type"] == "text/x-tea"
+    r = stack.invoke("f-boom")
+    assert r.status_code == 500 and "bad input: value1 is missing" in r.text
+    assert "Traceback" not in r.text
+    assert "Traceback" in stack.client.get("/functions/f-boom/logs").text
+
+
+def test_single_file_deploy_service_faas_style(stack: Stack) -> None:
+    source = b"""
+import json
+
+def handle(payload: str):
+    try:
+        return {"processed_data": json.loads(payload), "status": "processed_as_json"}
+    except json.JSONDecodeError:
+        return {"original_data": payload, "status": "processed_as_string"}
+"""
+    r = stack.client.post("/functions", files={"python_file": ("handler.py", source)}, data={"function_name": "handle"})
+    assert r.status_code == 201, r.text
+    fid = r.json()["id"]
+    r = stack.anon.post(f"/functions/{fid}/execute", json={"payload": '{"key": "some value"}'})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"result": {"processed_data": {"key": "some value"}, "status": "processed_as_json"}}
+    r = stack.anon.post(f"/functions/{fid}/execute", json={"payload": "plain"})
+    assert r.json()["result"]["status"] == "processed_as_string"
+    assert fid in [f["id"] for f in stack.client.get("/functions").json()]
+    bad = stack.anon.post(f"/functions/{fid}/execute", content=b"not json")
+    assert bad.status_code == 400 and "payload" in bad.json()["error"]["message"]
+    assert stack.client.delete(f"/functions/{fid}").status_code == 204
+    assert stack.anon.post(f"/functions/{fid}/execute", json={"payload": "x"}).status_code == 404
+
+
+def test_zip_without_function_yaml(stack: Stack) -> None:
+    stack.deploy("noyaml", {"app.py": "def handler(context, event):\n    return 'inferred'\n"})
+    assert stack.invoke("noyaml").text == "inferred"
+
+
+def test_requirements_installed_from_the_package_index(stack: Stack) -> None:
+    code = "import tabulate\n\ndef handler(context, event):\n    return tabulate.tabulate([[1, 2]], tablefmt='plain')\n"
+    r = stack.deploy("withdeps", {"function.yaml": function_yaml("withdeps"), "main.py": code,
+                                  "requirements.txt": "tabulate==0.9.0\n"})
+    assert r.json()["state"] == "ready"
+    assert stack.invoke("withdeps").text.split() == ["1", "2"]
+
+
+def test_fusionizer_task_pair_through_the_gateway(stack: Stack) -> None:
+    task_b = """
+def handler(context, event):
+    body = event.body
+    return body["value1"] + body["value2"]
+"""
+    task_a = """
+def handler(context, event, requests_session):
+    host = event.headers["Fusionizer-Server-Address"]
+    resp = requests_session.post(f"http://{host}:8000/TaskB", json={"value1": 5, "value2": 3})
+    resp.raise_for_status()
+    return resp.json()
+"""
+    stack.deploy("TaskB", {"function.yaml": function_yaml("TaskB"), "main.py": task_b})
+    stack.deploy("TaskA", {"function.yaml": function_yaml("TaskA"), "main.py": task_a})
+    r = stack.invoke("TaskA", {})
+    assert r.status_code == 200, r.text
+    assert r.json() == 8
+    assert stack.invoke("TaskB", {"value1": 4, "value2": 8}).json() == 12
+
+
+def test_env_from_spec(stack: Stack) -> None:
+    code = "import os\n\ndef handler(context, event):\n    return os.environ.get('GREETING', '') + '|' + os.environ.get('NUCLIDE_TOKEN', 'none')\n"
+    stack.deploy("envfn", {"function.yaml": function_yaml("envfn", env=[{"name": "GREETING", "value": "hola"}]),
+                           "main.py": code})
+    assert stack.invoke("envfn").text == "hola|none", "spec env applies and nuclide's own secrets do not leak"
+
+
+def test_private_function_needs_the_token(stack: Stack) -> None:
+    stack.deploy("secret", {"function.yaml": function_yaml("secret", private=True),
+                            "main.py": "def handler(context, event):\n    return 'classified'\n"})
+    assert stack.invoke("secret").status_code == 401
+    assert stack.anon.post("/secret", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = stack.client.post("/secret")
+    assert r.status_code == 200 and r.text == "classified"
+
+
+def test_healthz_is_public_and_reports_parts(stack: Stack) -> None:
+    r = stack.anon.get("/healthz")
+    assert r.status_code == 200
+    assert r.json()["store"] is True and r.json()["deployer"] is True
+    assert stack.anon.get("/openapi.json").status_code == 200
+
+
+def test_crashing_instance_is_restarted_then_marked_failed(stack: Stack) -> None:
+    code = """
+import os
+
+def handler(context, event):
+    if event.body == b"crash":
+        print("about to crash", flush=True)
+        os._exit(7)
+    return "alive"
+"""
+    stack.deploy("crashy", {"function.yaml": function_yaml("crashy"), "main.py": code})
+    r = stack.invoke("crashy", b"crash")
+    assert r.status_code == 502 and "crashy" in r.json()["error"]["message"]
+    wait_for(lambda: stack.invoke("crashy", b"ok").text == "alive", 20, what="a replacement instance")
+    for _ in range(3):
+        wait_for(lambda: stack.client.get("/crashy").json()["replicas"]["ready"] == 1 or
+                 stack.client.get("/crashy").json()["state"] == "failed", 20, what="an instance to be back")
+        stack.invoke("crashy", b"crash")
+    desc = wait_for(lambda: (d := stack.client.get("/crashy").json())["state"] == "failed" and d, 30,
+                    what="the function to be marked failed")
+    assert "about to crash" in desc["last_error"] and "crash" in desc["last_error"]
+    # it keeps being restarted with backoff and recovers
+    wait_for(lambda: stack.invoke("crashy", b"ok").text == "alive", 40, what="recovery after backoff")
+    assert json.loads(stack.client.get("/crashy").text)["state"] == "ready"

@@ -1,0 +1,146 @@
+"""A real nuclide stack for integration tests: each service its own process, on free ports."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("store", "deployer", "gateway")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # the condition may raise until it holds
+            last_exc = exc
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_exc})")
+
+
+def make_zip(files: dict[str, str | bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, content in files.items():
+            zf.writestr(name, content.encode() if isinstance(content, str) else content)
+    return buf.getvalue()
+
+
+def function_yaml(name: str, handler: str = "main:handler", **spec: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump({"metadata": {"name": name}, "spec": {"handler": handler, "runtime": "python", **spec}})
+
+
+class Stack:
+    def __init__(self, var_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.var_dir = var_dir
+        self.http_port = free_port()
+        self.token = "test-token-" + os.urandom(6).hex()
+        ports = {k: free_port() for k in ("store_rpc", "store_pub", "deployer_rpc", "gateway_router",
+                                            "gateway_pull", "gateway_sub", "gateway_pub")}
+        self.env = dict(os.environ)
+        self.env.update({
+            "NUCLIDE_VAR_DIR": str(var_dir),
+            "NUCLIDE_TOKEN": self.token,
+            "NUCLIDE_HTTP_PORT": str(self.http_port),
+            "NUCLIDE_LOG_FORMAT": "json",
+            "NUCLIDE_DEPLOYER_STOP_INSTANCES_ON_EXIT": "true",
+            **{f"NUCLIDE_{k.upper()}": f"tcp://127.0.0.1:{p}" for k, p in ports.items()},
+        })
+        self.env.update(env or {})
+        self.endpoints = {k: f"tcp://127.0.0.1:{p}" for k, p in ports.items()}
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        self.client = httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {self.token}"})
+        self.anon = httpx.Client(base_url=self.url, timeout=120)
+
+    # ----- lifecycle --------------------------------------------------------------
+
+    def start_service(self, name: str) -> None:
+        log_path = self.var_dir / f"{name}.service.log"
+        self.var_dir.mkdir(parents=True, exist_ok=True)
+        self.logs[name] = log_path
+        out = open(log_path, "ab")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=self.env, cwd=ROOT,
+                                            stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+        out.close()
+
+    def start(self) -> "Stack":
+        for name in SERVICES:
+            self.start_service(name)
+        self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout_s: float = 30.0) -> None:
+        def healthy() -> bool:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.service_log(name)[-3000:]}")
+            return self.anon.get("/healthz", timeout=2).status_code == 200
+
+        wait_for(healthy, timeout_s, what="a healthy stack")
+
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc else None
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop(self) -> None:
+        for name in ("gateway", "deployer", "store"):
+            self.stop_service(name)
+        self.client.close()
+        self.anon.close()
+
+    def service_log(self, name: str) -> str:
+        path = self.logs.get(name)
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    # ----- helpers --------------------------------------------------------------------
+
+    def deploy(self, name: str, files: dict[str, str | bytes], expect: int = 200, **kw: Any) -> httpx.Response:
+        resp = self.client.put(f"/{name}", files={"zip_file": ("task.zip", make_zip(files), "application/zip")}, **kw)
+        assert resp.status_code == expect, f"deploy {name}: {resp.status_code} {resp.text[:3000]}"
+        return resp
+
+    def invoke(self, name: str, body: Any = None, **kw: Any) -> httpx.Response:
+        if body is not None and not isinstance(body, (bytes, str)):
+            return self.anon.post(f"/{name}", json=body, **kw)
+        return self.anon.post(f"/{name}", content=body or b"", **kw)
+
+    def instance_pids(self) -> list[int]:
+        pids = []
+        for meta in (self.var_dir / "instances").glob("*/instance.json"):
+            import json
+
+            pids.append(int(json.loads(meta.read_text())["pid"]))
+        return pids
