@@ -21,5 +21,9 @@ DRAIN_TIMEOUT_S = 10.0
 # HEARTBEAT_LIVENESS missed reports. Sane range 0.5-10 s.
 DEPLOYER_REPORT_INTERVAL_S = 1.0
 
+# How long a stopping instance with nothing in flight waits for the gateway's BYE
+# acknowledgement (which tells it no INVOKE is still on the wire). Sane range 0.5-5 s.
+BYE_ACK_TIMEOUT_S = 2.0
+
 # RPC calls between services give up after this long (the socket stays usable).
 RPC_TIMEOUT_S = 10.0

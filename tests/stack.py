@@ -116,7 +116,7 @@ class Stack:
             return proc.wait()
 
     def stop(self) -> None:
-        for name in ("gateway", "deployer", "store"):
+        for name in ("deployer", "gateway", "store"):
             self.stop_service(name)
         self.client.close()
         self.anon.close()

@@ -129,10 +129,10 @@ class Client:
                  transport: httpx.BaseTransport | None = None) -> None:
         self.url = normalise_url(url)
         self.token = token
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        headers["User-Agent"] = "nuclide-cli"
+        # Per request, not a client default, so invoke can leave it out.
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            self._http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
+            self._http = httpx.Client(base_url=self.url, headers={"User-Agent": "nuclide-cli"}, transport=transport,
                                       timeout=httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S))
         except (httpx.InvalidURL, ValueError) as exc:
             raise CliError(f"invalid nuclide URL {url!r} ({exc}); pass --url like {DEFAULT_URL}") from None
@@ -146,10 +146,12 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    def request(self, method: str, path: str, *, headers: Mapping[str, str] | None = None, send_token: bool = True,
+                **kw: Any) -> httpx.Response:
         """Send one request; transport failures become a CliError, HTTP statuses are left to the caller."""
+        merged = {**(self._auth if send_token else {}), **(headers or {})}
         try:
-            return self._http.request(method, path, **kw)
+            return self._http.request(method, path, headers=merged, **kw)
         except httpx.ConnectError:
             raise CliError(f"cannot reach nuclide at {self.url}: is `nuclide up` running?") from None
         except httpx.TimeoutException:
@@ -198,6 +200,26 @@ class Client:
 
     def invoke(self, name: str, body: bytes = b"", *, method: str = "POST", headers: Mapping[str, str] | None = None,
                timeout_s: float | None = None) -> httpx.Response:
-        """Call the function; any HTTP status comes back as is, since the body is the function's answer."""
-        return self.request(method, f"/{_path(name)}", content=body, headers=dict(headers or {}),
-                            timeout=httpx.Timeout(timeout_s or INVOKE_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S))
+        """Call the function; any HTTP status comes back as is, since the body is the function's answer.
+
+        The token is sent only when the gateway asks for it (a private function): the gateway
+        passes request headers on to the function, which has no business seeing the API token.
+        """
+        headers = dict(headers or {})
+        # Only POST is an invoke route; other methods on /{name} are the API (DELETE /{name} deletes it).
+        path = f"/{_path(name)}" if method == "POST" else f"/functions/{_path(name)}/invoke"
+        timeout = httpx.Timeout(timeout_s or INVOKE_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S)
+        resp = self.request(method, path, content=body, headers=headers, timeout=timeout, send_token=False)
+        own_auth = any(k.lower() == "authorization" for k in headers)
+        if resp.status_code == 401 and self._auth and not own_auth and _is_gateway_401(resp):
+            resp = self.request(method, path, content=body, headers=headers, timeout=timeout)
+        return resp
+
+
+def _is_gateway_401(resp: httpx.Response) -> bool:
+    """True when the 401 is the gateway's own refusal (the function never ran), not the function's answer."""
+    try:
+        err = resp.json().get("error")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(err, dict) and err.get("code") == "unauthorized"

@@ -3,15 +3,109 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from shared.config import ConfigError, load_settings
 
+API_COMMANDS = ("deploy", "invoke", "get", "list", "delete", "logs")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _connection_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--url", default=default, help="nuclide API URL (env NUCLIDE_URL; default from cli.json, "
+                        "else http://127.0.0.1:8000)")
+    parser.add_argument("--token", default=default, help="API token (env NUCLIDE_TOKEN; default from cli.json)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nuclide", description="Self-hosted serverless functions for Python.")
+    _connection_flags(parser, None)
+    # Subcommands repeat the flags with SUPPRESS so a value given after the subcommand wins
+    # and an absent one does not overwrite a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _connection_flags(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("up", help="start the whole stack in the foreground")
+
+    p = sub.add_parser("deploy", parents=[common], help="deploy a function folder, .zip or .py file")
+    p.add_argument("path", metavar="PATH", help="function folder, .zip package, or a single .py file")
+    p.add_argument("--name", help="function name (default: metadata.name in function.yaml, else the file name)")
+    p.add_argument("--async", dest="async_", action="store_true",
+                   help="return once accepted and poll the state instead of holding the request open")
+    p.add_argument("--timeout", type=_positive_float, metavar="S", help="give up waiting after S seconds (default 600)")
+
+    p = sub.add_parser("invoke", parents=[common], help="call a function and print its response body")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-d", "--data", metavar="BODY",
+                   help="request body, @FILE to read a file, @- for stdin (default: stdin when piped)")
+    p.add_argument("-H", "--header", action="append", metavar="K=V", help="request header; repeatable")
+    p.add_argument("-X", "--method", default="POST", metavar="METHOD", help="HTTP method (default POST)")
+    p.add_argument("--content-type", metavar="CT", help="Content-Type of the body (default: guessed from it)")
+    p.add_argument("-i", "--include", action="store_true", help="print status, call id and headers to stderr")
+    p.add_argument("--timeout", type=_positive_float, metavar="S", help="give up after S seconds")
+
+    p = sub.add_parser("get", parents=[common], help="show one function")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+
+    p = sub.add_parser("list", parents=[common], help="list functions")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("delete", parents=[common], help="delete a function")
+    p.add_argument("name", metavar="NAME")
+
+    p = sub.add_parser("logs", parents=[common], help="print a function's recent log lines")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--tail", type=_positive_int, default=200, metavar="N", help="last N lines (default 200)")
+    return parser
+
+
+def run_api_command(opts: argparse.Namespace) -> int:
+    from services.cli.client import Client, CliError, resolve_target
+    from services.cli.commands import COMMANDS, Streams
+
+    streams = Streams.std()
+    try:
+        target = resolve_target(opts.url, opts.token)
+        with Client(target.url, target.token) as client:
+            return COMMANDS[opts.command](client, opts, streams)
+    except CliError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # The server keeps building after we hang up, so say where to look.
+        hint = "; the deploy may still finish on the server: check `nuclide list`" if opts.command == "deploy" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `nuclide logs f | head` closes our stdout early; point it at devnull so the exit flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nuclide")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the whole stack in the foreground")
+    parser = build_parser()
     opts = parser.parse_args(argv)
     if opts.command == "up":
         from services.cli.up import run
@@ -22,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nuclide: {exc}", file=sys.stderr)
             return 2
         return run(settings)
+    if opts.command in API_COMMANDS:
+        return run_api_command(opts)
     return 2
 
 

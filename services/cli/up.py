@@ -2,8 +2,8 @@
 
 Children get the same settings through the environment (with absolute paths),
 are restarted with backoff when they die, and are stopped in order on Ctrl-C or
-SIGTERM: gateway first (no new work), then the deployer (which drains and stops
-the instances), then the store.
+SIGTERM: the deployer first (its instances say BYE to a live gateway and drain),
+then the gateway, then the store.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from shared.auth import load_or_create_token
 from shared.config import Settings
 
 SERVICES = ("store", "deployer", "gateway")
-STOP_ORDER = ("gateway", "deployer", "store")
+STOP_ORDER = ("deployer", "gateway", "store")  # instances drain against a live gateway
 STOP_TIMEOUT_S = 20.0
 RESTART_BACKOFF_MAX_S = 10.0
 HEALTH_TIMEOUT_S = 60.0
@@ -123,7 +123,34 @@ class Supervisor:
                 child.proc.wait()
 
 
+def busy_ports(settings: Settings) -> list[str]:
+    """Settings whose TCP port is already taken (another nuclide running, usually)."""
+    import socket
+
+    wanted = [("http_port", settings.http_host, settings.http_port)]
+    for key in ("store_rpc", "store_pub", "deployer_rpc", "gateway_router", "gateway_pull", "gateway_sub", "gateway_pub"):
+        endpoint = getattr(settings, key)
+        if endpoint.startswith("tcp://"):
+            host, _, port = endpoint[6:].rpartition(":")
+            if port.isdigit():
+                wanted.append((key, host, int(port)))
+    busy = []
+    for key, host, port in wanted:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host if host not in ("*", "") else "0.0.0.0", port))
+            except OSError:
+                busy.append(f"port {port} ({key}) is in use")
+    return busy
+
+
 def run(settings: Settings) -> int:
+    busy = busy_ports(settings)
+    if busy:
+        print(f"nuclide: {'; '.join(busy)}. Is nuclide already running? Stop it, or choose other ports"
+              " (NUCLIDE_HTTP_PORT, NUCLIDE_STORE_RPC, ...).", file=sys.stderr)
+        return 1
     settings = settings.replace(var_dir=settings.var_dir.resolve())
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     token = load_or_create_token(settings)

@@ -21,7 +21,7 @@ import zmq
 from shared.aiosock import RpcClient
 from shared.config import Settings
 from shared.errors import (
-    DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unauthorized,
+    DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unauthorized, Unavailable,
 )
 from shared.logs import get_logger
 from shared.names import RESERVED_NAMES
@@ -37,7 +37,7 @@ _SKIP_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "conn
 class FunctionInfo:
     """What the invoke path needs to know about a function, kept from store events."""
 
-    __slots__ = ("name", "private", "timeout_s", "state", "version", "group_id")
+    __slots__ = ("name", "private", "timeout_s", "state", "version", "group_id", "last_error")
 
     def __init__(self, record: dict[str, Any]) -> None:
         self.name = record["name"]
@@ -46,6 +46,7 @@ class FunctionInfo:
         self.state = record.get("state")
         self.version = record.get("version")
         self.group_id = (record.get("group") or {}).get("id")
+        self.last_error = record.get("last_error") or ""
 
 
 class DeployOutcome:
@@ -217,6 +218,11 @@ class Gateway:
                 break
         if mode == "execute":
             body, content_type = self._execute_payload(body)
+        assert self.broker is not None
+        if info.state == "failed" and not self.broker.routes.get(name):
+            first = info.last_error.strip().splitlines()[0] if info.last_error.strip() else "see its logs"
+            raise Unavailable(f"function '{name}' has no running instance because its deployment failed: {first};"
+                              " fix it and deploy again", {"function": name})
         timeout_s = info.timeout_s
         header = {
             "call_id": call_id,
@@ -231,7 +237,6 @@ class Gateway:
             "mode": mode,
         }
         fut = asyncio.get_running_loop().create_future()
-        assert self.broker is not None
         self.broker.submit(Call(call_id, name, header, body, fut, timeout_s))
         result, rbody = await fut
         out_headers = []

@@ -25,7 +25,7 @@ import zmq
 
 from shared import protocol
 from shared.errors import ProtocolError
-from shared.liveness import DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from shared.liveness import BYE_ACK_TIMEOUT_S, DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 from services.runtime import responses
 from services.runtime.context import Context, Logger
 from services.runtime.event import Event
@@ -181,11 +181,13 @@ class Runtime:
             if self.stopping and not bye_sent_at:
                 sock.send_multipart(protocol.encode(protocol.BYE, {"instance_id": self.instance_id}))
                 bye_sent_at = time.monotonic()
-            if bye_sent_at and self.inflight == 0 and (
-                self.bye_acked or time.monotonic() - bye_sent_at > DRAIN_TIMEOUT_S
-            ):
-                return 0
-            events = dict(poller.poll(interval_ms))
+            if bye_sent_at:
+                waited = time.monotonic() - bye_sent_at
+                if self.inflight == 0 and (self.bye_acked or waited > BYE_ACK_TIMEOUT_S):
+                    return 0
+                if waited > DRAIN_TIMEOUT_S:
+                    return 0
+            events = dict(poller.poll(100 if bye_sent_at else interval_ms))
             now = time.monotonic()
             if self._wake_r in events:
                 try:

@@ -1,0 +1,432 @@
+"""The API subcommands of the nuclide CLI: deploy, invoke, get, list, delete, logs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import keyword
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, TextIO
+
+import yaml
+
+from shared.archive import make_zip, read_archive, zip_directory
+from shared.errors import InvalidRequest
+from shared.spec import SPEC_FILES
+from services.cli.client import Client, CliError, error_from_response
+
+POLL_INTERVAL_S = 0.5
+DEFAULT_DEPLOY_TIMEOUT_S = 600.0  # the gateway's own default deploy timeout
+_NAME_MAX = 63
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass
+class Streams:
+    """Where a command writes; tests pass their own."""
+
+    out: TextIO
+    err: TextIO
+    stdin: BinaryIO | None = None
+
+    @classmethod
+    def std(cls) -> "Streams":
+        return cls(sys.stdout, sys.stderr, sys.stdin.buffer if sys.stdin else None)
+
+    def is_tty(self, stream: Any) -> bool:
+        try:
+            return bool(stream.isatty())
+        except (AttributeError, ValueError):
+            return False
+
+
+# ----- packaging and names -------------------------------------------------------
+
+
+def sanitise_name(text: str) -> str:
+    """A deployable name from a file or folder name: letters, digits, '-' and '_', starting alphanumeric."""
+    name = _UNSAFE_NAME_CHARS.sub("-", text)
+    name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:_NAME_MAX]
+    return name.rstrip("-_")
+
+
+def _module_name(stem: str) -> str:
+    # The server infers handlers only from files whose name is an importable module.
+    return stem if stem.isidentifier() and not keyword.iskeyword(stem) else "main"
+
+
+def metadata_name(zip_bytes: bytes) -> str | None:
+    """metadata.name from the package's function.yaml, if it has a usable one."""
+    try:
+        archive = read_archive(zip_bytes)
+    except InvalidRequest:
+        return None  # the server will say what is wrong with the package
+    for filename in SPEC_FILES:
+        raw = archive.get(filename)
+        if raw is None:
+            continue
+        try:
+            doc = yaml.safe_load(raw.decode("utf-8-sig"))
+        except (UnicodeDecodeError, yaml.YAMLError):
+            return None
+        meta = doc.get("metadata") if isinstance(doc, dict) else None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        return name if isinstance(name, str) and name.strip() else None
+    return None
+
+
+def package(path: Path) -> tuple[bytes, str]:
+    """(zip bytes, name from the path) for a function folder, a .zip, or a single .py file."""
+    try:
+        if path.is_dir():
+            return zip_directory(path), path.resolve().name
+        if not path.exists():
+            raise CliError(f"{path} does not exist; pass a function folder, a .zip or a .py file")
+        suffix = path.suffix.lower()
+        if suffix == ".zip":
+            return path.read_bytes(), path.stem
+        if suffix == ".py":
+            return make_zip({f"{_module_name(path.stem)}.py": path.read_bytes()}), path.stem
+    except InvalidRequest as exc:
+        raise CliError(exc.message) from None
+    except OSError as exc:
+        raise CliError(f"cannot read {exc.filename or path}: {exc.strerror or exc}") from None
+    raise CliError(f"{path} is not a folder, a .zip or a .py file; pass one of those")
+
+
+def function_name(explicit: str | None, zip_bytes: bytes, path_name: str) -> str:
+    """--name, else metadata.name in function.yaml, else the sanitised file or folder name."""
+    if explicit:
+        return explicit
+    from_yaml = metadata_name(zip_bytes)
+    if from_yaml:
+        return from_yaml
+    name = sanitise_name(path_name)
+    if not name:
+        raise CliError(f"cannot make a function name from {path_name!r}; pass --name")
+    return name
+
+
+# ----- progress ---------------------------------------------------------------------
+
+
+class Progress:
+    """A spinner on a terminal, plain lines otherwise (logs and CI want no control codes)."""
+
+    def __init__(self, streams: Streams) -> None:
+        self.streams = streams
+        self.live = streams.is_tty(streams.err)
+        self._status: Any = None
+        self._last = ""
+
+    @contextlib.contextmanager
+    def status(self, text: str) -> Iterator["Progress"]:
+        if not self.live:
+            self.update(text)
+            yield self
+            return
+        from rich.console import Console
+
+        console = Console(file=self.streams.err, stderr=True)
+        with console.status(text) as status:
+            self._status = status
+            try:
+                yield self
+            finally:
+                self._status = None
+
+    def update(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(text)
+        elif text != self._last:
+            print(text, file=self.streams.err, flush=True)
+        self._last = text
+
+
+# ----- output helpers -------------------------------------------------------------
+
+
+def _indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.rstrip("\n").splitlines())
+
+
+def _replicas(fn: dict[str, Any]) -> str:
+    reps = fn.get("replicas") or {}
+    return f"{reps.get('ready', 0)}/{reps.get('desired', 0)}"
+
+
+def _version(fn: dict[str, Any]) -> str:
+    serving, latest = fn.get("version") or 0, fn.get("latest_version") or 0
+    # A version still building (or one that failed) is not the one serving calls.
+    return str(serving) if serving == latest or not latest else f"{serving} (latest {latest})"
+
+
+def print_summary(fn: dict[str, Any], streams: Streams) -> None:
+    out = streams.out
+    print(f"name:     {fn.get('name')}", file=out)
+    print(f"version:  {_version(fn)}", file=out)
+    print(f"state:    {fn.get('state')}", file=out)
+    print(f"replicas: {_replicas(fn)} ready", file=out)
+    out.flush()
+    for warning in fn.get("warnings") or ():
+        print(f"warning: {warning}", file=streams.err)
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def list_rows(functions: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for fn in functions:
+        group = fn.get("group") or {}
+        rows.append([str(fn.get("name", "")), _version(fn), str(fn.get("state", "")), _replicas(fn),
+                     str(fn.get("runtime") or "-"), str(fn.get("handler") or "-"), str(group.get("id") or "-")])
+    return rows
+
+
+def describe_table(fn: dict[str, Any]) -> str:
+    group = fn.get("group") or {}
+    fields = [
+        ("name", fn.get("name")),
+        ("version", _version(fn)),
+        ("state", fn.get("state")),
+        ("replicas", f"{_replicas(fn)} ready"),
+        ("runtime", fn.get("runtime")),
+        ("handler", fn.get("handler")),
+        ("group", f"{group.get('id')} ({', '.join(group.get('tasks') or [])})" if group.get("id") else None),
+        ("private", "yes" if fn.get("private") else "no"),
+        ("timeout", f"{fn['timeout_s']:g} s" if isinstance(fn.get("timeout_s"), (int, float)) else None),
+        ("description", fn.get("description") or None),
+        ("created", fn.get("created_at")),
+        ("updated", fn.get("updated_at")),
+    ]
+    lines = [f"{key + ':':<13}{value}" for key, value in fields if value is not None]
+    for warning in fn.get("warnings") or ():
+        lines.append(f"warning:     {warning}")
+    if fn.get("last_error"):
+        lines.append("last error:")
+        lines.append(_indent(str(fn["last_error"])))
+    return "\n".join(lines)
+
+
+def dump(data: Any, fmt: str) -> str:
+    if fmt == "yaml":
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip("\n")
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+# ----- deploy ---------------------------------------------------------------------
+
+
+def _build_failed(exc: CliError, name: str) -> CliError:
+    """The 422 message plus the build or import log tail, indented under it."""
+    tail = str(exc.details.get("log_tail") or "").strip("\n")
+    message = exc.message or f"deploying '{name}' failed"
+    return CliError(f"{message}\n{_indent(tail)}" if tail else message, exc.details, status=exc.status, code=exc.code)
+
+
+def _poll_until_settled(client: Client, name: str, target: int, timeout_s: float, progress: Progress,
+                        clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    deadline = clock() + timeout_s
+    while True:
+        fn = client.get_function(name)
+        state = fn.get("state")
+        serving, latest = int(fn.get("version") or 0), int(fn.get("latest_version") or 0)
+        if latest > target:
+            raise CliError(f"'{name}' version {target} was superseded by version {latest} before it was ready;"
+                           f" see `nuclide get {name}`")
+        if state == "ready" and serving >= target:
+            return fn
+        # A failed redeploy falls back to the version that was serving: ready, but older than ours.
+        if state == "failed" or (state == "ready" and serving < target):
+            error = str(fn.get("last_error") or "no error recorded").strip("\n")
+            first, _, rest = error.partition("\n")
+            message = f"deploying '{name}' version {target} failed: {first}"
+            raise CliError(f"{message}\n{_indent(rest)}" if rest.strip() else message)
+        progress.update(f"{name}: {state} (version {target})...")
+        if clock() >= deadline:
+            raise CliError(f"'{name}' is still {state} after {timeout_s:g} s; the deploy continues in the background:"
+                           f" check `nuclide get {name}`")
+        sleep(POLL_INTERVAL_S)
+
+
+def cmd_deploy(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    zip_bytes, path_name = package(Path(opts.path))
+    name = function_name(opts.name, zip_bytes, path_name)
+    timeout_s = opts.timeout or DEFAULT_DEPLOY_TIMEOUT_S
+    progress = Progress(streams)
+    if opts.async_:
+        accepted = client.deploy(name, zip_bytes, wait=False)
+        target = int(accepted.get("latest_version") or accepted.get("version") or 0)
+        with progress.status(f"{name}: {accepted.get('state', 'deploying')} (version {target})..."):
+            fn = _poll_until_settled(client, name, target, timeout_s, progress)
+    else:
+        try:
+            with progress.status(f"building {name}..."):
+                # Slack over the deploy timeout so the server's own 504 (with its message) arrives first.
+                fn = client.deploy(name, zip_bytes, wait=True, timeout_s=timeout_s + 10)
+        except CliError as exc:
+            if exc.status == 422:
+                raise _build_failed(exc, name) from None
+            raise
+    print_summary(fn, streams)
+    return 0
+
+
+# ----- invoke ----------------------------------------------------------------------
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """'Name=value' or curl's 'Name: value'; the first separator wins since names hold neither."""
+    cut = min((i for i in (text.find("="), text.find(":")) if i >= 0), default=-1)
+    key = text[:cut].strip() if cut > 0 else ""
+    if not key or any(c.isspace() for c in key):
+        raise CliError(f"header {text!r} must look like NAME=VALUE (or 'NAME: VALUE')")
+    return key, text[cut + 1:].strip()
+
+
+def read_body(data: str | None, streams: Streams) -> bytes:
+    """-d TEXT, -d @file, -d @- (stdin); without -d, stdin when it is not a terminal."""
+    if data is None:
+        stdin = streams.stdin
+        if stdin is None or streams.is_tty(stdin):
+            return b""
+        return stdin.read()
+    if data.startswith("@"):
+        source = data[1:]
+        if source == "-":
+            return streams.stdin.read() if streams.stdin is not None else b""
+        try:
+            return Path(source).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read body file {source}: {exc.strerror or exc}") from None
+    return data.encode("utf-8")
+
+
+def guess_content_type(body: bytes) -> str | None:
+    # The runtime parses event.body as JSON only for a JSON content type, so say so when it is JSON.
+    if not body:
+        return None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "application/octet-stream"
+    try:
+        json.loads(text)
+        return "application/json"
+    except ValueError:
+        return "text/plain; charset=utf-8"
+
+
+def invoke_error(resp: Any, method: str, name: str, client: Client) -> str:
+    """The stderr line for a failed call; the body itself already went to stdout."""
+    if method != "POST" and resp.status_code in (404, 405):
+        return f"the gateway invokes functions only with POST, not {method}; drop -X"
+    if resp.status_code == 401:
+        return error_from_response(resp, client.url, client.token).message
+    call_id = resp.headers.get("x-call-id")
+    where = f" (call {call_id})" if call_id else ""
+    line = f"{method} /{name} answered HTTP {resp.status_code}{where}"
+    try:
+        err = resp.json().get("error")
+        message = err.get("message") if isinstance(err, dict) else None
+    except (ValueError, AttributeError):
+        message = None
+    return f"{line}: {message}" if isinstance(message, str) and message else line
+
+
+def cmd_invoke(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    body = read_body(opts.data, streams)
+    headers: dict[str, str] = {}
+    for raw in opts.header or ():
+        key, value = parse_header(raw)
+        headers[key] = value
+    if opts.content_type:
+        headers["Content-Type"] = opts.content_type
+    elif not any(k.lower() == "content-type" for k in headers):
+        guessed = guess_content_type(body)
+        if guessed:
+            headers["Content-Type"] = guessed
+    resp = client.invoke(opts.name, body, method=opts.method.upper(), headers=headers, timeout_s=opts.timeout)
+    call_id = resp.headers.get("x-call-id", "")
+    if opts.include:
+        err = streams.err
+        print(f"HTTP/1.1 {resp.status_code} {resp.reason_phrase}".rstrip(), file=err)
+        if call_id:
+            print(f"x-call-id: {call_id}", file=err)
+        for key, value in resp.headers.multi_items():
+            if key.lower() != "x-call-id":
+                print(f"{key}: {value}", file=err)
+        print(file=err, flush=True)
+    content = resp.content
+    out = streams.out
+    out.flush()
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None:
+        buffer.write(content)
+        if content and not content.endswith(b"\n") and streams.is_tty(out):
+            buffer.write(b"\n")
+        buffer.flush()
+    else:  # a text stream, as tests pass
+        out.write(content.decode("utf-8", "replace"))
+        out.flush()
+    if resp.status_code >= 400:
+        print(f"error: {invoke_error(resp, opts.method.upper(), opts.name, client)}", file=streams.err)
+        return 1
+    return 0
+
+
+# ----- get, list, delete, logs -------------------------------------------------------
+
+
+def cmd_get(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    fn = client.get_function(opts.name)
+    print(describe_table(fn) if opts.output == "table" else dump(fn, opts.output), file=streams.out)
+    return 0
+
+
+def cmd_list(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    functions = client.list_functions()
+    if opts.output == "json":
+        print(dump(functions, "json"), file=streams.out)
+    elif not functions:
+        print("no functions deployed; deploy one with `nuclide deploy PATH`", file=streams.err)
+    else:
+        headers = ["NAME", "VERSION", "STATE", "READY/DESIRED", "RUNTIME", "HANDLER", "GROUP"]
+        print(format_table(headers, list_rows(functions)), file=streams.out)
+    return 0
+
+
+def cmd_delete(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    client.delete_function(opts.name)
+    print(f"deleted {opts.name}", file=streams.out)
+    return 0
+
+
+def cmd_logs(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    text = client.logs(opts.name, opts.tail)
+    if text:
+        streams.out.write(text if text.endswith("\n") else text + "\n")
+        streams.out.flush()
+    else:
+        print(f"no logs for {opts.name} yet", file=streams.err)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Streams], int]] = {
+    "deploy": cmd_deploy,
+    "invoke": cmd_invoke,
+    "get": cmd_get,
+    "list": cmd_list,
+    "delete": cmd_delete,
+    "logs": cmd_logs,
+}

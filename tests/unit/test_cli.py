@@ -1,0 +1,586 @@
+"""Unit tests for the CLI: config resolution, names, packaging, argument parsing and error formatting."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.archive import make_zip
+from services.cli import commands
+from services.cli.client import (
+    DEFAULT_URL, Client, CliError, config_file, error_from_response, normalise_url, resolve_target,
+)
+from services.cli.commands import (
+    Streams, describe_table, format_table, function_name, guess_content_type, list_rows, metadata_name, package,
+    parse_header, read_body, sanitise_name,
+)
+from services.cli.main import build_parser, main
+
+MAIN_PY = b"def handler(context, event):\n    return 'ok'\n"
+
+
+def zip_names(data: bytes) -> list[str]:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return sorted(zf.namelist())
+
+
+def fn_record(**over: Any) -> dict[str, Any]:
+    record = {
+        "name": "hello", "id": "hello", "version": 1, "latest_version": 1, "state": "ready",
+        "runtime": "python:3.11", "handler": "main:handler", "description": "", "private": False,
+        "timeout_s": 30.0, "group": {"id": "g-hello", "version": 1, "tasks": ["hello"]},
+        "replicas": {"desired": 1, "ready": 1}, "warnings": [], "last_error": None,
+        "created_at": "2024-01-01T00:00:00.000Z", "updated_at": "2024-01-01T00:00:00.000Z", "spec": {},
+    }
+    record.update(over)
+    return record
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def streams(stdin: bytes | None = None, tty_stdin: bool = False) -> Streams:
+    raw = None
+    if stdin is not None or tty_stdin:
+        raw = io.BytesIO(stdin or b"")
+        if tty_stdin:
+            raw.isatty = lambda: True  # type: ignore[method-assign]
+    return Streams(io.StringIO(), io.StringIO(), raw)
+
+
+# ----- config resolution -------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """No NUCLIDE_* variables, an empty cwd and an empty user config dir."""
+    for var in ("NUCLIDE_URL", "NUCLIDE_TOKEN", "NUCLIDE_CLI_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_default_url_and_no_token(clean_env: dict[str, str]) -> None:
+    target = resolve_target(environ=clean_env)
+    assert target.url == DEFAULT_URL and target.token is None
+
+
+def test_user_config_dir_is_the_last_file(clean_env: dict[str, str], tmp_path: Path) -> None:
+    write_json(tmp_path / "xdg" / "nuclide" / "cli.json", {"url": "http://user:1", "token": "user-tok"})
+    target = resolve_target(environ=clean_env)
+    assert (target.url, target.token) == ("http://user:1", "user-tok")
+
+
+def test_local_var_cli_json_beats_user_config(clean_env: dict[str, str], tmp_path: Path) -> None:
+    write_json(tmp_path / "xdg" / "nuclide" / "cli.json", {"url": "http://user:1", "token": "user-tok"})
+    write_json(tmp_path / "cwd" / "var" / "cli.json", {"url": "http://local:2", "token": "local-tok"})
+    target = resolve_target(environ=clean_env)
+    assert (target.url, target.token) == ("http://local:2", "local-tok")
+
+
+def test_nuclide_cli_config_beats_local_file(clean_env: dict[str, str], tmp_path: Path) -> None:
+    write_json(tmp_path / "cwd" / "var" / "cli.json", {"url": "http://local:2", "token": "local-tok"})
+    explicit = write_json(tmp_path / "elsewhere.json", {"url": "http://explicit:3/", "token": "explicit-tok"})
+    target = resolve_target(environ={**clean_env, "NUCLIDE_CLI_CONFIG": str(explicit)})
+    assert (target.url, target.token) == ("http://explicit:3", "explicit-tok")
+    assert config_file({**clean_env, "NUCLIDE_CLI_CONFIG": str(explicit)}) == explicit
+
+
+def test_env_beats_file_and_flags_beat_env(clean_env: dict[str, str], tmp_path: Path) -> None:
+    write_json(tmp_path / "cwd" / "var" / "cli.json", {"url": "http://local:2", "token": "local-tok"})
+    env = {**clean_env, "NUCLIDE_URL": "http://env:4", "NUCLIDE_TOKEN": "env-tok"}
+    assert resolve_target(environ=env) == resolve_target("http://env:4", "env-tok", environ=clean_env)
+    target = resolve_target("http://flag:5", "flag-tok", environ=env)
+    assert (target.url, target.token) == ("http://flag:5", "flag-tok")
+
+
+def test_file_fills_only_what_flags_and_env_leave_open(clean_env: dict[str, str], tmp_path: Path) -> None:
+    write_json(tmp_path / "cwd" / "var" / "cli.json", {"url": "http://local:2", "token": "local-tok"})
+    target = resolve_target(None, "flag-tok", environ=clean_env)
+    assert (target.url, target.token) == ("http://local:2", "flag-tok")
+    target = resolve_target("http://local:2/", None, environ=clean_env)
+    assert target.token == "local-tok"
+
+
+def test_file_token_is_not_sent_to_another_url(clean_env: dict[str, str], tmp_path: Path) -> None:
+    write_json(tmp_path / "cwd" / "var" / "cli.json", {"url": "http://local:2", "token": "local-tok"})
+    target = resolve_target("http://elsewhere:9", None, environ=clean_env)
+    assert (target.url, target.token) == ("http://elsewhere:9", None)
+
+
+def test_missing_explicit_config_file_is_an_error(clean_env: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(CliError, match="does not exist"):
+        resolve_target(environ={**clean_env, "NUCLIDE_CLI_CONFIG": str(tmp_path / "nope.json")})
+    # Flags and env make the file unnecessary, so it is not even read.
+    assert resolve_target("http://a:1", "t", environ={**clean_env, "NUCLIDE_CLI_CONFIG": str(tmp_path / "nope.json")})
+
+
+def test_broken_config_file_is_one_line(clean_env: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "cwd" / "var" / "cli.json"
+    bad.parent.mkdir()
+    bad.write_text("{not json")
+    with pytest.raises(CliError, match="not valid JSON") as info:
+        resolve_target(environ=clean_env)
+    assert "\n" not in info.value.message
+    write_json(bad, ["a list"])
+    with pytest.raises(CliError, match="JSON object"):
+        resolve_target(environ=clean_env)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("http://127.0.0.1:8000/", "http://127.0.0.1:8000"),
+    ("localhost:8000", "http://localhost:8000"),
+    ("https://x.example", "https://x.example"),
+])
+def test_normalise_url(raw: str, expected: str) -> None:
+    assert normalise_url(raw) == expected
+
+
+# ----- names and packaging -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("hello", "hello"),
+    ("my func!", "my-func"),
+    ("__init__", "init"),
+    ("Résumé v2", "R-sum-v2"),
+    ("a" * 80, "a" * 63),
+    ("...", ""),
+])
+def test_sanitise_name(raw: str, expected: str) -> None:
+    assert sanitise_name(raw) == expected
+
+
+def test_name_prefers_flag_then_metadata_then_path() -> None:
+    with_yaml = make_zip({"main.py": MAIN_PY, "function.yaml": b"metadata:\n  name: from-yaml\n"})
+    assert function_name("flag", with_yaml, "dir") == "flag"
+    assert function_name(None, with_yaml, "dir") == "from-yaml"
+    assert function_name(None, make_zip({"main.py": MAIN_PY}), "my dir") == "my-dir"
+    with pytest.raises(CliError, match="--name"):
+        function_name(None, make_zip({"main.py": MAIN_PY}), "___")
+
+
+def test_metadata_name_in_a_nested_zip_and_bad_yaml() -> None:
+    nested = make_zip({"pkg/main.py": MAIN_PY, "pkg/function.yml": b"metadata: {name: nested}\n"})
+    assert metadata_name(nested) == "nested"
+    assert metadata_name(make_zip({"function.yaml": b"metadata: [unclosed\n"})) is None
+    assert metadata_name(make_zip({"function.yaml": b"spec: {}\n"})) is None
+    assert metadata_name(b"not a zip") is None
+
+
+def test_package_directory_skips_caches(tmp_path: Path) -> None:
+    folder = tmp_path / "my-func"
+    (folder / "__pycache__").mkdir(parents=True)
+    (folder / "main.py").write_bytes(MAIN_PY)
+    (folder / "__pycache__" / "main.cpython-311.pyc").write_bytes(b"x")
+    (folder / "lib").mkdir()
+    (folder / "lib" / "util.py").write_text("X = 1\n")
+    data, stem = package(folder)
+    assert stem == "my-func"
+    assert zip_names(data) == ["lib/util.py", "main.py"]
+
+
+def test_package_single_py_file(tmp_path: Path) -> None:
+    (tmp_path / "hello.py").write_bytes(MAIN_PY)
+    data, stem = package(tmp_path / "hello.py")
+    assert (stem, zip_names(data)) == ("hello", ["hello.py"])
+    # A stem that is no module name would stop the server from finding the handler.
+    (tmp_path / "my-func.py").write_bytes(MAIN_PY)
+    data, stem = package(tmp_path / "my-func.py")
+    assert (stem, zip_names(data)) == ("my-func", ["main.py"])
+
+
+def test_package_zip_is_sent_as_is(tmp_path: Path) -> None:
+    original = make_zip({"main.py": MAIN_PY})
+    (tmp_path / "pkg.zip").write_bytes(original)
+    assert package(tmp_path / "pkg.zip") == (original, "pkg")
+
+
+def test_package_refuses_missing_and_other_files(tmp_path: Path) -> None:
+    with pytest.raises(CliError, match="does not exist"):
+        package(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(CliError, match="not a folder, a .zip or a .py file"):
+        package(tmp_path / "notes.txt")
+
+
+def test_package_reports_symlinks_outside_as_cli_error(tmp_path: Path) -> None:
+    folder = tmp_path / "fn"
+    folder.mkdir()
+    (folder / "main.py").write_bytes(MAIN_PY)
+    (tmp_path / "secret").write_text("s")
+    (folder / "link").symlink_to(tmp_path / "secret")
+    with pytest.raises(CliError, match="symlinks pointing outside"):
+        package(folder)
+
+
+# ----- argument parsing ------------------------------------------------------------------
+
+
+def test_global_flags_before_or_after_the_subcommand() -> None:
+    parser = build_parser()
+    before = parser.parse_args(["--url", "http://a", "--token", "t", "list"])
+    after = parser.parse_args(["list", "--url", "http://a", "--token", "t"])
+    assert (before.url, before.token) == (after.url, after.token) == ("http://a", "t")
+    neither = parser.parse_args(["get", "f"])
+    assert (neither.url, neither.token) == (None, None)
+    # A flag only before the subcommand is not wiped by the subcommand's own (absent) flag.
+    assert parser.parse_args(["--url", "http://a", "get", "f"]).url == "http://a"
+
+
+def test_deploy_and_invoke_arguments() -> None:
+    parser = build_parser()
+    opts = parser.parse_args(["deploy", "./fn", "--name", "x", "--async", "--timeout", "5"])
+    assert (opts.path, opts.name, opts.async_, opts.timeout) == ("./fn", "x", True, 5.0)
+    opts = parser.parse_args(["invoke", "f", "-d", "@body.json", "-H", "a=1", "-H", "b: 2", "-X", "put",
+                              "--content-type", "text/csv", "-i"])
+    assert (opts.name, opts.data, opts.header, opts.method, opts.content_type, opts.include) == (
+        "f", "@body.json", ["a=1", "b: 2"], "put", "text/csv", True)
+    assert parser.parse_args(["invoke", "f"]).method == "POST"
+    assert parser.parse_args(["logs", "f", "--tail", "7"]).tail == 7
+    assert parser.parse_args(["get", "f", "-o", "yaml"]).output == "yaml"
+    assert parser.parse_args(["up"]).command == "up"
+
+
+@pytest.mark.parametrize("argv", [
+    ["list", "-o", "yaml"], ["logs", "f", "--tail", "0"], ["deploy", "x", "--timeout", "-1"], ["frobnicate"], [],
+])
+def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2
+
+
+# ----- invoke helpers ------------------------------------------------------------------------
+
+
+def test_parse_header() -> None:
+    assert parse_header("X-A=1") == ("X-A", "1")
+    assert parse_header("Authorization: Bearer a=b") == ("Authorization", "Bearer a=b")
+    assert parse_header("X-Empty=") == ("X-Empty", "")
+    for bad in ("novalue", "=v", "two words=x"):
+        with pytest.raises(CliError, match="NAME=VALUE"):
+            parse_header(bad)
+
+
+def test_read_body_sources(tmp_path: Path) -> None:
+    (tmp_path / "b.bin").write_bytes(b"\x00\x01")
+    assert read_body("text", streams()) == b"text"
+    assert read_body(f"@{tmp_path / 'b.bin'}", streams()) == b"\x00\x01"
+    assert read_body("@-", streams(b"from stdin")) == b"from stdin"
+    assert read_body(None, streams(b"piped")) == b"piped"
+    assert read_body(None, streams(b"typed", tty_stdin=True)) == b""
+    assert read_body(None, streams()) == b""
+    with pytest.raises(CliError, match="cannot read body file"):
+        read_body(f"@{tmp_path / 'missing'}", streams())
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b"", None), (b'{"a": 1}', "application/json"), (b"hello", "text/plain; charset=utf-8"),
+    (b"\xff\xfe", "application/octet-stream"),
+])
+def test_guess_content_type(body: bytes, expected: str | None) -> None:
+    assert guess_content_type(body) == expected
+
+
+# ----- error formatting and the client -----------------------------------------------------
+
+
+def response(status: int, body: Any = None, text: str | None = None) -> httpx.Response:
+    if text is not None:
+        return httpx.Response(status, text=text)
+    return httpx.Response(status, json=body)
+
+
+def test_error_from_server_error_body() -> None:
+    exc = error_from_response(response(404, {"error": {"code": "not_found", "message": "function 'x' not found"}}),
+                              "http://h", "t")
+    assert (exc.message, exc.status, exc.code) == ("function 'x' not found", 404, "not_found")
+    exc = error_from_response(response(422, {"error": {"code": "build_failed", "message": "m",
+                                                       "details": {"log_tail": "Traceback"}}}), "http://h", "t")
+    assert exc.details == {"log_tail": "Traceback"}
+
+
+def test_error_for_401_says_how_to_pass_a_token() -> None:
+    body = {"error": {"code": "unauthorized", "message": "missing token"}}
+    missing = error_from_response(response(401, body), "http://h", None).message
+    wrong = error_from_response(response(401, body), "http://h", "bad").message
+    assert missing.startswith("unauthorized: no token") and "--token" in missing and "NUCLIDE_TOKEN" in missing
+    assert wrong.startswith("unauthorized: nuclide at http://h rejected the token")
+
+
+def test_error_from_a_non_nuclide_body_is_one_line() -> None:
+    exc = error_from_response(response(502, text="<html>\n<h1>Bad Gateway</h1>\n</html>"), "http://h", None)
+    assert exc.message == "HTTP 502 from http://h: <html> <h1>Bad Gateway</h1> </html>"
+
+
+def mock_client(handler: Any, token: str | None = "tok") -> Client:
+    return Client("http://nuclide.test", token, transport=httpx.MockTransport(handler))
+
+
+def test_client_deploy_sends_multipart_zip_and_async_header() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(202, json=fn_record(state="deploying"))
+
+    with mock_client(handler) as client:
+        assert client.deploy("hello", b"PK-zip", wait=False)["state"] == "deploying"
+        client.deploy("hello", b"PK-zip")
+    first, second = seen
+    assert (first.method, first.url.path) == ("PUT", "/functions/hello")
+    assert first.headers["authorization"] == "Bearer tok"
+    assert first.headers["x-nuclide-async"] == "true" and "x-nuclide-async" not in second.headers
+    assert first.headers["content-type"].startswith("multipart/form-data")
+    assert b'name="zip_file"' in first.read() and b"PK-zip" in first.read()
+
+
+def test_client_raises_cli_errors() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/logs"):
+            assert request.url.params["tail"] == "5"
+            return httpx.Response(200, text="line\n")
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": "function 'x' not found"}})
+
+    with mock_client(handler) as client:
+        assert client.logs("x", 5) == "line\n"
+        with pytest.raises(CliError, match="not found"):
+            client.get_function("x")
+        with pytest.raises(CliError, match="not found"):
+            client.delete_function("x")
+
+
+def test_client_connection_refused_is_one_line() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with mock_client(handler) as client, pytest.raises(CliError) as info:
+        client.list_functions()
+    assert info.value.message == "cannot reach nuclide at http://nuclide.test: is `nuclide up` running?"
+
+
+def test_client_quotes_names_in_paths() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.raw_path == b"/functions/a%2Fb%3Fc"
+        return httpx.Response(200, json=fn_record())
+
+    with mock_client(handler) as client:
+        client.get_function("a/b?c")
+
+
+def test_invoke_sends_the_token_only_when_the_gateway_asks() -> None:
+    auth_seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        auth = request.headers.get("authorization")
+        auth_seen.append(auth)
+        if request.url.path == "/private" and auth != "Bearer tok":
+            return httpx.Response(401, json={"error": {"code": "unauthorized", "message": "missing token"}})
+        if request.url.path == "/own401":
+            return httpx.Response(401, text="the function says no")
+        return httpx.Response(200, content=b"ok")
+
+    with mock_client(handler) as client:
+        assert client.invoke("public").content == b"ok"
+        assert auth_seen == [None]
+        auth_seen.clear()
+        assert client.invoke("private").status_code == 200
+        assert auth_seen == [None, "Bearer tok"]
+        auth_seen.clear()
+        # The function's own 401 is its answer: no second call.
+        assert client.invoke("own401").status_code == 401
+        assert auth_seen == [None]
+
+
+def test_invoke_with_another_method_never_hits_the_api_routes() -> None:
+    paths: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append((request.method, request.url.path))
+        return httpx.Response(405, json={"detail": "Method Not Allowed"})
+
+    with mock_client(handler) as client:
+        client.invoke("f", method="DELETE")
+    assert paths == [("DELETE", "/functions/f/invoke")]
+
+
+# ----- commands with a fake client ------------------------------------------------------
+
+
+class FakeClient:
+    """Answers from a script of function records; raises what it is told to."""
+
+    url = "http://fake"
+    token = "tok"
+
+    def __init__(self, records: list[dict[str, Any]] | None = None, deploy_result: Any = None) -> None:
+        self.records = list(records or [])
+        self.deploy_result = deploy_result
+        self.deploys: list[tuple[str, bool]] = []
+
+    def deploy(self, name: str, zip_bytes: bytes, *, wait: bool = True, timeout_s: float | None = None) -> dict:
+        self.deploys.append((name, wait))
+        if isinstance(self.deploy_result, Exception):
+            raise self.deploy_result
+        return self.deploy_result
+
+    def get_function(self, name: str) -> dict[str, Any]:
+        return self.records.pop(0) if len(self.records) > 1 else self.records[0]
+
+
+def deploy_opts(path: Path, **over: Any) -> argparse.Namespace:
+    values = {"path": str(path), "name": None, "async_": False, "timeout": None}
+    values.update(over)
+    return argparse.Namespace(**values)
+
+
+@pytest.fixture
+def fn_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "hello"
+    folder.mkdir()
+    (folder / "main.py").write_bytes(MAIN_PY)
+    return folder
+
+
+def test_deploy_prints_summary_and_warnings(fn_dir: Path) -> None:
+    client = FakeClient(deploy_result=fn_record(warnings=["function.yaml: unknown field 'spec.x' is ignored"]))
+    s = streams()
+    assert commands.cmd_deploy(client, deploy_opts(fn_dir), s) == 0  # type: ignore[arg-type]
+    assert client.deploys == [("hello", True)]
+    out = s.out.getvalue()
+    assert "name:     hello" in out and "version:  1" in out and "state:    ready" in out and "1/1" in out
+    err = s.err.getvalue()
+    assert "building hello..." in err
+    assert "warning: function.yaml: unknown field 'spec.x' is ignored" in err
+
+
+def test_deploy_422_shows_message_and_indented_log_tail(fn_dir: Path) -> None:
+    failure = CliError("deploying 'hello' version 1 failed: the function failed to load",
+                       {"log_tail": "Traceback (most recent call last):\nRuntimeError: boom\n"}, status=422)
+    with pytest.raises(CliError) as info:
+        commands.cmd_deploy(FakeClient(deploy_result=failure), deploy_opts(fn_dir), streams())  # type: ignore[arg-type]
+    assert info.value.message == ("deploying 'hello' version 1 failed: the function failed to load\n"
+                                  "    Traceback (most recent call last):\n    RuntimeError: boom")
+
+
+def test_async_deploy_polls_until_ready(fn_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(commands.time, "sleep", lambda _s: None)
+    client = FakeClient(
+        records=[fn_record(state="deploying", version=0), fn_record(state="deploying", version=0), fn_record()],
+        deploy_result=fn_record(state="deploying", version=0, latest_version=1),
+    )
+    s = streams()
+    assert commands.cmd_deploy(client, deploy_opts(fn_dir, async_=True), s) == 0  # type: ignore[arg-type]
+    assert client.deploys == [("hello", False)]
+    assert "hello: deploying (version 1)..." in s.err.getvalue()
+    assert "state:    ready" in s.out.getvalue()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def poll(records: list[dict[str, Any]], target: int = 2, timeout_s: float = 10.0) -> dict[str, Any]:
+    clock = FakeClock()
+    return commands._poll_until_settled(FakeClient(records), "hello", target, timeout_s,  # type: ignore[arg-type]
+                                        commands.Progress(streams()), clock, clock.sleep)
+
+
+def test_poll_reports_a_failed_first_deploy_with_its_log() -> None:
+    failed = fn_record(state="failed", version=0, latest_version=2, last_error="failed to load\nTraceback\nboom")
+    with pytest.raises(CliError) as info:
+        poll([failed])
+    assert info.value.message == "deploying 'hello' version 2 failed: failed to load\n    Traceback\n    boom"
+
+
+def test_poll_sees_a_rolled_back_redeploy_as_failed() -> None:
+    rolled_back = fn_record(state="ready", version=1, latest_version=2, last_error="import error")
+    with pytest.raises(CliError, match="version 2 failed: import error"):
+        poll([fn_record(state="deploying", version=1, latest_version=2), rolled_back])
+
+
+def test_poll_times_out_and_says_where_to_look() -> None:
+    with pytest.raises(CliError, match=r"still deploying after 2 s.*nuclide get hello"):
+        poll([fn_record(state="deploying", version=1, latest_version=2)], timeout_s=2)
+
+
+def test_poll_notices_a_newer_deploy() -> None:
+    with pytest.raises(CliError, match="superseded by version 3"):
+        poll([fn_record(state="deploying", version=1, latest_version=3)])
+
+
+def test_tables() -> None:
+    rows = list_rows([fn_record(), fn_record(name="other", version=1, latest_version=2, state="deploying",
+                                            replicas={"desired": 2, "ready": 1})])
+    table = format_table(["NAME", "VERSION", "STATE", "READY/DESIRED", "RUNTIME", "HANDLER", "GROUP"], rows)
+    lines = table.splitlines()
+    assert lines[0].split() == ["NAME", "VERSION", "STATE", "READY/DESIRED", "RUNTIME", "HANDLER", "GROUP"]
+    assert lines[1].split() == ["hello", "1", "ready", "1/1", "python:3.11", "main:handler", "g-hello"]
+    assert lines[2].split()[:5] == ["other", "1", "(latest", "2)", "deploying"]
+    described = describe_table(fn_record(state="failed", last_error="boom\ntrace", warnings=["w1"]))
+    assert "state:       failed" in described and "warning:     w1" in described
+    assert described.endswith("last error:\n    boom\n    trace")
+
+
+def test_invoke_writes_raw_body_and_fails_on_4xx(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Client_:
+        url, token = "http://fake", "tok"
+
+        def invoke(self, name: str, body: bytes, **kw: Any) -> httpx.Response:
+            self.kw = kw
+            return httpx.Response(404, json={"error": {"code": "not_found", "message": "function 'f' not found"}},
+                                  headers={"x-call-id": "c1"})
+
+    client = Client_()
+    opts = argparse.Namespace(name="f", data='{"a": 1}', header=["X-A=1"], method="POST", content_type=None,
+                              include=False, timeout=None)
+    s = streams()
+    assert commands.cmd_invoke(client, opts, s) == 1  # type: ignore[arg-type]
+    assert client.kw["headers"] == {"X-A": "1", "Content-Type": "application/json"}
+    assert s.out.getvalue() == '{"error":{"code":"not_found","message":"function \'f\' not found"}}'
+    assert s.err.getvalue() == "error: POST /f answered HTTP 404 (call c1): function 'f' not found\n"
+
+
+# ----- main() ---------------------------------------------------------------------------
+
+
+def test_main_prints_one_line_when_nothing_listens(clean_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.stack import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["list", "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: cannot reach nuclide at {url}: is `nuclide up` running?\n"
+
+
+def test_main_reports_a_missing_deploy_path(clean_env: dict[str, str], capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    assert main(["deploy", str(tmp_path / "nope"), "--url", "http://127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err and err.count("\n") == 1
