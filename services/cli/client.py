@@ -155,7 +155,8 @@ class Client:
         except httpx.ConnectError:
             raise CliError(f"cannot reach nuclide at {self.url}: is `nuclide up` running?") from None
         except httpx.TimeoutException:
-            raise CliError(f"nuclide at {self.url} did not answer in time; retry, or pass a longer --timeout") from None
+            raise CliError(f"nuclide at {self.url} did not answer in time; retry, or pass a longer --timeout",
+                           code="client_timeout") from None
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             raise CliError(f"invalid nuclide URL {self.url!r} ({exc}); pass --url like {DEFAULT_URL}") from None
         except httpx.HTTPError as exc:

@@ -272,11 +272,14 @@ def cmd_deploy(client: Client, opts: argparse.Namespace, streams: Streams) -> in
     else:
         try:
             with progress.status(f"building {name}..."):
-                # Slack over the deploy timeout so the server's own 504 (with its message) arrives first.
+                # Slack so that, at the default timeout, the server's own 504 (with its message) arrives first.
                 fn = client.deploy(name, zip_bytes, wait=True, timeout_s=timeout_s + 10)
         except CliError as exc:
             if exc.status == 422:
                 raise _build_failed(exc, name) from None
+            if exc.code == "client_timeout":
+                raise CliError(f"'{name}' was not ready after {timeout_s:g} s; the deploy continues in the background:"
+                               f" check `nuclide get {name}`") from None
             raise
     print_summary(fn, streams)
     return 0

@@ -73,10 +73,10 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     log.info("deployer stopping", stop_instances=settings.stop_instances_on_exit)
     for task in tasks:
         task.cancel()
+    feed.close()  # no more events: nothing reacts to the stops below by starting instances
     reconciler.close()
     if settings.stop_instances_on_exit:
         await reconciler.stop_all()
-    feed.close()
     rpc.close()
     store.close()
     return 0

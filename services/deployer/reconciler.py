@@ -55,6 +55,7 @@ class Reconciler:
         self._tasks: set[asyncio.Task] = set()
         self._kick_pending = False
         self.synced = False
+        self.closing = False  # set on shutdown: nothing new is started after it
 
     # ----- state from the store -------------------------------------------------------
 
@@ -87,7 +88,7 @@ class Reconciler:
     # ----- the loop -------------------------------------------------------------------
 
     def kick(self) -> None:
-        if not self._kick_pending:
+        if not self._kick_pending and not self.closing:
             self._kick_pending = True
             asyncio.get_running_loop().call_soon(self._reconcile)
 
@@ -99,7 +100,7 @@ class Reconciler:
 
     def _reconcile(self) -> None:
         self._kick_pending = False
-        if not self.synced:
+        if not self.synced or self.closing:
             return
         now = time.monotonic()
         handles = [h for h in self.backend.list() if h.id not in self.stopping]
@@ -157,6 +158,8 @@ class Reconciler:
     async def _start(self, group: dict[str, Any], count: int) -> None:
         key = (group["id"], group["version"])
         try:
+            if self.closing:
+                return
             functions = []
             memory = 0
             for name, version in sorted(group["members"].items()):
@@ -172,6 +175,8 @@ class Reconciler:
                 memory = max(memory, int(spec.get("memory_bytes") or 0))
             memory = memory or self.settings.default_memory_bytes
             for _ in range(count):
+                if self.closing:
+                    return
                 inst_id = f"{group['id']}-v{group['version']}-{secrets.token_hex(3)}"
                 log_path = self.settings.var_dir.resolve() / "logs" / group["id"] / f"{inst_id}.log"
                 spec = InstanceSpec(inst_id, group["id"], int(group["version"]), functions, memory, log_path)
@@ -247,9 +252,11 @@ class Reconciler:
         self.kick()
 
     async def stop_all(self) -> None:
+        self.closing = True
         await asyncio.gather(*(self.backend.stop(h, DRAIN_TIMEOUT_S) for h in self.backend.list()),
                              return_exceptions=True)
 
     def close(self) -> None:
+        self.closing = True
         for task in self._tasks:
             task.cancel()

@@ -209,7 +209,8 @@ class Gateway:
                     break
             self.check_token(auth)
         body = await self._read_body(scope, receive)
-        headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers]
+        # the caller's credentials are for the gateway, never for the function
+        headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers if k != b"authorization"]
         headers.append(["fusionizer-server-address", self._fusionizer_host])
         content_type = ""
         for k, v in headers:
@@ -288,26 +289,32 @@ class Gateway:
         return payload.encode(), "text/plain; charset=utf-8"
 
 
-def match_invoke(path: str) -> tuple[str, str] | None:
-    """(function, mode) when a POST path is an invoke route, else None."""
+def match_invoke(method: str, path: str) -> tuple[str, str] | None:
+    """(function, mode) when a request is an invocation, else None.
+
+    POST /{name} invokes (GET/PUT/DELETE /{name} are the control plane, as in the
+    Fusionizer); /functions/{name}/invoke takes any method, so handlers that
+    branch on event.method can be reached with all of them.
+    """
     parts = path.strip("/").split("/")
+    if len(parts) == 3 and parts[0] == "functions" and parts[2] == "invoke":
+        return parts[1], "http"
+    if method != "POST":
+        return None
     if len(parts) == 1:
         name = parts[0]
         if name and name.lower() not in RESERVED_NAMES:
             return name, "http"
         return None
-    if len(parts) == 3 and parts[0] == "functions":
-        if parts[2] == "invoke":
-            return parts[1], "http"
-        if parts[2] == "execute":
-            return parts[1], "execute"
+    if len(parts) == 3 and parts[0] == "functions" and parts[2] == "execute":
+        return parts[1], "execute"
     return None
 
 
 def make_asgi(gateway: Gateway, control: Any) -> Any:
     async def app(scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            target = match_invoke(scope["path"])
+        if scope["type"] == "http":
+            target = match_invoke(scope["method"], scope["path"])
             if target is not None:
                 await gateway.invoke(scope, receive, send, target[0], target[1])
                 return

@@ -35,6 +35,7 @@ from services.runtime.handlers import (
 from services.runtime.session import GatewaySession
 
 EXIT_INIT_FAILED = 3
+PREFETCH = 32  # calls buffered beyond maxConcurrency, so the handler never waits for a round trip
 
 _RESULT = protocol.RESULT
 _SIG = protocol.SIGNATURE
@@ -75,7 +76,8 @@ class Runtime:
         self.functions = functions
         self.instance_id: str = config["instance_id"]
         self.max_concurrency = max(1, min(int(fc.get("max_concurrency", 1)) for fc in config["functions"]))
-        self.credit = self.max_concurrency + 1  # one prefetched call keeps the handler busy between round trips
+        # how many INVOKEs may wait here; the gateway only fills it while calls are fast
+        self.credit = self.max_concurrency + PREFETCH
         self.session = GatewaySession(config.get("fusionizer_host", "127.0.0.1"), config.get("gateway_url", ""))
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -105,6 +107,7 @@ class Runtime:
             "group_version": int(self.config["group_version"]),
             "functions": {f.name: f.version for f in self.functions.values()},
             "credit": self.credit,
+            "concurrency": self.max_concurrency,
             "pid": os.getpid(),
         }
 

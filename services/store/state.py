@@ -112,11 +112,14 @@ class StoreState:
         spec = json.loads(ver["spec"]) if ver else {}
         group = self._group_row(row["group_id"])
         grec = self.group_record(group) if group else None
+        latest = ver if shown == row["latest_version"] else self.db.one(
+            "SELECT state, error FROM function_versions WHERE name=? AND version=?", (row["name"], row["latest_version"]))
         return {
             "name": row["name"],
             "id": row["name"],
             "version": row["version"],
             "latest_version": row["latest_version"],
+            "latest_version_state": latest["state"] if latest else None,
             "state": row["state"],
             "runtime": spec.get("runtime"),
             "handler": spec.get("handler"),

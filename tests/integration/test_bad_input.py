@@ -129,6 +129,7 @@ def test_failed_redeploy_keeps_the_previous_version_serving(stack: Stack) -> Non
     assert "not_a_real_module_xyz" in resp.json()["error"]["details"]["log_tail"]
     desc = stack.client.get("/stable").json()
     assert desc["version"] == 1 and desc["state"] == "ready" and desc["latest_version"] == 2
+    assert desc["latest_version_state"] == "failed" and "not_a_real_module_xyz" in desc["last_error"]
     assert stack.invoke("stable").text == "good"
 
 

@@ -215,12 +215,23 @@ def test_env_from_spec(stack: Stack) -> None:
 
 
 def test_private_function_needs_the_token(stack: Stack) -> None:
-    stack.deploy("secret", {"function.yaml": function_yaml("secret", private=True),
-                            "main.py": "def handler(context, event):\n    return 'classified'\n"})
+    code = "def handler(context, event):\n    return 'classified ' + str(event.get_header('Authorization'))\n"
+    stack.deploy("secret", {"function.yaml": function_yaml("secret", private=True), "main.py": code})
     assert stack.invoke("secret").status_code == 401
     assert stack.anon.post("/secret", headers={"Authorization": "Bearer wrong"}).status_code == 401
     r = stack.client.post("/secret")
-    assert r.status_code == 200 and r.text == "classified"
+    assert r.status_code == 200
+    assert r.text == "classified None", "the caller's token must never reach the function"
+
+
+def test_any_method_through_the_invoke_route(stack: Stack) -> None:
+    code = "def handler(context, event):\n    return event.method\n"
+    stack.deploy("methods", {"function.yaml": function_yaml("methods"), "main.py": code})
+    for method in ("GET", "PUT", "DELETE", "PATCH", "POST"):
+        r = stack.anon.request(method, "/functions/methods/invoke")
+        assert r.status_code == 200 and r.text == method
+    # GET /{name} stays the control plane (describe), as in the Fusionizer
+    assert stack.client.get("/methods").json()["name"] == "methods"
 
 
 def test_healthz_is_public_and_reports_parts(stack: Stack) -> None:

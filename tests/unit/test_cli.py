@@ -584,3 +584,9 @@ def test_main_reports_a_missing_deploy_path(clean_env: dict[str, str], capsys: p
     assert main(["deploy", str(tmp_path / "nope"), "--url", "http://127.0.0.1:1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and err.count("\n") == 1
+
+
+def test_sync_deploy_client_timeout_says_where_to_look(fn_dir: Path) -> None:
+    late = CliError("nuclide at http://fake did not answer in time", code="client_timeout")
+    with pytest.raises(CliError, match=r"'hello' was not ready after 5 s; .*nuclide get hello"):
+        commands.cmd_deploy(FakeClient(deploy_result=late), deploy_opts(fn_dir, timeout=5.0), streams())  # type: ignore[arg-type]

@@ -1,0 +1,225 @@
+"""The real `nuclide` CLI as a subprocess against a real stack: deploy, invoke, get, list, logs, delete, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.stack import ROOT, Stack, function_yaml, make_zip, wait_for
+
+pytestmark = pytest.mark.integration
+
+HANDLER = textwrap.dedent("""\
+    def handler(context, event):
+        context.logger.info("cli-test handled a call")
+        body = event.body
+        return {"echo": body if isinstance(body, (dict, list)) else body.decode()}
+    """)
+
+
+def cli(stack: Stack, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `python -m services.cli.main ARGS`; stdin is empty unless given, so no test waits on a terminal."""
+    run_env = {k: v for k, v in stack.env.items() if k != "NUCLIDE_CLI_CONFIG"}
+    run_env.update({"NUCLIDE_URL": stack.url, "NUCLIDE_TOKEN": stack.token})
+    run_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "services.cli.main", *args], cwd=ROOT, env=run_env,
+                          input=stdin if stdin is not None else b"", capture_output=True, timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+                                       proc.stderr.decode(errors="replace"))
+
+
+def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def make_function_dir(tmp_path: Path, name: str, source: str = HANDLER) -> Path:
+    folder = tmp_path / "src" / name
+    folder.mkdir(parents=True)
+    (folder / "function.yaml").write_text(function_yaml(name))
+    (folder / "main.py").write_text(source)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deployed(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A function deployed once from a folder by the CLI, shared by the read-only tests."""
+    folder = make_function_dir(tmp_path_factory.mktemp("cli"), "cli-basic")
+    result = cli(stack, "deploy", str(folder))
+    assert result.returncode == 0, result.stderr
+    return "cli-basic"
+
+
+def test_deploy_folder_makes_it_ready(deployed: str, stack: Stack) -> None:
+    fn = stack.client.get(f"/functions/{deployed}").json()
+    assert fn["state"] == "ready" and fn["version"] == 1
+
+
+def test_deploy_summary_lines(stack: Stack, tmp_path: Path) -> None:
+    folder = make_function_dir(tmp_path, "cli-summary")
+    (folder / "function.yaml").write_text(function_yaml("cli-summary") + "bogusTopLevel: 1\n")
+    result = cli(stack, "deploy", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["name:     cli-summary", "version:  1", "state:    ready",
+                                          "replicas: 1/1 ready"]
+    assert "warning: function.yaml: unknown field 'bogusTopLevel' is ignored" in result.stderr.splitlines()
+
+
+def test_invoke_with_data_and_with_stdin(deployed: str, stack: Stack) -> None:
+    result = cli(stack, "invoke", deployed, "-d", '{"n": 1}')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"echo": {"n": 1}}
+    piped = cli(stack, "invoke", deployed, stdin=b"from stdin")
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout) == {"echo": "from stdin"}
+
+
+def test_invoke_include_prints_status_and_call_id(deployed: str, stack: Stack, tmp_path: Path) -> None:
+    (tmp_path / "body.txt").write_text("from a file")
+    result = cli(stack, "invoke", deployed, "-d", f"@{tmp_path / 'body.txt'}", "-i")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"echo": "from a file"}
+    lines = result.stderr.splitlines()
+    assert lines[0] == "HTTP/1.1 200 OK"
+    assert lines[1].startswith("x-call-id: ")
+    assert "content-type: application/json" in lines
+
+
+def test_invoke_unknown_function_exits_1_with_the_body(stack: Stack) -> None:
+    result = cli(stack, "invoke", "cli-no-such-function", "-d", "x")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["error"]["code"] == "not_found"
+    assert "HTTP 404" in result.stderr and "not found" in result.stderr
+    no_traceback(result)
+
+
+def test_get_json_and_table(deployed: str, stack: Stack) -> None:
+    result = cli(stack, "get", deployed, "-o", "json")
+    assert result.returncode == 0, result.stderr
+    fn = json.loads(result.stdout)
+    assert (fn["name"], fn["state"], fn["handler"]) == (deployed, "ready", "main:handler")
+    table = cli(stack, "get", deployed)
+    assert table.returncode == 0 and "state:       ready" in table.stdout
+
+
+def test_list_shows_the_function(deployed: str, stack: Stack) -> None:
+    result = cli(stack, "list")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "VERSION", "STATE", "READY/DESIRED", "RUNTIME", "HANDLER", "GROUP"]
+    row = next(line.split() for line in lines[1:] if line.split()[0] == deployed)
+    assert row[1:4] == ["1", "ready", "1/1"] and row[5] == "main:handler"
+    as_json = cli(stack, "list", "-o", "json")
+    assert deployed in {fn["name"] for fn in json.loads(as_json.stdout)}
+
+
+def test_logs_show_what_the_handler_logged(deployed: str, stack: Stack) -> None:
+    assert cli(stack, "invoke", deployed, "-d", "log me").returncode == 0
+
+    def logged() -> str | None:
+        result = cli(stack, "logs", deployed, "--tail", "50")
+        assert result.returncode == 0, result.stderr
+        return result.stdout if "cli-test handled a call" in result.stdout else None
+
+    wait_for(logged, timeout_s=10, interval_s=0.2, what="the handler's log line in `nuclide logs`")
+
+
+def test_delete_then_get_is_not_found(stack: Stack, tmp_path: Path) -> None:
+    folder = make_function_dir(tmp_path, "cli-delete")
+    assert cli(stack, "deploy", str(folder)).returncode == 0
+    deleted = cli(stack, "delete", "cli-delete")
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.strip() == "deleted cli-delete"
+    result = cli(stack, "get", "cli-delete")
+    assert result.returncode != 0
+    assert "not found" in result.stderr and result.stderr.count("\n") == 1
+    no_traceback(result)
+
+
+def test_deploy_single_py_file(stack: Stack, tmp_path: Path) -> None:
+    source = tmp_path / "cli_single.py"
+    source.write_text("def handle(context, event):\n    return 'single file ok'\n")
+    result = cli(stack, "deploy", str(source), "--name", "cli-single")
+    assert result.returncode == 0, result.stderr
+    assert "state:    ready" in result.stdout
+    invoked = cli(stack, "invoke", "cli-single")
+    assert (invoked.returncode, invoked.stdout) == (0, "single file ok")
+    assert stack.client.get("/functions/cli-single").json()["handler"] == "cli_single:handle"
+
+
+def test_deploy_zip_uses_metadata_name(stack: Stack, tmp_path: Path) -> None:
+    package = tmp_path / "whatever.zip"
+    package.write_bytes(make_zip({"function.yaml": function_yaml("cli-zipped"), "main.py": HANDLER}))
+    result = cli(stack, "deploy", str(package))
+    assert result.returncode == 0, result.stderr
+    assert "name:     cli-zipped" in result.stdout
+
+
+def test_async_deploy_polls_until_ready(stack: Stack, tmp_path: Path) -> None:
+    folder = make_function_dir(tmp_path, "cli-async")
+    result = cli(stack, "deploy", str(folder), "--async", "--timeout", "30")
+    assert result.returncode == 0, result.stderr
+    assert "state:    ready" in result.stdout
+
+
+def test_broken_deploy_prints_the_traceback_tail(stack: Stack, tmp_path: Path) -> None:
+    folder = make_function_dir(tmp_path, "cli-broken",
+                               "raise RuntimeError('cli-broken fails at import')\n\ndef handler(context, event):\n"
+                               "    return 1\n")
+    result = cli(stack, "deploy", str(folder))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[:2] == [
+        "building cli-broken...", "error: deploying 'cli-broken' version 1 failed: the function failed to load (exit code 3)"]
+    assert "    RuntimeError: cli-broken fails at import" in result.stderr.splitlines()
+    assert result.stdout == ""
+
+
+def test_broken_async_redeploy_fails_and_keeps_the_old_version(stack: Stack, tmp_path: Path) -> None:
+    folder = make_function_dir(tmp_path, "cli-redeploy")
+    assert cli(stack, "deploy", str(folder)).returncode == 0
+    (folder / "main.py").write_text("raise RuntimeError('redeploy breaks')\n\ndef handler(context, event):\n    return 1\n")
+    result = cli(stack, "deploy", str(folder), "--async", "--timeout", "30")
+    assert result.returncode == 1
+    assert "version 2 failed" in result.stderr and "RuntimeError: redeploy breaks" in result.stderr
+    assert cli(stack, "invoke", "cli-redeploy", "-d", "still up").stdout == '{"echo":"still up"}'
+
+
+def test_invalid_package_is_one_line(stack: Stack, tmp_path: Path) -> None:
+    folder = tmp_path / "cli-nohandler"
+    folder.mkdir()
+    (folder / "util.py").write_text("X = 1\n")
+    result = cli(stack, "deploy", str(folder))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith("error: no handler found")
+    no_traceback(result)
+
+
+def test_wrong_token_is_an_unauthorized_one_liner(stack: Stack) -> None:
+    result = cli(stack, "list", "--token", "not-the-token")
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: unauthorized:") and result.stderr.count("\n") == 1
+    assert "--token" in result.stderr
+    no_traceback(result)
+
+
+def test_token_from_config_file(stack: Stack, tmp_path: Path) -> None:
+    config = tmp_path / "cli.json"
+    config.write_text(json.dumps({"url": stack.url, "token": stack.token}))
+    result = cli(stack, "list", "-o", "json", env={"NUCLIDE_URL": "", "NUCLIDE_TOKEN": "",
+                                                    "NUCLIDE_CLI_CONFIG": str(config)})
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), list)
+
+
+def test_unreachable_url_is_a_one_liner(stack: Stack) -> None:
+    from tests.stack import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    result = cli(stack, "get", "anything", "--url", url)
+    assert result.returncode != 0
+    assert result.stderr == f"error: cannot reach nuclide at {url}: is `nuclide up` running?\n"

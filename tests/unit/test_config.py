@@ -1,0 +1,57 @@
+"""Settings: precedence, types, failing fast, secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import ConfigError, Secret, load_settings
+
+
+def test_defaults_are_local_and_safe() -> None:
+    s = load_settings("gateway", environ={})
+    assert s.http_host == "127.0.0.1" and s.http_port == 8000
+    assert s.gateway_router == "tcp://127.0.0.1:5560" and s.store_rpc == "tcp://127.0.0.1:5550"
+    assert s.backend == "process" and s.var_dir == Path("var")
+
+
+def test_service_specific_env_wins_over_common_then_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("http_port: 7000\nqueue_limit: 5\ngateway:\n  queue_limit: 6\n")
+    env = {"NUCLIDE_CONFIG": str(cfg), "NUCLIDE_HTTP_PORT": "7100", "NUCLIDE_GATEWAY_HTTP_PORT": "7200"}
+    assert load_settings("gateway", environ=env).http_port == 7200
+    assert load_settings("store", environ=env).http_port == 7100
+    assert load_settings("gateway", environ={"NUCLIDE_CONFIG": str(cfg)}).queue_limit == 6
+    assert load_settings("store", environ={"NUCLIDE_CONFIG": str(cfg)}).queue_limit == 5
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"NUCLIDE_HTTP_PORT": "eighty"}, "NUCLIDE_HTTP_PORT"),
+    ({"NUCLIDE_HTTP_PORT": "70000"}, "out of range"),
+    ({"NUCLIDE_BACKEND": "kubernetes-maybe"}, "backend"),
+    ({"NUCLIDE_STOP_INSTANCES_ON_EXIT": "perhaps"}, "NUCLIDE_STOP_INSTANCES_ON_EXIT"),
+])
+def test_bad_values_fail_fast_naming_the_setting(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings("gateway", environ=env)
+    assert needle in str(info.value)
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("htp_port: 1\n")
+    with pytest.raises(ConfigError, match="htp_port"):
+        load_settings("gateway", environ={"NUCLIDE_CONFIG": str(cfg)})
+
+
+def test_token_hides_itself() -> None:
+    s = load_settings("gateway", environ={"NUCLIDE_TOKEN": "s3cret"})
+    assert isinstance(s.token, Secret) and s.token == "s3cret"
+    assert "s3cret" not in repr(s)
+
+
+def test_child_env_round_trips() -> None:
+    s = load_settings("gateway", environ={"NUCLIDE_HTTP_PORT": "8123", "NUCLIDE_STOP_INSTANCES_ON_EXIT": "yes"})
+    again = load_settings("gateway", environ=s.child_env())
+    assert again == s

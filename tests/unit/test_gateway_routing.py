@@ -1,0 +1,68 @@
+"""Pure routing logic of the gateway: which requests are invocations, and the broker's room rule."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from services.gateway.broker import FAST_CALL_S, SLOW_INFLIGHT_S, Call, Instance
+from services.gateway.core import match_invoke
+
+
+@pytest.mark.parametrize("method,path,expected", [
+    ("POST", "/hello", ("hello", "http")),
+    ("POST", "/hello/", ("hello", "http")),
+    ("POST", "/functions/hello/invoke", ("hello", "http")),
+    ("GET", "/functions/hello/invoke", ("hello", "http")),
+    ("POST", "/functions/abc/execute", ("abc", "execute")),
+    ("GET", "/hello", None),
+    ("PUT", "/hello", None),
+    ("POST", "/functions", None),
+    ("POST", "/healthz", None),
+    ("POST", "/docs", None),
+    ("POST", "/", None),
+    ("POST", "/a/b", None),
+    ("GET", "/functions/abc/execute", None),
+])
+def test_match_invoke(method: str, path: str, expected: tuple[str, str] | None) -> None:
+    assert match_invoke(method, path) == expected
+
+
+def _inst(credit: int = 33, concurrency: int = 1) -> Instance:
+    return Instance(b"i1", {"group": "g", "group_version": 1, "functions": {"f": 1}, "credit": credit,
+                            "concurrency": concurrency})
+
+
+def _call(cid: str, sent_at: float) -> Call:
+    c = Call(cid, "f", {}, b"", None, 30.0)  # type: ignore[arg-type]
+    c.sent_at = sent_at
+    return c
+
+
+def test_fast_instances_get_their_whole_credit() -> None:
+    inst = _inst()
+    now = time.monotonic()
+    assert inst.room(now) == 33
+    inst.inflight["a"] = _call("a", now)
+    assert inst.room(now) == 32
+
+
+def test_slow_average_limits_to_concurrency() -> None:
+    inst = _inst(concurrency=2)
+    inst.avg_s = FAST_CALL_S * 2
+    assert inst.room(time.monotonic()) == 2
+
+
+def test_a_long_running_call_stops_the_pipeline_before_its_result() -> None:
+    inst = _inst()
+    now = time.monotonic()
+    inst.inflight["old"] = _call("old", now - SLOW_INFLIGHT_S * 2)
+    assert inst.room(now) == 0
+
+
+def test_ready_needs_functions() -> None:
+    from shared.errors import ProtocolError
+
+    with pytest.raises(ProtocolError):
+        Instance(b"x", {"functions": {}})
