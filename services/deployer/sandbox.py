@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +46,12 @@ def wrap(settings: Settings, argv: list[str], mounts: Mounts, cwd: Path) -> list
         "--dev", "/dev",
         "--proc", "/proc",
         "--tmpfs", "/tmp",
-        "--tmpfs", str(settings.var_dir.resolve()),
     ]
+    # the private /tmp would hide an interpreter or checkout that lives below /tmp;
+    # bind them back (read-only) before the state directory is hidden again below
+    for path in install_paths():
+        cmd += ["--ro-bind", str(path), str(path)]
+    cmd += ["--tmpfs", str(settings.var_dir.resolve())]
     for hidden in mounts.hidden:
         if hidden.exists():
             cmd += ["--tmpfs", str(hidden)]
@@ -63,6 +68,15 @@ def wrap(settings: Settings, argv: list[str], mounts: Mounts, cwd: Path) -> list
         *argv,
     ]
     return cmd
+
+
+def install_paths() -> tuple[Path, ...]:
+    """Where nuclide's interpreter, its packages and its source live, as seen on the host."""
+    import services
+
+    paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
+             Path(services.__file__).resolve().parent.parent}
+    return tuple(sorted(p for p in paths if p != Path("/")))
 
 
 def hidden_paths() -> tuple[Path, ...]:

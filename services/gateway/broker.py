@@ -135,6 +135,10 @@ class Broker:
                 if free > best_free:
                     best, best_free = inst, free
             if best is not None:
+                if len(insts) > 1:
+                    # rotate so equally loaded instances take turns (and all stay warm)
+                    insts.remove(best)
+                    insts.append(best)
                 call.timer = self._loop.call_later(call.timeout_s, self._expire, call)
                 self._dispatch(best, call)
                 return

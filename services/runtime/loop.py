@@ -141,6 +141,13 @@ class Runtime:
                     event = Event.from_invoke(header, body)
                     args = build_args(fn.handler, ctx, event, self.session if fn.needs_session else None, None)
                     status, hdrs, ctype, out = responses.to_result(invoke(fn.handler, args, loop))
+            except MemoryError:
+                limit_mib = int(self.config.get("memory_bytes") or 0) // (1024 * 1024)
+                message = (f"function '{fn.name}' ran out of memory: it is limited to {limit_mib} MiB"
+                           " (spec.resources.limits.memory)")
+                fn.logger.error(message)
+                status, hdrs, ctype, out = 500, [], "application/json", json.dumps(
+                    {"error": {"code": "memory_limit", "message": message}}).encode()
             except Exception as exc:
                 fn.logger.error("handler raised", error=f"{type(exc).__name__}: {exc}",
                                 traceback=traceback.format_exc(limit=20))

@@ -265,3 +265,39 @@ def handler(context, event):
     # it keeps being restarted with backoff and recovers
     wait_for(lambda: stack.invoke("crashy", b"ok").text == "alive", 40, what="recovery after backoff")
     assert json.loads(stack.client.get("/crashy").text)["state"] == "ready"
+
+
+def test_memory_limit_is_enforced_and_named(stack: Stack) -> None:
+    code = """
+def handler(context, event):
+    size = int(event.body or b"1")
+    block = bytearray(size * 1024 * 1024)
+    return str(len(block) // (1024 * 1024))
+"""
+    stack.deploy("hungry", {"function.yaml": function_yaml("hungry", resources={"limits": {"memory": "128Mi"}}),
+                            "main.py": code})
+    assert stack.invoke("hungry", b"8").text == "8"
+    r = stack.invoke("hungry", b"512")
+    assert r.status_code == 500
+    assert "128 MiB" in r.json()["error"]["message"] and "hungry" in r.json()["error"]["message"]
+    assert stack.invoke("hungry", b"8").text == "8", "the instance keeps serving after a refused allocation"
+
+
+def test_build_commands_and_replicas(stack: Stack) -> None:
+    code = """
+import uuid
+
+INSTANCE = uuid.uuid4().hex
+
+def handler(context, event):
+    import marker
+    return marker.VALUE + ":" + INSTANCE
+"""
+    spec = {"build": {"commands": ["mkdir -p $PIP_TARGET && echo 'VALUE = \"built\"' > $PIP_TARGET/marker.py"]},
+            "minReplicas": 2, "maxReplicas": 2}
+    r = stack.deploy("replicated", {"function.yaml": function_yaml("replicated", **spec), "main.py": code})
+    assert r.json()["replicas"]["desired"] == 2
+    wait_for(lambda: stack.client.get("/replicated").json()["replicas"]["ready"] == 2, 20, what="two ready replicas")
+    seen = {stack.invoke("replicated").text for _ in range(40)}
+    assert all(v.startswith("built:") for v in seen)
+    assert len(seen) == 2, f"calls should spread over both replicas, saw {seen}"
