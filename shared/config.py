@@ -32,6 +32,7 @@ class Secret(str):
 
 BACKENDS = ("process", "docker")
 SANDBOX_MODES = ("auto", "bwrap", "none")
+STRATEGIES = ("none", "static", "feedback")
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,23 @@ class Settings:
     build_timeout_s: float = 900.0
     stop_instances_on_exit: bool = False
     default_memory_bytes: int = 1024 * 1024 * 1024
+    # docker backend
+    docker_host: str = "unix:///var/run/docker.sock"
+    runtime_image: str = "nuclide-runtime:latest"  # what `make images` builds; function images start FROM it
+    docker_namespace: str = ""  # labels this deployer's containers; empty: generated once into <var_dir>/docker-namespace
+    docker_image_cache: int = 8  # dependency images kept for reuse once no function uses them
+    build_ca_bundle: str = "auto"  # CA bundle handed to image builds (pip behind a TLS proxy): auto (the system one), none, or a path
     # gateway limits
     max_body_bytes: int = 6 * 1024 * 1024
     max_zip_bytes: int = 50 * 1024 * 1024
     deploy_timeout_s: float = 600.0
     queue_limit: int = 1000  # waiting sync calls per function before 429
+    # optimizer
+    optimizer_strategy: str = "none"  # none | static | feedback
+    optimizer_schedule: str = ""  # static: JSON/YAML file {"<seconds after start>": setup}
+    optimizer_round_s: float = 5.0  # feedback: how long each setup is measured
+    optimizer_min_samples: int = 30  # feedback: entry calls needed before a round is judged
+    optimizer_tolerance: float = 0.05  # feedback: a change is kept unless latency grows more than this
     # logging
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
@@ -90,6 +103,14 @@ class Settings:
         for name in ("max_body_bytes", "max_zip_bytes", "queue_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.docker_image_cache < 0:
+            raise ConfigError("docker_image_cache must be 0 or more")
+        if self.optimizer_strategy not in STRATEGIES:
+            raise ConfigError(f"optimizer_strategy {self.optimizer_strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
+        if self.optimizer_strategy == "static" and not self.optimizer_schedule:
+            raise ConfigError("optimizer_strategy 'static' needs optimizer_schedule (a JSON or YAML file)")
+        if self.optimizer_round_s <= 0 or self.optimizer_min_samples < 1 or self.optimizer_tolerance < 0:
+            raise ConfigError("optimizer_round_s and optimizer_min_samples must be positive, optimizer_tolerance >= 0")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("log_format must be auto, json or console")
         return self

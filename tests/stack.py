@@ -16,7 +16,7 @@ from typing import Any, Callable
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("store", "deployer", "gateway")
+SERVICES = ("store", "deployer", "gateway", "optimizer")
 
 
 def free_port() -> int:
@@ -80,13 +80,13 @@ class Stack:
 
     # ----- lifecycle --------------------------------------------------------------
 
-    def start_service(self, name: str) -> None:
+    def start_service(self, name: str, extra_env: dict[str, str] | None = None) -> None:
         log_path = self.var_dir / f"{name}.service.log"
         self.var_dir.mkdir(parents=True, exist_ok=True)
         self.logs[name] = log_path
         out = open(log_path, "ab")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=self.env, cwd=ROOT,
-                                            stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env={**self.env, **(extra_env or {})},
+                                            cwd=ROOT, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
         out.close()
 
     def start(self) -> "Stack":
@@ -116,7 +116,7 @@ class Stack:
             return proc.wait()
 
     def stop(self) -> None:
-        for name in ("deployer", "gateway", "store"):
+        for name in ("optimizer", "deployer", "gateway", "store"):
             self.stop_service(name)
         self.client.close()
         self.anon.close()
@@ -144,3 +144,44 @@ class Stack:
 
             pids.append(int(json.loads(meta.read_text())["pid"]))
         return pids
+
+    def traces(self) -> "TraceListener":
+        return TraceListener(self.endpoints["gateway_pub"])
+
+
+class TraceListener:
+    """Collects the gateway's published call graph (topic "trace") in a background thread."""
+
+    def __init__(self, endpoint: str) -> None:
+        import threading
+
+        import zmq
+
+        from shared import protocol
+
+        self.edges: list[list[Any]] = []
+        self.calls: list[list[Any]] = []
+        self._stop = threading.Event()
+        ctx = zmq.Context.instance()
+
+        def run() -> None:
+            sock = ctx.socket(zmq.SUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SUBSCRIBE, b"trace")
+            sock.connect(endpoint)
+            try:
+                while not self._stop.is_set():
+                    if sock.poll(100):
+                        _, msg = protocol.decode_event(sock.recv_multipart())
+                        self.edges.extend(msg.header.get("edges") or [])
+                        self.calls.extend(msg.header.get("calls") or [])
+            finally:
+                sock.close(linger=0)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        time.sleep(0.2)  # let the subscription reach the publisher (ZeroMQ's slow-joiner window)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)

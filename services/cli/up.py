@@ -1,4 +1,4 @@
-"""`nuclide up`: start store, deployer and gateway as supervised children, in the foreground.
+"""`nuclide up`: start store, deployer, gateway and optimizer as supervised children, in the foreground.
 
 Children get the same settings through the environment (with absolute paths),
 are restarted with backoff when they die, and are stopped in order on Ctrl-C or
@@ -22,8 +22,8 @@ from pathlib import Path
 from shared.auth import load_or_create_token
 from shared.config import Settings
 
-SERVICES = ("store", "deployer", "gateway")
-STOP_ORDER = ("deployer", "gateway", "store")  # instances drain against a live gateway
+SERVICES = ("store", "deployer", "gateway", "optimizer")
+STOP_ORDER = ("optimizer", "deployer", "gateway", "store")  # instances drain against a live gateway
 STOP_TIMEOUT_S = 20.0
 RESTART_BACKOFF_MAX_S = 10.0
 HEALTH_TIMEOUT_S = 60.0

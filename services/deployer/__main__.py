@@ -18,17 +18,22 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     from shared.liveness import DEPLOYER_REPORT_INTERVAL_S
     from shared.logs import get_logger
     from shared.statefeed import StateFeed
+    from services.deployer.backends.base import Backend
     from services.deployer.backends.process import ProcessBackend
     from services.deployer.builder import Builder
     from services.deployer.reconciler import Reconciler
 
     log = get_logger("deployer")
-    if settings.backend != "process":
-        log.error("backend not available in this build", backend=settings.backend)
-        return 2
     store = RpcClient(ctx, settings.store_rpc, "store")
-    reconciler = Reconciler(settings, store, Builder(settings, store))
-    backend = ProcessBackend(settings, reconciler.on_exit)
+    backend: Backend
+    if settings.backend == "docker":
+        from services.deployer.backends.docker import DockerBackend, DockerBuilder
+
+        reconciler = Reconciler(settings, store, DockerBuilder(settings, store))
+        backend = DockerBackend(settings, reconciler.on_exit)
+    else:
+        reconciler = Reconciler(settings, store, Builder(settings, store))
+        backend = ProcessBackend(settings, reconciler.on_exit)
     reconciler.backend = backend
     adopted = backend.adopt()
     if adopted:
@@ -77,6 +82,9 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     reconciler.close()
     if settings.stop_instances_on_exit:
         await reconciler.stop_all()
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
     rpc.close()
     store.close()
     return 0

@@ -5,8 +5,10 @@ starts, stops run as tasks), so a slow build never blocks another group or the
 loop. Rules per group:
 
 - the target version (group.version) gets replicas_desired instances;
-- instances of other versions stop once the target version is ready (so a
-  redeploy never leaves a gap), or at once when they are neither target nor ready;
+- any other instance (an older version, a group that was regrouped or deleted)
+  stops only once every task it serves has a ready instance of a current group
+  elsewhere, or no longer exists: redeploys, regroups and deletes never leave a
+  task without an instance, and a failed regroup leaves the old ones serving;
 - a version whose build failed or whose instances failed to load is reported
   to the store once (deploy.failed) and not retried;
 - an instance that crashes is restarted with backoff; repeated crashes are
@@ -23,7 +25,8 @@ from typing import Any
 
 from shared.aiosock import RpcClient
 from shared.config import Settings
-from shared.errors import BuildFailed, NuclideError
+from shared.errors import BuildFailed, Conflict, NuclideError
+from shared.fusion import merge_specs
 from shared.liveness import DRAIN_TIMEOUT_S
 from shared.logs import get_logger
 from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec
@@ -104,18 +107,14 @@ class Reconciler:
             return
         now = time.monotonic()
         handles = [h for h in self.backend.list() if h.id not in self.stopping]
+        current = [h for h in handles if self._is_current(h)]
         for h in handles:
             group = self.groups.get(h.group_id)
-            if group is None:
-                self._stop(h, "its group was deleted")
-                continue
-            if h.group_version == group["version"]:
+            if group is not None and h.group_version == group["version"]:
                 if group["state"] == "failed" and group["ready_version"] != group["version"]:
                     self._stop(h, "its version failed")
                 continue
-            if group["ready_version"] == group["version"] and group["state"] == "ready":
-                self._stop(h, f"version {group['version']} is ready")
-            elif h.group_version != group["ready_version"]:
+            if self._safe_to_stop(h, current):
                 self._stop(h, "superseded")
         for group in self.groups.values():
             key = (group["id"], group["version"])
@@ -135,6 +134,19 @@ class Reconciler:
                 extras = sorted(running, key=lambda h: (h.id in self.ever_ready, h.started_at))[:-missing]
                 for h in extras:
                     self._stop(h, "more replicas than desired")
+
+    def _is_current(self, h: InstanceHandle) -> bool:
+        group = self.groups.get(h.group_id)
+        return (group is not None and h.group_version == group["version"]
+                and not (group["state"] == "failed" and group["ready_version"] != group["version"]))
+
+    def _safe_to_stop(self, h: InstanceHandle, current: list[InstanceHandle]) -> bool:
+        for fn in h.functions:
+            if fn not in self.function_groups:
+                continue  # deleted: nobody needs it served
+            if not any(o is not h and fn in o.functions and o.id in self.ever_ready for o in current):
+                return False
+        return True
 
     def _stop(self, handle: InstanceHandle, reason: str) -> None:
         self.stopping.add(handle.id)
@@ -161,25 +173,33 @@ class Reconciler:
             if self.closing:
                 return
             functions = []
-            memory = 0
+            specs: dict[str, dict[str, Any]] = {}
+            codes: dict[str, Path] = {}
             for name, version in sorted(group["members"].items()):
                 rec = await self._version(name, int(version))
-                spec = rec["spec"]
-                code = await self.builder.ensure_code(name, int(version), rec["digest"])
-                deps = await self.builder.ensure_env(spec)
+                specs[name] = rec["spec"]
+                codes[name] = await self.builder.ensure_code(name, int(version), rec["digest"])
+            try:
+                merged = merge_specs(specs)  # one environment for the whole group
+            except Conflict as exc:
+                raise BuildFailed(exc.message) from None
+            deps = await self.builder.ensure_env(merged)
+            for name, version in sorted(group["members"].items()):
+                spec = specs[name]
                 functions.append({
-                    "name": name, "version": int(version), "handler": spec["handler"], "code_dir": str(code),
+                    "name": name, "version": int(version), "handler": spec["handler"], "code_dir": str(codes[name]),
                     "deps_dir": str(deps) if deps else None, "env": spec.get("env") or {},
-                    "max_concurrency": int(spec.get("max_concurrency", 1)), "timeout_s": spec.get("timeout_s", 30.0),
+                    "max_concurrency": int(merged["max_concurrency"]), "timeout_s": spec.get("timeout_s", 30.0),
                 })
-                memory = max(memory, int(spec.get("memory_bytes") or 0))
-            memory = memory or self.settings.default_memory_bytes
+            memory = int(merged["memory_bytes"] or 0) or self.settings.default_memory_bytes
+            cpu = sum(float(s.get("cpu") or 0) for s in specs.values())  # like memory: what the members ask for
             for _ in range(count):
                 if self.closing:
                     return
                 inst_id = f"{group['id']}-v{group['version']}-{secrets.token_hex(3)}"
                 log_path = self.settings.var_dir.resolve() / "logs" / group["id"] / f"{inst_id}.log"
-                spec = InstanceSpec(inst_id, group["id"], int(group["version"]), functions, memory, log_path)
+                spec = InstanceSpec(inst_id, group["id"], int(group["version"]), functions, memory, log_path,
+                                    extra={"cpu": cpu or None})
                 handle = await self.backend.start(spec)
                 log.info("instance started", instance=inst_id, pid=handle.pid)
                 await self.store.call("instance.started", {

@@ -99,7 +99,8 @@ class Call:
 
 class Broker:
     def __init__(self, ctx: zmq.Context, endpoint: str, queue_limit: int,
-                 on_ready: Callable[[Instance], None], on_gone: Callable[[Instance, str], None]) -> None:
+                 on_ready: Callable[[Instance], None], on_gone: Callable[[Instance, str], None],
+                 on_call: Callable[[bytes, protocol.Message], None] | None = None) -> None:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished instance raises, so we notice
@@ -116,6 +117,7 @@ class Broker:
         self.ready_waiters: list[tuple[Callable[[Instance], bool], asyncio.Future]] = []
         self._on_ready = on_ready
         self._on_gone = on_gone
+        self._on_call = on_call
         self._loop = asyncio.get_running_loop()
         self._asock = AsyncSocket(sock, self._on_message)
         self._send = self._asock.send
@@ -238,6 +240,8 @@ class Broker:
                 self._register(ident, msg.header, inst)
         elif cmd == protocol.BYE:
             self._on_bye(ident, inst)
+        elif cmd == protocol.CALL and self._on_call is not None:
+            self._on_call(ident, msg)
         else:
             log.warning("unexpected command from instance", command=cmd, peer=ident[:40])
 
@@ -297,7 +301,7 @@ class Broker:
 
     def _reroute(self, fn: str) -> None:
         """routes[fn] = live, non-draining instances of the newest version serving fn."""
-        best_version = -1
+        best_version: tuple[int, int] = (-1, -1)
         chosen: list[Instance] = []
         for inst in self.instances.values():
             if inst.draining:
@@ -305,7 +309,7 @@ class Broker:
             version = inst.functions.get(fn)
             if version is None:
                 continue
-            key = version * 1_000_000 + inst.group_version
+            key = (version, inst.group_version)  # group versions are global: newer deployments win
             if key > best_version:
                 best_version, chosen = key, [inst]
             elif key == best_version:
@@ -351,6 +355,13 @@ class Broker:
         inst = self.instances.get(instance_id.encode())
         if inst is not None:
             self._drop_instance(inst, detail)
+
+    def reply(self, ident: bytes, header: dict[str, Any], body: bytes) -> None:
+        """Answer a peer's CALL with a RESULT."""
+        try:
+            self._send([ident, _SIG, protocol.RESULT, _packb(header), body])
+        except zmq.ZMQError as exc:
+            log.warning("task call result not delivered", peer=ident[:40], error=str(exc))
 
     def serving(self, fn: str) -> list[Instance]:
         return [i for i in self.instances.values() if fn in i.functions]

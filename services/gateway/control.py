@@ -170,6 +170,45 @@ def build_control_app(gw: Gateway) -> FastAPI:
             raise Unavailable(f"logs are kept by the deployer, which did not answer: {exc}") from None
         return PlainTextResponse(result.get("text", ""))
 
+    @app.get("/groups", dependencies=auth, tags=["fusion"])
+    async def get_groups() -> JSONResponse:
+        """The fusion setup: which tasks are deployed together, and each group's state."""
+        assert gw.store is not None
+        return JSONResponse(await gw.store.call("groups.list"))
+
+    @app.put("/groups", dependencies=auth, tags=["fusion"])
+    async def put_groups(request: Request) -> JSONResponse:
+        """Set a fusion setup, e.g. [["taska", "taskb"], ["taskc"]]; tasks left out keep their group.
+
+        Answers once the request is recorded; the new groups start and take over with
+        no downtime (watch GET /groups). With ?wait=true it answers once they serve.
+        """
+        try:
+            setup = await request.json()
+        except ValueError:
+            raise InvalidRequest('PUT /groups needs a JSON body like [["taska", "taskb"], ["taskc"]]') from None
+        assert gw.store is not None
+        result = await gw.store.call("groups.set", {"setup": setup})
+        if _truthy(request.query_params.get("wait")):
+            for group in result["groups"]:
+                if group["state"] == "deploying":
+                    outcome = await gw.wait_deployed(group["id"], int(group["version"]), gw.settings.deploy_timeout_s)
+                    if not outcome.ok:
+                        exc = BuildFailed(f"group {group['tasks']} failed to deploy: {outcome.error}",
+                                          {"log_tail": outcome.log_tail})
+                        return JSONResponse(error_payload(exc), status_code=exc.http_status)
+            result = await gw.store.call("groups.list")
+        return JSONResponse(result)
+
+    @app.get("/optimizer", dependencies=auth, tags=["fusion"])
+    async def get_optimizer() -> JSONResponse:
+        """The optimizer's strategy, rounds, current and best setup, and the latencies it decided on."""
+        assert gw.store is not None
+        status = await gw.store.call("kv.get", {"key": "optimizer"})
+        if status is None:
+            raise Unavailable("the optimizer has not reported yet (is it running?)")
+        return JSONResponse(status)
+
     for prefix in ("/functions", ""):
         app.add_api_route(prefix + "/{name}", put_function, methods=["PUT"], dependencies=auth, tags=["functions"])
         app.add_api_route(prefix + "/{name}", get_function, methods=["GET"], dependencies=auth, tags=["functions"])

@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from shared import protocol
 from shared.aiosock import RpcClient
 from shared.config import Settings
 from shared.errors import (
@@ -31,6 +32,7 @@ from services.gateway.broker import Broker, Call, Instance
 log = get_logger(__name__)
 
 _JSON_CT = (b"content-type", b"application/json")
+TRACE_FLUSH_S = 0.1  # how often the call graph is published
 _SKIP_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 
 
@@ -80,14 +82,23 @@ class Gateway:
         self.feed: StateFeed | None = None
         self._bg: set[asyncio.Task] = set()
         self._fusionizer_host = settings.advertised_host
+        self.pub: zmq.Socket | None = None
+        self.trace_edges: list[list[Any]] = []  # [caller, callee, sync, local, took_ms]
+        self.trace_calls: list[list[Any]] = []  # [function, took_ms, status] of entry calls
 
     async def start(self) -> None:
         s = self.settings
         self.store = RpcClient(self.ctx, s.store_rpc, "store")
         self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer")
-        self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone)
+        self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone,
+                             self._on_task_call)
         self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event)
         self.feed.start()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 10_000)
+        self.pub.bind(s.gateway_pub)
+        self._background(self._flush_traces())
 
     async def stop(self) -> None:
         for task in self._bg:
@@ -95,6 +106,8 @@ class Gateway:
         for closer in (self.broker, self.feed, self.store, self.deployer):
             if closer is not None:
                 closer.close()
+        if self.pub is not None:
+            self.pub.close(linger=0)
 
     # ----- state from the store ------------------------------------------------
 
@@ -164,6 +177,62 @@ class Gateway:
         finally:
             if fut.done():
                 self.deploy_waiters.pop(key, None)
+
+    # ----- traces ---------------------------------------------------------------------
+
+    async def _flush_traces(self) -> None:
+        """Publish the call graph in batches (topic "trace"), off the invoke path."""
+        while True:
+            await asyncio.sleep(TRACE_FLUSH_S)
+            if not self.trace_edges and not self.trace_calls:
+                continue
+            edges, self.trace_edges = self.trace_edges, []
+            calls, self.trace_calls = self.trace_calls, []
+            try:
+                assert self.pub is not None
+                self.pub.send_multipart(protocol.encode_event(b"trace", {"edges": edges, "calls": calls}), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # traces are best effort: subscribers see a gap in the sample, nothing else
+
+    # ----- task-to-task calls ---------------------------------------------------------
+
+    def _on_task_call(self, ident: bytes, msg: Any) -> None:
+        self._background(self._task_call(ident, msg.header, msg.body))
+
+    async def _task_call(self, ident: bytes, header: dict[str, Any], body: bytes) -> None:
+        assert self.broker is not None
+        call_id = str(header.get("call_id") or self.new_call_id())
+        name = str(header.get("function", ""))
+        sync = not header.get("async")
+        started = time.perf_counter()
+        try:
+            info = self.functions.get(name)
+            if info is None:
+                raise NotFound(f"function '{name}' not found")
+            deadline_ms = int(time.time() * 1000 + info.timeout_s * 1000)
+            if sync and isinstance(header.get("deadline_ms"), int):
+                deadline_ms = min(deadline_ms, header["deadline_ms"])
+            invoke_header = dict(header, call_id=call_id, deadline_ms=deadline_ms)
+            invoke_header["headers"] = list(header.get("headers") or []) + [
+                ["fusionizer-server-address", self._fusionizer_host]]
+            fut = asyncio.get_running_loop().create_future()
+            timeout_s = max(0.001, deadline_ms / 1000 - time.time())
+            self.broker.submit(Call(call_id, name, invoke_header, body, fut, timeout_s))
+            if not sync:
+                self.broker.reply(ident, {"call_id": call_id, "status": 202, "content_type": "application/json"},
+                                  json.dumps({"call_id": call_id}).encode())
+            result, rbody = await fut
+            if result.get("edges"):
+                self.trace_edges.extend(result["edges"])
+            out_header = {"call_id": call_id, "status": int(result.get("status", 200)),
+                          "content_type": result.get("content_type") or "", "headers": result.get("headers") or []}
+        except NuclideError as exc:
+            out_header = {"call_id": call_id, "status": exc.http_status, "content_type": "application/json"}
+            rbody = json.dumps(error_payload(exc)).encode()
+        self.trace_edges.append([header.get("caller"), name, sync, False,
+                                 round((time.perf_counter() - started) * 1000, 3)])
+        if sync:
+            self.broker.reply(ident, out_header, rbody)
 
     # ----- auth -----------------------------------------------------------------
 
@@ -239,13 +308,18 @@ class Gateway:
         }
         fut = asyncio.get_running_loop().create_future()
         self.broker.submit(Call(call_id, name, header, body, fut, timeout_s))
+        started = time.perf_counter()
         result, rbody = await fut
+        status = int(result.get("status", 200))
+        self.trace_calls.append([name, round((time.perf_counter() - started) * 1000, 3), status])
+        if "edges" in result:
+            self.trace_edges.extend(result["edges"])
         out_headers = []
         for k, v in result.get("headers") or ():
             if k.lower() not in _SKIP_RESPONSE_HEADERS and k.lower() != "content-type":
                 out_headers.append((k.encode("latin-1"), str(v).encode("latin-1")))
         out_headers.append((b"content-type", (result.get("content_type") or "application/octet-stream").encode("latin-1")))
-        return int(result.get("status", 200)), out_headers, rbody
+        return status, out_headers, rbody
 
     async def _read_body(self, scope: dict, receive: Any) -> bytes:
         limit = self.settings.max_body_bytes

@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import signal
+import threading
 import sys
 import time
 import traceback
@@ -32,6 +33,7 @@ from services.runtime.event import Event
 from services.runtime.handlers import (
     HandlerForm, LoadedHandler, build_args, call_init_context, invoke, load_handler,
 )
+from services.runtime.calls import CallFailed, Frame, TaskCaller
 from services.runtime.session import GatewaySession
 
 EXIT_INIT_FAILED = 3
@@ -56,11 +58,20 @@ class Function:
         self.needs_session = handler.form is HandlerForm.FUSIONIZER
 
 
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
 def load_functions(config: dict[str, Any]) -> dict[str, Function]:
     functions: dict[str, Function] = {}
     for fc in config["functions"]:
-        for key, value in (fc.get("env") or {}).items():
-            os.environ[str(key)] = str(value)
+        if len(config["functions"]) == 1:  # a fused group sets each task's env per call instead
+            for key, value in (fc.get("env") or {}).items():
+                os.environ[str(key)] = str(value)
         extra = [fc["deps_dir"]] if fc.get("deps_dir") else []
         handler = load_handler(fc["code_dir"], fc["handler"], extra)
         logger = Logger(function=fc["name"])
@@ -78,8 +89,14 @@ class Runtime:
         self.max_concurrency = max(1, min(int(fc.get("max_concurrency", 1)) for fc in config["functions"]))
         # how many INVOKEs may wait here; the gateway only fills it while calls are fast
         self.credit = self.max_concurrency + PREFETCH
-        self.session = GatewaySession(config.get("fusionizer_host", "127.0.0.1"), config.get("gateway_url", ""))
         self.ctx = zmq.Context()
+        self.caller = TaskCaller(self, list(config["gateways"]))
+        self.session = GatewaySession(config.get("fusionizer_host", "127.0.0.1"), config.get("gateway_url", ""),
+                                      self.caller)
+        self.envs = {fc["name"]: dict(fc.get("env") or {}) for fc in config["functions"]}
+        self._fused = len(functions) > 1
+        for fn in functions.values():
+            fn.context._caller = self.caller
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.ROUTING_ID, self.instance_id.encode())
@@ -118,48 +135,105 @@ class Runtime:
         """Run one call and build its RESULT header and body; never raises.
 
         ``loop`` runs async handlers; None gives each pool thread a loop of its own.
+        The RESULT carries the task-call edges the call made, for the optimizer.
         """
         started = time.perf_counter()
-        call_id = header.get("call_id", "")
-        fn = self.functions.get(header.get("function", ""))
-        mode = header.get("mode", "http")
-        if fn is None:
-            status, hdrs, ctype, out = 404, [], "application/json", json.dumps(
-                {"error": {"code": "not_found", "message": f"function '{header.get('function')}' is not served by this instance"}}
-            ).encode()
-        else:
-            ctx = fn.context
-            try:
-                ctx._begin(call_id, int(header.get("deadline_ms") or 0))
-                fn.logger.set_call_id(call_id)
-                if mode == "execute":
-                    event = Event.from_invoke(header, body)
-                    args = build_args(fn.handler, ctx, event, self.session if fn.needs_session else None,
-                                      body.decode("utf-8", "replace"))
-                    status, hdrs, ctype, out = responses.execute_result(invoke(fn.handler, args, loop))
-                else:
-                    event = Event.from_invoke(header, body)
-                    args = build_args(fn.handler, ctx, event, self.session if fn.needs_session else None, None)
-                    status, hdrs, ctype, out = responses.to_result(invoke(fn.handler, args, loop))
-            except MemoryError:
-                limit_mib = int(self.config.get("memory_bytes") or 0) // (1024 * 1024)
-                message = (f"function '{fn.name}' ran out of memory: it is limited to {limit_mib} MiB"
-                           " (spec.resources.limits.memory)")
-                fn.logger.error(message)
-                status, hdrs, ctype, out = 500, [], "application/json", json.dumps(
-                    {"error": {"code": "memory_limit", "message": message}}).encode()
-            except Exception as exc:
-                fn.logger.error("handler raised", error=f"{type(exc).__name__}: {exc}",
-                                traceback=traceback.format_exc(limit=20))
-                status, hdrs, ctype, out = responses.error_result(exc)
+        edges: list[list[Any]] = []
+        status, hdrs, ctype, out = self._run(header, body, loop, edges)
         result = {
-            "call_id": call_id,
+            "call_id": header.get("call_id", ""),
             "status": status,
             "headers": hdrs,
             "content_type": ctype,
             "took_ms": round((time.perf_counter() - started) * 1000, 3),
         }
+        if edges:
+            result["edges"] = edges
         return result, out
+
+    def execute_nested(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        """A task call served in-process; the callee's context is restored afterwards (it may be re-entered)."""
+        fn = self.functions[header["function"]]
+        ctx = fn.context
+        saved = (ctx._call_id, ctx._deadline_ms, fn.logger.call_id)
+        frame = self.caller.current()
+        edges = frame.edges if frame is not None else []
+        try:
+            if fn.handler.is_async and _loop_running():
+                # a sync context.call from inside an async handler: the callee's coroutine
+                # cannot run on the busy loop of this thread, so it gets a thread of its own
+                box: list[Any] = []
+                worker = threading.Thread(target=lambda: box.append(self._run(header, body, None, edges)))
+                worker.start()
+                worker.join()
+                status, hdrs, ctype, out = box[0]
+            else:
+                status, hdrs, ctype, out = self._run(header, body, self.loop if not _loop_running() else None, edges)
+        finally:
+            ctx._call_id, ctx._deadline_ms, fn.logger.call_id = saved
+        return {"call_id": header["call_id"], "status": status, "headers": hdrs, "content_type": ctype}, out
+
+    def _run(self, header: dict[str, Any], body: bytes, loop: asyncio.AbstractEventLoop | None,
+             edges: list[list[Any]]) -> tuple[int, list, str, bytes]:
+        call_id = header.get("call_id", "")
+        fn = self.functions.get(header.get("function", ""))
+        if fn is None:
+            return 404, [], "application/json", json.dumps(
+                {"error": {"code": "not_found", "message": f"function '{header.get('function')}' is not served here"}}
+            ).encode()
+        ctx = fn.context
+        deadline_ms = int(header.get("deadline_ms") or 0)
+        self.caller.push(Frame(call_id, fn.name, int(header.get("depth") or 0), list(header.get("chain") or [fn.name]),
+                               deadline_ms, edges))
+        restore_env = self._apply_env(fn) if self._fused else None
+        try:
+            ctx._begin(call_id, deadline_ms)
+            fn.logger.set_call_id(call_id)
+            event = Event.from_invoke(header, body)
+            session = self.session if fn.needs_session else None
+            if header.get("mode") == "execute":
+                args = build_args(fn.handler, ctx, event, session, body.decode("utf-8", "replace"))
+                return responses.execute_result(invoke(fn.handler, args, loop))
+            args = build_args(fn.handler, ctx, event, session, None)
+            return responses.to_result(invoke(fn.handler, args, loop))
+        except MemoryError:
+            limit_mib = int(self.config.get("memory_bytes") or 0) // (1024 * 1024)
+            message = (f"function '{fn.name}' ran out of memory: it is limited to {limit_mib} MiB"
+                       " (spec.resources.limits.memory)")
+            fn.logger.error(message)
+            return 500, [], "application/json", json.dumps({"error": {"code": "memory_limit", "message": message}}).encode()
+        except CallFailed as exc:
+            # a failed task call the handler did not catch: answer as the callee did
+            fn.logger.error("task call failed", callee=exc.function, status=exc.status, error=exc.message)
+            status = exc.status if exc.status in (404, 504, 508) else 500
+            return status, [], "application/json", json.dumps(
+                {"error": {"code": "task_call_failed", "message": f"call to '{exc.function}' failed: {exc.message}"}}
+            ).encode()
+        except Exception as exc:
+            fn.logger.error("handler raised", error=f"{type(exc).__name__}: {exc}",
+                            traceback=traceback.format_exc(limit=20))
+            return responses.error_result(exc)
+        finally:
+            if restore_env is not None:
+                restore_env()
+            self.caller.pop()
+
+    def _apply_env(self, fn: Function) -> Any:
+        """In a fused group each task runs with its own env; returns the undo."""
+        env = self.envs.get(fn.name) or {}
+        if not env:
+            return None
+        previous = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+
+        def restore() -> None:
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+        return restore
 
     def _finish_later(self, header: dict[str, Any], body: bytes) -> None:
         assert self._pool is not None

@@ -63,6 +63,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX instances_group ON instances (group_id, group_version);
     INSERT INTO meta (key, value) VALUES ('seq', '0');
     """,
+    # group versions come from one counter, so a newer deployment of a task always
+    # outranks an older one, whichever group each belongs to; kv holds small documents
+    """
+    INSERT INTO meta (key, value) SELECT 'group_seq', CAST(COALESCE(MAX(version_counter), 0) AS TEXT) FROM groups;
+    CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL NOT NULL);
+    """,
 ]
 
 

@@ -75,10 +75,21 @@ class StoreServer:
             return {"digest": digest}, [st.blobs.get(digest)]
         if method == "instances.list":
             return st.instances_of(args.get("group_id"))
+        if method == "groups.list":
+            return st.list_groups()
+        if method == "group.spec":
+            return st.group_spec(_arg(args, "group_id", str))
+        if method == "kv.get":
+            return st.kv_get(_arg(args, "key", str))
+        if method == "kv.put":
+            st.kv_put(_arg(args, "key", str), args.get("value"))
+            return {"ok": True}
         if method == "function.put":
             spec = _arg(args, "spec", dict)
             warnings = args.get("warnings") or []
             result, events = st.put_function(_arg(args, "name", str), spec, list(warnings), bodies[0] if bodies else b"")
+        elif method == "groups.set":
+            result, events = st.set_groups(args.get("setup"))
         elif method == "function.delete":
             result, events = st.delete_function(_arg(args, "name", str))
         elif method == "instance.started":

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import InvalidRequest, NotFound
+from shared.fusion import merge_specs, validate_setup
 from shared.names import validate_function_name
 from services.store.db import Database
 
@@ -76,6 +77,12 @@ class StoreState:
         row = self.db.one("SELECT value FROM meta WHERE key='seq'")
         return int(row[0]) if row else 0
 
+    def next_group_version(self) -> int:
+        """A new group version from the one global counter (inside the caller's transaction)."""
+        current = int(self.db.one("SELECT value FROM meta WHERE key='group_seq'")[0]) + 1
+        self.db.execute("UPDATE meta SET value=? WHERE key='group_seq'", (str(current),))
+        return current
+
     def next_seqs(self, count: int) -> int:
         """Reserve ``count`` sequence numbers inside the caller's transaction; return the first."""
         current = self.seq()
@@ -92,9 +99,11 @@ class StoreState:
             "SELECT COUNT(*) FROM instances WHERE group_id=? AND group_version=? AND state='ready'",
             (row["id"], row["ready_version"]),
         )[0]
+        members = json.loads(row["members"])
         return {
             "id": row["id"],
-            "members": json.loads(row["members"]),
+            "tasks": sorted(members),
+            "members": members,
             "version": row["version"],
             "ready_version": row["ready_version"],
             "ready_members": json.loads(row["ready_members"]),
@@ -203,21 +212,21 @@ class StoreState:
                 (name, version, digest, json.dumps(spec, sort_keys=True), json.dumps(warnings), now),
             )
             group = self._group_row(group_id)
+            group_version = self.next_group_version()
             if group is None:
                 self.db.execute(
                     "INSERT INTO groups (id, members, version, version_counter, ready_version, ready_members, state,"
-                    " replicas_desired, error, created_at, updated_at) VALUES (?, ?, 1, 1, 0, '{}', 'deploying', ?, NULL, ?, ?)",
-                    (group_id, json.dumps({name: version}), replicas, now, now),
+                    " replicas_desired, error, created_at, updated_at) VALUES (?, ?, ?, ?, 0, '{}', 'deploying', ?, NULL, ?, ?)",
+                    (group_id, json.dumps({name: version}), group_version, group_version, replicas, now, now),
                 )
-                group_version = 1
             else:
                 members = json.loads(group["members"])
                 members[name] = version
-                group_version = group["version_counter"] + 1
                 self.db.execute(
                     "UPDATE groups SET members=?, version=?, version_counter=?, state='deploying', replicas_desired=?,"
                     " updated_at=? WHERE id=?",
-                    (json.dumps(members), group_version, group_version, max(replicas, 1), now, group_id),
+                    (json.dumps(members), group_version, group_version,
+                     self._group_replicas(members, {name: spec}), now, group_id),
                 )
             fn = self.get_function(name)
             grec = self.group_record(self._group_row(group_id))
@@ -242,11 +251,12 @@ class StoreState:
                 else:
                     ready_members = json.loads(group["ready_members"])
                     ready_members.pop(name, None)
-                    counter = group["version_counter"] + 1
+                    counter = self.next_group_version()
                     self.db.execute(
                         "UPDATE groups SET members=?, ready_members=?, version=?, version_counter=?, state='deploying',"
-                        " updated_at=? WHERE id=?",
-                        (json.dumps(members), json.dumps(ready_members), counter, counter, time.time(), group["id"]),
+                        " replicas_desired=?, updated_at=? WHERE id=?",
+                        (json.dumps(members), json.dumps(ready_members), counter, counter,
+                         self._group_replicas(members), time.time(), group["id"]),
                     )
                     group_event = ("group.changed", {"group": self.group_record(self._group_row(group["id"]))})
                 n += 1
@@ -401,3 +411,115 @@ class StoreState:
         else:
             rows = self.db.all("SELECT * FROM instances ORDER BY started_at")
         return [self.instance_record(r) for r in rows]
+
+    # ----- fusion groups ------------------------------------------------------------
+
+    def _member_specs(self, members: dict[str, int], overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+        specs: dict[str, dict[str, Any]] = {}
+        for name, version in members.items():
+            if overrides and name in overrides:
+                specs[name] = overrides[name]
+                continue
+            row = self.db.one("SELECT spec FROM function_versions WHERE name=? AND version=?", (name, version))
+            specs[name] = json.loads(row["spec"]) if row else {}
+        return specs
+
+    def _group_replicas(self, members: dict[str, int], overrides: dict[str, dict[str, Any]] | None = None) -> int:
+        return int(merge_specs(self._member_specs(members, overrides))["min_replicas"])
+
+    def group_spec(self, group_id: str) -> dict[str, Any]:
+        """The merged settings the deployer builds a group's environment from."""
+        row = self._group_row(group_id)
+        if row is None:
+            raise NotFound(f"group '{group_id}' not found")
+        return merge_specs(self._member_specs(json.loads(row["members"])))
+
+    def list_groups(self) -> dict[str, Any]:
+        groups = [self.group_record(r) for r in self.db.all("SELECT * FROM groups ORDER BY id")]
+        return {
+            "setup": [g["tasks"] for g in groups],
+            "groups": [{"id": g["id"], "tasks": g["tasks"], "version": g["version"], "ready_version": g["ready_version"],
+                        "state": g["state"], "error": g["error"],
+                        "replicas": {"desired": g["replicas_desired"], "ready": g["replicas_ready"]}} for g in groups],
+        }
+
+    def set_groups(self, setup: Any) -> tuple[dict[str, Any], list[Event]]:
+        """Apply a fusion setup; tasks it leaves out keep their group.
+
+        Groups that already have exactly a requested membership are left alone. Old
+        instances are not stopped here: the deployer stops a superseded instance only
+        once every task it serves is ready elsewhere, so a regroup never drops a call.
+        """
+        rows = {r["name"]: r for r in self.db.all("SELECT * FROM functions")}
+        wanted = validate_setup(setup, set(rows))
+        now = time.time()
+        payloads: list[Event] = []
+        changed_groups: list[str] = []
+        with self.db.tx():
+            current: dict[str, set[str]] = {}
+            for r in self.db.all("SELECT id, members FROM groups"):
+                current[r["id"]] = set(json.loads(r["members"]))
+            for names in wanted:
+                target = set(names)
+                if any(members == target for members in current.values()):
+                    continue
+                members = {n: rows[n]["version"] or rows[n]["latest_version"] for n in sorted(target)}
+                merge_specs(self._member_specs(members))  # raises Conflict before anything changes
+                group_id = "g-" + hashlib.sha1("\0".join(sorted(target)).encode()).hexdigest()[:10]
+                version = self.next_group_version()
+                replicas = self._group_replicas(members)
+                if group_id in current:
+                    self.db.execute(
+                        "UPDATE groups SET members=?, version=?, version_counter=?, state='deploying', replicas_desired=?,"
+                        " updated_at=? WHERE id=?", (json.dumps(members), version, version, replicas, now, group_id))
+                else:
+                    self.db.execute(
+                        "INSERT INTO groups (id, members, version, version_counter, ready_version, ready_members, state,"
+                        " replicas_desired, error, created_at, updated_at) VALUES (?, ?, ?, ?, 0, '{}', 'deploying', ?,"
+                        " NULL, ?, ?)", (group_id, json.dumps(members), version, version, replicas, now, now))
+                # the tasks leave their old groups
+                for old_id, old_members in current.items():
+                    if old_id == group_id or not (old_members & target):
+                        continue
+                    remaining = old_members - target
+                    old = self._group_row(old_id)
+                    if not remaining:
+                        self.db.execute("DELETE FROM groups WHERE id=?", (old_id,))
+                        payloads.append(("group.deleted", {"group_id": old_id}))
+                    else:
+                        kept = {k: v for k, v in json.loads(old["members"]).items() if k in remaining}
+                        ready_kept = {k: v for k, v in json.loads(old["ready_members"]).items() if k in remaining}
+                        old_version = self.next_group_version()
+                        self.db.execute(
+                            "UPDATE groups SET members=?, ready_members=?, version=?, version_counter=?, state='deploying',"
+                            " replicas_desired=?, updated_at=? WHERE id=?",
+                            (json.dumps(kept), json.dumps(ready_kept), old_version, old_version,
+                             self._group_replicas(kept), now, old_id))
+                        changed_groups.append(old_id)
+                    current[old_id] = remaining
+                current = {k: v for k, v in current.items() if v}
+                current[group_id] = target
+                changed_groups.append(group_id)
+                for name in target:
+                    self.db.execute("UPDATE functions SET group_id=?, updated_at=? WHERE name=?", (group_id, now, name))
+            for group_id in dict.fromkeys(changed_groups):
+                row = self._group_row(group_id)
+                if row is not None:
+                    payloads.append(("group.changed", {"group": self.group_record(row)}))
+            for name in sorted({n for g in wanted for n in g}):
+                payloads.append(("function.changed", {"function": self.get_function(name)}))
+            first = self.next_seqs(len(payloads)) if payloads else 0
+        for i, (_, data) in enumerate(payloads):
+            data["seq"] = first + i
+        return self.list_groups(), payloads
+
+    # ----- small documents (the optimizer's status) -------------------------------------
+
+    def kv_put(self, key: str, value: Any) -> None:
+        with self.db.tx():
+            self.db.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET"
+                            " value=excluded.value, updated_at=excluded.updated_at", (key, json.dumps(value), time.time()))
+
+    def kv_get(self, key: str) -> Any:
+        row = self.db.one("SELECT value FROM kv WHERE key=?", (key,))
+        return json.loads(row["value"]) if row else None

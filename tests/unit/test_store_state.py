@@ -118,6 +118,67 @@ def test_bad_names_and_empty_zips(st: StoreState) -> None:
 
 
 def test_migrations_are_idempotent(tmp_path: Path) -> None:
+    from services.store.db import MIGRATIONS
+
     db = Database(tmp_path / "m.db")
     assert db.migrate() == 0
-    assert db.one("SELECT COUNT(*) FROM schema_migrations")[0] == 1
+    assert db.one("SELECT COUNT(*) FROM schema_migrations")[0] == len(MIGRATIONS)
+
+
+def _deploy_ready(st: StoreState, name: str, spec: dict | None = None) -> None:
+    res, _ = st.put_function(name, spec or SPEC, [], name.encode())
+    st.instance_ready(f"i-{name}", res["group_id"], res["group_version"], {name: res["version"]})
+
+
+def test_regroup_moves_tasks_and_keeps_the_rest(st: StoreState) -> None:
+    for n in ("a", "b", "c"):
+        _deploy_ready(st, n)
+    result, events = st.set_groups([["a", "b"]])
+    assert sorted(result["setup"]) == [["a", "b"], ["c"]]
+    assert "group.deleted" in kinds(events)  # g-a and g-b are emptied
+    fused = next(g for g in result["groups"] if g["tasks"] == ["a", "b"])
+    assert fused["state"] == "deploying"
+    assert st.get_function("a")["group"]["id"] == fused["id"]
+    assert st.get_function("a")["state"] == "ready", "a keeps serving from its old instance meanwhile"
+    # the same setup again changes nothing
+    _, again = st.set_groups([["a", "b"]])
+    assert [k for k in kinds(again) if k.startswith("group")] == []
+    # splitting a task out of a fused group redeploys the rest under a newer version
+    v_before = fused["version"]
+    result, _ = st.set_groups([["b"]])
+    rest = next(g for g in result["groups"] if g["tasks"] == ["a"])
+    assert rest["version"] > v_before
+
+
+def test_group_versions_are_globally_increasing(st: StoreState) -> None:
+    r1, _ = st.put_function("a", SPEC, [], b"1")
+    r2, _ = st.put_function("b", SPEC, [], b"2")
+    r3, _ = st.put_function("a", SPEC, [], b"3")
+    assert r1["group_version"] < r2["group_version"] < r3["group_version"]
+
+
+@pytest.mark.parametrize("setup,needle", [
+    ([["a", "zz"]], "unknown tasks: zz"),
+    ([["a"], ["a", "b"]], "more than one group: a"),
+    ([[]], "empty"),
+    ("nope", "non-empty JSON list"),
+])
+def test_bad_setups_change_nothing(st: StoreState, setup, needle: str) -> None:
+    for n in ("a", "b"):
+        _deploy_ready(st, n)
+    before = st.list_groups()
+    with pytest.raises(InvalidRequest, match=needle):
+        st.set_groups(setup)
+    assert st.list_groups() == before
+
+
+def test_conflicting_requirements_refuse_the_fusion(st: StoreState) -> None:
+    from shared.errors import Conflict
+
+    _deploy_ready(st, "a", {**SPEC, "requirements": "requests==2.31.0\n"})
+    _deploy_ready(st, "b", {**SPEC, "requirements": "requests==2.28.0\n"})
+    before = st.list_groups()
+    with pytest.raises(Conflict) as info:
+        st.set_groups([["a", "b"]])
+    assert "'a'" in info.value.message and "'b'" in info.value.message and "requests" in info.value.message
+    assert st.list_groups() == before

@@ -31,6 +31,7 @@ class InstanceHandle:
     pid: int | None
     log_path: Path
     started_at: float
+    functions: tuple[str, ...] = ()
     adopted: bool = False
     stopping: bool = False
 

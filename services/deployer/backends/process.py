@@ -107,9 +107,12 @@ class ProcessBackend(Backend):
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=base_env(),
                 cwd=str(code_dirs[0]), start_new_session=True, preexec_fn=limits,
             )
-        handle = InstanceHandle(spec.id, spec.group_id, spec.group_version, proc.pid, spec.log_path, time.time())
+        functions = tuple(f["name"] for f in spec.functions)
+        handle = InstanceHandle(spec.id, spec.group_id, spec.group_version, proc.pid, spec.log_path, time.time(),
+                                functions)
         (inst_dir / "instance.json").write_text(json.dumps({
             "id": spec.id, "group_id": spec.group_id, "group_version": spec.group_version, "pid": proc.pid,
+            "functions": list(functions),
             "start_time": _start_time(proc.pid), "log_path": str(spec.log_path), "started_at": handle.started_at,
         }))
         self.handles[spec.id] = handle
@@ -183,7 +186,8 @@ class ProcessBackend(Backend):
                 meta_path.parent.rmdir()
                 continue
             handle = InstanceHandle(meta["id"], meta["group_id"], int(meta["group_version"]), pid,
-                                    Path(meta["log_path"]), float(meta.get("started_at", 0)), adopted=True)
+                                    Path(meta["log_path"]), float(meta.get("started_at", 0)),
+                                    tuple(meta.get("functions") or ()), adopted=True)
             self.handles[handle.id] = handle
             self._watchers[handle.id] = asyncio.ensure_future(self._watch_adopted(handle))
             adopted.append(handle)

@@ -1,0 +1,107 @@
+"""The optimizer service: follows the gateway's call traces and applies a strategy's setups."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from shared import protocol
+from shared.aiosock import AsyncSocket, RpcClient
+from shared.config import Settings
+from shared.errors import BuildFailed, DeadlineExceeded, ProtocolError
+from shared.logs import get_logger
+from services.optimizer.strategies.base import Strategy
+
+log = get_logger(__name__)
+
+TRACE_KEEP = 200_000  # newest edges and calls kept in memory
+STATUS_INTERVAL_S = 1.0
+APPLY_TIMEOUT_S = 300.0
+
+
+class Optimizer:
+    def __init__(self, settings: Settings, ctx: zmq.Context, strategy: Strategy) -> None:
+        self.settings = settings
+        self.strategy = strategy
+        self.store = RpcClient(ctx, settings.store_rpc, "store")
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"trace")
+        sub.connect(settings.gateway_pub)
+        self._sub = AsyncSocket(sub, self._on_trace)
+        # (monotonic time, caller, callee, sync, local, took_ms) and (time, function, took_ms, status)
+        self.edges: deque[tuple[float, Any, str, bool, bool, float]] = deque(maxlen=TRACE_KEEP)
+        self.calls: deque[tuple[float, str, float, int]] = deque(maxlen=TRACE_KEEP)
+        self.status: dict[str, Any] = {"strategy": strategy.name, "state": "starting", "rounds": [],
+                                       "current_setup": [], "best_setup": None, "best_median_ms": None}
+
+    def _on_trace(self, frames: list[bytes]) -> None:
+        try:
+            _, msg = protocol.decode_event(frames)
+        except ProtocolError as exc:
+            log.warning("dropped malformed trace", error=str(exc))
+            return
+        now = time.monotonic()
+        for e in msg.header.get("edges") or []:
+            if isinstance(e, list) and len(e) == 5:
+                self.edges.append((now, e[0], str(e[1]), bool(e[2]), bool(e[3]), float(e[4])))
+        for c in msg.header.get("calls") or []:
+            if isinstance(c, list) and len(c) == 3:
+                self.calls.append((now, str(c[0]), float(c[1]), int(c[2])))
+
+    async def current_setup(self) -> list[list[str]]:
+        groups = await self.store.call("groups.list")
+        return [sorted(g) for g in groups["setup"]]
+
+    async def apply(self, setup: list[list[str]]) -> None:
+        """Set a setup and wait until every group in it serves (or failed)."""
+        await self.store.call("groups.set", {"setup": setup})
+        deadline = time.monotonic() + APPLY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            groups = await self.store.call("groups.list")
+            pending = [g for g in groups["groups"] if g["state"] == "deploying"]
+            failed = [g for g in groups["groups"] if g["state"] == "failed" and g["ready_version"] != g["version"]]
+            if failed:
+                raise BuildFailed(f"group {failed[0]['tasks']} failed: {failed[0]['error']}")
+            if not pending:
+                self.status["current_setup"] = [sorted(g) for g in groups["setup"]]
+                return
+            await asyncio.sleep(0.2)
+        raise DeadlineExceeded(f"setup {setup} did not become ready within {APPLY_TIMEOUT_S:g} s")
+
+    def decide(self, setup: list[list[str]], decision: str, reason: str, **evidence: Any) -> None:
+        entry = {"round": len(self.status["rounds"]) + 1, "at": time.time(), "setup": setup,
+                 "decision": decision, "reason": reason, **evidence}
+        self.status["rounds"].append(entry)
+        del self.status["rounds"][:-200]
+        log.info("optimizer decision", **entry)
+
+    async def _report(self) -> None:
+        while True:
+            try:
+                self.status["current_setup"] = await self.current_setup()
+                self.status["updated_at"] = time.time()
+                await self.store.call("kv.put", {"key": "optimizer", "value": self.status}, timeout_s=2.0)
+            except Exception as exc:  # the store may be restarting; report again next time
+                log.warning("status not reported", error=repr(exc))
+            await asyncio.sleep(STATUS_INTERVAL_S)
+
+    def _strategy_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.status["state"] = f"failed: {task.exception()!r}"
+            log.error("strategy failed", error=repr(task.exception()))
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        reporter = asyncio.ensure_future(self._report())
+        runner = asyncio.ensure_future(self.strategy.run(self))
+        runner.add_done_callback(self._strategy_done)
+        log.info("optimizer ready", strategy=self.strategy.name)
+        await stop.wait()  # a strategy that finishes (a schedule played out) leaves the status reported
+        for task in (reporter, runner):
+            task.cancel()
+        self._sub.close()
+        self.store.close()

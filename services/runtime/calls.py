@@ -1,0 +1,184 @@
+"""Task-to-task calls: in-process when the callee is in this instance's group, else via the gateway.
+
+``context.call("taskb", payload)`` and a Fusionizer task's
+``requests_session.post("http://{host}:8000/taskb", json=...)`` both land here.
+Either way the callee gets its own event and call id (parent = the caller's call),
+runs with its own env, and the caller sees the same result: the callee's return
+value goes through the same HTTP mapping as a remote call and is decoded back
+(JSON -> objects, text -> str, else bytes); a status >= 400 raises
+:class:`CallFailed` with the callee's message. Remote calls use a DEALER socket
+per thread (CALL -> gateway -> RESULT), so a blocked handler never shares the
+instance's own socket. Each edge (caller, callee, sync, local, duration) is
+recorded on the outermost call and reported with its RESULT.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from shared import protocol
+from shared.errors import ProtocolError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from services.runtime.loop import Runtime
+
+MAX_CALL_DEPTH = 16  # nested task calls; deeper is almost always a cycle
+_JSON = "application/json"
+
+
+class CallFailed(Exception):
+    """A task call answered with an error status; carries the callee's message."""
+
+    def __init__(self, function: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.function = function
+        self.status = status
+        self.message = message
+
+
+class Frame:
+    """What is running on this thread: the call a nested call is made from."""
+
+    __slots__ = ("call_id", "function", "depth", "chain", "deadline_ms", "edges")
+
+    def __init__(self, call_id: str, function: str, depth: int, chain: list[str], deadline_ms: int,
+                 edges: list[list[Any]]) -> None:
+        self.call_id = call_id
+        self.function = function
+        self.depth = depth
+        self.chain = chain
+        self.deadline_ms = deadline_ms
+        self.edges = edges
+
+
+def encode_payload(payload: Any) -> tuple[bytes, str]:
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload), "application/octet-stream"
+    if isinstance(payload, str):
+        return payload.encode(), "text/plain; charset=utf-8"
+    return json.dumps(payload, separators=(",", ":")).encode(), _JSON
+
+
+def decode_result(function: str, status: int, content_type: str, body: bytes) -> Any:
+    if status >= 400:
+        message = body.decode("utf-8", "replace")
+        if content_type.startswith(_JSON):
+            try:
+                doc = json.loads(body)
+                if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+                    message = str(doc["error"].get("message", message))
+            except ValueError:
+                pass
+        raise CallFailed(function, status, message)
+    if content_type.startswith(_JSON) or content_type.endswith("+json"):
+        return json.loads(body) if body else None
+    if content_type.startswith("text/"):
+        return body.decode("utf-8", "replace")
+    return body
+
+
+class TaskCaller:
+    """One per instance; handlers reach it through ``context.call``."""
+
+    def __init__(self, runtime: "Runtime", gateways: list[str]) -> None:
+        self.runtime = runtime
+        self.gateways = gateways
+        self._local = threading.local()
+        self._ids = 0
+        self._ids_lock = threading.Lock()
+
+    # ----- frames ------------------------------------------------------------------
+
+    def push(self, frame: Frame) -> None:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        stack.append(frame)
+
+    def pop(self) -> None:
+        self._local.stack.pop()
+
+    def current(self) -> Frame | None:
+        stack = getattr(self._local, "stack", None)
+        return stack[-1] if stack else None
+
+    def _new_id(self, parent: str) -> str:
+        with self._ids_lock:
+            self._ids += 1
+            return f"{parent}.{self._ids:x}"
+
+    # ----- the calls -------------------------------------------------------------------
+
+    def call(self, name: str, payload: Any = None) -> Any:
+        body, ctype = encode_payload(payload)
+        status, rctype, rbody = self.request(name, "POST", body, ctype, [])
+        return decode_result(name, status, rctype, rbody)
+
+    def call_async(self, name: str, payload: Any = None) -> str:
+        body, ctype = encode_payload(payload)
+        status, rctype, rbody = self.request(name, "POST", body, ctype, [], sync=False)
+        result = decode_result(name, status, rctype, rbody)
+        return result["call_id"] if isinstance(result, dict) else str(result)
+
+    def request(self, name: str, method: str, body: bytes, content_type: str, headers: list[list[str]],
+                path: str | None = None, query: str = "", sync: bool = True) -> tuple[int, str, bytes]:
+        """Call a task; returns (status, content_type, body) exactly as an HTTP caller would see them."""
+        frame = self.current()
+        parent = frame.call_id if frame else ""
+        depth = (frame.depth + 1) if frame else 1
+        chain = (frame.chain if frame else []) + [name]
+        if depth > MAX_CALL_DEPTH:
+            raise CallFailed(name, 508, f"call depth limit of {MAX_CALL_DEPTH} exceeded: {' -> '.join(chain[-6:])}"
+                                        " ...; is there a cycle between these tasks?")
+        call_id = self._new_id(parent or "call")
+        deadline_ms = frame.deadline_ms if frame and frame.deadline_ms else int((time.time() + 30) * 1000)
+        header = {
+            "call_id": call_id, "parent_id": parent or None, "function": name, "method": method,
+            "path": path or f"/{name}", "query": query, "headers": headers, "content_type": content_type,
+            "deadline_ms": deadline_ms, "mode": "http", "depth": depth, "chain": chain,
+            "caller": frame.function if frame else None, "async": not sync,
+        }
+        started = time.perf_counter()
+        local = sync and name in self.runtime.functions
+        if local:
+            result, out = self.runtime.execute_nested(header, body)
+        else:
+            result, out = self._remote(header, body)
+        took_ms = (time.perf_counter() - started) * 1000
+        if frame is not None:
+            frame.edges.append([frame.function, name, sync, local, round(took_ms, 3)])
+        return int(result.get("status", 200)), str(result.get("content_type") or ""), out
+
+    def _socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = self.runtime.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            for endpoint in self.gateways:
+                sock.connect(endpoint)
+            self._local.sock = sock
+        return sock
+
+    def _remote(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        sock = self._socket()
+        sock.send_multipart(protocol.encode(protocol.CALL, header, body))
+        call_id = header["call_id"]
+        while True:
+            remaining_ms = header["deadline_ms"] - int(time.time() * 1000)
+            if remaining_ms <= 0 or not sock.poll(remaining_ms):
+                # the socket may still get the late answer: drop it so the next call starts clean
+                sock.close(linger=0)
+                self._local.sock = None
+                raise CallFailed(header["function"], 504,
+                                 f"call to '{header['function']}' did not finish before the caller's deadline")
+            try:
+                msg = protocol.decode(sock.recv_multipart())
+            except ProtocolError:
+                continue
+            if msg.command == protocol.RESULT and msg.header.get("call_id") == call_id:
+                return msg.header, msg.body

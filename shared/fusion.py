@@ -1,0 +1,107 @@
+"""Pure rules for fused groups: one spec from the members' specs, and setup validation.
+
+A fused group runs every member in one instance, so it needs one environment:
+requirements are merged (the same package pinned differently by two tasks is a
+conflict, named), build commands run in member order, and resources combine:
+memory is the SUM of members' limits (they share one process), timeout the MAX,
+concurrency the MIN, replicas the MAX of minReplicas.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from shared.errors import Conflict, InvalidRequest
+
+_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*)$")
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def merge_requirements(requirements: dict[str, str]) -> str:
+    """Merge requirements.txt texts by task; raises Conflict naming both tasks and the package."""
+    chosen: dict[str, tuple[str, str, str]] = {}  # package -> (specifier, task, line)
+    order: list[str] = []
+    passthrough: list[str] = []
+    for task in sorted(requirements):
+        for raw in requirements[task].splitlines():
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            m = _NAME.match(line.split(";", 1)[0])
+            if m is None:
+                passthrough.append(line)
+                continue
+            package = _canonical(m.group(1))
+            specifier = m.group(3).replace(" ", "")
+            if package not in chosen:
+                chosen[package] = (specifier, task, line)
+                order.append(package)
+                continue
+            old_spec, old_task, _ = chosen[package]
+            if specifier and old_spec and specifier != old_spec:
+                raise Conflict(
+                    f"tasks '{old_task}' and '{task}' need different versions of '{package}' "
+                    f"({old_spec} vs {specifier}); align their requirements.txt to fuse them",
+                    {"package": package, "tasks": [old_task, task]},
+                )
+            if specifier and not old_spec:
+                chosen[package] = (specifier, task, line)
+    lines = list(dict.fromkeys([chosen[p][2] for p in order] + passthrough))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def merge_specs(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The group-level settings for members' spec dicts (FunctionSpec.to_dict())."""
+    if not specs:
+        raise InvalidRequest("a group needs at least one task")
+    names = sorted(specs)
+    commands: list[str] = []
+    for name in names:
+        for command in specs[name].get("build_commands") or []:
+            if command not in commands:
+                commands.append(command)
+    memories = [int(specs[n]["memory_bytes"]) for n in names if specs[n].get("memory_bytes")]
+    return {
+        "requirements": merge_requirements({n: specs[n].get("requirements") or "" for n in names}),
+        "build_commands": commands,
+        "memory_bytes": sum(memories) if memories else None,
+        "timeout_s": max(float(specs[n].get("timeout_s") or 30.0) for n in names),
+        "max_concurrency": min(int(specs[n].get("max_concurrency") or 1) for n in names),
+        "min_replicas": max(max(int(specs[n].get("min_replicas", 1) or 0), 1) for n in names),
+    }
+
+
+def validate_setup(setup: Any, known: set[str]) -> list[list[str]]:
+    """A setup is a list of non-empty lists of deployed task names, each name once."""
+    if isinstance(setup, dict) and "setup" in setup:
+        setup = setup["setup"]
+    if not isinstance(setup, list) or not setup:
+        raise InvalidRequest('a setup is a non-empty JSON list of groups, e.g. [["taska", "taskb"], ["taskc"]]')
+    seen: set[str] = set()
+    duplicated: list[str] = []
+    unknown: list[str] = []
+    groups: list[list[str]] = []
+    for i, group in enumerate(setup):
+        if not isinstance(group, list) or not all(isinstance(n, str) for n in group):
+            raise InvalidRequest(f"group {i} of the setup is not a list of task names")
+        if not group:
+            raise InvalidRequest(f"group {i} of the setup is empty; every group needs at least one task")
+        for name in group:
+            if name in seen and name not in duplicated:
+                duplicated.append(name)
+            seen.add(name)
+            if name not in known and name not in unknown:
+                unknown.append(name)
+        groups.append(list(dict.fromkeys(group)))
+    problems = []
+    if unknown:
+        problems.append(f"unknown tasks: {', '.join(unknown)} (deploy them first)")
+    if duplicated:
+        problems.append(f"tasks in more than one group: {', '.join(duplicated)}")
+    if problems:
+        raise InvalidRequest("invalid setup: " + "; ".join(problems), {"unknown": unknown, "duplicated": duplicated})
+    return groups

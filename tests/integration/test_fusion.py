@@ -1,0 +1,263 @@
+"""Fusion: task-to-task calls, fusion groups, zero-downtime regrouping and the optimizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.stack import ROOT, Stack, function_yaml, wait_for
+
+pytestmark = pytest.mark.integration
+
+TASK_B = """
+def handler(context, event):
+    body = event.body
+    return body["value1"] + body["value2"]
+"""
+
+TASK_A = """
+def handler(context, event, requests_session):
+    host = event.headers["Fusionizer-Server-Address"]
+    resp = requests_session.post(f"http://{host}:8000/TaskB", json={"value1": 5, "value2": 3})
+    resp.raise_for_status()
+    return resp.json()
+"""
+
+
+def setup_of(stack: Stack) -> list[list[str]]:
+    return sorted(sorted(g) for g in stack.client.get("/groups").json()["setup"])
+
+
+def all_ready(stack: Stack) -> bool:
+    groups = stack.client.get("/groups").json()["groups"]
+    return all(g["state"] == "ready" and g["replicas"]["ready"] >= 1 for g in groups)
+
+
+def test_fusionizer_scenario_with_the_static_optimizer(fresh_stack: Stack, tmp_path: Path) -> None:
+    s = fresh_stack
+    s.deploy("TaskB", {"function.yaml": function_yaml("TaskB"), "main.py": TASK_B})
+    s.deploy("TaskA", {"function.yaml": function_yaml("TaskA"), "main.py": TASK_A})
+    traces = s.traces()
+    try:
+        assert s.invoke("TaskA", {}).json() == 8
+        wait_for(lambda: any(e[:2] == ["TaskA", "TaskB"] for e in traces.edges), 5, what="the remote edge trace")
+        remote = [e for e in traces.edges if e[:2] == ["TaskA", "TaskB"]]
+        assert remote[0][2] is True and remote[0][3] is False, "unfused: a synchronous remote call"
+
+        schedule = tmp_path / "schedule.json"
+        schedule.write_text(json.dumps({"1": [["TaskA", "TaskB"]]}))
+        s.stop_service("optimizer")
+        s.start_service("optimizer", {"NUCLIDE_OPTIMIZER_STRATEGY": "static",
+                                      "NUCLIDE_OPTIMIZER_SCHEDULE": str(schedule)})
+        wait_for(lambda: setup_of(s) == [["TaskA", "TaskB"]] and all_ready(s), 30, what="the fused group")
+        wait_for(lambda: s.client.get("/optimizer").status_code == 200 and
+                 s.client.get("/optimizer").json()["rounds"], 10, what="the optimizer's decision")
+        decision = s.client.get("/optimizer").json()
+        assert decision["strategy"] == "static" and decision["rounds"][0]["decision"] == "applied"
+        desc = s.client.get("/TaskA").json()
+        assert desc["group"]["tasks"] == ["TaskA", "TaskB"]
+
+        traces.edges.clear()
+        assert s.invoke("TaskA", {}).json() == 8
+        wait_for(lambda: any(e[:2] == ["TaskA", "TaskB"] for e in traces.edges), 5, what="the local edge trace")
+        local = [e for e in traces.edges if e[:2] == ["TaskA", "TaskB"]]
+        assert local[-1][3] is True, "fused: served in-process"
+    finally:
+        traces.close()
+
+    assert s.client.delete("/TaskA").status_code == 204
+    wait_for(lambda: setup_of(s) == [["TaskB"]] and all_ready(s), 30, what="TaskB alone")
+    r = s.invoke("TaskB", {"value1": 4, "value2": 8})
+    assert r.status_code == 200 and r.json() == 12
+
+
+NATIVE = {
+    "caller.py": """
+import os
+
+def handler(context, event):
+    what = event.body["what"] if isinstance(event.body, dict) else "sum"
+    if what == "sum":
+        return context.call("callee", {"a": 2, "b": 3})
+    if what == "meta":
+        return context.call("callee", {"meta": True, "mine": context.request_id})
+    if what == "missing":
+        try:
+            context.call("no-such-task", {})
+        except Exception as exc:
+            return {"error": str(exc), "type": type(exc).__name__}
+    if what == "raise":
+        try:
+            context.call("callee", {"raise": True})
+        except Exception as exc:
+            return {"error": str(exc)}
+    if what == "cycle":
+        return context.call("caller", {"what": "cycle"})
+    if what == "async":
+        return {"call_id": context.call_async("callee", {"a": 1, "b": 1})}
+    if what == "env":
+        return {"mine": os.environ.get("ROLE"), "theirs": context.call("callee", {"env": True})}
+""",
+    "callee.py": """
+import os
+
+def handler(context, event):
+    body = event.body
+    if body.get("raise"):
+        raise ValueError("callee refused: bad numbers")
+    if body.get("meta"):
+        return {"id": event.id, "caller_id": body["mine"]}
+    if body.get("env"):
+        return os.environ.get("ROLE")
+    return body["a"] + body["b"]
+""",
+}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_native_calls_behave_the_same_fused_or_not(fresh_stack: Stack, fused: bool) -> None:
+    s = fresh_stack
+    s.deploy("callee", {"function.yaml": function_yaml("callee", "callee:handler", env=[{"name": "ROLE", "value": "callee"}]),
+                        "callee.py": NATIVE["callee.py"]})
+    s.deploy("caller", {"function.yaml": function_yaml("caller", "caller:handler", env=[{"name": "ROLE", "value": "caller"}]),
+                        "caller.py": NATIVE["caller.py"]})
+    if fused:
+        r = s.client.put("/groups?wait=true", json=[["caller", "callee"]])
+        assert r.status_code == 200, r.text
+        assert setup_of(s) == [["callee", "caller"]]
+    assert s.invoke("caller", {"what": "sum"}).json() == 5
+    meta = s.invoke("caller", {"what": "meta"}).json()
+    assert meta["id"] != meta["caller_id"] and meta["id"].startswith(meta["caller_id"]), "own call id, parent = caller"
+    missing = s.invoke("caller", {"what": "missing"}).json()
+    assert "function 'no-such-task' not found" in missing["error"] and missing["type"] == "CallFailed"
+    assert s.invoke("caller", {"what": "raise"}).json() == {"error": "callee refused: bad numbers"}
+    cycle = s.invoke("caller", {"what": "cycle"})
+    assert cycle.status_code in (500, 508) and "depth limit" in cycle.text
+    assert s.invoke("caller", {"what": "env"}).json() == {"mine": "caller", "theirs": "callee"}
+    assert s.invoke("caller", {"what": "async"}).json()["call_id"]
+
+
+def test_regroup_under_load_loses_no_call(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    s.deploy("TaskB", {"function.yaml": function_yaml("TaskB"), "main.py": TASK_B})
+    s.deploy("TaskA", {"function.yaml": function_yaml("TaskA"), "main.py": TASK_A})
+    stop = threading.Event()
+    results: list[tuple[int, str]] = []
+
+    def hammer() -> None:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/TaskA", json={})
+                results.append((r.status_code, r.text))
+
+    workers = [threading.Thread(target=hammer) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        wait_for(lambda: len(results) > 30, 10, what="calls before the regroup")
+        assert s.client.put("/groups?wait=true", json=[["TaskA", "TaskB"]]).status_code == 200
+        n = len(results)
+        wait_for(lambda: len(results) > n + 30, 10, what="calls while fused")
+        assert s.client.put("/groups?wait=true", json=[["TaskA"], ["TaskB"]]).status_code == 200
+        n = len(results)
+        wait_for(lambda: len(results) > n + 30, 10, what="calls after splitting again")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    bad = [r for r in results if r != (200, "8")]
+    assert not bad, f"{len(bad)} of {len(results)} calls failed during regrouping, e.g. {bad[:3]}"
+
+
+def test_bad_setups_are_refused_and_change_nothing(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    for name in ("t1", "t2"):
+        s.deploy(name, {"function.yaml": function_yaml(name), "main.py": "def handler(context, event):\n    return 1\n"})
+    before = s.client.get("/groups").json()
+    for setup, needle in [([["t1", "ghost"]], "ghost"), ([["t1"], ["t1", "t2"]], "more than one group: t1"),
+                          ([["t1"], []], "empty"), ({"nope": 1}, "list")]:
+        r = s.client.put("/groups", json=setup)
+        assert r.status_code == 400, r.text
+        assert needle in r.json()["error"]["message"]
+    assert s.client.put("/groups", content=b"{not json").status_code == 400
+    assert s.client.get("/groups").json() == before
+
+
+def test_conflicting_requirements_are_a_409(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    code = "def handler(context, event):\n    return 1\n"
+    # both requirement sets are valid on their own; only their union conflicts (no install needed to see it)
+    s.deploy("r1", {"function.yaml": function_yaml("r1"), "main.py": code, "requirements.txt": "tabulate==0.9.0\n"})
+    s.deploy("r2", {"function.yaml": function_yaml("r2"), "main.py": code, "requirements.txt": "tabulate==0.8.10\n"})
+    r = s.client.put("/groups", json=[["r1", "r2"]])
+    assert r.status_code == 409
+    msg = r.json()["error"]["message"]
+    assert "'r1'" in msg and "'r2'" in msg and "tabulate" in msg
+
+
+def test_schedule_that_does_not_parse_stops_the_optimizer(tmp_path: Path) -> None:
+    bad = tmp_path / "schedule.yaml"
+    bad.write_text("40:\n  - [taska, taskb\n")
+    env = dict(os.environ, NUCLIDE_OPTIMIZER_STRATEGY="static", NUCLIDE_OPTIMIZER_SCHEDULE=str(bad),
+               NUCLIDE_VAR_DIR=str(tmp_path / "var"))
+    out = subprocess.run([sys.executable, "-m", "services.optimizer"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2
+    assert "schedule.yaml line" in out.stderr
+    bad.write_text('{"forty": [["a"]]}')
+    out = subprocess.run([sys.executable, "-m", "services.optimizer"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and "'forty' is not a number" in out.stderr
+
+
+TREE = {
+    "A": 'def handler(context, event):\n    context.call_async("C", {})\n    return context.call("B", {})\n',
+    "B": 'def handler(context, event):\n    return context.call("D", {})\n',
+    "D": 'def handler(context, event):\n    return context.call("E", {})\n',
+    "E": 'def handler(context, event):\n    return "leaf"\n',
+    "C": 'def handler(context, event):\n    context.call_async("F", {})\n    context.call_async("G", {})\n    return "c"\n',
+    "F": 'def handler(context, event):\n    return "f"\n',
+    "G": 'def handler(context, event):\n    return "g"\n',
+}
+
+
+def test_feedback_optimizer_converges_on_the_fusionize_tree(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    for name, code in TREE.items():
+        s.deploy(name, {"function.yaml": function_yaml(name), "main.py": code})
+    assert s.invoke("A", {}).text == "leaf"
+    s.stop_service("optimizer")
+    s.start_service("optimizer", {"NUCLIDE_OPTIMIZER_STRATEGY": "feedback", "NUCLIDE_OPTIMIZER_ROUND_S": "1.5",
+                                  "NUCLIDE_OPTIMIZER_MIN_SAMPLES": "20", "NUCLIDE_OPTIMIZER_TOLERANCE": "0.3"})
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def load() -> None:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/A", json={})
+                if r.status_code != 200 or r.text != "leaf":
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                stop.wait(0.01)
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        status = wait_for(lambda: (st := s.client.get("/optimizer").json()).get("state") == "converged" and st, 120,
+                          interval_s=0.5, what="the feedback optimizer to converge")
+    finally:
+        stop.set()
+        t.join()
+    assert setup_of(s) == [["A", "B", "D", "E"], ["C"], ["F"], ["G"]], status["rounds"]
+    decisions = [r["decision"] for r in status["rounds"]]
+    assert decisions.count("kept") == 3 and decisions[-1] == "converged"
+    kept = [r for r in status["rounds"] if r["decision"] == "kept"]
+    assert all("median_after_ms" in r and "median_before_ms" in r for r in kept), "each decision carries its evidence"
+    assert not failures, f"calls failed while the optimizer regrouped: {failures[:3]}"
