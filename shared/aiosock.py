@@ -34,6 +34,7 @@ class AsyncSocket:
         self._loop = asyncio.get_running_loop()
         self._drain_scheduled = False
         self._closed = False
+        self._paused = False
         self._fd = sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._drain)
         self._schedule_drain()
@@ -48,9 +49,18 @@ class AsyncSocket:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)
 
+    def pause(self) -> None:
+        """Stop reading: messages wait in the socket's queue, so senders meet their high-water mark."""
+        self._paused = True
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._schedule_drain()
+
     def _drain(self) -> None:
         self._drain_scheduled = False
-        if self._closed:
+        if self._closed or self._paused:
             return
         recv = self.sock.recv_multipart
         handle = self._on_message

@@ -62,14 +62,19 @@ class Settings:
     # docker backend
     docker_host: str = "unix:///var/run/docker.sock"
     runtime_image: str = "nuclide-runtime:latest"  # what `make images` builds; function images start FROM it
-    docker_namespace: str = ""  # labels this deployer's containers; empty: generated once into <var_dir>/docker-namespace
+    docker_namespace: str = ""  # labels this deployer's containers; empty: generated into <var_dir>/docker-namespace
     docker_image_cache: int = 8  # dependency images kept for reuse once no function uses them
-    build_ca_bundle: str = "auto"  # CA bundle handed to image builds (pip behind a TLS proxy): auto (the system one), none, or a path
+    # CA bundle handed to image builds, for pip behind a TLS-intercepting proxy:
+    # auto (the system bundle, when present), none, or a path
+    build_ca_bundle: str = "auto"
     # gateway limits
     max_body_bytes: int = 6 * 1024 * 1024
     max_zip_bytes: int = 50 * 1024 * 1024
     deploy_timeout_s: float = 600.0
     queue_limit: int = 1000  # waiting sync calls per function before 429
+    # calls
+    call_retention_s: float = 24 * 3600.0  # finished calls are kept this long
+    async_batch_max: int = 256  # async calls stored per store transaction
     # optimizer
     optimizer_strategy: str = "none"  # none | static | feedback
     optimizer_schedule: str = ""  # static: JSON/YAML file {"<seconds after start>": setup}

@@ -54,8 +54,8 @@ EVENT = b"EVENT"
 
 COMMANDS = frozenset({REQ, REP, ERR, READY, INVOKE, RESULT, CALL, HEARTBEAT, BYE, EVENT})
 
-MAX_HEADER_BYTES = 64 * 1024  # headers carry ids and small settings, never payloads
-MAX_FRAMES = 16  # signature, command, header and up to 13 bodies
+MAX_HEADER_BYTES = 1024 * 1024  # headers carry ids and settings (batches of them), never payloads
+MAX_FRAMES = 1024  # batches of calls carry one body frame per call
 MAX_ROUTING_FRAMES = 4  # ROUTER envelopes nuclide produces have 1 (DEALER peers)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # zips are capped lower, by the gateway
 

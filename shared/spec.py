@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from shared.archive import Archive
+from shared.triggers import DEFAULT_RETRY, parse_retry, validate_triggers
 from shared.errors import InvalidRequest
 from shared.names import validate_function_name
 
@@ -75,6 +76,7 @@ class FunctionSpec:
     private: bool = False
     idle_timeout_s: float = 300.0
     triggers: tuple[dict, ...] = ()
+    retry: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RETRY))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -435,7 +437,7 @@ def _parse_resources(spec: dict, kw: dict[str, Any], warnings: list[str]) -> Non
 
 _SPEC_KNOWN = {"handler", "runtime", "env", "build", "minReplicas", "maxReplicas", "replicas", "description",
                "timeout", "timeoutSeconds", "eventTimeout", "maxConcurrency", "resources", "private",
-               "scaleToZero", "idleTimeout", "triggers"}
+               "scaleToZero", "idleTimeout", "triggers", "retry"}
 
 
 def parse_function(archive: Archive, *, fallback_handler_module: str | None = None) -> tuple[FunctionSpec, list[str]]:
@@ -482,6 +484,8 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
     _parse_resources(spec, kw, warnings)
     if spec.get("triggers") is not None:
         kw["triggers"] = _parse_triggers(spec["triggers"])
+        validate_triggers(kw["triggers"], warnings)
+    kw["retry"] = parse_retry(spec.get("retry"))
     return FunctionSpec(**kw), warnings
 
 

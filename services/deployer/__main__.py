@@ -45,6 +45,15 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
         if method == "instances":
             return [{"id": h.id, "group_id": h.group_id, "group_version": h.group_version, "pid": h.pid}
                     for h in backend.list()]
+        if method == "instance.replace":
+            # the gateway found it stuck past a call's timeout: stop it; reconcile starts a new one
+            inst_id = str(args.get("id", ""))
+            handle = next((h for h in backend.list() if h.id == inst_id), None)
+            if handle is None:
+                return {"replaced": False}
+            handle.stopping = False
+            reconciler.replace(handle)
+            return {"replaced": True}
         if method == "logs":
             name = str(args.get("function", ""))
             group = reconciler.function_groups.get(name)

@@ -148,6 +148,21 @@ class Reconciler:
                 return False
         return True
 
+    def replace(self, handle: InstanceHandle) -> None:
+        """Kill a stuck instance at once; the next reconcile starts its replacement."""
+        log.warning("replacing a stuck instance", instance=handle.id)
+        self.stopping.add(handle.id)
+        handle.stopping = True
+
+        async def kill() -> None:
+            try:
+                await self.backend.stop(handle, 0.5)
+            finally:
+                self.stopping.discard(handle.id)
+                self.kick()
+
+        self._spawn(kill())
+
     def _stop(self, handle: InstanceHandle, reason: str) -> None:
         self.stopping.add(handle.id)
         log.info("stopping instance", instance=handle.id, reason=reason)

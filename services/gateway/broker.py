@@ -39,6 +39,9 @@ FAST_CALL_S = 0.002  # calls shorter than this on average are pipelined; sane ra
 # includes the time queued behind pipelined calls, hence larger); sane range 0.005-0.1
 SLOW_INFLIGHT_S = 0.010
 EWMA_WEIGHT = 0.2  # weight of the newest call's duration in the moving average
+# the runtime answers a timed-out call itself at its deadline; the broker gives up this
+# much later and then treats the instance as stuck; sane range 0.5-10 s
+STUCK_GRACE_S = 1.0
 
 
 class Instance:
@@ -100,7 +103,8 @@ class Call:
 class Broker:
     def __init__(self, ctx: zmq.Context, endpoint: str, queue_limit: int,
                  on_ready: Callable[[Instance], None], on_gone: Callable[[Instance, str], None],
-                 on_call: Callable[[bytes, protocol.Message], None] | None = None) -> None:
+                 on_call: Callable[[bytes, protocol.Message], None] | None = None,
+                 on_stuck: Callable[[Instance, Call], None] | None = None) -> None:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished instance raises, so we notice
@@ -118,6 +122,7 @@ class Broker:
         self._on_ready = on_ready
         self._on_gone = on_gone
         self._on_call = on_call
+        self._on_stuck = on_stuck
         self._loop = asyncio.get_running_loop()
         self._asock = AsyncSocket(sock, self._on_message)
         self._send = self._asock.send
@@ -125,8 +130,12 @@ class Broker:
 
     # ----- calls --------------------------------------------------------------
 
-    def submit(self, call: Call) -> None:
-        """Dispatch now, or queue; raises TooManyRequests when the queue is full."""
+    def submit(self, call: Call, bounded: bool = True) -> None:
+        """Dispatch now, or queue; raises TooManyRequests when a bounded call finds the queue full.
+
+        Async calls are unbounded here: they already wait in the durable queue, and
+        the gateway limits how many it holds in memory.
+        """
         insts = self.routes.get(call.function)
         if insts:
             best = None
@@ -141,19 +150,19 @@ class Broker:
                     # rotate so equally loaded instances take turns (and all stay warm)
                     insts.remove(best)
                     insts.append(best)
-                call.timer = self._loop.call_later(call.timeout_s, self._expire, call)
+                call.timer = self._loop.call_later(call.timeout_s + STUCK_GRACE_S, self._expire, call)
                 self._dispatch(best, call)
                 return
         queue = self.queues.get(call.function)
         if queue is None:
             queue = self.queues[call.function] = deque()
-        if len(queue) >= self.queue_limit:
+        if bounded and len(queue) >= self.queue_limit:
             raise TooManyRequests(
                 f"function '{call.function}' has {len(queue)} calls waiting, its queue limit; retry shortly",
                 {"retry_after_s": 1},
             )
         call.queued_at = time.monotonic()
-        call.timer = self._loop.call_later(call.timeout_s, self._expire, call)
+        call.timer = self._loop.call_later(call.timeout_s + STUCK_GRACE_S, self._expire, call)
         queue.append(call)
 
     def _dispatch(self, inst: Instance, call: Call) -> None:
@@ -183,11 +192,15 @@ class Broker:
             ))
             return
         self.pending.pop(call.call_id, None)
-        call.instance.inflight.pop(call.call_id, None)
+        inst = call.instance
+        inst.inflight.pop(call.call_id, None)
         call.future.set_exception(DeadlineExceeded(
-            f"function '{call.function}' did not finish within its {call.timeout_s:g} s timeout",
+            f"function '{call.function}' did not finish within its {call.timeout_s:g} s timeout (spec.timeout)",
             {"function": call.function, "timeout_s": call.timeout_s},
         ))
+        # the runtime stops a call at its timeout itself; one that did not answer is stuck
+        if self._on_stuck is not None:
+            self._on_stuck(inst, call)
 
     def _pump(self, inst: Instance) -> None:
         """Give queued calls to an instance that has free credit."""

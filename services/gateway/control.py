@@ -200,6 +200,45 @@ def build_control_app(gw: Gateway) -> FastAPI:
             result = await gw.store.call("groups.list")
         return JSONResponse(result)
 
+    @app.get("/calls", dependencies=auth, tags=["calls"])
+    async def list_calls(function: str | None = None, status: str | None = None, limit: int = 100) -> JSONResponse:
+        """Calls, newest first: async calls with their results, and records of sync calls."""
+        assert gw.store is not None
+        if status:
+            status = status.upper()
+        return JSONResponse(await gw.store.call("calls.list", {"function": function, "status": status, "limit": limit}))
+
+    @app.get("/calls/{call_id}", dependencies=auth, tags=["calls"])
+    async def get_call(call_id: str) -> JSONResponse:
+        """One call: status (PENDING, RUNNING, DONE, FAILED, DEAD), attempts, timings, result or error."""
+        assert gw.store is not None
+        return JSONResponse(await gw.store.call("calls.get", {"id": call_id}))
+
+    @app.get("/calls/{call_id}/result", dependencies=auth, tags=["calls"])
+    async def get_call_result(call_id: str) -> Response:
+        """The raw result of a finished call, with its status and content type."""
+        assert gw.store is not None
+        rec, bodies = await gw.store.call_with_bodies("calls.result", {"id": call_id})
+        if rec["status"] not in ("DONE", "FAILED", "DEAD"):
+            return JSONResponse({"id": call_id, "status": rec["status"]}, status_code=202)
+        return Response(bodies[0] if bodies else b"", status_code=rec.get("result_status") or 200,
+                        media_type=rec.get("result_content_type") or None, headers={"X-Call-Status": rec["status"]})
+
+    @app.post("/calls/{call_id}/redrive", dependencies=auth, tags=["calls"])
+    async def redrive_call(call_id: str) -> JSONResponse:
+        """Run a DEAD call again from its first attempt (409 for any other status)."""
+        assert gw.store is not None
+        rec = await gw.store.call("calls.redrive", {"id": call_id})
+        if gw.calls is not None and gw.calls._claim_wanted is not None:
+            gw.calls._claim_wanted.set()
+        return JSONResponse(rec)
+
+    @app.delete("/calls", dependencies=auth, tags=["calls"])
+    async def purge_calls(status: str, function: str | None = None) -> JSONResponse:
+        """Delete finished calls of a status (DEAD: purge the dead letters)."""
+        assert gw.store is not None
+        return JSONResponse(await gw.store.call("calls.purge", {"status": status.upper(), "function": function}))
+
     @app.get("/optimizer", dependencies=auth, tags=["fusion"])
     async def get_optimizer() -> JSONResponse:
         """The optimizer's strategy, rounds, current and best setup, and the latencies it decided on."""

@@ -28,6 +28,9 @@ from shared.logs import get_logger
 from shared.names import RESERVED_NAMES
 from shared.statefeed import StateFeed
 from services.gateway.broker import Broker, Call, Instance
+from services.gateway.calls import AsyncCalls, check_callback_url
+from services.gateway.ingress import Ingress
+from shared.triggers import DEFAULT_RETRY, validate_triggers
 
 log = get_logger(__name__)
 
@@ -39,7 +42,8 @@ _SKIP_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "conn
 class FunctionInfo:
     """What the invoke path needs to know about a function, kept from store events."""
 
-    __slots__ = ("name", "private", "timeout_s", "state", "version", "group_id", "last_error")
+    __slots__ = ("name", "private", "timeout_s", "state", "version", "group_id", "last_error", "retry", "cron",
+                 "topics")
 
     def __init__(self, record: dict[str, Any]) -> None:
         self.name = record["name"]
@@ -49,6 +53,14 @@ class FunctionInfo:
         self.version = record.get("version")
         self.group_id = (record.get("group") or {}).get("id")
         self.last_error = record.get("last_error") or ""
+        spec = record.get("spec") or {}
+        self.retry = {**DEFAULT_RETRY, **(spec.get("retry") or {})}
+        try:
+            triggers = validate_triggers(tuple(spec.get("triggers") or ()))
+        except NuclideError:
+            triggers = []
+        self.cron = [t for t in triggers if t["kind"] == "cron"]
+        self.topics = [t["topic"] for t in triggers if t["kind"] == "topic"]
 
 
 class DeployOutcome:
@@ -74,12 +86,15 @@ class Gateway:
         self.functions: dict[str, FunctionInfo] = {}
         self.deploy_waiters: dict[tuple[str, int], asyncio.Future] = {}
         self._prefix = os.urandom(4).hex()
+        self.boot_id = self._prefix  # owner of the async calls this gateway process dispatches
         self._counter = itertools.count(1)
         self.started_at = time.time()
         self.store: RpcClient | None = None
         self.deployer: RpcClient | None = None
         self.broker: Broker | None = None
         self.feed: StateFeed | None = None
+        self.calls: AsyncCalls | None = None
+        self.ingress: Ingress | None = None
         self._bg: set[asyncio.Task] = set()
         self._fusionizer_host = settings.advertised_host
         self.pub: zmq.Socket | None = None
@@ -91,7 +106,7 @@ class Gateway:
         self.store = RpcClient(self.ctx, s.store_rpc, "store")
         self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer")
         self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone,
-                             self._on_task_call)
+                             self._on_task_call, self._on_stuck)
         self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event)
         self.feed.start()
         self.pub = self.ctx.socket(zmq.PUB)
@@ -99,8 +114,19 @@ class Gateway:
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
         self.pub.bind(s.gateway_pub)
         self._background(self._flush_traces())
+        self.calls = AsyncCalls(self)
+        self.calls.start()
+        self.ingress = Ingress(self)
+        self.ingress.start()
 
     async def stop(self) -> None:
+        if self.ingress is not None:
+            self.ingress.close()
+        if self.calls is not None:
+            try:
+                await asyncio.wait_for(self.calls.stop(), 5.0)
+            except asyncio.TimeoutError:
+                pass
         for task in self._bg:
             task.cancel()
         for closer in (self.broker, self.feed, self.store, self.deployer):
@@ -149,6 +175,22 @@ class Gateway:
         fut = self.deploy_waiters.get((inst.group, inst.group_version))
         if fut is not None and not fut.done():
             fut.set_result(DeployOutcome(True))
+
+    def _on_stuck(self, inst: Instance, call: Call) -> None:
+        """An instance kept a call past its timeout without answering: have the deployer replace it."""
+        log.warning("instance stuck past a call's timeout; replacing it", instance=inst.id.decode(errors="replace"),
+                    function=call.function, timeout_s=call.timeout_s)
+        assert self.broker is not None
+        self.broker._drop_instance(inst, f"stuck past the {call.timeout_s:g} s timeout of '{call.function}'")
+
+        async def kill() -> None:
+            assert self.deployer is not None
+            try:
+                await self.deployer.call("instance.replace", {"id": inst.id.decode(errors="replace")}, timeout_s=5.0)
+            except NuclideError as exc:
+                log.warning("could not have a stuck instance replaced", error=exc.message)
+
+        self._background(kill())
 
     def _instance_gone(self, inst: Instance, reason: str) -> None:
         pass  # the deployer owns instance lifecycles; the store learns exits from it
@@ -215,12 +257,18 @@ class Gateway:
             invoke_header = dict(header, call_id=call_id, deadline_ms=deadline_ms)
             invoke_header["headers"] = list(header.get("headers") or []) + [
                 ["fusionizer-server-address", self._fusionizer_host]]
+            if not sync:
+                assert self.calls is not None
+                new_id, _ = await self.calls.submit(name, body, content_type=str(header.get("content_type") or ""),
+                                                    headers=list(header.get("headers") or []), source="call",
+                                                    parent_id=header.get("parent_id"))
+                self.broker.reply(ident, {"call_id": new_id, "status": 202, "content_type": "application/json"},
+                                  json.dumps({"call_id": new_id}).encode())
+                self.trace_edges.append([header.get("caller"), name, False, False, 0.0])
+                return
             fut = asyncio.get_running_loop().create_future()
             timeout_s = max(0.001, deadline_ms / 1000 - time.time())
             self.broker.submit(Call(call_id, name, invoke_header, body, fut, timeout_s))
-            if not sync:
-                self.broker.reply(ident, {"call_id": call_id, "status": 202, "content_type": "application/json"},
-                                  json.dumps({"call_id": call_id}).encode())
             result, rbody = await fut
             if result.get("edges"):
                 self.trace_edges.extend(result["edges"])
@@ -229,6 +277,9 @@ class Gateway:
         except NuclideError as exc:
             out_header = {"call_id": call_id, "status": exc.http_status, "content_type": "application/json"}
             rbody = json.dumps(error_payload(exc)).encode()
+            if not sync:
+                self.broker.reply(ident, out_header, rbody)
+                return
         self.trace_edges.append([header.get("caller"), name, sync, False,
                                  round((time.perf_counter() - started) * 1000, 3)])
         if sync:
@@ -260,7 +311,8 @@ class Gateway:
             if isinstance(exc, TooManyRequests):
                 headers.append((b"retry-after", str(exc.details.get("retry_after_s", 1)).encode()))
             body = payload
-        headers.append((b"x-call-id", call_id.encode()))
+        if not headers or headers[-1][0] != b"x-call-id":
+            headers.append((b"x-call-id", call_id.encode()))
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -278,6 +330,11 @@ class Gateway:
                     break
             self.check_token(auth)
         body = await self._read_body(scope, receive)
+        if mode == "async":
+            return await self._submit_async(name, body, raw_headers, call_id)
+        for k, v in raw_headers:
+            if k == b"x-nuclide-async" and v.strip().lower() in (b"true", b"1", b"yes"):
+                return await self._submit_async(name, body, raw_headers, call_id)
         # the caller's credentials are for the gateway, never for the function
         headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers if k != b"authorization"]
         headers.append(["fusionizer-server-address", self._fusionizer_host])
@@ -309,9 +366,16 @@ class Gateway:
         fut = asyncio.get_running_loop().create_future()
         self.broker.submit(Call(call_id, name, header, body, fut, timeout_s))
         started = time.perf_counter()
-        result, rbody = await fut
+        queued_at = time.time()
+        try:
+            result, rbody = await fut
+        except NuclideError as exc:
+            self._record(call_id, name, queued_at, "FAILED", exc.http_status, exc.message)
+            raise
         status = int(result.get("status", 200))
-        self.trace_calls.append([name, round((time.perf_counter() - started) * 1000, 3), status])
+        took_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.trace_calls.append([name, took_ms, status])
+        self._record(call_id, name, queued_at, "DONE" if status < 500 else "FAILED", status, None)
         if "edges" in result:
             self.trace_edges.extend(result["edges"])
         out_headers = []
@@ -320,6 +384,25 @@ class Gateway:
                 out_headers.append((k.encode("latin-1"), str(v).encode("latin-1")))
         out_headers.append((b"content-type", (result.get("content_type") or "application/octet-stream").encode("latin-1")))
         return status, out_headers, rbody
+
+    def _record(self, call_id: str, name: str, queued_at: float, status: str, code: int, error: str | None) -> None:
+        if self.calls is not None:
+            self.calls.record_sync({"id": call_id, "function": name, "status": status, "queued_at": queued_at,
+                                    "started_at": queued_at, "finished_at": time.time(), "result_status": code,
+                                    "error": error})
+
+    async def _submit_async(self, name: str, body: bytes, raw_headers: list, call_id: str) -> tuple[int, list, bytes]:
+        """202 once the call is durable; its result is kept (GET /calls/{id}) and may be called back."""
+        assert self.calls is not None
+        hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
+        forwarded = [[k, v] for k, v in hdrs.items()
+                     if k not in ("authorization", "x-nuclide-async", "x-callback-url", "x-idempotency-key")]
+        call_id, duplicate = await self.calls.submit(
+            name, body, content_type=hdrs.get("content-type", ""), headers=forwarded, source="http", call_id=call_id,
+            idempotency_key=hdrs.get("x-idempotency-key") or None,
+            callback_url=check_callback_url(hdrs.get("x-callback-url")))
+        payload = json.dumps({"call_id": call_id, "status_url": f"/calls/{call_id}", "duplicate": duplicate}).encode()
+        return 202, [_JSON_CT, (b"x-call-id", call_id.encode())], payload
 
     async def _read_body(self, scope: dict, receive: Any) -> bytes:
         limit = self.settings.max_body_bytes
@@ -382,6 +465,8 @@ def match_invoke(method: str, path: str) -> tuple[str, str] | None:
         return None
     if len(parts) == 3 and parts[0] == "functions" and parts[2] == "execute":
         return parts[1], "execute"
+    if len(parts) == 2 and parts[0] == "async-function":
+        return parts[1], "async"
     return None
 
 

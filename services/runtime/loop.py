@@ -44,6 +44,14 @@ _SIG = protocol.SIGNATURE
 _packb = protocol.pack_header
 
 
+class CallTimeout(BaseException):
+    """Raised in a handler at its timeout (BaseException: a handler's `except Exception` must not swallow it)."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise CallTimeout()
+
+
 class Function:
     """One loaded handler with its context."""
 
@@ -94,6 +102,7 @@ class Runtime:
         self.session = GatewaySession(config.get("fusionizer_host", "127.0.0.1"), config.get("gateway_url", ""),
                                       self.caller)
         self.envs = {fc["name"]: dict(fc.get("env") or {}) for fc in config["functions"]}
+        self.timeouts = {fc["name"]: float(fc.get("timeout_s") or 30.0) for fc in config["functions"]}
         self._fused = len(functions) > 1
         for fn in functions.values():
             fn.context._caller = self.caller
@@ -139,7 +148,12 @@ class Runtime:
         """
         started = time.perf_counter()
         edges: list[list[Any]] = []
-        status, hdrs, ctype, out = self._run(header, body, loop, edges)
+        try:
+            status, hdrs, ctype, out = self._run(header, body, loop, edges)
+        except CallTimeout:  # the alarm fired in the instant between the handler's return and its cancel
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            status, hdrs, ctype, out = 504, [], "application/json", json.dumps(
+                {"error": {"code": "deadline_exceeded", "message": "the call reached its timeout"}}).encode()
         result = {
             "call_id": header.get("call_id", ""),
             "status": status,
@@ -183,6 +197,14 @@ class Runtime:
             ).encode()
         ctx = fn.context
         deadline_ms = int(header.get("deadline_ms") or 0)
+        # the outermost call on the main thread gets an alarm at its timeout; pool threads and nested
+        # calls rely on it or on the gateway's deadline (signals only reach the main thread)
+        timer_s = 0.0
+        if self._pool is None and self.caller.current() is None:
+            limit_s = float(self.timeouts.get(fn.name, 30.0))
+            remaining_s = deadline_ms / 1000 - time.time() if deadline_ms else limit_s
+            timer_s = max(0.001, min(limit_s, remaining_s))
+            signal.setitimer(signal.ITIMER_REAL, timer_s)
         self.caller.push(Frame(call_id, fn.name, int(header.get("depth") or 0), list(header.get("chain") or [fn.name]),
                                deadline_ms, edges))
         restore_env = self._apply_env(fn) if self._fused else None
@@ -196,6 +218,13 @@ class Runtime:
                 return responses.execute_result(invoke(fn.handler, args, loop))
             args = build_args(fn.handler, ctx, event, session, None)
             return responses.to_result(invoke(fn.handler, args, loop))
+        except CallTimeout:
+            limit = self.timeouts.get(fn.name, 30.0)
+            message = f"function '{fn.name}' did not finish within its {limit:g} s timeout (spec.timeout)"
+            fn.logger.error(message)
+            return 504, [], "application/json", json.dumps(
+                {"error": {"code": "deadline_exceeded", "message": message,
+                           "details": {"function": fn.name, "timeout_s": limit}}}).encode()
         except MemoryError:
             limit_mib = int(self.config.get("memory_bytes") or 0) // (1024 * 1024)
             message = (f"function '{fn.name}' ran out of memory: it is limited to {limit_mib} MiB"
@@ -214,6 +243,8 @@ class Runtime:
                             traceback=traceback.format_exc(limit=20))
             return responses.error_result(exc)
         finally:
+            if timer_s:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             if restore_env is not None:
                 restore_env()
             self.caller.pop()
@@ -252,6 +283,7 @@ class Runtime:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGALRM, _on_alarm)
         sock = self.sock
         sock.send_multipart(protocol.encode(protocol.READY, self.ready_header()))
         poller = zmq.Poller()

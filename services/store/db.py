@@ -69,6 +69,39 @@ MIGRATIONS: list[str] = [
     INSERT INTO meta (key, value) SELECT 'group_seq', CAST(COALESCE(MAX(version_counter), 0) AS TEXT) FROM groups;
     CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL NOT NULL);
     """,
+    # calls: every async call (durable before it is acknowledged) and a record of sync calls
+    """
+    CREATE TABLE calls (
+        id TEXT PRIMARY KEY,
+        function TEXT NOT NULL,
+        status TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        source TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL DEFAULT 1,
+        idempotency_key TEXT,
+        callback_url TEXT,
+        callback_state TEXT,
+        owner TEXT,
+        payload BLOB,
+        content_type TEXT,
+        headers TEXT,
+        result BLOB,
+        result_status INTEGER,
+        result_content_type TEXT,
+        error TEXT,
+        parent_id TEXT,
+        cold_start INTEGER NOT NULL DEFAULT 0,
+        queued_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        next_attempt_at REAL
+    );
+    CREATE INDEX calls_status ON calls (status, next_attempt_at);
+    CREATE INDEX calls_function ON calls (function, queued_at);
+    CREATE INDEX calls_finished ON calls (finished_at);
+    CREATE UNIQUE INDEX calls_idempotency ON calls (function, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    """,
 ]
 
 

@@ -15,9 +15,12 @@ from shared.errors import InvalidRequest
 from shared.liveness import DEPLOYER_REPORT_INTERVAL_S, HEARTBEAT_LIVENESS
 from shared.logs import get_logger
 from services.store.db import Database
+from services.store.calls import CallStore
 from services.store.state import BlobStore, Event, StoreState
 
 log = get_logger(__name__)
+
+CALL_EXPIRY_INTERVAL_S = 60.0
 
 
 def _arg(args: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -32,6 +35,7 @@ class StoreServer:
         self.settings = settings
         self.db = Database(settings.state_db)
         self.state = StoreState(self.db, BlobStore(settings.var_dir / "blobs"))
+        self.calls = CallStore(self.db)
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
@@ -75,6 +79,8 @@ class StoreServer:
             return {"digest": digest}, [st.blobs.get(digest)]
         if method == "instances.list":
             return st.instances_of(args.get("group_id"))
+        if method.startswith("calls."):
+            return self.handle_calls(method, args, bodies)
         if method == "groups.list":
             return st.list_groups()
         if method == "group.spec":
@@ -118,9 +124,54 @@ class StoreServer:
         self.publish(events)
         return result
 
+    def handle_calls(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
+        calls = self.calls
+        if method == "calls.submit":
+            return calls.submit(list(_arg(args, "calls", list)), bodies)
+        if method == "calls.update":
+            return {"changed": calls.update(list(_arg(args, "updates", list)), bodies)}
+        if method == "calls.record_sync":
+            return {"recorded": calls.record_sync(list(_arg(args, "calls", list)))}
+        if method == "calls.claim":
+            claimed, payloads = calls.claim(_arg(args, "owner", str), int(args.get("limit", 1000)))
+            return claimed, payloads
+        if method == "calls.get":
+            return calls.get(_arg(args, "id", str))
+        if method == "calls.result":
+            rec, body = calls.result(_arg(args, "id", str))
+            return rec, [body]
+        if method == "calls.list":
+            return calls.list(args.get("function"), args.get("status"), int(args.get("limit", 100)))
+        if method == "calls.redrive":
+            return calls.redrive(_arg(args, "id", str))
+        if method == "calls.purge":
+            return {"purged": calls.purge(_arg(args, "status", str), args.get("function"))}
+        if method == "calls.pending_callbacks":
+            pending = calls.pending_callbacks(_arg(args, "owner", str), int(args.get("limit", 100)))
+            bodies_out = [p.pop("result_b") for p in pending]
+            return pending, bodies_out
+        if method == "calls.counts":
+            return calls.counts()
+        raise InvalidRequest(f"unknown store method {method!r}")
+
+    async def expire_calls(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                removed = self.calls.expire(self.settings.call_retention_s)
+                if removed:
+                    log.info("expired finished calls", count=removed)
+            except Exception:
+                log.exception("call expiry failed")
+            try:
+                await asyncio.wait_for(stop.wait(), CALL_EXPIRY_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+
     async def serve(self, stop: asyncio.Event) -> None:
         log.info("store ready", rpc=self.settings.store_rpc, pub=self.settings.store_pub, db=str(self.db.path))
+        expiry = asyncio.ensure_future(self.expire_calls(stop))
         await stop.wait()
+        expiry.cancel()
         log.info("store stopping")
         self.rpc.close()
         self.pub.close(linger=0)

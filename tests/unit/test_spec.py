@@ -144,6 +144,7 @@ def test_to_dict_and_from_dict_round_trip() -> None:
         "name", "handler", "runtime", "env", "build_commands", "requirements", "min_replicas", "max_replicas",
         "description", "timeout_s", "max_concurrency", "memory_bytes", "cpu", "private", "idle_timeout_s",
         "triggers",
+        "retry",
     ]
     assert isinstance(data["build_commands"], list) and isinstance(data["triggers"], list)
     assert FunctionSpec.from_dict(data) == spec
@@ -615,3 +616,53 @@ def test_parse_memory_bytes() -> None:
         with pytest.raises(InvalidRequest) as exc_info:
             parse_memory_bytes(bad, "spec.mem")
         assert exc_info.value.message.startswith("spec.mem ")
+
+
+def test_retry_settings_and_their_errors() -> None:
+    spec, _ = parse_yaml(
+        """
+        spec:
+          handler: main:handler
+          retry:
+            maxAttempts: 5
+            backoff: {initial: 500ms, max: 10s, multiplier: 3}
+            maxEventAge: 1h
+        """
+    )
+    assert spec.retry == {"max_attempts": 5, "backoff_initial_s": 0.5, "backoff_max_s": 10.0,
+                          "backoff_multiplier": 3.0, "max_event_age_s": 3600.0}
+    for bad, needle in [("maxAttempts: 0", "spec.retry.maxAttempts"), ("maxAttempts: lots", "spec.retry.maxAttempts"),
+                        ("backoff: {multiplier: 50}", "spec.retry.backoff.multiplier"),
+                        ("backoff: {initial: 1m, max: 1s}", "spec.retry.backoff.initial"),
+                        ("retries: 3", "spec.retry.retries")]:
+        with pytest.raises(InvalidRequest) as info:
+            parse_yaml(f"spec:\n  handler: main:handler\n  retry:\n    {bad}\n")
+        assert needle in str(info.value), bad
+
+
+@pytest.mark.parametrize("trigger,needle", [
+    ("{kind: cron, attributes: {schedule: '61 * * * *'}}", "out of range"),
+    ("{kind: cron, attributes: {schedule: 'every day'}}", "5 fields"),
+    ("{kind: cron, attributes: {}}", "interval"),
+    ("{kind: cron, attributes: {interval: soon}}", "interval"),
+    ("{kind: topic, attributes: {}}", "attributes.topic"),
+])
+def test_bad_triggers_fail_the_deploy_naming_the_field(trigger: str, needle: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_yaml(f"spec:\n  handler: main:handler\n  triggers:\n    tick: {trigger}\n")
+    assert needle in str(info.value) and "tick" in str(info.value)
+
+
+def test_cron_schedules() -> None:
+    import calendar
+
+    from shared.triggers import parse_cron
+
+    t0 = calendar.timegm((2026, 11, 23, 10, 7, 30))
+    assert parse_cron("*/5 * * * *").next_after(t0) == calendar.timegm((2026, 11, 23, 10, 10, 0))
+    assert parse_cron("0 12 * * *").next_after(t0) == calendar.timegm((2026, 11, 23, 12, 0, 0))
+    assert parse_cron("@hourly").next_after(t0) == calendar.timegm((2026, 11, 23, 11, 0, 0))
+    assert parse_cron("*/10 * * * * *").next_after(t0) == calendar.timegm((2026, 11, 23, 10, 7, 40))
+    assert parse_cron("0 0 1 1 *").next_after(t0) == calendar.timegm((2027, 1, 1, 0, 0, 0))
+    assert parse_cron("0 9 * * 1").next_after(t0) == calendar.timegm((2026, 11, 30, 9, 0, 0))  # next Monday
+    assert parse_cron("@every 15s").next_after(t0) == t0 + 15

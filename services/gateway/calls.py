@@ -1,0 +1,380 @@
+"""Async calls in the gateway: durable submission, dispatch, retries, dead letters, callbacks.
+
+Every async call (HTTP ``X-Nuclide-Async``, the ZeroMQ PUSH ingress, topics,
+cron, ``context.call_async``) is written to the store, in batches of up to
+``async_batch_max`` per transaction, before it is acknowledged; then it runs
+like a sync call. Completions, RUNNING marks and the records of sync calls go
+to the store in batches too, off the invoke path; when the store is down they
+wait in memory and are sent once it is back.
+
+A failed attempt (a 5xx, a timeout, a crashed instance) is retried with the
+function's backoff until ``spec.retry.maxAttempts`` or ``maxEventAge``; then
+the call is DEAD (a dead letter, redrivable). Each call is owned by this
+gateway's boot id; at start, and every few seconds, the gateway claims the
+non-final calls nobody alive owns (a previous boot's, redriven ones), so calls
+that were RUNNING when a gateway, store or instance died run again, counted in
+``attempts``. A callback is marked ``sending`` durably before it is POSTed, so a
+crash never reports one attempt's result twice.
+
+The gateway keeps at most ASYNC_INFLIGHT_MAX calls in memory; beyond that new
+calls are stored unowned and claimed as room frees up, so async calls wait in
+the durable queue instead of being refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from shared.errors import DeadlineExceeded, InvalidRequest, NotFound, NuclideError, Unavailable
+from shared.logs import get_logger
+from shared.triggers import DEFAULT_RETRY, backoff_s
+from services.gateway.broker import Call
+
+if TYPE_CHECKING:  # pragma: no cover
+    from services.gateway.core import Gateway
+
+log = get_logger(__name__)
+
+ASYNC_INFLIGHT_MAX = 20_000  # async calls held in memory; more wait in the store
+FLUSH_DELAY_S = 0.002  # how long a submission waits for others to share its transaction
+UPDATE_FLUSH_S = 0.02
+RECORD_FLUSH_S = 0.1
+CLAIM_INTERVAL_S = 2.0
+STORE_RETRY_S = 0.5
+SUBMIT_TIMEOUT_S = 15.0  # an async submission not stored by then is refused (503), never half-accepted
+CALLBACK_TIMEOUT_S = 10.0
+_CALL_ID = re.compile(r"^[A-Za-z0-9._:-]{1,80}$")
+
+
+class AsyncCall:
+    __slots__ = ("id", "function", "payload", "content_type", "headers", "attempts", "max_attempts", "callback_url",
+                 "queued_at", "source", "parent_id", "callback_state")
+
+    def __init__(self, meta: dict[str, Any], payload: bytes) -> None:
+        self.id = meta["id"]
+        self.function = meta["function"]
+        self.payload = payload
+        self.content_type = meta.get("content_type") or ""
+        self.headers = meta.get("headers") or []
+        self.attempts = int(meta.get("attempts", 0))
+        self.max_attempts = int(meta.get("max_attempts", 1))
+        self.callback_url = meta.get("callback_url")
+        self.callback_state = meta.get("callback_state")
+        self.queued_at = float(meta.get("queued_at") or time.time())
+        self.source = meta.get("source", "http")
+        self.parent_id = meta.get("parent_id")
+
+
+def check_callback_url(url: str | None) -> str | None:
+    if not url:
+        return None
+    if not re.match(r"^https?://[^\s/]+", url) or len(url) > 2000:
+        raise InvalidRequest(f"X-Callback-Url {url[:100]!r} is not an http(s) URL")
+    return url
+
+
+class AsyncCalls:
+    def __init__(self, gw: "Gateway") -> None:
+        self.gw = gw
+        self.boot = gw.boot_id
+        self.inflight: dict[str, AsyncCall] = {}
+        self._submits: list[tuple[dict[str, Any], bytes, asyncio.Future]] = []
+        self._updates: list[tuple[dict[str, Any], bytes | None]] = []
+        self._records: list[dict[str, Any]] = []
+        self._submit_flush: asyncio.TimerHandle | None = None
+        self._update_flush: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._http: httpx.AsyncClient | None = None
+        self.counters = {"submitted": 0, "done": 0, "dead": 0, "failed": 0, "retried": 0, "ingress_dropped": 0}
+
+    def start(self) -> None:
+        self._http = httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S, trust_env=False)
+        self._spawn(self._claim_loop())
+        self._spawn(self._record_loop())
+
+    async def stop(self) -> None:
+        await self._flush_updates_now()
+        await self._flush_records_now()
+        for task in self._tasks:
+            task.cancel()
+        if self._http is not None:
+            await self._http.aclose()
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ----- submission ---------------------------------------------------------------
+
+    async def submit(self, function: str, payload: bytes, *, content_type: str = "", headers: list | None = None,
+                     source: str = "http", idempotency_key: str | None = None, callback_url: str | None = None,
+                     call_id: str | None = None, parent_id: str | None = None) -> tuple[str, bool]:
+        """Store an async call durably, then run it; returns (call id, was a duplicate)."""
+        if call_id is not None and not _CALL_ID.match(call_id):
+            raise InvalidRequest("call_id must be 1-80 letters, digits, '.', '_', ':' or '-'")
+        info = self.gw.functions.get(function)
+        cid = call_id or self.gw.new_call_id()
+        meta: dict[str, Any] = {
+            "id": cid, "function": function, "kind": "async", "source": source,
+            "max_attempts": int(info.retry["max_attempts"]) if info else 1,
+            "idempotency_key": idempotency_key, "callback_url": callback_url, "content_type": content_type,
+            "headers": headers or [], "parent_id": parent_id, "queued_at": time.time(),
+        }
+        if info is None:
+            # recorded, not dropped: the producer can find out what happened to its message
+            meta.update(status="FAILED", error=f"function '{function}' not found")
+        own = info is not None and len(self.inflight) < ASYNC_INFLIGHT_MAX
+        meta["owner"] = self.boot if own else None
+        fut = asyncio.get_running_loop().create_future()
+        self._submits.append((meta, payload, fut))
+        if len(self._submits) >= self.gw.settings.async_batch_max:
+            self._flush_submits()
+        elif self._submit_flush is None:
+            self._submit_flush = asyncio.get_running_loop().call_later(FLUSH_DELAY_S, self._flush_submits)
+        try:
+            stored = await asyncio.wait_for(asyncio.shield(fut), SUBMIT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise Unavailable("the store did not confirm the call in time, so it was not accepted; retry") from None
+        if stored["duplicate"]:
+            return stored["id"], True
+        self.counters["submitted"] += 1
+        if info is not None and own:
+            ac = AsyncCall(meta, payload)
+            self.inflight[ac.id] = ac
+            self._dispatch(ac)
+        return cid, False
+
+    def _flush_submits(self) -> None:
+        self._submit_flush = None
+        if not self._submits:
+            return
+        batch = self._submits[: self.gw.settings.async_batch_max]
+        del self._submits[: len(batch)]
+        self._spawn(self._store_submits(batch))
+        if self._submits:
+            self._flush_submits()
+
+    async def _store_submits(self, batch: list[tuple[dict[str, Any], bytes, asyncio.Future]]) -> None:
+        assert self.gw.store is not None
+        metas = [m for m, _, _ in batch]
+        payloads = [p for _, p, _ in batch]
+        deadline = time.monotonic() + SUBMIT_TIMEOUT_S
+        while True:
+            try:
+                results = await self.gw.store.call("calls.submit", {"calls": metas}, *payloads, timeout_s=5.0)
+                break
+            except NuclideError as exc:
+                if time.monotonic() > deadline or isinstance(exc, InvalidRequest):
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(Unavailable(f"the call could not be stored: {exc.message}"))
+                    return
+                await asyncio.sleep(STORE_RETRY_S)
+        for (_, _, fut), res in zip(batch, results):
+            if not fut.done():
+                fut.set_result(res)
+
+    # ----- dispatch -------------------------------------------------------------------
+
+    def _dispatch(self, ac: AsyncCall) -> None:
+        gw = self.gw
+        info = gw.functions.get(ac.function)
+        now = time.time()
+        if info is None:
+            self._finish(ac, "FAILED", error=f"function '{ac.function}' not found")
+            return
+        if now - ac.queued_at > info.retry["max_event_age_s"]:
+            self._finish(ac, "DEAD", error=f"the call is older than the function's maxEventAge"
+                                           f" ({info.retry['max_event_age_s']:g} s)")
+            return
+        ac.attempts += 1
+        self._update({"id": ac.id, "status": "RUNNING", "attempts": ac.attempts, "started_at": now,
+                      "owner": self.boot})
+        header = {
+            "call_id": ac.id, "parent_id": ac.parent_id, "function": ac.function, "method": "POST",
+            "path": f"/{ac.function}", "query": "", "headers": ac.headers + [["fusionizer-server-address",
+                                                                             gw.settings.advertised_host]],
+            "content_type": ac.content_type, "deadline_ms": int((now + info.timeout_s) * 1000), "mode": "http",
+            "attempt": ac.attempts,
+        }
+        fut = asyncio.get_running_loop().create_future()
+        assert gw.broker is not None
+        gw.broker.submit(Call(ac.id, ac.function, header, ac.payload, fut, info.timeout_s), bounded=False)
+        fut.add_done_callback(lambda f: self._attempt_done(ac, f))
+
+    def _attempt_done(self, ac: AsyncCall, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            result, body = fut.result()
+            if result.get("edges"):
+                self.gw.trace_edges.extend(result["edges"])
+            status = int(result.get("status", 200))
+            if status < 500:
+                self._finish(ac, "DONE", code=status, content_type=result.get("content_type") or "", body=body)
+                return
+            error = body.decode("utf-8", "replace")[:2000]
+        else:
+            status = getattr(exc, "http_status", 500)
+            error = exc.message if isinstance(exc, NuclideError) else repr(exc)
+            if isinstance(exc, NotFound):
+                self._finish(ac, "FAILED", code=404, error=error)
+                return
+        info = self.gw.functions.get(ac.function)
+        retry = info.retry if info else DEFAULT_RETRY
+        if ac.attempts < ac.max_attempts and time.time() - ac.queued_at < retry["max_event_age_s"]:
+            delay = backoff_s(retry, ac.attempts)
+            self.counters["retried"] += 1
+            self._update({"id": ac.id, "status": "PENDING", "error": error, "next_attempt_at": time.time() + delay})
+            asyncio.get_running_loop().call_later(delay, self._redispatch, ac)
+            return
+        self._finish(ac, "DEAD", code=status, error=f"failed {ac.attempts} time(s); last error: {error}",
+                     body=body if exc is None else None,
+                     content_type=(result.get("content_type") or "") if exc is None else "")
+
+    def _redispatch(self, ac: AsyncCall) -> None:
+        if ac.id in self.inflight:
+            self._dispatch(ac)
+
+    def _finish(self, ac: AsyncCall, status: str, *, code: int | None = None, error: str | None = None,
+                content_type: str = "", body: bytes | None = None) -> None:
+        self.inflight.pop(ac.id, None)
+        update: dict[str, Any] = {"id": ac.id, "status": status, "finished_at": time.time(), "error": error,
+                                  "attempts": ac.attempts}
+        if code is not None:
+            update["result_status"] = int(code)
+        if body is not None:
+            update["has_result"] = True
+            update["result_content_type"] = content_type
+        self._update(update, body)
+        self.counters[status.lower()] = self.counters.get(status.lower(), 0) + 1
+        if ac.callback_url and ac.callback_state != "sending":
+            self._spawn(self._callback(ac, status, code, content_type, body or b"", error))
+        # room for calls waiting unowned in the store
+        if len(self.inflight) < ASYNC_INFLIGHT_MAX // 2 and self._claim_wanted is not None:
+            self._claim_wanted.set()
+
+    async def _callback(self, ac: AsyncCall, status: str, code: int | None, content_type: str, body: bytes,
+                        error: str | None) -> None:
+        # durable 'sending' first: after a crash this attempt's result is never posted again
+        await self._flush_updates_now()
+        self._update({"id": ac.id, "callback_state": "sending"})
+        await self._flush_updates_now()
+        duration = time.time() - ac.queued_at
+        headers = {"X-Call-Id": ac.id, "X-Function-Status": str(code if code is not None else 500),
+                   "X-Call-Status": status, "X-Duration-Seconds": f"{duration:.6f}",
+                   "Content-Type": content_type or ("application/json" if error else "application/octet-stream")}
+        payload = body if status == "DONE" else json.dumps({"error": error or status}).encode()
+        state = "failed"
+        try:
+            assert self._http is not None
+            resp = await self._http.post(str(ac.callback_url), content=payload, headers=headers)
+            state = "sent" if resp.status_code < 400 else "failed"
+        except httpx.HTTPError as exc:
+            log.warning("callback failed", call_id=ac.id, url=ac.callback_url, error=str(exc))
+        self._update({"id": ac.id, "callback_state": state})
+
+    # ----- batched writes -------------------------------------------------------------
+
+    def _update(self, update: dict[str, Any], body: bytes | None = None) -> None:
+        self._updates.append((update, body))
+        if self._update_flush is None:
+            self._update_flush = asyncio.get_running_loop().call_later(UPDATE_FLUSH_S, self._kick_updates)
+
+    def _kick_updates(self) -> None:
+        self._update_flush = None
+        self._spawn(self._flush_updates_now())
+
+    async def _flush_updates_now(self) -> None:
+        while self._updates:
+            batch = self._updates[:512]
+            del self._updates[: len(batch)]
+            updates = [u for u, _ in batch]
+            bodies = [b for u, b in batch if u.get("has_result")]
+            try:
+                assert self.gw.store is not None
+                await self.gw.store.call("calls.update", {"updates": updates}, *bodies, timeout_s=5.0)
+            except NuclideError as exc:
+                log.warning("store unavailable for call updates; keeping them", pending=len(batch), error=exc.message)
+                self._updates[:0] = batch
+                await asyncio.sleep(STORE_RETRY_S)
+
+    def record_sync(self, record: dict[str, Any]) -> None:
+        self._records.append(record)
+
+    async def _record_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RECORD_FLUSH_S)
+            await self._flush_records_now()
+
+    async def _flush_records_now(self) -> None:
+        if not self._records:
+            return
+        batch, self._records = self._records[:5000], self._records[5000:]
+        try:
+            assert self.gw.store is not None
+            await self.gw.store.call("calls.record_sync", {"calls": batch}, timeout_s=5.0)
+        except NuclideError:
+            if len(self._records) < 100_000:  # records of sync calls are not worth unbounded memory
+                self._records[:0] = batch
+
+    # ----- recovery ---------------------------------------------------------------------
+
+    _claim_wanted: asyncio.Event | None = None
+
+    async def _claim_loop(self) -> None:
+        self._claim_wanted = asyncio.Event()
+        assert self.gw.feed is not None
+        await self.gw.feed.synced.wait()  # retry policies and functions must be known first
+        while True:
+            try:
+                await self._claim_once()
+            except NuclideError as exc:
+                log.info("claiming calls failed; will retry", error=exc.message)
+            try:
+                await asyncio.wait_for(self._claim_wanted.wait(), CLAIM_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+            self._claim_wanted.clear()
+
+    async def _claim_once(self) -> None:
+        room = ASYNC_INFLIGHT_MAX - len(self.inflight)
+        if room <= 0:
+            return
+        assert self.gw.store is not None
+        metas, payloads = await self.gw.store.call_with_bodies("calls.claim", {"owner": self.boot, "limit": min(room, 2000)},
+                                                               timeout_s=10.0)
+        now = time.time()
+        for meta, payload in zip(metas, payloads):
+            if meta["id"] in self.inflight:
+                continue
+            ac = AsyncCall(meta, payload)
+            self.inflight[ac.id] = ac
+            due = meta.get("next_attempt_at")
+            if meta.get("was_running"):
+                log.info("retrying a call that was running when its gateway or instance stopped", call_id=ac.id,
+                         attempts=ac.attempts)
+            if due and due > now:
+                asyncio.get_running_loop().call_later(due - now, self._redispatch, ac)
+            elif ac.attempts >= ac.max_attempts and meta.get("was_running"):
+                # its last attempt was cut off; give it one more rather than losing it silently
+                ac.max_attempts = ac.attempts + 1
+                self._dispatch(ac)
+            else:
+                self._dispatch(ac)
+        if len(metas) == min(room, 2000) and self._claim_wanted is not None:
+            self._claim_wanted.set()
+
+
+def deadline_error(function: str, timeout_s: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"function '{function}' did not finish within its {timeout_s:g} s timeout (spec.timeout)",
+                            {"function": function, "timeout_s": timeout_s})

@@ -1,0 +1,188 @@
+"""Async ingress besides HTTP: a PULL socket for invoke messages, a SUB socket for topics, cron.
+
+PULL (``gateway_pull``, any producer connects a PUSH)::
+
+    frame 0  b"NUC1"
+    frame 1  b"INVOKE"
+    frame 2  msgpack map: {"function": str, optional "call_id", "content_type",
+             "headers" ([[name, value], ...]), "idempotency_key", "callback_url"}
+    frame 3  the payload (raw bytes)
+
+Each accepted message becomes a durable call (``shared/ingress.py`` has a helper).
+While stored-but-unacknowledged submissions pile up the gateway stops reading, so
+the producer's queue fills and its send blocks at its high-water mark instead of
+messages being dropped. A message for an unknown function is recorded FAILED with
+"function 'x' not found"; a malformed one is logged, counted and dropped.
+
+SUB (``gateway_sub``, bound; producers connect a PUB): ``[topic, payload]`` or
+``[topic, NUC1, INVOKE, header, payload]``. Every function with a ``kind: topic``
+trigger for that topic gets the payload as an async call. Best effort, like core
+NATS: a message published while nobody listens is gone.
+
+Cron: ``kind: cron`` triggers (``interval`` or ``schedule``) submit an async call
+with the trigger's ``body`` on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from shared import protocol
+from shared.aiosock import AsyncSocket
+from shared.errors import NuclideError, ProtocolError
+from shared.logs import get_logger
+from shared.triggers import parse_cron
+
+if TYPE_CHECKING:  # pragma: no cover
+    from services.gateway.core import Gateway
+
+log = get_logger(__name__)
+
+PAUSE_ABOVE = 4096  # unacknowledged ingress submissions before the PULL socket stops being read
+RESUME_BELOW = 1024
+CRON_TICK_S = 0.25
+
+
+class Ingress:
+    def __init__(self, gw: "Gateway") -> None:
+        self.gw = gw
+        self.pending = 0
+        self.counters = {"accepted": 0, "malformed": 0, "topic_messages": 0, "topic_calls": 0, "cron_calls": 0}
+        self._pull: AsyncSocket | None = None
+        self._sub: AsyncSocket | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._cron_next: dict[tuple[str, str], float] = {}
+
+    def start(self) -> None:
+        s = self.gw.settings
+        pull = self.gw.ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.RCVHWM, 10_000)
+        pull.bind(s.gateway_pull)
+        self._pull = AsyncSocket(pull, self._on_pull)
+        sub = self.gw.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.bind(s.gateway_sub)
+        self._sub = AsyncSocket(sub, self._on_topic)
+        self._spawn(self._cron_loop())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----- PULL ----------------------------------------------------------------------
+
+    def _on_pull(self, frames: list[bytes]) -> None:
+        try:
+            msg = protocol.decode(frames)
+            if msg.command != protocol.INVOKE:
+                raise ProtocolError(f"expected INVOKE, got {msg.command!r}")
+            function = msg.header.get("function")
+            if not isinstance(function, str) or not function:
+                raise ProtocolError("INVOKE needs a 'function' name in its header")
+            headers = msg.header.get("headers") or []
+            if not isinstance(headers, list):
+                raise ProtocolError("'headers' must be a list of [name, value] pairs")
+        except ProtocolError as exc:
+            self.counters["malformed"] += 1
+            log.warning("dropped malformed ingress message", error=str(exc), dropped=self.counters["malformed"])
+            return
+        self.pending += 1
+        if self.pending >= PAUSE_ABOVE and self._pull is not None:
+            self._pull.pause()
+        self._spawn(self._accept(function, msg.header, msg.body))
+
+    async def _accept(self, function: str, header: dict[str, Any], body: bytes) -> None:
+        assert self.gw.calls is not None
+        try:
+            await self.gw.calls.submit(
+                function, body, content_type=str(header.get("content_type") or ""),
+                headers=[[str(k), str(v)] for k, v in header.get("headers") or []], source="zmq",
+                idempotency_key=header.get("idempotency_key"), callback_url=header.get("callback_url"),
+                call_id=header.get("call_id"))
+            self.counters["accepted"] += 1
+        except NuclideError as exc:
+            log.warning("ingress message not accepted", function=function, error=exc.message)
+        finally:
+            self.pending -= 1
+            if self.pending <= RESUME_BELOW and self._pull is not None:
+                self._pull.resume()
+
+    # ----- topics ---------------------------------------------------------------------
+
+    def _on_topic(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            self.counters["malformed"] += 1
+            return
+        topic = frames[0].decode("utf-8", "replace")
+        content_type = ""
+        if len(frames) == 2:
+            payload = frames[1]
+        else:
+            try:
+                msg = protocol.decode(frames[1:])
+            except ProtocolError as exc:
+                self.counters["malformed"] += 1
+                log.warning("dropped malformed topic message", topic=topic[:80], error=str(exc))
+                return
+            payload, content_type = msg.body, str(msg.header.get("content_type") or "")
+        self.counters["topic_messages"] += 1
+        for info in list(self.gw.functions.values()):
+            if topic in info.topics:
+                self.counters["topic_calls"] += 1
+                self._spawn(self._submit_quietly(info.name, payload, content_type, "topic",
+                                                 [["x-nuclide-topic", topic]]))
+
+    async def _submit_quietly(self, function: str, payload: bytes, content_type: str, source: str,
+                              headers: list[list[str]]) -> None:
+        assert self.gw.calls is not None
+        try:
+            await self.gw.calls.submit(function, payload, content_type=content_type, source=source, headers=headers)
+        except NuclideError as exc:
+            log.warning("trigger call not accepted", function=function, source=source, error=exc.message)
+
+    # ----- cron -----------------------------------------------------------------------
+
+    async def _cron_loop(self) -> None:
+        assert self.gw.feed is not None
+        await self.gw.feed.synced.wait()
+        while True:
+            now = time.time()
+            live: set[tuple[str, str]] = set()
+            for info in list(self.gw.functions.values()):
+                for trig in info.cron:
+                    key = (info.name, f"{trig['name']}|{trig.get('interval_s')}|{trig.get('schedule')}")
+                    live.add(key)
+                    due = self._cron_next.get(key)
+                    if due is None:
+                        self._cron_next[key] = self._next(trig, now)
+                        continue
+                    if due <= now:
+                        self.counters["cron_calls"] += 1
+                        body = trig.get("body") or ""
+                        self._spawn(self._submit_quietly(
+                            info.name, body.encode() if isinstance(body, str) else bytes(body), "", "cron",
+                            [["x-nuclide-trigger", trig["name"]]]))
+                        self._cron_next[key] = self._next(trig, max(now, due))
+            for key in set(self._cron_next) - live:
+                del self._cron_next[key]
+            await asyncio.sleep(CRON_TICK_S)
+
+    @staticmethod
+    def _next(trig: dict[str, Any], after: float) -> float:
+        if trig.get("interval_s"):
+            return after + float(trig["interval_s"])
+        return parse_cron(trig["schedule"]).next_after(after)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for sock in (self._pull, self._sub):
+            if sock is not None:
+                sock.close()

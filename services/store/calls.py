@@ -1,0 +1,217 @@
+"""Durable calls: async calls stored before they are acknowledged, and a record of sync calls.
+
+Status moves PENDING -> RUNNING -> DONE | FAILED, with failed attempts going back
+to PENDING (``next_attempt_at`` set by the retry policy) until they are exhausted
+and become DEAD. Each non-final call has an ``owner``: the boot id of the gateway
+dispatching it; a gateway that starts claims every non-final call not owned by its
+own boot, so calls RUNNING on a gateway (or instance) that died are retried, and
+the retry shows in ``attempts``. Writes come in batches: one transaction each.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from shared.errors import Conflict, InvalidRequest, NotFound
+from services.store.db import Database
+
+FINAL = ("DONE", "FAILED", "DEAD")
+STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DEAD")
+MAX_LIST = 1000
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+def record(row: Any, with_result: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": row["id"], "function": row["function"], "status": row["status"], "kind": row["kind"],
+        "source": row["source"], "attempts": row["attempts"], "max_attempts": row["max_attempts"],
+        "parent_id": row["parent_id"], "cold_start": bool(row["cold_start"]),
+        "timings": {"queued": _iso(row["queued_at"]), "started": _iso(row["started_at"]),
+                    "finished": _iso(row["finished_at"]), "next_attempt": _iso(row["next_attempt_at"])},
+        "duration_s": (round(row["finished_at"] - row["started_at"], 6)
+                       if row["finished_at"] and row["started_at"] else None),
+        "error": row["error"],
+        "result_status": row["result_status"],
+    }
+    if row["idempotency_key"]:
+        out["idempotency_key"] = row["idempotency_key"]
+    if row["callback_url"]:
+        out["callback"] = {"url": row["callback_url"], "state": row["callback_state"]}
+    if with_result and row["result"] is not None:
+        ctype = row["result_content_type"] or ""
+        data = bytes(row["result"])
+        if ctype.startswith("application/json"):
+            try:
+                out["result"] = json.loads(data)
+            except ValueError:
+                out["result"] = data.decode("utf-8", "replace")
+        elif ctype.startswith("text/") or not ctype:
+            out["result"] = data.decode("utf-8", "replace")
+        else:
+            out["result"] = {"content_type": ctype, "size": len(data)}
+        out["result_content_type"] = ctype
+    return out
+
+
+class CallStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def submit(self, calls: list[dict[str, Any]], payloads: tuple[bytes, ...]) -> list[dict[str, Any]]:
+        """Insert calls as PENDING (owned by their gateway); a repeated idempotency key returns the first id."""
+        if len(payloads) != len(calls):
+            raise InvalidRequest(f"calls.submit got {len(calls)} calls but {len(payloads)} payloads")
+        out = []
+        now = time.time()
+        with self.db.tx():
+            for call, payload in zip(calls, payloads):
+                row = self.db.one("SELECT id, status FROM calls WHERE id=?", (call["id"],))
+                if row is not None:  # a producer-chosen id sent twice is the same call
+                    out.append({"id": row["id"], "duplicate": True, "status": row["status"]})
+                    continue
+                key = call.get("idempotency_key")
+                if key:
+                    row = self.db.one("SELECT id, status FROM calls WHERE function=? AND idempotency_key=?",
+                                      (call["function"], key))
+                    if row is not None:
+                        out.append({"id": row["id"], "duplicate": True, "status": row["status"]})
+                        continue
+                status = call.get("status", "PENDING")
+                self.db.execute(
+                    "INSERT INTO calls (id, function, status, kind, source, attempts, max_attempts, idempotency_key,"
+                    " callback_url, callback_state, owner, payload, content_type, headers, error, parent_id, queued_at,"
+                    " finished_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (call["id"], call["function"], status, call.get("kind", "async"), call.get("source", "http"),
+                     int(call.get("max_attempts", 1)), key, call.get("callback_url"),
+                     "pending" if call.get("callback_url") else None, call.get("owner"), payload,
+                     call.get("content_type", ""), json.dumps(call.get("headers") or []), call.get("error"),
+                     call.get("parent_id"), float(call.get("queued_at") or now),
+                     now if status in FINAL else None, call.get("next_attempt_at")),
+                )
+                out.append({"id": call["id"], "duplicate": False, "status": status})
+        return out
+
+    def update(self, updates: list[dict[str, Any]], results: tuple[bytes, ...]) -> int:
+        """Apply a batch of state changes; a body is given for updates with ``has_result``."""
+        results_iter = iter(results)
+        changed = 0
+        with self.db.tx():
+            for u in updates:
+                fields: list[str] = []
+                values: list[Any] = []
+                for key in ("status", "attempts", "started_at", "finished_at", "next_attempt_at", "result_status",
+                            "result_content_type", "error", "owner", "callback_state", "cold_start"):
+                    if key in u:
+                        fields.append(f"{key}=?")
+                        values.append(u[key])
+                if u.get("has_result"):
+                    fields.append("result=?")
+                    values.append(next(results_iter, b""))
+                if not fields:
+                    continue
+                values.append(u["id"])
+                sql = f"UPDATE calls SET {', '.join(fields)} WHERE id=?"
+                if "status" in u:
+                    # a finished call is never reopened by a late, stale update (redrive is explicit)
+                    sql += " AND status NOT IN ('DONE', 'FAILED', 'DEAD')"
+                changed += self.db.execute(sql, tuple(values)).rowcount
+        return changed
+
+    def record_sync(self, calls: list[dict[str, Any]]) -> int:
+        """Record finished sync calls (no payload or result kept)."""
+        with self.db.tx():
+            for c in calls:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO calls (id, function, status, kind, source, attempts, max_attempts, queued_at,"
+                    " started_at, finished_at, result_status, error, parent_id, cold_start) VALUES"
+                    " (?, ?, ?, 'sync', ?, 1, 1, ?, ?, ?, ?, ?, ?, ?)",
+                    (c["id"], c["function"], c["status"], c.get("source", "http"), c["queued_at"], c.get("started_at"),
+                     c.get("finished_at"), c.get("result_status"), c.get("error"), c.get("parent_id"),
+                     int(bool(c.get("cold_start")))))
+        return len(calls)
+
+    def claim(self, owner: str, limit: int) -> tuple[list[dict[str, Any]], list[bytes]]:
+        """Take non-final async calls not owned by ``owner`` (a gateway boot); the caller honours next_attempt_at."""
+        with self.db.tx():
+            rows = self.db.all(
+                "SELECT * FROM calls WHERE status IN ('PENDING', 'RUNNING') AND kind='async' AND"
+                " (owner IS NULL OR owner != ?) ORDER BY queued_at LIMIT ?", (owner, limit))
+            for row in rows:
+                self.db.execute("UPDATE calls SET owner=?, status='PENDING' WHERE id=?", (owner, row["id"]))
+        calls = [{"id": r["id"], "function": r["function"], "attempts": r["attempts"], "max_attempts": r["max_attempts"],
+                  "content_type": r["content_type"] or "", "headers": json.loads(r["headers"] or "[]"),
+                  "callback_url": r["callback_url"], "callback_state": r["callback_state"],
+                  "was_running": r["status"] == "RUNNING", "queued_at": r["queued_at"],
+                  "next_attempt_at": r["next_attempt_at"], "parent_id": r["parent_id"], "source": r["source"]}
+                 for r in rows]
+        return calls, [bytes(r["payload"] or b"") for r in rows]
+
+    def pending_callbacks(self, owner: str, limit: int) -> list[dict[str, Any]]:
+        rows = self.db.all("SELECT * FROM calls WHERE callback_state='pending' AND status IN ('DONE', 'FAILED', 'DEAD')"
+                           " LIMIT ?", (limit,))
+        return [dict(record(r, with_result=False), result_b=bytes(r["result"] or b"")) for r in rows]
+
+    def get(self, call_id: str) -> dict[str, Any]:
+        row = self.db.one("SELECT * FROM calls WHERE id=?", (call_id,))
+        if row is None:
+            raise NotFound(f"call '{call_id}' not found")
+        return record(row)
+
+    def result(self, call_id: str) -> tuple[dict[str, Any], bytes]:
+        row = self.db.one("SELECT * FROM calls WHERE id=?", (call_id,))
+        if row is None:
+            raise NotFound(f"call '{call_id}' not found")
+        return record(row, with_result=False), bytes(row["result"] or b"")
+
+    def list(self, function: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:
+        if status and status not in STATUSES:
+            raise InvalidRequest(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        where, params = [], []
+        if function:
+            where.append("function=?")
+            params.append(function)
+        if status:
+            where.append("status=?")
+            params.append(status)
+        sql = "SELECT * FROM calls" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY queued_at DESC LIMIT ?"
+        params.append(max(1, min(int(limit), MAX_LIST)))
+        return [record(r, with_result=False) for r in self.db.all(sql, tuple(params))]
+
+    def redrive(self, call_id: str) -> dict[str, Any]:
+        with self.db.tx():
+            row = self.db.one("SELECT status FROM calls WHERE id=?", (call_id,))
+            if row is None:
+                raise NotFound(f"call '{call_id}' not found")
+            if row["status"] != "DEAD":
+                raise Conflict(f"call '{call_id}' is {row['status']}, not DEAD; only dead calls can be redriven")
+            self.db.execute("UPDATE calls SET status='PENDING', attempts=0, owner=NULL, error=NULL, finished_at=NULL,"
+                            " next_attempt_at=NULL, callback_state=CASE WHEN callback_url IS NULL THEN NULL ELSE"
+                            " 'pending' END WHERE id=?", (call_id,))
+        return self.get(call_id)
+
+    def purge(self, status: str, function: str | None = None) -> int:
+        if status not in FINAL:
+            raise InvalidRequest(f"only finished calls can be purged (status DONE, FAILED or DEAD), not {status!r}")
+        with self.db.tx():
+            if function:
+                cur = self.db.execute("DELETE FROM calls WHERE status=? AND function=?", (status, function))
+            else:
+                cur = self.db.execute("DELETE FROM calls WHERE status=?", (status,))
+        return cur.rowcount
+
+    def expire(self, retention_s: float) -> int:
+        with self.db.tx():
+            cur = self.db.execute("DELETE FROM calls WHERE status IN ('DONE', 'FAILED') AND finished_at < ?",
+                                  (time.time() - retention_s,))
+        return cur.rowcount
+
+    def counts(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self.db.all("SELECT status, COUNT(*) FROM calls GROUP BY status")}

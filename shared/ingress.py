@@ -1,0 +1,65 @@
+"""A tiny producer for the gateway's ZeroMQ ingress: push invoke messages, publish on topics.
+
+    from shared.ingress import Producer
+    with Producer("tcp://127.0.0.1:5561", "tcp://127.0.0.1:5562") as p:
+        p.invoke("resize", b'{"url": "..."}', content_type="application/json")
+        p.publish("orders", b'{"id": 7}')
+
+``invoke`` blocks when the gateway's queue is full (ZeroMQ's high-water mark)
+rather than dropping. The frame layout is in services/gateway/ingress.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+from shared import protocol
+
+
+class Producer:
+    def __init__(self, pull_endpoint: str | None = None, sub_endpoint: str | None = None,
+                 ctx: zmq.Context | None = None, sndhwm: int = 1000) -> None:
+        self._ctx = ctx or zmq.Context.instance()
+        self._push = self._pub = None
+        if pull_endpoint:
+            self._push = self._ctx.socket(zmq.PUSH)
+            self._push.setsockopt(zmq.SNDHWM, sndhwm)
+            self._push.setsockopt(zmq.LINGER, 10_000)  # messages still queued at close get 10 s to leave
+            self._push.connect(pull_endpoint)
+        if sub_endpoint:
+            self._pub = self._ctx.socket(zmq.PUB)
+            self._pub.setsockopt(zmq.LINGER, 1000)
+            self._pub.connect(sub_endpoint)
+
+    def invoke(self, function: str, payload: bytes = b"", *, content_type: str = "", call_id: str | None = None,
+               idempotency_key: str | None = None, callback_url: str | None = None,
+               headers: list[list[str]] | None = None) -> None:
+        if self._push is None:
+            raise RuntimeError("this Producer has no PULL endpoint to invoke through")
+        header: dict[str, Any] = {"function": function}
+        for key, value in (("content_type", content_type), ("call_id", call_id), ("idempotency_key", idempotency_key),
+                           ("callback_url", callback_url), ("headers", headers)):
+            if value:
+                header[key] = value
+        self._push.send_multipart(protocol.encode(protocol.INVOKE, header, payload))
+
+    def publish(self, topic: str, payload: bytes = b"", *, content_type: str = "") -> None:
+        if self._pub is None:
+            raise RuntimeError("this Producer has no SUB endpoint to publish to")
+        if content_type:
+            self._pub.send_multipart([topic.encode(), *protocol.encode(protocol.INVOKE, {"content_type": content_type}, payload)])
+        else:
+            self._pub.send_multipart([topic.encode(), payload])
+
+    def close(self) -> None:
+        for sock in (self._push, self._pub):
+            if sock is not None:
+                sock.close()
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
