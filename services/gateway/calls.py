@@ -207,6 +207,8 @@ class AsyncCalls:
         }
         fut = asyncio.get_running_loop().create_future()
         assert gw.broker is not None
+        if gw.touch(info):
+            self._update({"id": ac.id, "cold_start": 1})
         gw.broker.submit(Call(ac.id, ac.function, header, ac.payload, fut, info.timeout_s), bounded=False)
         fut.add_done_callback(lambda f: self._attempt_done(ac, f))
 

@@ -111,6 +111,11 @@ def build_control_app(gw: Gateway) -> FastAPI:
         parts["status"] = "ok" if ok else "degraded"
         return JSONResponse(parts, status_code=200 if ok else 503)
 
+    @app.get("/metrics", dependencies=auth, tags=["system"])
+    async def metrics() -> PlainTextResponse:
+        """Counters in Prometheus' text format (invocations, cold starts, async calls, ingress, instances)."""
+        return PlainTextResponse(gw.metrics(), media_type="text/plain; version=0.0.4")
+
     @app.get("/functions", dependencies=auth, tags=["functions"])
     async def list_functions() -> JSONResponse:
         assert gw.store is not None

@@ -35,6 +35,7 @@ from shared.triggers import DEFAULT_RETRY, validate_triggers
 log = get_logger(__name__)
 
 _JSON_CT = (b"content-type", b"application/json")
+IDLE_SWEEP_S = 1.0  # how often idle groups are looked for
 TRACE_FLUSH_S = 0.1  # how often the call graph is published
 _SKIP_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 
@@ -43,7 +44,7 @@ class FunctionInfo:
     """What the invoke path needs to know about a function, kept from store events."""
 
     __slots__ = ("name", "private", "timeout_s", "state", "version", "group_id", "last_error", "retry", "cron",
-                 "topics")
+                 "topics", "min_replicas", "idle_timeout_s")
 
     def __init__(self, record: dict[str, Any]) -> None:
         self.name = record["name"]
@@ -54,6 +55,8 @@ class FunctionInfo:
         self.group_id = (record.get("group") or {}).get("id")
         self.last_error = record.get("last_error") or ""
         spec = record.get("spec") or {}
+        self.min_replicas = int(spec.get("min_replicas", 1))
+        self.idle_timeout_s = float(spec.get("idle_timeout_s") or 300.0)
         self.retry = {**DEFAULT_RETRY, **(spec.get("retry") or {})}
         try:
             triggers = validate_triggers(tuple(spec.get("triggers") or ()))
@@ -84,6 +87,11 @@ class Gateway:
         self.token = token.encode()
         self.ctx = ctx
         self.functions: dict[str, FunctionInfo] = {}
+        self.groups: dict[str, dict[str, Any]] = {}
+        self.last_used: dict[str, float] = {}  # group id -> monotonic time of its last call
+        self._waking: set[str] = set()
+        self.counters = {"invocations": 0, "cold_starts": 0, "scaled_to_zero": 0, "woken": 0}
+        self._started_mono = time.monotonic()
         self.deploy_waiters: dict[tuple[str, int], asyncio.Future] = {}
         self._prefix = os.urandom(4).hex()
         self.boot_id = self._prefix  # owner of the async calls this gateway process dispatches
@@ -116,6 +124,7 @@ class Gateway:
         self._background(self._flush_traces())
         self.calls = AsyncCalls(self)
         self.calls.start()
+        self._background(self._idle_sweeper())
         self.ingress = Ingress(self)
         self.ingress.start()
 
@@ -139,6 +148,7 @@ class Gateway:
 
     def _on_snapshot(self, snap: dict[str, Any]) -> None:
         self.functions = {rec["name"]: FunctionInfo(rec) for rec in snap.get("functions", [])}
+        self.groups = {g["id"]: g for g in snap.get("groups", [])}
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "function.changed":
@@ -148,6 +158,13 @@ class Gateway:
             self.functions.pop(name, None)
             if self.broker:
                 self.broker.fail_function(name, NotFound(f"function '{name}' was deleted"))
+        elif kind == "group.changed":
+            group = data["group"]
+            self.groups[group["id"]] = group
+            if group["replicas_desired"] == 0:
+                self._wake_if_waiting(group)
+        elif kind == "group.deleted":
+            self.groups.pop(data["group_id"], None)
         elif kind == "deploy.failed":
             fut = self.deploy_waiters.get((data["group_id"], int(data["group_version"])))
             if fut is not None and not fut.done():
@@ -175,6 +192,96 @@ class Gateway:
         fut = self.deploy_waiters.get((inst.group, inst.group_version))
         if fut is not None and not fut.done():
             fut.set_result(DeployOutcome(True))
+
+    # ----- scale to zero -----------------------------------------------------------------
+
+    def touch(self, info: FunctionInfo) -> bool:
+        """Note a call for a function; wake its group if it is scaled to zero. True: a cold start."""
+        gid = info.group_id
+        if gid is None:
+            return False
+        self.last_used[gid] = time.monotonic()
+        group = self.groups.get(gid)
+        if group is not None and group["replicas_desired"] == 0:
+            self._wake(gid, "a call arrived")
+        assert self.broker is not None
+        return not self.broker.routes.get(info.name)
+
+    def _wake(self, gid: str, reason: str) -> None:
+        if gid in self._waking:
+            return
+        self._waking.add(gid)
+        self.counters["woken"] += 1
+
+        async def wake() -> None:
+            assert self.store is not None
+            try:
+                await self.store.call("group.scale", {"group_id": gid, "replicas": 1, "reason": reason})
+            except NuclideError as exc:
+                log.warning("could not wake a scaled-to-zero group", group=gid, error=exc.message)
+            finally:
+                self._waking.discard(gid)
+
+        self._background(wake())
+
+    def _wake_if_waiting(self, group: dict[str, Any]) -> None:
+        assert self.broker is not None
+        if any(self.broker.queues.get(name) for name in group["members"]):
+            self._wake(group["id"], "calls are waiting")
+
+    async def _idle_sweeper(self) -> None:
+        """Scale groups whose every task allows it (minReplicas 0) to zero after their idle timeout."""
+        while True:
+            await asyncio.sleep(IDLE_SWEEP_S)
+            now = time.monotonic()
+            assert self.broker is not None and self.store is not None
+            for gid, group in list(self.groups.items()):
+                members = [self.functions.get(name) for name in group["members"]]
+                if group["replicas_desired"] == 0:
+                    self._wake_if_waiting(group)
+                    continue
+                if group["state"] != "ready" or not members or any(m is None or m.min_replicas > 0 for m in members):
+                    continue
+                idle_s = max(m.idle_timeout_s for m in members if m is not None)
+                if now - self.last_used.get(gid, self._started_mono) < idle_s:
+                    continue
+                busy = any(self.broker.queues.get(name) for name in group["members"]) or any(
+                    inst.inflight for inst in self.broker.instances.values() if inst.group == gid)
+                if busy:
+                    continue
+                try:
+                    await self.store.call("group.scale", {"group_id": gid, "replicas": 0,
+                                                          "reason": f"idle for {idle_s:g} s"})
+                    self.counters["scaled_to_zero"] += 1
+                    log.info("scaled to zero", group=gid, idle_s=idle_s)
+                except NuclideError as exc:
+                    log.warning("could not scale to zero", group=gid, error=exc.message)
+
+    def metrics(self) -> str:
+        """Prometheus text format."""
+        lines = []
+
+        def counter(name: str, value: float, help_text: str, labels: str = "") -> None:
+            lines.append(f"# HELP nuclide_{name} {help_text}")
+            lines.append(f"# TYPE nuclide_{name} counter")
+            lines.append(f"nuclide_{name}{labels} {value}")
+
+        counter("invocations_total", self.counters["invocations"], "HTTP invocations through this gateway")
+        counter("cold_starts_total", self.counters["cold_starts"], "invocations that waited for an instance to start")
+        counter("scaled_to_zero_total", self.counters["scaled_to_zero"], "groups scaled to zero after idling")
+        counter("wakeups_total", self.counters["woken"], "scaled-to-zero groups woken by a call")
+        if self.calls is not None:
+            for key, value in self.calls.counters.items():
+                counter(f"async_{key}_total", value, f"async calls: {key}")
+        if self.ingress is not None:
+            for key, value in self.ingress.counters.items():
+                counter(f"ingress_{key}_total", value, f"ZeroMQ ingress: {key}")
+        if self.broker is not None:
+            lines.append("# TYPE nuclide_instances gauge")
+            lines.append(f"nuclide_instances {len(self.broker.instances)}")
+            lines.append("# TYPE nuclide_queued_calls gauge")
+            lines.append(f"nuclide_queued_calls {sum(len(q) for q in self.broker.queues.values())}")
+        return "\n".join(lines) + "\n"
 
     def _on_stuck(self, inst: Instance, call: Call) -> None:
         """An instance kept a call past its timeout without answering: have the deployer replace it."""
@@ -261,13 +368,15 @@ class Gateway:
                 assert self.calls is not None
                 new_id, _ = await self.calls.submit(name, body, content_type=str(header.get("content_type") or ""),
                                                     headers=list(header.get("headers") or []), source="call",
-                                                    parent_id=header.get("parent_id"))
-                self.broker.reply(ident, {"call_id": new_id, "status": 202, "content_type": "application/json"},
+                                                    parent_id=header.get("parent_id"), call_id=call_id)
+                # the RESULT answers the caller's request id; the body names the durable call
+                self.broker.reply(ident, {"call_id": call_id, "status": 202, "content_type": "application/json"},
                                   json.dumps({"call_id": new_id}).encode())
                 self.trace_edges.append([header.get("caller"), name, False, False, 0.0])
                 return
             fut = asyncio.get_running_loop().create_future()
             timeout_s = max(0.001, deadline_ms / 1000 - time.time())
+            self.touch(info)
             self.broker.submit(Call(call_id, name, invoke_header, body, fut, timeout_s))
             result, rbody = await fut
             if result.get("edges"):
@@ -364,18 +473,26 @@ class Gateway:
             "mode": mode,
         }
         fut = asyncio.get_running_loop().create_future()
+        cold = self.touch(info)
+        self.counters["invocations"] += 1
+        if cold:
+            self.counters["cold_starts"] += 1
         self.broker.submit(Call(call_id, name, header, body, fut, timeout_s))
         started = time.perf_counter()
         queued_at = time.time()
         try:
             result, rbody = await fut
         except NuclideError as exc:
-            self._record(call_id, name, queued_at, "FAILED", exc.http_status, exc.message)
+            self._record(call_id, name, queued_at, "FAILED", exc.http_status, exc.message, cold)
             raise
         status = int(result.get("status", 200))
         took_ms = round((time.perf_counter() - started) * 1000, 3)
         self.trace_calls.append([name, took_ms, status])
-        self._record(call_id, name, queued_at, "DONE" if status < 500 else "FAILED", status, None)
+        self._record(call_id, name, queued_at, "DONE" if status < 500 else "FAILED", status, None, cold)
+        if cold:
+            out_cold = [(b"x-nuclide-cold-start", b"true")]
+        else:
+            out_cold = []
         if "edges" in result:
             self.trace_edges.extend(result["edges"])
         out_headers = []
@@ -383,13 +500,15 @@ class Gateway:
             if k.lower() not in _SKIP_RESPONSE_HEADERS and k.lower() != "content-type":
                 out_headers.append((k.encode("latin-1"), str(v).encode("latin-1")))
         out_headers.append((b"content-type", (result.get("content_type") or "application/octet-stream").encode("latin-1")))
+        out_headers.extend(out_cold)
         return status, out_headers, rbody
 
-    def _record(self, call_id: str, name: str, queued_at: float, status: str, code: int, error: str | None) -> None:
+    def _record(self, call_id: str, name: str, queued_at: float, status: str, code: int, error: str | None,
+                cold: bool = False) -> None:
         if self.calls is not None:
             self.calls.record_sync({"id": call_id, "function": name, "status": status, "queued_at": queued_at,
                                     "started_at": queued_at, "finished_at": time.time(), "result_status": code,
-                                    "error": error})
+                                    "error": error, "cold_start": cold})
 
     async def _submit_async(self, name: str, body: bytes, raw_headers: list, call_id: str) -> tuple[int, list, bytes]:
         """202 once the call is durable; its result is kept (GET /calls/{id}) and may be called back."""

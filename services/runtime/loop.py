@@ -34,7 +34,6 @@ from services.runtime.handlers import (
     HandlerForm, LoadedHandler, build_args, call_init_context, invoke, load_handler,
 )
 from services.runtime.calls import CallFailed, Frame, TaskCaller
-from services.runtime.session import GatewaySession
 
 EXIT_INIT_FAILED = 3
 PREFETCH = 32  # calls buffered beyond maxConcurrency, so the handler never waits for a round trip
@@ -99,8 +98,7 @@ class Runtime:
         self.credit = self.max_concurrency + PREFETCH
         self.ctx = zmq.Context()
         self.caller = TaskCaller(self, list(config["gateways"]))
-        self.session = GatewaySession(config.get("fusionizer_host", "127.0.0.1"), config.get("gateway_url", ""),
-                                      self.caller)
+        self._session: Any = None  # built on first use: importing requests costs ~45 ms of every cold start
         self.envs = {fc["name"]: dict(fc.get("env") or {}) for fc in config["functions"]}
         self.timeouts = {fc["name"]: float(fc.get("timeout_s") or 30.0) for fc in config["functions"]}
         self._fused = len(functions) > 1
@@ -125,6 +123,14 @@ class Runtime:
         self._pool: ThreadPoolExecutor | None = None
         if self.max_concurrency > 1:
             self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="handler")
+
+    def session(self) -> Any:
+        if self._session is None:
+            from services.runtime.session import GatewaySession
+
+            self._session = GatewaySession(self.config.get("fusionizer_host", "127.0.0.1"),
+                                           self.config.get("gateway_url", ""), self.caller)
+        return self._session
 
     def ready_header(self) -> dict[str, Any]:
         return {
@@ -212,7 +218,7 @@ class Runtime:
             ctx._begin(call_id, deadline_ms)
             fn.logger.set_call_id(call_id)
             event = Event.from_invoke(header, body)
-            session = self.session if fn.needs_session else None
+            session = self.session() if fn.needs_session else None
             if header.get("mode") == "execute":
                 args = build_args(fn.handler, ctx, event, session, body.decode("utf-8", "replace"))
                 return responses.execute_result(invoke(fn.handler, args, loop))

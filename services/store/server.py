@@ -96,6 +96,9 @@ class StoreServer:
             result, events = st.put_function(_arg(args, "name", str), spec, list(warnings), bodies[0] if bodies else b"")
         elif method == "groups.set":
             result, events = st.set_groups(args.get("setup"))
+        elif method == "group.scale":
+            result, events = st.scale_group(_arg(args, "group_id", str), _arg(args, "replicas", int),
+                                            str(args.get("reason", "")))
         elif method == "function.delete":
             result, events = st.delete_function(_arg(args, "name", str))
         elif method == "instance.started":

@@ -523,3 +523,35 @@ class StoreState:
     def kv_get(self, key: str) -> Any:
         row = self.db.one("SELECT value FROM kv WHERE key=?", (key,))
         return json.loads(row["value"]) if row else None
+
+    # ----- scaling ------------------------------------------------------------------------
+
+    def scale_group(self, group_id: str, replicas: int, reason: str = "") -> tuple[dict[str, Any], list[Event]]:
+        """Set a group's replica target: 0 scales it to zero, waking it gives it its minimum back (at least 1)."""
+        if replicas < 0 or replicas > 64:
+            raise InvalidRequest(f"replicas {replicas} is out of range 0-64")
+        now = time.time()
+        with self.db.tx():
+            row = self._group_row(group_id)
+            if row is None:
+                raise NotFound(f"group '{group_id}' not found")
+            members = json.loads(row["members"])
+            if replicas > 0:
+                replicas = max(replicas, self._group_replicas(members))
+            self.db.execute("UPDATE groups SET replicas_desired=?, updated_at=? WHERE id=?", (replicas, now, group_id))
+            for name in members:
+                fn = self.db.one("SELECT state, version FROM functions WHERE name=?", (name,))
+                if fn is None:
+                    continue
+                if replicas == 0 and fn["state"] == "ready":
+                    self.db.execute("UPDATE functions SET state='scaledToZero', updated_at=? WHERE name=?", (now, name))
+                elif replicas > 0 and fn["state"] == "scaledToZero":
+                    self.db.execute("UPDATE functions SET state='ready', updated_at=? WHERE name=?", (now, name))
+            payloads: list[Event] = [("group.changed", {"group": self.group_record(self._group_row(group_id))})]
+            for name in members:
+                if self.db.one("SELECT 1 FROM functions WHERE name=?", (name,)):
+                    payloads.append(("function.changed", {"function": self.get_function(name)}))
+            first = self.next_seqs(len(payloads))
+        for i, (_, data) in enumerate(payloads):
+            data["seq"] = first + i
+        return {"group_id": group_id, "replicas": replicas, "reason": reason}, payloads
