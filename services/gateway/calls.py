@@ -116,8 +116,12 @@ class AsyncCalls:
 
     async def submit(self, function: str, payload: bytes, *, content_type: str = "", headers: list | None = None,
                      source: str = "http", idempotency_key: str | None = None, callback_url: str | None = None,
-                     call_id: str | None = None, parent_id: str | None = None) -> tuple[str, bool]:
-        """Store an async call durably, then run it; returns (call id, was a duplicate)."""
+                     call_id: str | None = None, parent_id: str | None = None,
+                     refused: str | None = None) -> tuple[str, bool]:
+        """Store an async call durably, then run it; returns (call id, was a duplicate).
+
+        ``refused`` records the call as FAILED with that reason instead of running it.
+        """
         if call_id is not None and not _CALL_ID.match(call_id):
             raise InvalidRequest("call_id must be 1-80 letters, digits, '.', '_', ':' or '-'")
         info = self.gw.functions.get(function)
@@ -131,6 +135,9 @@ class AsyncCalls:
         if info is None:
             # recorded, not dropped: the producer can find out what happened to its message
             meta.update(status="FAILED", error=f"function '{function}' not found")
+        elif refused:
+            meta.update(status="FAILED", error=refused)
+            info = None
         own = info is not None and len(self.inflight) < ASYNC_INFLIGHT_MAX
         meta["owner"] = self.boot if own else None
         fut = asyncio.get_running_loop().create_future()

@@ -93,6 +93,13 @@ class Ingress:
             self.counters["malformed"] += 1
             log.warning("dropped malformed ingress message", error=str(exc), dropped=self.counters["malformed"])
             return
+        limit = self.gw.settings.max_body_bytes
+        if len(msg.body) > limit:
+            # recorded, not silently dropped: the producer can look the call up and see why
+            self.counters["oversized"] = self.counters.get("oversized", 0) + 1
+            self._spawn(self._refuse(function, msg.header.get("call_id"),
+                                     f"payload is {len(msg.body)} bytes, over the {limit} byte invoke limit"))
+            return
         self.pending += 1
         if self.pending >= PAUSE_ABOVE and self._pull is not None:
             self._pull.pause()
@@ -113,6 +120,14 @@ class Ingress:
             self.pending -= 1
             if self.pending <= RESUME_BELOW and self._pull is not None:
                 self._pull.resume()
+
+    async def _refuse(self, function: str, call_id: Any, error: str) -> None:
+        assert self.gw.calls is not None
+        try:
+            await self.gw.calls.submit(function, b"", source="zmq", call_id=call_id if isinstance(call_id, str) else None,
+                                       refused=error)
+        except NuclideError as exc:
+            log.warning("could not record a refused ingress message", function=function, error=exc.message)
 
     # ----- topics ---------------------------------------------------------------------
 

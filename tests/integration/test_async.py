@@ -112,6 +112,7 @@ def test_zeromq_push_ingress_and_bad_messages(stack: Stack, echo: str) -> None:
         for i, cid in enumerate(ids):
             p.invoke("aecho", json.dumps({"i": i}).encode(), content_type="application/json", call_id=cid)
         p.invoke("no-such-function", b"x", call_id=ids[0] + "-ghost")
+        p.invoke("aecho", b"x" * (6 * 1024 * 1024 + 1), call_id=ids[0] + "-huge")
         # malformed messages straight onto the ingress socket: dropped, the socket keeps working
         raw = zmq.Context.instance().socket(zmq.PUSH)
         raw.setsockopt(zmq.LINGER, 2000)
@@ -128,6 +129,8 @@ def test_zeromq_push_ingress_and_bad_messages(stack: Stack, echo: str) -> None:
                          if c["id"].startswith(prefix)) >= 201, 30, what="all pushed calls done")
     ghost = wait_for(lambda: call_of(stack, ids[0] + "-ghost"), 10, what="the unknown-function record")
     assert ghost["status"] == "FAILED" and "function 'no-such-function' not found" in ghost["error"]
+    huge = wait_for(lambda: call_of(stack, ids[0] + "-huge"), 10, what="the oversized message's record")
+    assert huge["status"] == "FAILED" and "over the 6291456 byte invoke limit" in huge["error"]
 
 
 def test_topics_fan_out_and_cron_fires(fresh_stack: Stack) -> None:
