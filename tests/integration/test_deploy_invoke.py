@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from tests.stack import Stack, function_yaml, make_zip, wait_for
+from tests.tasks import TASK_A, TASK_B
 
 pytestmark = pytest.mark.integration
 
@@ -187,20 +188,8 @@ def test_requirements_installed_from_the_package_index(stack: Stack) -> None:
 
 
 def test_fusionizer_task_pair_through_the_gateway(stack: Stack) -> None:
-    task_b = """
-def handler(context, event):
-    body = event.body
-    return body["value1"] + body["value2"]
-"""
-    task_a = """
-def handler(context, event, requests_session):
-    host = event.headers["Fusionizer-Server-Address"]
-    resp = requests_session.post(f"http://{host}:8000/TaskB", json={"value1": 5, "value2": 3})
-    resp.raise_for_status()
-    return resp.json()
-"""
-    stack.deploy("TaskB", {"function.yaml": function_yaml("TaskB"), "main.py": task_b})
-    stack.deploy("TaskA", {"function.yaml": function_yaml("TaskA"), "main.py": task_a})
+    stack.deploy("TaskB", {"function.yaml": function_yaml("TaskB"), "main.py": TASK_B})
+    stack.deploy("TaskA", {"function.yaml": function_yaml("TaskA"), "main.py": TASK_A})
     r = stack.invoke("TaskA", {})
     assert r.status_code == 200, r.text
     assert r.json() == 8

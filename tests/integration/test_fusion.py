@@ -13,23 +13,9 @@ import httpx
 import pytest
 
 from tests.stack import ROOT, Stack, function_yaml, wait_for
+from tests.tasks import TASK_A, TASK_B
 
 pytestmark = pytest.mark.integration
-
-TASK_B = """
-def handler(context, event):
-    body = event.body
-    return body["value1"] + body["value2"]
-"""
-
-TASK_A = """
-def handler(context, event, requests_session):
-    host = event.headers["Fusionizer-Server-Address"]
-    resp = requests_session.post(f"http://{host}:8000/TaskB", json={"value1": 5, "value2": 3})
-    resp.raise_for_status()
-    return resp.json()
-"""
-
 
 def setup_of(stack: Stack) -> list[list[str]]:
     return sorted(sorted(g) for g in stack.client.get("/groups").json()["setup"])
