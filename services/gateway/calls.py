@@ -85,7 +85,7 @@ class AsyncCalls:
         self.boot = gw.boot_id
         self.inflight: dict[str, AsyncCall] = {}
         self._submits: list[tuple[dict[str, Any], bytes, asyncio.Future]] = []
-        self._updates: list[tuple[dict[str, Any], bytes | None]] = []
+        self._updates: dict[str, tuple[dict[str, Any], bytes | None]] = {}  # call id -> merged update
         self._records: list[dict[str, Any]] = []
         self._submit_flush: asyncio.TimerHandle | None = None
         self._update_flush: asyncio.TimerHandle | None = None
@@ -114,20 +114,15 @@ class AsyncCalls:
 
     # ----- submission ---------------------------------------------------------------
 
-    async def submit(self, function: str, payload: bytes, *, content_type: str = "", headers: list | None = None,
-                     source: str = "http", idempotency_key: str | None = None, callback_url: str | None = None,
-                     call_id: str | None = None, parent_id: str | None = None,
-                     refused: str | None = None) -> tuple[str, bool]:
-        """Store an async call durably, then run it; returns (call id, was a duplicate).
-
-        ``refused`` records the call as FAILED with that reason instead of running it.
-        """
+    def prepare(self, function: str, *, content_type: str = "", headers: list | None = None, source: str = "http",
+                idempotency_key: str | None = None, callback_url: str | None = None, call_id: str | None = None,
+                parent_id: str | None = None, refused: str | None = None) -> dict[str, Any]:
+        """The stored form of a new async call; ``refused`` records it FAILED with that reason instead."""
         if call_id is not None and not _CALL_ID.match(call_id):
             raise InvalidRequest("call_id must be 1-80 letters, digits, '.', '_', ':' or '-'")
         info = self.gw.functions.get(function)
-        cid = call_id or self.gw.new_call_id()
         meta: dict[str, Any] = {
-            "id": cid, "function": function, "kind": "async", "source": source,
+            "id": call_id or self.gw.new_call_id(), "function": function, "kind": "async", "source": source,
             "max_attempts": int(info.retry["max_attempts"]) if info else 1,
             "idempotency_key": idempotency_key, "callback_url": callback_url, "content_type": content_type,
             "headers": headers or [], "parent_id": parent_id, "queued_at": time.time(),
@@ -137,29 +132,30 @@ class AsyncCalls:
             meta.update(status="FAILED", error=f"function '{function}' not found")
         elif refused:
             meta.update(status="FAILED", error=refused)
-            info = None
-        own = info is not None and len(self.inflight) < ASYNC_INFLIGHT_MAX
-        meta["owner"] = self.boot if own else None
-        fut = asyncio.get_running_loop().create_future()
-        self._submits.append((meta, payload, fut))
+        runnable = "status" not in meta
+        meta["owner"] = self.boot if runnable and len(self.inflight) < ASYNC_INFLIGHT_MAX else None
+        return meta
+
+    def enqueue(self, meta: dict[str, Any], payload: bytes, waiter: asyncio.Future | None = None) -> None:
+        """Queue a call for the next store transaction; it runs once stored (``waiter`` gets the outcome)."""
+        self._submits.append((meta, payload, waiter))
         if len(self._submits) >= self.gw.settings.async_batch_max:
             self._flush_submits()
         elif self._submit_flush is None:
             self._submit_flush = asyncio.get_running_loop().call_later(FLUSH_DELAY_S, self._flush_submits)
+
+    async def submit(self, function: str, payload: bytes, **kw: Any) -> tuple[str, bool]:
+        """Store an async call durably, then run it; returns (call id, was a duplicate)."""
+        meta = self.prepare(function, **kw)
+        fut = asyncio.get_running_loop().create_future()
+        self.enqueue(meta, payload, fut)
         try:
-            stored = await asyncio.wait_for(asyncio.shield(fut), SUBMIT_TIMEOUT_S)
+            stored = await asyncio.wait_for(fut, SUBMIT_TIMEOUT_S + 1)
         except asyncio.TimeoutError:
             raise Unavailable("the store did not confirm the call in time, so it was not accepted; retry") from None
-        if stored["duplicate"]:
-            return stored["id"], True
-        self.counters["submitted"] += 1
-        if info is not None and own:
-            ac = AsyncCall(meta, payload)
-            self.inflight[ac.id] = ac
-            self._dispatch(ac)
-        return cid, False
+        return stored["id"], bool(stored["duplicate"])
 
-    def _flush_submits(self) -> None:
+    def _flush_submits(self) -> None:  # noqa: D401 (batches go out as soon as they are full)
         self._submit_flush = None
         if not self._submits:
             return
@@ -169,7 +165,7 @@ class AsyncCalls:
         if self._submits:
             self._flush_submits()
 
-    async def _store_submits(self, batch: list[tuple[dict[str, Any], bytes, asyncio.Future]]) -> None:
+    async def _store_submits(self, batch: list[tuple[dict[str, Any], bytes, asyncio.Future | None]]) -> None:
         assert self.gw.store is not None
         metas = [m for m, _, _ in batch]
         payloads = [p for _, p, _ in batch]
@@ -180,13 +176,20 @@ class AsyncCalls:
                 break
             except NuclideError as exc:
                 if time.monotonic() > deadline or isinstance(exc, InvalidRequest):
+                    log.warning("async calls not stored", count=len(batch), error=exc.message)
                     for _, _, fut in batch:
-                        if not fut.done():
+                        if fut is not None and not fut.done():
                             fut.set_exception(Unavailable(f"the call could not be stored: {exc.message}"))
                     return
                 await asyncio.sleep(STORE_RETRY_S)
-        for (_, _, fut), res in zip(batch, results):
-            if not fut.done():
+        for (meta, payload, fut), res in zip(batch, results):
+            if not res["duplicate"]:
+                self.counters["submitted"] += 1
+                if meta.get("owner") == self.boot:
+                    ac = AsyncCall(meta, payload)
+                    self.inflight[ac.id] = ac
+                    self._dispatch(ac)
+            if fut is not None and not fut.done():
                 fut.set_result(res)
 
     # ----- dispatch -------------------------------------------------------------------
@@ -295,7 +298,14 @@ class AsyncCalls:
     # ----- batched writes -------------------------------------------------------------
 
     def _update(self, update: dict[str, Any], body: bytes | None = None) -> None:
-        self._updates.append((update, body))
+        # a fast call's RUNNING and DONE usually meet here: one row update instead of two
+        previous = self._updates.pop(update["id"], None)
+        if previous is not None:
+            merged = {**previous[0], **update}
+            if previous[0].get("has_result") and not update.get("has_result"):
+                body = previous[1]
+            update = merged
+        self._updates[update["id"]] = (update, body)
         if self._update_flush is None:
             self._update_flush = asyncio.get_running_loop().call_later(UPDATE_FLUSH_S, self._kick_updates)
 
@@ -305,16 +315,21 @@ class AsyncCalls:
 
     async def _flush_updates_now(self) -> None:
         while self._updates:
-            batch = self._updates[:512]
-            del self._updates[: len(batch)]
+            ids = list(self._updates)[:512]
+            batch = [self._updates.pop(i) for i in ids]
             updates = [u for u, _ in batch]
-            bodies = [b for u, b in batch if u.get("has_result")]
+            bodies = [b or b"" for u, b in batch if u.get("has_result")]
             try:
                 assert self.gw.store is not None
                 await self.gw.store.call("calls.update", {"updates": updates}, *bodies, timeout_s=5.0)
             except NuclideError as exc:
                 log.warning("store unavailable for call updates; keeping them", pending=len(batch), error=exc.message)
-                self._updates[:0] = batch
+                for u, b in batch:  # newer updates of the same calls merge over these on the next _update
+                    if u["id"] in self._updates:
+                        later, later_body = self._updates.pop(u["id"])
+                        self._updates[u["id"]] = ({**u, **later}, later_body if later.get("has_result") else b)
+                    else:
+                        self._updates[u["id"]] = (u, b)
                 await asyncio.sleep(STORE_RETRY_S)
 
     def record_sync(self, record: dict[str, Any]) -> None:

@@ -100,26 +100,32 @@ class Ingress:
             self._spawn(self._refuse(function, msg.header.get("call_id"),
                                      f"payload is {len(msg.body)} bytes, over the {limit} byte invoke limit"))
             return
+        assert self.gw.calls is not None
+        try:
+            call_id = msg.header.get("call_id")
+            meta = self.gw.calls.prepare(
+                function, content_type=str(msg.header.get("content_type") or ""),
+                headers=[[str(k), str(v)] for k, v in headers], source="zmq",
+                idempotency_key=msg.header.get("idempotency_key"), callback_url=msg.header.get("callback_url"),
+                call_id=call_id if isinstance(call_id, str) else None)
+        except NuclideError as exc:
+            self.counters["malformed"] += 1
+            log.warning("dropped ingress message", function=function, error=exc.message)
+            return
+        # no task per message: the batch's one store round trip acknowledges all of them
         self.pending += 1
         if self.pending >= PAUSE_ABOVE and self._pull is not None:
             self._pull.pause()
-        self._spawn(self._accept(function, msg.header, msg.body))
+        waiter = asyncio.get_running_loop().create_future()
+        waiter.add_done_callback(self._accepted)
+        self.gw.calls.enqueue(meta, msg.body, waiter)
 
-    async def _accept(self, function: str, header: dict[str, Any], body: bytes) -> None:
-        assert self.gw.calls is not None
-        try:
-            await self.gw.calls.submit(
-                function, body, content_type=str(header.get("content_type") or ""),
-                headers=[[str(k), str(v)] for k, v in header.get("headers") or []], source="zmq",
-                idempotency_key=header.get("idempotency_key"), callback_url=header.get("callback_url"),
-                call_id=header.get("call_id"))
+    def _accepted(self, fut: asyncio.Future) -> None:
+        self.pending -= 1
+        if not fut.cancelled() and fut.exception() is None:
             self.counters["accepted"] += 1
-        except NuclideError as exc:
-            log.warning("ingress message not accepted", function=function, error=exc.message)
-        finally:
-            self.pending -= 1
-            if self.pending <= RESUME_BELOW and self._pull is not None:
-                self._pull.resume()
+        if self.pending <= RESUME_BELOW and self._pull is not None:
+            self._pull.resume()
 
     async def _refuse(self, function: str, call_id: Any, error: str) -> None:
         assert self.gw.calls is not None

@@ -72,30 +72,32 @@ class CallStore:
         now = time.time()
         with self.db.tx():
             for call, payload in zip(calls, payloads):
-                row = self.db.one("SELECT id, status FROM calls WHERE id=?", (call["id"],))
-                if row is not None:  # a producer-chosen id sent twice is the same call
-                    out.append({"id": row["id"], "duplicate": True, "status": row["status"]})
-                    continue
                 key = call.get("idempotency_key")
-                if key:
-                    row = self.db.one("SELECT id, status FROM calls WHERE function=? AND idempotency_key=?",
-                                      (call["function"], key))
-                    if row is not None:
-                        out.append({"id": row["id"], "duplicate": True, "status": row["status"]})
-                        continue
                 status = call.get("status", "PENDING")
-                self.db.execute(
-                    "INSERT INTO calls (id, function, status, kind, source, attempts, max_attempts, idempotency_key,"
-                    " callback_url, callback_state, owner, payload, content_type, headers, error, parent_id, queued_at,"
-                    " finished_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                # one statement for the common case; the primary key and the idempotency index
+                # turn a repeat into a no-op, then we look up what it repeated
+                inserted = self.db.execute(
+                    "INSERT OR IGNORE INTO calls (id, function, status, kind, source, attempts, max_attempts,"
+                    " idempotency_key, callback_url, callback_state, owner, payload, content_type, headers, error,"
+                    " parent_id, queued_at, finished_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?,"
+                    " ?, ?, ?, ?, ?, ?)",
                     (call["id"], call["function"], status, call.get("kind", "async"), call.get("source", "http"),
                      int(call.get("max_attempts", 1)), key, call.get("callback_url"),
                      "pending" if call.get("callback_url") else None, call.get("owner"), payload,
                      call.get("content_type", ""), json.dumps(call.get("headers") or []), call.get("error"),
                      call.get("parent_id"), float(call.get("queued_at") or now),
                      now if status in FINAL else None, call.get("next_attempt_at")),
-                )
-                out.append({"id": call["id"], "duplicate": False, "status": status})
+                ).rowcount
+                if inserted:
+                    out.append({"id": call["id"], "duplicate": False, "status": status})
+                    continue
+                row = self.db.one("SELECT id, status FROM calls WHERE id=?", (call["id"],))
+                if row is None and key:
+                    row = self.db.one("SELECT id, status FROM calls WHERE function=? AND idempotency_key=?",
+                                      (call["function"], key))
+                if row is None:
+                    raise InvalidRequest(f"call {call['id']!r} could not be stored")
+                out.append({"id": row["id"], "duplicate": True, "status": row["status"]})
         return out
 
     def update(self, updates: list[dict[str, Any]], results: tuple[bytes, ...]) -> int:
