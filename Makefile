@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test test-unit test-integration install bench clean
+.PHONY: run test test-unit test-integration install bench load clean images up down
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nuclide needs Python 3.11 or newer")'
@@ -29,6 +29,21 @@ test-integration: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tests.bench
+
+# container images for the docker backend and docker-compose, built locally (no registry); incremental
+images: $(STAMP)
+	PYTHON=$(PY) deploy/images/build.sh
+
+# the stack under docker-compose: `make up` prints the URL and token, `make down` stops it all
+up: images
+	deploy/compose.sh up
+
+down:
+	deploy/compose.sh down
+
+LOAD_ARGS ?= --self-contained
+load: $(STAMP)
+	$(PY) -m tests.load $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -45,11 +45,13 @@ class Producer:
                 header[key] = value
         self._push.send_multipart(protocol.encode(protocol.INVOKE, header, payload))
 
-    def publish(self, topic: str, payload: bytes = b"", *, content_type: str = "") -> None:
+    def publish(self, topic: str, payload: bytes = b"", *, content_type: str = "",
+                idempotency_key: str | None = None) -> None:
         if self._pub is None:
             raise RuntimeError("this Producer has no SUB endpoint to publish to")
-        if content_type:
-            self._pub.send_multipart([topic.encode(), *protocol.encode(protocol.INVOKE, {"content_type": content_type}, payload)])
+        header = {k: v for k, v in (("content_type", content_type), ("idempotency_key", idempotency_key)) if v}
+        if header:
+            self._pub.send_multipart([topic.encode(), *protocol.encode(protocol.INVOKE, header, payload)])
         else:
             self._pub.send_multipart([topic.encode(), payload])
 

@@ -216,6 +216,36 @@ class Client:
             resp = self.request(method, path, content=body, headers=headers, timeout=timeout)
         return resp
 
+    # ----- calls ------------------------------------------------------------------
+
+    def list_calls(self, function: str | None = None, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if function:
+            params["function"] = function
+        if status:
+            params["status"] = status
+        return self._json(self.request("GET", "/calls", params=params))
+
+    def get_call(self, call_id: str) -> dict[str, Any]:
+        return self._json(self.request("GET", f"/calls/{_path(call_id)}"))
+
+    def call_result(self, call_id: str) -> httpx.Response:
+        """The stored result as the function answered it (any status); 202 while the call is not final.
+
+        The answer carries X-Call-Status; an error without it is the API's own (unknown call, bad token).
+        """
+        resp = self.request("GET", f"/calls/{_path(call_id)}/result")
+        if resp.status_code >= 400 and "x-call-status" not in resp.headers:
+            raise error_from_response(resp, self.url, self.token)
+        return resp
+
+    def redrive_call(self, call_id: str) -> dict[str, Any]:
+        return self._json(self.request("POST", f"/calls/{_path(call_id)}/redrive"))
+
+    def purge_calls(self, status: str, function: str | None = None) -> int:
+        params = {"status": status, **({"function": function} if function else {})}
+        return int(self._json(self.request("DELETE", "/calls", params=params)).get("purged", 0))
+
 
 def _is_gateway_401(resp: httpx.Response) -> bool:
     """True when the 401 is the gateway's own refusal (the function never ran), not the function's answer."""

@@ -1,4 +1,4 @@
-"""The API subcommands of the nuclide CLI: deploy, invoke, get, list, delete, logs."""
+"""The API subcommands of the nuclide CLI: deploy, invoke, get, list, delete, logs, calls."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import yaml
 from shared.archive import make_zip, read_archive, zip_directory
 from shared.errors import InvalidRequest
 from shared.spec import SPEC_FILES
-from services.cli.client import Client, CliError, error_from_response
+from services.cli.client import INVOKE_TIMEOUT_S, Client, CliError, error_from_response
 
 POLL_INTERVAL_S = 0.5
 DEFAULT_DEPLOY_TIMEOUT_S = 600.0  # the gateway's own default deploy timeout
@@ -347,8 +347,22 @@ def invoke_error(resp: Any, method: str, name: str, client: Client) -> str:
     return f"{line}: {message}" if isinstance(message, str) and message else line
 
 
-def cmd_invoke(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
-    body = read_body(opts.data, streams)
+def write_body(content: bytes, streams: Streams) -> None:
+    """Raw bytes to stdout (a newline added only on a terminal); text streams, as tests pass, get text."""
+    out = streams.out
+    out.flush()
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None:
+        buffer.write(content)
+        if content and not content.endswith(b"\n") and streams.is_tty(out):
+            buffer.write(b"\n")
+        buffer.flush()
+    else:
+        out.write(content.decode("utf-8", "replace"))
+        out.flush()
+
+
+def _invoke_headers(opts: argparse.Namespace, body: bytes) -> dict[str, str]:
     headers: dict[str, str] = {}
     for raw in opts.header or ():
         key, value = parse_header(raw)
@@ -359,32 +373,193 @@ def cmd_invoke(client: Client, opts: argparse.Namespace, streams: Streams) -> in
         guessed = guess_content_type(body)
         if guessed:
             headers["Content-Type"] = guessed
-    resp = client.invoke(opts.name, body, method=opts.method.upper(), headers=headers, timeout_s=opts.timeout)
+    return headers
+
+
+def _print_response_head(resp: Any, streams: Streams) -> None:
+    err = streams.err
     call_id = resp.headers.get("x-call-id", "")
+    print(f"HTTP/1.1 {resp.status_code} {resp.reason_phrase}".rstrip(), file=err)
+    if call_id:
+        print(f"x-call-id: {call_id}", file=err)
+    for key, value in resp.headers.multi_items():
+        if key.lower() != "x-call-id":
+            print(f"{key}: {value}", file=err)
+    print(file=err, flush=True)
+
+
+def async_options(opts: argparse.Namespace) -> tuple[bool, str | None, str | None, bool]:
+    """(--async, --callback, --idempotency-key, --wait); the last three need --async."""
+    async_ = bool(getattr(opts, "async_", False))
+    callback = getattr(opts, "callback", None)
+    key = getattr(opts, "idempotency_key", None)
+    wait = bool(getattr(opts, "wait", False))
+    if not async_:
+        given = [flag for flag, value in (("--callback", callback), ("--idempotency-key", key), ("--wait", wait))
+                 if value]
+        if given:
+            raise CliError(f"{given[0]} goes with --async: nuclide invoke NAME --async {given[0]} ...")
+    return async_, callback, key, wait
+
+
+def cmd_invoke(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    async_, callback, key, wait = async_options(opts)
+    body = read_body(opts.data, streams)
+    headers = _invoke_headers(opts, body)
+    if async_:
+        headers["X-Nuclide-Async"] = "true"
+        if callback:
+            headers["X-Callback-Url"] = callback
+        if key:
+            headers["X-Idempotency-Key"] = key
+    resp = client.invoke(opts.name, body, method=opts.method.upper(), headers=headers, timeout_s=opts.timeout)
     if opts.include:
-        err = streams.err
-        print(f"HTTP/1.1 {resp.status_code} {resp.reason_phrase}".rstrip(), file=err)
-        if call_id:
-            print(f"x-call-id: {call_id}", file=err)
-        for key, value in resp.headers.multi_items():
-            if key.lower() != "x-call-id":
-                print(f"{key}: {value}", file=err)
-        print(file=err, flush=True)
-    content = resp.content
-    out = streams.out
-    out.flush()
-    buffer = getattr(out, "buffer", None)
-    if buffer is not None:
-        buffer.write(content)
-        if content and not content.endswith(b"\n") and streams.is_tty(out):
-            buffer.write(b"\n")
-        buffer.flush()
-    else:  # a text stream, as tests pass
-        out.write(content.decode("utf-8", "replace"))
-        out.flush()
+        _print_response_head(resp, streams)
+    if async_:
+        return _async_accepted(client, opts, resp, streams, wait)
+    write_body(resp.content, streams)
     if resp.status_code >= 400:
         print(f"error: {invoke_error(resp, opts.method.upper(), opts.name, client)}", file=streams.err)
         return 1
+    return 0
+
+
+def _async_accepted(client: Client, opts: argparse.Namespace, resp: Any, streams: Streams, wait: bool) -> int:
+    if resp.status_code != 202:
+        raise CliError(invoke_error(resp, opts.method.upper(), opts.name, client))
+    try:
+        answer = resp.json()
+        call_id = str(answer["call_id"])
+    except (ValueError, KeyError, TypeError):
+        raise CliError(f"the gateway accepted the call but named no call id (HTTP {resp.status_code})") from None
+    if answer.get("duplicate"):
+        print(f"note: idempotency key {getattr(opts, 'idempotency_key', None)!r} was used before; this is that call",
+              file=streams.err)
+    if not wait:
+        print(call_id, file=streams.out, flush=True)
+        return 0
+    print(f"call {call_id}", file=streams.err, flush=True)
+    wait_final(client, call_id, opts.timeout or INVOKE_TIMEOUT_S)
+    return print_result(client, call_id, streams)
+
+
+# ----- calls --------------------------------------------------------------------------
+
+FINAL_STATUSES = ("DONE", "FAILED", "DEAD")
+CALL_HEADERS = ["ID", "FUNCTION", "STATUS", "KIND", "SOURCE", "ATTEMPTS", "QUEUED", "DURATION", "ERROR"]
+ERROR_WIDTH = 48
+
+
+def wait_final(client: Client, call_id: str, timeout_s: float, clock: Callable[[], float] | None = None,
+               sleep: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Poll GET /calls/{id} (0.1 s, growing to 1 s apart) until the call is DONE, FAILED or DEAD."""
+    clock = clock or time.monotonic
+    sleep = sleep or time.sleep
+    deadline = clock() + timeout_s
+    interval = 0.1
+    while True:
+        rec = client.get_call(call_id)
+        if rec.get("status") in FINAL_STATUSES:
+            return rec
+        if clock() >= deadline:
+            raise CliError(f"call {call_id} is still {rec.get('status')} after {timeout_s:g} s;"
+                           f" check `nuclide calls get {call_id}`")
+        sleep(interval)
+        interval = min(interval * 1.5, 1.0)
+
+
+def first_line(text: Any, width: int = ERROR_WIDTH) -> str:
+    """The first non-blank line of an error, whitespace squeezed, cut to ``width`` with '...'."""
+    line = next((ln for ln in str(text or "").splitlines() if ln.strip()), "")
+    line = " ".join(line.split())
+    return line if len(line) <= width else line[: max(0, width - 3)] + "..."
+
+
+def format_duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.1f}ms"
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    return f"{seconds / 60:.1f}m"
+
+
+def format_time(iso: Any) -> str:
+    """'2024-01-01T12:00:00.123Z' -> '2024-01-01 12:00:00' (UTC, as the API gives it)."""
+    if not isinstance(iso, str) or not iso:
+        return "-"
+    return iso.replace("T", " ").split(".")[0].rstrip("Z")
+
+
+_DEAD_PREFIX = re.compile(r"^failed \d+ time\(s\); last error: ")
+
+
+def short_error(error: Any) -> str:
+    """The table's ERROR cell: the first line of the last error (ATTEMPTS already says how many failed)."""
+    return first_line(_DEAD_PREFIX.sub("", str(error or "").lstrip())) or "-"
+
+
+def call_rows(calls: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for c in calls:
+        attempts = f"{c.get('attempts', 0)}/{c.get('max_attempts', 1)}"
+        rows.append([str(c.get("id", "")), str(c.get("function", "")), str(c.get("status", "")),
+                     str(c.get("kind") or "-"), str(c.get("source") or "-"), attempts,
+                     format_time((c.get("timings") or {}).get("queued")), format_duration(c.get("duration_s")),
+                     short_error(c.get("error"))])
+    return rows
+
+
+def print_result(client: Client, call_id: str, streams: Streams) -> int:
+    """The stored result body to stdout; 0 for a DONE call whose function answered < 400, else 1 and a line."""
+    resp = client.call_result(call_id)
+    status = resp.headers.get("x-call-status")
+    if status is None:  # 202: not final yet
+        try:
+            status = str(resp.json().get("status") or "not finished")
+        except (ValueError, AttributeError):
+            status = "not finished"
+        raise CliError(f"call {call_id} is {status} and has no result yet; wait, or check"
+                       f" `nuclide calls get {call_id}`")
+    write_body(resp.content, streams)
+    if status == "DONE" and resp.status_code < 400:
+        return 0
+    if status == "DONE":
+        message = f"call {call_id} is DONE, but the function answered HTTP {resp.status_code}"
+    else:
+        error = first_line(client.get_call(call_id).get("error"), 300)
+        message = f"call {call_id} is {status}" + (f": {error}" if error else f" (HTTP {resp.status_code})")
+    print(f"error: {message}", file=streams.err)
+    return 1
+
+
+def cmd_calls(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    action = getattr(opts, "calls_command", None)
+    if action == "get":
+        print(dump(client.get_call(opts.id), opts.output), file=streams.out)
+        return 0
+    if action == "result":
+        return print_result(client, opts.id, streams)
+    if action == "redrive":
+        rec = client.redrive_call(opts.id)
+        print(f"redriven {rec.get('id', opts.id)}: {rec.get('status', 'PENDING')}, attempts start again from 0",
+              file=streams.out)
+        return 0
+    if action == "purge":
+        function = getattr(opts, "function", None)
+        n = client.purge_calls(opts.status, function)
+        where = f" of {function}" if function else ""
+        print(f"purged {n} {opts.status} call{'' if n == 1 else 's'}{where}", file=streams.out)
+        return 0
+    calls = client.list_calls(opts.function, opts.status, opts.limit)
+    if opts.output == "json":
+        print(dump(calls, "json"), file=streams.out)
+    elif not calls:
+        what = " ".join(x for x in (opts.status, f"calls of {opts.function}" if opts.function else "calls") if x)
+        print(f"no {what} recorded", file=streams.err)
+    else:
+        print(format_table(CALL_HEADERS, call_rows(calls)), file=streams.out)
     return 0
 
 
@@ -432,4 +607,5 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Streams], int]] = {
     "list": cmd_list,
     "delete": cmd_delete,
     "logs": cmd_logs,
+    "calls": cmd_calls,
 }

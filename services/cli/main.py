@@ -8,7 +8,9 @@ import sys
 
 from shared.config import ConfigError, load_settings
 
-API_COMMANDS = ("deploy", "invoke", "get", "list", "delete", "logs")
+API_COMMANDS = ("deploy", "invoke", "get", "list", "delete", "logs", "calls")
+CALL_STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DEAD")
+FINAL_STATUSES = ("DONE", "FAILED", "DEAD")
 
 
 def _positive_float(text: str) -> float:
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--content-type", metavar="CT", help="Content-Type of the body (default: guessed from it)")
     p.add_argument("-i", "--include", action="store_true", help="print status, call id and headers to stderr")
     p.add_argument("--timeout", type=_positive_float, metavar="S", help="give up after S seconds")
+    p.add_argument("--async", dest="async_", action="store_true",
+                   help="queue the call durably and print its call id (202) instead of waiting for the answer")
+    p.add_argument("--callback", metavar="URL", help="with --async: POST the result to URL when the call finishes")
+    p.add_argument("--idempotency-key", metavar="K",
+                   help="with --async: a repeated submission with the same key returns the first call's id")
+    p.add_argument("--wait", action="store_true",
+                   help="with --async: poll until the call is final, then print its result (--timeout bounds it)")
 
     p = sub.add_parser("get", parents=[common], help="show one function")
     p.add_argument("name", metavar="NAME")
@@ -77,7 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", parents=[common], help="print a function's recent log lines")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--tail", type=_positive_int, default=200, metavar="N", help="last N lines (default 200)")
+
+    _calls_parser(sub, common)
     return parser
+
+
+def _calls_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("calls", parents=[common], help="list calls (async ones and records of sync ones); get, result,"
+                       " redrive, purge", description="Without an action: list calls, newest first.")
+    p.add_argument("--function", metavar="F", help="only calls of function F")
+    p.add_argument("--status", type=str.upper, choices=CALL_STATUSES, metavar="S",
+                   help=f"only calls in status S ({', '.join(CALL_STATUSES)})")
+    p.add_argument("--limit", type=_positive_int, default=100, metavar="N",
+                   help="at most N calls (default 100; the server caps it at 1000)")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    actions = p.add_subparsers(dest="calls_command", metavar="ACTION")
+    a = actions.add_parser("get", parents=[common], help="show one call: status, attempts, timings, result or error")
+    a.add_argument("id", metavar="ID")
+    a.add_argument("-o", "--output", choices=("json", "yaml"), default="json")
+    a = actions.add_parser("result", parents=[common], help="print a finished call's raw result body")
+    a.add_argument("id", metavar="ID")
+    a = actions.add_parser("redrive", parents=[common], help="run a DEAD call again from its first attempt")
+    a.add_argument("id", metavar="ID")
+    a = actions.add_parser("purge", parents=[common], help="delete the finished calls of one status")
+    a.add_argument("--status", type=str.upper, choices=FINAL_STATUSES, required=True, metavar="S",
+                   help=f"the status to purge ({', '.join(FINAL_STATUSES)}); DEAD purges the dead letters")
+    # SUPPRESS: `nuclide calls --function F purge ...` must keep F, not reset it to "every function"
+    a.add_argument("--function", metavar="F", default=argparse.SUPPRESS, help="only calls of function F")
 
 
 def run_api_command(opts: argparse.Namespace) -> int:

@@ -230,6 +230,11 @@ class AsyncCalls:
             result, body = fut.result()
             if result.get("edges"):
                 self.gw.trace_edges.extend(result["edges"])
+            took_ms = result.get("took_ms")
+            if isinstance(took_ms, (int, float)):
+                # RUNNING was marked when the call was handed to the broker; the instance's own
+                # duration gives when it really started, so durations and timings are true
+                self._update({"id": ac.id, "started_at": time.time() - took_ms / 1000})
             status = int(result.get("status", 200))
             if status < 500:
                 self._finish(ac, "DONE", code=status, content_type=result.get("content_type") or "", body=body)

@@ -206,12 +206,18 @@ def build_control_app(gw: Gateway) -> FastAPI:
         return JSONResponse(result)
 
     @app.get("/calls", dependencies=auth, tags=["calls"])
-    async def list_calls(function: str | None = None, status: str | None = None, limit: int = 100) -> JSONResponse:
-        """Calls, newest first: async calls with their results, and records of sync calls."""
+    async def list_calls(function: str | None = None, status: str | None = None, source: str | None = None,
+                         limit: int = 100, before: float | None = None) -> JSONResponse:
+        """Calls, newest first (at most 1000 a page): async calls and records of sync calls.
+
+        Page with ``before`` = the smallest ``queued_ts`` of the previous page; filter by
+        ``source`` (http, zmq, topic, cron, call).
+        """
         assert gw.store is not None
         if status:
             status = status.upper()
-        return JSONResponse(await gw.store.call("calls.list", {"function": function, "status": status, "limit": limit}))
+        return JSONResponse(await gw.store.call("calls.list", {"function": function, "status": status, "limit": limit,
+                                                                "source": source, "before": before}))
 
     @app.get("/calls/{call_id}", dependencies=auth, tags=["calls"])
     async def get_call(call_id: str) -> JSONResponse:

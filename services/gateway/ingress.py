@@ -143,6 +143,7 @@ class Ingress:
             return
         topic = frames[0].decode("utf-8", "replace")
         content_type = ""
+        idempotency_key = None
         if len(frames) == 2:
             payload = frames[1]
         else:
@@ -153,18 +154,21 @@ class Ingress:
                 log.warning("dropped malformed topic message", topic=topic[:80], error=str(exc))
                 return
             payload, content_type = msg.body, str(msg.header.get("content_type") or "")
+            key = msg.header.get("idempotency_key")
+            idempotency_key = str(key) if key else None  # per function: a repeat reaches each subscriber once
         self.counters["topic_messages"] += 1
         for info in list(self.gw.functions.values()):
             if topic in info.topics:
                 self.counters["topic_calls"] += 1
                 self._spawn(self._submit_quietly(info.name, payload, content_type, "topic",
-                                                 [["x-nuclide-topic", topic]]))
+                                                 [["x-nuclide-topic", topic]], idempotency_key))
 
     async def _submit_quietly(self, function: str, payload: bytes, content_type: str, source: str,
-                              headers: list[list[str]]) -> None:
+                              headers: list[list[str]], idempotency_key: str | None = None) -> None:
         assert self.gw.calls is not None
         try:
-            await self.gw.calls.submit(function, payload, content_type=content_type, source=source, headers=headers)
+            await self.gw.calls.submit(function, payload, content_type=content_type, source=source, headers=headers,
+                                       idempotency_key=idempotency_key)
         except NuclideError as exc:
             log.warning("trigger call not accepted", function=function, source=source, error=exc.message)
 

@@ -35,6 +35,7 @@ def record(row: Any, with_result: bool = True) -> dict[str, Any]:
         "parent_id": row["parent_id"], "cold_start": bool(row["cold_start"]),
         "timings": {"queued": _iso(row["queued_at"]), "started": _iso(row["started_at"]),
                     "finished": _iso(row["finished_at"]), "next_attempt": _iso(row["next_attempt_at"])},
+        "queued_ts": row["queued_at"],
         "duration_s": (round(row["finished_at"] - row["started_at"], 6)
                        if row["finished_at"] and row["started_at"] else None),
         "error": row["error"],
@@ -172,7 +173,9 @@ class CallStore:
             raise NotFound(f"call '{call_id}' not found")
         return record(row, with_result=False), bytes(row["result"] or b"")
 
-    def list(self, function: str | None, status: str | None, limit: int) -> list[dict[str, Any]]:
+    def list(self, function: str | None, status: str | None, limit: int, source: str | None = None,
+             before: float | None = None) -> list[dict[str, Any]]:
+        """Newest first; page with ``before`` = the oldest ``queued_ts`` of the previous page."""
         if status and status not in STATUSES:
             raise InvalidRequest(f"status {status!r} is not one of {', '.join(STATUSES)}")
         where, params = [], []
@@ -182,6 +185,12 @@ class CallStore:
         if status:
             where.append("status=?")
             params.append(status)
+        if source:
+            where.append("source=?")
+            params.append(source)
+        if before is not None:
+            where.append("queued_at < ?")
+            params.append(float(before))
         sql = "SELECT * FROM calls" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY queued_at DESC LIMIT ?"
         params.append(max(1, min(int(limit), MAX_LIST)))

@@ -144,7 +144,8 @@ class StoreServer:
             rec, body = calls.result(_arg(args, "id", str))
             return rec, [body]
         if method == "calls.list":
-            return calls.list(args.get("function"), args.get("status"), int(args.get("limit", 100)))
+            return calls.list(args.get("function"), args.get("status"), int(args.get("limit", 100)),
+                              args.get("source"), args.get("before"))
         if method == "calls.redrive":
             return calls.redrive(_arg(args, "id", str))
         if method == "calls.purge":

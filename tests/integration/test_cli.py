@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import textwrap
 from pathlib import Path
 
@@ -223,3 +224,124 @@ def test_unreachable_url_is_a_one_liner(stack: Stack) -> None:
     result = cli(stack, "get", "anything", "--url", url)
     assert result.returncode != 0
     assert result.stderr == f"error: cannot reach nuclide at {url}: is `nuclide up` running?\n"
+
+
+# ----- calls and async invoke ----------------------------------------------------------------
+
+DEAD_HANDLER = "def handler(context, event):\n    raise RuntimeError('cli-dead fails on purpose')\n"
+
+
+@pytest.fixture(scope="module")
+def async_fns(stack: Stack) -> tuple[str, str]:
+    """An echo function and one that always fails after a single attempt (so its calls go DEAD at once)."""
+    stack.deploy("cli-calls", {"function.yaml": function_yaml("cli-calls"), "main.py": HANDLER})
+    stack.deploy("cli-dead", {"function.yaml": function_yaml("cli-dead", retry={"maxAttempts": 1}),
+                              "main.py": DEAD_HANDLER})
+    return "cli-calls", "cli-dead"
+
+
+def final_record(stack: Stack, call_id: str) -> dict:
+    return wait_for(lambda: (r := stack.client.get(f"/calls/{call_id}")).status_code == 200
+                    and r.json()["status"] in ("DONE", "FAILED", "DEAD") and r.json(), 30, what=f"call {call_id}")
+
+
+def test_invoke_async_prints_the_call_id_and_wait_prints_the_result(async_fns: tuple[str, str], stack: Stack) -> None:
+    echo, _ = async_fns
+    queued = cli(stack, "invoke", echo, "--async", "-d", '{"n": 1}')
+    assert queued.returncode == 0, queued.stderr
+    call_id = queued.stdout.strip()
+    assert call_id and "\n" not in call_id
+    assert final_record(stack, call_id)["result"] == {"echo": {"n": 1}}
+
+    waited = cli(stack, "invoke", echo, "--async", "--wait", "-d", "waited for")
+    assert waited.returncode == 0, waited.stderr
+    assert json.loads(waited.stdout) == {"echo": "waited for"}
+    assert waited.stderr.startswith("call ") and waited.stderr.count("\n") == 1
+
+
+def test_invoke_async_idempotency_key_returns_the_first_call(async_fns: tuple[str, str], stack: Stack) -> None:
+    key = f"cli-key-{time.time_ns()}"
+    first = cli(stack, "invoke", async_fns[0], "--async", "--idempotency-key", key, "-d", "one")
+    second = cli(stack, "invoke", async_fns[0], "--async", "--idempotency-key", key, "-d", "two")
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout and "was used before" in second.stderr
+
+
+def test_invoke_async_wait_on_a_failing_function_exits_1(async_fns: tuple[str, str], stack: Stack) -> None:
+    result = cli(stack, "invoke", async_fns[1], "--async", "--wait", "--timeout", "30")
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: call ") and " is DEAD: " in last and "cli-dead fails on purpose" in last
+    no_traceback(result)
+
+
+def test_calls_list_get_and_result(async_fns: tuple[str, str], stack: Stack) -> None:
+    echo, _ = async_fns
+    call_id = cli(stack, "invoke", echo, "--async", "-d", '{"listed": true}').stdout.strip()
+    final_record(stack, call_id)
+
+    table = cli(stack, "calls", "--function", echo, "--limit", "50")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["ID", "FUNCTION", "STATUS", "KIND", "SOURCE", "ATTEMPTS", "QUEUED", "DURATION", "ERROR"]
+    row = next(line.split() for line in lines[1:] if line.split()[0] == call_id)
+    assert row[1:6] == [echo, "DONE", "async", "http", "1/3"] and row[-1] == "-"
+
+    as_json = cli(stack, "calls", "--function", echo, "--status", "done", "-o", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    listed = json.loads(as_json.stdout)
+    assert call_id in [c["id"] for c in listed] and {c["status"] for c in listed} == {"DONE"}
+
+    got = cli(stack, "calls", "get", call_id)
+    assert got.returncode == 0, got.stderr
+    rec = json.loads(got.stdout)
+    assert (rec["id"], rec["status"], rec["result"]) == (call_id, "DONE", {"echo": {"listed": True}})
+    as_yaml = cli(stack, "calls", "get", call_id, "-o", "yaml")
+    assert f"id: {call_id}" in as_yaml.stdout and "status: DONE" in as_yaml.stdout
+
+    raw = cli(stack, "calls", "result", call_id)
+    assert (raw.returncode, raw.stdout) == (0, '{"echo":{"listed":true}}')
+
+
+def test_calls_errors_are_one_line(async_fns: tuple[str, str], stack: Stack) -> None:
+    missing = cli(stack, "calls", "get", "cli-no-such-call")
+    assert missing.returncode == 1 and missing.stderr == "error: call 'cli-no-such-call' not found\n"
+    bad_status = cli(stack, "calls", "purge", "--status", "RUNNING")
+    assert bad_status.returncode == 2 and "invalid choice" in bad_status.stderr
+    no_traceback(missing)
+
+
+def test_redrive_of_a_call_that_is_not_dead_is_409(async_fns: tuple[str, str], stack: Stack) -> None:
+    call_id = cli(stack, "invoke", async_fns[0], "--async", "-d", "x").stdout.strip()
+    final_record(stack, call_id)
+    result = cli(stack, "calls", "redrive", call_id)
+    assert result.returncode == 1
+    assert result.stderr == f"error: call '{call_id}' is DONE, not DEAD; only dead calls can be redriven\n"
+    no_traceback(result)
+
+
+def test_dead_call_result_redrive_and_purge(async_fns: tuple[str, str], stack: Stack) -> None:
+    _, dead_fn = async_fns
+    call_id = cli(stack, "invoke", dead_fn, "--async").stdout.strip()
+    assert final_record(stack, call_id)["status"] == "DEAD"
+
+    dead_list = cli(stack, "calls", "--status", "DEAD", "--function", dead_fn)
+    row = next(line for line in dead_list.stdout.splitlines() if line.startswith(call_id))
+    assert "DEAD" in row.split() and "cli-dead fails on purpose" in row
+
+    result = cli(stack, "calls", "result", call_id)
+    assert result.returncode == 1 and "cli-dead fails on purpose" in result.stdout
+    assert result.stderr.startswith(f"error: call {call_id} is DEAD: failed 1 time(s)")
+
+    redriven = cli(stack, "calls", "redrive", call_id)
+    assert redriven.returncode == 0, redriven.stderr
+    assert redriven.stdout.startswith(f"redriven {call_id}: ")
+    wait_for(lambda: (r := stack.client.get(f"/calls/{call_id}").json())["status"] == "DEAD" and r["attempts"] == 1,
+             30, what="the redriven call to die again")
+
+    purged = cli(stack, "calls", "purge", "--status", "dead", "--function", dead_fn)
+    assert purged.returncode == 0, purged.stderr
+    n = int(purged.stdout.split()[1])
+    assert n >= 1 and purged.stdout == f"purged {n} DEAD call{'' if n == 1 else 's'} of {dead_fn}\n"
+    assert stack.client.get(f"/calls/{call_id}").status_code == 404
+    assert cli(stack, "calls", "--status", "DEAD", "--function", dead_fn, "-o", "json").stdout.strip() == "[]"

@@ -590,3 +590,283 @@ def test_sync_deploy_client_timeout_says_where_to_look(fn_dir: Path) -> None:
     late = CliError("nuclide at http://fake did not answer in time", code="client_timeout")
     with pytest.raises(CliError, match=r"'hello' was not ready after 5 s; .*nuclide get hello"):
         commands.cmd_deploy(FakeClient(deploy_result=late), deploy_opts(fn_dir, timeout=5.0), streams())  # type: ignore[arg-type]
+
+
+# ----- calls and async invoke ---------------------------------------------------------------
+
+
+def call_record(**over: Any) -> dict[str, Any]:
+    record = {
+        "id": "c0ffee0000000001", "function": "hello", "status": "DONE", "kind": "async", "source": "http",
+        "attempts": 1, "max_attempts": 3, "parent_id": None, "cold_start": False,
+        "timings": {"queued": "2024-05-06T07:08:09.123Z", "started": "2024-05-06T07:08:09.125Z",
+                    "finished": "2024-05-06T07:08:09.130Z", "next_attempt": None},
+        "duration_s": 0.005, "error": None, "result_status": 200,
+    }
+    record.update(over)
+    return record
+
+
+def test_calls_arguments() -> None:
+    parser = build_parser()
+    opts = parser.parse_args(["calls"])
+    assert (opts.command, opts.calls_command, opts.function, opts.status, opts.limit, opts.output) == (
+        "calls", None, None, None, 100, "table")
+    opts = parser.parse_args(["calls", "--function", "f", "--status", "dead", "--limit", "5", "-o", "json"])
+    assert (opts.function, opts.status, opts.limit, opts.output) == ("f", "DEAD", 5, "json")
+    opts = parser.parse_args(["calls", "get", "abc", "-o", "yaml", "--url", "http://a"])
+    assert (opts.calls_command, opts.id, opts.output, opts.url) == ("get", "abc", "yaml", "http://a")
+    assert parser.parse_args(["calls", "get", "abc"]).output == "json"
+    assert parser.parse_args(["calls", "result", "abc"]).calls_command == "result"
+    assert parser.parse_args(["calls", "redrive", "abc"]).id == "abc"
+    opts = parser.parse_args(["calls", "purge", "--status", "dead", "--function", "f"])
+    assert (opts.calls_command, opts.status, opts.function) == ("purge", "DEAD", "f")
+    # --function given before the action still scopes the purge
+    assert parser.parse_args(["calls", "--function", "f", "purge", "--status", "DEAD"]).function == "f"
+    assert parser.parse_args(["calls", "purge", "--status", "DEAD"]).function is None
+
+
+def test_async_invoke_arguments() -> None:
+    opts = build_parser().parse_args(["invoke", "f", "--async", "--callback", "http://127.0.0.1:9/hook",
+                                      "--idempotency-key", "order-7", "--wait", "--timeout", "9"])
+    assert (opts.async_, opts.callback, opts.idempotency_key, opts.wait, opts.timeout) == (
+        True, "http://127.0.0.1:9/hook", "order-7", True, 9.0)
+    plain = build_parser().parse_args(["invoke", "f"])
+    assert (plain.async_, plain.callback, plain.idempotency_key, plain.wait) == (False, None, None, False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["calls", "purge"], ["calls", "purge", "--status", "RUNNING"], ["calls", "--status", "LOST"],
+    ["calls", "--limit", "0"], ["calls", "get"], ["calls", "frobnicate"], ["calls", "get", "x", "-o", "table"],
+])
+def test_bad_calls_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("flag", [["--wait"], ["--callback", "http://h/x"], ["--idempotency-key", "k"]])
+def test_async_only_flags_need_async(flag: list[str]) -> None:
+    opts = build_parser().parse_args(["invoke", "f", *flag])
+    with pytest.raises(CliError, match=f"{flag[0]} goes with --async"):
+        commands.async_options(opts)
+
+
+def test_call_formatting() -> None:
+    assert commands.format_duration(None) == "-"
+    assert commands.format_duration(0.0123) == "12.3ms"
+    assert commands.format_duration(2.5) == "2.50s"
+    assert commands.format_duration(90) == "1.5m"
+    assert commands.format_time("2024-05-06T07:08:09.123Z") == "2024-05-06 07:08:09"
+    assert commands.format_time(None) == "-"
+    assert commands.first_line("\n  boom:   it\tbroke \nTraceback...") == "boom: it broke"
+    assert commands.first_line("x" * 100, 10) == "xxxxxxx..."
+    assert commands.first_line(None) == ""
+    assert commands.short_error("failed 3 time(s); last error: boom\ntrace") == "boom"
+    assert commands.short_error("function 'x' not found") == "function 'x' not found"
+    assert commands.short_error(None) == "-"
+
+
+def test_calls_table() -> None:
+    rows = commands.call_rows([call_record(), call_record(
+        id="c2", status="DEAD", kind="async", source="zmq", attempts=3, duration_s=None,
+        error="failed 3 time(s); last error: " + "a very long message " * 5 + "\nTraceback")])
+    table = format_table(commands.CALL_HEADERS, rows).splitlines()
+    assert table[0].split() == ["ID", "FUNCTION", "STATUS", "KIND", "SOURCE", "ATTEMPTS", "QUEUED", "DURATION", "ERROR"]
+    assert table[1].split() == ["c0ffee0000000001", "hello", "DONE", "async", "http", "1/3", "2024-05-06",
+                                "07:08:09", "5.0ms", "-"]
+    dead = table[2].split()
+    assert dead[:6] == ["c2", "hello", "DEAD", "async", "zmq", "3/3"] and dead[8] == "-"
+    assert table[2].endswith("  a very long message a very long message a ver...") and "Traceback" not in table[2]
+    assert len(rows[1][-1]) == commands.ERROR_WIDTH
+
+
+class FakeCallsClient:
+    """Scripted answers for the calls commands."""
+
+    url, token = "http://fake", "tok"
+
+    def __init__(self, calls: list[dict[str, Any]] | None = None, result: httpx.Response | None = None,
+                 polls: list[dict[str, Any]] | None = None, invoke: httpx.Response | None = None) -> None:
+        self.calls = calls or []
+        self.result = result
+        self.polls = list(polls or [])
+        self.invoke_response = invoke
+        self.seen: list[tuple[Any, ...]] = []
+
+    def list_calls(self, function: str | None = None, status: str | None = None, limit: int = 100) -> list:
+        self.seen.append(("list", function, status, limit))
+        return self.calls
+
+    def get_call(self, call_id: str) -> dict[str, Any]:
+        self.seen.append(("get", call_id))
+        if self.polls:
+            return self.polls.pop(0) if len(self.polls) > 1 else self.polls[0]
+        return next(c for c in self.calls if c["id"] == call_id)
+
+    def call_result(self, call_id: str) -> httpx.Response:
+        self.seen.append(("result", call_id))
+        assert self.result is not None
+        return self.result
+
+    def redrive_call(self, call_id: str) -> dict[str, Any]:
+        self.seen.append(("redrive", call_id))
+        return call_record(id=call_id, status="PENDING", attempts=0)
+
+    def purge_calls(self, status: str, function: str | None = None) -> int:
+        self.seen.append(("purge", status, function))
+        return 2
+
+    def invoke(self, name: str, body: bytes, **kw: Any) -> httpx.Response:
+        self.seen.append(("invoke", name, kw["headers"]))
+        assert self.invoke_response is not None
+        return self.invoke_response
+
+
+def calls_opts(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(["calls", *argv])
+
+
+def test_calls_list_table_json_and_empty() -> None:
+    client = FakeCallsClient([call_record()])
+    s = streams()
+    assert commands.cmd_calls(client, calls_opts(["--function", "hello", "--status", "done"]), s) == 0  # type: ignore[arg-type]
+    assert client.seen == [("list", "hello", "DONE", 100)]
+    assert s.out.getvalue().splitlines()[0].startswith("ID ")
+    s = streams()
+    commands.cmd_calls(client, calls_opts(["-o", "json"]), s)  # type: ignore[arg-type]
+    assert json.loads(s.out.getvalue()) == [call_record()]
+    s = streams()
+    commands.cmd_calls(FakeCallsClient([]), calls_opts(["--status", "DEAD", "--function", "f"]), s)  # type: ignore[arg-type]
+    assert s.out.getvalue() == "" and s.err.getvalue() == "no DEAD calls of f recorded\n"
+
+
+def test_calls_get_redrive_purge() -> None:
+    client = FakeCallsClient([call_record()])
+    s = streams()
+    commands.cmd_calls(client, calls_opts(["get", "c0ffee0000000001", "-o", "yaml"]), s)  # type: ignore[arg-type]
+    assert "status: DONE" in s.out.getvalue() and "queued: '2024-05-06T07:08:09.123Z'" in s.out.getvalue()
+    s = streams()
+    commands.cmd_calls(client, calls_opts(["redrive", "c9"]), s)  # type: ignore[arg-type]
+    assert s.out.getvalue() == "redriven c9: PENDING, attempts start again from 0\n"
+    s = streams()
+    commands.cmd_calls(client, calls_opts(["purge", "--status", "dead", "--function", "f"]), s)  # type: ignore[arg-type]
+    assert s.out.getvalue() == "purged 2 DEAD calls of f\n"
+    assert client.seen[-1] == ("purge", "DEAD", "f")
+
+
+def result_response(status: int, body: bytes, call_status: str | None) -> httpx.Response:
+    headers = {"x-call-status": call_status} if call_status else {}
+    return httpx.Response(status, content=body, headers=headers)
+
+
+def test_calls_result_writes_the_raw_body() -> None:
+    s = streams()
+    client = FakeCallsClient(result=result_response(200, b'{"x":1}', "DONE"))
+    assert commands.cmd_calls(client, calls_opts(["result", "c1"]), s) == 0  # type: ignore[arg-type]
+    assert (s.out.getvalue(), s.err.getvalue()) == ('{"x":1}', "")
+
+
+def test_calls_result_of_a_dead_call_says_why() -> None:
+    client = FakeCallsClient([call_record(id="c1", status="DEAD", error="failed 3 time(s); last error: boom\ntrace")],
+                             result=result_response(500, b"boom", "DEAD"))
+    s = streams()
+    assert commands.cmd_calls(client, calls_opts(["result", "c1"]), s) == 1  # type: ignore[arg-type]
+    assert s.out.getvalue() == "boom"
+    assert s.err.getvalue() == "error: call c1 is DEAD: failed 3 time(s); last error: boom\n"
+    s = streams()
+    client = FakeCallsClient(result=result_response(404, b"nope", "DONE"))
+    assert commands.cmd_calls(client, calls_opts(["result", "c1"]), s) == 1  # type: ignore[arg-type]
+    assert s.err.getvalue() == "error: call c1 is DONE, but the function answered HTTP 404\n"
+
+
+def test_calls_result_of_an_unfinished_call_is_an_error() -> None:
+    client = FakeCallsClient(result=httpx.Response(202, json={"id": "c1", "status": "RUNNING"}))
+    with pytest.raises(CliError, match=r"call c1 is RUNNING and has no result yet"):
+        commands.cmd_calls(client, calls_opts(["result", "c1"]), streams())  # type: ignore[arg-type]
+
+
+def test_client_calls_routes() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        path = request.url.path
+        if request.method == "DELETE":
+            return httpx.Response(200, json={"purged": 3})
+        if path == "/calls":
+            return httpx.Response(200, json=[call_record()])
+        if path.endswith("/redrive"):
+            return httpx.Response(409, json={"error": {"code": "conflict", "message":
+                                                       "call 'c1' is DONE, not DEAD; only dead calls can be redriven"}})
+        if path == "/calls/gone/result":
+            return httpx.Response(404, json={"error": {"code": "not_found", "message": "call 'gone' not found"}})
+        if path.endswith("/result"):
+            return httpx.Response(500, content=b"boom", headers={"x-call-status": "DEAD"})
+        return httpx.Response(200, json=call_record(id=path.rsplit("/", 1)[1]))
+
+    with mock_client(handler) as client:
+        assert client.list_calls("f", "DEAD", 7) == [call_record()]
+        assert dict(seen[-1].url.params) == {"function": "f", "status": "DEAD", "limit": "7"}
+        assert client.list_calls()[0]["id"] == "c0ffee0000000001"
+        assert dict(seen[-1].url.params) == {"limit": "100"}
+        client.get_call("a/b")
+        assert seen[-1].url.raw_path == b"/calls/a%2Fb"
+        assert client.purge_calls("DEAD", "f") == 3
+        assert (seen[-1].method, dict(seen[-1].url.params)) == ("DELETE", {"status": "DEAD", "function": "f"})
+        assert client.call_result("c1").content == b"boom"  # the function's own 500 is its result
+        with pytest.raises(CliError, match="call 'gone' not found"):
+            client.call_result("gone")
+        with pytest.raises(CliError) as info:
+            client.redrive_call("c1")
+        assert info.value.status == 409 and info.value.message.endswith("only dead calls can be redriven")
+    assert all(r.headers["authorization"] == "Bearer tok" for r in seen)
+
+
+def invoke_opts(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(["invoke", *argv])
+
+
+def test_async_invoke_prints_the_call_id_and_sends_the_headers() -> None:
+    client = FakeCallsClient(invoke=httpx.Response(202, json={"call_id": "c7", "duplicate": False}))
+    s = streams()
+    opts = invoke_opts(["f", "--async", "-d", '{"a": 1}', "--callback", "http://127.0.0.1:1/h",
+                        "--idempotency-key", "k1"])
+    assert commands.cmd_invoke(client, opts, s) == 0  # type: ignore[arg-type]
+    assert s.out.getvalue() == "c7\n" and s.err.getvalue() == ""
+    headers = client.seen[0][2]
+    assert headers == {"Content-Type": "application/json", "X-Nuclide-Async": "true",
+                       "X-Callback-Url": "http://127.0.0.1:1/h", "X-Idempotency-Key": "k1"}
+
+
+def test_async_invoke_duplicate_and_refusal() -> None:
+    client = FakeCallsClient(invoke=httpx.Response(202, json={"call_id": "c7", "duplicate": True}))
+    s = streams()
+    commands.cmd_invoke(client, invoke_opts(["f", "--async", "--idempotency-key", "k1"]), s)  # type: ignore[arg-type]
+    assert s.out.getvalue() == "c7\n" and "idempotency key 'k1' was used before" in s.err.getvalue()
+    refused = FakeCallsClient(invoke=httpx.Response(
+        404, json={"error": {"code": "not_found", "message": "function 'f' not found"}}, headers={"x-call-id": "c8"}))
+    with pytest.raises(CliError, match=r"^POST /f answered HTTP 404 \(call c8\): function 'f' not found$"):
+        commands.cmd_invoke(refused, invoke_opts(["f", "--async"]), streams())  # type: ignore[arg-type]
+
+
+def test_async_invoke_wait_polls_then_prints_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr(commands.time, "sleep", sleeps.append)
+    client = FakeCallsClient(invoke=httpx.Response(202, json={"call_id": "c7"}),
+                             polls=[call_record(id="c7", status="PENDING"), call_record(id="c7", status="RUNNING"),
+                                    call_record(id="c7", status="DONE")],
+                             result=result_response(200, b"the answer", "DONE"))
+    s = streams()
+    assert commands.cmd_invoke(client, invoke_opts(["f", "--async", "--wait"]), s) == 0  # type: ignore[arg-type]
+    assert s.out.getvalue() == "the answer" and s.err.getvalue() == "call c7\n"
+    assert [e[0] for e in client.seen] == ["invoke", "get", "get", "get", "result"]
+    assert sleeps == pytest.approx([0.1, 0.15])
+
+
+def test_wait_final_gives_up_after_the_timeout() -> None:
+    clock = FakeClock()
+    client = FakeCallsClient(polls=[call_record(id="c7", status="RUNNING")])
+    with pytest.raises(CliError, match=r"call c7 is still RUNNING after 3 s; check `nuclide calls get c7`"):
+        commands.wait_final(client, "c7", 3.0, clock, clock.sleep)  # type: ignore[arg-type]
+    assert clock.now >= 3.0

@@ -1,0 +1,5 @@
+import sys
+
+from tests.load.main import main
+
+sys.exit(main())
