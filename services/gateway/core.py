@@ -506,9 +506,7 @@ class Gateway:
     def _record(self, call_id: str, name: str, queued_at: float, status: str, code: int, error: str | None,
                 cold: bool = False) -> None:
         if self.calls is not None:
-            self.calls.record_sync({"id": call_id, "function": name, "status": status, "queued_at": queued_at,
-                                    "started_at": queued_at, "finished_at": time.time(), "result_status": code,
-                                    "error": error, "cold_start": cold})
+            self.calls.record_sync((call_id, name, status, queued_at, time.time(), code, error, cold))
 
     async def _submit_async(self, name: str, body: bytes, raw_headers: list, call_id: str) -> tuple[int, list, bytes]:
         """202 once the call is durable; its result is kept (GET /calls/{id}) and may be called back."""

@@ -128,16 +128,15 @@ class CallStore:
         return changed
 
     def record_sync(self, calls: list[dict[str, Any]]) -> int:
-        """Record finished sync calls (no payload or result kept)."""
+        """Record finished sync calls (no payload or result kept), one executemany per batch."""
+        rows = [(c["id"], c["function"], c["status"], c.get("source", "http"), c["queued_at"], c.get("started_at"),
+                 c.get("finished_at"), c.get("result_status"), c.get("error"), c.get("parent_id"),
+                 int(bool(c.get("cold_start")))) for c in calls]
         with self.db.tx():
-            for c in calls:
-                self.db.execute(
-                    "INSERT OR IGNORE INTO calls (id, function, status, kind, source, attempts, max_attempts, queued_at,"
-                    " started_at, finished_at, result_status, error, parent_id, cold_start) VALUES"
-                    " (?, ?, ?, 'sync', ?, 1, 1, ?, ?, ?, ?, ?, ?, ?)",
-                    (c["id"], c["function"], c["status"], c.get("source", "http"), c["queued_at"], c.get("started_at"),
-                     c.get("finished_at"), c.get("result_status"), c.get("error"), c.get("parent_id"),
-                     int(bool(c.get("cold_start")))))
+            self.db.conn.executemany(
+                "INSERT OR IGNORE INTO calls (id, function, status, kind, source, attempts, max_attempts, queued_at,"
+                " started_at, finished_at, result_status, error, parent_id, cold_start) VALUES"
+                " (?, ?, ?, 'sync', ?, 1, 1, ?, ?, ?, ?, ?, ?, ?)", rows)
         return len(calls)
 
     def claim(self, owner: str, limit: int) -> tuple[list[dict[str, Any]], list[bytes]]:
