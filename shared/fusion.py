@@ -3,7 +3,7 @@
 A fused group runs every member in one instance, so it needs one environment:
 requirements are merged (the same package pinned differently by two tasks is a
 conflict, named), build commands run in member order, and resources combine:
-memory is the SUM of members' limits (they share one process), timeout the MAX,
+memory and CPU are the SUM of members' limits (they share one process), timeout the MAX,
 concurrency the MIN, replicas the MAX of minReplicas.
 """
 
@@ -65,10 +65,12 @@ def merge_specs(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             if command not in commands:
                 commands.append(command)
     memories = [int(specs[n]["memory_bytes"]) for n in names if specs[n].get("memory_bytes")]
+    cpus = [float(specs[n]["cpu"]) for n in names if specs[n].get("cpu")]
     return {
         "requirements": merge_requirements({n: specs[n].get("requirements") or "" for n in names}),
         "build_commands": commands,
         "memory_bytes": sum(memories) if memories else None,
+        "cpu": sum(cpus) if cpus else None,
         "timeout_s": max(float(specs[n].get("timeout_s") or 30.0) for n in names),
         "max_concurrency": min(int(specs[n].get("max_concurrency") or 1) for n in names),
         "min_replicas": max(max(int(specs[n].get("min_replicas", 1) or 0), 1) for n in names),

@@ -30,7 +30,10 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
         from services.deployer.backends.docker import DockerBackend, DockerBuilder
 
         reconciler = Reconciler(settings, store, DockerBuilder(settings, store))
-        backend = DockerBackend(settings, reconciler.on_exit)
+        backend = docker_backend = DockerBackend(settings, reconciler.on_exit)
+        docker_backend.wanted_versions = lambda: (
+            None if not reconciler.synced else {} if reconciler.closing
+            else {g["id"]: int(g["version"]) for g in reconciler.groups.values()})
     else:
         reconciler = Reconciler(settings, store, Builder(settings, store))
         backend = ProcessBackend(settings, reconciler.on_exit)

@@ -63,11 +63,12 @@ class Builder:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    def code_dir(self, name: str, version: int) -> Path:
-        return self.var / "functions" / name / str(version) / "code"
+    def code_dir(self, name: str, version: int, digest: str) -> Path:
+        # keyed by content too: versions start again at 1 when a function is deleted and redeployed
+        return self.var / "functions" / name / f"{version}-{digest[:16]}" / "code"
 
     async def ensure_code(self, name: str, version: int, digest: str) -> Path:
-        target = self.code_dir(name, version)
+        target = self.code_dir(name, version, digest)
         if target.exists():
             return target
         async with self._lock(f"code:{name}:{version}"):

@@ -207,7 +207,7 @@ class Reconciler:
                     "max_concurrency": int(merged["max_concurrency"]), "timeout_s": spec.get("timeout_s", 30.0),
                 })
             memory = int(merged["memory_bytes"] or 0) or self.settings.default_memory_bytes
-            cpu = sum(float(s.get("cpu") or 0) for s in specs.values())  # like memory: what the members ask for
+            cpu = merged["cpu"]
             for _ in range(count):
                 if self.closing:
                     return

@@ -172,7 +172,10 @@ class Gateway:
         elif kind == "instance.changed":
             inst = data.get("instance") or {}
             if inst.get("state") == "exited" and self.broker:
-                self.broker.instance_exited(inst["id"], f"instance exited with code {inst.get('exit_code')}")
+                # the last log line usually says why (a memory limit, a traceback's last line)
+                last = (inst.get("error") or "").strip().splitlines()[-1:] or [""]
+                detail = f"instance exited with code {inst.get('exit_code')}" + (f": {last[0][:300]}" if last[0] else "")
+                self.broker.instance_exited(inst["id"], detail)
 
     def apply_function(self, record: dict[str, Any]) -> None:
         self.functions[record["name"]] = FunctionInfo(record)

@@ -290,3 +290,11 @@ def handler(context, event):
     seen = {stack.invoke("replicated").text for _ in range(40)}
     assert all(v.startswith("built:") for v in seen)
     assert len(seen) == 2, f"calls should spread over both replicas, saw {seen}"
+
+
+def test_delete_then_redeploy_serves_the_new_code(stack: Stack) -> None:
+    stack.deploy("reborn", {"function.yaml": function_yaml("reborn"), "main.py": "def handler(context, event):\n    return 'old'\n"})
+    assert stack.invoke("reborn").text == "old"
+    assert stack.client.delete("/reborn").status_code == 204
+    stack.deploy("reborn", {"function.yaml": function_yaml("reborn"), "main.py": "def handler(context, event):\n    return 'new'\n"})
+    assert stack.invoke("reborn").text == "new"

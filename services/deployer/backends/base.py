@@ -31,6 +31,8 @@ class InstanceHandle:
     pid: int | None
     log_path: Path
     started_at: float
+    # the tasks it serves: the reconciler stops a superseded instance only once each of
+    # these is ready elsewhere, so a backend must fill it (also for adopted instances)
     functions: tuple[str, ...] = ()
     adopted: bool = False
     stopping: bool = False

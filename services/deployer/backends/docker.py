@@ -24,6 +24,8 @@ the reconciler's failure reports read) and reports its exit; instances outlive t
 the next one adopts them by their labels. The namespace label keeps deployers with different
 state directories (test stacks, compose projects) from touching each other's containers.
 
+An engine that stops answering is logged once; starts wait for it to come back (a monitor pings it
+every few seconds, then adopts what runs and removes what exited meanwhile) instead of failing.
 The docker SDK is synchronous: every call runs in a daemon thread of its own, so a slow engine
 never blocks the loop or the process's exit. This module is longer than most because it is one
 backend (images, containers, logs, adoption, engine liveness), one module per platform.
@@ -37,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import tarfile
 import tempfile
@@ -73,6 +76,7 @@ LOG_MAX_SIZE, LOG_MAX_FILES = "10m", "3"  # the engine's copy of an instance's o
 API_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 5.0
 PING_INTERVAL_S = 2.0  # engine liveness checks; also how fast a returning engine is noticed
+COLLECT_INTERVAL_S = 60.0  # unused images are removed after stops, and at least this often
 EXIT_REPORT_TIMEOUT_S = 15.0  # after a stop: how long to wait for the exit to be reported
 ENGINE_ERRORS = (docker.errors.DockerException, requests.RequestException, OSError)
 NAMESPACE_FILE = "docker-namespace"
@@ -103,9 +107,11 @@ for title, argv in steps:
     print("$ " + title, flush=True)
     code = subprocess.call(argv, cwd=env_dir, env=env, stdin=subprocess.DEVNULL)
     if code != 0:
-        print("nuclide-build-failed: build step %r exited with code %d" % (title, code), flush=True)
+        print("nuclide-build-failed: build step '%s' exited with code %d" % (title, code), flush=True)
         sys.exit(code)
 '''
+FAILED_STEP = "nuclide-build-failed: "
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the engine colours a step's stderr
 BUILD_NOISE = ("Step ", " ---> ", "Removing intermediate container", "Successfully built", "Successfully tagged")
 
 
@@ -261,6 +267,10 @@ class DockerBackend(Backend):
         self._collect_wanted = False
         self._monitor: asyncio.Task | None = None
         self._closed = False
+        # group id -> the version the deployer wants; None until it knows (no tagged group image is
+        # removed then). Set by the service: a function scaled to zero keeps its image, a deleted one
+        # loses it, and a deployer that stops its instances on exit leaves no image behind.
+        self.wanted_versions: Callable[[], dict[str, int] | None] = lambda: None
 
     # ----- the engine -------------------------------------------------------------------
 
@@ -272,12 +282,14 @@ class DockerBackend(Backend):
 
     def _engine_down(self, error: Exception) -> None:
         self._up.clear()
-        self.client = None
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
         if not self._down_logged:
             self._down_logged = True
-            log.error(f"Docker Engine not reachable at {self.settings.docker_host}: instances start once it is"
-                      f" (retrying every {PING_INTERVAL_S:g} s); start it with 'dockerd' or set docker_host",
-                      error=str(error)[:200])
+            log.error("Docker Engine not reachable: instances start once it is back (retrying every"
+                      f" {PING_INTERVAL_S:g} s); start dockerd or set docker_host",
+                      docker_host=self.settings.docker_host, error=str(error)[:200])
 
     def _engine_up(self, client: docker.DockerClient) -> None:
         self.client = client
@@ -287,7 +299,11 @@ class DockerBackend(Backend):
         self._up.set()
 
     async def _watch_engine(self) -> None:
+        next_collection = time.monotonic() + COLLECT_INTERVAL_S
         while not self._closed:
+            if self._up.is_set() and time.monotonic() > next_collection:
+                next_collection = time.monotonic() + COLLECT_INTERVAL_S
+                asyncio.ensure_future(self._collect_images())  # what stops alone do not catch: deletes at zero
             try:
                 if self.client is None:
                     # (re)connected: adopt what runs untracked, remove what exited while nobody could
@@ -320,6 +336,12 @@ class DockerBackend(Backend):
         except docker.errors.APIError:
             raise
         except ENGINE_ERRORS as exc:
+            client = self.client
+            try:  # a local failure (a file, a timeout of one call) is not a lost engine
+                if client is not None and await _in_thread(client.ping):
+                    raise Unavailable(f"a Docker Engine call failed: {type(exc).__name__}: {exc}") from None
+            except ENGINE_ERRORS:
+                pass
             self._engine_down(exc)
             raise EngineLost(f"the Docker Engine at {self.settings.docker_host} is not reachable: {exc}") from None
 
@@ -423,6 +445,7 @@ class DockerBackend(Backend):
         deadline = time.monotonic() + self.settings.build_timeout_s
         lines: list[str] = []
         layers: list[str] = []  # image ids of the steps, to remove what a failed build leaves
+        step: str | None = None  # the failed build step, as build.py names it
         failed: str | None = None
         with tempfile.TemporaryFile() as ctx:
             with tarfile.open(fileobj=ctx, mode="w") as tar:
@@ -437,11 +460,14 @@ class DockerBackend(Backend):
                                       network_mode="host", decode=True,
                                       timeout=self.settings.build_timeout_s)
             try:
+                # a build quiet for build_timeout_s ends in a read timeout: that is the build, not the engine
                 for chunk in stream:
                     if "stream" in chunk:
-                        for line in str(chunk["stream"]).splitlines():
+                        for line in ANSI_ESCAPE.sub("", str(chunk["stream"])).splitlines():
                             if line.startswith(" ---> ") and " " not in line[6:].strip():
                                 layers.append(line[6:].strip())
+                            elif line.startswith(FAILED_STEP):
+                                step = line[len(FAILED_STEP):]
                             elif line.strip() and not line.startswith(BUILD_NOISE):
                                 lines.append(line)
                     if "error" in chunk:
@@ -449,6 +475,10 @@ class DockerBackend(Backend):
                     if time.monotonic() > deadline:
                         failed = f"timed out after {self.settings.build_timeout_s:g} s"
                         break
+            except ENGINE_ERRORS:
+                if time.monotonic() < deadline - 1:
+                    raise
+                failed = f"timed out after {self.settings.build_timeout_s:g} s"
             finally:
                 stream.close()  # a build left behind is cancelled by the engine when its client goes
         text = "\n".join(lines)
@@ -459,8 +489,6 @@ class DockerBackend(Backend):
                         client.api.remove_image(layer)
                 except docker.errors.APIError:
                     pass
-            marker = "nuclide-build-failed: "
-            step = next((line[len(marker):] for line in reversed(lines) if line.startswith(marker)), None)
             message = step or f"image build failed: {failed}"
             raise BuildFailed(message, {"log_tail": tail(text + ("" if step else "\n" + failed))})
         return text
@@ -550,8 +578,9 @@ class DockerBackend(Backend):
             log.info("image built", image=tag, took_s=round(time.monotonic() - started, 2))
         return tag, functions
 
-    def _collect_images_sync(self, client: docker.DockerClient) -> list[str]:
-        """Remove this namespace's group images no container uses, and env images beyond the cache.
+    def _collect_images_sync(self, client: docker.DockerClient, wanted: dict[str, int] | None) -> list[str]:
+        """Remove this namespace's group images no container uses and no wanted version is, and env
+        images beyond the cache.
 
         Never runs during one of this deployer's starts. Env images are shared by every namespace,
         so an untagged one (a layer of a build, perhaps another deployer's, in progress) only goes
@@ -571,8 +600,13 @@ class DockerBackend(Backend):
         used = {c["ImageID"] for c in client.api.containers(all=True, filters={"label": "nuclide.managed=true"})}
         mine = {"label": ["nuclide.kind=group", f"nuclide.namespace={self.namespace}"]}
         for image in client.api.images(filters=mine):
-            if image["Id"] not in used:
-                remove(image)
+            labels = image.get("Labels") or {}
+            tagged = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
+            if image["Id"] in used or (tagged and wanted is None):
+                continue
+            if tagged and str(wanted.get(labels.get("nuclide.group", ""), "")) == labels.get("nuclide.group_version"):
+                continue  # the wanted version, perhaps scaled to zero: kept for the next start
+            remove(image)
         referenced: set[str] = set()
         for image in client.api.images(filters={"label": "nuclide.kind=group"}):
             referenced.update(k for k in ((image.get("Labels") or {}).get("nuclide.envs") or "").split(",") if k)
@@ -605,7 +639,7 @@ class DockerBackend(Backend):
             while self._collect_wanted:
                 self._collect_wanted = False
                 try:
-                    removed = await _in_thread(self._collect_images_sync, client)
+                    removed = await _in_thread(self._collect_images_sync, client, self.wanted_versions())
                 except ENGINE_ERRORS as exc:
                     log.warning("could not remove unused images", error=str(exc)[:200])
                     return
@@ -751,6 +785,7 @@ class DockerBackend(Backend):
                         out.flush()
                     state = api.inspect_container(container_id)["State"]
                     if state.get("Running"):
+                        time.sleep(0.1)
                         continue  # the stream broke, not the container
                     break
                 except docker.errors.NotFound:

@@ -1,0 +1,301 @@
+"""The docker backend against a real Docker Engine: images, containers, limits, redeploys, adoption, cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from tests.docker_util import (  # noqa: F401 (fixtures)
+    DOCKER_HOST, containers, docker_client, docker_problem, docker_stack_at, fresh_docker_stack, group_images,
+    namespace, need, remove_namespace, require_docker,
+)
+from tests.stack import Stack, function_yaml, wait_for
+
+pytestmark = pytest.mark.integration
+
+HELLO = "def handler(context, event):\n    print('hello was called', flush=True)\n    return 'hello'\n"
+
+
+@pytest.fixture(scope="module")
+def dstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One docker-backend stack shared by the tests that deploy and invoke; no unused image is cached."""
+    need(docker_problem())
+    s = docker_stack_at(tmp_path_factory.mktemp("dstack") / "var", {"NUCLIDE_DOCKER_IMAGE_CACHE": "0"})
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+        if (s.var_dir / "docker-namespace").exists():
+            ns = namespace(s)
+            left = containers(ns)
+            remove_namespace(ns)
+            assert not left, f"containers left after the deployer stopped: {[c.name for c in left]}"
+
+
+def running(ns: str, function: str) -> list:
+    """The function's running containers."""
+    return containers(ns, f"nuclide.function={function}", all_states=False)
+
+
+def test_deploy_invoke_logs_in_a_locked_down_container(dstack: Stack) -> None:
+    probe = """
+import os
+
+def attempt(fn):
+    try:
+        fn()
+        return "ok"
+    except Exception as exc:
+        return type(exc).__name__
+
+def write(path):
+    with open(path, "w") as fh:
+        fh.write("x")
+
+def handler(context, event):
+    print("probe was called", flush=True)
+    with open("/proc/self/status") as fh:
+        caps = [line.split()[1] for line in fh if line.startswith("CapEff")][0]
+    return {"uid": os.getuid(), "caps": caps, "tmp": attempt(lambda: write("/tmp/x")),
+            "root": attempt(lambda: write("/x")), "code": attempt(lambda: write("scratch.txt")),
+            "socket": os.path.exists("/var/run/docker.sock"), "env": os.environ.get("GREETING")}
+"""
+    spec = {"env": [{"name": "GREETING", "value": "hi"}], "resources": {"limits": {"memory": "96Mi", "cpu": "500m"}}}
+    r = dstack.deploy("probe", {"function.yaml": function_yaml("probe", **spec), "main.py": probe})
+    assert r.json()["state"] == "ready"
+    out = dstack.invoke("probe").json()
+    assert out == {"uid": 65534, "caps": "0000000000000000", "tmp": "ok", "root": "OSError", "code": "OSError",
+                   "socket": False, "env": "hi"}, out
+    [container] = running(namespace(dstack), "probe")
+    labels = container.labels
+    assert labels["nuclide.managed"] == "true" and labels["nuclide.group"] == "g-probe"
+    assert labels["nuclide.functions"] == "probe" and labels["nuclide.instance"].startswith("g-probe-v")
+    assert int(labels["nuclide.group_version"]) >= 1
+    host = container.attrs["HostConfig"]
+    assert host["NetworkMode"] == "host" and host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"] and any("no-new-privileges" in o for o in host["SecurityOpt"])
+    assert host["Memory"] == 96 * 1024 * 1024 and host["NanoCpus"] == 500_000_000
+    assert "/tmp" in host["Tmpfs"] and not container.attrs["Mounts"], "no mounts at all: no Docker socket"
+    assert container.attrs["Config"]["User"] == "65534:65534"
+    assert "probe was called" in dstack.client.get("/functions/probe/logs").text
+
+
+def test_code_only_redeploy_reuses_the_dependency_layer(dstack: Stack) -> None:
+    marker = os.urandom(4).hex()  # a fresh dependency image, not one from an earlier run
+    spec = {"build": {"commands": [f"echo 'VALUE = \"{marker}\"' > $PIP_TARGET/marker.py"]}}
+    code = "import marker\n\ndef handler(context, event):\n    return marker.VALUE + ':{}'\n"
+    ns = namespace(dstack)
+    dstack.deploy("layered", {"function.yaml": function_yaml("layered", **spec), "main.py": code.format("v1")})
+    assert dstack.invoke("layered").text == f"{marker}:v1"
+    [image] = group_images(ns, "nuclide.group=g-layered")
+    key = image.labels["nuclide.envs"]
+    client = docker_client()
+    try:
+        def env_images() -> list:
+            return [i for i in client.images.list(filters={"label": "nuclide.kind=env"})
+                    if f"nuclide-env:{key}" in i.tags]
+
+        [env_image] = env_images()
+        dstack.deploy("layered", {"function.yaml": function_yaml("layered", **spec), "main.py": code.format("v2")})
+        assert dstack.invoke("layered").text == f"{marker}:v2"
+        wait_for(lambda: len(running(ns, "layered")) == 1, 30, what="the old version's container to stop")
+        [container] = running(ns, "layered")
+        assert container.image.labels["nuclide.envs"] == key
+        assert [i.id for i in env_images()] == [env_image.id], \
+            "a code-only change must not rebuild the dependency image"
+        parents = [layer["Id"] for layer in client.api.history(container.image.id)]
+        assert env_image.id in parents, "the new version's image must build on the dependency image"
+    finally:
+        client.close()
+
+
+def test_requirements_installed_in_the_image(dstack: Stack) -> None:
+    code = "import tabulate\n\ndef handler(context, event):\n    return tabulate.tabulate([[1, 2]], tablefmt='plain')\n"
+    # a comment makes the requirements, so the image, new: pip runs in the build (through the CA it is given)
+    requirements = f"# {os.urandom(4).hex()}\ntabulate==0.9.0\n"
+    r = dstack.deploy("dockerdeps", {"function.yaml": function_yaml("dockerdeps"), "main.py": code,
+                                     "requirements.txt": requirements})
+    assert r.json()["state"] == "ready"
+    assert dstack.invoke("dockerdeps").text.split() == ["1", "2"]
+
+
+def test_failed_build_is_a_422_and_the_previous_version_keeps_serving(dstack: Stack) -> None:
+    dstack.deploy("buildfail", {"function.yaml": function_yaml("buildfail"), "main.py": HELLO})
+    spec = {"build": {"commands": ["echo broken-build-marker; exit 7"]}}
+    r = dstack.deploy("buildfail", {"function.yaml": function_yaml("buildfail", **spec), "main.py": HELLO}, expect=422)
+    assert "broken-build-marker" in r.text and "exited with code 7" in r.text
+    for _ in range(5):
+        assert dstack.invoke("buildfail").text == "hello"
+    assert len(running(namespace(dstack), "buildfail")) == 1
+
+
+def test_container_that_exits_at_start_marks_the_function_failed(dstack: Stack) -> None:
+    bad = "raise RuntimeError('boom-at-import')\n\ndef handler(context, event):\n    return 'never'\n"
+    r = dstack.deploy("exitstart", {"function.yaml": function_yaml("exitstart"), "main.py": bad}, expect=422)
+    assert "boom-at-import" in r.text and "exit code 3" in r.text
+    desc = dstack.client.get("/exitstart").json()
+    assert desc["state"] == "failed" and "boom-at-import" in desc["last_error"]
+    wait_for(lambda: not containers(namespace(dstack), "nuclide.function=exitstart"), 15,
+             what="the exited container to be removed")
+
+
+def test_memory_limit_refused_allocation_and_oom_kill(dstack: Stack) -> None:
+    code = """
+import mmap
+
+def handler(context, event):
+    kind, size = event.body.decode().split()
+    if kind == "heap":
+        return str(len(bytearray(int(size) * 1024 * 1024)) // (1024 * 1024))
+    shared = mmap.mmap(-1, int(size) * 1024 * 1024)  # shared memory: not in RLIMIT_DATA, only the cgroup stops it
+    chunk = b"x" * (1024 * 1024)
+    for i in range(int(size)):
+        shared[i * len(chunk):(i + 1) * len(chunk)] = chunk
+    return "survived"
+"""
+    spec = {"resources": {"limits": {"memory": "128Mi"}}}
+    dstack.deploy("hog", {"function.yaml": function_yaml("hog", **spec), "main.py": code})
+    ns = namespace(dstack)
+    assert dstack.invoke("hog", b"heap 8").text == "8"
+    r = dstack.invoke("hog", b"heap 512")
+    assert r.status_code == 500 and "128 MiB" in r.json()["error"]["message"]
+    assert dstack.invoke("hog", b"heap 8").text == "8", "the instance keeps serving after a refused allocation"
+    [first] = running(ns, "hog")
+    r = dstack.invoke("hog", b"shared 512")
+    assert r.status_code >= 500 and "hog" in r.text, r.text
+    logs = wait_for(lambda: (t := dstack.client.get("/functions/hog/logs").text) and "killed" in t and t, 15,
+                    what="the OOM kill in the logs")
+    assert "memory limit of 128 MiB" in logs
+    replacement = wait_for(lambda: [c for c in running(ns, "hog") if c.id != first.id], 30,
+                           what="a replacement container")
+    assert replacement and wait_for(lambda: dstack.invoke("hog", b"heap 8").text == "8", 30, what="the replacement")
+
+
+def test_redeploy_under_a_steady_stream_of_calls_fails_none(dstack: Stack) -> None:
+    code = "def handler(context, event):\n    return '{}'\n"
+    dstack.deploy("steady", {"function.yaml": function_yaml("steady"), "main.py": code.format("v1")})
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def caller() -> None:
+        with httpx.Client(base_url=dstack.url, timeout=30) as client:
+            while not stop.is_set():
+                r = client.post("/steady")
+                results.append((r.status_code, r.text))
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=caller, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(results) > 20, 10, what="calls to flow")
+        for version in ("v2", "v3"):
+            dstack.deploy("steady", {"function.yaml": function_yaml("steady"), "main.py": code.format(version)})
+            wait_for(lambda: results and results[-1][1] == version, 20, what=f"{version} to serve")
+            # the old version's container goes once the new one is ready
+            wait_for(lambda: len(running(namespace(dstack), "steady")) == 1, 30, what="the old container to stop")
+        count = len(results)
+        wait_for(lambda: len(results) > count + 20, 10, what="more calls after the last redeploy")
+    finally:
+        stop.set()
+        thread.join(10)
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, f"{len(failed)} of {len(results)} calls failed during redeploys: {failed[:3]}"
+    assert {"v1", "v2", "v3"} <= {text for _, text in results}
+
+
+def test_scaled_to_zero_keeps_its_image_and_wakes(dstack: Stack) -> None:
+    spec = {"minReplicas": 0, "maxReplicas": 1, "scaleToZero": {"idleTimeout": "1s"}}
+    dstack.deploy("sleeper", {"function.yaml": function_yaml("sleeper", **spec), "main.py": HELLO})
+    ns = namespace(dstack)
+    assert dstack.invoke("sleeper").text == "hello"
+    wait_for(lambda: dstack.client.get("/sleeper").json()["state"] == "scaledToZero", 20, what="scale to zero")
+    wait_for(lambda: not containers(ns, "nuclide.function=sleeper"), 20, what="the container to go")
+    [image] = group_images(ns, "nuclide.group=g-sleeper")
+    r = dstack.invoke("sleeper")
+    assert r.status_code == 200 and r.text == "hello" and r.headers.get("x-nuclide-cold-start") == "true"
+    [container] = running(ns, "sleeper")
+    assert container.image.id == image.id, "the wake-up must not rebuild the image"
+
+
+def test_delete_removes_containers_and_images(dstack: Stack) -> None:
+    marker = os.urandom(4).hex()
+    spec = {"build": {"commands": [f"echo '# {marker}' > $PIP_TARGET/marker.py"]}}
+    dstack.deploy("doomed", {"function.yaml": function_yaml("doomed", **spec), "main.py": HELLO})
+    ns = namespace(dstack)
+    assert running(ns, "doomed") and group_images(ns, "nuclide.group=g-doomed")
+    client = docker_client()
+    try:
+        env_keys = {k for i in group_images(ns, "nuclide.group=g-doomed")
+                    for k in i.labels["nuclide.envs"].split(",") if k}
+        assert env_keys
+        assert dstack.client.delete("/doomed").status_code == 204
+        wait_for(lambda: not containers(ns, "nuclide.function=doomed"), 30, what="the containers to be removed")
+        wait_for(lambda: not group_images(ns, "nuclide.group=g-doomed"), 30, what="the function's images to go")
+        # this stack caches no unused dependency image (docker_image_cache=0)
+        wait_for(lambda: not [i for i in client.images.list(filters={"label": "nuclide.kind=env"})
+                              if i.labels.get("nuclide.env") in env_keys], 30, what="the dependency image to go")
+    finally:
+        client.close()
+
+
+def test_deployer_restart_adopts_containers(fresh_docker_stack: Stack) -> None:
+    s = fresh_docker_stack
+    s.deploy("adoptee", {"function.yaml": function_yaml("adoptee", minReplicas=2, maxReplicas=2), "main.py": HELLO})
+    ns = namespace(s)
+    wait_for(lambda: len(running(ns, "adoptee")) == 2, 30, what="two containers")
+    before = sorted(c.id for c in running(ns, "adoptee"))
+    s.stop_service("deployer", signal.SIGKILL)
+    for _ in range(10):
+        assert s.invoke("adoptee").text == "hello"
+    s.start_service("deployer")
+    s.wait_healthy()
+    wait_for(lambda: "adopted running instances" in s.service_log("deployer"), 15, what="the adoption")
+    time.sleep(2)  # give a duplicate (the bug this guards against) time to appear
+    assert sorted(c.id for c in containers(ns, "nuclide.function=adoptee")) == before
+    assert s.invoke("adoptee").text == "hello"
+    # the adopted containers are still managed: their logs, and a delete removes them
+    assert "hello was called" in s.client.get("/functions/adoptee/logs").text
+    assert s.client.delete("/adoptee").status_code == 204
+    wait_for(lambda: not containers(ns, "nuclide.function=adoptee"), 30, what="the adopted containers to go")
+
+
+def test_engine_down_is_one_line_and_process_functions_keep_serving(tmp_path: Path, fresh_stack: Stack) -> None:
+    s = fresh_stack
+    s.deploy("local", {"function.yaml": function_yaml("local"), "main.py": HELLO})
+    pids = s.instance_pids()
+    socket_path = tmp_path / "engine.sock"  # nothing listens here yet
+    try:
+        s.stop_service("deployer", signal.SIGKILL)  # process instances outlive it
+        s.start_service("deployer", {"NUCLIDE_BACKEND": "docker", "NUCLIDE_DOCKER_HOST": f"unix://{socket_path}"})
+        s.wait_healthy()
+        wait_for(lambda: "Docker Engine not reachable" in s.service_log("deployer"), 15, what="the engine report")
+        for _ in range(20):
+            assert s.invoke("local").text == "hello"
+        time.sleep(5)  # the deployer retries every 2 s: long enough to repeat itself if it did
+        lines = [line for line in s.service_log("deployer").splitlines() if "Docker Engine" in line]
+        assert len(lines) == 1 and str(socket_path) in lines[0], lines
+        assert s.anon.get("/healthz").status_code == 200
+        if docker_problem() is not None and os.environ.get("NUCLIDE_REQUIRE_DOCKER") != "1":
+            return  # the rest needs a real engine to come back
+        need(docker_problem())
+        assert DOCKER_HOST.startswith("unix://"), "this part needs the engine on a unix socket"
+        os.symlink(DOCKER_HOST[len("unix://"):], socket_path)  # the engine "starts"
+        wait_for(lambda: "Docker Engine reachable again" in s.service_log("deployer"), 15, what="the engine to be seen")
+        s.deploy("boxed", {"function.yaml": function_yaml("boxed"), "main.py": HELLO})
+        assert s.invoke("boxed").text == "hello" and s.invoke("local").text == "hello"
+    finally:
+        s.stop_service("deployer")
+        for pid in pids:  # the process instance the docker deployer does not manage
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if (s.var_dir / "docker-namespace").exists() and docker_problem() is None:
+            remove_namespace(namespace(s))
