@@ -1,0 +1,229 @@
+"""Scenario 2: cold start on the process backend, next to the floors measured in the same run.
+
+- deploy to first response: from the PUT of a function never deployed before (a
+  new name each time; nothing is cached but the code-independent parts: the
+  no-op has no dependency environment) to the first 200 of a POST to it;
+- a fresh ``python -m services.runtime`` instance, started the way the deployer
+  starts one, to its READY on a ZeroMQ ROUTER of ours: without and with the
+  bubblewrap sandbox;
+- the floor: a bare interpreter from the venv that imports the runtime
+  (``python -c "import services.runtime.loop"``) and exits; and ``python -c pass``.
+
+Scale-from-zero does not exist yet, so its row says "not implemented yet".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from tests.bench.apps import NOOP_SOURCE
+from tests.bench.harness import PYTHON, Bench, median
+from tests.bench.model import NOT_IMPLEMENTED, PENDING, Row, ScenarioResult, Target
+from tests.bench.procs import descendants
+from tests.bench.registry import pending_rows, scenario
+from tests.stack import Stack, function_yaml, make_zip, wait_for
+
+NAME = "cold_start"
+FLOOR_LABEL = "python -c 'import services.runtime.loop'"
+NODOWN_LABEL = "the same import, then os._exit (no teardown)"
+READY_TIMEOUT_S = 30.0
+FIRST_RESPONSE_TIMEOUT_S = 60.0
+
+
+def _ms(values: list[float]) -> list[float]:
+    return [round(v * 1000, 3) for v in values]
+
+
+# ----- a runtime instance straight to READY --------------------------------------------------
+
+
+def _sandbox_wrap(var_dir: Path, argv: list[str], code_dir: Path, config: Path) -> list[str] | None:
+    """The deployer's own bwrap command line for this instance, or None when bwrap is unavailable."""
+    if not shutil.which("bwrap"):
+        return None
+    from services.deployer.sandbox import Mounts, hidden_paths, wrap
+
+    settings = types.SimpleNamespace(sandbox="bwrap", var_dir=var_dir)
+    return wrap(settings, argv, Mounts(writable=(code_dir,), readonly=(config,), hidden=hidden_paths()),  # type: ignore[arg-type]
+                code_dir)
+
+
+def runtime_to_ready(bench: Bench, sock: zmq.Socket, endpoint: str, var_dir: Path, sandboxed: bool) -> float:
+    """Seconds from spawning a runtime instance of the no-op to its READY on ``sock``."""
+    from services.deployer.sandbox import base_env
+
+    inst_id = f"bench-{secrets.token_hex(4)}"
+    code_dir = var_dir / "functions" / "noop" / "1" / "code"
+    code_dir.mkdir(parents=True, exist_ok=True)
+    (code_dir / "main.py").write_text(NOOP_SOURCE)
+    config = var_dir / "instances" / inst_id / "config.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps({
+        "instance_id": inst_id, "group": "g-noop", "group_version": 1, "gateways": [endpoint],
+        "gateway_url": "http://127.0.0.1:9", "fusionizer_host": "127.0.0.1", "memory_bytes": 1 << 30,
+        "functions": [{"name": "noop", "version": 1, "handler": "main:handler", "code_dir": str(code_dir),
+                       "deps_dir": None, "env": {}, "max_concurrency": 1, "timeout_s": 30.0}],
+    }))
+    argv = [PYTHON, "-m", "services.runtime", str(config)]
+    if sandboxed:
+        wrapped = _sandbox_wrap(var_dir, argv, code_dir, config)
+        if wrapped is None:
+            raise RuntimeError("bwrap is not installed")
+        argv = wrapped
+    what = "runtime (bwrap)" if sandboxed else "runtime"
+    t0 = time.perf_counter()
+    proc = bench.procs.spawn(argv, what, bench.work_dir / "runtime.log", cwd=code_dir, env=base_env())
+    try:
+        deadline = t0 + READY_TIMEOUT_S
+        while True:
+            if sock.poll(50):
+                frames = sock.recv_multipart()
+                if frames[0] == inst_id.encode() and len(frames) > 2 and frames[2] == b"READY":
+                    return time.perf_counter() - t0
+            if proc.poll() is not None:
+                raise RuntimeError(f"the runtime exited with {proc.returncode} before READY; see "
+                                   f"{bench.work_dir / 'runtime.log'}")
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"no READY from the runtime within {READY_TIMEOUT_S:g} s")
+    finally:
+        # the instance inside bwrap is in a session of its own: signal the whole tree
+        tree = [proc.pid, *descendants(proc.pid)]
+        for pid in tree:
+            bench.procs.record(pid, what)
+        for pid in reversed(tree):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(10)
+        bench.procs.wait_gone(tree, 10)
+
+
+# ----- deploy to first response ----------------------------------------------------------------
+
+
+def _instance_dirs(stack: Stack, name: str) -> list[str]:
+    d = stack.var_dir / "instances"
+    return [p.name for p in d.iterdir() if p.name.startswith(f"g-{name}-")] if d.exists() else []
+
+
+def deploy_to_first_response(bench: Bench, stack: Stack, name: str) -> dict[str, Any]:
+    files = {"function.yaml": function_yaml(name), "main.py": NOOP_SOURCE}
+    archive = make_zip(files)
+    t0 = time.perf_counter()
+    put = stack.client.put(f"/{name}", files={"zip_file": ("task.zip", archive, "application/zip")})
+    t_put = time.perf_counter()
+    if put.status_code != 200:
+        raise RuntimeError(f"deploy of {name} answered {put.status_code}: {put.text[:1500]}")
+    failed_posts = 0
+    while True:
+        resp = stack.anon.post(f"/{name}", content=b"")
+        if resp.status_code == 200 and resp.text == "ok":
+            break
+        failed_posts += 1
+        if time.perf_counter() - t0 > FIRST_RESPONSE_TIMEOUT_S:
+            raise RuntimeError(f"{name} never answered 200 'ok': last {resp.status_code} {resp.text[:300]}")
+        time.sleep(0.001)
+    t_first = time.perf_counter()
+    bench.track_instances(stack)
+    if stack.client.delete(f"/{name}").status_code != 204:
+        raise RuntimeError(f"could not delete {name}")
+    # the next repetition must not share the 2 cores with this one's instance shutting down
+    wait_for(lambda: not _instance_dirs(stack, name), 20, what=f"{name}'s instance to stop")
+    return {"first_response_s": t_first - t0, "put_s": t_put - t0, "failed_posts": failed_posts}
+
+
+@scenario(NAME, "Cold start, process backend")
+def run(bench: Bench, result: ScenarioResult) -> None:
+    from services.deployer.sandbox import base_env
+
+    n = bench.options.repeats
+    raw = result.raw
+    boxed = shutil.which("bwrap") is not None
+    sandbox = "bwrap" if boxed else "none (bwrap not installed)"
+    raw["sandbox"] = sandbox
+
+    # The floors and READY times are cheap and noisy (+-20 % on a shared machine), so they get
+    # more runs than the deploys, interleaved so that a busy moment hits all of them alike.
+    # The floors run with the environment and in the kind of directory the deployer gives
+    # instances (both change import times: sys.path[0] is the working directory).
+    nf = 2 * n + 1
+    env = base_env()
+    var_dir = bench.work_dir / "cold-runtime" / "var"
+    floor_cwd = var_dir / "floor"
+    floor_cwd.mkdir(parents=True, exist_ok=True)
+    floors = {
+        "python_pass_ms": [PYTHON, "-c", "pass"],
+        "import_runtime_ms": [PYTHON, "-c", "import services.runtime.loop"],
+        # without the interpreter's teardown (about 30 ms of module cleanup here): compare with READY
+        "import_runtime_no_teardown_ms": [PYTHON, "-c", "import os, services.runtime.loop; os._exit(0)"],
+    }
+    samples: dict[str, list[float]] = {key: [] for key in (*floors, "runtime_ready_ms", "runtime_ready_bwrap_ms")}
+    bench.log(f"cold start: floors and fresh runtimes to READY, {nf} runs each")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        endpoint = f"tcp://127.0.0.1:{port}"
+        for _ in range(nf):
+            for key, argv in floors.items():
+                samples[key].append(bench.time_command(argv, key, env=env, cwd=floor_cwd))
+            samples["runtime_ready_ms"].append(runtime_to_ready(bench, sock, endpoint, var_dir, False))
+            if boxed:
+                samples["runtime_ready_bwrap_ms"].append(runtime_to_ready(bench, sock, endpoint, var_dir, True))
+    finally:
+        sock.close(0)
+        ctx.term()
+    for key, values in samples.items():
+        if values:
+            raw[key] = _ms(values)
+    med = {key: median(values) * 1000 for key, values in samples.items() if values}
+    floor_ms, nodown_ms = med["import_runtime_ms"], med["import_runtime_no_teardown_ms"]
+    floor_note = (f"floors: median of {nf}; `python -c pass` {med['python_pass_ms']:.1f} ms;"
+                  f" import runtime and exit {floor_ms:.1f} ms")
+    result.rows.append(Row(NAME, "cold start: fresh runtime process -> READY (no sandbox)", "ms",
+                           med["runtime_ready_ms"], nodown_ms, NODOWN_LABEL, None,
+                           f"median of {nf}, max {max(raw['runtime_ready_ms']):.1f} ms; {floor_note}"))
+    if boxed:
+        result.rows.append(Row(NAME, "cold start: fresh runtime process under bwrap -> READY", "ms",
+                               med["runtime_ready_bwrap_ms"], nodown_ms, NODOWN_LABEL, None,
+                               f"median of {nf}, max {max(raw['runtime_ready_bwrap_ms']):.1f} ms; the deployer's"
+                               " own bwrap command line"))
+
+    bench.log(f"cold start: deploy -> first response, {n} new functions")
+    with bench.stack("cold") as stack:
+        # the first deploy on a fresh stack pays one-time costs (directories, first connections)
+        first = deploy_to_first_response(bench, stack, f"coldwarm-{secrets.token_hex(2)}")
+        runs = [deploy_to_first_response(bench, stack, f"cold{i}-{secrets.token_hex(2)}") for i in range(n)]
+    raw["first_deploy_on_fresh_stack_ms"] = round(first["first_response_s"] * 1000, 3)
+    raw["deploy_to_first_response_ms"] = _ms([r["first_response_s"] for r in runs])
+    raw["put_ms"] = _ms([r["put_s"] for r in runs])
+    raw["failed_posts"] = [r["failed_posts"] for r in runs]
+    total = [r["first_response_s"] for r in runs]
+    failed = sum(r["failed_posts"] for r in runs)
+    result.rows.insert(0, Row(
+        NAME, "cold start: deploy (PUT) -> first response", "ms", median(total) * 1000, floor_ms, FLOOR_LABEL, None,
+        f"median of {n} new functions, max {max(total) * 1000:.1f} ms; PUT alone {median(raw['put_ms']):.1f} ms;"
+        f" runtime -> READY under bwrap {med.get('runtime_ready_bwrap_ms', med['runtime_ready_ms']):.1f} ms;"
+        f" floor: median of {nf}; first deploy on a fresh stack {raw['first_deploy_on_fresh_stack_ms']:.1f} ms;"
+        f" sandbox: {sandbox}" + (f"; {failed} POSTs failed before the first 200" if failed else ""),
+        errors=failed,
+    ))
+    result.rows += pending_rows(NAME, "issue 6: scale to zero", (
+        ("cold start: scale-from-zero -> first response", "ms", Target("< 20 ms", "<", 20.0)),
+    ), NOT_IMPLEMENTED)
+    result.rows += pending_rows(NAME, "issue 3: Docker backend", (
+        ("cold start: Docker backend, deploy -> first response", "ms",
+         Target("<= 1.2x docker run --rm", "<=", 1.2, "ratio")),
+    ), PENDING)

@@ -1,0 +1,198 @@
+"""The benchmark harness keeps working: a --quick run covers every scenario, reports figures, leaves nothing running.
+
+No timing is asserted here (speed is reported by ``make bench``, not tested). The
+run goes through a small wrapper that makes itself a child subreaper, so any
+process the benchmark leaves behind (even one orphaned by a service that died) is
+reparented to the wrapper and found, instead of vanishing under init.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.bench import wrk
+from tests.bench.registry import load_all
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 150
+
+# argv: <report path> <command...>; runs the command, then reports its exit code and every
+# descendant still alive afterwards (killing them, so the test itself leaks nothing)
+WRAPPER = r"""
+import ctypes, json, os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, lambda *a: None)  # a handler, not SIG_IGN: the child must stay killable
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("cannot become a child subreaper")
+rc = subprocess.call(sys.argv[2:])
+def reap():
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+def children():
+    out = []
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                stat = open(f"/proc/{e}/stat").read().rsplit(")", 1)[1].split()
+                cmd = open(f"/proc/{e}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if int(stat[1]) == os.getpid() and stat[0] != "Z":
+                out.append({"pid": int(e), "cmd": cmd[:300]})
+    return out
+deadline = time.monotonic() + 5  # something may be finishing its exit
+while True:
+    reap()
+    left = children()
+    if not left or time.monotonic() > deadline:
+        break
+    time.sleep(0.1)
+for p in left:
+    try:
+        os.killpg(p["pid"], signal.SIGKILL) if os.getpgid(p["pid"]) == p["pid"] else os.kill(p["pid"], signal.SIGKILL)
+    except OSError:
+        pass
+time.sleep(0.2)
+reap()
+json.dump({"rc": rc, "leftovers": left}, open(sys.argv[1], "w"))
+"""
+
+WRK_REPORT = """\
+Running 1s test @ http://127.0.0.1:40000/noop
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     7.51ms    5.14ms  67.53ms   97.90%
+    Req/Sec     9.10k     1.31k   12.18k    76.67%
+  Latency Distribution
+     50%  344.00us
+     75%    7.79ms
+     90%    1.02s
+     99%    2.00m
+  27169 requests in 3.00s, 2.90MB read
+  Socket errors: connect 1, read 2, write 0, timeout 3
+  Non-2xx or 3xx responses: 12
+Requests/sec:   9045.29
+Transfer/sec:      0.97MB
+"""
+
+
+def test_wrk_report_parses_with_its_errors() -> None:
+    r = wrk.parse(WRK_REPORT, 64)
+    assert (r.requests, r.duration_s, r.rps) == (27169, 3.0, 9045.29)
+    assert (r.p50_ms, r.p75_ms, r.p90_ms, r.p99_ms) == pytest.approx((0.344, 7.79, 1020.0, 120_000.0))
+    assert r.non_2xx == 12 and r.socket_errors == {"connect": 1, "read": 2, "write": 0, "timeout": 3}
+    assert r.errors == 18
+    with pytest.raises(wrk.WrkError, match="--latency"):
+        wrk.parse("Requests/sec: 1.0\n")
+
+
+def _numeric(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path: Path) -> None:
+    if not wrk.available():
+        if os.environ.get("NUCLIDE_REQUIRE_BENCH") == "1":
+            pytest.fail("wrk is required here (NUCLIDE_REQUIRE_BENCH=1) but missing: apt-get install wrk")
+        pytest.skip("wrk (the benchmarks' load generator) is not installed: apt-get install wrk;"
+                    " set NUCLIDE_REQUIRE_BENCH=1 to make this a failure")
+    out = tmp_path / "out"
+    wrapper_report = tmp_path / "wrapper.json"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # every temp dir of the run is below tmp_path
+    cmd = [sys.executable, "-c", WRAPPER, str(wrapper_report),
+           sys.executable, "-m", "tests.bench", "--quick", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # the benchmark stops what it started on SIGTERM
+        try:
+            output, _ = proc.communicate(timeout=40)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+        pytest.fail(f"the quick benchmark took over {RUN_TIMEOUT_S} s:\n{output[-4000:]}")
+
+    wrapped = json.loads(wrapper_report.read_text())
+    assert wrapped["leftovers"] == [], f"processes left running after the benchmark: {wrapped['leftovers']}"
+    assert wrapped["rc"] == 0, f"python -m tests.bench --quick exited {wrapped['rc']}:\n{output[-6000:]}"
+
+    docs = list(out.glob("bench-*.json"))
+    assert len(docs) == 1, f"expected one JSON result in {out}: {docs}"
+    doc = json.loads(docs[0].read_text())
+    assert doc["cleanup"]["leftovers"] == []
+    scenarios = load_all()
+    assert set(doc["scenarios"]) == set(scenarios)
+    for name, sc in scenarios.items():
+        res = doc["scenarios"][name]
+        assert res["rows"], f"{name} reported no rows"
+        if sc.is_pending:
+            assert res["status"] == "pending"
+            assert all(row["status"] == "pending" and row["nuclide"] is None and row["pending_on"]
+                       for row in res["rows"]), res["rows"]
+            continue
+        assert res["status"] == "ok", f"{name} failed: {res['error']}"
+        measured = [row for row in res["rows"] if row["status"] == "measured"]
+        assert measured, f"{name} measured nothing"
+        for row in measured:
+            assert _numeric(row["nuclide"]) and row["nuclide"] > 0, row
+            if row["baseline_label"]:
+                assert _numeric(row["baseline"]) and row["baseline"] > 0 and _numeric(row["ratio"]), row
+        for row in res["rows"]:
+            if row["status"] != "measured":
+                assert row["nuclide"] is None, f"{name}: a figure for something not built yet: {row}"
+
+    text = (out / "BENCHMARKS.md").read_text()
+    for row in doc["rows"]:
+        assert row["metric"] in text
+    assert "## Machine" in text and "## What we tried" in text
+    # the report can be written again from the JSON alone, with the same table
+    rendered = tmp_path / "rendered"
+    subprocess.run([sys.executable, "-m", "tests.bench", "--render", str(docs[0]), "--out", str(rendered)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
+    table = text[text.index("## Results"):text.index("## How these were measured")]
+    assert table in (rendered / "BENCHMARKS.md").read_text()
+
+    # belt and braces: nothing anywhere still runs from this run's temporary directories
+    stray = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if str(tmp_path).encode() in fh.read():
+                        stray.append(int(entry))
+            except OSError:
+                pass
+    assert not stray, f"processes still running from {tmp_path}: {stray}"
+
+
+def test_missing_wrk_gives_a_clear_message(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(tmp_path)}  # no wrk on this PATH
+    proc = subprocess.run([sys.executable, "-m", "tests.bench", "--quick", "--only", "sync_invoke", "--out",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "apt-get install wrk" in proc.stderr
+    assert not list(tmp_path.glob("bench-*.json"))
+
+
+def test_scenarios_are_registered_once_with_pending_ones_naming_their_issue() -> None:
+    scenarios = load_all()
+    assert {"sync_invoke", "cold_start", "density"} <= set(scenarios)
+    for name in ("async_throughput", "fusion_chain", "scale_to_zero"):
+        assert scenarios[name].is_pending and scenarios[name].pending_on.startswith("issue ")
