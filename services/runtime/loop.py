@@ -39,6 +39,7 @@ EXIT_INIT_FAILED = 3
 PREFETCH = 32  # calls buffered beyond maxConcurrency, so the handler never waits for a round trip
 
 _RESULT = protocol.RESULT
+_MORE = int(zmq.SNDMORE)
 _SIG = protocol.SIGNATURE
 _packb = protocol.pack_header
 
@@ -282,7 +283,11 @@ class Runtime:
         self._pool.submit(run)
 
     def send_result(self, result: dict[str, Any], body: bytes) -> None:
-        self.sock.send_multipart([_SIG, _RESULT, _packb(result), body], copy=False)
+        send = self.sock.send
+        send(_SIG, _MORE)
+        send(_RESULT, _MORE)
+        send(_packb(result), _MORE)
+        send(body, 0)
 
     # ----- the loop ----------------------------------------------------------------------
 
