@@ -54,7 +54,7 @@ def test_compose_up_deploy_invoke_down(require_compose: None) -> None:
         client = docker_client()
         try:
             services = client.containers.list(filters={"label": f"com.docker.compose.project={project}"})
-            assert sorted(c.labels["com.docker.compose.service"] for c in services) == ["deployer", "gateway", "store"]
+            assert sorted(c.labels["com.docker.compose.service"] for c in services) == ["deployer", "gateway", "optimizer", "store"]
 
             def healthy() -> bool:
                 for c in services:
