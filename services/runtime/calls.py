@@ -91,6 +91,7 @@ class TaskCaller:
         self._local = threading.local()
         self._ids = 0
         self._ids_lock = threading.Lock()
+        self._sockets: list[zmq.Socket] = []  # every thread's call socket, closed at shutdown
 
     # ----- frames ------------------------------------------------------------------
 
@@ -162,7 +163,16 @@ class TaskCaller:
             for endpoint in self.gateways:
                 sock.connect(endpoint)
             self._local.sock = sock
+            with self._ids_lock:
+                self._sockets.append(sock)
         return sock
+
+    def close(self) -> None:
+        """Close every call socket: an open one would block the context's termination at exit."""
+        with self._ids_lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            sock.close(linger=0)
 
     def _remote(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
         sock = self._socket()

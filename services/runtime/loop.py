@@ -368,6 +368,7 @@ class Runtime:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        self.caller.close()
         self.sock.close(linger=1000)
         self.ctx.term()
 

@@ -44,12 +44,15 @@ def parse_args(argv: list[str] | None, names: list[str]) -> Options:
         epilog=f"scenarios: {', '.join(names)}",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="a few seconds per scenario (CI smoke): 1 s points, 5 functions, 2 repetitions")
+                        help="a few seconds per scenario (CI smoke): 1 s points, 5 functions, 2 repetitions,"
+                             " 300 async calls")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=(), help="run only these scenarios")
     parser.add_argument("--duration", type=int, metavar="S", help="seconds per throughput point (default 5)")
     parser.add_argument("--warmup", type=int, metavar="S", help="seconds of warm-up before measuring (default 2)")
     parser.add_argument("--functions", type=int, metavar="M", help="functions deployed for density (default 100)")
     parser.add_argument("--repeats", type=int, metavar="N", help="repetitions per cold start figure (default 5)")
+    parser.add_argument("--calls", type=int, metavar="N",
+                        help="async calls per measured run, for nuclide and for Celery (default 5000)")
     parser.add_argument("--retries", type=int, metavar="N",
                         help="measure a throughput point again when other work used over 10 %% of the CPUs"
                              " meanwhile (default 2; 0 with --quick)")
@@ -61,7 +64,7 @@ def parse_args(argv: list[str] | None, names: list[str]) -> Options:
     args = parser.parse_args(argv)
     opts = Options.quick_defaults() if args.quick else Options()
     for attr, value in (("duration_s", args.duration), ("warmup_s", args.warmup), ("functions", args.functions),
-                        ("repeats", args.repeats), ("retries", args.retries)):
+                        ("repeats", args.repeats), ("calls", args.calls), ("retries", args.retries)):
         if value is not None:
             if value < (0 if attr == "retries" else 1):
                 parser.error(f"--{attr.split('_')[0]} must be at least 1")

@@ -36,6 +36,7 @@ class Options:
     concurrency: tuple[int, ...] = (1, 64)
     functions: int = 100  # density: functions deployed, one warm instance each
     repeats: int = 5  # cold start: repetitions of each measurement
+    calls: int = 5000  # async throughput: calls per measured run (nuclide and Celery alike)
     wrk_threads: int = 1  # a second wrk thread would take the second of the 2 cores from the server
     retries: int = 2  # measurements of a throughput point that other work disturbed, again
     only: tuple[str, ...] = ()
@@ -45,11 +46,12 @@ class Options:
 
     @classmethod
     def quick_defaults(cls) -> "Options":
-        return cls(quick=True, duration_s=1, warmup_s=1, functions=5, repeats=2, retries=0)
+        return cls(quick=True, duration_s=1, warmup_s=1, functions=5, repeats=2, calls=300, retries=0)
 
     def to_json(self) -> dict[str, Any]:
         return {"quick": self.quick, "duration_s": self.duration_s, "warmup_s": self.warmup_s,
                 "concurrency": list(self.concurrency), "functions": self.functions, "repeats": self.repeats,
+                "calls": self.calls,
                 "wrk_threads": self.wrk_threads, "retries": self.retries, "only": list(self.only)}
 
 

@@ -74,7 +74,8 @@ def machine_info() -> dict[str, Any]:
     except (OSError, ValueError):
         mem_kib = 0
     versions: dict[str, str] = {}
-    for module in ("uvicorn", "uvloop", "httptools", "fastapi", "starlette", "zmq", "msgpack"):
+    for module in ("uvicorn", "uvloop", "httptools", "fastapi", "starlette", "zmq", "msgpack", "celery", "kombu",
+                   "redis"):
         try:
             mod = __import__(module)
             versions[module] = str(getattr(mod, "__version__", "?"))
@@ -98,5 +99,7 @@ def machine_info() -> dict[str, Any]:
                      if Path("/etc/os-release").exists() else ""),
         "wrk": _version_of(["wrk", "--version"]).split(" Copyright")[0] if shutil.which("wrk") else "not installed",
         "bwrap": _version_of(["bwrap", "--version"]) if shutil.which("bwrap") else "not installed",
+        "redis_server": (_version_of(["redis-server", "--version"]).split(" sha=")[0]
+                         if shutil.which("redis-server") else "not installed"),
         "packages": versions,
     }

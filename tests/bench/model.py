@@ -9,6 +9,7 @@ from typing import Any
 MEASURED = "measured"
 PENDING = "pending"  # the feature it measures is another issue's, not landed yet
 NOT_IMPLEMENTED = "not implemented yet"  # part of this issue, not built yet
+SKIPPED = "skipped"  # its baseline is not installed here: nuclide's figure if measured, the reason in notes
 
 
 @dataclass(frozen=True)

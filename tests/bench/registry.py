@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from tests.bench.harness import Bench
 
 # imported in this order; the report lists scenarios in registration order
-SCENARIO_MODULES = ("tests.bench.sync_invoke", "tests.bench.cold_start", "tests.bench.density", "tests.bench.pending")
+SCENARIO_MODULES = ("tests.bench.sync_invoke", "tests.bench.cold_start", "tests.bench.density",
+                    "tests.bench.async_throughput", "tests.bench.fusion_chain", "tests.bench.pending")
 
 RunFn = Callable[["Bench", ScenarioResult], None]
 

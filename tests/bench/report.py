@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tests.bench.model import MEASURED, Row, ScenarioResult, Target
+from tests.bench.model import MEASURED, SKIPPED, Row, ScenarioResult, Target
 
 TRIED_START = "<!-- what-we-tried:start (kept when BENCHMARKS.md is regenerated; edit freely) -->"
 TRIED_END = "<!-- what-we-tried:end -->"
@@ -79,6 +79,23 @@ NOTES = """\
 - **Density**: PSS from `/proc/<pid>/smaps_rollup`, summed over every process of every
   instance (bwrap, its PID-namespace init, the runtime's python), divided by the number
   of instances; MB = 10^6 bytes.
+- **Async throughput**: N no-op calls (`--calls`, 5,000; 300 with `--quick`) pushed over
+  ZeroMQ to the gateway's PULL ingress, each with a call id of ours; the clock stops when a
+  read-only query of the store's SQLite database (WAL) finds all N DONE with their result
+  stored (polled every 5 ms), and a sample is checked through `GET /calls/{id}`. The
+  baseline is Celery with a `redis-server` of our own (loopback, `--save '' --appendonly
+  no`: no persistence, unlike nuclide's store) as broker and result backend, a worker with
+  2 prefork processes (nuclide runs the handler in one instance process, with the gateway
+  and the store on the path), and a client process that calls `delay()` N times, then
+  `get()` on every result. Both sides are warmed up first (a tenth of N). CPU per call
+  counts every process of each side, the client included; others' CPU share is not told
+  for a run shorter than 0.5 s (clock-tick noise).
+- **Fusion**: tasks t1..t5 each `context.call` the next and t5 returns "ok"; `POST /t1`
+  at 1 connection (wrk, as for sync invoke) with every task its own instance, then after
+  `PUT /groups?wait=true` with the five in one group, next to a single no-op task on the
+  same stack. Whether the calls ran local or remote is checked from the call-graph trace
+  before each point; the no-op task is measured right after the regroup, the fused chain
+  once the superseded instances have exited.
 - Everything talks to 127.0.0.1 only, runs for a bounded time, and every process the
   benchmark starts is stopped (checked at the end; leftovers are reported below).
 """
@@ -103,6 +120,9 @@ def _cell(text: str) -> str:
 
 
 def _row_cells(row: Row) -> list[str]:
+    if row.status == SKIPPED:  # nuclide's figure stands; the comparison could not be made here
+        return [row.metric, _num(row.nuclide, row.unit), "skipped", "—", row.target.text if row.target else "—",
+                "—", row.notes]
     if row.status != MEASURED:
         nuclide = "not implemented yet" if row.status == "not implemented yet" else f"pending: {row.pending_on}"
         return [row.metric, nuclide, "—", "—", row.target.text if row.target else "—", "—",
@@ -169,7 +189,13 @@ def details(results: list[ScenarioResult]) -> str:
     for res in results:
         if not res.raw:
             continue
-        body = _details_sync(res.raw) if res.name == "sync_invoke" else _details_generic(res.raw)
+        if res.name in ("sync_invoke", "fusion_chain"):  # wrk points per server (or setup), then anything else
+            body = _details_sync(res.raw)
+            rest = {k: v for k, v in res.raw.items() if not isinstance(v, dict)}
+            if rest:
+                body += "\n\n" + _details_generic(rest)
+        else:
+            body = _details_generic(res.raw)
         load = ""
         if res.loadavg.get("before") and res.loadavg.get("after"):
             load = f", 1-min load average {res.loadavg['before'][0]:g} -> {res.loadavg['after'][0]:g}"
@@ -185,7 +211,8 @@ def machine_section(machine: dict[str, Any], when: str, load: dict[str, Any]) ->
         f"- Memory: {machine['memory_gib']} GiB",
         f"- OS: {machine['os']}, kernel {machine['kernel']}",
         f"- Python {machine['python']} (`{machine['python_executable']}`)",
-        f"- Load generator: {machine['wrk']}; sandbox: bubblewrap {machine['bwrap']}",
+        f"- Load generator: {machine['wrk']}; sandbox: bubblewrap {machine['bwrap']}"
+        + (f"; Celery's broker: {machine['redis_server']}" if machine.get("redis_server") else ""),
         "- Packages: " + ", ".join(f"{k} {v}" for k, v in pk.items()),
         f"- Date: {when}",
         f"- Machine load (the machine is shared; other work adds noise): before the run load average"
@@ -228,7 +255,8 @@ def markdown(doc: dict[str, Any], results: list[ScenarioResult], tried: str | No
         "was measured in the same run, on the same machine (below); ratios are nuclide / baseline.",
         "These are figures, not pass/fail tests: nothing here asserts a timing.",
         f"Durations: {opts['duration_s']} s per throughput point after a {opts['warmup_s']} s warm-up;"
-        f" {opts['repeats']} repetitions per cold start figure; {opts['functions']} functions for density.",
+        f" {opts['repeats']} repetitions per cold start figure; {opts['functions']} functions for density"
+        + (f"; {opts['calls']:,} calls per async throughput run." if "calls" in opts else "."),
         f"Raw figures: `{_shown_path(doc['json_path'])}`.",
         "",
     ]

@@ -61,18 +61,20 @@ class Point:
                 "other_cpu_share": round(self.other_share, 3)}
 
 
-def measure(bench: Bench, label: str, url: str, pids: dict[str, int], raw: dict) -> dict[int, Point]:
-    """Check the endpoint answers, warm it up, then one wrk run per concurrency."""
+def measure(bench: Bench, label: str, url: str, pids: dict[str, int], raw: dict,
+            concurrency: tuple[int, ...] | None = None) -> dict[int, Point]:
+    """Check the endpoint answers, warm it up, then one wrk run per concurrency (default: the options')."""
     opts = bench.options
+    concurrency = concurrency or opts.concurrency
     resp = httpx.post(url, content=b"", timeout=30)
     if resp.status_code != 200 or resp.text != "ok":
         raise RuntimeError(f"{label} at {url} answered {resp.status_code} {resp.text[:300]!r}, not 200 'ok'")
     log = bench.work_dir / "wrk.log"
     script = bench.post_script()
-    warm = wrk.run(url, max(opts.concurrency), opts.warmup_s, script, opts.wrk_threads, log=log)
+    warm = wrk.run(url, max(concurrency), opts.warmup_s, script, opts.wrk_threads, log=log)
     raw.setdefault(label, {})["warmup"] = warm.to_json()
     out: dict[int, Point] = {}
-    for c in opts.concurrency:
+    for c in concurrency:
         # a point that other work disturbed is measured again (up to opts.retries times); the
         # least disturbed attempt is kept, and the discarded ones stay in the raw figures
         attempts: list[Point] = []

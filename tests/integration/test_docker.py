@@ -292,10 +292,13 @@ def test_engine_down_is_one_line_and_process_functions_keep_serving(tmp_path: Pa
         assert s.invoke("boxed").text == "hello" and s.invoke("local").text == "hello"
     finally:
         s.stop_service("deployer")
-        for pid in pids:  # the process instance the docker deployer does not manage
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        from services.deployer.backends.process import _descendants
+
+        for pid in pids:  # the process instance the docker deployer does not manage: bwrap and what runs in it
+            for victim in [*_descendants(pid), pid]:
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         if (s.var_dir / "docker-namespace").exists() and docker_problem() is None:
             remove_namespace(namespace(s))
