@@ -13,3 +13,20 @@ def handler(context, event, requests_session):
     resp.raise_for_status()
     return resp.json()
 """
+
+
+# Handler-side helpers for sandbox probes: attempt(fn) -> "ok" or the exception's class name.
+PROBE_HELPERS = """
+import os
+
+def attempt(fn):
+    try:
+        fn()
+        return "ok"
+    except Exception as exc:
+        return type(exc).__name__
+
+def write(path):
+    with open(path, "w") as fh:
+        fh.write("x")
+"""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+
 import select
 import signal
 import subprocess
@@ -21,48 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.procs import alive as is_alive, descendants, start_time  # noqa: F401 (re-exported)
+
 PR_SET_CHILD_SUBREAPER = 36
 STOP_TIMEOUT_S = 10.0
-
-
-def start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (to tell it from a later process that reuses the pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def is_alive(pid: int, started: str | None) -> bool:
-    now = start_time(pid)
-    if now is None or (started is not None and now != started):
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            tids = os.listdir(f"/proc/{current}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{current}/task/{tid}/children") as fh:
-                    kids = [int(c) for c in fh.read().split()]
-            except OSError:
-                continue
-            found.extend(kids)
-            stack.extend(kids)
-    return found
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -12,10 +12,13 @@ from typing import Iterator
 import httpx
 import pytest
 
+from shared.procs import descendants
+
 from tests.docker_util import (  # noqa: F401 (fixtures)
     DOCKER_HOST, containers, docker_client, docker_problem, docker_stack_at, fresh_docker_stack, group_images,
     namespace, need, remove_namespace, require_docker,
 )
+from tests.tasks import PROBE_HELPERS
 from tests.stack import Stack, function_yaml, wait_for
 
 pytestmark = pytest.mark.integration
@@ -45,19 +48,7 @@ def running(ns: str, function: str) -> list:
 
 
 def test_deploy_invoke_logs_in_a_locked_down_container(dstack: Stack) -> None:
-    probe = """
-import os
-
-def attempt(fn):
-    try:
-        fn()
-        return "ok"
-    except Exception as exc:
-        return type(exc).__name__
-
-def write(path):
-    with open(path, "w") as fh:
-        fh.write("x")
+    probe = PROBE_HELPERS + """
 
 def handler(context, event):
     print("probe was called", flush=True)
@@ -292,10 +283,8 @@ def test_engine_down_is_one_line_and_process_functions_keep_serving(tmp_path: Pa
         assert s.invoke("boxed").text == "hello" and s.invoke("local").text == "hello"
     finally:
         s.stop_service("deployer")
-        from services.deployer.backends.process import _descendants
-
         for pid in pids:  # the process instance the docker deployer does not manage: bwrap and what runs in it
-            for victim in [*_descendants(pid), pid]:
+            for victim in [*descendants(pid), pid]:
                 try:
                     os.kill(victim, signal.SIGKILL)
                 except ProcessLookupError:

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from services.deployer.backends.process import _descendants
+from shared.procs import descendants as _descendants
 from tests.stack import Stack, function_yaml, wait_for
 
 pytestmark = pytest.mark.integration

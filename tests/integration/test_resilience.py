@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared.procs import alive as _alive
+from tests.tasks import PROBE_HELPERS
 from tests.stack import ROOT, Stack, free_port, function_yaml, wait_for
 
 pytestmark = pytest.mark.integration
@@ -19,34 +21,10 @@ pytestmark = pytest.mark.integration
 HELLO = "def handler(context, event):\n    return 'hello'\n"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_sandbox_confines_function_code(stack: Stack, require_bwrap: None) -> None:
     stack.deploy("victim", {"function.yaml": function_yaml("victim"), "main.py": "SECRET = 'victim-code'\n" + HELLO})
     victim_code = next((stack.var_dir.resolve() / "functions" / "victim").glob("1-*/code/main.py"))
-    probe = f"""
-import os
-
-def attempt(fn):
-    try:
-        fn()
-        return "ok"
-    except Exception as exc:
-        return type(exc).__name__
-
-def write(path):
-    with open(path, "w") as fh:
-        fh.write("x")
+    probe = PROBE_HELPERS + f"""
 
 def handler(context, event):
     return {{

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from shared.procs import alive as _alive
 from tests.load import report, send, track
 
 MAX_COUNT = 200_000
@@ -251,14 +252,6 @@ def own_stack(args: argparse.Namespace) -> Iterator[Target]:
             print(f"kept {work} (service logs: {work / 'var'}/*.service.log)", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _reap_instances(pids: list[int]) -> None:

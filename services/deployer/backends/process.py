@@ -19,40 +19,12 @@ import time
 from pathlib import Path
 
 from shared.config import Settings
+from shared.procs import descendants as _descendants, start_time as _start_time
 from shared.logs import get_logger
 from services.deployer.backends.base import Backend, ExitCallback, InstanceHandle, InstanceSpec
 from services.deployer.sandbox import Mounts, base_env, hidden_paths, wrap
 
 log = get_logger(__name__)
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of a pid, to tell a live instance from a reused pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            tasks = os.listdir(f"/proc/{current}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{current}/task/{tid}/children") as fh:
-                    children = [int(c) for c in fh.read().split()]
-            except OSError:
-                continue
-            found.extend(children)
-            stack.extend(children)
-    return found
 
 
 def _signal(pids: list[int], sig: int) -> None:

@@ -1,0 +1,47 @@
+"""Looking at local processes through /proc: start times, liveness, descendants (Linux)."""
+
+from __future__ import annotations
+
+import os
+
+
+def start_time(pid: int) -> str | None:
+    """The kernel's start time of a pid, to tell a live process from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int, started: str | None = None) -> bool:
+    """True while the pid runs (not a zombie) and, given ``started``, is still the same process."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    if started is not None and (len(fields) < 20 or fields[19] != started):
+        return False
+    return fields[0] != "Z"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...)."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as fh:
+                    children = [int(c) for c in fh.read().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            stack.extend(children)
+    return found
