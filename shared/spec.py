@@ -17,6 +17,7 @@ from shared.archive import Archive
 from shared.triggers import DEFAULT_RETRY, parse_retry, validate_triggers
 from shared.errors import InvalidRequest
 from shared.names import validate_function_name
+from shared.runtimes import DEFAULT_WARM_START, parse_warm_start
 
 MiB = 1024 * 1024
 HOST_RUNTIME = f"python:{sys.version_info.major}.{sys.version_info.minor}"
@@ -77,6 +78,10 @@ class FunctionSpec:
     idle_timeout_s: float = 300.0
     triggers: tuple[dict, ...] = ()
     retry: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RETRY))
+    warm_start: str = DEFAULT_WARM_START
+    # the registered runtime's definition (image, path, dependencies, run) as it was at deploy time;
+    # None for Python functions
+    shell: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -185,7 +190,8 @@ def _parse_handler(value: Any, where: str) -> str:
     return value
 
 
-def _parse_runtime(value: Any) -> str:
+def _parse_runtime(value: Any, runtimes: dict[str, dict[str, Any]] | None = None) -> str:
+    """The host's Python runtime, or the name of a registered runtime (one of ``runtimes``)."""
     _expect(value, str, "spec.runtime", "a string like 'python'")
     match = _RUNTIME_RE.fullmatch(value.strip().lower())
     major, minor = sys.version_info.major, sys.version_info.minor
@@ -193,7 +199,10 @@ def _parse_runtime(value: Any) -> str:
         int(match["major"]) == major and (match["minor"] is None or int(match["minor"]) == minor)
     )):
         return HOST_RUNTIME
-    raise _err("spec.runtime", f"{value!r} is not available here; use 'python' or '{HOST_RUNTIME}'")
+    if runtimes and value.strip() in runtimes:
+        return value.strip()
+    registered = f", or a registered runtime: {', '.join(sorted(runtimes))}" if runtimes else ""
+    raise _err("spec.runtime", f"{value!r} is not available here; use 'python' or '{HOST_RUNTIME}'{registered}")
 
 
 def _plain(value: Any, where: str, budget: list[int]) -> Any:
@@ -437,14 +446,35 @@ def _parse_resources(spec: dict, kw: dict[str, Any], warnings: list[str]) -> Non
 
 _SPEC_KNOWN = {"handler", "runtime", "env", "build", "minReplicas", "maxReplicas", "replicas", "description",
                "timeout", "timeoutSeconds", "eventTimeout", "maxConcurrency", "resources", "private",
-               "scaleToZero", "idleTimeout", "triggers", "retry"}
+               "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart"}
 
 
-def parse_function(archive: Archive, *, fallback_handler_module: str | None = None) -> tuple[FunctionSpec, list[str]]:
-    """Read function.yaml (or infer a handler) and requirements.txt; return (spec, warnings)."""
+def _parse_shell(spec: dict, kw: dict[str, Any], definition: dict[str, Any], warnings: list[str]) -> None:
+    """A function of a registered runtime: its `run` command is the handler; its code, the whole archive."""
+    kw["shell"] = {k: definition[k] for k in ("image", "image_id", "path", "dependencies", "run") if k in definition}
+    kw["handler"] = ""
+    kw["requirements"] = ""  # the runtime's `dependencies` command reads the archive's files itself
+    for key in ("handler", "build"):
+        if spec.get(key) is not None:
+            warnings.append(f"function.yaml: spec.{key} is ignored: runtime '{kw['runtime']}' runs its own"
+                            " `run` and `dependencies` commands")
+
+
+def parse_function(archive: Archive, *, fallback_handler_module: str | None = None,
+                   runtimes: dict[str, dict[str, Any]] | None = None) -> tuple[FunctionSpec, list[str]]:
+    """Read function.yaml (or infer a handler) and requirements.txt; return (spec, warnings).
+
+    ``runtimes`` are the registered runtimes (name -> definition) spec.runtime may name.
+    """
     warnings: list[str] = []
-    kw: dict[str, Any] = {"requirements": _parse_requirements(archive)}
     doc = _load_yaml(archive, warnings)
+    spec_doc = doc.get("spec") if isinstance(doc, dict) else None
+    runtime_name = spec_doc.get("runtime") if isinstance(spec_doc, dict) else None
+    shell_def = None
+    if runtime_name is not None:
+        runtime_name = _parse_runtime(runtime_name, runtimes)
+        shell_def = (runtimes or {}).get(runtime_name) if runtime_name != HOST_RUNTIME else None
+    kw: dict[str, Any] = {"requirements": "" if shell_def else _parse_requirements(archive)}
     if doc is None:
         kw["handler"] = _infer_handler(archive, fallback_handler_module)
         return FunctionSpec(**kw), warnings
@@ -460,7 +490,10 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
     spec = _sub(doc, "spec", "spec")
     _warn_unknown(spec, "spec.", _SPEC_KNOWN, _SPEC_IGNORED, warnings)
 
-    if spec.get("handler") is not None:
+    if shell_def is not None:
+        kw["runtime"] = runtime_name
+        _parse_shell(spec, kw, shell_def, warnings)
+    elif spec.get("handler") is not None:
         kw["handler"] = _parse_handler(spec["handler"], "function.yaml: spec.handler")
     else:
         try:
@@ -468,14 +501,18 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
         except InvalidRequest:
             raise _err("spec.handler", "is required, e.g. 'main:handler'") from None
         warnings.append(f"function.yaml: spec.handler missing; using {kw['handler']!r}")
-    if spec.get("runtime") is not None:
-        kw["runtime"] = _parse_runtime(spec["runtime"])
+    if runtime_name is not None and shell_def is None:
+        kw["runtime"] = runtime_name
+    if spec.get("warmStart") is not None:
+        kw["warm_start"] = parse_warm_start(spec["warmStart"], "function.yaml: spec.warmStart")
     if spec.get("env") is not None:
         kw["env"] = _parse_env(spec["env"], warnings)
     build = _sub(spec, "build", "spec.build")
     _warn_unknown(build, "spec.build.", {"commands"}, set(build) - {"commands"}, warnings)
     commands = _expect(build.get("commands") or [], list, "spec.build.commands", "a list of shell commands")
-    kw["build_commands"] = tuple(_expect(c, str, f"spec.build.commands[{i}]", "a string") for i, c in enumerate(commands))
+    if shell_def is None:
+        kw["build_commands"] = tuple(_expect(c, str, f"spec.build.commands[{i}]", "a string")
+                                     for i, c in enumerate(commands))
     if spec.get("description") is not None:
         kw["description"] = _expect(spec["description"], str, "spec.description", "a string")
     if spec.get("private") is not None:

@@ -8,6 +8,7 @@ skipping them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -123,3 +124,20 @@ def fresh_docker_stack(require_docker: None, tmp_path: Path) -> Iterator[Stack]:
         s.stop()
         if (s.var_dir / "docker-namespace").exists():
             remove_namespace(namespace(s))
+
+
+@contextlib.contextmanager
+def shared_docker_stack(var_dir: Path) -> Iterator[Stack]:
+    """A started docker-backend stack for a module's tests (no unused image is cached); afterwards its
+    deployer must have removed every container, and whatever is left of its namespace goes."""
+    need(docker_problem())
+    s = docker_stack_at(var_dir, {"NUCLIDE_DOCKER_IMAGE_CACHE": "0"})
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+        if (s.var_dir / "docker-namespace").exists():
+            ns = namespace(s)
+            left = containers(ns)
+            remove_namespace(ns)
+            assert not left, f"containers left after the deployer stopped: {[c.name for c in left]}"

@@ -17,6 +17,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     from shared.errors import InvalidRequest, NuclideError
     from shared.liveness import DEPLOYER_REPORT_INTERVAL_S
     from shared.logs import get_logger
+    from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
     from shared.statefeed import StateFeed
     from services.deployer.backends.base import Backend
     from services.deployer.backends.process import ProcessBackend
@@ -57,6 +58,17 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
             handle.stopping = False
             reconciler.replace(handle)
             return {"replaced": True}
+        if method == "runtime.check":
+            check = getattr(backend, "check_image", None)
+            if check is None:
+                raise InvalidRequest(f"registered runtimes run on the docker backend; this deployer uses the"
+                                     f" '{backend.name}' backend (set NUCLIDE_BACKEND=docker)")
+            return check(str(args.get("image", "")))
+        if method == "warm_start.check":
+            problem = warm_start_problem(backend.name, str(args.get("policy", DEFAULT_WARM_START)))
+            if problem:
+                raise InvalidRequest(problem)
+            return {"ok": True}
         if method == "logs":
             name = str(args.get("function", ""))
             group = reconciler.function_groups.get(name)

@@ -29,6 +29,7 @@ from shared.errors import BuildFailed, Conflict, NuclideError
 from shared.fusion import merge_specs
 from shared.liveness import DRAIN_TIMEOUT_S
 from shared.logs import get_logger
+from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
 from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec
 from services.deployer.builder import Builder, tail
 
@@ -109,6 +110,7 @@ class Reconciler:
         if not self.synced or self.closing:
             return
         now = time.monotonic()
+        self.backend.groups_changed(set(self.groups))
         handles = [h for h in self.backend.list() if h.id not in self.stopping]
         current = [h for h in handles if self._is_current(h)]
         for h in handles:
@@ -209,6 +211,18 @@ class Reconciler:
                     "deps_dir": str(deps) if deps else None, "env": spec.get("env") or {},
                     "max_concurrency": int(merged["max_concurrency"]), "timeout_s": spec.get("timeout_s", 30.0),
                 })
+                if spec.get("shell"):  # a registered runtime's function: its definition and warm-start policy
+                    if self.backend.name != "docker":
+                        raise BuildFailed(f"'{name}' runs on the registered runtime '{spec.get('runtime')}', which"
+                                          f" needs the docker backend (this deployer uses '{self.backend.name}')")
+                    functions[-1].update(shell=spec["shell"], runtime=spec.get("runtime"),
+                                         warm_start=spec.get("warm_start") or "function")
+                elif (spec.get("warm_start") or DEFAULT_WARM_START) != DEFAULT_WARM_START:
+                    # deployed before the backend changed: the gateway refuses it up front otherwise
+                    problem = warm_start_problem(self.backend.name, spec["warm_start"])
+                    if problem:
+                        raise BuildFailed(f"'{name}': {problem}")
+                    functions[-1]["warm_start"] = spec["warm_start"]
             memory = int(merged["memory_bytes"] or 0) or self.settings.default_memory_bytes
             cpu = merged["cpu"]
             for _ in range(count):

@@ -18,6 +18,7 @@ from starlette.datastructures import UploadFile
 from shared.archive import ArchiveLimits, make_zip, read_archive
 from shared.errors import BuildFailed, InvalidRequest, NuclideError, PayloadTooLarge, Unavailable
 from shared.names import validate_function_name
+from shared.runtimes import DEFAULT_WARM_START, parse_runtime
 from shared.spec import check_handler, parse_function
 from services.gateway.core import Gateway, error_payload
 
@@ -80,11 +81,22 @@ def build_control_app(gw: Gateway) -> FastAPI:
     async def deploy(name: str, data: bytes, wait: bool, status_ok: int = 200) -> JSONResponse:
         validate_function_name(name)
         archive = read_archive(data, ArchiveLimits(max_zip_bytes=gw.settings.max_zip_bytes))
-        spec, warnings = parse_function(archive)
-        check_handler(archive, spec.handler)
+        assert gw.store is not None
+        runtimes = {rt["name"]: rt for rt in await gw.store.call("runtime.list")}
+        spec, warnings = parse_function(archive, runtimes=runtimes)
+        if spec.shell is None:
+            check_handler(archive, spec.handler)
+        if spec.shell is None and spec.warm_start != DEFAULT_WARM_START:  # per-call containers: docker backend only
+            assert gw.deployer is not None
+            try:
+                await gw.deployer.call("warm_start.check", {"policy": spec.warm_start}, timeout_s=10.0)
+            except InvalidRequest:
+                raise
+            except NuclideError as exc:
+                raise Unavailable(f"'{name}' was not deployed: the deployer, which knows whether its backend can run"
+                                  f" warmStart {spec.warm_start!r}, did not answer ({exc}); retry when it is up") from None
         if spec.name and spec.name != name:
             warnings.append(f"metadata.name '{spec.name}' differs from the deployed name '{name}'; using '{name}'")
-        assert gw.store is not None
         result = await gw.store.call("function.put", {"name": name, "spec": spec.to_dict(), "warnings": warnings}, data)
         gw.apply_function(result["function"])
         if not wait:
@@ -174,6 +186,52 @@ def build_control_app(gw: Gateway) -> FastAPI:
         except NuclideError as exc:
             raise Unavailable(f"logs are kept by the deployer, which did not answer: {exc}") from None
         return PlainTextResponse(result.get("text", ""))
+
+    @app.get("/runtimes", dependencies=auth, tags=["runtimes"])
+    async def list_runtimes() -> JSONResponse:
+        """Registered runtimes, by name."""
+        assert gw.store is not None
+        return JSONResponse(await gw.store.call("runtime.list"))
+
+    @app.put("/runtimes/{name}", dependencies=auth, tags=["runtimes"])
+    async def put_runtime(name: str, request: Request) -> JSONResponse:
+        """Register (201) or replace (200) a runtime: `{image, path, dependencies, run}`.
+
+        The image must be in the local Docker Engine (nothing is pulled); the deployer checks it.
+        Functions name the runtime in `spec.runtime`; a replaced runtime applies to later deploys.
+        """
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidRequest('PUT /runtimes/{name} needs a JSON body like {"image": "myruntime:1", "path": "/ws",'
+                                 ' "dependencies": ["pip3", "install", "-r", "requirements.txt"],'
+                                 ' "run": ["python3", "main.py"]}') from None
+        runtime = parse_runtime(name, body)
+        assert gw.deployer is not None and gw.store is not None
+        try:
+            checked = await gw.deployer.call("runtime.check", {"image": runtime["image"]}, timeout_s=10.0)
+        except Unavailable as exc:
+            raise Unavailable(f"runtime '{name}' was not registered: {exc.message}") from None
+        except InvalidRequest:
+            raise
+        except NuclideError as exc:
+            raise Unavailable(f"runtime '{name}' was not registered: the deployer, which checks the image with the"
+                              f" Docker Engine, did not answer ({exc}); retry when it is up") from None
+        rec = await gw.store.call("runtime.put", {"runtime": runtime, "image_id": checked.get("image_id", "")})
+        created = rec.pop("created", False)
+        return JSONResponse(rec, status_code=201 if created else 200)
+
+    @app.get("/runtimes/{name}", dependencies=auth, tags=["runtimes"])
+    async def get_runtime(name: str) -> JSONResponse:
+        assert gw.store is not None
+        return JSONResponse(await gw.store.call("runtime.get", {"name": name}))
+
+    @app.delete("/runtimes/{name}", dependencies=auth, tags=["runtimes"], status_code=204)
+    async def delete_runtime(name: str) -> Response:
+        """Remove a runtime (409 naming the functions that still use it)."""
+        assert gw.store is not None
+        await gw.store.call("runtime.delete", {"name": name})
+        return Response(status_code=204)
 
     @app.get("/groups", dependencies=auth, tags=["fusion"])
     async def get_groups() -> JSONResponse:

@@ -42,6 +42,11 @@ _RESULT = protocol.RESULT
 _MORE = int(zmq.SNDMORE)
 _SIG = protocol.SIGNATURE
 _packb = protocol.pack_header
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+# a finished call's result waits at most this long for the results of the calls run after it
+FLUSH_AFTER_S = 0.0005
 
 
 class CallTimeout(BaseException):
@@ -89,14 +94,17 @@ def load_functions(config: dict[str, Any]) -> dict[str, Function]:
     return functions
 
 
-class Runtime:
+class Executor:
+    """Runs calls of loaded functions (events, timeouts, errors, task calls); no instance socket.
+
+    :class:`Runtime` adds the instance loop; ``services.runtime.once`` runs one call with it alone.
+    """
+
     def __init__(self, config: dict[str, Any], functions: dict[str, Function]) -> None:
         self.config = config
         self.functions = functions
         self.instance_id: str = config["instance_id"]
         self.max_concurrency = max(1, min(int(fc.get("max_concurrency", 1)) for fc in config["functions"]))
-        # how many INVOKEs may wait here; the gateway only fills it while calls are fast
-        self.credit = self.max_concurrency + PREFETCH
         self.ctx = zmq.Context()
         self.caller = TaskCaller(self, list(config["gateways"]))
         self._session: Any = None  # built on first use: importing requests costs ~45 ms of every cold start
@@ -105,22 +113,7 @@ class Runtime:
         self._fused = len(functions) > 1
         for fn in functions.values():
             fn.context._caller = self.caller
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.setsockopt(zmq.ROUTING_ID, self.instance_id.encode())
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        for endpoint in config["gateways"]:
-            self.sock.connect(endpoint)
-        self.stopping = False
-        self.bye_acked = False
-        self.inflight = 0
         self.loop = asyncio.new_event_loop()
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
         self._pool: ThreadPoolExecutor | None = None
         if self.max_concurrency > 1:
             self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="handler")
@@ -132,17 +125,6 @@ class Runtime:
             self._session = GatewaySession(self.config.get("fusionizer_host", "127.0.0.1"),
                                            self.config.get("gateway_url", ""), self.caller)
         return self._session
-
-    def ready_header(self) -> dict[str, Any]:
-        return {
-            "instance_id": self.instance_id,
-            "group": self.config["group"],
-            "group_version": int(self.config["group_version"]),
-            "functions": {f.name: f.version for f in self.functions.values()},
-            "credit": self.credit,
-            "concurrency": self.max_concurrency,
-            "pid": os.getpid(),
-        }
 
     # ----- calls ---------------------------------------------------------------------
 
@@ -273,6 +255,48 @@ class Runtime:
 
         return restore
 
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.caller.close()
+        self.ctx.term()
+
+
+class Runtime(Executor):
+    """An instance: READY, INVOKE -> :meth:`execute` -> RESULT, heartbeats, BYE."""
+
+    def __init__(self, config: dict[str, Any], functions: dict[str, Function]) -> None:
+        super().__init__(config, functions)
+        # how many INVOKEs may wait here; the gateway only fills it while calls are fast
+        self.credit = self.max_concurrency + PREFETCH
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.ROUTING_ID, self.instance_id.encode())
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        for endpoint in config["gateways"]:
+            self.sock.connect(endpoint)
+        self.stopping = False
+        self.bye_acked = False
+        self.inflight = 0
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+
+    def ready_header(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "group": self.config["group"],
+            "group_version": int(self.config["group_version"]),
+            "functions": {f.name: f.version for f in self.functions.values()},
+            "credit": self.credit,
+            "concurrency": self.max_concurrency,
+            "pid": os.getpid(),
+            "batch": True,  # INVOKEs may come batched (see shared/protocol.py)
+        }
+
     def _finish_later(self, header: dict[str, Any], body: bytes) -> None:
         assert self._pool is not None
 
@@ -289,6 +313,21 @@ class Runtime:
         send(_packb(result), _MORE)
         send(body, 0)
 
+    def send_results(self, results: list[dict[str, Any]], bodies: list[bytes]) -> None:
+        """Send finished calls, several in one batched RESULT (one ZeroMQ message instead of n)."""
+        if len(results) == 1:
+            self.send_result(results[0], bodies[0])
+        else:
+            send = self.sock.send
+            send(_SIG, _MORE)
+            send(_RESULT, _MORE)
+            send(_packb({"batch": results}), _MORE)
+            last = len(bodies) - 1
+            for i, body in enumerate(bodies):
+                send(body, _MORE if i < last else 0)
+        results.clear()
+        bodies.clear()
+
     # ----- the loop ----------------------------------------------------------------------
 
     def run(self) -> int:
@@ -304,6 +343,8 @@ class Runtime:
         last_heard = last_sent = time.monotonic()
         bye_sent_at = 0.0
         inline = self._pool is None
+        results: list[dict[str, Any]] = []
+        bodies: list[bytes] = []
         while True:
             if self.stopping and not bye_sent_at:
                 sock.send_multipart(protocol.encode(protocol.BYE, {"instance_id": self.instance_id}))
@@ -327,31 +368,50 @@ class Runtime:
                     except queue.Empty:
                         break
                     self.inflight -= 1
-                    self.send_result(result, out)
+                    results.append(result)
+                    bodies.append(out)
+                    if len(results) >= protocol.MAX_BATCH:
+                        self.send_results(results, bodies)
+                if results:
+                    self.send_results(results, bodies)
                     last_sent = now
             if sock in events:
                 last_heard = now
-                while True:
+                # drain what is queued; results of a burst of fast calls leave together in one
+                # message, but none waits more than FLUSH_AFTER_S for the calls run after it
+                first_done = 0.0
+                while sock.getsockopt(_EVENTS) & _POLLIN:
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = sock.recv_multipart(_NOBLOCK)
                     except zmq.Again:
                         break
                     try:
                         msg = protocol.decode(frames)
+                        calls = protocol.unbatch(msg) if msg.command == protocol.INVOKE else ()
                     except ProtocolError as exc:
                         print(f"nuclide runtime: dropped malformed message: {exc}", file=sys.stderr)
                         continue
                     if msg.command == protocol.INVOKE:
-                        if inline:
-                            result, out = self.execute(msg.header, msg.body, self.loop)
-                            self.send_result(result, out)
-                        else:
-                            self.inflight += 1
-                            self._finish_later(msg.header, msg.body)
+                        for header, body in calls:
+                            if inline:
+                                result, out = self.execute(header, body, self.loop)
+                                results.append(result)
+                                bodies.append(out)
+                                done = time.perf_counter()
+                                if not first_done:
+                                    first_done = done
+                                if done - first_done > FLUSH_AFTER_S or len(results) >= protocol.MAX_BATCH:
+                                    self.send_results(results, bodies)
+                                    first_done = 0.0
+                            else:
+                                self.inflight += 1
+                                self._finish_later(header, body)
                         last_sent = time.monotonic()
                     elif msg.command == protocol.BYE:
                         self.bye_acked = True
                     # HEARTBEAT from the gateway only refreshes last_heard
+                if results:
+                    self.send_results(results, bodies)
             now = time.monotonic()
             if now - last_sent >= HEARTBEAT_INTERVAL_S and not self.stopping:
                 if now - last_heard > HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS:
@@ -366,11 +426,8 @@ class Runtime:
         self.stopping = True
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        self.caller.close()
         self.sock.close(linger=1000)
-        self.ctx.term()
+        super().close()
 
 
 def main(argv: list[str]) -> int:
@@ -380,14 +437,25 @@ def main(argv: list[str]) -> int:
         return 2
     with open(path) as fh:
         config = json.load(fh)
+    return serve(config)
+
+
+def load_or_report(config: dict[str, Any]) -> dict[str, Function] | None:
+    """The loaded functions, or None once why not is on stderr (one line the deployer shows the user, then details)."""
     try:
-        functions = load_functions(config)
+        return load_functions(config)
     except Exception as exc:
-        # one line the deployer shows the user, then the details
         cause = exc.__cause__ or exc
         print(f"nuclide: function failed to load: {exc}", file=sys.stderr)
         traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
         sys.stderr.flush()
+        return None
+
+
+def serve(config: dict[str, Any]) -> int:
+    """Load the functions and run until stopped; a cold instance and a zygote-forked one both end here."""
+    functions = load_or_report(config)
+    if functions is None:
         return EXIT_INIT_FAILED
     runtime = Runtime(config, functions)
     try:

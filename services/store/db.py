@@ -102,6 +102,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX calls_finished ON calls (finished_at);
     CREATE UNIQUE INDEX calls_idempotency ON calls (function, idempotency_key) WHERE idempotency_key IS NOT NULL;
     """,
+    # registered runtimes (PUT /runtimes/{name}): an image, a code path and two argv commands (JSON lists)
+    """
+    CREATE TABLE runtimes (
+        name TEXT PRIMARY KEY,
+        image TEXT NOT NULL,
+        image_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        dependencies TEXT NOT NULL,
+        run TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 

@@ -90,10 +90,18 @@ class StoreServer:
         if method == "kv.put":
             st.kv_put(_arg(args, "key", str), args.get("value"))
             return {"ok": True}
+        if method == "runtime.list":
+            return st.list_runtimes()
+        if method == "runtime.get":
+            return st.get_runtime(_arg(args, "name", str))
         if method == "function.put":
             spec = _arg(args, "spec", dict)
             warnings = args.get("warnings") or []
             result, events = st.put_function(_arg(args, "name", str), spec, list(warnings), bodies[0] if bodies else b"")
+        elif method == "runtime.put":
+            result, events = st.put_runtime(_arg(args, "runtime", dict), str(args.get("image_id", "")))
+        elif method == "runtime.delete":
+            result, events = st.delete_runtime(_arg(args, "name", str))
         elif method == "groups.set":
             result, events = st.set_groups(args.get("setup"))
         elif method == "group.scale":

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.errors import InvalidRequest, NotFound
+from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.fusion import merge_specs, validate_setup
 from shared.names import validate_function_name
+from shared.runtimes import FIELDS as RUNTIME_FIELDS, parse_runtime
 from services.store.db import Database
 
 Event = tuple[str, dict[str, Any]]
@@ -180,6 +181,7 @@ class StoreState:
             "functions": self.list_functions(),
             "groups": [self.group_record(r) for r in self.db.all("SELECT * FROM groups ORDER BY id")],
             "instances": [self.instance_record(r) for r in self.db.all("SELECT * FROM instances WHERE state!='exited'")],
+            "runtimes": self.list_runtimes(),
         }
 
     # ----- changes ------------------------------------------------------------
@@ -188,6 +190,10 @@ class StoreState:
         validate_function_name(name)
         if not zip_bytes:
             raise InvalidRequest("function.put needs the zip as its body")
+        shell = spec.get("shell")
+        if shell and self.db.one("SELECT 1 FROM runtimes WHERE name=?", (spec.get("runtime"),)) is None:
+            raise InvalidRequest(f"runtime '{spec.get('runtime')}' is not registered (any more); register it with"
+                                 " PUT /runtimes/{name} and deploy again")
         digest = self.blobs.put(zip_bytes)
         now = time.time()
         replicas = max(int(spec.get("min_replicas", 1) or 0), 1)
@@ -233,6 +239,58 @@ class StoreState:
             first = self.next_seqs(2)
         events = [("function.changed", {"seq": first, "function": fn}), ("group.changed", {"seq": first + 1, "group": grec})]
         return {"function": fn, "version": version, "group_id": group_id, "group_version": group_version}, events
+
+    # ----- registered runtimes -------------------------------------------------------
+
+    @staticmethod
+    def runtime_record(row: Any) -> dict[str, Any]:
+        return {"name": row["name"], "image": row["image"], "image_id": row["image_id"], "path": row["path"],
+                "dependencies": json.loads(row["dependencies"]), "run": json.loads(row["run"]),
+                "created_at": _iso(row["created_at"]), "updated_at": _iso(row["updated_at"])}
+
+    def list_runtimes(self) -> list[dict[str, Any]]:
+        return [self.runtime_record(r) for r in self.db.all("SELECT * FROM runtimes ORDER BY name")]
+
+    def get_runtime(self, name: str) -> dict[str, Any]:
+        row = self.db.one("SELECT * FROM runtimes WHERE name=?", (name,))
+        if row is None:
+            known = ", ".join(r["name"] for r in self.db.all("SELECT name FROM runtimes ORDER BY name")) or "none"
+            raise NotFound(f"runtime '{name}' not found (registered: {known})")
+        return self.runtime_record(row)
+
+    def put_runtime(self, definition: dict[str, Any], image_id: str) -> tuple[dict[str, Any], list[Event]]:
+        """Register or replace a runtime; functions deployed before keep the definition they were built with."""
+        rt = parse_runtime(definition.get("name"), {k: definition.get(k) for k in RUNTIME_FIELDS})
+        now = time.time()
+        with self.db.tx():
+            created = self.db.one("SELECT 1 FROM runtimes WHERE name=?", (rt["name"],)) is None
+            self.db.execute(
+                "INSERT INTO runtimes (name, image, image_id, path, dependencies, run, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET image=excluded.image,"
+                " image_id=excluded.image_id, path=excluded.path, dependencies=excluded.dependencies,"
+                " run=excluded.run, updated_at=excluded.updated_at",
+                (rt["name"], rt["image"], str(image_id), rt["path"], json.dumps(rt["dependencies"]),
+                 json.dumps(rt["run"]), now, now))
+            rec = self.get_runtime(rt["name"])
+            seq = self.next_seqs(1)
+        return {**rec, "created": created}, [("runtime.changed", {"seq": seq, "runtime": rec})]
+
+    def runtime_users(self, name: str) -> list[str]:
+        """Functions whose serving or latest version runs on the runtime ``name``."""
+        rows = self.db.all("SELECT f.name AS name, v.spec AS spec FROM functions f JOIN function_versions v"
+                           " ON v.name=f.name AND v.version IN (f.version, f.latest_version)")
+        return sorted({r["name"] for r in rows if json.loads(r["spec"]).get("runtime") == name})
+
+    def delete_runtime(self, name: str) -> tuple[dict[str, Any], list[Event]]:
+        with self.db.tx():
+            self.get_runtime(name)
+            users = self.runtime_users(name)
+            if users:
+                raise Conflict(f"runtime '{name}' is used by {', '.join(repr(u) for u in users)}; delete or redeploy"
+                               " those functions on another runtime first", {"functions": users})
+            self.db.execute("DELETE FROM runtimes WHERE name=?", (name,))
+            seq = self.next_seqs(1)
+        return {"deleted": name}, [("runtime.deleted", {"seq": seq, "name": name})]
 
     def delete_function(self, name: str) -> tuple[dict[str, Any], list[Event]]:
         with self.db.tx():

@@ -15,8 +15,8 @@ import pytest
 from shared.procs import descendants
 
 from tests.docker_util import (  # noqa: F401 (fixtures)
-    DOCKER_HOST, containers, docker_client, docker_problem, docker_stack_at, fresh_docker_stack, group_images,
-    namespace, need, remove_namespace, require_docker,
+    DOCKER_HOST, containers, docker_client, docker_problem, fresh_docker_stack, group_images,
+    namespace, need, remove_namespace, require_docker, shared_docker_stack,
 )
 from tests.tasks import PROBE_HELPERS
 from tests.stack import Stack, function_yaml, wait_for
@@ -29,17 +29,8 @@ HELLO = "def handler(context, event):\n    print('hello was called', flush=True)
 @pytest.fixture(scope="module")
 def dstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One docker-backend stack shared by the tests that deploy and invoke; no unused image is cached."""
-    need(docker_problem())
-    s = docker_stack_at(tmp_path_factory.mktemp("dstack") / "var", {"NUCLIDE_DOCKER_IMAGE_CACHE": "0"})
-    try:
-        yield s.start()
-    finally:
-        s.stop()
-        if (s.var_dir / "docker-namespace").exists():
-            ns = namespace(s)
-            left = containers(ns)
-            remove_namespace(ns)
-            assert not left, f"containers left after the deployer stopped: {[c.name for c in left]}"
+    with shared_docker_stack(tmp_path_factory.mktemp("dstack") / "var") as s:
+        yield s
 
 
 def running(ns: str, function: str) -> list:

@@ -144,7 +144,7 @@ def test_to_dict_and_from_dict_round_trip() -> None:
         "name", "handler", "runtime", "env", "build_commands", "requirements", "min_replicas", "max_replicas",
         "description", "timeout_s", "max_concurrency", "memory_bytes", "cpu", "private", "idle_timeout_s",
         "triggers",
-        "retry",
+        "retry", "warm_start", "shell",
     ]
     assert isinstance(data["build_commands"], list) and isinstance(data["triggers"], list)
     assert FunctionSpec.from_dict(data) == spec

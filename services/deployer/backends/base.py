@@ -63,6 +63,9 @@ class Backend(abc.ABC):
     def list(self) -> list[InstanceHandle]:
         """Instances this backend is running."""
 
+    def groups_changed(self, group_ids: set[str]) -> None:
+        """The groups that exist now (scaled to zero or not); a backend may free what only others used."""
+
     def logs(self, paths: list[Path], tail_lines: int) -> str:
         """The last lines across the given instance log files, oldest first."""
         chunks: list[str] = []

@@ -57,6 +57,7 @@ from shared.config import Settings
 from shared.errors import BuildFailed, Unavailable
 from shared.logs import get_logger
 from services.deployer.backends.base import Backend, ExitCallback, InstanceHandle, InstanceSpec
+from services.deployer.backends.shell import Runners, is_per_call, is_shell
 from services.deployer.builder import Builder, env_key, tail
 
 log = get_logger(__name__)
@@ -271,6 +272,11 @@ class DockerBackend(Backend):
         # removed then). Set by the service: a function scaled to zero keeps its image, a deleted one
         # loses it, and a deployer that stops its instances on exit leaves no image behind.
         self.wanted_versions: Callable[[], dict[str, int] | None] = lambda: None
+        self.runners = Runners(self)  # instances of functions on registered runtimes
+
+    async def check_image(self, image: str) -> dict[str, Any]:
+        """A registered runtime's image must be local: its id, or a 400 naming it (503 without an engine)."""
+        return await self.runners.check_image(image)
 
     # ----- the engine -------------------------------------------------------------------
 
@@ -397,14 +403,15 @@ class DockerBackend(Backend):
         return adopted
 
     def adopt(self) -> list[InstanceHandle]:
+        runners = self.runners.adopt()
         try:
             client = self._connect()
             running = self._scan(client, set())
         except ENGINE_ERRORS as exc:
             self._engine_down(exc)
             self._ensure_monitor()
-            return []
-        adopted = self._register_adopted(client, running)
+            return runners
+        adopted = runners + self._register_adopted(client, running)
         self._engine_up(client)
         self._ensure_monitor()
         asyncio.ensure_future(self._collect_images())
@@ -660,7 +667,11 @@ class DockerBackend(Backend):
                 # while the engine is away a start waits for it (the monitor said so once), no error each time
                 await self._up.wait()
                 try:
+                    if is_shell(spec):
+                        return await self.runners.start(spec, await self.runners.image(spec))
                     image, functions = await self._group_image(spec)
+                    if is_per_call(spec):  # warmStart none/runtime: the runner drives per-call containers
+                        return await self.runners.start(spec, image, self._instance_config(spec, functions))
                     return await self._run(spec, image, functions)
                 except EngineLost:
                     continue
@@ -669,9 +680,9 @@ class DockerBackend(Backend):
             if not self._starting and self._collect_wanted:
                 asyncio.ensure_future(self._collect_images())
 
-    async def _run(self, spec: InstanceSpec, image: str, functions: list[dict[str, Any]]) -> InstanceHandle:
-        client = self._require()
-        config = {
+    def _instance_config(self, spec: InstanceSpec, functions: list[dict[str, Any]]) -> dict[str, Any]:
+        """What services.runtime (and services.runtime.once) read: the functions as they are in the image."""
+        return {
             "instance_id": spec.id,
             "group": spec.group_id,
             "group_version": spec.group_version,
@@ -681,6 +692,10 @@ class DockerBackend(Backend):
             "memory_bytes": spec.memory_bytes,
             "functions": functions,
         }
+
+    async def _run(self, spec: InstanceSpec, image: str, functions: list[dict[str, Any]]) -> InstanceHandle:
+        client = self._require()
+        config = self._instance_config(spec, functions)
         memory = int(spec.memory_bytes)
         cpu = spec.extra.get("cpu")
         names = [f["name"] for f in functions]
@@ -815,6 +830,10 @@ class DockerBackend(Backend):
         self.on_exit(handle, code)
 
     async def stop(self, handle: InstanceHandle, timeout_s: float) -> None:
+        if self.runners.owns(handle.id):
+            await self.runners.stop(handle, timeout_s)
+            await self._collect_images()
+            return
         container_id = self.containers.get(handle.id)
         if container_id is None or handle.id not in self.handles or self.client is None:
             return

@@ -1,0 +1,222 @@
+"""Scenario: container cold start on the Docker backend and the three warm-start policies, next to ``docker run``.
+
+- the floor, measured in the same run: ``docker run --rm --network host nuclide-runtime true``
+  (the CLI, as a user would time it);
+- deploy (PUT) -> first response of a new Python function: includes building its image;
+- scale-from-zero -> first response (``minReplicas: 0``, 1 s idle timeout): the container starts,
+  the runtime says READY, the held call runs; no build;
+- the same two for a function on a registered runtime (``spec.warmStart: function``);
+- per-call latency of a registered runtime's function (``run: ["cat"]``, so the figure is the
+  platform's, not an interpreter's start) under each policy: ``none`` (a fresh container per
+  call, comparable to the floor), ``runtime`` and ``function`` (an exec in a warm container);
+- the same three for a Python no-op function: ``none`` (a fresh container of its image per call,
+  ``services.runtime.once`` loads the handler and runs the call), ``runtime`` (an exec of it in a
+  warm container, into a fresh copy of the code) and ``function`` (a warm nuclide instance).
+
+Skipped, with the reason, without a Docker Engine, the docker CLI or the runtime image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shutil
+import time
+from typing import Any, Iterator
+
+import yaml
+
+from tests.bench.apps import NOOP_SOURCE
+from tests.bench.harness import Bench, median
+from tests.bench.model import SKIPPED, Row, ScenarioResult, Target
+from tests.bench.registry import scenario
+from tests.docker_util import RUNTIME_IMAGE, containers, docker_problem, docker_stack_at, namespace, remove_namespace
+from tests.stack import Stack, function_yaml, make_zip, wait_for
+
+NAME = "docker_cold_start"
+FLOOR_LABEL = f"docker run --rm {RUNTIME_IMAGE} true"
+TARGET = Target("<= 1.2x docker run --rm", "<=", 1.2, "ratio")
+FIRST_RESPONSE_TIMEOUT_S = 120.0
+SCALE_DOWN_TIMEOUT_S = 60.0
+RUNTIME = {"image": RUNTIME_IMAGE, "path": "/ws", "run": ["cat"]}
+POLICIES = ("none", "runtime", "function")
+ROWS = (
+    ("cold start: Docker, deploy (PUT) -> first response, Python function", "ms", TARGET),
+    ("cold start: Docker, scale-from-zero -> first response, Python function", "ms", TARGET),
+    ("cold start: Docker, deploy (PUT) -> first response, registered runtime", "ms", TARGET),
+    ("cold start: Docker, scale-from-zero -> first response, registered runtime", "ms", TARGET),
+    *((f"per call: registered runtime, warmStart {p}", "ms", TARGET if p == "none" else None) for p in POLICIES),
+    *((f"per call: Python function, warmStart {p}", "ms", TARGET if p == "none" else None) for p in POLICIES),
+)
+HOW = {("registered runtime", "none"): "a fresh container per call",
+       ("registered runtime", "runtime"): "exec in a warm container, fresh code copy",
+       ("registered runtime", "function"): "exec in a warm container",
+       ("Python function", "none"): "a fresh container of the function's image per call, the handler loaded in it",
+       ("Python function", "runtime"): "exec of the once runner in a warm container, fresh code copy",
+       ("Python function", "function"): "a warm nuclide instance"}
+
+
+def _ms(values: list[float]) -> list[float]:
+    return [round(v * 1000, 3) for v in values]
+
+
+@contextlib.contextmanager
+def docker_stack(bench: Bench) -> Iterator[Stack]:
+    stack = docker_stack_at(bench.work_dir / "docker" / "var", {"NUCLIDE_DOCKER_IMAGE_CACHE": "0"})
+    try:
+        stack.start()
+        for service, proc in stack.procs.items():
+            bench.procs.record(proc.pid, f"nuclide {service} (docker)")
+        yield stack
+    finally:
+        try:
+            stack.stop()
+        finally:
+            if (stack.var_dir / "docker-namespace").exists():
+                remove_namespace(namespace(stack))
+
+
+def _first_200(stack: Stack, name: str, t0: float, body: bytes = b"") -> tuple[float, int]:
+    """Seconds from ``t0`` to the first 200 of ``name``, and how many calls failed before it."""
+    failed = 0
+    while True:
+        resp = stack.anon.post(f"/{name}", content=body)
+        if resp.status_code == 200:
+            return time.perf_counter() - t0, failed
+        failed += 1
+        if time.perf_counter() - t0 > FIRST_RESPONSE_TIMEOUT_S:
+            raise RuntimeError(f"{name} never answered 200: last {resp.status_code} {resp.text[:300]}")
+        time.sleep(0.005)
+
+
+def _put(stack: Stack, name: str, files: dict[str, str]) -> None:
+    resp = stack.client.put(f"/{name}", files={"zip_file": ("f.zip", make_zip(files), "application/zip")})
+    if resp.status_code != 200:
+        raise RuntimeError(f"deploy of {name} answered {resp.status_code}: {resp.text[:1500]}")
+
+
+def _gone(stack: Stack, name: str) -> None:
+    if stack.client.delete(f"/{name}").status_code != 204:
+        raise RuntimeError(f"could not delete {name}")
+    ns = namespace(stack)
+    wait_for(lambda: not containers(ns, f"nuclide.function={name}") and
+             not containers(ns, f"nuclide.runner_function={name}"), 30, what=f"{name}'s containers to go")
+
+
+def _shell_files(name: str, **spec: Any) -> dict[str, str]:
+    return {"function.yaml": yaml.safe_dump({"metadata": {"name": name}, "spec": {"runtime": "benchrt", **spec}}),
+            "input.txt": "the code directory\n"}
+
+
+def deploy_to_first(stack: Stack, files_for: Any, n: int) -> tuple[list[float], int]:
+    times, failures = [], 0
+    for i in range(n):
+        name = f"dcold{i}-{secrets.token_hex(2)}"
+        t0 = time.perf_counter()
+        _put(stack, name, files_for(name))
+        took, failed = _first_200(stack, name, t0, b"{}")
+        times.append(took)
+        failures += failed
+        _gone(stack, name)
+    return times, failures
+
+
+def scale_from_zero(stack: Stack, name: str, files: dict[str, str], n: int) -> tuple[list[float], int]:
+    _put(stack, name, files)
+    times, failures = [], 0
+    ns = namespace(stack)
+    for _ in range(n):
+        wait_for(lambda: stack.client.get(f"/{name}").json()["state"] == "scaledToZero", SCALE_DOWN_TIMEOUT_S,
+                 what=f"{name} to scale to zero")
+        wait_for(lambda: not containers(ns, f"nuclide.function={name}", all_states=True) and
+                 not containers(ns, f"nuclide.runner_function={name}"), SCALE_DOWN_TIMEOUT_S,
+                 what=f"{name}'s containers to go")
+        took, failed = _first_200(stack, name, time.perf_counter(), b"{}")
+        times.append(took)
+        failures += failed
+    _gone(stack, name)
+    return times, failures
+
+
+def per_call(stack: Stack, name: str, calls: int) -> list[float]:
+    for _ in range(2):  # warm-up: the first calls open connections
+        _first_200(stack, name, time.perf_counter(), b'{"n": 0}')
+    times = []
+    for i in range(calls):
+        t0 = time.perf_counter()
+        resp = stack.anon.post(f"/{name}", content=b'{"n": %d}' % i)
+        if resp.status_code != 200:
+            raise RuntimeError(f"{name} answered {resp.status_code}: {resp.text[:500]}")
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@scenario(NAME, "Cold start and warm-start policies, Docker backend")
+def run(bench: Bench, result: ScenarioResult) -> None:
+    problem = docker_problem() or (None if shutil.which("docker") else "the docker CLI is not installed")
+    if problem:
+        bench.log(f"docker cold start: skipped: {problem}")
+        result.status, result.error = "skipped", problem
+        result.raw["skipped"] = problem
+        result.rows += [Row(NAME, metric, unit, target=target, status=SKIPPED, notes=f"skipped: {problem}")
+                        for metric, unit, target in ROWS]
+        return
+    n = bench.options.repeats
+    nf = 2 * n + 1
+    raw = result.raw
+    floor_argv = ["docker", "run", "--rm", "--network", "host", RUNTIME_IMAGE, "true"]
+    bench.log(f"docker cold start: the floor, {nf} runs of {' '.join(floor_argv)}")
+    floors = [bench.time_command(floor_argv, "docker run floor") for _ in range(nf)]
+    raw["docker_run_floor_ms"] = _ms(floors)
+    floor_ms = median(floors) * 1000
+    rows: dict[str, Row] = {}
+
+    def add(metric: str, values: list[float], note: str, failed: int = 0) -> None:
+        target = next(t for m, _, t in ROWS if m == metric)
+        rows[metric] = Row(NAME, metric, "ms", median(values) * 1000, floor_ms, FLOOR_LABEL, target,
+                           f"median of {len(values)}, max {max(values) * 1000:.1f} ms; {note}; floor: median of"
+                           f" {nf}" + (f"; {failed} calls failed before the first 200" if failed else ""),
+                           errors=failed)
+        result.rows[:] = [rows[m] for m, _, _ in ROWS if m in rows]
+
+    calls = 5 if bench.options.quick else max(10, 5 * n)
+    with docker_stack(bench) as stack:
+        bench.log(f"docker cold start: deploy -> first response, {n} new Python functions")
+        times, failed = deploy_to_first(stack, lambda name: {"function.yaml": function_yaml(name),
+                                                             "main.py": NOOP_SOURCE}, n)
+        raw["python_deploy_to_first_response_ms"] = _ms(times)
+        add(ROWS[0][0], times, "includes building the function's image", failed)
+
+        bench.log(f"docker cold start: scale-from-zero -> first response, Python, {n} times")
+        files = {"function.yaml": function_yaml("dzero", minReplicas=0, scaleToZero={"idleTimeout": "1s"}),
+                 "main.py": NOOP_SOURCE}
+        times, failed = scale_from_zero(stack, "dzero", files, n)
+        raw["python_scale_from_zero_ms"] = _ms(times)
+        add(ROWS[1][0], times, "the container starts, the runtime says READY, the held call runs", failed)
+
+        resp = stack.client.put("/runtimes/benchrt", json=RUNTIME)
+        if resp.status_code not in (200, 201):
+            raise RuntimeError(f"registering the runtime answered {resp.status_code}: {resp.text[:500]}")
+        bench.log(f"docker cold start: registered runtime (run: cat), deploy -> first response, {n} functions")
+        times, failed = deploy_to_first(stack, lambda name: _shell_files(name), n)
+        raw["runtime_deploy_to_first_response_ms"] = _ms(times)
+        add(ROWS[2][0], times, "warmStart function; includes building the function's image", failed)
+
+        bench.log(f"docker cold start: registered runtime, scale-from-zero -> first response, {n} times")
+        times, failed = scale_from_zero(stack, "rzero", _shell_files("rzero", minReplicas=0,
+                                                                      scaleToZero={"idleTimeout": "1s"}), n)
+        raw["runtime_scale_from_zero_ms"] = _ms(times)
+        add(ROWS[3][0], times, "warmStart function: runner process + warm container, then the call", failed)
+
+        kinds = {"registered runtime": ("", lambda name, policy: _shell_files(name, warmStart=policy)),
+                 "Python function": ("python_", lambda name, policy: {
+                     "function.yaml": function_yaml(name, warmStart=policy), "main.py": NOOP_SOURCE})}
+        for kind, (prefix, files_for) in kinds.items():
+            for policy in POLICIES:
+                name = f"{prefix[:2] or 'rt'}-pol-{policy}"
+                bench.log(f"docker cold start: per-call latency, {kind}, warmStart {policy}, {calls} calls")
+                _put(stack, name, files_for(name, policy))
+                times = per_call(stack, name, calls)
+                raw[f"{prefix}per_call_{policy}_ms"] = _ms(times)
+                add(f"per call: {kind}, warmStart {policy}", times, f"sequential HTTP calls; {HOW[kind, policy]}")
+                _gone(stack, name)
