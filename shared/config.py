@@ -56,6 +56,7 @@ class Settings:
     # deployer
     backend: str = "process"
     sandbox: str = "auto"
+    zygote: bool = True  # fork process-backend instances from a warm interpreter per environment (needs bwrap, root)
     build_timeout_s: float = 900.0
     stop_instances_on_exit: bool = False
     default_memory_bytes: int = 1024 * 1024 * 1024

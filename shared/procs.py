@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def start_time(pid: int) -> str | None:
@@ -45,3 +48,12 @@ def descendants(pid: int) -> list[int]:
             found.extend(children)
             stack.extend(children)
     return found
+
+
+def become_subreaper() -> bool:
+    """Orphans below this process (a double-forked child, instances of a deployer that died) become its
+    children instead of init's, so it can find and reap them."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False

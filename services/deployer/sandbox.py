@@ -40,6 +40,20 @@ def wrap(settings: Settings, argv: list[str], mounts: Mounts, cwd: Path) -> list
     bwrap = bwrap_path(settings)
     if bwrap is None:
         return argv
+    cmd = _view(bwrap, settings, mounts)
+    cmd += [
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--cap-drop", "ALL",
+        "--new-session",
+        "--chdir", str(cwd),
+        "--",
+        *argv,
+    ]
+    return cmd
+
+
+def _view(bwrap: str, settings: Settings, mounts: Mounts) -> list[str]:
+    """bwrap's file system arguments: the host read-only, private /tmp, the state directory hidden."""
     cmd = [
         bwrap,
         "--ro-bind", "/", "/",
@@ -59,14 +73,37 @@ def wrap(settings: Settings, argv: list[str], mounts: Mounts, cwd: Path) -> list
         cmd += ["--ro-bind", str(path), str(path)]
     for path in mounts.writable:
         cmd += ["--bind", str(path), str(path)]
-    cmd += [
-        "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-        "--cap-drop", "ALL",
-        "--new-session",
-        "--chdir", str(cwd),
-        "--",
-        *argv,
-    ]
+    return cmd
+
+
+# what a zygote keeps of root's capabilities: building namespaces and mounts (SYS_ADMIN), emptying a
+# forked instance's bounding set (SETPCAP); instances drop both before user code runs
+ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_SETPCAP")
+
+
+def zygote_stage(settings: Settings) -> tuple[Path, Path]:
+    """The directories a zygote sees of the state directory: every function's code, every environment."""
+    var = settings.var_dir.resolve()
+    return var / "functions", var / "envs"
+
+
+def zygote_argv(settings: Settings, argv: list[str]) -> list[str] | None:
+    """The argv of a zygote under bwrap (see services/runtime/zygote.py), or None when bwrap is unavailable.
+
+    The zygote itself runs no user code; what it forks confines itself further
+    (services/runtime/confine.py) to what ``wrap`` gives a cold instance.
+    """
+    bwrap = bwrap_path(settings)
+    if bwrap is None or os.geteuid() != 0:
+        return None  # without root, bwrap cannot hand the zygote the capabilities it needs
+    functions, envs = zygote_stage(settings)
+    for path in (functions, envs):
+        path.mkdir(parents=True, exist_ok=True)
+    cmd = _view(bwrap, settings, Mounts(writable=(functions,), readonly=(envs,), hidden=hidden_paths()))
+    cmd += ["--unshare-ipc", "--unshare-uts", "--cap-drop", "ALL"]
+    for cap in ZYGOTE_CAPS:
+        cmd += ["--cap-add", cap]
+    cmd += ["--new-session", "--die-with-parent", "--chdir", "/", "--", *argv]
     return cmd
 
 

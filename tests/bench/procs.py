@@ -12,7 +12,6 @@ and reports it, so a leak is visible in the JSON rather than silent.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 
 import select
@@ -22,9 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.procs import alive as is_alive, descendants, start_time  # noqa: F401 (re-exported)
+from shared.procs import alive as is_alive, become_subreaper, descendants, start_time  # noqa: F401 (re-exported)
 
-PR_SET_CHILD_SUBREAPER = 36
 STOP_TIMEOUT_S = 10.0
 
 
@@ -62,15 +60,6 @@ def cmdline(pid: int) -> str:
             return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:300]
     except OSError:
         return ""
-
-
-def become_subreaper() -> bool:
-    """Orphaned descendants (instances of a deployer that died) get reparented to us, so we can find them."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def reap_zombies() -> None:

@@ -27,7 +27,7 @@ from tests.bench.registry import load_all
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_TIMEOUT_S = 150
+RUN_TIMEOUT_S = 180  # docker_cold_start adds about 25 s where a Docker Engine runs
 REQUIRED = os.environ.get("NUCLIDE_REQUIRE_BENCH") == "1"  # CI: a missing tool or baseline fails, never skips
 # the scenarios whose rows must carry figures (or, for a baseline missing here, say why they were skipped)
 NEW_ROWS = {
@@ -160,6 +160,11 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
             assert all(row["status"] == "pending" and row["nuclide"] is None and row["pending_on"]
                        for row in res["rows"]), res["rows"]
             continue
+        if res["status"] == "skipped" and name == "docker_cold_start":
+            # no Docker Engine here (CI requires one): every row skipped with the reason, no figure invented
+            assert os.environ.get("NUCLIDE_REQUIRE_DOCKER") != "1", f"{name} skipped: {res['error']}"
+            assert all(row["status"] == "skipped" and row["nuclide"] is None for row in res["rows"]), res["rows"]
+            continue
         if res["status"] == "skipped":
             # only a baseline this machine lacks may skip (nuclide's side is still measured), and it says why
             assert name == "async_throughput" and missing_baseline, f"{name} skipped: {res['error']}"
@@ -223,11 +228,11 @@ def test_missing_wrk_gives_a_clear_message(tmp_path: Path) -> None:
 def test_scenarios_are_registered_once_with_pending_ones_naming_their_issue() -> None:
     scenarios = load_all()
     assert {"sync_invoke", "cold_start", "density", "async_throughput", "fusion_chain"} <= set(scenarios)
-    for name in ("async_throughput", "fusion_chain"):
+    for name in ("async_throughput", "fusion_chain", "scale_to_zero"):
         assert not scenarios[name].is_pending
     assert scenarios["fusion_chain"].needs == ("wrk",)
-    for name in ("scale_to_zero",):
-        assert scenarios[name].is_pending and scenarios[name].pending_on.startswith("issue ")
+    for sc in scenarios.values():
+        assert not sc.is_pending or sc.pending_on.startswith("issue ")
 
 
 def test_missing_celery_or_redis_server_names_what_to_install(tmp_path: Path,

@@ -5,6 +5,13 @@ Instances are started in their own session so they outlive a deployer that dies
 ``<var>/instances`` so the next deployer adopts it instead of starting a
 duplicate. bubblewrap does not forward signals, so stop() signals the runtime
 process inside the sandbox directly, then kills the whole tree after a timeout.
+
+Where it can, an instance is forked from the warm zygote of its environment
+(``services/deployer/zygotes.py``): the forked runtime is PID 1 of its own PID
+namespace and, as the deployer is a child subreaper, the deployer's own child
+once the zygote's intermediate process exits, so it is reaped and its exit
+code read like a cold instance's. Otherwise (no bwrap, no root, a zygote that
+fails) it starts cold: ``python -m services.runtime`` under bwrap.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import time
 from pathlib import Path
 
 from shared.config import Settings
-from shared.procs import descendants as _descendants, start_time as _start_time
+from shared.procs import become_subreaper, descendants as _descendants, start_time as _start_time
 from shared.logs import get_logger
 from services.deployer.backends.base import Backend, ExitCallback, InstanceHandle, InstanceSpec
 from services.deployer.sandbox import Mounts, base_env, hidden_paths, wrap
+from services.deployer.zygotes import ZygoteUnavailable, Zygotes, env_key, wait_child
 
 log = get_logger(__name__)
 
@@ -46,12 +54,15 @@ class ProcessBackend(Backend):
         self.registry.mkdir(parents=True, exist_ok=True)
         self.handles: dict[str, InstanceHandle] = {}
         self._watchers: dict[str, asyncio.Task] = {}
+        self.forked: set[str] = set()  # instances forked from a zygote: the runtime is the pid itself
+        self.zygotes = Zygotes(settings)
+        self.subreaper = become_subreaper()
+        self._said_cold = False
 
     async def start(self, spec: InstanceSpec) -> InstanceHandle:
         inst_dir = self.registry / spec.id
         inst_dir.mkdir(parents=True, exist_ok=True)
-        config_path = inst_dir / "config.json"
-        config_path.write_text(json.dumps({
+        config = {
             "instance_id": spec.id,
             "group": spec.group_id,
             "group_version": spec.group_version,
@@ -60,12 +71,23 @@ class ProcessBackend(Backend):
             "fusionizer_host": self.settings.advertised_host,
             "memory_bytes": spec.memory_bytes,
             "functions": spec.functions,
-        }))
+        }
+        config_path = inst_dir / "config.json"
+        config_path.write_text(json.dumps(config))
         code_dirs = tuple(Path(f["code_dir"]) for f in spec.functions)
-        deps = tuple(Path(f["deps_dir"]).parent for f in spec.functions if f.get("deps_dir"))
+        deps = tuple(sorted({Path(f["deps_dir"]).parent for f in spec.functions if f.get("deps_dir")}))
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        key = env_key([f["deps_dir"] for f in spec.functions if f.get("deps_dir")])
+        if self.subreaper and not self.zygotes.unavailable:
+            handle = await self._fork(spec, config, code_dirs, deps, key)
+            if handle is not None:
+                return handle
+        elif not self._said_cold:
+            self._said_cold = True
+            log.warning("no zygotes: instances start as fresh interpreters (about 100 ms slower to wake)",
+                        reason=self.zygotes.unavailable or "the deployer cannot become a child subreaper")
         mounts = Mounts(writable=code_dirs, readonly=(*deps, config_path), hidden=hidden_paths())
         argv = wrap(self.settings, [sys.executable, "-m", "services.runtime", str(config_path)], mounts, code_dirs[0])
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         memory = spec.memory_bytes
 
         def limits() -> None:
@@ -79,42 +101,61 @@ class ProcessBackend(Backend):
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=base_env(),
                 cwd=str(code_dirs[0]), start_new_session=True, preexec_fn=limits,
             )
+        handle = self._register(spec, proc.pid, {"env": key})
+        self._watchers[spec.id] = asyncio.ensure_future(self._watch_child(handle, proc))
+        return handle
+
+    async def _fork(self, spec: InstanceSpec, config: dict, code_dirs: tuple[Path, ...], deps: tuple[Path, ...],
+                    key: str) -> InstanceHandle | None:
+        """An instance forked from its environment's zygote, or None (logged) to start it cold."""
+        request = {"op": "spawn", "id": spec.id, "config": config, "writable": [str(p) for p in code_dirs],
+                   "readonly": [str(p) for p in deps], "cwd": str(code_dirs[0]), "memory_bytes": spec.memory_bytes}
+        with open(spec.log_path, "ab") as out:
+            try:
+                reply = await self.zygotes.spawn(key, spec.group_id, request, out.fileno())
+            except ZygoteUnavailable as exc:
+                log.info("starting the instance cold", instance=spec.id, reason=str(exc))
+                return None
+        pid = int(reply["pid"])
+        log.info("instance forked", instance=spec.id, pid=pid, env=key or "base", fork_ms=reply.get("fork_ms"),
+                 steps_ms=reply.get("steps_ms"))
+        handle = self._register(spec, pid, {"env": key, "forked": True, "zygote_pid": reply.get("zygote_pid"),
+                                            "fork_ms": reply.get("fork_ms")})
+        self.forked.add(spec.id)
+        self._watchers[spec.id] = asyncio.ensure_future(self._watch_pid(handle, reap=True))
+        return handle
+
+    def _register(self, spec: InstanceSpec, pid: int, extra: dict) -> InstanceHandle:
         functions = tuple(f["name"] for f in spec.functions)
-        handle = InstanceHandle(spec.id, spec.group_id, spec.group_version, proc.pid, spec.log_path, time.time(),
+        handle = InstanceHandle(spec.id, spec.group_id, spec.group_version, pid, spec.log_path, time.time(),
                                 functions)
-        (inst_dir / "instance.json").write_text(json.dumps({
-            "id": spec.id, "group_id": spec.group_id, "group_version": spec.group_version, "pid": proc.pid,
+        (self.registry / spec.id / "instance.json").write_text(json.dumps({
+            "id": spec.id, "group_id": spec.group_id, "group_version": spec.group_version, "pid": pid,
             "functions": list(functions),
-            "start_time": _start_time(proc.pid), "log_path": str(spec.log_path), "started_at": handle.started_at,
+            "start_time": _start_time(pid), "log_path": str(spec.log_path), "started_at": handle.started_at,
+            **extra,
         }))
         self.handles[spec.id] = handle
-        self._watchers[spec.id] = asyncio.ensure_future(self._watch_child(handle, proc))
         return handle
 
     async def _watch_child(self, handle: InstanceHandle, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
         self._exited(handle, code)
 
-    async def _watch_adopted(self, handle: InstanceHandle) -> None:
+    async def _watch_pid(self, handle: InstanceHandle, reap: bool) -> None:
+        """Wait for an instance that asyncio did not start: forked (our child by reparenting) or adopted."""
         assert handle.pid is not None
-        loop = asyncio.get_running_loop()
-        try:
-            fd = os.pidfd_open(handle.pid)
-        except (ProcessLookupError, OSError):
-            self._exited(handle, None)
-            return
-        done = loop.create_future()
-        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
-        try:
-            await done
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
-        self._exited(handle, None)  # not our child: its exit code is not ours to read
+        if reap:
+            code = await wait_child(handle.pid)
+        else:
+            await wait_child(handle.pid, reap_it=False)
+            code = None  # adopted: not our child, its exit code is not ours to read
+        self._exited(handle, code)
 
     def _exited(self, handle: InstanceHandle, code: int | None) -> None:
         self.handles.pop(handle.id, None)
         self._watchers.pop(handle.id, None)
+        self.forked.discard(handle.id)
         try:
             (self.registry / handle.id / "instance.json").unlink()
             (self.registry / handle.id / "config.json").unlink()
@@ -128,8 +169,9 @@ class ProcessBackend(Backend):
             return
         handle.stopping = True
         watcher = self._watchers.get(handle.id)
-        inner = _descendants(handle.pid)
-        # the runtime drains on SIGTERM; bwrap itself would ignore or drop it
+        # the runtime drains on SIGTERM; bwrap itself would ignore or drop it. A forked
+        # runtime is the pid itself (PID 1 of its namespace, with a SIGTERM handler)
+        inner = [] if handle.id in self.forked else _descendants(handle.pid)
         _signal(inner or [handle.pid], signal.SIGTERM)
         if watcher is not None:
             try:
@@ -161,9 +203,19 @@ class ProcessBackend(Backend):
                                     Path(meta["log_path"]), float(meta.get("started_at", 0)),
                                     tuple(meta.get("functions") or ()), adopted=True)
             self.handles[handle.id] = handle
-            self._watchers[handle.id] = asyncio.ensure_future(self._watch_adopted(handle))
+            if meta.get("forked"):
+                self.forked.add(handle.id)
+                self.zygotes.adopt(str(meta.get("env") or ""), handle.group_id)
+            self._watchers[handle.id] = asyncio.ensure_future(self._watch_pid(handle, reap=False))
             adopted.append(handle)
         return adopted
 
     def list(self) -> list[InstanceHandle]:
         return list(self.handles.values())
+
+    def groups_changed(self, group_ids: set[str]) -> None:
+        self.zygotes.retain(group_ids)
+
+    def close(self) -> None:
+        self.zygotes.close()
+
