@@ -46,7 +46,7 @@ STUCK_GRACE_S = 1.0
 
 class Instance:
     __slots__ = ("id", "group", "group_version", "functions", "credit", "concurrency", "inflight", "last_seen",
-                 "pid", "draining", "avg_s")
+                 "pid", "draining", "avg_s", "batch", "outbox")
 
     def __init__(self, ident: bytes, header: dict[str, Any]) -> None:
         self.id = ident
@@ -60,6 +60,8 @@ class Instance:
         self.concurrency = max(1, min(self.credit, int(header.get("concurrency", self.credit))))
         self.avg_s = 0.0
         self.pid = header.get("pid")
+        self.batch = header.get("batch") is True  # takes batched INVOKEs
+        self.outbox: list[Call] = []  # dispatched this loop iteration, sent together by Broker._flush
         self.inflight: dict[str, Call] = {}
         self.last_seen = time.monotonic()
         self.draining = False
@@ -84,10 +86,10 @@ class Instance:
 
 class Call:
     __slots__ = ("call_id", "function", "header", "body", "future", "instance", "timer", "timeout_s", "queued_at",
-                 "sent_at")
+                 "sent_at", "wall", "cold")
 
     def __init__(self, call_id: str, function: str, header: dict[str, Any], body: bytes,
-                 future: asyncio.Future, timeout_s: float) -> None:
+                 future: Any, timeout_s: float) -> None:
         self.call_id = call_id
         self.function = function
         self.header = header
@@ -98,6 +100,8 @@ class Call:
         self.timeout_s = timeout_s
         self.queued_at = 0.0
         self.sent_at = 0.0
+        self.wall = 0.0  # time.time() when the gateway took the call (its call record's queued_at)
+        self.cold = False  # it had to wait for an instance to start
 
 
 class Broker:
@@ -119,6 +123,8 @@ class Broker:
         self.queues: dict[str, deque[Call]] = {}
         self.pending: dict[str, Call] = {}
         self.ready_waiters: list[tuple[Callable[[Instance], bool], asyncio.Future]] = []
+        self._dirty: list[Instance] = []  # instances with calls in their outbox
+        self._flush_scheduled = False
         self._on_ready = on_ready
         self._on_gone = on_gone
         self._on_call = on_call
@@ -170,8 +176,36 @@ class Broker:
         call.sent_at = time.monotonic()
         inst.inflight[call.call_id] = call
         self.pending[call.call_id] = call
+        if not inst.batch:
+            self._send_calls(inst, [call])
+            return
+        # calls dispatched in the same loop iteration leave in one batched INVOKE
+        if not inst.outbox:
+            self._dirty.append(inst)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+        inst.outbox.append(call)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for inst in dirty:
+            calls, inst.outbox = inst.outbox, []
+            calls = [c for c in calls if not c.future.done()]  # expired or failed meanwhile
+            current = self.instances.get(inst.id)  # a re-READY replaces the object, not the peer
+            if calls and current is not None:
+                for start in range(0, len(calls), protocol.MAX_BATCH):
+                    self._send_calls(current, calls[start:start + protocol.MAX_BATCH])
+
+    def _send_calls(self, inst: Instance, calls: list[Call]) -> None:
         try:
-            self._send([inst.id, _SIG, _INVOKE, _packb(call.header), call.body])
+            if len(calls) > 1 and inst.batch:
+                self._send([inst.id, _SIG, _INVOKE, _packb({"batch": [c.header for c in calls]}),
+                            *[c.body for c in calls]])
+            else:
+                for call in calls:
+                    self._send([inst.id, _SIG, _INVOKE, _packb(call.header), call.body])
         except zmq.ZMQError as exc:
             self._drop_instance(inst, f"instance unreachable: {exc}")
 
@@ -247,7 +281,19 @@ class Broker:
         if inst is not None:
             inst.last_seen = time.monotonic()
         if cmd == protocol.RESULT:
-            self._on_result(inst, msg)
+            try:
+                results = protocol.unbatch(msg)
+            except ProtocolError as exc:
+                log.warning("dropped malformed RESULT", peer=ident[:40], error=str(exc))
+                return
+            owners = set()
+            for header, body in results:
+                owner = self._on_result(header, body)
+                if owner is not None:
+                    owners.add(owner)
+            for owner in owners:
+                if owner.id in self.instances:
+                    self._pump(owner)
         elif cmd == protocol.HEARTBEAT or cmd == protocol.READY:
             if inst is None or cmd == protocol.READY:
                 self._register(ident, msg.header, inst)
@@ -258,22 +304,22 @@ class Broker:
         else:
             log.warning("unexpected command from instance", command=cmd, peer=ident[:40])
 
-    def _on_result(self, inst: Instance | None, msg: protocol.Message) -> None:
-        call = self.pending.pop(msg.header.get("call_id"), None)
+    def _on_result(self, header: dict[str, Any], body: bytes) -> Instance | None:
+        """Settle one call; returns the instance that ran it (to be given more work)."""
+        call = self.pending.pop(header.get("call_id"), None)
         if call is None:
-            return  # late result of a call that timed out
+            return None  # late result of a call that timed out
         if call.timer:
             call.timer.cancel()
         owner = call.instance
         if owner is not None:
             owner.inflight.pop(call.call_id, None)
-            took_ms = msg.header.get("took_ms")
+            took_ms = header.get("took_ms")
             took_s = took_ms / 1000.0 if isinstance(took_ms, (int, float)) else time.monotonic() - call.sent_at
             owner.avg_s += EWMA_WEIGHT * (took_s - owner.avg_s)
         if not call.future.done():
-            call.future.set_result((msg.header, msg.body))
-        if owner is not None and owner.id in self.instances:
-            self._pump(owner)
+            call.future.set_result((header, body))
+        return owner
 
     def _register(self, ident: bytes, header: dict[str, Any], old: Instance | None) -> None:
         try:
@@ -343,6 +389,7 @@ class Broker:
                 self._reroute(fn)
 
     def _forget(self, inst: Instance, reason: str) -> None:
+        inst.outbox.clear()
         if self.instances.get(inst.id) is inst:
             del self.instances[inst.id]
         self._unroute(inst)

@@ -29,6 +29,7 @@ from shared.names import RESERVED_NAMES
 from shared.statefeed import StateFeed
 from services.gateway.broker import Broker, Call, Instance
 from services.gateway.calls import AsyncCalls, check_callback_url
+from services.gateway.http import valid_header
 from services.gateway.ingress import Ingress
 from shared.triggers import DEFAULT_RETRY, validate_triggers
 
@@ -71,6 +72,46 @@ class DeployOutcome:
 
     def __init__(self, ok: bool, error: str = "", log_tail: str = "") -> None:
         self.ok, self.error, self.log_tail = ok, error, log_tail
+
+
+_TRUE = (b"true", b"1", b"yes")
+
+
+def _wants_async(raw_headers: list) -> bool:
+    for k, v in raw_headers:
+        if k == b"x-nuclide-async" and v.strip().lower() in _TRUE:
+            return True
+    return False
+
+
+class _DirectAnswer:
+    """Stands in for a call's future on the direct path: the broker's result answers the request at once."""
+
+    __slots__ = ("gateway", "req", "call", "_done")
+
+    def __init__(self, gateway: "Gateway", req: Any, call: Call) -> None:
+        self.gateway, self.req, self.call, self._done = gateway, req, call, False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, value: tuple[dict[str, Any], bytes]) -> None:
+        self._done = True
+        try:
+            answer = self.gateway._finish(self.call, value[0], value[1])
+        except Exception:  # never lose the answer (nor the other results of a batch) to a bug here
+            log.exception("could not build the answer of a call", call_id=self.call.call_id)
+            answer = self.gateway.error_response(NuclideError("internal error; see the gateway log"),
+                                                 self.call.call_id)
+        self.req.respond(*answer)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._done = True
+        call = self.call
+        if not isinstance(exc, NuclideError):
+            exc = NuclideError(str(exc))
+        self.gateway._record(call.call_id, call.function, call.wall, "FAILED", exc.http_status, exc.message, call.cold)
+        self.req.respond(*self.gateway.error_response(exc, call.call_id))
 
 
 def json_body(status: int, payload: Any) -> tuple[int, bytes]:
@@ -413,27 +454,73 @@ class Gateway:
     def new_call_id(self) -> str:
         return f"{self._prefix}{next(self._counter):010x}"
 
+    def error_response(self, exc: NuclideError, call_id: str) -> tuple[int, list, bytes]:
+        status, payload = json_body(exc.http_status, error_payload(exc))
+        headers = [_JSON_CT]
+        if isinstance(exc, TooManyRequests):
+            headers.append((b"retry-after", str(exc.details.get("retry_after_s", 1)).encode()))
+        headers.append((b"x-call-id", call_id.encode()))
+        return status, headers, payload
+
     async def invoke(self, scope: dict, receive: Any, send: Any, name: str, mode: str) -> None:
+        """An invocation through ASGI: async ones, and sync ones when the app runs under another server."""
         call_id = self.new_call_id()
         try:
             status, headers, body = await self._invoke(scope, receive, name, mode, call_id)
         except NuclideError as exc:
-            status, payload = json_body(exc.http_status, error_payload(exc))
-            headers = [_JSON_CT]
-            if isinstance(exc, TooManyRequests):
-                headers.append((b"retry-after", str(exc.details.get("retry_after_s", 1)).encode()))
-            body = payload
-        if not headers or headers[-1][0] != b"x-call-id":
-            headers.append((b"x-call-id", call_id.encode()))
+            status, headers, body = self.error_response(exc, call_id)
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def _invoke(self, scope: dict, receive: Any, name: str, mode: str, call_id: str) -> tuple[int, list, bytes]:
+        raw_headers = scope["headers"]
+        self._check_access(name, raw_headers)
+        body = await self._read_body(scope, receive)
+        if mode == "async" or _wants_async(raw_headers):
+            return await self._submit_async(name, body, raw_headers, call_id)
+        call = self._new_call(name, scope["method"], scope["path"], scope["query_string"], raw_headers, body, mode,
+                              call_id)
+        fut = call.future = asyncio.get_running_loop().create_future()
+        assert self.broker is not None
+        self.broker.submit(call)
+        try:
+            result, rbody = await fut
+        except NuclideError as exc:
+            self._record(call_id, name, call.wall, "FAILED", exc.http_status, exc.message, call.cold)
+            raise
+        return self._finish(call, result, rbody)
+
+    # the direct path (services/gateway/http.py): no ASGI, no task, no future per call
+
+    def direct_target(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
+        """(function, mode) when a request is a sync invocation the HTTP server answers directly."""
+        target = match_invoke(method, path)
+        if target is None or target[1] == "async" or _wants_async(headers):
+            return None
+        return target
+
+    def invoke_direct(self, req: Any) -> None:
+        """Start a sync invocation read by the HTTP server; ``req.respond`` gets the answer."""
+        call_id = self.new_call_id()
+        try:
+            self._check_access(req.name, req.headers)
+            call = self._new_call(req.name, req.method, req.path, req.query, req.headers, req.body, req.mode, call_id)
+            call.future = _DirectAnswer(self, req, call)
+            assert self.broker is not None
+            self.broker.submit(call)
+        except NuclideError as exc:
+            req.respond(*self.error_response(exc, call_id))
+
+    def refuse_direct(self, req: Any) -> None:
+        limit = self.settings.max_body_bytes
+        exc = PayloadTooLarge(f"request body is {req.refused} bytes, over the {limit} byte invoke limit")
+        req.respond(*self.error_response(exc, self.new_call_id()))
+
+    def _check_access(self, name: str, raw_headers: list) -> None:
         info = self.functions.get(name)
         if info is None:
             raise NotFound(f"function '{name}' not found")
-        raw_headers = scope["headers"]
         if info.private:
             auth = None
             for k, v in raw_headers:
@@ -441,12 +528,13 @@ class Gateway:
                     auth = v
                     break
             self.check_token(auth)
-        body = await self._read_body(scope, receive)
-        if mode == "async":
-            return await self._submit_async(name, body, raw_headers, call_id)
-        for k, v in raw_headers:
-            if k == b"x-nuclide-async" and v.strip().lower() in (b"true", b"1", b"yes"):
-                return await self._submit_async(name, body, raw_headers, call_id)
+
+    def _new_call(self, name: str, method: str, path: str, query: bytes, raw_headers: list, body: bytes, mode: str,
+                  call_id: str) -> Call:
+        """The call to submit to the broker (its future is set by the caller)."""
+        info = self.functions.get(name)
+        if info is None:
+            raise NotFound(f"function '{name}' not found")
         # the caller's credentials are for the gateway, never for the function
         headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers if k != b"authorization"]
         headers.append(["fusionizer-server-address", self._fusionizer_host])
@@ -463,47 +551,49 @@ class Gateway:
             raise Unavailable(f"function '{name}' has no running instance because its deployment failed: {first};"
                               " fix it and deploy again", {"function": name})
         timeout_s = info.timeout_s
+        now = time.time()
         header = {
             "call_id": call_id,
             "parent_id": None,
             "function": name,
-            "method": scope["method"],
-            "path": scope["path"],
-            "query": scope["query_string"].decode("latin-1"),
+            "method": method,
+            "path": path,
+            "query": query.decode("latin-1"),
             "headers": headers,
             "content_type": content_type,
-            "deadline_ms": int((time.time() + timeout_s) * 1000),
+            "deadline_ms": int((now + timeout_s) * 1000),
             "mode": mode,
         }
-        fut = asyncio.get_running_loop().create_future()
-        cold = self.touch(info)
+        call = Call(call_id, name, header, body, None, timeout_s)
+        call.wall = now
+        call.cold = self.touch(info)
         self.counters["invocations"] += 1
-        if cold:
+        if call.cold:
             self.counters["cold_starts"] += 1
-        self.broker.submit(Call(call_id, name, header, body, fut, timeout_s))
-        started = time.perf_counter()
-        queued_at = time.time()
-        try:
-            result, rbody = await fut
-        except NuclideError as exc:
-            self._record(call_id, name, queued_at, "FAILED", exc.http_status, exc.message, cold)
-            raise
+        return call
+
+    def _finish(self, call: Call, result: dict[str, Any], rbody: bytes) -> tuple[int, list, bytes]:
+        """The HTTP answer for a call's RESULT; records the call and its trace."""
+        name = call.function
         status = int(result.get("status", 200))
-        took_ms = round((time.perf_counter() - started) * 1000, 3)
+        took_ms = round((time.time() - call.wall) * 1000, 3)
         self.trace_calls.append([name, took_ms, status])
-        self._record(call_id, name, queued_at, "DONE" if status < 500 else "FAILED", status, None, cold)
-        if cold:
-            out_cold = [(b"x-nuclide-cold-start", b"true")]
-        else:
-            out_cold = []
+        self._record(call.call_id, name, call.wall, "DONE" if status < 500 else "FAILED", status, None, call.cold)
         if "edges" in result:
             self.trace_edges.extend(result["edges"])
         out_headers = []
         for k, v in result.get("headers") or ():
-            if k.lower() not in _SKIP_RESPONSE_HEADERS and k.lower() != "content-type":
-                out_headers.append((k.encode("latin-1"), str(v).encode("latin-1")))
-        out_headers.append((b"content-type", (result.get("content_type") or "application/octet-stream").encode("latin-1")))
-        out_headers.extend(out_cold)
+            key = k.lower()
+            if key in _SKIP_RESPONSE_HEADERS or key == "content-type":
+                continue
+            name_b, value_b = k.encode("latin-1", "replace"), str(v).encode("latin-1", "replace")
+            if valid_header(name_b, value_b):
+                out_headers.append((name_b, value_b))
+        out_headers.append((b"content-type", (result.get("content_type") or "application/octet-stream").encode(
+            "latin-1", "replace")))
+        if call.cold:
+            out_headers.append((b"x-nuclide-cold-start", b"true"))
+        out_headers.append((b"x-call-id", call.call_id.encode()))
         return status, out_headers, rbody
 
     def _record(self, call_id: str, name: str, queued_at: float, status: str, code: int, error: str | None,
