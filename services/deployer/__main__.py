@@ -19,6 +19,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     from shared.logs import get_logger
     from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
     from shared.statefeed import StateFeed
+    from shared.service import settle_gc
     from services.deployer.backends.base import Backend
     from services.deployer.backends.process import ProcessBackend
     from services.deployer.builder import Builder
@@ -97,6 +98,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
             reconciler.kick()
 
     tasks = [asyncio.ensure_future(report()), asyncio.ensure_future(tick())]
+    settle_gc()
     log.info("deployer ready", backend=backend.name, rpc=settings.deployer_rpc)
     await stop.wait()
     log.info("deployer stopping", stop_instances=settings.stop_instances_on_exit)

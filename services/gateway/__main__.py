@@ -18,6 +18,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     from services.gateway.control import build_control_app
     from services.gateway.core import Gateway, make_asgi
     from services.gateway.http import HttpServer
+    from shared.service import settle_gc
 
     log = get_logger("gateway")
     gateway = Gateway(settings, ctx, load_or_create_token(settings))
@@ -30,6 +31,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
         log.error("HTTP server did not start", host=settings.http_host, port=settings.http_port, error=str(exc))
         await gateway.stop()
         return 1
+    settle_gc()
     log.info("gateway ready", url=settings.http_url, router=settings.gateway_router)
     await stop.wait()
     await server.stop(timeout_s=10.0)

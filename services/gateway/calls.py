@@ -349,11 +349,10 @@ class AsyncCalls:
         if not self._records:
             return
         batch, self._records = self._records[:5000], self._records[5000:]
-        rows = [{"id": r[0], "function": r[1], "status": r[2], "queued_at": r[3], "started_at": r[3],
-                 "finished_at": r[4], "result_status": r[5], "error": r[6], "cold_start": r[7]} for r in batch]
         try:
             assert self.gw.store is not None
-            await self.gw.store.call("calls.record_sync", {"calls": rows}, timeout_s=5.0)
+            # the tuples as they are (services/store/calls.py SYNC_ROW_FIELDS): no dict per call
+            await self.gw.store.call("calls.record_sync", {"rows": batch}, timeout_s=5.0)
         except NuclideError:
             if len(self._records) < 100_000:  # records of sync calls are not worth unbounded memory
                 self._records[:0] = batch

@@ -17,6 +17,9 @@ from typing import Any
 from shared.errors import Conflict, InvalidRequest, NotFound
 from services.store.db import Database
 
+# the compact form of calls.record_sync: one array per sync call, in this order
+SYNC_ROW_FIELDS = ("id", "function", "status", "queued_at", "finished_at", "result_status", "error", "cold_start")
+
 FINAL = ("DONE", "FAILED", "DEAD")
 STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DEAD")
 MAX_LIST = 1000
@@ -132,12 +135,27 @@ class CallStore:
         rows = [(c["id"], c["function"], c["status"], c.get("source", "http"), c["queued_at"], c.get("started_at"),
                  c.get("finished_at"), c.get("result_status"), c.get("error"), c.get("parent_id"),
                  int(bool(c.get("cold_start")))) for c in calls]
+        return self._insert_sync(rows)
+
+    def record_sync_rows(self, rows: list[Any]) -> int:
+        """The gateway's compact form: one array per call, SYNC_ROW_FIELDS in order (no dict per call)."""
+        out = []
+        for row in rows:
+            if not isinstance(row, (list, tuple)) or len(row) != len(SYNC_ROW_FIELDS) or not all(
+                    isinstance(v, str) for v in row[:3]):
+                raise InvalidRequest(f"a sync call row must be [{', '.join(SYNC_ROW_FIELDS)}]")
+            call_id, function, status, queued_at, finished_at, result_status, error, cold = row
+            out.append((call_id, function, status, "http", queued_at, queued_at, finished_at, result_status, error,
+                        None, int(bool(cold))))
+        return self._insert_sync(out)
+
+    def _insert_sync(self, rows: list[tuple]) -> int:
         with self.db.tx():
             self.db.conn.executemany(
                 "INSERT OR IGNORE INTO calls (id, function, status, kind, source, attempts, max_attempts, queued_at,"
                 " started_at, finished_at, result_status, error, parent_id, cold_start) VALUES"
                 " (?, ?, ?, 'sync', ?, 1, 1, ?, ?, ?, ?, ?, ?, ?)", rows)
-        return len(calls)
+        return len(rows)
 
     def claim(self, owner: str, limit: int) -> tuple[list[dict[str, Any]], list[bytes]]:
         """Take non-final async calls not owned by ``owner`` (a gateway boot); the caller honours next_attempt_at."""

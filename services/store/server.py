@@ -14,6 +14,7 @@ from shared.config import Settings
 from shared.errors import InvalidRequest
 from shared.liveness import DEPLOYER_REPORT_INTERVAL_S, HEARTBEAT_LIVENESS
 from shared.logs import get_logger
+from shared.service import settle_gc
 from services.store.db import Database
 from services.store.calls import CallStore
 from services.store.state import BlobStore, Event, StoreState
@@ -142,6 +143,8 @@ class StoreServer:
         if method == "calls.update":
             return {"changed": calls.update(list(_arg(args, "updates", list)), bodies)}
         if method == "calls.record_sync":
+            if "rows" in args:
+                return {"recorded": calls.record_sync_rows(list(_arg(args, "rows", list)))}
             return {"recorded": calls.record_sync(list(_arg(args, "calls", list)))}
         if method == "calls.claim":
             claimed, payloads = calls.claim(_arg(args, "owner", str), int(args.get("limit", 1000)))
@@ -180,6 +183,7 @@ class StoreServer:
                 pass
 
     async def serve(self, stop: asyncio.Event) -> None:
+        settle_gc()
         log.info("store ready", rpc=self.settings.store_rpc, pub=self.settings.store_pub, db=str(self.db.path))
         expiry = asyncio.ensure_future(self.expire_calls(stop))
         await stop.wait()

@@ -182,3 +182,20 @@ def test_conflicting_requirements_refuse_the_fusion(st: StoreState) -> None:
         st.set_groups([["a", "b"]])
     assert "'a'" in info.value.message and "'b'" in info.value.message and "requests" in info.value.message
     assert st.list_groups() == before
+
+
+def test_sync_call_rows_are_recorded_and_bad_rows_refused(tmp_path: Path) -> None:
+    from services.store.calls import CallStore
+
+    calls = CallStore(Database(tmp_path / "state.db"))
+    row = ["c1", "fn", "DONE", 1000.0, 1000.5, 200, None, True]
+    assert calls.record_sync_rows([row, ["c2", "fn", "FAILED", 1001.0, 1001.1, 500, "boom", False]]) == 2
+    got = calls.get("c1")
+    assert (got["function"], got["status"], got["kind"], got["result_status"], got["cold_start"]) == (
+        "fn", "DONE", "sync", 200, True)
+    assert calls.get("c2")["error"] == "boom"
+    for bad in (["c3", "fn"], {"id": "c3"}, [1, "fn", "DONE", 0, 0, 200, None, False]):
+        with pytest.raises(InvalidRequest, match="sync call row"):
+            calls.record_sync_rows([bad])
+    with pytest.raises(NotFound):
+        calls.get("c3")
