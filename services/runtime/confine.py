@@ -11,9 +11,10 @@ instance before any user code is imported:
 3. a fresh tmpfs on the state directory with only the instance's code
    directories (writable) and dependency environments (read-only) bound in,
    then the staging mounts are detached and the tmpfs is made read-only;
-4. a second fork enters the PID namespace (the instance is its PID 1), mounts
-   its own /proc, starts a session, drops every capability (bounding, ambient,
-   effective, permitted, inheritable), sets no_new_privs and RLIMIT_DATA.
+4. a second fork enters the PID namespace (as its PID 1), mounts its own /proc,
+   starts a session, drops every capability (bounding, ambient, effective,
+   permitted, inheritable), sets no_new_privs and RLIMIT_DATA; the zygote then
+   forks the runtime from it and keeps PID 1 as the namespace's init.
 
 That is what ``sandbox.wrap`` gives a cold instance (bwrap with --cap-drop ALL,
 --unshare-pid/ipc/uts, --new-session), built from the same kind of calls.

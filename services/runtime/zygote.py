@@ -17,12 +17,14 @@ packet, file descriptors beside it), one request at a time::
     zygote -> deployer:        {"id": ID, "pid": PID, "fork_ms": T, "steps_ms": {...}}
                                or  {"id": ID, "error": "...", "pid": PID or 0 (killed; the deployer reaps it)}
 
-A spawn forks twice (see ``confine.py``): the first child unshares namespaces
-and builds the instance's mounts, the second is PID 1 of the new PID
-namespace, drops every privilege, reports "ok" and only then loads the
-function. The first child exits at once, so the instance is reparented to the
-deployer (a child subreaper), which reaps it and reads its exit code as for a
-cold instance. The zygote exits when the deployer's end of the socket closes.
+A spawn forks three times (see ``confine.py``): the first child unshares
+namespaces and builds the instance's mounts, the second is PID 1 of the new PID
+namespace and drops every privilege, then forks the runtime (PID 2), which
+reports "ok" and only then loads the function, while PID 1 stays a small init
+(reaps orphans, forwards signals, exits with the runtime's status; see
+``_init``). The first child exits at once, so the instance's init is reparented
+to the deployer (a child subreaper), which reaps it and reads its exit code as
+for a cold instance. The zygote exits when the deployer's end of the socket closes.
 """
 
 from __future__ import annotations
@@ -142,6 +144,10 @@ class Zygote:
         except BaseException as exc:
             _report_error(w, exc)
             os._exit(1)
+        runtime = os.fork()
+        if runtime:
+            os.close(w)
+            _init(runtime)
         try:
             code = run(w)  # closes w once it said "ok": from here on errors go to the instance's log
         except BaseException:
@@ -228,6 +234,43 @@ class Zygote:
         errors = [line[6:] for line in report.splitlines() if line.startswith("error ")]
         if errors or "ok" not in report.splitlines() or os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(errors[0] if errors else f"the probe instance failed ({report.strip() or 'no report'})")
+
+
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _init(runtime: int) -> None:  # pragma: no cover (PID 1 of the instance's namespace)
+    """What bwrap's init does for a cold instance: reap orphans, pass signals on, exit as the runtime did.
+
+    Processes a handler starts and leaves behind are re-parented to PID 1 of the
+    namespace; without a reaper they would stay zombies for the instance's life. The
+    deployer tracks this process: its signals go to the runtime, and its exit status
+    is the runtime's (128 + n for a signal). When it exits the kernel kills whatever
+    is left in the namespace.
+    """
+    confine.set_name("nuclide-init")
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+
+    def forward(signum: int, frame: Any) -> None:
+        try:
+            os.kill(runtime, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        if pid == runtime:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(code if code >= 0 else 128 - code)
 
 
 def _become_instance(log_fd: int, w: int, cwd: str) -> None:  # pragma: no cover (runs in the child)

@@ -108,7 +108,7 @@ def handler(context, event):
     out = stack.invoke("prober2").json()
     assert out["var"] in ("OSError", "PermissionError") and not (var / "planted").exists()
     assert out["functions"] == ["prober2"], "only its own code is in its view of the state directory"
-    assert out["pid"] == 1 and len(out["processes"]) < 5, "a forked instance has a PID namespace of its own"
+    assert out["pid"] == 2 and out["processes"] == [1, 2], "a PID namespace of its own: its init and the runtime"
     assert out["caps"] == ["0000000000000000"] * 5, "no capability is left, in any set"
     assert out["no_new_privs"] == "1"
     assert out["data_limit"] == 200 * 1024 * 1024, "the memory limit applies to forked instances"
@@ -179,3 +179,45 @@ def test_without_zygotes_instances_start_cold(tmp_path: Path) -> None:
     finally:
         s.stop()
 
+
+
+def test_orphans_are_reaped_and_subprocess_exit_codes_kept(stack: Stack) -> None:
+    # what a handler starts and leaves behind is re-parented to the namespace's init, which reaps it
+    code = """
+import os, subprocess, time
+
+def state(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+def handler(context, event):
+    if event.body == b"spawn":
+        subprocess.run(["sh", "-c", "sleep 0.2 & echo $!"], capture_output=True)  # sh exits, sleep is orphaned
+        return {"exit": subprocess.run(["sh", "-c", "exit 3"]).returncode}
+    zombies = [p for p in os.listdir("/proc") if p.isdigit() and state(p) == "Z"]
+    return {"zombies": zombies, "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}
+"""
+    stack.deploy("orphans", {"function.yaml": function_yaml("orphans"), "main.py": code})
+    forked_instance(stack, "orphans")
+    assert stack.invoke("orphans", b"spawn").json() == {"exit": 3}, "the runtime still reaps its own children"
+    time.sleep(0.6)
+    out = stack.invoke("orphans", b"look").json()
+    assert out["zombies"] == [] and out["pids"] == [1, 2], out
+
+
+def test_sigterm_reaches_the_runtime_through_the_init(stack: Stack) -> None:
+    stack.deploy("drains", {"function.yaml": function_yaml("drains"), "main.py": HELLO})
+    inst = forked_instance(stack, "drains")
+    assert stack.invoke("drains").text == "awake"
+    assert stack.client.delete("/drains").status_code == 204
+    wait_for(lambda: not alive(inst["pid"]), 15, what="the instance to stop")
+
+    def said_bye() -> bool:  # the runtime drains on SIGTERM and says BYE; a SIGKILLed one cannot
+        for line in stack.service_log("gateway").splitlines():
+            if inst["id"] in line and "said BYE" in line:
+                return True
+        return False
+
+    assert said_bye(), "the runtime got the SIGTERM its init was sent"

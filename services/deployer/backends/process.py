@@ -7,10 +7,11 @@ duplicate. bubblewrap does not forward signals, so stop() signals the runtime
 process inside the sandbox directly, then kills the whole tree after a timeout.
 
 Where it can, an instance is forked from the warm zygote of its environment
-(``services/deployer/zygotes.py``): the forked runtime is PID 1 of its own PID
-namespace and, as the deployer is a child subreaper, the deployer's own child
-once the zygote's intermediate process exits, so it is reaped and its exit
-code read like a cold instance's. Otherwise (no bwrap, no root, a zygote that
+(``services/deployer/zygotes.py``): the instance is a PID namespace whose PID 1
+is a small init (it reaps orphans, forwards signals to the runtime and exits with
+the runtime's status) and, as the deployer is a child subreaper, that init is the
+deployer's own child once the zygote's intermediate process exits, so it is
+reaped and its exit code read like a cold instance's. Otherwise (no bwrap, no root, a zygote that
 fails) it starts cold: ``python -m services.runtime`` under bwrap.
 """
 
@@ -170,7 +171,7 @@ class ProcessBackend(Backend):
         handle.stopping = True
         watcher = self._watchers.get(handle.id)
         # the runtime drains on SIGTERM; bwrap itself would ignore or drop it. A forked
-        # runtime is the pid itself (PID 1 of its namespace, with a SIGTERM handler)
+        # instance's pid is its init, which passes SIGTERM on to the runtime
         inner = [] if handle.id in self.forked else _descendants(handle.pid)
         _signal(inner or [handle.pid], signal.SIGTERM)
         if watcher is not None:
