@@ -68,6 +68,7 @@ class Stack:
             "NUCLIDE_HTTP_PORT": str(self.http_port),
             "NUCLIDE_LOG_FORMAT": "json",
             "NUCLIDE_DEPLOYER_STOP_INSTANCES_ON_EXIT": "true",
+            "PYTHONFAULTHANDLER": "1",  # a service that dies by a signal leaves its Python stacks in its log
             **{f"NUCLIDE_{k.upper()}": f"tcp://127.0.0.1:{p}" for k, p in ports.items()},
         })
         self.env.update(env or {})
@@ -92,7 +93,20 @@ class Stack:
     def start(self) -> "Stack":
         for name in SERVICES:
             self.start_service(name)
-        self.wait_healthy()
+        try:
+            self.wait_healthy()
+        except AssertionError as exc:
+            # A service killed by a signal while starting (seen: the gateway, SIGABRT, nothing in its
+            # log, about once in 20 stack starts; under investigation) gets one more start, said loudly
+            # on stderr so it stays visible; anything else fails the test as before.
+            died = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None and p.returncode < 0}
+            if not died:
+                raise
+            print(f"\nSTACK START RETRIED: {died} died by a signal while starting ({exc}); faulthandler output:"
+                  f" {[self.service_log(n)[-2000:] for n in died]}", file=sys.stderr)
+            for name in died:
+                self.start_service(name)
+            self.wait_healthy()
         return self
 
     def wait_healthy(self, timeout_s: float = 30.0) -> None:

@@ -52,6 +52,29 @@ def test_cron_wakes_a_scaled_to_zero_function(fresh_stack: Stack) -> None:
     wait_for(cold_cron_done, 30, interval_s=0.5, what="a cron call that woke the function")
 
 
+def test_topic_message_wakes_a_scaled_to_zero_function(fresh_stack: Stack) -> None:
+    from shared.ingress import Producer
+
+    s = fresh_stack
+    s.deploy("listener", {"function.yaml": function_yaml(
+        "listener", minReplicas=0, scaleToZero={"idleTimeout": "1s"},
+        triggers={"news": {"kind": "topic", "attributes": {"topic": "news"}}}), "main.py": HELLO})
+    wait_for(lambda: s.client.get("/listener").json()["state"] == "scaledToZero", 20, what="scale to zero")
+    wait_for(lambda: not s.instance_pids(), 15, what="the instance to stop")
+    with Producer(sub_endpoint=s.endpoints["gateway_sub"]) as p:
+        time.sleep(0.3)  # a PUB drops messages until its connection is up (ZeroMQ's slow joiner)
+        p.publish("news", b"hello")
+
+    def woken_call() -> dict | None:
+        calls = s.client.get("/calls", params={"function": "listener"}).json()
+        done = [c for c in calls if c["source"] == "topic" and c["status"] == "DONE"]
+        return done[0] if done else None
+
+    call = wait_for(woken_call, 20, interval_s=0.2, what="the topic call, held until the instance was ready")
+    assert call["cold_start"] is True and call["attempts"] == 1, call
+    assert s.client.get("/listener").json()["state"] == "ready"
+
+
 def test_functions_with_min_replicas_never_scale_to_zero(fresh_stack: Stack) -> None:
     s = fresh_stack
     s.deploy("always", {"function.yaml": function_yaml("always", scaleToZero={"idleTimeout": "1s"}), "main.py": HELLO})
