@@ -276,6 +276,25 @@ class Reconciler:
             last_lines = tail(Path(handle.log_path).read_text(errors="replace"), 30)
         except OSError:
             pass
+        key = (handle.group_id, handle.group_version)
+        crashes: list[float] = []
+        init_failed = False
+        if not expected:
+            # decided before the first await: a reconcile pass that runs meanwhile must already see
+            # the failed version and the backoff (a forked replacement starts in milliseconds)
+            group = self.groups.get(handle.group_id)
+            never_ready = group is not None and group["ready_version"] != handle.group_version
+            if code == EXIT_INIT_FAILED and never_ready:
+                init_failed = True
+                self.failed_versions.add(key)
+            else:
+                crashes = [t for t in self.crashes.get(key, []) if time.monotonic() - t < CRASH_WINDOW_S]
+                crashes.append(time.monotonic())
+                self.crashes[key] = crashes
+                if len(crashes) >= CRASH_LIMIT:
+                    if never_ready:
+                        self.failed_versions.add(key)
+                    self._backoff(handle.group_id)
         try:
             await self.store.call("instance.exited", {"id": handle.id, "exit_code": code,
                                                       "error": None if expected else last_lines})
@@ -283,24 +302,12 @@ class Reconciler:
             log.warning("could not report an exit", instance=handle.id, error=str(exc))
         if expected:
             return
-        key = (handle.group_id, handle.group_version)
-        group = self.groups.get(handle.group_id)
         log.warning("instance exited unexpectedly", instance=handle.id, exit_code=code)
-        never_ready = group is not None and group["ready_version"] != handle.group_version
-        if code == EXIT_INIT_FAILED and never_ready:
-            self.failed_versions.add(key)
+        if init_failed:
             await self._report_failed(key, "the function failed to load (exit code 3)", last_lines)
-            self.kick()
-            return
-        crashes = [t for t in self.crashes.get(key, []) if time.monotonic() - t < CRASH_WINDOW_S]
-        crashes.append(time.monotonic())
-        self.crashes[key] = crashes
-        if len(crashes) >= CRASH_LIMIT:
-            if never_ready:
-                self.failed_versions.add(key)
+        elif len(crashes) >= CRASH_LIMIT:
             await self._report_failed(key, f"instances keep crashing ({len(crashes)} exits in {CRASH_WINDOW_S:g} s,"
                                            f" last exit code {code})", last_lines)
-            self._backoff(handle.group_id)
         self.kick()
 
     async def stop_all(self) -> None:
