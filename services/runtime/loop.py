@@ -94,6 +94,20 @@ def load_functions(config: dict[str, Any]) -> dict[str, Function]:
     return functions
 
 
+def finished_calls(wake_r: int, done: queue.SimpleQueue) -> list[tuple[dict[str, Any], bytes]]:
+    """What pool threads finished, once their wake-up pipe fired (the pipe is emptied too)."""
+    try:
+        os.read(wake_r, 4096)
+    except BlockingIOError:
+        pass
+    finished = []
+    while True:
+        try:
+            finished.append(done.get_nowait())
+        except queue.Empty:
+            return finished
+
+
 class Executor:
     """Runs calls of loaded functions (events, timeouts, errors, task calls); no instance socket.
 
@@ -358,15 +372,7 @@ class Runtime(Executor):
             events = dict(poller.poll(100 if bye_sent_at else interval_ms))
             now = time.monotonic()
             if self._wake_r in events:
-                try:
-                    os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
-                while True:
-                    try:
-                        result, out = self._done.get_nowait()
-                    except queue.Empty:
-                        break
+                for result, out in finished_calls(self._wake_r, self._done):
                     self.inflight -= 1
                     results.append(result)
                     bodies.append(out)

@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from services.runtime.loop import finished_calls
 from services.runtime.once import ARGV as ONCE_ARGV, CHECK_ARG, CONFIG_ENV, decode_result, encode_invoke
 
 EXIT_INIT_FAILED = 3
@@ -573,15 +574,7 @@ class ShellRunner:
             events = dict(poller.poll(100 if bye_sent_at else int(HEARTBEAT_INTERVAL_S * 1000)))
             now = time.monotonic()
             if self._wake_r in events:
-                try:
-                    os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
-                while True:
-                    try:
-                        result, out = self.done.get_nowait()
-                    except queue.Empty:
-                        break
+                for result, out in finished_calls(self._wake_r, self.done):
                     self.inflight -= 1
                     self._send(protocol.RESULT, result, out)
                     last_sent = now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 
@@ -304,3 +305,28 @@ def test_delete_then_redeploy_serves_the_new_code(stack: Stack) -> None:
     assert stack.client.delete("/reborn").status_code == 204
     stack.deploy("reborn", {"function.yaml": function_yaml("reborn"), "main.py": "def handler(context, event):\n    return 'new'\n"})
     assert stack.invoke("reborn").text == "new"
+
+
+def test_max_concurrency_runs_calls_side_by_side_in_one_instance(stack: Stack) -> None:
+    code = """
+import threading, time
+
+lock = threading.Lock()
+active = peak = 0
+
+def handler(context, event):
+    global active, peak
+    with lock:
+        active += 1
+        peak = max(peak, active)
+    time.sleep(0.3)
+    with lock:
+        active -= 1
+    return str(peak)
+"""
+    stack.deploy("wide", {"function.yaml": function_yaml("wide", maxConcurrency=4), "main.py": code})
+    assert stack.invoke("wide").status_code == 200
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: stack.invoke("wide"), range(8)))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert max(int(r.text) for r in answers) > 1, "the calls overlapped in the instance's thread pool"
