@@ -475,11 +475,13 @@ class Gateway:
 
     async def _invoke(self, scope: dict, receive: Any, name: str, mode: str, call_id: str) -> tuple[int, list, bytes]:
         raw_headers = scope["headers"]
-        self._check_access(name, raw_headers)
+        info = self._check_access(name, raw_headers)
         body = await self._read_body(scope, receive)
         if mode == "async" or _wants_async(raw_headers):
             return await self._submit_async(name, body, raw_headers, call_id)
-        call = self._new_call(name, scope["method"], scope["path"], scope["query_string"], raw_headers, body, mode,
+        if self.functions.get(name) is not info:  # redeployed or deleted while the body was read
+            info = self._check_access(name, raw_headers)
+        call = self._new_call(info, scope["method"], scope["path"], scope["query_string"], raw_headers, body, mode,
                               call_id)
         fut = call.future = asyncio.get_running_loop().create_future()
         assert self.broker is not None
@@ -504,8 +506,8 @@ class Gateway:
         """Start a sync invocation read by the HTTP server; ``req.respond`` gets the answer."""
         call_id = self.new_call_id()
         try:
-            self._check_access(req.name, req.headers)
-            call = self._new_call(req.name, req.method, req.path, req.query, req.headers, req.body, req.mode, call_id)
+            info = self._check_access(req.name, req.headers)
+            call = self._new_call(info, req.method, req.path, req.query, req.headers, req.body, req.mode, call_id)
             call.future = _DirectAnswer(self, req, call)
             assert self.broker is not None
             self.broker.submit(call)
@@ -517,7 +519,8 @@ class Gateway:
         exc = PayloadTooLarge(f"request body is {req.refused} bytes, over the {limit} byte invoke limit")
         req.respond(*self.error_response(exc, self.new_call_id()))
 
-    def _check_access(self, name: str, raw_headers: list) -> None:
+    def _check_access(self, name: str, raw_headers: list) -> FunctionInfo:
+        """The function's info, once the caller may invoke it (a private one needs the token)."""
         info = self.functions.get(name)
         if info is None:
             raise NotFound(f"function '{name}' not found")
@@ -528,13 +531,12 @@ class Gateway:
                     auth = v
                     break
             self.check_token(auth)
+        return info
 
-    def _new_call(self, name: str, method: str, path: str, query: bytes, raw_headers: list, body: bytes, mode: str,
-                  call_id: str) -> Call:
+    def _new_call(self, info: FunctionInfo, method: str, path: str, query: bytes, raw_headers: list, body: bytes,
+                  mode: str, call_id: str) -> Call:
         """The call to submit to the broker (its future is set by the caller)."""
-        info = self.functions.get(name)
-        if info is None:
-            raise NotFound(f"function '{name}' not found")
+        name = info.name
         # the caller's credentials are for the gateway, never for the function
         headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers if k != b"authorization"]
         headers.append(["fusionizer-server-address", self._fusionizer_host])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
@@ -192,7 +191,7 @@ def test_client_that_leaves_mid_call_does_not_disturb_others(http_stack: Stack) 
         sock.close()
     r = s.invoke("hecho", b"still here")
     assert r.status_code == 200 and r.text == "still here"
-    time.sleep(0.6)  # the abandoned calls finish; their answers have nowhere to go
+    # queued behind the abandoned calls, whose answers have nowhere to go
     assert s.invoke("hslow").text == "slow"
 
 

@@ -202,9 +202,9 @@ def handler(context, event):
     stack.deploy("orphans", {"function.yaml": function_yaml("orphans"), "main.py": code})
     forked_instance(stack, "orphans")
     assert stack.invoke("orphans", b"spawn").json() == {"exit": 3}, "the runtime still reaps its own children"
-    time.sleep(0.6)
-    out = stack.invoke("orphans", b"look").json()
-    assert out["zombies"] == [] and out["pids"] == [1, 2], out
+    # the orphaned sleep ends after 0.2 s; without a reaper it would stay a zombie for good
+    wait_for(lambda: (out := stack.invoke("orphans", b"look").json())["zombies"] == [] and out["pids"] == [1, 2],
+             10, interval_s=0.1, what="the orphan to exit and be reaped")
 
 
 def test_sigterm_reaches_the_runtime_through_the_init(stack: Stack) -> None:
