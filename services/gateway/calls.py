@@ -228,8 +228,6 @@ class AsyncCalls:
         exc = fut.exception()
         if exc is None:
             result, body = fut.result()
-            if result.get("edges"):
-                self.gw.trace_edges.extend(result["edges"])
             took_ms = result.get("took_ms")
             if isinstance(took_ms, (int, float)):
                 # RUNNING was marked when the call was handed to the broker; the instance's own

@@ -147,7 +147,9 @@ class Gateway:
         self._bg: set[asyncio.Task] = set()
         self._fusionizer_host = settings.advertised_host
         self.pub: zmq.Socket | None = None
-        self.trace_edges: list[list[Any]] = []  # [caller, callee, sync, local, took_ms]
+        # (caller, callee, sync, local) -> [calls, total ms] since the last flush: a chain's edges
+        # repeat on every call, so they are summed here instead of kept (and published) one by one
+        self.trace_edges: dict[tuple[Any, Any, bool, bool], list[float]] = {}
         self.trace_calls: list[list[Any]] = []  # [function, took_ms, status] of entry calls
 
     async def start(self) -> None:
@@ -155,7 +157,7 @@ class Gateway:
         self.store = RpcClient(self.ctx, s.store_rpc, "store")
         self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer")
         self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone,
-                             self._on_task_call, self._on_stuck)
+                             self._on_task_call, self._on_stuck, self.add_edges)
         self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event)
         self.feed.start()
         self.pub = self.ctx.socket(zmq.PUB)
@@ -379,13 +381,34 @@ class Gateway:
             await asyncio.sleep(TRACE_FLUSH_S)
             if not self.trace_edges and not self.trace_calls:
                 continue
-            edges, self.trace_edges = self.trace_edges, []
+            summed, self.trace_edges = self.trace_edges, {}
             calls, self.trace_calls = self.trace_calls, []
+            # [caller, callee, sync, local, mean ms, calls]
+            edges = [[*key, round(total / n, 3), int(n)] for key, (n, total) in summed.items()]
             try:
                 assert self.pub is not None
                 self.pub.send_multipart(protocol.encode_event(b"trace", {"edges": edges, "calls": calls}), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # traces are best effort: subscribers see a gap in the sample, nothing else
+
+    def add_edge(self, caller: Any, callee: Any, sync: bool, local: bool, took_ms: float, n: int = 1) -> None:
+        key = (caller, callee, sync, local)
+        slot = self.trace_edges.get(key)
+        if slot is None:
+            self.trace_edges[key] = [n, took_ms * n]
+        else:
+            slot[0] += n
+            slot[1] += took_ms * n
+
+    def add_edges(self, edges: Any) -> None:
+        """Edges an instance reported with a RESULT or HEARTBEAT: [caller, callee, sync, local, mean ms, calls]."""
+        if not isinstance(edges, list):
+            return
+        for e in edges:
+            try:
+                self.add_edge(e[0], e[1], e[2] is True, e[3] is True, float(e[4]), int(e[5]) if len(e) > 5 else 1)
+            except (TypeError, ValueError, IndexError, KeyError):
+                continue  # a malformed edge is dropped: traces are best effort
 
     # ----- task-to-task calls ---------------------------------------------------------
 
@@ -416,15 +439,13 @@ class Gateway:
                 # the RESULT answers the caller's request id; the body names the durable call
                 self.broker.reply(ident, {"call_id": call_id, "status": 202, "content_type": "application/json"},
                                   json.dumps({"call_id": new_id}).encode())
-                self.trace_edges.append([header.get("caller"), name, False, False, 0.0])
+                self.add_edge(header.get("caller"), name, False, False, 0.0)
                 return
             fut = asyncio.get_running_loop().create_future()
             timeout_s = max(0.001, deadline_ms / 1000 - time.time())
             self.touch(info)
             self.broker.submit(Call(call_id, name, invoke_header, body, fut, timeout_s))
             result, rbody = await fut
-            if result.get("edges"):
-                self.trace_edges.extend(result["edges"])
             out_header = {"call_id": call_id, "status": int(result.get("status", 200)),
                           "content_type": result.get("content_type") or "", "headers": result.get("headers") or []}
         except NuclideError as exc:
@@ -433,8 +454,7 @@ class Gateway:
             if not sync:
                 self.broker.reply(ident, out_header, rbody)
                 return
-        self.trace_edges.append([header.get("caller"), name, sync, False,
-                                 round((time.perf_counter() - started) * 1000, 3)])
+        self.add_edge(header.get("caller"), name, sync, False, (time.perf_counter() - started) * 1000)
         if sync:
             self.broker.reply(ident, out_header, rbody)
 
@@ -581,8 +601,6 @@ class Gateway:
         took_ms = round((time.time() - call.wall) * 1000, 3)
         self.trace_calls.append([name, took_ms, status])
         self._record(call.call_id, name, call.wall, "DONE" if status < 500 else "FAILED", status, None, call.cold)
-        if "edges" in result:
-            self.trace_edges.extend(result["edges"])
         out_headers = []
         for k, v in result.get("headers") or ():
             key = k.lower()

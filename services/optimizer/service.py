@@ -33,8 +33,8 @@ class Optimizer:
         sub.setsockopt(zmq.SUBSCRIBE, b"trace")
         sub.connect(settings.gateway_pub)
         self._sub = AsyncSocket(sub, self._on_trace)
-        # (monotonic time, caller, callee, sync, local, took_ms) and (time, function, took_ms, status)
-        self.edges: deque[tuple[float, Any, str, bool, bool, float]] = deque(maxlen=TRACE_KEEP)
+        # (monotonic time, caller, callee, sync, local, mean took_ms, calls) and (time, function, took_ms, status)
+        self.edges: deque[tuple[float, Any, str, bool, bool, float, int]] = deque(maxlen=TRACE_KEEP)
         self.calls: deque[tuple[float, str, float, int]] = deque(maxlen=TRACE_KEEP)
         self.status: dict[str, Any] = {"strategy": strategy.name, "state": "starting", "rounds": [],
                                        "current_setup": [], "best_setup": None, "best_median_ms": None}
@@ -47,8 +47,13 @@ class Optimizer:
             return
         now = time.monotonic()
         for e in msg.header.get("edges") or []:
-            if isinstance(e, list) and len(e) == 5:
-                self.edges.append((now, e[0], str(e[1]), bool(e[2]), bool(e[3]), float(e[4])))
+            # [caller, callee, sync, local, mean took_ms, calls]; calls is 1 when absent
+            if isinstance(e, list) and len(e) in (5, 6):
+                try:
+                    self.edges.append((now, e[0], str(e[1]), bool(e[2]), bool(e[3]), float(e[4]),
+                                       int(e[5]) if len(e) == 6 else 1))
+                except (TypeError, ValueError):
+                    continue
         for c in msg.header.get("calls") or []:
             if isinstance(c, list) and len(c) == 3:
                 self.calls.append((now, str(c[0]), float(c[1]), int(c[2])))

@@ -8,12 +8,14 @@ value goes through the same HTTP mapping as a remote call and is decoded back
 (JSON -> objects, text -> str, else bytes); a status >= 400 raises
 :class:`CallFailed` with the callee's message. Remote calls use a DEALER socket
 per thread (CALL -> gateway -> RESULT), so a blocked handler never shares the
-instance's own socket. Each edge (caller, callee, sync, local, duration) is
-recorded on the outermost call and reported with its RESULT.
+instance's own socket. In-process calls are summed per (caller, callee) and the
+instance reports them with its RESULTs (or a HEARTBEAT) at most every 100 ms; the
+gateway traces remote calls itself, as it routes them.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -23,6 +25,7 @@ import zmq
 
 from shared import protocol
 from shared.errors import ProtocolError
+from services.runtime.event import Event
 
 if TYPE_CHECKING:  # pragma: no cover
     from services.runtime.loop import Runtime
@@ -44,16 +47,14 @@ class CallFailed(Exception):
 class Frame:
     """What is running on this thread: the call a nested call is made from."""
 
-    __slots__ = ("call_id", "function", "depth", "chain", "deadline_ms", "edges")
+    __slots__ = ("call_id", "function", "depth", "chain", "deadline_ms")
 
-    def __init__(self, call_id: str, function: str, depth: int, chain: list[str], deadline_ms: int,
-                 edges: list[list[Any]]) -> None:
+    def __init__(self, call_id: str, function: str, depth: int, chain: list[str], deadline_ms: int) -> None:
         self.call_id = call_id
         self.function = function
         self.depth = depth
         self.chain = chain
         self.deadline_ms = deadline_ms
-        self.edges = edges
 
 
 def encode_payload(payload: Any) -> tuple[bytes, str]:
@@ -89,29 +90,25 @@ class TaskCaller:
         self.runtime = runtime
         self.gateways = gateways
         self._local = threading.local()
-        self._ids = 0
+        self._ids = itertools.count(1)  # next() is atomic: call ids need no lock
         self._ids_lock = threading.Lock()
         self._sockets: list[zmq.Socket] = []  # every thread's call socket, closed at shutdown
+        # in-process calls since the last report: (caller, callee) -> [calls, total ms]
+        self._edges: dict[tuple[str | None, str], list[float]] = {}
+        self._edges_lock = threading.Lock()
 
     # ----- frames ------------------------------------------------------------------
 
-    def push(self, frame: Frame) -> None:
+    def stack(self) -> list[Frame]:
+        """This thread's calls, outermost first."""
         stack = getattr(self._local, "stack", None)
         if stack is None:
             stack = self._local.stack = []
-        stack.append(frame)
-
-    def pop(self) -> None:
-        self._local.stack.pop()
+        return stack
 
     def current(self) -> Frame | None:
         stack = getattr(self._local, "stack", None)
         return stack[-1] if stack else None
-
-    def _new_id(self, parent: str) -> str:
-        with self._ids_lock:
-            self._ids += 1
-            return f"{parent}.{self._ids:x}"
 
     # ----- the calls -------------------------------------------------------------------
 
@@ -129,31 +126,54 @@ class TaskCaller:
     def request(self, name: str, method: str, body: bytes, content_type: str, headers: list[list[str]],
                 path: str | None = None, query: str = "", sync: bool = True) -> tuple[int, str, bytes]:
         """Call a task; returns (status, content_type, body) exactly as an HTTP caller would see them."""
-        frame = self.current()
-        parent = frame.call_id if frame else ""
-        depth = (frame.depth + 1) if frame else 1
-        chain = (frame.chain if frame else []) + [name]
+        stack = getattr(self._local, "stack", None)
+        frame = stack[-1] if stack else None
+        if frame is None:
+            parent, depth, chain, caller = "", 1, [name], None
+            deadline_ms = int((time.time() + 30) * 1000)
+        else:
+            parent, depth, chain, caller = frame.call_id, frame.depth + 1, frame.chain + [name], frame.function
+            deadline_ms = frame.deadline_ms or int((time.time() + 30) * 1000)
         if depth > MAX_CALL_DEPTH:
             raise CallFailed(name, 508, f"call depth limit of {MAX_CALL_DEPTH} exceeded: {' -> '.join(chain[-6:])}"
                                         " ...; is there a cycle between these tasks?")
-        call_id = self._new_id(parent or "call")
-        deadline_ms = frame.deadline_ms if frame and frame.deadline_ms else int((time.time() + 30) * 1000)
-        header = {
-            "call_id": call_id, "parent_id": parent or None, "function": name, "method": method,
-            "path": path or f"/{name}", "query": query, "headers": headers, "content_type": content_type,
-            "deadline_ms": deadline_ms, "mode": "http", "depth": depth, "chain": chain,
-            "caller": frame.function if frame else None, "async": not sync,
-        }
-        started = time.perf_counter()
-        local = sync and name in self.runtime.functions
-        if local:
-            result, out = self.runtime.execute_nested(header, body)
+        call_id = f"{parent or 'call'}.{next(self._ids):x}"
+        fn = self.runtime.functions.get(name) if sync else None
+        if fn is not None:
+            # in-process: no header dict, no INVOKE encoding; the callee's event is built directly
+            started = time.perf_counter()
+            event = Event.for_call(call_id, parent or None, name, method, path or f"/{name}", query, headers,
+                                   content_type, body, deadline_ms)
+            status, _, rctype, out = self.runtime.execute_local(fn, Frame(call_id, name, depth, chain, deadline_ms),
+                                                                event)
+            took_ms = (time.perf_counter() - started) * 1000
+            with self._edges_lock:
+                slot = self._edges.get((caller, name))
+                if slot is None:
+                    self._edges[(caller, name)] = [1, took_ms]
+                else:
+                    slot[0] += 1
+                    slot[1] += took_ms
         else:
+            header = {
+                "call_id": call_id, "parent_id": parent or None, "function": name, "method": method,
+                "path": path or f"/{name}", "query": query, "headers": headers, "content_type": content_type,
+                "deadline_ms": deadline_ms, "mode": "http", "depth": depth, "chain": chain,
+                "caller": caller, "async": not sync,
+            }
             result, out = self._remote(header, body)
-        took_ms = (time.perf_counter() - started) * 1000
-        if frame is not None:
-            frame.edges.append([frame.function, name, sync, local, round(took_ms, 3)])
-        return int(result.get("status", 200)), str(result.get("content_type") or ""), out
+            status, rctype = int(result.get("status", 200)), str(result.get("content_type") or "")
+        return status, rctype, out
+
+    @property
+    def edges_pending(self) -> bool:
+        return bool(self._edges)
+
+    def take_edges(self) -> list[list[Any]]:
+        """The in-process calls since the last report: [caller, callee, sync, local, mean ms, calls]."""
+        with self._edges_lock:
+            summed, self._edges = self._edges, {}
+        return [[caller, callee, True, True, round(total / n, 3), int(n)] for (caller, callee), (n, total) in summed.items()]
 
     def _socket(self) -> zmq.Socket:
         sock = getattr(self._local, "sock", None)

@@ -275,6 +275,29 @@ class Event:
         self._timestamp = None
         return self
 
+    @classmethod
+    def for_call(cls, call_id: str, parent_id: str | None, function: str, method: str, path: str, query: str,
+                 headers: Iterable[Any] | None, content_type: str, body: bytes, deadline_ms: int) -> Event:
+        """The event of a task call served in this process: what :meth:`from_invoke` makes of its INVOKE."""
+        self = cls.__new__(cls)
+        self.id = call_id
+        self.parent_id = parent_id
+        self.function = function
+        self.mode = "http"
+        self.method = method
+        self.path = path
+        self.query = query
+        self.deadline_ms = deadline_ms
+        self.headers = Headers.from_pairs(headers)
+        self.content_type = content_type or self.headers.get("content-type", "")
+        self.raw_body = body if type(body) is bytes else bytes(body or b"")
+        self.trigger = HTTP_TRIGGER
+        self._body = _UNPARSED
+        self._fields = None
+        self._arrival_s = time.time()
+        self._timestamp = None
+        return self
+
     @property
     def body(self) -> Any:
         """The body: a dict/list when it is JSON (by content type) and parses, else the raw bytes."""

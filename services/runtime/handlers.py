@@ -253,6 +253,7 @@ def build_args(
 
 
 _thread_state = threading.local()
+_PLAIN_VALUES = frozenset((str, bytes, dict, list, tuple, int, float, bool, type(None)))
 
 
 def _thread_loop() -> asyncio.AbstractEventLoop:
@@ -291,10 +292,10 @@ def invoke(loaded: LoadedHandler, args: tuple[Any, ...], loop: asyncio.AbstractE
     """
     result = loaded.func(*args)
     # Checking the value rather than loaded.is_async also covers sync wrappers
-    # (decorators) that return a coroutine.
-    if asyncio.iscoroutine(result):
-        return _run(result, loop)
-    return result
+    # (decorators) that return a coroutine; the common plain values skip the check.
+    if type(result) in _PLAIN_VALUES or not asyncio.iscoroutine(result):
+        return result
+    return _run(result, loop)
 
 
 def call_init_context(loaded: LoadedHandler, context: Any, loop: asyncio.AbstractEventLoop | None = None) -> None:

@@ -35,6 +35,8 @@ from services.runtime.handlers import (
 )
 from services.runtime.calls import CallFailed, Frame, TaskCaller
 
+_get_running_loop = asyncio._get_running_loop  # None outside a running loop, without raising
+
 EXIT_INIT_FAILED = 3
 PREFETCH = 32  # calls buffered beyond maxConcurrency, so the handler never waits for a round trip
 
@@ -47,6 +49,7 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 # a finished call's result waits at most this long for the results of the calls run after it
 FLUSH_AFTER_S = 0.0005
+EDGES_EVERY_S = 0.1  # in-process task calls are reported (summed) at most this often
 
 
 class CallTimeout(BaseException):
@@ -69,14 +72,6 @@ class Function:
         self.context = context
         self.logger = logger
         self.needs_session = handler.form is HandlerForm.FUSIONIZER
-
-
-def _loop_running() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
 
 
 def load_functions(config: dict[str, Any]) -> dict[str, Function]:
@@ -125,6 +120,7 @@ class Executor:
         self.envs = {fc["name"]: dict(fc.get("env") or {}) for fc in config["functions"]}
         self.timeouts = {fc["name"]: float(fc.get("timeout_s") or 30.0) for fc in config["functions"]}
         self._fused = len(functions) > 1
+        self._with_env = {name for name, env in self.envs.items() if env} if self._fused else set()
         for fn in functions.values():
             fn.context._caller = self.caller
         self.loop = asyncio.new_event_loop()
@@ -147,58 +143,49 @@ class Executor:
         """Run one call and build its RESULT header and body; never raises.
 
         ``loop`` runs async handlers; None gives each pool thread a loop of its own.
-        The RESULT carries the task-call edges the call made, for the optimizer.
         """
         started = time.perf_counter()
-        edges: list[list[Any]] = []
         try:
-            status, hdrs, ctype, out = self._run(header, body, loop, edges)
+            status, hdrs, ctype, out = self._run(header, body, loop)
         except CallTimeout:  # the alarm fired in the instant between the handler's return and its cancel
             signal.setitimer(signal.ITIMER_REAL, 0)
             status, hdrs, ctype, out = 504, [], "application/json", json.dumps(
                 {"error": {"code": "deadline_exceeded", "message": "the call reached its timeout"}}).encode()
-        result = {
+        return {
             "call_id": header.get("call_id", ""),
             "status": status,
             "headers": hdrs,
             "content_type": ctype,
             "took_ms": round((time.perf_counter() - started) * 1000, 3),
-        }
-        if edges:
-            result["edges"] = edges
-        return result, out
+        }, out
 
-    def execute_nested(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+    def execute_local(self, fn: Function, frame: Frame, event: Event) -> tuple[int, list, str, bytes]:
         """A task call served in-process; the callee's context is restored afterwards (it may be re-entered)."""
-        fn = self.functions[header["function"]]
         ctx = fn.context
         saved = (ctx._call_id, ctx._deadline_ms, fn.logger.call_id)
-        frame = self.caller.current()
-        edges = frame.edges if frame is not None else []
         try:
-            if fn.handler.is_async and _loop_running():
+            if _get_running_loop() is None:
+                return self._call(fn, frame, event, None, b"", self.loop)
+            if fn.handler.is_async:
                 # a sync context.call from inside an async handler: the callee's coroutine
                 # cannot run on the busy loop of this thread, so it gets a thread of its own
                 box: list[Any] = []
-                worker = threading.Thread(target=lambda: box.append(self._run(header, body, None, edges)))
+                worker = threading.Thread(target=lambda: box.append(self._call(fn, frame, event, None, b"", None)))
                 worker.start()
                 worker.join()
-                status, hdrs, ctype, out = box[0]
-            else:
-                status, hdrs, ctype, out = self._run(header, body, self.loop if not _loop_running() else None, edges)
+                return box[0]
+            return self._call(fn, frame, event, None, b"", None)
         finally:
             ctx._call_id, ctx._deadline_ms, fn.logger.call_id = saved
-        return {"call_id": header["call_id"], "status": status, "headers": hdrs, "content_type": ctype}, out
 
-    def _run(self, header: dict[str, Any], body: bytes, loop: asyncio.AbstractEventLoop | None,
-             edges: list[list[Any]]) -> tuple[int, list, str, bytes]:
-        call_id = header.get("call_id", "")
+    def _run(self, header: dict[str, Any], body: bytes,
+             loop: asyncio.AbstractEventLoop | None) -> tuple[int, list, str, bytes]:
+        """One INVOKE's call: its function, its alarm, then :meth:`_call`."""
         fn = self.functions.get(header.get("function", ""))
         if fn is None:
             return 404, [], "application/json", json.dumps(
                 {"error": {"code": "not_found", "message": f"function '{header.get('function')}' is not served here"}}
             ).encode()
-        ctx = fn.context
         deadline_ms = int(header.get("deadline_ms") or 0)
         # the outermost call on the main thread gets an alarm at its timeout; pool threads and nested
         # calls rely on it or on the gateway's deadline (signals only reach the main thread)
@@ -208,20 +195,33 @@ class Executor:
             remaining_s = deadline_ms / 1000 - time.time() if deadline_ms else limit_s
             timer_s = max(0.001, min(limit_s, remaining_s))
             signal.setitimer(signal.ITIMER_REAL, timer_s)
-        self.caller.push(Frame(call_id, fn.name, int(header.get("depth") or 0), list(header.get("chain") or [fn.name]),
-                               deadline_ms, edges))
-        restore_env = self._apply_env(fn) if self._fused else None
+        frame = Frame(header.get("call_id", ""), fn.name, int(header.get("depth") or 0),
+                      list(header.get("chain") or [fn.name]), deadline_ms)
         try:
-            ctx._begin(call_id, deadline_ms)
-            fn.logger.set_call_id(call_id)
-            event = Event.from_invoke(header, body)
+            return self._call(fn, frame, None, header, body, loop)
+        finally:
+            if timer_s:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _call(self, fn: Function, frame: Frame, event: Event | None, header: dict[str, Any] | None, body: bytes,
+              loop: asyncio.AbstractEventLoop | None) -> tuple[int, list, str, bytes]:
+        """Run ``fn`` for one call (``event``, or the one ``header`` and ``body`` describe); never raises but CallTimeout."""
+        stack = self.caller.stack()
+        stack.append(frame)
+        restore_env = self._apply_env(fn) if fn.name in self._with_env else None
+        try:
+            fn.context._begin(frame.call_id, frame.deadline_ms)
+            if event is None:
+                event = Event.from_invoke(header or {}, body)
             session = self.session() if fn.needs_session else None
-            if header.get("mode") == "execute":
-                args = build_args(fn.handler, ctx, event, session, body.decode("utf-8", "replace"))
+            if event.mode == "execute":
+                args = build_args(fn.handler, fn.context, event, session, event.raw_body.decode("utf-8", "replace"))
                 return responses.execute_result(invoke(fn.handler, args, loop))
-            args = build_args(fn.handler, ctx, event, session, None)
+            args = build_args(fn.handler, fn.context, event, session, None)
             return responses.to_result(invoke(fn.handler, args, loop))
         except CallTimeout:
+            if stack[0] is not frame:
+                raise  # the outermost call answers the timeout
             limit = self.timeouts.get(fn.name, 30.0)
             message = f"function '{fn.name}' did not finish within its {limit:g} s timeout (spec.timeout)"
             fn.logger.error(message)
@@ -246,11 +246,9 @@ class Executor:
                             traceback=traceback.format_exc(limit=20))
             return responses.error_result(exc)
         finally:
-            if timer_s:
-                signal.setitimer(signal.ITIMER_REAL, 0)
             if restore_env is not None:
                 restore_env()
-            self.caller.pop()
+            stack.pop()
 
     def _apply_env(self, fn: Function) -> Any:
         """In a fused group each task runs with its own env; returns the undo."""
@@ -298,6 +296,7 @@ class Runtime(Executor):
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        self._edges_sent = 0.0
 
     def ready_header(self) -> dict[str, Any]:
         return {
@@ -320,7 +319,21 @@ class Runtime(Executor):
 
         self._pool.submit(run)
 
+    def due_edges(self) -> list[list[Any]] | None:
+        """The in-process calls to report now, if any are waiting and the last report is EDGES_EVERY_S old."""
+        if not self.caller.edges_pending:
+            return None
+        now = time.monotonic()
+        if now - self._edges_sent < EDGES_EVERY_S:
+            return None
+        self._edges_sent = now
+        return self.caller.take_edges()
+
     def send_result(self, result: dict[str, Any], body: bytes) -> None:
+        if self.caller.edges_pending:
+            edges = self.due_edges()
+            if edges:
+                result["edges"] = edges
         send = self.sock.send
         send(_SIG, _MORE)
         send(_RESULT, _MORE)
@@ -332,10 +345,15 @@ class Runtime(Executor):
         if len(results) == 1:
             self.send_result(results[0], bodies[0])
         else:
+            outer: dict[str, Any] = {"batch": results}
+            if self.caller.edges_pending:
+                edges = self.due_edges()
+                if edges:
+                    outer["edges"] = edges
             send = self.sock.send
             send(_SIG, _MORE)
             send(_RESULT, _MORE)
-            send(_packb({"batch": results}), _MORE)
+            send(_packb(outer), _MORE)
             last = len(bodies) - 1
             for i, body in enumerate(bodies):
                 send(body, _MORE if i < last else 0)
@@ -369,7 +387,11 @@ class Runtime(Executor):
                     return 0
                 if waited > DRAIN_TIMEOUT_S:
                     return 0
-            events = dict(poller.poll(100 if bye_sent_at else interval_ms))
+            timeout_ms = 100 if bye_sent_at else interval_ms
+            if self.caller.edges_pending:  # report them within EDGES_EVERY_S even if no call follows
+                due_ms = (self._edges_sent + EDGES_EVERY_S - time.monotonic()) * 1000
+                timeout_ms = max(0, min(timeout_ms, int(due_ms) + 1))
+            events = dict(poller.poll(timeout_ms))
             now = time.monotonic()
             if self._wake_r in events:
                 for result, out in finished_calls(self._wake_r, self._done):
@@ -419,6 +441,11 @@ class Runtime(Executor):
                 if results:
                     self.send_results(results, bodies)
             now = time.monotonic()
+            if self.caller.edges_pending:
+                edges = self.due_edges()
+                if edges:  # no RESULT took them: a HEARTBEAT does
+                    sock.send_multipart(protocol.encode(protocol.HEARTBEAT, {**self.ready_header(), "edges": edges}))
+                    last_sent = now
             if now - last_sent >= HEARTBEAT_INTERVAL_S and not self.stopping:
                 if now - last_heard > HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS:
                     # the gateway went quiet (restarted?): announce ourselves again

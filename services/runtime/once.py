@@ -88,6 +88,9 @@ def run(argv: list[str], stdin: Any, result_out: Any) -> int:
     executor = Executor(config, functions)
     try:
         result, out = executor.execute(header, body, executor.loop)
+        edges = executor.caller.take_edges()
+        if edges:
+            result["edges"] = edges
     finally:
         executor.close()
     result_out.write(encode_result(result, out))

@@ -15,11 +15,12 @@ Each is measured with wrk at concurrency 1 (a warm-up, then one point; again
 when other work disturbed it), like the sync invoke scenario. Before each
 measurement the setup is checked: which instances serve which tasks (the
 deployer's instance records) and whether the four calls were local or remote
-(the call-graph edges the gateway publishes). The no-op task is measured right
-after the regroup, while the superseded instances (drained, no longer routed
-to, idle) finish stopping, and the fused chain once they are gone, so their
-exit never shares the CPUs with the chain's point. How long they took to go,
-and how they ended, is in the raw figures (``superseded_gone_s``,
+(the call-graph edges the gateway publishes). Once the instances the regroup
+superseded are gone (so their exit never shares the CPUs with a point), the
+no-op task and the fused chain are measured alternately, three times each, and
+the median p50s are compared: a single point at one connection moves by up to a
+third between otherwise equal runs. How long the superseded instances took to
+go, and how they ended, is in the raw figures (``superseded_gone_s``,
 ``superseded_exit_codes``: -9 means the deployer had to kill one).
 """
 
@@ -43,6 +44,7 @@ SINGLE = "noop"
 FUSED_VS_SINGLE = Target("<= 1.2x one no-op task", "<=", 1.2, "ratio")
 REGROUP_TIMEOUT_S = 60.0
 TRACE_TIMEOUT_S = 10.0
+ROUNDS = 3  # single / fused measured alternately this many times; medians compared
 
 
 def task_source(i: int) -> str:
@@ -152,6 +154,11 @@ def _disturbed(**points: Point) -> str:
     return ("DISTURBED: other processes used " + ", ".join(parts) + " of the CPUs meanwhile") if parts else ""
 
 
+def _median_point(points: list[Point]) -> Point:
+    """The point with the median p50 (an odd number of rounds: a measured one, not an average)."""
+    return sorted(points, key=lambda p: p.res.p50_ms)[len(points) // 2]
+
+
 def _join(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
 
@@ -185,16 +192,23 @@ def run(bench: Bench, result: ScenarioResult) -> None:
         if sorted(group.get("tasks") or ()) != sorted(TASKS):
             raise RuntimeError(f"GET /{TASKS[0]} names the group {group}, not the five tasks")
         check_edges(chain_edges(bench, stack), local=True)
-        bench.log(f"fusion: fused (PUT /groups?wait=true answered in {raw['regroup_put_s']:.2f} s); the single"
-                  " no-op task while the superseded instances stop, then the fused chain once they are gone")
+        bench.log(f"fusion: fused (PUT /groups?wait=true answered in {raw['regroup_put_s']:.2f} s); once the"
+                  f" superseded instances are gone, the single no-op task and the fused chain, {ROUNDS} times each")
 
-        # (c) the single no-op task, then the fused chain, back to back on the same stack. The
-        # superseded instances are idle meanwhile (drained; the gateway no longer routes to them)
-        single = measure(bench, "single", f"{stack.url}/{SINGLE}",
-                         pids_of(stack, serving, {SINGLE: (SINGLE,)}), raw, (1,))[1]
+        # (c) the single no-op task and the fused chain, alternately, once the superseded instances
+        # are gone: at one connection a point moves by up to a third between otherwise equal runs
+        # (where the processes land on the two cores), so each is measured ROUNDS times and the
+        # medians are compared
         wait_for_setup(stack, [(SINGLE,), TASKS], "the superseded instances to exit")
-        fused = measure(bench, "fused", f"{stack.url}/{TASKS[0]}",
-                        pids_of(stack, serving, {"chain": TASKS}), raw, (1,))[1]
+        singles: list[Point] = []
+        fuseds: list[Point] = []
+        for i in range(ROUNDS):
+            singles.append(measure(bench, f"single_{i + 1}", f"{stack.url}/{SINGLE}",
+                                   pids_of(stack, serving, {SINGLE: (SINGLE,)}), raw, (1,))[1])
+            fuseds.append(measure(bench, f"fused_{i + 1}", f"{stack.url}/{TASKS[0]}",
+                                  pids_of(stack, serving, {"chain": TASKS}), raw, (1,))[1])
+        single, fused = _median_point(singles), _median_point(fuseds)
+        raw["rounds_p50_ms"] = [[s.res.p50_ms, f.res.p50_ms] for s, f in zip(singles, fuseds)]
         # read now: the deployer reports an exit to the store a moment after the instance is gone
         raw["superseded_exit_codes"], raw["superseded_gone_s"] = superseded(stack, old, wall0)
         bench.log(f"fusion: the superseded instances had exited {raw['superseded_gone_s']} s after the regroup"
@@ -210,7 +224,9 @@ def run(bench: Bench, result: ScenarioResult) -> None:
         result.rows.append(Row(
             NAME, f"fusion: fused 5-task chain, {pct} latency", "ms", f_ms, s_ms, "one no-op task",
             FUSED_VS_SINGLE if pct == "p50" else None,
-            _join(f"{fused.res.requests:,} vs {single.res.requests:,} requests in {secs}; fused {_cpu(fused)};"
+            _join(f"median of {ROUNDS} alternating rounds (p50 single/fused ms: "
+                  + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in raw["rounds_p50_ms"]) + ");"
+                  f" {fused.res.requests:,} vs {single.res.requests:,} requests in {secs}; fused {_cpu(fused)};"
                   f" no-op task {_cpu(single)}; {regroup}" if pct == "p50" else "",
                   _errors(fused=fused, single=single), _disturbed(fused=fused, single=single)),
             fused.res.errors + single.res.errors))

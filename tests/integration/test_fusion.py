@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -55,6 +56,20 @@ def test_fusionizer_scenario_with_the_static_optimizer(fresh_stack: Stack, tmp_p
         wait_for(lambda: any(e[:2] == ["TaskA", "TaskB"] for e in traces.edges), 5, what="the local edge trace")
         local = [e for e in traces.edges if e[:2] == ["TaskA", "TaskB"]]
         assert local[-1][3] is True, "fused: served in-process"
+
+        # the gateway sums an edge's calls over each 100 ms it publishes: [.., mean_ms, calls]
+        traces.edges.clear()
+        for _ in range(20):
+            assert s.invoke("TaskA", {}).json() == 8
+
+        def hop_calls() -> int:
+            return sum(e[5] for e in traces.edges if e[:2] == ["TaskA", "TaskB"])
+
+        wait_for(lambda: hop_calls() >= 20, 5, what="20 calls of the edge")
+        time.sleep(0.3)  # a later flush must not add calls that never happened
+        local = [e for e in traces.edges if e[:2] == ["TaskA", "TaskB"]]
+        assert hop_calls() == 20 and len(local) < 20
+        assert all(e[2] is True and e[3] is True and e[4] >= 0 for e in local)
     finally:
         traces.close()
 

@@ -74,7 +74,7 @@ class FeedbackStrategy(Strategy):
         for e in opt.edges:
             if e[0] < start or not e[1]:
                 continue
-            (sync_edges if e[3] else async_edges)[(e[1], e[2])] += 1
+            (sync_edges if e[3] else async_edges)[(e[1], e[2])] += e[6]
         return {"entry": entry, "median_ms": statistics.median(durations), "samples": len(durations),
                 "sync_edges": sync_edges, "async_edges": async_edges}
 
