@@ -94,8 +94,9 @@ NOTES = """\
   at 1 connection (wrk, as for sync invoke) with every task its own instance, then after
   `PUT /groups?wait=true` with the five in one group, next to a single no-op task on the
   same stack. Whether the calls ran local or remote is checked from the call-graph trace
-  before each point; the no-op task is measured right after the regroup, the fused chain
-  once the superseded instances have exited.
+  before each point. Once the superseded instances have exited, the no-op task and the
+  fused chain are measured alternately, three points each, and their median p50s compared
+  (one point at 1 connection moves by up to a third between otherwise equal runs).
 - Everything talks to 127.0.0.1 only, runs for a bounded time, and every process the
   benchmark starts is stopped (checked at the end; leftovers are reported below).
 """
