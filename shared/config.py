@@ -33,6 +33,7 @@ class Secret(str):
 BACKENDS = ("process", "docker")
 SANDBOX_MODES = ("auto", "bwrap", "none")
 STRATEGIES = ("none", "static", "feedback")
+MAX_DOCKER_POOL_SIZE = 64  # each idle pool container holds a warm interpreter (about 10 MB)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class Settings:
     runtime_image: str = "nuclide-runtime:latest"  # what `make images` builds; function images start FROM it
     docker_namespace: str = ""  # labels this deployer's containers; empty: generated into <var_dir>/docker-namespace
     docker_image_cache: int = 8  # dependency images kept for reuse once no function uses them
+    # started runtime containers waiting to become an instance of a Python function without
+    # dependencies (no image build, no interpreter start on the deploy path); 0 disables the pool
+    docker_pool_size: int = 2
     # CA bundle handed to image builds, for pip behind a TLS-intercepting proxy:
     # auto (the system bundle, when present), none, or a path
     build_ca_bundle: str = "auto"
@@ -111,6 +115,9 @@ class Settings:
                 raise ConfigError(f"{name} must be positive")
         if self.docker_image_cache < 0:
             raise ConfigError("docker_image_cache must be 0 or more")
+        if not 0 <= self.docker_pool_size <= MAX_DOCKER_POOL_SIZE:
+            raise ConfigError(f"docker_pool_size {self.docker_pool_size} is out of range 0-{MAX_DOCKER_POOL_SIZE}"
+                              " (idle warm containers of the docker backend; 0 disables the pool)")
         if self.optimizer_strategy not in STRATEGIES:
             raise ConfigError(f"optimizer_strategy {self.optimizer_strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
         if self.optimizer_strategy == "static" and not self.optimizer_schedule:

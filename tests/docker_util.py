@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import httpx
 import pytest
 
-from tests.stack import ROOT, Stack
+from tests.stack import ROOT, Stack, function_yaml, wait_for
 
 DOCKER_HOST = os.environ.get("NUCLIDE_TEST_DOCKER_HOST", "unix:///var/run/docker.sock")
 IMAGE_TAG = os.environ.get("NUCLIDE_IMAGE_TAG", "latest")
@@ -86,6 +89,34 @@ def containers(ns: str, *labels: str, all_states: bool = True) -> list[Any]:
         client.close()
 
 
+def function_containers(ns: str, function: str, all_states: bool = True) -> list[Any]:
+    """A single-function group's instance containers: image-built ones by their labels, warm pool ones
+    (generic labels) by the name they get once specialised, ``nuclide-<namespace>-g-<function>-v...``."""
+    pooled = [c for c in containers(ns, "nuclide.pool=true", all_states=all_states)
+              if c.name.startswith(f"nuclide-{ns}-g-{function}-v")]
+    return containers(ns, f"nuclide.function={function}", all_states=all_states) + pooled
+
+
+def pool_records(stack: Stack) -> dict[str, dict[str, Any]]:
+    """The deployer's warm pool records: container id -> what it became (``state``, instance ``labels``)."""
+    import json
+
+    found = {}
+    for path in (stack.var_dir / "docker" / "pool").glob("*.json"):
+        try:
+            found[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # replaced while read
+    return found
+
+
+def idle_pool(stack: Stack) -> list[str]:
+    """Running warm pool containers no instance was made of (no record)."""
+    taken = pool_records(stack)
+    return sorted(c.id for c in containers(namespace(stack), "nuclide.pool=true", all_states=False)
+                  if c.id not in taken)
+
+
 def group_images(ns: str, *labels: str) -> list[Any]:
     client = docker_client()
     try:
@@ -114,10 +145,10 @@ def docker_stack_at(var_dir: Path, env: dict[str, str] | None = None) -> Stack:
                                "NUCLIDE_RUNTIME_IMAGE": RUNTIME_IMAGE, **(env or {})})
 
 
-@pytest.fixture
-def fresh_docker_stack(require_docker: None, tmp_path: Path) -> Iterator[Stack]:
-    """A docker-backend stack of this test's own; its containers and images are removed afterwards."""
-    s = docker_stack_at(tmp_path / "var")
+@contextlib.contextmanager
+def own_docker_stack(var_dir: Path, env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """A started docker-backend stack; its containers and images are removed afterwards."""
+    s = docker_stack_at(var_dir, env)
     try:
         yield s.start()
     finally:
@@ -126,12 +157,19 @@ def fresh_docker_stack(require_docker: None, tmp_path: Path) -> Iterator[Stack]:
             remove_namespace(namespace(s))
 
 
+@pytest.fixture
+def fresh_docker_stack(require_docker: None, tmp_path: Path) -> Iterator[Stack]:
+    """A docker-backend stack of this test's own; its containers and images are removed afterwards."""
+    with own_docker_stack(tmp_path / "var") as s:
+        yield s
+
+
 @contextlib.contextmanager
-def shared_docker_stack(var_dir: Path) -> Iterator[Stack]:
+def shared_docker_stack(var_dir: Path, env: dict[str, str] | None = None) -> Iterator[Stack]:
     """A started docker-backend stack for a module's tests (no unused image is cached); afterwards its
     deployer must have removed every container, and whatever is left of its namespace goes."""
     need(docker_problem())
-    s = docker_stack_at(var_dir, {"NUCLIDE_DOCKER_IMAGE_CACHE": "0"})
+    s = docker_stack_at(var_dir, {"NUCLIDE_DOCKER_IMAGE_CACHE": "0", **(env or {})})
     try:
         yield s.start()
     finally:
@@ -141,3 +179,72 @@ def shared_docker_stack(var_dir: Path) -> Iterator[Stack]:
             left = containers(ns)
             remove_namespace(ns)
             assert not left, f"containers left after the deployer stopped: {[c.name for c in left]}"
+
+
+def redeploy_under_steady_calls(stack: Stack, serving: Callable[[], int]) -> None:
+    """Redeploy a function twice while a client calls it every 10 ms: no call may fail, and after each
+    version serves, ``serving()`` (its containers) must come back to 1 as the old one stops."""
+    code = "def handler(context, event):\n    return '{}'\n"
+    stack.deploy("steady", {"function.yaml": function_yaml("steady"), "main.py": code.format("v1")})
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def caller() -> None:
+        with httpx.Client(base_url=stack.url, timeout=30) as client:
+            while not stop.is_set():
+                r = client.post("/steady")
+                results.append((r.status_code, r.text))
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=caller, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(results) > 20, 10, what="calls to flow")
+        for version in ("v2", "v3"):
+            stack.deploy("steady", {"function.yaml": function_yaml("steady"), "main.py": code.format(version)})
+            wait_for(lambda: results and results[-1][1] == version, 20, what=f"{version} to serve")
+            # the old version's container goes once the new one is ready
+            wait_for(lambda: serving() == 1, 30, what="the old container to stop")
+        count = len(results)
+        wait_for(lambda: len(results) > count + 20, 10, what="more calls after the last redeploy")
+    finally:
+        stop.set()
+        thread.join(10)
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, f"{len(failed)} of {len(results)} calls failed during redeploys: {failed[:3]}"
+    assert {"v1", "v2", "v3"} <= {text for _, text in results}
+
+
+HOG = """
+import mmap
+
+def handler(context, event):
+    kind, size = event.body.decode().split()
+    if kind == "heap":
+        return str(len(bytearray(int(size) * 1024 * 1024)) // (1024 * 1024))
+    shared = mmap.mmap(-1, int(size) * 1024 * 1024)  # shared memory: not in RLIMIT_DATA, only the cgroup stops it
+    chunk = b"x" * (1024 * 1024)
+    for i in range(int(size)):
+        shared[i * len(chunk):(i + 1) * len(chunk)] = chunk
+    return "survived"
+"""
+
+
+def memory_limit_checks(stack: Stack, running: Callable[[], list[Any]]) -> None:
+    """A 128 MiB function: a big allocation is refused with the limit's name and the instance keeps
+    serving; shared memory past the limit meets the OOM killer, which the logs name, and a new
+    container (``running()``: the function's containers) replaces the killed one."""
+    spec = {"resources": {"limits": {"memory": "128Mi"}}}
+    stack.deploy("hog", {"function.yaml": function_yaml("hog", **spec), "main.py": HOG})
+    assert stack.invoke("hog", b"heap 8").text == "8"
+    r = stack.invoke("hog", b"heap 512")
+    assert r.status_code == 500 and "128 MiB" in r.json()["error"]["message"], r.text
+    assert stack.invoke("hog", b"heap 8").text == "8", "the instance keeps serving after a refused allocation"
+    [first] = running()
+    r = stack.invoke("hog", b"shared 512")
+    assert r.status_code >= 500 and "hog" in r.text, r.text
+    logs = wait_for(lambda: (t := stack.client.get("/functions/hog/logs").text) and "killed" in t and t, 15,
+                    what="the OOM kill in the logs")
+    assert "memory limit of 128 MiB" in logs
+    replacement = wait_for(lambda: [c for c in running() if c.id != first.id], 30, what="a replacement container")
+    assert replacement and wait_for(lambda: stack.invoke("hog", b"heap 8").text == "8", 30, what="the replacement")

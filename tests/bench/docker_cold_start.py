@@ -2,9 +2,14 @@
 
 - the floor, measured in the same run: ``docker run --rm --network host nuclide-runtime true``
   (the CLI, as a user would time it);
-- deploy (PUT) -> first response of a new Python function: includes building its image;
-- scale-from-zero -> first response (``minReplicas: 0``, 1 s idle timeout): the container starts,
-  the runtime says READY, the held call runs; no build;
+- deploy (PUT) -> first response of a new Python function, with the warm pool (the default:
+  an idle pool container is specialised with the code, no image build, no interpreter start;
+  measured with the pool full, as a deploy finds it unless deploys come faster than it refills)
+  and without it (``docker_pool_size: 0``, a second stack: the function's image is built, then
+  a container of it started);
+- scale-from-zero -> first response (``minReplicas: 0``, 1 s idle timeout), the same two ways:
+  a pool container specialised, or a container of the kept image started; READY, the held call runs;
+- the idle memory of a pool container: PSS of its process, and the container's cgroup usage;
 - the same two for a function on a registered runtime (``spec.warmStart: function``);
 - per-call latency of a registered runtime's function (``run: ["cat"]``, so the figure is the
   platform's, not an interpreter's start) under each policy: ``none`` (a fresh container per
@@ -30,7 +35,10 @@ from tests.bench.apps import NOOP_SOURCE
 from tests.bench.harness import Bench, median
 from tests.bench.model import SKIPPED, Row, ScenarioResult, Target
 from tests.bench.registry import scenario
-from tests.docker_util import RUNTIME_IMAGE, containers, docker_problem, docker_stack_at, namespace, remove_namespace
+from tests.bench.memory import MB, rollup
+from tests.docker_util import (
+    RUNTIME_IMAGE, containers, docker_client, docker_problem, docker_stack_at, idle_pool, namespace, remove_namespace,
+)
 from tests.stack import Stack, function_yaml, make_zip, wait_for
 
 NAME = "docker_cold_start"
@@ -40,9 +48,14 @@ FIRST_RESPONSE_TIMEOUT_S = 120.0
 SCALE_DOWN_TIMEOUT_S = 60.0
 RUNTIME = {"image": RUNTIME_IMAGE, "path": "/ws", "run": ["cat"]}
 POLICIES = ("none", "runtime", "function")
+POOL_SIZE = 2  # the default docker_pool_size
+POOL_FULL_TIMEOUT_S = 60.0
 ROWS = (
-    ("cold start: Docker, deploy (PUT) -> first response, Python function", "ms", TARGET),
-    ("cold start: Docker, scale-from-zero -> first response, Python function", "ms", TARGET),
+    ("cold start: Docker, deploy (PUT) -> first response, Python function (warm pool)", "ms", TARGET),
+    ("cold start: Docker, scale-from-zero -> first response, Python function (warm pool)", "ms", TARGET),
+    ("cold start: Docker, deploy (PUT) -> first response, Python function (no pool: image build)", "ms", None),
+    ("cold start: Docker, scale-from-zero -> first response, Python function (no pool)", "ms", None),
+    ("idle memory: a warm pool container (PSS of its process)", "MB", None),
     ("cold start: Docker, deploy (PUT) -> first response, registered runtime", "ms", TARGET),
     ("cold start: Docker, scale-from-zero -> first response, registered runtime", "ms", TARGET),
     *((f"per call: registered runtime, warmStart {p}", "ms", TARGET if p == "none" else None) for p in POLICIES),
@@ -61,8 +74,9 @@ def _ms(values: list[float]) -> list[float]:
 
 
 @contextlib.contextmanager
-def docker_stack(bench: Bench) -> Iterator[Stack]:
-    stack = docker_stack_at(bench.work_dir / "docker" / "var", {"NUCLIDE_DOCKER_IMAGE_CACHE": "0"})
+def docker_stack(bench: Bench, pool_size: int = POOL_SIZE) -> Iterator[Stack]:
+    stack = docker_stack_at(bench.work_dir / f"docker-pool{pool_size}" / "var",
+                            {"NUCLIDE_DOCKER_IMAGE_CACHE": "0", "NUCLIDE_DOCKER_POOL_SIZE": str(pool_size)})
     try:
         stack.start()
         for service, proc in stack.procs.items():
@@ -99,8 +113,7 @@ def _gone(stack: Stack, name: str) -> None:
     if stack.client.delete(f"/{name}").status_code != 204:
         raise RuntimeError(f"could not delete {name}")
     ns = namespace(stack)
-    wait_for(lambda: not containers(ns, f"nuclide.function={name}") and
-             not containers(ns, f"nuclide.runner_function={name}"), 30, what=f"{name}'s containers to go")
+    wait_for(lambda: not _instances(stack, ns, name), 30, what=f"{name}'s containers to go")
 
 
 def _shell_files(name: str, **spec: Any) -> dict[str, str]:
@@ -108,10 +121,17 @@ def _shell_files(name: str, **spec: Any) -> dict[str, str]:
             "input.txt": "the code directory\n"}
 
 
-def deploy_to_first(stack: Stack, files_for: Any, n: int) -> tuple[list[float], int]:
+def pool_full(stack: Stack, size: int) -> None:
+    """Wait until the warm pool holds ``size`` idle containers (nothing with size 0)."""
+    if size:
+        wait_for(lambda: len(idle_pool(stack)) >= size, POOL_FULL_TIMEOUT_S, what="a full warm pool")
+
+
+def deploy_to_first(stack: Stack, files_for: Any, n: int, pool_size: int = 0) -> tuple[list[float], int]:
     times, failures = [], 0
     for i in range(n):
         name = f"dcold{i}-{secrets.token_hex(2)}"
+        pool_full(stack, pool_size)
         t0 = time.perf_counter()
         _put(stack, name, files_for(name))
         took, failed = _first_200(stack, name, t0, b"{}")
@@ -121,21 +141,48 @@ def deploy_to_first(stack: Stack, files_for: Any, n: int) -> tuple[list[float], 
     return times, failures
 
 
-def scale_from_zero(stack: Stack, name: str, files: dict[str, str], n: int) -> tuple[list[float], int]:
+def _instances(stack: Stack, ns: str, name: str) -> list[Any]:
+    """The function's containers: image-built, runner-driven, or warm pool ones (by their instance name)."""
+    pooled = [c for c in containers(ns, "nuclide.pool=true") if c.name.startswith(f"nuclide-{ns}-g-{name}-v")]
+    return (containers(ns, f"nuclide.function={name}", all_states=True) + pooled
+            + containers(ns, f"nuclide.runner_function={name}"))
+
+
+def scale_from_zero(stack: Stack, name: str, files: dict[str, str], n: int,
+                    pool_size: int = 0) -> tuple[list[float], int]:
     _put(stack, name, files)
     times, failures = [], 0
     ns = namespace(stack)
     for _ in range(n):
         wait_for(lambda: stack.client.get(f"/{name}").json()["state"] == "scaledToZero", SCALE_DOWN_TIMEOUT_S,
                  what=f"{name} to scale to zero")
-        wait_for(lambda: not containers(ns, f"nuclide.function={name}", all_states=True) and
-                 not containers(ns, f"nuclide.runner_function={name}"), SCALE_DOWN_TIMEOUT_S,
-                 what=f"{name}'s containers to go")
+        wait_for(lambda: not _instances(stack, ns, name), SCALE_DOWN_TIMEOUT_S, what=f"{name}'s containers to go")
+        pool_full(stack, pool_size)
         took, failed = _first_200(stack, name, time.perf_counter(), b"{}")
         times.append(took)
         failures += failed
     _gone(stack, name)
     return times, failures
+
+
+def idle_memory(stack: Stack) -> tuple[list[float], list[float]]:
+    """PSS of each idle pool container's process and the container's cgroup memory usage, in MB."""
+    client = docker_client()
+    pss, usage = [], []
+    try:
+        for container_id in idle_pool(stack):
+            info = client.api.inspect_container(container_id)
+            figures = rollup(int(info["State"].get("Pid") or 0))
+            if figures is not None:
+                pss.append(figures["Pss"] / MB)
+            stats = client.api.stats(container_id, stream=False).get("memory_stats") or {}
+            if stats.get("usage"):
+                # without the page cache (the image's files read at start), as `docker stats` shows it
+                cache = (stats.get("stats") or {}).get("cache", 0)
+                usage.append((stats["usage"] - cache) / MB)
+    finally:
+        client.close()
+    return pss, usage
 
 
 def per_call(stack: Stack, name: str, calls: int) -> list[float]:
@@ -179,20 +226,36 @@ def run(bench: Bench, result: ScenarioResult) -> None:
                            errors=failed)
         result.rows[:] = [rows[m] for m, _, _ in ROWS if m in rows]
 
-    calls = 5 if bench.options.quick else max(10, 5 * n)
-    with docker_stack(bench) as stack:
-        bench.log(f"docker cold start: deploy -> first response, {n} new Python functions")
+    def python_cold_starts(stack: Stack, pool_size: int, first_row: int, suffix: str, notes: tuple[str, str]) -> None:
+        how = "warm pool" if pool_size else "no pool"
+        bench.log(f"docker cold start: deploy -> first response, {n} new Python functions, {how}")
         times, failed = deploy_to_first(stack, lambda name: {"function.yaml": function_yaml(name),
-                                                             "main.py": NOOP_SOURCE}, n)
-        raw["python_deploy_to_first_response_ms"] = _ms(times)
-        add(ROWS[0][0], times, "includes building the function's image", failed)
-
-        bench.log(f"docker cold start: scale-from-zero -> first response, Python, {n} times")
+                                                             "main.py": NOOP_SOURCE}, n, pool_size)
+        raw[f"python_deploy_to_first_response{suffix}_ms"] = _ms(times)
+        add(ROWS[first_row][0], times, notes[0], failed)
+        bench.log(f"docker cold start: scale-from-zero -> first response, Python, {n} times, {how}")
         files = {"function.yaml": function_yaml("dzero", minReplicas=0, scaleToZero={"idleTimeout": "1s"}),
                  "main.py": NOOP_SOURCE}
-        times, failed = scale_from_zero(stack, "dzero", files, n)
-        raw["python_scale_from_zero_ms"] = _ms(times)
-        add(ROWS[1][0], times, "the container starts, the runtime says READY, the held call runs", failed)
+        times, failed = scale_from_zero(stack, "dzero", files, n, pool_size)
+        raw[f"python_scale_from_zero{suffix}_ms"] = _ms(times)
+        add(ROWS[first_row + 1][0], times, notes[1], failed)
+
+    calls = 5 if bench.options.quick else max(10, 5 * n)
+    with docker_stack(bench) as stack:
+        python_cold_starts(stack, POOL_SIZE, 0, "", (
+            f"docker_pool_size {POOL_SIZE}, the pool full at each PUT: a pool container gets the code over its"
+            " stdin (no image build)",
+            "a pool container is specialised, the runtime says READY, the held call runs"))
+        pool_full(stack, POOL_SIZE)
+        pss, usage = idle_memory(stack)
+        raw["pool_idle_pss_mb"] = [round(v, 2) for v in pss]
+        raw["pool_idle_cgroup_mb"] = [round(v, 2) for v in usage]
+        if pss:
+            metric = ROWS[4][0]
+            rows[metric] = Row(NAME, metric, "MB", round(median(pss), 2), None, "", None,
+                               f"median of {len(pss)} idle pool containers; container memory (cgroup usage without"
+                               f" page cache): {median(usage) if usage else float('nan'):.1f} MB")
+            result.rows[:] = [rows[m] for m, _, _ in ROWS if m in rows]
 
         resp = stack.client.put("/runtimes/benchrt", json=RUNTIME)
         if resp.status_code not in (200, 201):
@@ -200,13 +263,13 @@ def run(bench: Bench, result: ScenarioResult) -> None:
         bench.log(f"docker cold start: registered runtime (run: cat), deploy -> first response, {n} functions")
         times, failed = deploy_to_first(stack, lambda name: _shell_files(name), n)
         raw["runtime_deploy_to_first_response_ms"] = _ms(times)
-        add(ROWS[2][0], times, "warmStart function; includes building the function's image", failed)
+        add(ROWS[5][0], times, "warmStart function; includes building the function's image", failed)
 
         bench.log(f"docker cold start: registered runtime, scale-from-zero -> first response, {n} times")
         times, failed = scale_from_zero(stack, "rzero", _shell_files("rzero", minReplicas=0,
                                                                       scaleToZero={"idleTimeout": "1s"}), n)
         raw["runtime_scale_from_zero_ms"] = _ms(times)
-        add(ROWS[3][0], times, "warmStart function: runner process + warm container, then the call", failed)
+        add(ROWS[6][0], times, "warmStart function: runner process + warm container, then the call", failed)
 
         kinds = {"registered runtime": ("", lambda name, policy: _shell_files(name, warmStart=policy)),
                  "Python function": ("python_", lambda name, policy: {
@@ -220,3 +283,8 @@ def run(bench: Bench, result: ScenarioResult) -> None:
                 raw[f"{prefix}per_call_{policy}_ms"] = _ms(times)
                 add(f"per call: {kind}, warmStart {policy}", times, f"sequential HTTP calls; {HOW[kind, policy]}")
                 _gone(stack, name)
+
+    with docker_stack(bench, 0) as stack:
+        python_cold_starts(stack, 0, 2, "_no_pool", (
+            "docker_pool_size 0: includes building the function's image",
+            "the container of the kept image starts, the runtime says READY, the held call runs"))

@@ -1,22 +1,25 @@
-"""The docker backend against a real Docker Engine: images, containers, limits, redeploys, adoption, cleanup."""
+"""The docker backend against a real Docker Engine: images, containers, limits, redeploys, adoption, cleanup.
+
+These stacks run without the warm pool (``docker_pool_size`` 0), so every Python function takes
+the image path (an image per group version, a container of it) that functions with dependencies
+always take; ``test_docker_pool.py`` covers the pool.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import pytest
 
 from shared.procs import descendants
 
 from tests.docker_util import (  # noqa: F401 (fixtures)
-    DOCKER_HOST, containers, docker_client, docker_problem, fresh_docker_stack, group_images,
-    namespace, need, remove_namespace, require_docker, shared_docker_stack,
+    DOCKER_HOST, containers, docker_client, docker_problem, group_images, namespace, need, own_docker_stack,
+    memory_limit_checks, redeploy_under_steady_calls, remove_namespace, require_docker, shared_docker_stack,
 )
 from tests.tasks import PROBE_HELPERS
 from tests.stack import Stack, function_yaml, wait_for
@@ -24,12 +27,20 @@ from tests.stack import Stack, function_yaml, wait_for
 pytestmark = pytest.mark.integration
 
 HELLO = "def handler(context, event):\n    print('hello was called', flush=True)\n    return 'hello'\n"
+NO_POOL = {"NUCLIDE_DOCKER_POOL_SIZE": "0"}
 
 
 @pytest.fixture(scope="module")
 def dstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One docker-backend stack shared by the tests that deploy and invoke; no unused image is cached."""
-    with shared_docker_stack(tmp_path_factory.mktemp("dstack") / "var") as s:
+    with shared_docker_stack(tmp_path_factory.mktemp("dstack") / "var", NO_POOL) as s:
+        yield s
+
+
+@pytest.fixture
+def fresh_docker_stack(require_docker: None, tmp_path: Path) -> Iterator[Stack]:
+    """A docker-backend stack of this test's own, without the warm pool."""
+    with own_docker_stack(tmp_path / "var", NO_POOL) as s:
         yield s
 
 
@@ -129,67 +140,11 @@ def test_container_that_exits_at_start_marks_the_function_failed(dstack: Stack) 
 
 
 def test_memory_limit_refused_allocation_and_oom_kill(dstack: Stack) -> None:
-    code = """
-import mmap
-
-def handler(context, event):
-    kind, size = event.body.decode().split()
-    if kind == "heap":
-        return str(len(bytearray(int(size) * 1024 * 1024)) // (1024 * 1024))
-    shared = mmap.mmap(-1, int(size) * 1024 * 1024)  # shared memory: not in RLIMIT_DATA, only the cgroup stops it
-    chunk = b"x" * (1024 * 1024)
-    for i in range(int(size)):
-        shared[i * len(chunk):(i + 1) * len(chunk)] = chunk
-    return "survived"
-"""
-    spec = {"resources": {"limits": {"memory": "128Mi"}}}
-    dstack.deploy("hog", {"function.yaml": function_yaml("hog", **spec), "main.py": code})
-    ns = namespace(dstack)
-    assert dstack.invoke("hog", b"heap 8").text == "8"
-    r = dstack.invoke("hog", b"heap 512")
-    assert r.status_code == 500 and "128 MiB" in r.json()["error"]["message"]
-    assert dstack.invoke("hog", b"heap 8").text == "8", "the instance keeps serving after a refused allocation"
-    [first] = running(ns, "hog")
-    r = dstack.invoke("hog", b"shared 512")
-    assert r.status_code >= 500 and "hog" in r.text, r.text
-    logs = wait_for(lambda: (t := dstack.client.get("/functions/hog/logs").text) and "killed" in t and t, 15,
-                    what="the OOM kill in the logs")
-    assert "memory limit of 128 MiB" in logs
-    replacement = wait_for(lambda: [c for c in running(ns, "hog") if c.id != first.id], 30,
-                           what="a replacement container")
-    assert replacement and wait_for(lambda: dstack.invoke("hog", b"heap 8").text == "8", 30, what="the replacement")
+    memory_limit_checks(dstack, lambda: running(namespace(dstack), "hog"))
 
 
 def test_redeploy_under_a_steady_stream_of_calls_fails_none(dstack: Stack) -> None:
-    code = "def handler(context, event):\n    return '{}'\n"
-    dstack.deploy("steady", {"function.yaml": function_yaml("steady"), "main.py": code.format("v1")})
-    results: list[tuple[int, str]] = []
-    stop = threading.Event()
-
-    def caller() -> None:
-        with httpx.Client(base_url=dstack.url, timeout=30) as client:
-            while not stop.is_set():
-                r = client.post("/steady")
-                results.append((r.status_code, r.text))
-                time.sleep(0.01)
-
-    thread = threading.Thread(target=caller, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: len(results) > 20, 10, what="calls to flow")
-        for version in ("v2", "v3"):
-            dstack.deploy("steady", {"function.yaml": function_yaml("steady"), "main.py": code.format(version)})
-            wait_for(lambda: results and results[-1][1] == version, 20, what=f"{version} to serve")
-            # the old version's container goes once the new one is ready
-            wait_for(lambda: len(running(namespace(dstack), "steady")) == 1, 30, what="the old container to stop")
-        count = len(results)
-        wait_for(lambda: len(results) > count + 20, 10, what="more calls after the last redeploy")
-    finally:
-        stop.set()
-        thread.join(10)
-    failed = [r for r in results if r[0] != 200]
-    assert not failed, f"{len(failed)} of {len(results)} calls failed during redeploys: {failed[:3]}"
-    assert {"v1", "v2", "v3"} <= {text for _, text in results}
+    redeploy_under_steady_calls(dstack, lambda: len(running(namespace(dstack), "steady")))
 
 
 def test_scaled_to_zero_keeps_its_image_and_wakes(dstack: Stack) -> None:

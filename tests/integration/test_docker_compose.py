@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from tests.docker_util import (  # noqa: F401 (fixtures)
-    COMPOSE_FILE, IMAGE_TAG, containers, docker_client, group_images, remove_namespace, require_compose,
+    COMPOSE_FILE, IMAGE_TAG, containers, docker_client, function_containers, group_images, remove_namespace,
+    require_compose,
 )
 from tests.stack import free_port, function_yaml, make_zip, wait_for
 
@@ -49,8 +50,11 @@ def test_compose_up_deploy_invoke_down(require_compose: None) -> None:
             assert r.status_code == 200 and r.json()["state"] == "ready", r.text
             assert client.post("/composed", json={"x": 1}).json() == {"hi": {"x": 1}}
             assert "composed call" in client.get("/functions/composed/logs").text
-        [function] = containers(namespace, "nuclide.function=composed", all_states=False)
+        # a warm pool container (the compose stack's default) or an image-built one
+        [function] = wait_for(lambda: function_containers(namespace, "composed", all_states=False), 15,
+                              what="the function's container under its instance name")
         assert function.attrs["HostConfig"]["NetworkMode"] == "host"
+        assert function.labels.get("nuclide.pool") == "true", "a deployer in a container specialises pool containers"
         client = docker_client()
         try:
             services = client.containers.list(filters={"label": f"com.docker.compose.project={project}"})

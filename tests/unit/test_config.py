@@ -31,6 +31,9 @@ def test_service_specific_env_wins_over_common_then_file(tmp_path: Path) -> None
     ({"NUCLIDE_HTTP_PORT": "70000"}, "out of range"),
     ({"NUCLIDE_BACKEND": "kubernetes-maybe"}, "backend"),
     ({"NUCLIDE_STOP_INSTANCES_ON_EXIT": "perhaps"}, "NUCLIDE_STOP_INSTANCES_ON_EXIT"),
+    ({"NUCLIDE_DOCKER_POOL_SIZE": "two"}, "NUCLIDE_DOCKER_POOL_SIZE"),
+    ({"NUCLIDE_DOCKER_POOL_SIZE": "-1"}, "docker_pool_size -1 is out of range 0-64"),
+    ({"NUCLIDE_DOCKER_POOL_SIZE": "1000"}, "0 disables the pool"),
 ])
 def test_bad_values_fail_fast_naming_the_setting(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -1,4 +1,10 @@
-"""The docker backend: each instance is a container of an image built locally per group version.
+"""The docker backend: each instance is a container, from a warm pool or of an image built per group version.
+
+Python groups without dependencies (no requirements, no build commands; not on a registered
+runtime, not a per-call warm start) start from the warm pool (``docker_pool.py``, on by default,
+``docker_pool_size``): a started runtime container gets the instance config and the code over its
+stdin, through the Engine API, and becomes the instance; no image is built. Everything else (and
+a start the pool cannot serve) takes the image path.
 
 Images (classic builder, nothing is ever pulled):
 
@@ -8,12 +14,14 @@ Images (classic builder, nothing is ever pulled):
   it, and unused ones are kept as a cache (``docker_image_cache``).
 - ``nuclide-fn:<namespace>-<group>-v<version>``: FROM the env image (or the runtime image), the
   members' code in ``/nuclide/functions/<name>/<version>``. A code-only change rebuilds only this
-  layer. Removed once no container uses it.
+  layer. Removed once no container uses it. The runtime image itself (what pool containers run)
+  carries no ``nuclide.kind`` label and is never collected.
 
-Containers carry ``nuclide.*`` labels (namespace, group, version, instance, functions), use the
-host network, a read-only root filesystem with a tmpfs ``/tmp``, no capabilities,
-no-new-privileges, user 65534, memory, CPU and pids limits, and no mounts at all: the instance
-config travels in the environment, so nothing depends on host paths and the deployer works the
+Containers carry ``nuclide.*`` labels (namespace, group, version, instance, functions; a pool
+container generic ones, and the deployer records what it became), use the host network, a
+read-only root filesystem with a tmpfs ``/tmp``, no capabilities, no-new-privileges, user 65534,
+memory, CPU and pids limits, and no mounts at all: the instance config travels in the environment
+(or a pool container's stdin), so nothing depends on host paths and the deployer works the
 same when it runs in a container itself. The memory limit is also the instance's RLIMIT_DATA (as
 with the process backend), so a handler that allocates too much gets a MemoryError the runtime
 answers with the limit's name; only what escapes it (shared memory, /tmp) meets the kernel's OOM
@@ -21,14 +29,16 @@ killer, which the exit report then names.
 
 One thread per container copies its output to the instance's log file (what ``nuclide logs`` and
 the reconciler's failure reports read) and reports its exit; instances outlive the deployer and
-the next one adopts them by their labels. The namespace label keeps deployers with different
-state directories (test stacks, compose projects) from touching each other's containers.
+the next one adopts them by their labels (a pool container by its record). The namespace label
+keeps deployers with different state directories (test stacks, compose projects) from touching
+each other's containers.
 
 An engine that stops answering is logged once; starts wait for it to come back (a monitor pings it
 every few seconds, then adopts what runs and removes what exited meanwhile) instead of failing.
 The docker SDK is synchronous: every call runs in a daemon thread of its own, so a slow engine
 never blocks the loop or the process's exit. This module is longer than most because it is one
-backend (images, containers, logs, adoption, engine liveness), one module per platform.
+backend (images, containers, logs, adoption, engine liveness), one module per platform; the warm
+pool and registered runtimes' runners have modules of their own.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ from shared.config import Settings
 from shared.errors import BuildFailed, Unavailable
 from shared.logs import get_logger
 from services.deployer.backends.base import Backend, ExitCallback, InstanceHandle, InstanceSpec
+from services.deployer.backends.docker_pool import POOL_LABEL, WarmPool
 from services.deployer.backends.shell import Runners, is_per_call, is_shell
 from services.deployer.builder import Builder, env_key, tail
 
@@ -273,6 +284,7 @@ class DockerBackend(Backend):
         # loses it, and a deployer that stops its instances on exit leaves no image behind.
         self.wanted_versions: Callable[[], dict[str, int] | None] = lambda: None
         self.runners = Runners(self)  # instances of functions on registered runtimes
+        self.pool = WarmPool(self)  # started runtime containers that become instances of Python groups
 
     async def check_image(self, image: str) -> dict[str, Any]:
         """A registered runtime's image must be local: its id, or a 400 naming it (503 without an engine)."""
@@ -319,6 +331,7 @@ class DockerBackend(Backend):
                     if adopted:
                         log.info("adopted running instances", count=len(adopted))
                     self._engine_up(client)
+                    self.pool.engine_back()
                 else:
                     await _in_thread(self.client.ping)
             except ENGINE_ERRORS as exc:
@@ -355,6 +368,7 @@ class DockerBackend(Backend):
         self._closed = True
         if self._monitor is not None:
             self._monitor.cancel()
+        self.pool.close()
 
     # ----- adoption -----------------------------------------------------------------------
 
@@ -367,19 +381,34 @@ class DockerBackend(Backend):
         ``tracked`` containers have a follower, which does that itself.
         """
         running = []
+        held = self.pool.known()
         for c in client.api.containers(all=True, filters=self._labels_filter()):
-            if c["Id"] in tracked:
+            if c["Id"] in tracked or c["Id"] in held:
                 continue
+            labels = c.get("Labels") or {}
+            if POOL_LABEL in labels:
+                # a pool container is an instance once its record says the frame was sent; an idle one
+                # (no record) or one a deployer died specialising ("pending") goes
+                record = self.pool.record(c["Id"])
+                if record is None or record.get("state") != "sent":
+                    try:
+                        client.api.remove_container(c["Id"], force=True)
+                        self.pool.forget(c["Id"])
+                    except (docker.errors.APIError, OSError) as exc:
+                        log.warning("could not remove a pool container", container=c["Id"][:12], error=str(exc))
+                    continue
+                c = dict(c, Labels={**labels, **record.get("labels", {})})
+                labels = c["Labels"]
             if c.get("State") == "running":
                 running.append(c)
                 continue
-            labels = c.get("Labels") or {}
             try:
                 if labels.get("nuclide.log_path"):
                     path = Path(labels["nuclide.log_path"])
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(client.api.logs(c["Id"]))
                 client.api.remove_container(c["Id"], force=True)
+                self.pool.forget(c["Id"])
             except (docker.errors.APIError, OSError) as exc:
                 log.warning("could not remove an exited container", container=c["Id"][:12], error=str(exc))
         return running
@@ -407,6 +436,7 @@ class DockerBackend(Backend):
         try:
             client = self._connect()
             running = self._scan(client, set())
+            self.pool.prune(client)
         except ENGINE_ERRORS as exc:
             self._engine_down(exc)
             self._ensure_monitor()
@@ -415,6 +445,7 @@ class DockerBackend(Backend):
         self._engine_up(client)
         self._ensure_monitor()
         asyncio.ensure_future(self._collect_images())
+        self.pool.refill_soon(0)
         return adopted
 
     def list(self) -> list[InstanceHandle]:
@@ -669,6 +700,11 @@ class DockerBackend(Backend):
                 try:
                     if is_shell(spec):
                         return await self.runners.start(spec, await self.runners.image(spec))
+                    if not is_per_call(spec) and self.pool.eligible(spec):
+                        names = [fc["name"] for fc in spec.functions]
+                        handle = await self.pool.start(spec, self._instance_labels(spec, names))
+                        if handle is not None:
+                            return handle
                     image, functions = await self._group_image(spec)
                     if is_per_call(spec):  # warmStart none/runtime: the runner drives per-call containers
                         return await self.runners.start(spec, image, self._instance_config(spec, functions))
@@ -693,12 +729,8 @@ class DockerBackend(Backend):
             "functions": functions,
         }
 
-    async def _run(self, spec: InstanceSpec, image: str, functions: list[dict[str, Any]]) -> InstanceHandle:
-        client = self._require()
-        config = self._instance_config(spec, functions)
-        memory = int(spec.memory_bytes)
-        cpu = spec.extra.get("cpu")
-        names = [f["name"] for f in functions]
+    def _instance_labels(self, spec: InstanceSpec, names: list[str]) -> dict[str, str]:
+        """What identifies an instance's container (a pool container's record holds the same)."""
         labels = {
             "nuclide.managed": "true",
             "nuclide.namespace": self.namespace,
@@ -706,30 +738,49 @@ class DockerBackend(Backend):
             "nuclide.group_version": str(spec.group_version),
             "nuclide.instance": spec.id,
             "nuclide.functions": ",".join(names),
-            "nuclide.memory_bytes": str(memory),
+            "nuclide.memory_bytes": str(int(spec.memory_bytes)),
             "nuclide.log_path": str(spec.log_path),
         }
         if len(names) == 1:
             labels["nuclide.function"] = names[0]
+        return labels
+
+    def _host_config(self, client: docker.DockerClient, memory: int, cpu: Any, data_limit: bool = True,
+                     extra_tmpfs: dict[str, str] | None = None) -> dict[str, Any]:
+        """An instance's lockdown and limits (a pool container's too: it sets its data limit itself)."""
+        return client.api.create_host_config(
+            network_mode="host", read_only=True, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,mode=1777,size={min(memory, TMPFS_MAX_BYTES)}",
+                   **(extra_tmpfs or {})},
+            mem_limit=memory, memswap_limit=memory, nano_cpus=int(float(cpu) * 1e9) if cpu else None,
+            pids_limit=PIDS_LIMIT,
+            ulimits=[docker.types.Ulimit(name="data", soft=memory, hard=memory)] if data_limit else None,
+            log_config=docker.types.LogConfig(type="json-file", config={"max-size": LOG_MAX_SIZE,
+                                                                        "max-file": LOG_MAX_FILES}),
+        )
+
+    @staticmethod
+    def _container_env() -> dict[str, str]:
+        return {"HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+                "MALLOC_ARENA_MAX": "2"}
+
+    async def _run(self, spec: InstanceSpec, image: str, functions: list[dict[str, Any]]) -> InstanceHandle:
+        client = self._require()
+        config = self._instance_config(spec, functions)
+        memory = int(spec.memory_bytes)
+        names = [f["name"] for f in functions]
+        labels = self._instance_labels(spec, names)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         spec.log_path.touch()
 
         def create() -> tuple[str, int | None]:
-            host_config = client.api.create_host_config(
-                network_mode="host", read_only=True, cap_drop=["ALL"], security_opt=["no-new-privileges"],
-                tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,mode=1777,size={min(memory, TMPFS_MAX_BYTES)}"},
-                mem_limit=memory, memswap_limit=memory, nano_cpus=int(float(cpu) * 1e9) if cpu else None,
-                pids_limit=PIDS_LIMIT, ulimits=[docker.types.Ulimit(name="data", soft=memory, hard=memory)],
-                log_config=docker.types.LogConfig(type="json-file", config={"max-size": LOG_MAX_SIZE,
-                                                                            "max-file": LOG_MAX_FILES}),
-            )
+            host_config = self._host_config(client, memory, spec.extra.get("cpu"))
             created = client.api.create_container(
                 image, name=f"nuclide-{self.namespace}-{spec.id}", labels=labels, user=USER,
                 working_dir=functions[0]["code_dir"], host_config=host_config, use_config_proxy=False,
                 command=["/bin/sh", "-c", f'printf "%s" "${CONFIG_ENV}" > {CONFIG_PATH}'
                                           f" && exec python3 -m services.runtime {CONFIG_PATH}"],
-                environment={CONFIG_ENV: json.dumps(config), "HOME": "/tmp", "LANG": "C.UTF-8",
-                             "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "MALLOC_ARENA_MAX": "2"},
+                environment={CONFIG_ENV: json.dumps(config), **self._container_env()},
             )
             try:
                 client.api.start(created["Id"])
@@ -817,6 +868,7 @@ class DockerBackend(Backend):
                 out.flush()
         try:
             api.remove_container(container_id, force=True)
+            self.pool.forget(container_id)
         except ENGINE_ERRORS:
             pass  # the next adoption scan removes it
         return int(code) if code is not None else None
