@@ -406,7 +406,9 @@ class Gateway:
             return
         for e in edges:
             try:
-                self.add_edge(e[0], e[1], e[2] is True, e[3] is True, float(e[4]), int(e[5]) if len(e) > 5 else 1)
+                n = int(e[5]) if len(e) > 5 else 1
+                if n >= 1:  # a count below one is malformed (and would divide by zero at the flush)
+                    self.add_edge(e[0], e[1], e[2] is True, e[3] is True, float(e[4]), n)
             except (TypeError, ValueError, IndexError, KeyError):
                 continue  # a malformed edge is dropped: traces are best effort
 

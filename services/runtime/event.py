@@ -248,48 +248,39 @@ class Event:
             raise ProtocolError(
                 "INVOKE header has no 'call_id'; the gateway must send one with every INVOKE"
             ) from None
-        # __init__ normalises hand-made input; INVOKE fields are already in shape.
-        self = cls.__new__(cls)
-        self.id = call_id
         get = header.get
-        self.parent_id = get("parent_id")
-        self.function = get("function", "")
-        self.mode = get("mode", "http")
-        self.method = get("method", "POST")
-        self.path = get("path") or "/"
-        self.query = get("query") or ""
-        self.deadline_ms = get("deadline_ms") or 0
         try:
             headers = Headers.from_pairs(get("headers"), extra_headers)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(
                 f"INVOKE 'headers' must be a list of [name, value] string pairs ({exc}); fix the sender"
             ) from None
-        self.headers = headers
-        self.content_type = get("content_type") or headers.get("content-type", "")
-        self.raw_body = body if type(body) is bytes else bytes(body or b"")
-        self.trigger = HTTP_TRIGGER
-        self._body = _UNPARSED
-        self._fields = None
-        self._arrival_s = time.time()
-        self._timestamp = None
-        return self
+        return cls._make(call_id, get("parent_id"), get("function", ""), get("mode", "http"), get("method", "POST"),
+                         get("path") or "/", get("query") or "", headers, get("content_type") or "", body,
+                         get("deadline_ms") or 0)
 
     @classmethod
     def for_call(cls, call_id: str, parent_id: str | None, function: str, method: str, path: str, query: str,
                  headers: Iterable[Any] | None, content_type: str, body: bytes, deadline_ms: int) -> Event:
         """The event of a task call served in this process: what :meth:`from_invoke` makes of its INVOKE."""
+        return cls._make(call_id, parent_id, function, "http", method, path, query, Headers.from_pairs(headers),
+                         content_type, body, deadline_ms)
+
+    @classmethod
+    def _make(cls, call_id: str, parent_id: str | None, function: str, mode: str, method: str, path: str,
+              query: str, headers: Headers, content_type: str, body: bytes, deadline_ms: int) -> Event:
+        # __init__ normalises hand-made input; these fields are already in shape
         self = cls.__new__(cls)
         self.id = call_id
         self.parent_id = parent_id
         self.function = function
-        self.mode = "http"
+        self.mode = mode
         self.method = method
         self.path = path
         self.query = query
         self.deadline_ms = deadline_ms
-        self.headers = Headers.from_pairs(headers)
-        self.content_type = content_type or self.headers.get("content-type", "")
+        self.headers = headers
+        self.content_type = content_type or headers.get("content-type", "")
         self.raw_body = body if type(body) is bytes else bytes(body or b"")
         self.trigger = HTTP_TRIGGER
         self._body = _UNPARSED

@@ -329,11 +329,16 @@ class Runtime(Executor):
         self._edges_sent = now
         return self.caller.take_edges()
 
+    def attach_edges(self, header: dict[str, Any]) -> bool:
+        """Put the due in-process call edges (if any) into an outgoing header; whether there were some."""
+        edges = self.due_edges() if self.caller.edges_pending else None
+        if edges:
+            header["edges"] = edges
+            return True
+        return False
+
     def send_result(self, result: dict[str, Any], body: bytes) -> None:
-        if self.caller.edges_pending:
-            edges = self.due_edges()
-            if edges:
-                result["edges"] = edges
+        self.attach_edges(result)
         send = self.sock.send
         send(_SIG, _MORE)
         send(_RESULT, _MORE)
@@ -346,10 +351,7 @@ class Runtime(Executor):
             self.send_result(results[0], bodies[0])
         else:
             outer: dict[str, Any] = {"batch": results}
-            if self.caller.edges_pending:
-                edges = self.due_edges()
-                if edges:
-                    outer["edges"] = edges
+            self.attach_edges(outer)
             send = self.sock.send
             send(_SIG, _MORE)
             send(_RESULT, _MORE)
@@ -442,9 +444,9 @@ class Runtime(Executor):
                     self.send_results(results, bodies)
             now = time.monotonic()
             if self.caller.edges_pending:
-                edges = self.due_edges()
-                if edges:  # no RESULT took them: a HEARTBEAT does
-                    sock.send_multipart(protocol.encode(protocol.HEARTBEAT, {**self.ready_header(), "edges": edges}))
+                beat = self.ready_header()
+                if self.attach_edges(beat):  # no RESULT took them: a HEARTBEAT does
+                    sock.send_multipart(protocol.encode(protocol.HEARTBEAT, beat))
                     last_sent = now
             if now - last_sent >= HEARTBEAT_INTERVAL_S and not self.stopping:
                 if now - last_heard > HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS:

@@ -66,3 +66,15 @@ def test_ready_needs_functions() -> None:
 
     with pytest.raises(ProtocolError):
         Instance(b"x", {"functions": {}})
+
+
+def test_reported_edges_are_summed_and_malformed_ones_dropped() -> None:
+    from services.gateway.core import Gateway
+
+    gw = Gateway.__new__(Gateway)  # only the trace state: add_edges is pure bookkeeping
+    gw.trace_edges = {}
+    gw.add_edges([["a", "b", True, True, 2.0, 3], ["a", "b", True, True, 4.0], ["a", "c", True, False, 1.0, 1]])
+    gw.add_edges([["a", "b", True, True, 1.0, 0], ["a", "b", True, True, 1.0, -2], [["unhashable"], "b", True, True, 1.0],
+                  ["a"], "not an edge", ["a", "b", True, True, "slow", 1]])
+    gw.add_edges("not a list")
+    assert gw.trace_edges == {("a", "b", True, True): [4, 10.0], ("a", "c", True, False): [1, 1.0]}
