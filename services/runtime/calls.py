@@ -19,16 +19,17 @@ import itertools
 import json
 import threading
 import time
-from typing import TYPE_CHECKING, Any
-
-import zmq
+from typing import TYPE_CHECKING, Any, Callable
 
 from shared import protocol
 from shared.errors import ProtocolError
 from services.runtime.event import Event
+from services.runtime.responses import to_result
 
 if TYPE_CHECKING:  # pragma: no cover
-    from services.runtime.loop import Runtime
+    import zmq
+
+    from services.runtime.executor import Executor
 
 MAX_CALL_DEPTH = 16  # nested task calls; deeper is almost always a cycle
 _JSON = "application/json"
@@ -58,6 +59,8 @@ class Frame:
 
 
 def encode_payload(payload: Any) -> tuple[bytes, str]:
+    if type(payload) is bytes:
+        return payload, "application/octet-stream"
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return bytes(payload), "application/octet-stream"
     if isinstance(payload, str):
@@ -83,10 +86,23 @@ def decode_result(function: str, status: int, content_type: str, body: bytes) ->
     return body
 
 
+_AS_IS = object()  # marks a local callee's value that reaches its caller unchanged
+
+
+def _as_is_or_result(value: Any) -> Any:
+    """What a local callee's value gives its ``context.call``: bytes, and str that are ASCII, are what
+    the HTTP mapping and :func:`decode_result` would make of them anyway, so they skip both; any other
+    value is mapped (and decoded by the caller) exactly as for a remote call."""
+    kind = type(value)
+    if kind is bytes or (kind is str and value.isascii()):
+        return _AS_IS, value
+    return to_result(value)
+
+
 class TaskCaller:
     """One per instance; handlers reach it through ``context.call``."""
 
-    def __init__(self, runtime: "Runtime", gateways: list[str]) -> None:
+    def __init__(self, runtime: "Executor", gateways: list[str]) -> None:
         self.runtime = runtime
         self.gateways = gateways
         self._local = threading.local()
@@ -114,8 +130,10 @@ class TaskCaller:
 
     def call(self, name: str, payload: Any = None) -> Any:
         body, ctype = encode_payload(payload)
-        status, rctype, rbody = self.request(name, "POST", body, ctype, [])
-        return decode_result(name, status, rctype, rbody)
+        out = self.request(name, "POST", body, ctype, [], mapper=_as_is_or_result)
+        if out[0] is _AS_IS:
+            return out[1]
+        return decode_result(name, *out)
 
     def call_async(self, name: str, payload: Any = None) -> str:
         body, ctype = encode_payload(payload)
@@ -124,8 +142,11 @@ class TaskCaller:
         return result["call_id"] if isinstance(result, dict) else str(result)
 
     def request(self, name: str, method: str, body: bytes, content_type: str, headers: list[list[str]],
-                path: str | None = None, query: str = "", sync: bool = True) -> tuple[int, str, bytes]:
-        """Call a task; returns (status, content_type, body) exactly as an HTTP caller would see them."""
+                path: str | None = None, query: str = "", sync: bool = True,
+                mapper: Callable[[Any], Any] = to_result) -> tuple[Any, ...]:
+        """Call a task; returns (status, content_type, body) exactly as an HTTP caller would see them.
+
+        A local callee's value goes through ``mapper``; :meth:`call`'s may answer ``(_AS_IS, value)``."""
         stack = getattr(self._local, "stack", None)
         frame = stack[-1] if stack else None
         if frame is None:
@@ -144,8 +165,7 @@ class TaskCaller:
             started = time.perf_counter()
             event = Event.for_call(call_id, parent or None, name, method, path or f"/{name}", query, headers,
                                    content_type, body, deadline_ms)
-            status, _, rctype, out = self.runtime.execute_local(fn, Frame(call_id, name, depth, chain, deadline_ms),
-                                                                event)
+            result = self.runtime.execute_local(fn, Frame(call_id, name, depth, chain, deadline_ms), event, mapper)
             took_ms = (time.perf_counter() - started) * 1000
             with self._edges_lock:
                 slot = self._edges.get((caller, name))
@@ -154,6 +174,9 @@ class TaskCaller:
                 else:
                     slot[0] += 1
                     slot[1] += took_ms
+            if result[0] is _AS_IS:
+                return result
+            status, _, rctype, out = result
         else:
             header = {
                 "call_id": call_id, "parent_id": parent or None, "function": name, "method": method,
@@ -178,6 +201,8 @@ class TaskCaller:
     def _socket(self) -> zmq.Socket:
         sock = getattr(self._local, "sock", None)
         if sock is None:
+            import zmq  # only a remote call needs it: a per-call process that makes none never imports it
+
             sock = self.runtime.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             for endpoint in self.gateways:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
+import collections.abc
 import enum
 import importlib
 import inspect
 import os
 import sys
 import threading
+import types
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from shared.errors import InvalidRequest
+
+if TYPE_CHECKING:  # pragma: no cover
+    import asyncio
 
 __all__ = [
     "HandlerForm",
@@ -23,6 +27,7 @@ __all__ = [
     "invoke",
     "call_init_context",
     "close_thread_loop",
+    "thread_loop",
 ]
 
 
@@ -254,11 +259,20 @@ def build_args(
 
 _thread_state = threading.local()
 _PLAIN_VALUES = frozenset((str, bytes, dict, list, tuple, int, float, bool, type(None)))
+# what asyncio.iscoroutine accepts, without importing asyncio (about 40 ms) before a handler needs it
+_COROUTINE_TYPES = (types.CoroutineType, types.GeneratorType, collections.abc.Coroutine)
 
 
-def _thread_loop() -> asyncio.AbstractEventLoop:
+def _is_coroutine(value: Any) -> bool:
+    return isinstance(value, _COROUTINE_TYPES)
+
+
+def thread_loop() -> asyncio.AbstractEventLoop:
+    """This thread's event loop for async handlers and ``init_context``, made (and asyncio imported) on first use."""
     loop = getattr(_thread_state, "loop", None)
     if loop is None or loop.is_closed():
+        import asyncio
+
         loop = _thread_state.loop = asyncio.new_event_loop()
     return loop
 
@@ -274,7 +288,7 @@ def close_thread_loop() -> None:
 
 def _run(result: Any, loop: asyncio.AbstractEventLoop | None) -> Any:
     if loop is None:
-        loop = _thread_loop()
+        loop = thread_loop()
     if loop.is_running():
         result.close()  # avoid a "never awaited" warning on top of the real error
         raise RuntimeError(
@@ -293,7 +307,7 @@ def invoke(loaded: LoadedHandler, args: tuple[Any, ...], loop: asyncio.AbstractE
     result = loaded.func(*args)
     # Checking the value rather than loaded.is_async also covers sync wrappers
     # (decorators) that return a coroutine; the common plain values skip the check.
-    if type(result) in _PLAIN_VALUES or not asyncio.iscoroutine(result):
+    if type(result) in _PLAIN_VALUES or not _is_coroutine(result):
         return result
     return _run(result, loop)
 
@@ -304,5 +318,5 @@ def call_init_context(loaded: LoadedHandler, context: Any, loop: asyncio.Abstrac
     if init is None:
         return
     result = init(context)
-    if asyncio.iscoroutine(result):
+    if _is_coroutine(result):
         _run(result, loop)

@@ -1,8 +1,8 @@
 """One call of a Python function in a process of its own: the shell runner's entry point for warmStart none/runtime.
 
 ``python -m services.runtime.once`` loads the function exactly as an instance does
-(:func:`services.runtime.loop.load_or_report`: env, handler, ``init_context``), runs one call
-through :class:`services.runtime.loop.Executor` (the same events, timeouts, memory and error
+(:func:`services.runtime.executor.load_or_report`: env, handler, ``init_context``), runs one call
+through :class:`services.runtime.executor.Executor` (the same events, timeouts, memory and error
 mapping, task calls) and exits. ``--check`` only loads it: exit 0, or 3 with the reason on stderr.
 
 The instance config (as ``services.runtime`` gets it, one function) is in the environment
@@ -68,7 +68,7 @@ def decode_result(data: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def run(argv: list[str], stdin: Any, result_out: Any) -> int:
-    from services.runtime.loop import EXIT_INIT_FAILED, Executor, _on_alarm, load_or_report
+    from services.runtime.executor import EXIT_INIT_FAILED, Executor, _on_alarm, load_or_report
 
     config = json.loads(os.environ[CONFIG_ENV])
     check = argv[1:] == [CHECK_ARG]
@@ -87,7 +87,7 @@ def run(argv: list[str], stdin: Any, result_out: Any) -> int:
     signal.signal(signal.SIGALRM, _on_alarm)
     executor = Executor(config, functions)
     try:
-        result, out = executor.execute(header, body, executor.loop)
+        result, out = executor.execute(header, body)
         edges = executor.caller.take_edges()
         if edges:
             result["edges"] = edges

@@ -155,6 +155,8 @@ def _idle_term(signum: int, frame: Any) -> None:
 
 def main() -> int:
     signal.signal(signal.SIGTERM, _idle_term)
+    import asyncio  # noqa: F401 (the runtime imports it on demand: for async handlers, warm here)
+
     import services.runtime.loop as loop  # the point of the pool: imported before the function is known
 
     stdin = sys.stdin.buffer

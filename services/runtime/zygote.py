@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.control_fd)
     started = time.perf_counter()
     try:
+        import asyncio  # noqa: F401 (the runtime imports it on demand: for async handlers, warm here)
+
         import services.runtime.loop  # noqa: F401 (the point of a zygote: imported once, shared by every fork)
 
         zygote = Zygote(sock, args.var, tuple(args.stage), tuple(args.install))

@@ -17,9 +17,11 @@ measurement the setup is checked: which instances serve which tasks (the
 deployer's instance records) and whether the four calls were local or remote
 (the call-graph edges the gateway publishes). Once the instances the regroup
 superseded are gone (so their exit never shares the CPUs with a point), the
-no-op task and the fused chain are measured alternately, three times each, and
-the median p50s are compared: a single point at one connection moves by up to a
-third between otherwise equal runs. How long the superseded instances took to
+no-op task and the fused chain are measured alternately, nine times each in
+points of half the usual length after one warm-up each, and the median p50s are
+compared: a single point at one connection moves by up to a third between
+otherwise equal runs (where the processes land on the two cores), so many short
+points say more than a few long ones. How long the superseded instances took to
 go, and how they ended, is in the raw figures (``superseded_gone_s``,
 ``superseded_exit_codes``: -9 means the deployer had to kill one).
 """
@@ -44,7 +46,7 @@ SINGLE = "noop"
 FUSED_VS_SINGLE = Target("<= 1.2x one no-op task", "<=", 1.2, "ratio")
 REGROUP_TIMEOUT_S = 60.0
 TRACE_TIMEOUT_S = 10.0
-ROUNDS = 3  # single / fused measured alternately this many times; medians compared
+ROUNDS = 9  # single / fused measured alternately this many times (3 with --quick); medians compared
 
 
 def task_source(i: int) -> str:
@@ -166,6 +168,8 @@ def _join(*notes: str) -> str:
 @scenario(NAME, "Fusion: 5-task synchronous chain", needs=("wrk",))
 def run(bench: Bench, result: ScenarioResult) -> None:
     raw = result.raw
+    rounds = 3 if bench.options.quick else ROUNDS
+    round_s = max(1, bench.options.duration_s // 2)
     with bench.stack("fusion") as stack:
         stack.deploy(SINGLE, {"function.yaml": function_yaml(SINGLE), "main.py": NOOP_SOURCE})
         for i, task in reversed(list(enumerate(TASKS))):
@@ -193,20 +197,21 @@ def run(bench: Bench, result: ScenarioResult) -> None:
             raise RuntimeError(f"GET /{TASKS[0]} names the group {group}, not the five tasks")
         check_edges(chain_edges(bench, stack), local=True)
         bench.log(f"fusion: fused (PUT /groups?wait=true answered in {raw['regroup_put_s']:.2f} s); once the"
-                  f" superseded instances are gone, the single no-op task and the fused chain, {ROUNDS} times each")
+                  f" superseded instances are gone, the single no-op task and the fused chain, {rounds} times each")
 
         # (c) the single no-op task and the fused chain, alternately, once the superseded instances
         # are gone: at one connection a point moves by up to a third between otherwise equal runs
-        # (where the processes land on the two cores), so each is measured ROUNDS times and the
-        # medians are compared
+        # (where the processes land on the two cores), so each is measured in many short rounds and
+        # the medians are compared
         wait_for_setup(stack, [(SINGLE,), TASKS], "the superseded instances to exit")
         singles: list[Point] = []
         fuseds: list[Point] = []
-        for i in range(ROUNDS):
+        for i in range(rounds):
+            # each warmed up once; then short points, so the rounds sample many placements
             singles.append(measure(bench, f"single_{i + 1}", f"{stack.url}/{SINGLE}",
-                                   pids_of(stack, serving, {SINGLE: (SINGLE,)}), raw, (1,))[1])
+                                   pids_of(stack, serving, {SINGLE: (SINGLE,)}), raw, (1,), round_s, i == 0)[1])
             fuseds.append(measure(bench, f"fused_{i + 1}", f"{stack.url}/{TASKS[0]}",
-                                  pids_of(stack, serving, {"chain": TASKS}), raw, (1,))[1])
+                                  pids_of(stack, serving, {"chain": TASKS}), raw, (1,), round_s, i == 0)[1])
         single, fused = _median_point(singles), _median_point(fuseds)
         raw["rounds_p50_ms"] = [[s.res.p50_ms, f.res.p50_ms] for s, f in zip(singles, fuseds)]
         # read now: the deployer reports an exit to the store a moment after the instance is gone
@@ -224,9 +229,10 @@ def run(bench: Bench, result: ScenarioResult) -> None:
         result.rows.append(Row(
             NAME, f"fusion: fused 5-task chain, {pct} latency", "ms", f_ms, s_ms, "one no-op task",
             FUSED_VS_SINGLE if pct == "p50" else None,
-            _join(f"median of {ROUNDS} alternating rounds (p50 single/fused ms: "
+            _join(f"median of {rounds} alternating rounds of {round_s} s (p50 single/fused ms: "
                   + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in raw["rounds_p50_ms"]) + ");"
-                  f" {fused.res.requests:,} vs {single.res.requests:,} requests in {secs}; fused {_cpu(fused)};"
+                  f" {fused.res.requests:,} vs {single.res.requests:,} requests in the median rounds of {round_s} s;"
+                  f" fused {_cpu(fused)};"
                   f" no-op task {_cpu(single)}; {regroup}" if pct == "p50" else "",
                   _errors(fused=fused, single=single), _disturbed(fused=fused, single=single)),
             fused.res.errors + single.res.errors))

@@ -62,8 +62,10 @@ class Point:
 
 
 def measure(bench: Bench, label: str, url: str, pids: dict[str, int], raw: dict,
-            concurrency: tuple[int, ...] | None = None) -> dict[int, Point]:
-    """Check the endpoint answers, warm it up, then one wrk run per concurrency (default: the options')."""
+            concurrency: tuple[int, ...] | None = None, duration_s: int | None = None,
+            warmup: bool = True) -> dict[int, Point]:
+    """Check the endpoint answers, warm it up, then one wrk run per concurrency (default: the options')
+    of ``duration_s`` (default: the options')."""
     opts = bench.options
     concurrency = concurrency or opts.concurrency
     resp = httpx.post(url, content=b"", timeout=30)
@@ -71,15 +73,16 @@ def measure(bench: Bench, label: str, url: str, pids: dict[str, int], raw: dict,
         raise RuntimeError(f"{label} at {url} answered {resp.status_code} {resp.text[:300]!r}, not 200 'ok'")
     log = bench.work_dir / "wrk.log"
     script = bench.post_script()
-    warm = wrk.run(url, max(concurrency), opts.warmup_s, script, opts.wrk_threads, log=log)
-    raw.setdefault(label, {})["warmup"] = warm.to_json()
+    raw.setdefault(label, {})
+    if warmup:
+        raw[label]["warmup"] = wrk.run(url, max(concurrency), opts.warmup_s, script, opts.wrk_threads, log=log).to_json()
     out: dict[int, Point] = {}
     for c in concurrency:
         # a point that other work disturbed is measured again (up to opts.retries times); the
         # least disturbed attempt is kept, and the discarded ones stay in the raw figures
         attempts: list[Point] = []
         while True:
-            point = _point(url, c, pids, bench, script, log)
+            point = _point(url, c, pids, bench, script, log, duration_s)
             attempts.append(point)
             if point.other_share <= OTHER_LOAD_FLAG or len(attempts) > opts.retries:
                 break
@@ -98,12 +101,13 @@ def measure(bench: Bench, label: str, url: str, pids: dict[str, int], raw: dict,
     return out
 
 
-def _point(url: str, c: int, pids: dict[str, int], bench: Bench, script: Any, log: Any) -> Point:
+def _point(url: str, c: int, pids: dict[str, int], bench: Bench, script: Any, log: Any,
+           duration_s: int | None = None) -> Point:
     opts = bench.options
     busy0 = cpu_busy_seconds()
     before = {who: cpu_seconds(pid) or 0.0 for who, pid in pids.items()}
     t0 = time.monotonic()
-    res = wrk.run(url, c, opts.duration_s, script, opts.wrk_threads, log=log)
+    res = wrk.run(url, c, duration_s or opts.duration_s, script, opts.wrk_threads, log=log)
     after = {who: cpu_seconds(pid) or 0.0 for who, pid in pids.items()}
     wall = time.monotonic() - t0
     busy1 = cpu_busy_seconds()

@@ -117,6 +117,8 @@ def test_an_async_handler_calls_sync_and_async_tasks(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value, expected", [
     ("text", "text"), (b"\x00raw", "AHJhdw=="), ({"k": [1, 2]}, {"k": [1, 2]}), (None, ""), ((201, [1]), [1]),
+    # str and bytes skip the mapping in-process: non-ASCII text and lone surrogates still take it
+    ("h\u00e9llo \u2713", "h\u00e9llo \u2713"), ("a\udc80", "a?"), (bytearray(b"ab"), "YWI="), ("", ""),
 ])
 def test_the_caller_gets_what_an_http_caller_would(tmp_path: Path, value: Any, expected: Any) -> None:
     ex = executor(tmp_path, {
