@@ -34,6 +34,7 @@ BACKENDS = ("process", "docker")
 SANDBOX_MODES = ("auto", "bwrap", "none")
 STRATEGIES = ("none", "static", "feedback")
 MAX_DOCKER_POOL_SIZE = 64  # each idle pool container holds a warm interpreter (about 10 MB)
+MAX_DOCKER_RUNTIME_POOL_SIZE = 16  # per registered runtime: idle containers (a sh each) and spare runners (~30 MB each)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class Settings:
     # started runtime containers waiting to become an instance of a Python function without
     # dependencies (no image build, no interpreter start on the deploy path); 0 disables the pool
     docker_pool_size: int = 2
+    # registered runtimes: functions without a dependencies command (warmStart function) get their code
+    # copied into a started container of the runtime's own image (no image build); this many such
+    # containers wait per runtime, and as many runner processes wait already imported; 0 disables all
+    # that (every function's image is built, each runner process is started on demand)
+    docker_runtime_pool_size: int = 2
     # CA bundle handed to image builds, for pip behind a TLS-intercepting proxy:
     # auto (the system bundle, when present), none, or a path
     build_ca_bundle: str = "auto"
@@ -118,6 +124,10 @@ class Settings:
         if not 0 <= self.docker_pool_size <= MAX_DOCKER_POOL_SIZE:
             raise ConfigError(f"docker_pool_size {self.docker_pool_size} is out of range 0-{MAX_DOCKER_POOL_SIZE}"
                               " (idle warm containers of the docker backend; 0 disables the pool)")
+        if not 0 <= self.docker_runtime_pool_size <= MAX_DOCKER_RUNTIME_POOL_SIZE:
+            raise ConfigError(f"docker_runtime_pool_size {self.docker_runtime_pool_size} is out of range"
+                              f" 0-{MAX_DOCKER_RUNTIME_POOL_SIZE} (idle containers per registered runtime and spare"
+                              " runner processes; 0 disables them and builds every runtime function's image)")
         if self.optimizer_strategy not in STRATEGIES:
             raise ConfigError(f"optimizer_strategy {self.optimizer_strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
         if self.optimizer_strategy == "static" and not self.optimizer_schedule:

@@ -12,6 +12,10 @@ and drives the Docker Engine API. Per call, by the function's warm-start policy:
   the next one, then its ``run`` command is exec'ed;
 - ``function``: one warm container per concurrent call with the code already in place (copied
   once at start, like a warm Lambda: files a call writes stay for the next), ``run`` exec'ed.
+  Without a ``dependencies`` command no image is built for it (``code_volume``): its containers
+  run the runtime's own image and the code is unpacked into their code volume from the version's
+  code directory on this host (see ``shell_box``); the deployer may hand over the first one,
+  taken from its runtime pool and filled already (``container``).
 
 A Python function (``kind: python``; its image is the docker backend's group image, dependencies and
 code) runs the same way with ``services.runtime.once`` as the command: ``none`` starts it as the fresh
@@ -23,10 +27,14 @@ what a warm Python instance answers; its stderr (the handler's logs and prints) 
 For registered runtimes a fixed POSIX sh script (:data:`DRIVER`, never built from user input: the run
 command arrives as its positional arguments) writes the call's input to ``./input.json``, runs
 the command with it on stdin, and prints one status line (exit code, and whether the result is
-``output.json``) before the result. The containers get the backend's lockdown: read-only root,
-tmpfs ``/tmp`` and code directory, no capabilities, no-new-privileges, user 65534, memory, CPU
-and pids limits, no mounts. A call past its timeout fails with 504 and its container is killed
-(a warm one is replaced). Exit codes: 0 stopped, 3 the warm container could not start.
+``output.json``) before the result. The containers get the backend's lockdown (``shell_box``):
+read-only root, tmpfs ``/tmp`` and code directory (a tmpfs volume without an image), no
+capabilities, no-new-privileges, user 65534, memory, CPU and pids limits, no host mounts. A call
+past its timeout fails with 504 and its container is killed (a warm one is replaced). Exit codes:
+0 stopped, 3 the warm container could not start.
+
+``python -m services.runtime.shell --spare`` is a runner started ahead of need by the deployer: its
+imports done, it reads the path of its config from stdin when a start takes it (:func:`spare_main`).
 
 Longer than most modules because it is one instance program: the pure result mapping (unit
 tested), the engine driver and the wire loop, which only make sense together.
@@ -47,12 +55,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from services.runtime import shell_box
 from services.runtime.loop import finished_calls
 from services.runtime.once import ARGV as ONCE_ARGV, CHECK_ARG, CONFIG_ENV, decode_result, encode_invoke
+from services.runtime.shell_box import USER, WARM_MAIN
 
 EXIT_INIT_FAILED = 3
-USER = "65534:65534"
-PIDS_LIMIT = 512
+SPARE_ARG = "--spare"  # wait for the config's path on stdin, imports done (see spare_main)
+SPARE_MAX_CONCURRENCY = 28  # the connection pool a spare's client is made with (more calls: a client of their own)
+RENAME_DELAY_S = 1.0  # a container handed over by the deployer gets the instance's name this much later
 SRC_DIR = "/nuclide/src"  # the built code, from which each container's code directory is filled
 STDERR_TAIL_CHARS = 2000
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
@@ -84,8 +95,6 @@ else
 fi
 rm -f /tmp/.nuclide-stdout
 '''
-# a warm container's main process: idle until the container is removed (stdin stays open and silent)
-WARM_MAIN = "while read _; do :; done; exec sleep 2147483647"
 # run once in a new warm container before it takes calls: the function policy's code goes in here
 WARM_SETUP = r'''
 if [ "$1" = copy ]; then
@@ -248,15 +257,20 @@ def exchange(sock: Any, data: bytes, deadline: float) -> tuple[bytes, bytes, boo
             pass
 
 
+def engine_client(docker_host: str, max_concurrency: int) -> Any:
+    """The runner's Engine API client: a connection per concurrent call, a few for the rest."""
+    import docker
+
+    return docker.APIClient(base_url=docker_host, version="auto", timeout=API_TIMEOUT_S,
+                            max_pool_size=max_concurrency + 4)
+
+
 class Containers:
     """Creates and drives the function's containers; every method blocks (run them on worker threads)."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        import docker
-
+    def __init__(self, config: dict[str, Any], api: Any = None) -> None:
         self.config = config
-        self.api = docker.APIClient(base_url=config["docker_host"], version="auto", timeout=API_TIMEOUT_S,
-                                    max_pool_size=int(config["max_concurrency"]) + 4)
+        self.api = api if api is not None else engine_client(config["docker_host"], int(config["max_concurrency"]))
         self.image = config["image"]
         self.path = config["path"]
         self.memory = int(config["memory_bytes"])
@@ -264,6 +278,9 @@ class Containers:
                        "nuclide.runner_function": config["function"]["name"]}
         self.env = {"HOME": "/tmp", "LANG": "C.UTF-8", "SRC": SRC_DIR, **(config["function"].get("env") or {})}
         self.python = config.get("kind") == "python"
+        # no image of the function's: the code goes into each warm container's code volume from here
+        self.code_volume = bool(config.get("code_volume"))
+        self._code: bytes | None = None
         self.workdir = "/"
         if self.python:
             # the image's code directory is the source; none runs there, runtime in a fresh copy at path
@@ -282,28 +299,11 @@ class Containers:
             self.warm_argv = ["/bin/sh", "-c", DRIVER, "nuclide-driver",
                               "fresh" if config["warm_start"] == "runtime" else "keep", self.path, *self.run]
 
-    def _host_config(self, auto_remove: bool) -> Any:
-        import docker.types
-
-        cpu = self.config.get("cpu")
-        size = min(self.memory, 256 * 1024 * 1024)
-        return self.api.create_host_config(
-            network_mode="host", read_only=True, cap_drop=["ALL"], security_opt=["no-new-privileges"],
-            tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,mode=1777,size={size}",
-                   self.path: f"rw,exec,nosuid,nodev,uid=65534,gid=65534,mode=0700,size={size}"},
-            mem_limit=self.memory, memswap_limit=self.memory, nano_cpus=int(float(cpu) * 1e9) if cpu else None,
-            pids_limit=PIDS_LIMIT, auto_remove=auto_remove,
-            ulimits=[docker.types.Ulimit(name="data", soft=self.memory, hard=self.memory)],
-            log_config=docker.types.LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
-        )
-
     def _create(self, argv: list[str], auto_remove: bool, stdin_once: bool) -> str:
         """A container running one of our sh scripts or the once runner (the image's own entrypoint is replaced)."""
-        config = self.api.create_container_config(
-            self.image, entrypoint=argv[:1], command=argv[1:], user=USER, working_dir=self.workdir,
-            labels=self.labels, environment=self.env, stdin_open=True, host_config=self._host_config(auto_remove))
-        config["StdinOnce"] = stdin_once  # the SDK has no argument for it: stdin closes when the caller's does
-        return self.api.create_container_from_config(config)["Id"]
+        host = shell_box.host_config(self.api, self.path, self.memory, self.config.get("cpu"), auto_remove,
+                                     self.code_volume)
+        return shell_box.create(self.api, self.image, argv, self.labels, self.env, self.workdir, host, stdin_once)
 
     def fresh_call(self, data: bytes, timeout_s: float, argv: list[str] | None = None) -> tuple[bytes, bytes, bool]:
         """Policy none: a container of its own for one call; its (stdout, stderr, timed out)."""
@@ -327,7 +327,12 @@ class Containers:
             self.api.start(cid)
             output = b""
             code: int | None = None
-            if self.api.inspect_container(cid)["State"].get("Running"):
+            if self.code_volume:
+                if self._code is None:
+                    self._code = shell_box.code_tar(self.config["code_dir"])
+                shell_box.put_code(self.api, cid, self.path, self._code)
+                code = 0
+            elif self.api.inspect_container(cid)["State"].get("Running"):
                 ex = self.api.exec_create(cid, ["/bin/sh", "-c", WARM_SETUP, "nuclide-setup", mode, self.path],
                                           user=USER, environment=self.env)
                 output = self.api.exec_start(ex["Id"]) or b""
@@ -352,11 +357,28 @@ class Containers:
         sock = self.api.exec_start(ex["Id"], socket=True)
         return exchange(sock, data, deadline)
 
+    def adopt(self, cid: str) -> None:
+        """A warm container the deployer made ready (code in place) becomes one of ours; renamed for ``docker
+        ps`` (its labels are the pool's: the deployer's record says whose it is), later: not in a first call's way."""
+        import docker.errors
+
+        def rename() -> None:
+            try:
+                self.api.rename(cid, f"nuclide-{self.config['namespace']}-{self.config['instance_id']}")
+            except docker.errors.NotFound:
+                pass  # the instance stopped first
+            except Exception as exc:  # cosmetic: the container serves either way
+                print(f"nuclide: could not rename container {cid[:12]}: {exc}", file=sys.stderr, flush=True)
+
+        timer = threading.Timer(RENAME_DELAY_S, rename)
+        timer.daemon = True
+        timer.start()
+
     def remove(self, cid: str) -> None:
         import docker.errors
 
         try:
-            self.api.remove_container(cid, force=True)
+            self.api.remove_container(cid, force=True, v=True)  # v: its anonymous code volume goes with it
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as exc:
@@ -410,8 +432,15 @@ class ShellRunner:
         print(json.dumps(line), file=sys.stderr, flush=True)
 
     def prepare(self) -> None:
-        """Warm policies start their first container before READY: a deploy waits for it, calls do not."""
-        if self.policy != "none":
+        """Warm policies start their first container before READY: a deploy waits for it, calls do not.
+        The deployer may hand over one it made ready (``container``: started, the code in place)."""
+        given = self.config.get("container")
+        if given:
+            self.containers.adopt(given)
+            with self._warm_lock:
+                self.warm.add(given)
+            self.idle.put(given)
+        elif self.policy != "none":
             self._add_warm()
         if self.containers.python:
             self._check_python()
@@ -617,13 +646,8 @@ class ShellRunner:
         self.ctx.term()
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) < 2:
-        print("usage: python -m services.runtime.shell <runner-config.json>", file=sys.stderr)
-        return 2
-    with open(argv[1]) as fh:
-        config = json.load(fh)
-    containers = Containers(config)
+def serve(config: dict[str, Any], api: Any = None) -> int:
+    containers = Containers(config, api)
     runner = ShellRunner(config, containers)
     try:
         try:
@@ -634,6 +658,53 @@ def main(argv: list[str]) -> int:
         return runner.run()
     finally:
         runner.close()
+
+
+def spare_main(docker_host: str) -> int:
+    """A spare runner: a runner's imports done, it waits for the path of its config on stdin (the deployer's
+    pipe), so a start pays neither the interpreter's start nor the imports. Its output goes to the config's
+    ``log_path`` from then on. EOF before a path: the deployer stopped or died; nothing to serve.
+    ``docker_host``: its Engine API client is made (and the API version agreed) ahead too."""
+    import docker.errors  # noqa: F401 (what Containers and ShellRunner import: loaded before a start needs them)
+    import zmq  # noqa: F401
+
+    from shared import liveness, protocol  # noqa: F401
+
+    api = None
+    try:
+        api = engine_client(docker_host, SPARE_MAX_CONCURRENCY) if docker_host else None
+    except Exception as exc:  # the engine is away now: the runner makes its client once it has a config
+        print(f"nuclide: spare runner: no Engine API client yet: {exc}", file=sys.stderr, flush=True)
+    line = sys.stdin.buffer.readline().strip()
+    if not line:
+        return 0
+    with open(line.decode()) as fh:
+        config = json.load(fh)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log_fd = os.open(config["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    for fd, target in ((null_fd, 0), (log_fd, 1), (log_fd, 2)):
+        os.dup2(fd, target)
+    os.close(log_fd)
+    os.close(null_fd)
+    fits = config["docker_host"] == docker_host and int(config["max_concurrency"]) <= SPARE_MAX_CONCURRENCY
+    if api is not None and not fits:
+        api.close()
+        api = None
+    return serve(config, api)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[1] == SPARE_ARG:
+        return spare_main(argv[2] if len(argv) > 2 else "")
+    if len(argv) != 2:
+        print(f"usage: python -m services.runtime.shell <runner-config.json> | {SPARE_ARG} [docker-host]",
+              file=sys.stderr)
+        return 2
+    with open(argv[1]) as fh:
+        config = json.load(fh)
+    return serve(config)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@
 - scale-from-zero -> first response (``minReplicas: 0``, 1 s idle timeout), the same two ways:
   a pool container specialised, or a container of the kept image started; READY, the held call runs;
 - the idle memory of a pool container: PSS of its process, and the container's cgroup usage;
-- the same two for a function on a registered runtime (``spec.warmStart: function``);
+- the same two for a function on a registered runtime (``spec.warmStart: function``, no
+  ``dependencies`` command): a container of the runtime pool (``docker_runtime_pool_size``, full at
+  each PUT) gets the code through the Engine's archive API, a spare runner process (imports done)
+  takes it, no image is built; READY, then the call's exec. And the deploy of one whose runtime has a
+  ``dependencies`` command, which still builds the function's image;
 - per-call latency of a registered runtime's function (``run: ["cat"]``, so the figure is the
   platform's, not an interpreter's start) under each policy: ``none`` (a fresh container per
   call, comparable to the floor), ``runtime`` and ``function`` (an exec in a warm container);
@@ -24,6 +28,7 @@ Skipped, with the reason, without a Docker Engine, the docker CLI or the runtime
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import shutil
 import time
@@ -47,6 +52,8 @@ TARGET = Target("<= 1.2x docker run --rm", "<=", 1.2, "ratio")
 FIRST_RESPONSE_TIMEOUT_S = 120.0
 SCALE_DOWN_TIMEOUT_S = 60.0
 RUNTIME = {"image": RUNTIME_IMAGE, "path": "/ws", "run": ["cat"]}
+RUNTIME_WITH_DEPS = {**RUNTIME, "dependencies": ["cp", "input.txt", "deps.txt"]}
+RUNTIME_POOL_LABEL = "nuclide.runtime_pool=true"
 POLICIES = ("none", "runtime", "function")
 POOL_SIZE = 2  # the default docker_pool_size
 POOL_FULL_TIMEOUT_S = 60.0
@@ -58,6 +65,8 @@ ROWS = (
     ("idle memory: a warm pool container (PSS of its process)", "MB", None),
     ("cold start: Docker, deploy (PUT) -> first response, registered runtime", "ms", TARGET),
     ("cold start: Docker, scale-from-zero -> first response, registered runtime", "ms", TARGET),
+    ("cold start: Docker, deploy (PUT) -> first response, registered runtime with dependencies (image build)",
+     "ms", None),
     *((f"per call: registered runtime, warmStart {p}", "ms", TARGET if p == "none" else None) for p in POLICIES),
     *((f"per call: Python function, warmStart {p}", "ms", TARGET if p == "none" else None) for p in POLICIES),
 )
@@ -116,9 +125,29 @@ def _gone(stack: Stack, name: str) -> None:
     wait_for(lambda: not _instances(stack, ns, name), 30, what=f"{name}'s containers to go")
 
 
-def _shell_files(name: str, **spec: Any) -> dict[str, str]:
-    return {"function.yaml": yaml.safe_dump({"metadata": {"name": name}, "spec": {"runtime": "benchrt", **spec}}),
+def _shell_files(name: str, runtime: str = "benchrt", **spec: Any) -> dict[str, str]:
+    return {"function.yaml": yaml.safe_dump({"metadata": {"name": name}, "spec": {"runtime": runtime, **spec}}),
             "input.txt": "the code directory\n"}
+
+
+def _runner_records(stack: Stack) -> list[dict[str, Any]]:
+    found = []
+    for path in (stack.var_dir / "docker" / "runners").glob("*.json"):
+        if not path.name.endswith(".config.json"):
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue  # replaced while read
+    return found
+
+
+def runtime_pool_full(stack: Stack, size: int = POOL_SIZE) -> None:
+    """Wait until the runtime pool holds ``size`` idle containers (running, no runner's record names them)."""
+    def idle() -> int:
+        held = {c for rec in _runner_records(stack) for c in rec.get("containers") or ()}
+        return len([c for c in containers(namespace(stack), RUNTIME_POOL_LABEL, all_states=False) if c.id not in held])
+
+    wait_for(lambda: idle() >= size, POOL_FULL_TIMEOUT_S, what="a full runtime pool")
 
 
 def pool_full(stack: Stack, size: int) -> None:
@@ -127,11 +156,12 @@ def pool_full(stack: Stack, size: int) -> None:
         wait_for(lambda: len(idle_pool(stack)) >= size, POOL_FULL_TIMEOUT_S, what="a full warm pool")
 
 
-def deploy_to_first(stack: Stack, files_for: Any, n: int, pool_size: int = 0) -> tuple[list[float], int]:
+def deploy_to_first(stack: Stack, files_for: Any, n: int, pool_size: int = 0,
+                    full: Any = pool_full) -> tuple[list[float], int]:
     times, failures = [], 0
     for i in range(n):
         name = f"dcold{i}-{secrets.token_hex(2)}"
-        pool_full(stack, pool_size)
+        full(stack, pool_size)
         t0 = time.perf_counter()
         _put(stack, name, files_for(name))
         took, failed = _first_200(stack, name, t0, b"{}")
@@ -142,14 +172,18 @@ def deploy_to_first(stack: Stack, files_for: Any, n: int, pool_size: int = 0) ->
 
 
 def _instances(stack: Stack, ns: str, name: str) -> list[Any]:
-    """The function's containers: image-built, runner-driven, or warm pool ones (by their instance name)."""
+    """The function's containers: image-built, runner-driven, warm pool ones (by their instance name), or
+    runtime pool ones (by the runner records that name them)."""
     pooled = [c for c in containers(ns, "nuclide.pool=true") if c.name.startswith(f"nuclide-{ns}-g-{name}-v")]
-    return (containers(ns, f"nuclide.function={name}", all_states=True) + pooled
+    held = {c for rec in _runner_records(stack) if name in rec.get("functions", ())
+            for c in rec.get("containers") or ()}
+    runtime_pooled = [c for c in containers(ns, RUNTIME_POOL_LABEL) if c.id in held]
+    return (containers(ns, f"nuclide.function={name}", all_states=True) + pooled + runtime_pooled
             + containers(ns, f"nuclide.runner_function={name}"))
 
 
 def scale_from_zero(stack: Stack, name: str, files: dict[str, str], n: int,
-                    pool_size: int = 0) -> tuple[list[float], int]:
+                    pool_size: int = 0, full: Any = pool_full) -> tuple[list[float], int]:
     _put(stack, name, files)
     times, failures = [], 0
     ns = namespace(stack)
@@ -157,7 +191,7 @@ def scale_from_zero(stack: Stack, name: str, files: dict[str, str], n: int,
         wait_for(lambda: stack.client.get(f"/{name}").json()["state"] == "scaledToZero", SCALE_DOWN_TIMEOUT_S,
                  what=f"{name} to scale to zero")
         wait_for(lambda: not _instances(stack, ns, name), SCALE_DOWN_TIMEOUT_S, what=f"{name}'s containers to go")
-        pool_full(stack, pool_size)
+        full(stack, pool_size)
         took, failed = _first_200(stack, name, time.perf_counter(), b"{}")
         times.append(took)
         failures += failed
@@ -257,19 +291,32 @@ def run(bench: Bench, result: ScenarioResult) -> None:
                                f" page cache): {median(usage) if usage else float('nan'):.1f} MB")
             result.rows[:] = [rows[m] for m, _, _ in ROWS if m in rows]
 
-        resp = stack.client.put("/runtimes/benchrt", json=RUNTIME)
-        if resp.status_code not in (200, 201):
-            raise RuntimeError(f"registering the runtime answered {resp.status_code}: {resp.text[:500]}")
+        for runtime, definition in (("benchrt", RUNTIME), ("benchdeps", RUNTIME_WITH_DEPS)):
+            resp = stack.client.put(f"/runtimes/{runtime}", json=definition)
+            if resp.status_code not in (200, 201):
+                raise RuntimeError(f"registering the runtime answered {resp.status_code}: {resp.text[:500]}")
+        # the runtime pool learns a runtime's shape (image, path, limits) from a start: one before measuring
+        deploy_to_first(stack, lambda name: _shell_files(name), 1)
         bench.log(f"docker cold start: registered runtime (run: cat), deploy -> first response, {n} functions")
-        times, failed = deploy_to_first(stack, lambda name: _shell_files(name), n)
+        times, failed = deploy_to_first(stack, lambda name: _shell_files(name), n, POOL_SIZE, runtime_pool_full)
         raw["runtime_deploy_to_first_response_ms"] = _ms(times)
-        add(ROWS[5][0], times, "warmStart function; includes building the function's image", failed)
+        add(ROWS[5][0], times, f"warmStart function, no dependencies; docker_runtime_pool_size {POOL_SIZE}, the"
+            " pool full at each PUT: a started container of the runtime's image gets the code (archive API, no"
+            " image build), a spare runner takes it; READY, then the call's exec", failed)
 
         bench.log(f"docker cold start: registered runtime, scale-from-zero -> first response, {n} times")
         times, failed = scale_from_zero(stack, "rzero", _shell_files("rzero", minReplicas=0,
-                                                                      scaleToZero={"idleTimeout": "1s"}), n)
+                                                                      scaleToZero={"idleTimeout": "1s"}), n,
+                                        POOL_SIZE, runtime_pool_full)
         raw["runtime_scale_from_zero_ms"] = _ms(times)
-        add(ROWS[6][0], times, "warmStart function: runner process + warm container, then the call", failed)
+        add(ROWS[6][0], times, "warmStart function, no dependencies: a runtime pool container gets the code, a"
+            " spare runner takes it; READY, then the held call's exec", failed)
+
+        bench.log(f"docker cold start: registered runtime with dependencies, deploy -> first response, {n} functions")
+        times, failed = deploy_to_first(stack, lambda name: _shell_files(name, "benchdeps"), n)
+        raw["runtime_deps_deploy_to_first_response_ms"] = _ms(times)
+        add(ROWS[7][0], times, "warmStart function; the dependencies command runs in the function's image build,"
+            " then the runner starts a warm container of it", failed)
 
         kinds = {"registered runtime": ("", lambda name, policy: _shell_files(name, warmStart=policy)),
                  "Python function": ("python_", lambda name, policy: {

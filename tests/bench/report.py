@@ -95,8 +95,9 @@ NOTES = """\
   `PUT /groups?wait=true` with the five in one group, next to a single no-op task on the
   same stack. Whether the calls ran local or remote is checked from the call-graph trace
   before each point. Once the superseded instances have exited, the no-op task and the
-  fused chain are measured alternately, three points each, and their median p50s compared
-  (one point at 1 connection moves by up to a third between otherwise equal runs).
+  fused chain are warmed up once each, then measured alternately in nine points of half the
+  usual length each, and their median p50s compared (one point at 1 connection moves by up
+  to a third between otherwise equal runs, so many short points say more than a few long ones).
 - Everything talks to 127.0.0.1 only, runs for a bounded time, and every process the
   benchmark starts is stopped (checked at the end; leftovers are reported below).
 """

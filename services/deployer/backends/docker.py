@@ -3,8 +3,9 @@
 Python groups without dependencies (no requirements, no build commands; not on a registered
 runtime, not a per-call warm start) start from the warm pool (``docker_pool.py``, on by default,
 ``docker_pool_size``): a started runtime container gets the instance config and the code over its
-stdin, through the Engine API, and becomes the instance; no image is built. Everything else (and
-a start the pool cannot serve) takes the image path.
+stdin, through the Engine API, and becomes the instance; no image is built. Functions on registered
+runtimes without a dependencies command skip the image too (``shell.py``, ``shell_pool.py``).
+Everything else (and a start the pools cannot serve) takes the image path.
 
 Images (classic builder, nothing is ever pulled):
 
@@ -38,7 +39,7 @@ every few seconds, then adopts what runs and removes what exited meanwhile) inst
 The docker SDK is synchronous: every call runs in a daemon thread of its own, so a slow engine
 never blocks the loop or the process's exit. This module is longer than most because it is one
 backend (images, containers, logs, adoption, engine liveness), one module per platform; the warm
-pool and registered runtimes' runners have modules of their own.
+pool and registered runtimes' runners (with their own pool, ``shell_pool.py``) have modules of their own.
 """
 
 from __future__ import annotations
@@ -332,6 +333,7 @@ class DockerBackend(Backend):
                         log.info("adopted running instances", count=len(adopted))
                     self._engine_up(client)
                     self.pool.engine_back()
+                    self.runners.engine_back()
                 else:
                     await _in_thread(self.client.ping)
             except ENGINE_ERRORS as exc:
@@ -369,6 +371,7 @@ class DockerBackend(Backend):
         if self._monitor is not None:
             self._monitor.cancel()
         self.pool.close()
+        self.runners.close()
 
     # ----- adoption -----------------------------------------------------------------------
 
@@ -437,6 +440,7 @@ class DockerBackend(Backend):
             client = self._connect()
             running = self._scan(client, set())
             self.pool.prune(client)
+            self.runners.pool.prune(client, self.runners.taken_containers())
         except ENGINE_ERRORS as exc:
             self._engine_down(exc)
             self._ensure_monitor()
@@ -446,6 +450,9 @@ class DockerBackend(Backend):
         self._ensure_monitor()
         asyncio.ensure_future(self._collect_images())
         self.pool.refill_soon(0)
+        self.runners.pool.refill_soon(0)
+        if runners:
+            self.runners.spares.refill_soon(0)
         return adopted
 
     def list(self) -> list[InstanceHandle]:
@@ -699,7 +706,7 @@ class DockerBackend(Backend):
                 await self._up.wait()
                 try:
                     if is_shell(spec):
-                        return await self.runners.start(spec, await self.runners.image(spec))
+                        return await self.runners.start_shell(spec)
                     if not is_per_call(spec) and self.pool.eligible(spec):
                         names = [fc["name"] for fc in spec.functions]
                         handle = await self.pool.start(spec, self._instance_labels(spec, names))

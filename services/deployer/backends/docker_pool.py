@@ -49,6 +49,7 @@ import docker.errors
 from shared.errors import Unavailable
 from shared.logs import get_logger
 from services.deployer.backends.base import InstanceHandle, InstanceSpec
+from services.deployer.backends.refill import Refilling
 from services.runtime.pool import CODE_ROOT, encode
 
 if TYPE_CHECKING:
@@ -58,7 +59,6 @@ log = get_logger(__name__)
 
 POOL_LABEL = "nuclide.pool"
 POOL_ARGV = ["python3", "-m", "services.runtime.pool"]
-REFILL_DELAY_S = 0.5  # after a take: the new instance starts on an uncontended CPU first
 TAKE_TIMEOUT_S = 30.0  # how long a start waits for a pool container being created before the image path
 FAIL_BACKOFF_S = (2.0, 60.0)  # after a failed create: no pool for this long (doubling), starts take the image path
 TAR_CACHE_ENTRIES = 16  # code tars of recent group versions (code directories are content-addressed)
@@ -79,11 +79,11 @@ class PoolClosed(Exception):
     """The deployer is shutting down: a pool container created now is removed at once."""
 
 
-class WarmPool:
+class WarmPool(Refilling):
     def __init__(self, backend: "DockerBackend") -> None:
+        super().__init__(backend.settings.docker_pool_size, *FAIL_BACKOFF_S)
         self.backend = backend
         self.settings = backend.settings
-        self.size = backend.settings.docker_pool_size
         self.memory_bytes = backend.settings.default_memory_bytes  # what idle containers run with
         self.dir = backend.var / "docker" / "pool"
         self.idle: collections.deque[Entry] = collections.deque()
@@ -93,11 +93,6 @@ class WarmPool:
         self._busy: set[str] = set()  # taken, being specialised: not an instance the scan could adopt yet
         self._creating = 0  # threads creating a pool container right now
         self._lock = threading.Lock()  # _closed, _known and _creating, shared with the creating threads
-        self._closed = False
-        self._refill: asyncio.TimerHandle | None = None
-        self._refilling = False
-        self._failed_until = 0.0
-        self._backoff_s = FAIL_BACKOFF_S[0]
         self._tars: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
 
     # ----- which starts it serves -------------------------------------------------------
@@ -239,7 +234,7 @@ class WarmPool:
             if entry.image_id == runtime_id:
                 return entry
             self._discard(entry.container_id)  # the runtime image was rebuilt meanwhile
-        if time.monotonic() < self._failed_until or self._closed:
+        if self.backoff.blocked or self._closed:
             return None
         loop = asyncio.get_running_loop()
         while True:
@@ -294,15 +289,13 @@ class WarmPool:
             self.filling -= 1
             exc = task.exception() if not task.cancelled() else asyncio.CancelledError()
             if exc is None:
-                self._backoff_s = FAIL_BACKOFF_S[0]
+                self.backoff.succeeded()
                 self._offer(task.result())
                 return
             if isinstance(exc, PoolClosed):
                 return
-            self._failed_until = time.monotonic() + self._backoff_s
             log.warning("could not create a pool container", error=f"{type(exc).__name__}: {exc}"[:300],
-                        retry_in_s=self._backoff_s)
-            self._backoff_s = min(FAIL_BACKOFF_S[1], self._backoff_s * 2)
+                        retry_in_s=self.backoff.failed())
             while len(self.waiters) > self.filling:  # starts nothing else is on the way for
                 waiter = self.waiters.pop()
                 if not waiter.done():
@@ -352,27 +345,13 @@ class WarmPool:
             raise
         return Entry(container_id, info["State"].get("Pid") or None, str(info["Image"]))
 
-    def refill_soon(self, delay_s: float = REFILL_DELAY_S) -> None:
-        """Top the pool up in the background (never in a start's way)."""
-        if self.size <= 0 or self._closed or self._refill is not None or self._refilling:
-            return
-        loop = asyncio.get_running_loop()
-        self._refill = loop.call_later(delay_s, lambda: asyncio.ensure_future(self._top_up()))
-
-    async def _top_up(self) -> None:
-        self._refill = None
-        self._refilling = True
-        try:
-            while (not self._closed and self.backend._up.is_set() and time.monotonic() >= self._failed_until
-                   and len(self.idle) + self.filling - len(self.waiters) < self.size):
-                try:
-                    await self._fill()
-                except Exception:
-                    break  # logged by the fill (or the engine is away); the backoff or a reconnect tries again
-        finally:
-            self._refilling = False
-        if not self._closed and time.monotonic() < self._failed_until:
-            self.refill_soon(self._failed_until - time.monotonic() + 0.05)
+    async def _fill_missing(self) -> None:
+        while (not self._closed and self.backend._up.is_set() and not self.backoff.blocked
+               and len(self.idle) + self.filling - len(self.waiters) < self.size):
+            try:
+                await self._fill()
+            except Exception:
+                break  # logged by the fill (or the engine is away); the backoff or a reconnect tries again
 
     def _discard(self, container_id: str) -> None:
         client = self.backend.client
@@ -401,8 +380,7 @@ class WarmPool:
         """Remove the idle pool containers (graceful shutdown; after a kill the next deployer removes them)."""
         with self._lock:
             self._closed = True
-        if self._refill is not None:
-            self._refill.cancel()
+        self.cancel_refill()
         self.idle.clear()
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
         while time.monotonic() < deadline:  # creating threads remove what they create from now on
