@@ -56,6 +56,10 @@ NOTES = """\
 - **One connection is a ping-pong** between wrk and the server: its figures depend on
   whether the two land on the same core, and moved up to 2x between otherwise quiet runs
   here (bare ASGI at 1 connection: 9k-21k req/s). Compare CPU per request, which moves less.
+- **The hop to an instance**: the row "one round trip to another process" times a 1-byte
+  message echoed by a second process, over ZeroMQ (ROUTER and DEALER on tcp loopback, as
+  the gateway and an instance talk) and over a unix socket pair, and says what 1-connection
+  throughput a gateway adding only that round trip to a bare ASGI request could reach.
 - **Same run, one at a time.** Each baseline server and the nuclide stack are started
   alone, warmed up, measured, and stopped before the next one starts. Ratios are
   nuclide / baseline from the same run (for latencies, above 1 means nuclide is slower).

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from tests.bench import wrk
+from tests.bench import ipc, wrk
 from tests.bench.apps import NOOP_SOURCE
 from tests.bench.harness import Bench
 from tests.bench.machine import cpu_busy_seconds
@@ -163,6 +163,7 @@ def run(bench: Bench, result: ScenarioResult) -> None:
                 **{svc: proc.pid for svc, proc in stack.procs.items() if svc != "gateway"}}
         nuc = measure(bench, "nuclide", stack.url + "/noop", pids, result.raw)
 
+    hop = _process_hop(bench) if 1 in opts.concurrency else None
     secs = f"{opts.duration_s} s, 1 wrk thread"
     for c in opts.concurrency:
         n, b, f = nuc[c], bare[c], fast[c]
@@ -183,3 +184,30 @@ def run(bench: Bench, result: ScenarioResult) -> None:
                 _join(f"FastAPI p99 {f.res.p99_ms:.3f} ms", _errors_note(nuclide=n), _disturbed_note(nuclide=n, bare=b)),
                 n.res.errors),
         ]
+    if hop is not None:
+        result.rows.append(_hop_row(hop, bare[1]))
+
+
+def _process_hop(bench: Bench) -> tuple[float, float]:
+    """Median round trips (us) between two processes, over ZeroMQ and over a unix socket pair."""
+    seconds, runs = (0.3, 1) if bench.options.quick else (2.0, 3)
+    zmq_us = sorted(ipc.zmq_round_trip_us(seconds) for _ in range(runs))[runs // 2]
+    unix_us = sorted(ipc.unix_round_trip_us(seconds) for _ in range(runs))[runs // 2]
+    bench.log(f"process round trip (1 byte echoed): ZeroMQ tcp {zmq_us:.1f} us, unix socket pair {unix_us:.1f} us")
+    return zmq_us, unix_us
+
+
+def _hop_row(hop: tuple[float, float], bare: Point) -> Row:
+    """The hop a call to an instance adds, and the 1-connection throughput it leaves at best."""
+    zmq_us, unix_us = hop
+    bare_us = 1e6 / bare.res.rps if bare.res.rps else float("nan")
+
+    def ceiling(extra_us: float) -> str:
+        rps = 1e6 / (bare_us + extra_us)
+        return f"{rps:,.0f} req/s ({rps * bare_us / 1e6:.2f}x bare)"
+
+    return Row(NAME, "sync invoke, 1 conn: one round trip to another process", "ms", zmq_us / 1000, unix_us / 1000,
+               "a unix socket pair", None,
+               f"1 byte echoed by a second process, median of runs; a bare ASGI request at 1 connection takes"
+               f" {bare_us:.0f} us, so a gateway that adds this ZeroMQ round trip and nothing else could do at most"
+               f" {ceiling(zmq_us)} (with the unix socket pair {ceiling(unix_us)})")
