@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.stack import ROOT, Stack, function_yaml, wait_for
+from tests.tasks import PROBE_HELPERS
 
 DOCKER_HOST = os.environ.get("NUCLIDE_TEST_DOCKER_HOST", "unix:///var/run/docker.sock")
 IMAGE_TAG = os.environ.get("NUCLIDE_IMAGE_TAG", "latest")
@@ -97,17 +98,24 @@ def function_containers(ns: str, function: str, all_states: bool = True) -> list
     return containers(ns, f"nuclide.function={function}", all_states=all_states) + pooled
 
 
-def pool_records(stack: Stack) -> dict[str, dict[str, Any]]:
-    """The deployer's warm pool records: container id -> what it became (``state``, instance ``labels``)."""
+def json_records(directory: Path, skip_suffix: str = "") -> dict[str, dict[str, Any]]:
+    """The deployer's ``<id>.json`` records in ``directory`` (names ending in ``skip_suffix`` left out)."""
     import json
 
     found = {}
-    for path in (stack.var_dir / "docker" / "pool").glob("*.json"):
+    for path in directory.glob("*.json"):
+        if skip_suffix and path.name.endswith(skip_suffix):
+            continue
         try:
             found[path.stem] = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # replaced while read
     return found
+
+
+def pool_records(stack: Stack) -> dict[str, dict[str, Any]]:
+    """The deployer's warm pool records: container id -> what it became (``state``, instance ``labels``)."""
+    return json_records(stack.var_dir / "docker" / "pool")
 
 
 def idle_pool(stack: Stack) -> list[str]:
@@ -248,3 +256,32 @@ def memory_limit_checks(stack: Stack, running: Callable[[], list[Any]]) -> None:
     assert "memory limit of 128 MiB" in logs
     replacement = wait_for(lambda: [c for c in running() if c.id != first.id], 30, what="a replacement container")
     assert replacement and wait_for(lambda: stack.invoke("hog", b"heap 8").text == "8", 30, what="the replacement")
+
+
+# A function that reports its container's lockdown from inside: user, capabilities, which writes
+# work, the Docker socket, its env; ``extra`` adds entries to the dict it returns (Python source).
+PROBE_SPEC = {"env": [{"name": "GREETING", "value": "hi"}], "resources": {"limits": {"memory": "96Mi", "cpu": "500m"}}}
+
+
+def lockdown_probe(extra: str = "") -> str:
+    return PROBE_HELPERS + f"""
+import sys
+
+def handler(context, event):
+    print("probe was called", flush=True)
+    with open("/proc/self/status") as fh:
+        caps = [line.split()[1] for line in fh if line.startswith("CapEff")][0]
+    return {{"uid": os.getuid(), "caps": caps, "tmp": attempt(lambda: write("/tmp/x")),
+            "root": attempt(lambda: write("/x")), "code": attempt(lambda: write("scratch.txt")),
+            "socket": os.path.exists("/var/run/docker.sock"), "env": os.environ.get("GREETING"){extra}}}
+"""
+
+
+def assert_probe_container_locked_down(container: Any) -> None:
+    """What the engine says of a :func:`lockdown_probe` instance's container (PROBE_SPEC's limits)."""
+    host = container.attrs["HostConfig"]
+    assert host["NetworkMode"] == "host" and host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"] and any("no-new-privileges" in o for o in host["SecurityOpt"])
+    assert host["Memory"] == 96 * 1024 * 1024 and host["NanoCpus"] == 500_000_000, "the function's limits"
+    assert "/tmp" in host["Tmpfs"] and not container.attrs["Mounts"], "no mounts at all: no Docker socket"
+    assert container.attrs["Config"]["User"] == "65534:65534"

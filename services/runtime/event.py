@@ -194,40 +194,27 @@ class Event:
         timestamp: datetime | None = None,
     ) -> None:
         """Build an event by hand (tests, local tools); the runtime uses :meth:`from_invoke`."""
+        parsed: Any = _UNPARSED
         if isinstance(body, (bytes, bytearray, memoryview)):
-            self.raw_body = bytes(body)
-            self._body = _UNPARSED
+            raw = bytes(body)
         elif isinstance(body, str):
-            self.raw_body = body.encode("utf-8")
-            self._body = body
+            raw, parsed = body.encode("utf-8"), body
         elif isinstance(body, (dict, list)):
-            self.raw_body = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-            self._body = body
+            raw, parsed = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), body
             content_type = content_type or "application/json"
         elif body is None:
-            self.raw_body = b""
-            self._body = _UNPARSED
+            raw = b""
         else:
-            self.raw_body = str(body).encode("utf-8")
-            self._body = body
+            raw, parsed = str(body).encode("utf-8"), body
         if headers is None:
-            self.headers = Headers()
+            hdrs = Headers()
         elif isinstance(headers, Mapping):
-            self.headers = Headers.from_pairs(None, headers)
+            hdrs = Headers.from_pairs(None, headers)
         else:
-            self.headers = Headers.from_pairs(list(headers))
-        self.content_type = content_type or self.headers.get("content-type", "")
+            hdrs = Headers.from_pairs(list(headers))
+        self._fill(id, parent_id, function, mode, method, path, query, hdrs, content_type, raw, deadline_ms, trigger)
+        self._body = parsed
         self._fields = dict(fields) if fields is not None else None
-        self.id = id
-        self.parent_id = parent_id
-        self.function = function
-        self.mode = mode
-        self.method = method
-        self.path = path
-        self.query = query
-        self.deadline_ms = deadline_ms
-        self.trigger = trigger
-        self._arrival_s = time.time()
         self._timestamp = timestamp
 
     @classmethod
@@ -271,6 +258,14 @@ class Event:
               query: str, headers: Headers, content_type: str, body: bytes, deadline_ms: int) -> Event:
         # __init__ normalises hand-made input; these fields are already in shape
         self = cls.__new__(cls)
+        self._fill(call_id, parent_id, function, mode, method, path, query, headers, content_type,
+                   body if type(body) is bytes else bytes(body or b""), deadline_ms, HTTP_TRIGGER)
+        return self
+
+    def _fill(self, call_id: str, parent_id: str | None, function: str, mode: str, method: str, path: str,
+              query: str, headers: Headers, content_type: str, raw_body: bytes, deadline_ms: int,
+              trigger: Trigger) -> None:
+        """Every field, from values in shape; the body unparsed, no extra fields, the timestamp on demand."""
         self.id = call_id
         self.parent_id = parent_id
         self.function = function
@@ -281,13 +276,12 @@ class Event:
         self.deadline_ms = deadline_ms
         self.headers = headers
         self.content_type = content_type or headers.get("content-type", "")
-        self.raw_body = body if type(body) is bytes else bytes(body or b"")
-        self.trigger = HTTP_TRIGGER
+        self.raw_body = raw_body
+        self.trigger = trigger
         self._body = _UNPARSED
         self._fields = None
         self._arrival_s = time.time()
         self._timestamp = None
-        return self
 
     @property
     def body(self) -> Any:

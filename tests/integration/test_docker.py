@@ -20,8 +20,8 @@ from shared.procs import descendants
 from tests.docker_util import (  # noqa: F401 (fixtures)
     DOCKER_HOST, containers, docker_client, docker_problem, group_images, namespace, need, own_docker_stack,
     memory_limit_checks, redeploy_under_steady_calls, remove_namespace, require_docker, shared_docker_stack,
+    PROBE_SPEC, assert_probe_container_locked_down, lockdown_probe,
 )
-from tests.tasks import PROBE_HELPERS
 from tests.stack import Stack, function_yaml, wait_for
 
 pytestmark = pytest.mark.integration
@@ -50,18 +50,8 @@ def running(ns: str, function: str) -> list:
 
 
 def test_deploy_invoke_logs_in_a_locked_down_container(dstack: Stack) -> None:
-    probe = PROBE_HELPERS + """
-
-def handler(context, event):
-    print("probe was called", flush=True)
-    with open("/proc/self/status") as fh:
-        caps = [line.split()[1] for line in fh if line.startswith("CapEff")][0]
-    return {"uid": os.getuid(), "caps": caps, "tmp": attempt(lambda: write("/tmp/x")),
-            "root": attempt(lambda: write("/x")), "code": attempt(lambda: write("scratch.txt")),
-            "socket": os.path.exists("/var/run/docker.sock"), "env": os.environ.get("GREETING")}
-"""
-    spec = {"env": [{"name": "GREETING", "value": "hi"}], "resources": {"limits": {"memory": "96Mi", "cpu": "500m"}}}
-    r = dstack.deploy("probe", {"function.yaml": function_yaml("probe", **spec), "main.py": probe})
+    probe = lockdown_probe()
+    r = dstack.deploy("probe", {"function.yaml": function_yaml("probe", **PROBE_SPEC), "main.py": probe})
     assert r.json()["state"] == "ready"
     out = dstack.invoke("probe").json()
     assert out == {"uid": 65534, "caps": "0000000000000000", "tmp": "ok", "root": "OSError", "code": "OSError",
@@ -71,12 +61,7 @@ def handler(context, event):
     assert labels["nuclide.managed"] == "true" and labels["nuclide.group"] == "g-probe"
     assert labels["nuclide.functions"] == "probe" and labels["nuclide.instance"].startswith("g-probe-v")
     assert int(labels["nuclide.group_version"]) >= 1
-    host = container.attrs["HostConfig"]
-    assert host["NetworkMode"] == "host" and host["ReadonlyRootfs"] is True
-    assert host["CapDrop"] == ["ALL"] and any("no-new-privileges" in o for o in host["SecurityOpt"])
-    assert host["Memory"] == 96 * 1024 * 1024 and host["NanoCpus"] == 500_000_000
-    assert "/tmp" in host["Tmpfs"] and not container.attrs["Mounts"], "no mounts at all: no Docker socket"
-    assert container.attrs["Config"]["User"] == "65534:65534"
+    assert_probe_container_locked_down(container)
     assert "probe was called" in dstack.client.get("/functions/probe/logs").text
 
 

@@ -15,8 +15,8 @@ import pytest
 from tests.docker_util import (  # noqa: F401 (fixtures)
     containers, docker_client, group_images, idle_pool, namespace, own_docker_stack, pool_records as records,
     memory_limit_checks, redeploy_under_steady_calls, require_docker, shared_docker_stack,
+    PROBE_SPEC, assert_probe_container_locked_down, lockdown_probe,
 )
-from tests.tasks import PROBE_HELPERS
 from tests.stack import ROOT, Stack, function_yaml, wait_for
 
 pytestmark = pytest.mark.integration
@@ -50,21 +50,9 @@ def full_pool(stack: Stack) -> list[str]:
 
 
 def test_a_function_is_served_by_a_pool_container_in_the_same_lockdown(pstack: Stack) -> None:
-    probe = PROBE_HELPERS + """
-import sys
-
-def handler(context, event):
-    print("probe was called", flush=True)
-    with open("/proc/self/status") as fh:
-        caps = [line.split()[1] for line in fh if line.startswith("CapEff")][0]
-    return {"uid": os.getuid(), "caps": caps, "tmp": attempt(lambda: write("/tmp/x")),
-            "root": attempt(lambda: write("/x")), "code": attempt(lambda: write("scratch.txt")),
-            "socket": os.path.exists("/var/run/docker.sock"), "env": os.environ.get("GREETING"),
-            "cwd": os.getcwd(), "stdin": sys.stdin.read()}
-"""
+    probe = lockdown_probe(', "cwd": os.getcwd(), "stdin": sys.stdin.read()')
     idle_before = full_pool(pstack)
-    spec = {"env": [{"name": "GREETING", "value": "hi"}], "resources": {"limits": {"memory": "96Mi", "cpu": "500m"}}}
-    r = pstack.deploy("probe", {"function.yaml": function_yaml("probe", **spec), "main.py": probe})
+    r = pstack.deploy("probe", {"function.yaml": function_yaml("probe", **PROBE_SPEC), "main.py": probe})
     assert r.json()["state"] == "ready"
     out = pstack.invoke("probe").json()
     # the code directory is read-only by mode here (EACCES), by the read-only root in an image (EROFS)
@@ -79,13 +67,8 @@ def handler(context, event):
     assert record["nuclide.group"] == "g-probe" and record["nuclide.instance"].startswith("g-probe-v")
     wait_for(lambda: docker_client().containers.get(container.id).name
              == f"nuclide-{namespace(pstack)}-{record['nuclide.instance']}", 10, what="the instance's name")
-    host = container.attrs["HostConfig"]
-    assert host["NetworkMode"] == "host" and host["ReadonlyRootfs"] is True
-    assert host["CapDrop"] == ["ALL"] and any("no-new-privileges" in o for o in host["SecurityOpt"])
-    assert host["Memory"] == 96 * 1024 * 1024 and host["NanoCpus"] == 500_000_000, "the function's limits"
-    assert host["PidsLimit"] == 512
-    assert "/tmp" in host["Tmpfs"] and not container.attrs["Mounts"], "no mounts at all: no Docker socket"
-    assert container.attrs["Config"]["User"] == "65534:65534"
+    assert_probe_container_locked_down(container)
+    assert container.attrs["HostConfig"]["PidsLimit"] == 512
     assert "probe was called" in pstack.client.get("/functions/probe/logs").text
 
 

@@ -7,7 +7,6 @@ one comes from the deployer's runtime pool (see services/deployer/backends/shell
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,8 +19,8 @@ import pytest
 import yaml
 
 from tests.docker_util import (  # noqa: F401 (fixtures)
-    RUNTIME_IMAGE, containers, docker_client, group_images, namespace, own_docker_stack, require_docker,
-    shared_docker_stack,
+    RUNTIME_IMAGE, containers, docker_client, group_images, json_records, namespace, own_docker_stack,
+    require_docker, shared_docker_stack,
 )
 from tests.stack import ROOT, Stack, wait_for
 
@@ -67,15 +66,7 @@ def files(name: str, runtime: str = "fastrt", **spec: Any) -> dict[str, str]:
 
 def records(stack: Stack) -> dict[str, dict[str, Any]]:
     """The deployer's runner records: instance id -> pid, functions, the pool containers it took."""
-    found = {}
-    for path in (stack.var_dir / "docker" / "runners").glob("*.json"):
-        if path.name.endswith(".config.json"):
-            continue
-        try:
-            found[path.stem] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # replaced while read
-    return found
+    return json_records(stack.var_dir / "docker" / "runners", ".config.json")
 
 
 def taken(stack: Stack) -> set[str]:
