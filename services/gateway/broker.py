@@ -201,6 +201,7 @@ class Broker:
                     self._send_calls(current, calls[start:start + protocol.MAX_BATCH])
 
     def _send_calls(self, inst: Instance, calls: list[Call]) -> None:
+        sent = 0
         try:
             if len(calls) > 1 and inst.batch:
                 self._send([inst.id, _SIG, _INVOKE, _packb({"batch": [c.header for c in calls]}),
@@ -208,8 +209,21 @@ class Broker:
             else:
                 for call in calls:
                     self._send([inst.id, _SIG, _INVOKE, _packb(call.header), call.body])
+                    sent += 1
         except zmq.ZMQError as exc:
+            # the peer was gone before these left (ROUTER_MANDATORY): they never ran, so they wait
+            # for another instance like any queued call instead of failing with the vanished one
+            undelivered = calls[sent:]
+            for call in undelivered:
+                inst.inflight.pop(call.call_id, None)
+                self.pending.pop(call.call_id, None)
+                if call.timer:
+                    call.timer.cancel()
             self._drop_instance(inst, f"instance unreachable: {exc}")
+            for call in undelivered:
+                if not call.future.done():
+                    call.instance = None
+                    self.submit(call, bounded=False)
 
     def _expire(self, call: Call) -> None:
         if call.future.done():

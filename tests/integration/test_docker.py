@@ -62,7 +62,8 @@ def test_deploy_invoke_logs_in_a_locked_down_container(dstack: Stack) -> None:
     assert labels["nuclide.functions"] == "probe" and labels["nuclide.instance"].startswith("g-probe-v")
     assert int(labels["nuclide.group_version"]) >= 1
     assert_probe_container_locked_down(container)
-    assert "probe was called" in dstack.client.get("/functions/probe/logs").text
+    wait_for(lambda: "probe was called" in dstack.client.get("/functions/probe/logs").text, 10,
+             what="the call's print in the function's log")
 
 
 def test_code_only_redeploy_reuses_the_dependency_layer(dstack: Stack) -> None:

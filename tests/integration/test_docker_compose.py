@@ -49,7 +49,9 @@ def test_compose_up_deploy_invoke_down(require_compose: None) -> None:
                            headers={"content-type": "application/zip"})
             assert r.status_code == 200 and r.json()["state"] == "ready", r.text
             assert client.post("/composed", json={"x": 1}).json() == {"hi": {"x": 1}}
-            assert "composed call" in client.get("/functions/composed/logs").text
+            # the deployer copies a container's output to the log as it comes: a moment after the call
+            wait_for(lambda: "composed call" in client.get("/functions/composed/logs").text, 10,
+                     what="the call's print in the function's log")
         # a warm pool container (the compose stack's default) or an image-built one
         [function] = wait_for(lambda: function_containers(namespace, "composed", all_states=False), 15,
                               what="the function's container under its instance name")

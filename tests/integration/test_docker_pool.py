@@ -69,7 +69,8 @@ def test_a_function_is_served_by_a_pool_container_in_the_same_lockdown(pstack: S
              == f"nuclide-{namespace(pstack)}-{record['nuclide.instance']}", 10, what="the instance's name")
     assert_probe_container_locked_down(container)
     assert container.attrs["HostConfig"]["PidsLimit"] == 512
-    assert "probe was called" in pstack.client.get("/functions/probe/logs").text
+    wait_for(lambda: "probe was called" in pstack.client.get("/functions/probe/logs").text, 10,
+             what="the call's print in the function's log")
 
 
 def test_the_pool_refills_after_use(pstack: Stack) -> None:

@@ -284,7 +284,8 @@ def test_deployer_restart_adopts_runners_and_removes_idle_pool_containers(requir
         ns = namespace(s)
         wait_for(lambda: orphaned.id not in [c.id for c in containers(ns)], 15,
                  what="the dead runner's container to be removed")
-        assert s.invoke("orphan", {}).json()["me"] == "orphan", "the reconciler starts it again"
+        r = s.invoke("orphan", {})
+        assert r.json().get("me") == "orphan", ("the reconciler starts it again", r.status_code, r.text)
         wait_for(lambda: not [c for c in containers(ns, POOL_LABEL) if c.id in idle], 15,
                  what="the old deployer's idle pool containers to be removed")
         new_idle = full_pool(s)  # the adopted runner's shape is kept warm

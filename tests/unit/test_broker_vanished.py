@@ -1,0 +1,77 @@
+"""The broker over real ZeroMQ sockets: a call routed to an instance that vanished is not lost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import zmq
+
+from shared import protocol
+from services.gateway.broker import Broker, Call, Instance
+from tests.stack import free_port
+
+
+async def until(predicate, timeout_s: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def instance(ctx: zmq.Context, endpoint: str, ident: bytes) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, ident)
+    sock.connect(endpoint)
+    sock.send_multipart(protocol.encode(protocol.READY, {
+        "instance_id": ident.decode(), "group": "g", "group_version": 1, "functions": {"f": 1},
+        "credit": 1, "concurrency": 1, "pid": 1}))
+    return sock
+
+
+async def test_a_call_sent_to_a_vanished_instance_waits_for_the_next_one() -> None:
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ready: list[Instance] = []
+    gone: list[str] = []
+    broker = Broker(ctx, endpoint, 10, on_ready=ready.append, on_gone=lambda inst, why: gone.append(why))
+    try:
+        first = instance(ctx, endpoint, b"i1")
+        await until(lambda: broker.routes.get("f"), what="the first instance's READY")
+        first.close()
+        beat = protocol.encode(protocol.HEARTBEAT, {})
+
+        def vanished() -> bool:  # the ROUTER has dropped the peer: sending to it raises now
+            try:
+                broker._send([b"i1", *beat])
+            except zmq.ZMQError:
+                return True
+            return False
+
+        await until(vanished, what="the ROUTER to drop the closed peer")
+        future = asyncio.get_running_loop().create_future()
+        call = Call("c1", "f", {"call_id": "c1", "function": "f"}, b"payload", future, 5.0)
+        broker.submit(call)  # routed to i1, which the broker still lists
+        await until(lambda: gone, what="the vanished instance to be dropped")
+        assert not future.done(), "a call that never left must not fail with the vanished instance"
+        assert list(broker.queues["f"]) == [call]
+
+        second = instance(ctx, endpoint, b"i2")
+        try:
+            assert await asyncio.wait_for(asyncio.to_thread(second.poll, 5000), 6)
+            frames = second.recv_multipart()
+            msg = protocol.decode(frames)
+            assert msg.command == protocol.INVOKE and msg.header["call_id"] == "c1" and msg.body == b"payload"
+            second.send_multipart(protocol.encode(protocol.RESULT, {"call_id": "c1", "status": 200}, b"done"))
+            header, body = await asyncio.wait_for(future, 5)
+            assert header["status"] == 200 and body == b"done"
+        finally:
+            second.close()
+    finally:
+        broker.close()
+        ctx.term()
