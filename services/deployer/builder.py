@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import io
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -44,6 +45,23 @@ def env_key(spec: dict[str, Any]) -> str | None:
     for command in commands:
         h.update(command.encode() + b"\0")
     return h.hexdigest()[:24]
+
+
+# The names a build command uses for Python tools. The host's PATH may resolve them to anything (a
+# pyenv shim that fails in the read-only sandbox, another Python's pip, nothing at all); a build
+# installs into the function's environment, so each must run the interpreter the function runs on.
+TOOL_SHIMS = {"python": "", "python3": "", "pip": "-m pip", "pip3": "-m pip"}
+
+
+def write_tool_shims(bin_dir: Path, python: str) -> Path:
+    """Write ``python``, ``python3``, ``pip`` and ``pip3`` into ``bin_dir``, each running ``python``."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, args in TOOL_SHIMS.items():
+        shim = bin_dir / name
+        command = " ".join(part for part in ("exec", shlex.quote(python), args, '"$@"') if part)
+        shim.write_text(f"#!/bin/sh\n{command}\n")
+        shim.chmod(0o755)
+    return bin_dir
 
 
 def tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -108,9 +126,11 @@ class Builder:
         cache = self.var / "cache" / "pip"
         cache.mkdir(parents=True, exist_ok=True)
         log_path = work / "build.log"
+        tools = write_tool_shims(work / ".tools", sys.executable)
         env = base_env(home=str(work))
         env.update({"PIP_TARGET": str(site), "PIP_CACHE_DIR": str(cache), "PYTHONPATH": str(site),
-                    "PATH": f"{site / 'bin'}:{env['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"})
+                    "PATH": f"{tools}:{site / 'bin'}:{env['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                    "PIP_NO_INPUT": "1"})
         mounts = Mounts(writable=(work, cache), hidden=hidden_paths())
         steps: list[tuple[str, list[str]]] = []
         requirements = (spec.get("requirements") or "").strip()
@@ -145,6 +165,7 @@ class Builder:
                     shutil.rmtree(work, ignore_errors=True)
                     reason = "timed out" if code is None else f"exited with code {code}"
                     raise BuildFailed(f"build step '{title}' {reason}", {"log_tail": tail(text)})
+        shutil.rmtree(tools, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)

@@ -23,6 +23,7 @@ from tests.docker_util import (  # noqa: F401 (fixtures)
     PROBE_SPEC, assert_probe_container_locked_down, lockdown_probe,
 )
 from tests.stack import Stack, function_yaml, wait_for
+from tests.tasks import TASK_A, TASK_B
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +104,18 @@ def test_requirements_installed_in_the_image(dstack: Stack) -> None:
                                      "requirements.txt": requirements})
     assert r.json()["state"] == "ready"
     assert dstack.invoke("dockerdeps").text.split() == ["1", "2"]
+
+
+def test_fusionizer_task_a_builds_with_the_image_python_whatever_path_holds(dstack: Stack) -> None:
+    # the first step puts a failing pip where PATH used to look first (the environment's own bin);
+    # TaskA's own step must still reach the interpreter the container runs
+    broken = "mkdir -p $PIP_TARGET/bin && printf '#!/bin/sh\\nexit 1\\n' > $PIP_TARGET/bin/pip && chmod +x $PIP_TARGET/bin/pip"
+    spec = {"build": {"commands": [broken, "pip install requests", "pip3 --version",
+                                   "python -c 'import requests' && python3 -c 'import requests'"]}}
+    dstack.deploy("TaskB", {"function.yaml": function_yaml("TaskB"), "main.py": TASK_B})
+    dstack.deploy("TaskA", {"function.yaml": function_yaml("TaskA", **spec), "main.py": TASK_A})
+    r = dstack.invoke("TaskA", {})
+    assert (r.status_code, r.text) == (200, "8"), r.text
 
 
 def test_failed_build_is_a_422_and_the_previous_version_keeps_serving(dstack: Stack) -> None:

@@ -102,8 +102,15 @@ here = os.path.dirname(os.path.abspath(__file__))
 env_dir = os.path.dirname(here)
 site = os.path.join(env_dir, "site")
 os.makedirs(site, exist_ok=True)
+# python, python3, pip and pip3 run this interpreter, whatever the image's PATH holds
+tools = "/tmp/nuclide-tools"
+os.makedirs(tools, exist_ok=True)
+for name, args in (("python", ""), ("python3", ""), ("pip", " -m pip"), ("pip3", " -m pip")):
+    with open(os.path.join(tools, name), "w") as fh:
+        fh.write("#!/bin/sh\nexec %s%s \"$@\"\n" % (sys.executable, args))
+    os.chmod(os.path.join(tools, name), 0o755)
 env = dict(os.environ, PIP_TARGET=site, PYTHONPATH=site, HOME="/tmp",
-           PATH=site + "/bin:" + os.environ.get("PATH", "/usr/bin:/bin"),
+           PATH=tools + ":" + site + "/bin:" + os.environ.get("PATH", "/usr/bin:/bin"),
            PIP_NO_CACHE_DIR="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
 ca = os.path.join(here, "ca.pem")
 if os.path.exists(ca):  # the deployer's trust store, for a TLS-intercepting proxy
@@ -552,7 +559,7 @@ class DockerBackend(Backend):
         client = self._require()
         requirements = (recipe / "requirements.txt").read_text() if (recipe / "requirements.txt").exists() else ""
         commands = (recipe / "commands.json").read_text()
-        key = _digest("env", runtime_id, requirements, commands)[:24]
+        key = _digest("env", runtime_id, requirements, commands, BUILD_SCRIPT)[:24]  # a new script is a new image
         tag = f"{ENV_REPO}:{key}"
         async with self._lock(tag):
             if await self._api(self._image_labels, client, tag) is not None:
