@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from shared.netpolicy import CallbackPolicy
+
 
 class ConfigError(ValueError):
     """A setting has a value that cannot be used."""
@@ -83,6 +85,9 @@ class Settings:
     max_zip_bytes: int = 50 * 1024 * 1024
     deploy_timeout_s: float = 600.0
     queue_limit: int = 1000  # waiting sync calls per function before 429
+    # networks (CIDR) and host names that callback URLs may point into besides the public internet;
+    # empty: loopback, link-local and private addresses are refused (shared/netpolicy.py)
+    callback_allow: str = ""
     # calls
     call_retention_s: float = 24 * 3600.0  # finished calls are kept this long
     async_batch_max: int = 256  # async calls stored per store transaction
@@ -119,6 +124,10 @@ class Settings:
         for name in ("max_body_bytes", "max_zip_bytes", "queue_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        try:
+            CallbackPolicy.parse(self.callback_allow)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.docker_image_cache < 0:
             raise ConfigError("docker_image_cache must be 0 or more")
         if not 0 <= self.docker_pool_size <= MAX_DOCKER_POOL_SIZE:

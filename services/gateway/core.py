@@ -28,7 +28,7 @@ from shared.logs import get_logger
 from shared.names import RESERVED_NAMES
 from shared.statefeed import StateFeed
 from services.gateway.broker import Broker, Call, Instance
-from services.gateway.calls import AsyncCalls, check_callback_url
+from services.gateway.calls import AsyncCalls
 from services.gateway.http import valid_header
 from services.gateway.ingress import Ingress
 from shared.triggers import DEFAULT_RETRY, validate_triggers
@@ -632,7 +632,7 @@ class Gateway:
         call_id, duplicate = await self.calls.submit(
             name, body, content_type=hdrs.get("content-type", ""), headers=forwarded, source="http", call_id=call_id,
             idempotency_key=hdrs.get("x-idempotency-key") or None,
-            callback_url=check_callback_url(hdrs.get("x-callback-url")))
+            callback_url=hdrs.get("x-callback-url"))
         payload = json.dumps({"call_id": call_id, "status_url": f"/calls/{call_id}", "duplicate": duplicate}).encode()
         return 202, [_JSON_CT, (b"x-call-id", call_id.encode())], payload
 

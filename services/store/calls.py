@@ -64,6 +64,39 @@ def record(row: Any, with_result: bool = True) -> dict[str, Any]:
     return out
 
 
+MAX_TEXT_FIELD = 2048  # ids, keys, URLs and content types are short; anything longer is refused
+_TEXT_FIELDS = ("id", "function", "kind", "source", "status", "idempotency_key", "callback_url", "owner",
+                "content_type", "parent_id")
+_NUMBER_FIELDS = ("max_attempts", "queued_at", "next_attempt_at")
+
+
+def call_problem(call: Any) -> str | None:
+    """Why a submitted call cannot be stored (a field of the wrong type or size), or None."""
+    if not isinstance(call, dict):
+        return f"a call must be a map, not {type(call).__name__}"
+    for key in ("id", "function"):
+        if not isinstance(call.get(key), str) or not call[key]:
+            return f"call field {key!r} must be a non-empty string"
+    for key in _TEXT_FIELDS:
+        value = call.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT_FIELD):
+            return f"call field {key!r} must be a string of at most {MAX_TEXT_FIELD} characters"
+    for key in _NUMBER_FIELDS:
+        value = call.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"call field {key!r} must be a number"
+    if call.get("status", "PENDING") not in STATUSES:
+        return f"call status must be one of {', '.join(STATUSES)}"
+    error = call.get("error")
+    if error is not None and not isinstance(error, str):
+        return "call field 'error' must be a string"
+    headers = call.get("headers") or []
+    if not isinstance(headers, list) or not all(
+            isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in headers):
+        return "call field 'headers' must be a list of [name, value] string pairs"
+    return None
+
+
 class CallStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -76,6 +109,12 @@ class CallStore:
         now = time.time()
         with self.db.tx():
             for call, payload in zip(calls, payloads):
+                problem = call_problem(call)
+                if problem is not None:
+                    # one bad call fails alone; the rest of its batch is stored as usual
+                    out.append({"id": call.get("id") if isinstance(call, dict) else None, "duplicate": False,
+                                "status": "REFUSED", "error": problem})
+                    continue
                 key = call.get("idempotency_key")
                 status = call.get("status", "PENDING")
                 # one statement for the common case; the primary key and the idempotency index

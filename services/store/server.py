@@ -31,6 +31,20 @@ def _arg(args: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
+def _int(args: dict[str, Any], key: str, default: int) -> int:
+    value = args.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"argument {key!r} must be an integer, not {type(value).__name__}")
+    return value
+
+
+def _opt(args: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = args.get(key)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise InvalidRequest(f"argument {key!r} must be a {getattr(kind, '__name__', 'number')} when given")
+    return value
+
+
 class StoreServer:
     def __init__(self, settings: Settings, ctx: zmq.Context) -> None:
         self.settings = settings
@@ -147,7 +161,7 @@ class StoreServer:
                 return {"recorded": calls.record_sync_rows(list(_arg(args, "rows", list)))}
             return {"recorded": calls.record_sync(list(_arg(args, "calls", list)))}
         if method == "calls.claim":
-            claimed, payloads = calls.claim(_arg(args, "owner", str), int(args.get("limit", 1000)))
+            claimed, payloads = calls.claim(_arg(args, "owner", str), _int(args, "limit", 1000))
             return claimed, payloads
         if method == "calls.get":
             return calls.get(_arg(args, "id", str))
@@ -155,14 +169,14 @@ class StoreServer:
             rec, body = calls.result(_arg(args, "id", str))
             return rec, [body]
         if method == "calls.list":
-            return calls.list(args.get("function"), args.get("status"), int(args.get("limit", 100)),
-                              args.get("source"), args.get("before"))
+            return calls.list(_opt(args, "function", str), _opt(args, "status", str), _int(args, "limit", 100),
+                              _opt(args, "source", str), _opt(args, "before", (int, float)))
         if method == "calls.redrive":
             return calls.redrive(_arg(args, "id", str))
         if method == "calls.purge":
-            return {"purged": calls.purge(_arg(args, "status", str), args.get("function"))}
+            return {"purged": calls.purge(_arg(args, "status", str), _opt(args, "function", str))}
         if method == "calls.pending_callbacks":
-            pending = calls.pending_callbacks(_arg(args, "owner", str), int(args.get("limit", 100)))
+            pending = calls.pending_callbacks(_arg(args, "owner", str), _int(args, "limit", 100))
             bodies_out = [p.pop("result_b") for p in pending]
             return pending, bodies_out
         if method == "calls.counts":

@@ -1,0 +1,160 @@
+"""Hostile input against a real stack: one bad message fails alone, and the platform sends nothing inward."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.server
+import threading
+import time
+from typing import Any
+
+import pytest
+import zmq
+
+from shared import protocol
+from shared.ingress import Producer
+from tests.stack import Stack, free_port, function_yaml, wait_for
+
+pytestmark = pytest.mark.integration
+
+ECHO = "def handler(context, event):\n    return {'got': event.body}\n"
+
+
+def store_rpc(stack: Stack, method: str, args: dict[str, Any], *bodies: bytes) -> tuple[bytes, dict[str, Any]]:
+    """One raw RPC to the store: (command, header) of its reply."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(stack.endpoints["store_rpc"])
+    try:
+        sock.send_multipart(protocol.request(7, method, args, *bodies))
+        assert sock.poll(10_000), f"the store did not answer {method}"
+        msg = protocol.decode(sock.recv_multipart())
+        return msg.command, msg.header
+    finally:
+        sock.close()
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        _Hook.hits.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_callbacks_to_loopback_are_refused_by_default(fresh_stack: Stack) -> None:
+    stack = fresh_stack
+    stack.deploy("cbecho", {"function.yaml": function_yaml("cbecho"), "main.py": ECHO})
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for url in (f"http://127.0.0.1:{port}/hook", f"http://localhost:{port}/hook", f"http://[::1]:{port}/hook",
+                    f"http://127.9.9.9:{port}/hook", "http://169.254.169.254/latest/meta-data"):
+            r = stack.anon.post("/cbecho", json={"x": 1}, headers={"X-Nuclide-Async": "true", "X-Callback-Url": url})
+            assert r.status_code == 400, (url, r.text)
+            message = r.json()["error"]["message"]
+            assert "callback_allow" in message and "refused" in message, message
+        # the same call over the PUSH ingress: refused at the edge, never posted
+        with Producer(stack.endpoints["gateway_pull"]) as p:
+            p.invoke("cbecho", b"{}", content_type="application/json", call_id="cb-push-1",
+                     callback_url=f"http://127.0.0.1:{port}/push")
+            p.invoke("cbecho", b"{}", content_type="application/json", call_id="cb-push-2")
+        wait_for(lambda: stack.client.get("/calls/cb-push-2").json()["status"] == "DONE", 20, what="the clean call")
+        assert stack.client.get("/calls/cb-push-1").status_code == 404
+        assert _Hook.hits == []
+    finally:
+        server.shutdown()
+
+
+def test_callback_allow_setting_opens_loopback(tmp_path: Any) -> None:
+    stack = Stack(tmp_path / "var", {"NUCLIDE_CALLBACK_ALLOW": "127.0.0.0/8"}).start()
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Hook.hits.clear()
+    try:
+        stack.deploy("cbok", {"function.yaml": function_yaml("cbok"), "main.py": ECHO})
+        r = stack.anon.post("/cbok", json={}, headers={"X-Nuclide-Async": "true",
+                                                       "X-Callback-Url": f"http://127.0.0.1:{port}/allowed"})
+        assert r.status_code == 202, r.text
+        wait_for(lambda: _Hook.hits == ["/allowed"], 20, what="the allowed callback")
+        # a name that resolves to loopback stays refused unless that name or its network is allowed:
+        # the allow-list names 127.0.0.0/8, so localhost (127.0.0.1 in /etc/hosts) passes too
+        r = stack.anon.post("/cbok", json={}, headers={"X-Nuclide-Async": "true",
+                                                       "X-Callback-Url": f"http://[::1]:{port}/v6"})
+        assert r.status_code == 400 and "callback_allow" in r.text
+    finally:
+        server.shutdown()
+        stack.stop()
+
+
+def test_bad_callback_allow_setting_fails_at_start(tmp_path: Any) -> None:
+    stack = Stack(tmp_path / "var", {"NUCLIDE_CALLBACK_ALLOW": "127.0.0.0/8, not a host!"})
+    with pytest.raises(AssertionError, match="callback_allow entry 'not a host!'"):
+        stack.start()
+    stack.stop()
+
+
+def test_poison_push_message_fails_alone(stack: Stack) -> None:
+    stack.deploy("poison", {"function.yaml": function_yaml("poison"), "main.py": ECHO})
+    bad_headers: list[dict[str, Any]] = [
+        {"function": "poison", "call_id": "poison-map-key", "idempotency_key": {"a": 1}},
+        {"function": "poison", "call_id": "poison-list-url", "callback_url": ["x"]},
+        {"function": "poison", "call_id": "poison-ctype", "content_type": {"x": 1}},
+        {"function": "poison", "call_id": "poison-headers", "headers": [["a", {"b": 1}]]},
+        {"function": "poison", "call_id": 12345},
+        {"function": "poison", "call_id": "poison-long-key", "idempotency_key": "k" * 5000},
+    ]
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(stack.endpoints["gateway_pull"])
+
+    def http_async(i: int) -> int:
+        return stack.anon.post("/poison", json={"i": i}, headers={"X-Nuclide-Async": "true"}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(http_async, i) for i in range(200)]
+        for header in bad_headers:
+            sock.send_multipart(protocol.encode(protocol.INVOKE, header, b"{}"))
+        codes = [f.result() for f in futures]
+    sock.close()
+    assert codes == [202] * 200, sorted(set(codes))
+    for header in bad_headers:
+        if isinstance(header["call_id"], str):
+            assert stack.client.get(f"/calls/{header['call_id']}").status_code == 404, header
+    # the ingress keeps serving after the poison
+    with Producer(stack.endpoints["gateway_pull"]) as p:
+        p.invoke("poison", b'{"after": 1}', content_type="application/json", call_id="poison-after")
+    wait_for(lambda: stack.client.get("/calls/poison-after").json()["status"] == "DONE", 20, what="a clean push")
+
+
+def test_store_refuses_a_bad_call_in_a_batch_and_keeps_the_rest(stack: Stack) -> None:
+    now = time.time()
+    good = {"id": f"batch-good-{time.time_ns()}", "function": "nobody", "status": "FAILED", "error": "x",
+            "queued_at": now}
+    bad = {"id": f"batch-bad-{time.time_ns()}", "function": "nobody", "idempotency_key": {"nested": [1]},
+           "queued_at": now}
+    good2 = dict(good, id=good["id"] + "-2")
+    command, header = store_rpc(stack, "calls.submit", {"calls": [good, bad, good2]}, b"", b"", b"")
+    assert command == protocol.REP, header
+    results = header["result"]
+    assert [r["status"] for r in results] == ["FAILED", "REFUSED", "FAILED"], results
+    assert "idempotency_key" in results[1]["error"]
+    assert stack.client.get(f"/calls/{good['id']}").json()["status"] == "FAILED"
+    assert stack.client.get(f"/calls/{good2['id']}").json()["status"] == "FAILED"
+    assert stack.client.get(f"/calls/{bad['id']}").status_code == 404
+
+
+@pytest.mark.parametrize("args", [{"limit": "ten"}, {"limit": 2.5}, {"limit": True}, {"before": "yesterday"},
+                                  {"function": ["a"]}, {"status": 3}])
+def test_store_list_arguments_are_type_checked(stack: Stack, args: dict[str, Any]) -> None:
+    command, header = store_rpc(stack, "calls.list", args)
+    assert command == protocol.ERR, header
+    error = header["error"]
+    assert error["code"] == "invalid_request", error
+    assert next(iter(args)) in error["message"], error
