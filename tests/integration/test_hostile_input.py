@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.server
+import os
 import threading
 import time
 from typing import Any
@@ -158,3 +159,31 @@ def test_store_list_arguments_are_type_checked(stack: Stack, args: dict[str, Any
     error = header["error"]
     assert error["code"] == "invalid_request", error
     assert next(iter(args)) in error["message"], error
+
+
+def test_yaml_alias_bomb_and_huge_spec_are_400s_and_calls_keep_flowing(stack: Stack) -> None:
+    from tests.unit.test_spec import alias_bomb
+
+    stack.deploy("steady", {"function.yaml": function_yaml("steady"), "main.py": "def handler(c, e):\n    return 'up'\n"})
+    bomb = alias_bomb(9).replace("spec:\n", "metadata: {name: bomb}\nspec:\n")
+    huge = function_yaml("huge", description=os.urandom(1024 * 1024).hex())  # 2 MB that does not compress
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        while not stop.is_set():
+            answers.append(stack.invoke("steady").text)
+
+    caller = threading.Thread(target=keep_calling)
+    caller.start()
+    try:
+        r = stack.deploy("bomb", {"function.yaml": bomb, "main.py": "def handler(c, e):\n    return 1\n"}, expect=400)
+        assert "more than 64 YAML aliases" in r.json()["error"]["message"], r.text
+        r = stack.deploy("huge", {"function.yaml": huge, "main.py": "def handler(c, e):\n    return 1\n"}, expect=400)
+        assert r.json()["error"]["code"] == "invalid_request", r.text
+        assert "over the 262144 byte limit" in r.json()["error"]["message"], r.text
+    finally:
+        stop.set()
+        caller.join(30)
+    assert answers and set(answers) == {"up"}
+    assert stack.client.get("/bomb").status_code == 404 and stack.client.get("/huge").status_code == 404
