@@ -47,6 +47,8 @@ _PIP_REFUSED_LONG = ("--editable", "--index-url", "--extra-index-url", "--truste
                      "--requirement", "--constraint")
 _PIP_REFUSED_SHORT = ("-e", "-i", "-f", "-r", "-c")
 _PIP_COMMENT_RE = re.compile(r"(^|\s)#.*$")
+# what installs from somewhere other than the index: URLs, VCS links, PEP 508 direct references, local paths
+_PIP_DIRECT_RE = re.compile(r"://|(^|\s)(git|hg|svn|bzr)\+|(^|\s)file:|(^|\s)[./~]")
 
 _TOP_KNOWN = {"apiVersion", "kind", "metadata", "spec"}
 _TOP_IGNORED = {"status"}
@@ -325,7 +327,13 @@ def _parse_requirements(archive: Archive) -> str:
     if pending is not None:
         logical.append(pending)
     for number, line in logical:
-        for token in _PIP_COMMENT_RE.sub("", line).split():
+        requirement = _PIP_COMMENT_RE.sub("", line)
+        if _PIP_DIRECT_RE.search(requirement) or "@" in requirement.split(";", 1)[0]:
+            raise InvalidRequest(
+                f"requirements.txt line {number}: {line.strip()!r:.120} is a direct URL, VCS link or local path;"
+                " an upload installs from the package index only: name the package and its version instead"
+            )
+        for token in requirement.split():
             if _pip_refused(token):
                 raise InvalidRequest(
                     f"requirements.txt line {number}: {line.strip()!r:.120} is not allowed: an upload cannot "

@@ -445,6 +445,25 @@ def test_requirements_options_that_redirect_the_index_are_refused(line: str) -> 
     assert line[:40] in message and "package index" in message
 
 
+@pytest.mark.parametrize("line", [
+    "pkg @ http://evil.example/pkg.tar.gz", "pkg@https://evil.example/pkg.whl", "pkg[extra] @ file:///etc/x",
+    "https://evil.example/pkg-1.0-py3-none-any.whl", "git+https://evil.example/x.git#egg=x", "hg+ssh://h/x",
+    "./vendored/pkg", "/abs/path/pkg.whl", "~/pkg", "file:///tmp/pkg", "svn+http://h/x",
+])
+def test_requirements_direct_urls_and_paths_are_refused(line: str) -> None:
+    with pytest.raises(InvalidRequest) as exc_info:
+        parse_function(archive_with(files={"requirements.txt": f"requests\n{line}\n"}))
+    message = exc_info.value.message
+    assert message.startswith("requirements.txt line 2: ") and "package index only" in message, message
+
+
+@pytest.mark.parametrize("line", ["numpy ; python_version >= '3.8'", "pkg[a,b]>=1.0,<2", "requests --hash=sha256:ab12",
+                                  "name.with.dots==1.0", "x~=1.4"])
+def test_plain_requirements_with_markers_hashes_and_extras_pass(line: str) -> None:
+    spec, _ = parse_function(archive_with(files={"requirements.txt": line + "\n"}))
+    assert line in spec.requirements
+
+
 def test_requirements_option_hidden_on_a_continuation_line_is_refused() -> None:
     text = "requests \\\n  --index-url https://evil/simple\n"
     with pytest.raises(InvalidRequest) as exc_info:
