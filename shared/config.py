@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import yaml
 
 from shared.netpolicy import CallbackPolicy
+from shared.protocol import MAX_HEADER_BYTES
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,11 @@ class Settings:
     @property
     def state_db(self) -> Path:
         return self.var_dir / "state.db"
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest ZeroMQ frame a service accepts: an archive or an invoke body, or a header."""
+        return max(self.max_zip_bytes, self.max_body_bytes, MAX_HEADER_BYTES) + 64 * 1024
 
     @property
     def advertised_host(self) -> str:

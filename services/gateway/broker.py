@@ -116,6 +116,9 @@ class Broker:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting instance takes its identity back
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        # results are not capped by the upload limits the service's other sockets use; a bigger frame
+        # than the protocol allows disconnects the instance (its calls then fail at their deadline)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         sock.bind(endpoint)
         self.endpoint = endpoint
         self.queue_limit = queue_limit

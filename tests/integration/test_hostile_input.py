@@ -187,3 +187,48 @@ def test_yaml_alias_bomb_and_huge_spec_are_400s_and_calls_keep_flowing(stack: St
         caller.join(30)
     assert answers and set(answers) == {"up"}
     assert stack.client.get("/bomb").status_code == 404 and stack.client.get("/huge").status_code == 404
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("service,socket_name,kind", [("store", "store_rpc", zmq.DEALER),
+                                                      ("gateway", "gateway_pull", zmq.PUSH),
+                                                      ("gateway", "gateway_sub", zmq.PUB)])
+def test_oversized_frames_are_dropped_before_they_take_memory(stack: Stack, service: str, socket_name: str,
+                                                              kind: int) -> None:
+    from zmq.utils.monitor import recv_monitor_message
+
+    pid = stack.procs[service].pid
+    before = peak_rss_mb(pid)
+    big = b"\0" * (300 * 1024 * 1024)
+    for _ in range(3):
+        sock = zmq.Context.instance().socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        sock.connect(stack.endpoints[socket_name])
+
+        def next_event() -> int:
+            assert monitor.poll(30_000), "no event from the connection within 30 s"
+            return recv_monitor_message(monitor)["event"]
+
+        assert next_event() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        if kind == zmq.PUB:
+            sock.send_multipart([b"some-topic", big])
+        elif kind == zmq.PUSH:
+            sock.send_multipart(protocol.encode(protocol.INVOKE, {"function": "nobody"}, big))
+        else:
+            sock.send_multipart(protocol.request(1, "ping", {}, big))
+        # the service reads the frame's size and drops the connection before taking memory for it
+        assert next_event() == zmq.EVENT_DISCONNECTED
+        sock.disable_monitor()
+        monitor.close()
+        sock.close()
+    del big
+    stack.wait_healthy()
+    grew = peak_rss_mb(pid) - before
+    assert grew < 100, f"{service} peak memory grew {grew:.0f} MB from three 300 MB frames"
