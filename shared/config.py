@@ -85,6 +85,9 @@ class Settings:
     max_body_bytes: int = 6 * 1024 * 1024
     max_zip_bytes: int = 50 * 1024 * 1024
     deploy_timeout_s: float = 600.0
+    # a request body gets this long, then must average at least http_min_body_rate bytes a second (else 408)
+    http_body_grace_s: float = 10.0
+    http_min_body_rate: int = 1024
     queue_limit: int = 1000  # waiting sync calls per function before 429
     # networks (CIDR) and host names that callback URLs may point into besides the public internet;
     # empty: loopback, link-local and private addresses are refused (shared/netpolicy.py)
@@ -127,7 +130,7 @@ class Settings:
             raise ConfigError(f"sandbox {self.sandbox!r} is unknown; use one of {', '.join(SANDBOX_MODES)}")
         if not 0 < self.http_port < 65536:
             raise ConfigError(f"http_port {self.http_port} is out of range 1-65535")
-        for name in ("max_body_bytes", "max_zip_bytes", "queue_limit"):
+        for name in ("max_body_bytes", "max_zip_bytes", "queue_limit", "http_body_grace_s", "http_min_body_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         try:

@@ -237,3 +237,49 @@ def test_oversized_frames_are_dropped_before_they_take_memory(stack: Stack, serv
     stack.wait_healthy()
     grew = peak_rss_mb(pid) - before
     assert grew < 100, f"{service} peak memory grew {grew:.0f} MB from three 300 MB frames"
+
+
+def test_slow_and_stalled_bodies_get_408_and_lose_their_connection(tmp_path: Any) -> None:
+    import socket
+
+    stack = Stack(tmp_path / "var", {"NUCLIDE_HTTP_BODY_GRACE_S": "1", "NUCLIDE_HTTP_MIN_BODY_RATE": "1024"}).start()
+    try:
+        stack.deploy("quick", {"function.yaml": function_yaml("quick"), "main.py": "def handler(c, e):\n    return 'ok'\n"})
+        heads = [b"POST /quick HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",  # the invoke path
+                 b"PUT /slowdeploy HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + stack.token.encode()
+                 + b"\r\nContent-Type: application/zip\r\nContent-Length: 100000\r\n\r\n"]  # the control plane
+        conns = []
+        for i in range(60):
+            s = socket.create_connection(("127.0.0.1", stack.http_port))
+            s.sendall(heads[i % 2])
+            conns.append(s)
+        deadline = time.monotonic() + 60
+        answers: list[bytes] = []
+        for i, s in enumerate(conns):
+            s.setblocking(False)
+            got = b""
+            while time.monotonic() < deadline:
+                if i % 3 == 0:  # a third trickle one byte at a time, the rest stall after their headers
+                    try:
+                        s.send(b"x")
+                    except OSError:
+                        pass
+                try:
+                    chunk = s.recv(4096)
+                except BlockingIOError:
+                    time.sleep(0.2)
+                    continue
+                except OSError:
+                    break
+                if not chunk:
+                    break  # the server closed the connection
+                got += chunk
+            answers.append(got)
+            s.close()
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), {a[:40] for a in answers}
+        assert b"slower than 1024 bytes a second" in answers[0]
+        # the gateway served everyone else meanwhile, and serves full-speed bodies as before
+        assert stack.invoke("quick", b"y" * 500_000).text == "ok"
+        assert stack.client.get("/slowdeploy").status_code == 404
+    finally:
+        stack.stop()
