@@ -5,6 +5,10 @@ endpoints); a service-specific variable wins over the common one, so
 ``NUCLIDE_GATEWAY_HTTP_PORT=9000`` changes only what the gateway reads. The YAML
 file named by ``NUCLIDE_CONFIG`` may hold the same keys at top level or under a
 section named after the service. A bad value fails fast with the key's name.
+
+``port_base`` N moves a whole stack: it gives the eight ports of :data:`PORT_KEYS`
+the numbers N to N+7, so a second stack on one machine needs one setting. A port
+set on its own (``NUCLIDE_HTTP_PORT``, ``NUCLIDE_STORE_RPC``, ...) still wins.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ SANDBOX_MODES = ("auto", "bwrap", "none")
 STRATEGIES = ("none", "static", "feedback")
 MAX_DOCKER_POOL_SIZE = 64  # each idle pool container holds a warm interpreter (about 10 MB)
 MAX_DOCKER_RUNTIME_POOL_SIZE = 16  # per registered runtime: idle containers (a sh each) and spare runners (~30 MB each)
+# every TCP port of a stack, in the order port_base numbers them: port_base + index
+PORT_KEYS = ("http_port", "store_rpc", "store_pub", "deployer_rpc", "gateway_router", "gateway_pull", "gateway_sub",
+             "gateway_pub")
+MAX_PORT_BASE = 65535 - (len(PORT_KEYS) - 1)
+PORT_BASE_HOW = "NUCLIDE_PORT_BASE=N or `nuclide up --port-base N`"
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     public_host: str = ""  # host tasks use to reach the gateway; defaults to http_host
+    port_base: int = 0  # N: the ports of PORT_KEYS are N to N+7 unless set on their own; 0: the defaults below
     # ZeroMQ endpoints (bind side and connect side use the same strings)
     gateway_router: str = "tcp://127.0.0.1:5560"
     gateway_pull: str = "tcp://127.0.0.1:5561"
@@ -123,7 +133,19 @@ class Settings:
         host = self.http_host if self.http_host not in ("0.0.0.0", "::") else "127.0.0.1"
         return f"http://{host}:{self.http_port}"
 
+    def ports(self) -> list[tuple[str, str, int]]:
+        """(setting, host, port) of every TCP port this stack binds, in PORT_KEYS order."""
+        found = [("http_port", self.http_host, self.http_port)]
+        for key in PORT_KEYS[1:]:
+            endpoint = getattr(self, key)
+            if endpoint.startswith("tcp://"):
+                host, _, port = endpoint[6:].rpartition(":")
+                if port.isdigit():
+                    found.append((key, host, int(port)))
+        return found
+
     def validate(self) -> "Settings":
+        check_port_base(self.port_base)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if self.sandbox not in SANDBOX_MODES:
@@ -170,6 +192,25 @@ class Settings:
         return env
 
 
+def check_port_base(base: int) -> None:
+    if base and not 1 <= base <= MAX_PORT_BASE:
+        raise ConfigError(f"port_base {base} is out of range 1-{MAX_PORT_BASE}: the stack takes ports {base} to"
+                          f" {base + len(PORT_KEYS) - 1}; choose a base in range with {PORT_BASE_HOW}")
+
+
+def derive_ports(base: int, values: dict[str, Any]) -> None:
+    """Fill the ports of PORT_KEYS that ``values`` does not set from ``base`` (0: leave the defaults)."""
+    if not base:
+        return
+    check_port_base(base)
+    for offset, key in enumerate(PORT_KEYS):
+        if key in values:
+            continue
+        # endpoints keep their default host and scheme; only the port moves
+        default = getattr(Settings, key)
+        values[key] = base + offset if key == "http_port" else f"{default.rpartition(':')[0]}:{base + offset}"
+
+
 def _convert(name: str, raw: Any, kind: Any) -> Any:
     try:
         if kind is bool:
@@ -191,7 +232,8 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
             return Secret(str(raw))
         return str(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"setting {name} has an invalid value {raw!r}; expected {kind.__name__}") from None
+        expected = "a whole number" if kind is int else kind.__name__
+        raise ConfigError(f"setting {name} has an invalid value {raw!r}; expected {expected}") from None
 
 
 def load_settings(service: str = "", environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -227,4 +269,5 @@ def load_settings(service: str = "", environ: Mapping[str, str] | None = None, *
         if raw is not None:
             values[f.name] = _convert(f"NUCLIDE_{key}", raw, hints[f.name])
     values.update(overrides)
+    derive_ports(values.get("port_base", 0), values)
     return Settings(**values).validate()
