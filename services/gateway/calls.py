@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from shared.errors import DeadlineExceeded, InvalidRequest, NotFound, NuclideError, Unavailable
+from shared.failures import bounded, result_error
 from shared.logs import get_logger
 from shared.netpolicy import CallbackPolicy
 from shared.triggers import DEFAULT_RETRY, backoff_s
@@ -82,7 +83,8 @@ class AsyncCalls:
         self.inflight: dict[str, AsyncCall] = {}
         self._submits: list[tuple[dict[str, Any], bytes, asyncio.Future]] = []
         self._updates: dict[str, tuple[dict[str, Any], bytes | None]] = {}  # call id -> merged update
-        self._records: list[tuple] = []  # (id, function, status, queued_at, finished_at, code, error, cold)
+        # (id, function, status, queued_at, finished_at, code, error, cold[, parent_id, source]): SYNC_ROW_FIELDS
+        self._records: list[tuple] = []
         self._submit_flush: asyncio.TimerHandle | None = None
         self._update_flush: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -244,10 +246,10 @@ class AsyncCalls:
             if status < 500:
                 self._finish(ac, "DONE", code=status, content_type=result.get("content_type") or "", body=body)
                 return
-            error = body.decode("utf-8", "replace")[:2000]
+            error = result_error(result, body)
         else:
             status = getattr(exc, "http_status", 500)
-            error = exc.message if isinstance(exc, NuclideError) else repr(exc)
+            error = bounded(exc.message if isinstance(exc, NuclideError) else repr(exc))
             if isinstance(exc, NotFound):
                 self._finish(ac, "FAILED", code=404, error=error)
                 return

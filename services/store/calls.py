@@ -17,8 +17,11 @@ from typing import Any
 from shared.errors import Conflict, InvalidRequest, NotFound
 from services.store.db import Database
 
-# the compact form of calls.record_sync: one array per sync call, in this order
-SYNC_ROW_FIELDS = ("id", "function", "status", "queued_at", "finished_at", "result_status", "error", "cold_start")
+# the compact form of calls.record_sync: one array per sync call, in this order; a task call's row
+# adds the last two (an entry call's parent is None and its source "http")
+SYNC_ROW_FIELDS = ("id", "function", "status", "queued_at", "finished_at", "result_status", "error", "cold_start",
+                   "parent_id", "source")
+_ENTRY_ROW_LEN = len(SYNC_ROW_FIELDS) - 2
 
 FINAL = ("DONE", "FAILED", "DEAD")
 STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DEAD")
@@ -95,6 +98,18 @@ def call_problem(call: Any) -> str | None:
             isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in headers):
         return "call field 'headers' must be a list of [name, value] string pairs"
     return None
+
+
+def _sync_row(row: Any) -> tuple:
+    """A row of the gateway's (SYNC_ROW_FIELDS) as the columns _insert_sync writes; InvalidRequest if it is not one."""
+    size = len(row) if isinstance(row, (list, tuple)) else 0
+    if size in (_ENTRY_ROW_LEN, len(SYNC_ROW_FIELDS)) and all(isinstance(v, str) for v in row[:3]):
+        call_id, function, status, queued_at, finished_at, result_status, error, cold = row[:_ENTRY_ROW_LEN]
+        parent_id, source = row[_ENTRY_ROW_LEN:] or (None, "http")
+        if isinstance(parent_id, (str, type(None))) and isinstance(source, str):
+            return (call_id, function, status, source, queued_at, queued_at, finished_at, result_status, error,
+                    parent_id, int(bool(cold)))
+    raise InvalidRequest(f"a sync call row must be [{', '.join(SYNC_ROW_FIELDS)}] (the last two only for task calls)")
 
 
 class CallStore:
@@ -178,15 +193,7 @@ class CallStore:
 
     def record_sync_rows(self, rows: list[Any]) -> int:
         """The gateway's compact form: one array per call, SYNC_ROW_FIELDS in order (no dict per call)."""
-        out = []
-        for row in rows:
-            if not isinstance(row, (list, tuple)) or len(row) != len(SYNC_ROW_FIELDS) or not all(
-                    isinstance(v, str) for v in row[:3]):
-                raise InvalidRequest(f"a sync call row must be [{', '.join(SYNC_ROW_FIELDS)}]")
-            call_id, function, status, queued_at, finished_at, result_status, error, cold = row
-            out.append((call_id, function, status, "http", queued_at, queued_at, finished_at, result_status, error,
-                        None, int(bool(cold))))
-        return self._insert_sync(out)
+        return self._insert_sync([_sync_row(row) for row in rows])
 
     def _insert_sync(self, rows: list[tuple]) -> int:
         with self.db.tx():

@@ -341,6 +341,18 @@ def test_calls_errors_are_one_line(async_fns: tuple[str, str], stack: Stack) -> 
     no_traceback(missing)
 
 
+def test_calls_show_why_a_sync_call_failed(async_fns: tuple[str, str], stack: Stack) -> None:
+    _, failing = async_fns
+    call_id = stack.invoke(failing, b"x").headers["x-call-id"]
+    wait_for(lambda: stack.client.get(f"/calls/{call_id}").status_code == 200, 10, what="the sync call record")
+    table = cli(stack, "calls", "--function", failing, "--limit", "50")
+    row = next(line for line in table.stdout.splitlines() if line.startswith(call_id))
+    assert row.split()[1:5] == [failing, "FAILED", "sync", "http"]
+    assert row.endswith("RuntimeError: cli-dead fails on purpose")
+    got = cli(stack, "calls", "get", call_id)
+    assert json.loads(got.stdout)["error"] == "RuntimeError: cli-dead fails on purpose"
+
+
 def test_redrive_of_a_call_that_is_not_dead_is_409(async_fns: tuple[str, str], stack: Stack) -> None:
     call_id = cli(stack, "invoke", async_fns[0], "--async", "-d", "x").stdout.strip()
     final_record(stack, call_id)
