@@ -115,6 +115,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
             assert gw.store is not None
             health = await gw.store.call("health", timeout_s=1.0)
             parts["store"] = bool(health.get("store"))
+            if health.get("store_error"):
+                parts["store_error"] = health["store_error"]
             parts["deployer"] = bool(health.get("deployer"))
         except NuclideError as exc:
             parts["error"] = str(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ import zmq
 from shared import protocol
 from shared.aiosock import AsyncRpcServer
 from shared.config import Settings
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, Unavailable
 from shared.liveness import DEPLOYER_REPORT_INTERVAL_S, HEARTBEAT_LIVENESS
 from shared.logs import get_logger
 from shared.service import settle_gc
@@ -51,6 +52,7 @@ class StoreServer:
         self.db = Database(settings.state_db)
         self.state = StoreState(self.db, BlobStore(settings.var_dir / "blobs"))
         self.calls = CallStore(self.db)
+        self.storage_errors = 0  # database errors since the last write that went through
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
@@ -68,13 +70,48 @@ class StoreServer:
                 log.warning("event dropped: PUB queue full", topic=topic, seq=seq)
 
     def handle(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
+        try:
+            return self._handle(method, args, bodies)
+        except sqlite3.IntegrityError:
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            # the disk or the database file failed us (read-only, full, I/O error), not the request: say so,
+            # and start the next request on a fresh connection, so service resumes once the disk is back
+            self._storage_failed(exc)
+            raise Unavailable(f"the store cannot use its database right now ({type(exc).__name__}: {exc});"
+                              " nothing was changed: retry once its disk is writable again") from None
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        self.storage_errors += 1
+        if self.storage_errors == 1 or self.storage_errors % 100 == 0:  # one line, not a traceback per request
+            log.error("database error", error=f"{type(exc).__name__}: {exc}", errors=self.storage_errors)
+        try:
+            self.db.reopen()
+        except sqlite3.Error as again:
+            log.warning("database could not be reopened yet", error=str(again))
+
+    def _writable(self) -> str | None:
+        """Why the database cannot be written now, or None when a write goes through."""
+        try:
+            self.db.probe_write()
+        except (sqlite3.Error, OSError) as exc:
+            self._storage_failed(exc)
+            return f"{type(exc).__name__}: {exc}"
+        if self.storage_errors:
+            log.info("database writable again", errors=self.storage_errors)
+            self.storage_errors = 0
+        return None
+
+    def _handle(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
         st = self.state
         if method == "ping":
             return {"ok": True, "seq": st.seq()}
         if method == "health":
             age = time.time() - st.deployer_seen_at
+            problem = self._writable()
             return {
-                "store": True,
+                "store": problem is None,
+                "store_error": problem,
                 "deployer": age < DEPLOYER_REPORT_INTERVAL_S * HEARTBEAT_LIVENESS,
                 "deployer_age_s": round(age, 3),
             }

@@ -283,3 +283,39 @@ def test_slow_and_stalled_bodies_get_408_and_lose_their_connection(tmp_path: Any
         assert stack.client.get("/slowdeploy").status_code == 404
     finally:
         stack.stop()
+
+
+def test_store_recovers_when_its_database_becomes_writable_again(fresh_stack: Stack) -> None:
+    import subprocess
+
+    stack = fresh_stack
+    stack.deploy("durable", {"function.yaml": function_yaml("durable"), "main.py": ECHO})
+    files = [str(stack.var_dir / name) for name in ("state.db", "state.db-wal")]
+
+    def async_call(i: int) -> Any:
+        return stack.anon.post("/durable", json={"i": i}, headers={"X-Nuclide-Async": "true"}, timeout=60)
+
+    accepted = [async_call(i).json()["call_id"] for i in range(10)]
+    subprocess.run(["chattr", "+i", *files], check=True)  # root ignores chmod; the immutable flag stops it too
+    try:
+        r = stack.deploy("during", {"function.yaml": function_yaml("during"), "main.py": ECHO}, expect=503)
+        assert "the store cannot use its database right now" in r.json()["error"]["message"], r.text
+        health = wait_for(lambda: (h := stack.anon.get("/healthz")).status_code == 503 and h.json(), 10,
+                          what="healthz reporting the store down")
+        assert health["store"] is False and "store_error" in health, health
+        # submissions made during the outage wait for the store (up to 15 s) instead of failing at once
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            waiting = [pool.submit(async_call, 100 + i) for i in range(8)]
+            time.sleep(2)  # the outage lasts a while; nothing to wait on but time
+            subprocess.run(["chattr", "-i", *files], check=True)
+            late = [f.result() for f in waiting]
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=False)
+    assert [r.status_code for r in late] == [202] * 8, [r.text for r in late]
+    accepted += [r.json()["call_id"] for r in late]
+    wait_for(lambda: stack.anon.get("/healthz").status_code == 200, 20, what="a healthy stack again")
+    stack.deploy("after", {"function.yaml": function_yaml("after"), "main.py": ECHO})
+    for call_id in accepted:
+        wait_for(lambda: stack.client.get(f"/calls/{call_id}").json()["status"] == "DONE", 30, what=f"{call_id} done")
+    log = stack.service_log("store")
+    assert "Traceback" not in log and log.count("database error") <= 3, log[-3000:]
