@@ -12,7 +12,10 @@ loop. Rules per group:
 - a version whose build failed or whose instances failed to load is reported
   to the store once (deploy.failed) and not retried;
 - an instance that crashes is restarted with backoff; repeated crashes are
-  reported so the function shows as failed with its last log lines.
+  reported so the function shows as failed with its last log lines;
+- an instance the store counts but the backend does not run (its exit was never
+  reported: the deployer was killed, or the store stopped before it) is reported
+  gone at each snapshot, so replica counts match the processes that exist.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ CRASH_WINDOW_S = 60.0
 CRASH_LIMIT = 3  # crashes within the window before the function is reported failed
 BACKOFF_MAX_S = 30.0
 EXIT_INIT_FAILED = 3  # the runtime's exit code when the function cannot load
+EXIT_REPORTS_TIMEOUT_S = 5.0  # on shutdown, how long the stopped instances' exit reports may take
 
 
 class Reconciler:
@@ -55,6 +59,7 @@ class Reconciler:
         self.crashes: dict[tuple[str, int], list[float]] = {}
         self.backoff_until: dict[str, float] = {}
         self.stopping: set[str] = set()
+        self.launching: set[str] = set()  # started, but maybe not registered with the backend or the store yet
         self._versions: dict[tuple[str, int], dict[str, Any]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._kick_pending = False
@@ -70,7 +75,25 @@ class Reconciler:
             if inst.get("state") == "ready":
                 self.ever_ready.add(inst["id"])
         self.synced = True
+        self._report_gone([inst["id"] for inst in snap.get("instances", [])])
         self.kick()
+
+    def _report_gone(self, counted: list[str]) -> None:
+        """Tell the store which of the instances it counts no longer run (exits it never heard of)."""
+        running = {h.id for h in self.backend.list()} | self.launching
+        gone = [inst_id for inst_id in counted if inst_id not in running]
+        if not gone:
+            return
+        log.info("the store counts instances that no longer run; reporting them gone", instances=gone)
+
+        async def report() -> None:
+            try:
+                await self.store.call("instances.gone", {"ids": gone, "reason": "no longer running (found when the"
+                                                                                  " deployer synced with the store)"})
+            except NuclideError as exc:  # the next snapshot tries again
+                log.warning("could not report gone instances", error=str(exc))
+
+        self._spawn(report())
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "group.changed":
@@ -232,12 +255,17 @@ class Reconciler:
                 log_path = self.settings.var_dir.resolve() / "logs" / group["id"] / f"{inst_id}.log"
                 spec = InstanceSpec(inst_id, group["id"], int(group["version"]), functions, memory, log_path,
                                     extra={"cpu": cpu or None})
-                handle = await self.backend.start(spec)
-                log.info("instance started", instance=inst_id, pid=handle.pid)
-                await self.store.call("instance.started", {
-                    "id": inst_id, "group_id": group["id"], "group_version": int(group["version"]),
-                    "backend": self.backend.name, "pid": handle.pid,
-                })
+                # its READY may reach the store before the backend has its handle: not "gone" meanwhile
+                self.launching.add(inst_id)
+                try:
+                    handle = await self.backend.start(spec)
+                    log.info("instance started", instance=inst_id, pid=handle.pid)
+                    await self.store.call("instance.started", {
+                        "id": inst_id, "group_id": group["id"], "group_version": int(group["version"]),
+                        "backend": self.backend.name, "pid": handle.pid,
+                    })
+                finally:
+                    self.launching.discard(inst_id)
         except BuildFailed as exc:
             self.failed_versions.add(key)
             log.warning("build failed", group=group["id"], version=group["version"], error=exc.message)
@@ -314,6 +342,10 @@ class Reconciler:
         self.closing = True
         await asyncio.gather(*(self.backend.stop(h, DRAIN_TIMEOUT_S) for h in self.backend.list()),
                              return_exceptions=True)
+        # each exit is reported to the store by a task of its own (on_exit): let those reports
+        # finish, or the store keeps counting this run's instances as ready after it
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=EXIT_REPORTS_TIMEOUT_S)
 
     def close(self) -> None:
         self.closing = True

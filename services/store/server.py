@@ -176,6 +176,9 @@ class StoreServer:
         elif method == "instance.exited":
             events = st.instance_exited(_arg(args, "id", str), args.get("exit_code"), args.get("error"))
             result = {"ok": True}
+        elif method == "instances.gone":
+            ids = _arg(args, "ids", list)
+            result, events = st.instances_gone([str(i) for i in ids], str(args.get("reason") or "gone"))
         elif method == "deploy.failed":
             events = st.deploy_failed(
                 _arg(args, "group_id", str), _arg(args, "group_version", int),

@@ -393,12 +393,7 @@ class StoreState:
                 "UPDATE instances SET state='exited', exit_code=?, error=?, updated_at=? WHERE id=?",
                 (exit_code, error, now, instance_id),
             )
-            # keep a short history per group; older exited rows go
-            self.db.execute(
-                "DELETE FROM instances WHERE group_id=? AND state='exited' AND id NOT IN (SELECT id FROM instances"
-                " WHERE group_id=? AND state='exited' ORDER BY updated_at DESC LIMIT ?)",
-                (row["group_id"], row["group_id"], INSTANCE_HISTORY),
-            )
+            self._trim_history(row["group_id"])
             rec = self.instance_record(self.db.one("SELECT * FROM instances WHERE id=?", (instance_id,)))
             group = self._group_row(row["group_id"])
             payloads: list[Event] = [("instance.changed", {"instance": rec})]
@@ -408,6 +403,37 @@ class StoreState:
         for i, (_, data) in enumerate(payloads):
             data["seq"] = first + i
         return payloads
+
+    def _trim_history(self, group_id: str) -> None:
+        """Keep a short history of exited instances per group; older exited rows go."""
+        self.db.execute(
+            "DELETE FROM instances WHERE group_id=? AND state='exited' AND id NOT IN (SELECT id FROM instances"
+            " WHERE group_id=? AND state='exited' ORDER BY updated_at DESC LIMIT ?)",
+            (group_id, group_id, INSTANCE_HISTORY),
+        )
+
+    def instances_gone(self, instance_ids: list[str], reason: str) -> tuple[dict[str, Any], list[Event]]:
+        """Mark exited the instances the deployer found no process for (it restarted, or was away when they
+        died), so they stop counting as ready; rows already exited keep their exit code and error."""
+        now = time.time()
+        with self.db.tx():
+            rows = [r for r in (self.db.one("SELECT * FROM instances WHERE id=?", (str(i),)) for i in instance_ids)
+                    if r is not None and r["state"] != "exited"]
+            payloads: list[Event] = []
+            for row in rows:
+                self.db.execute("UPDATE instances SET state='exited', error=?, updated_at=? WHERE id=?",
+                                (reason, now, row["id"]))
+                rec = self.instance_record(self.db.one("SELECT * FROM instances WHERE id=?", (row["id"],)))
+                payloads.append(("instance.changed", {"instance": rec}))
+            for group_id in dict.fromkeys(r["group_id"] for r in rows):
+                self._trim_history(group_id)
+                group = self._group_row(group_id)
+                if group is not None:
+                    payloads.append(("group.changed", {"group": self.group_record(group)}))
+            first = self.next_seqs(len(payloads)) if payloads else 0
+        for i, (_, data) in enumerate(payloads):
+            data["seq"] = first + i
+        return {"exited": [r["id"] for r in rows]}, payloads
 
     def deploy_failed(self, group_id: str, group_version: int, error: str, log_tail: str) -> list[Event]:
         now = time.time()

@@ -84,6 +84,22 @@ def test_crash_loop_of_the_serving_version_marks_failed_and_recovery_clears_it(s
     assert st.get_function("f")["state"] == "ready" and st.get_function("f")["last_error"] is None
 
 
+def test_instances_found_gone_stop_counting_and_exits_already_reported_are_kept(st: StoreState) -> None:
+    st.put_function("f", SPEC, [], b"v1")
+    for inst in ("old", "crashed", "new"):
+        st.instance_started(inst, "g-f", 1, "process", 100)
+        st.instance_ready(inst, "g-f", 1, {"f": 1})
+    st.instance_exited("crashed", 9, "segfault")
+    assert st.get_function("f")["replicas"]["ready"] == 2
+    result, events = st.instances_gone(["old", "crashed", "unknown"], "no longer running")
+    assert result == {"exited": ["old"]} and kinds(events) == ["instance.changed", "group.changed"]
+    assert st.get_function("f")["replicas"]["ready"] == 1
+    rows = {r["id"]: r for r in st.instances_of("g-f")}
+    assert rows["old"]["state"] == "exited" and rows["old"]["error"] == "no longer running"
+    assert (rows["crashed"]["exit_code"], rows["crashed"]["error"]) == (9, "segfault")
+    assert st.instances_gone(["old"], "again") == ({"exited": []}, [])
+
+
 def test_delete_removes_function_and_group(st: StoreState) -> None:
     st.put_function("f", SPEC, [], b"v1")
     _, events = st.delete_function("f")
