@@ -27,6 +27,7 @@ from shared.archive import extract_archive, read_archive
 from shared.config import Settings
 from shared.errors import BuildFailed
 from shared.logs import get_logger
+from services.deployer.children import Children
 from services.deployer.sandbox import Mounts, base_env, hidden_paths, wrap
 
 log = get_logger(__name__)
@@ -69,9 +70,10 @@ def tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
 
 
 class Builder:
-    def __init__(self, settings: Settings, store: RpcClient) -> None:
+    def __init__(self, settings: Settings, store: RpcClient, children: Children | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.children = children or Children()
         self.var = settings.var_dir.resolve()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -148,7 +150,7 @@ class Builder:
             for title, argv in steps:
                 out.write(f"$ {title}\n".encode())
                 out.flush()
-                proc = await asyncio.create_subprocess_exec(
+                proc = await self.children.exec(
                     *wrap(self.settings, argv, mounts, work), cwd=str(work), env=env,
                     stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
                     start_new_session=True,
