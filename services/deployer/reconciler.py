@@ -10,7 +10,8 @@ loop. Rules per group:
   elsewhere, or no longer exists: redeploys, regroups and deletes never leave a
   task without an instance, and a failed regroup leaves the old ones serving;
 - a version whose build failed or whose instances failed to load is reported
-  to the store once (deploy.failed) and not retried;
+  to the store once (deploy.failed, naming the members whose build step or spec
+  failed when it was theirs) and not retried;
 - an instance that crashes is restarted with backoff; repeated crashes are
   reported so the function shows as failed with its last log lines;
 - an instance the store counts but the backend does not run (its exit was never
@@ -34,7 +35,7 @@ from shared.liveness import DRAIN_TIMEOUT_S
 from shared.logs import get_logger
 from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
 from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec
-from services.deployer.builder import Builder, tail
+from services.deployer.builder import Builder, members_of_step, tail
 
 log = get_logger(__name__)
 
@@ -225,8 +226,13 @@ class Reconciler:
             try:
                 merged = merge_specs(specs)  # one environment for the whole group
             except Conflict as exc:
-                raise BuildFailed(exc.message) from None
-            deps = await self.builder.ensure_env(merged)
+                raise BuildFailed(exc.message, {"tasks": list(exc.details.get("tasks") or [])}) from None
+            try:
+                deps = await self.builder.ensure_env(merged)
+            except BuildFailed as exc:  # a fused group's build: say whose step failed
+                if "step" in exc.details:
+                    exc.details["tasks"] = members_of_step(specs, str(exc.details["step"]))
+                raise
             for name, version in sorted(group["members"].items()):
                 spec = specs[name]
                 functions.append({
@@ -237,14 +243,15 @@ class Reconciler:
                 if spec.get("shell"):  # a registered runtime's function: its definition and warm-start policy
                     if self.backend.name != "docker":
                         raise BuildFailed(f"'{name}' runs on the registered runtime '{spec.get('runtime')}', which"
-                                          f" needs the docker backend (this deployer uses '{self.backend.name}')")
+                                          f" needs the docker backend (this deployer uses '{self.backend.name}')",
+                                          {"tasks": [name]})
                     functions[-1].update(shell=spec["shell"], runtime=spec.get("runtime"),
                                          warm_start=spec.get("warm_start") or "function")
                 elif (spec.get("warm_start") or DEFAULT_WARM_START) != DEFAULT_WARM_START:
                     # deployed before the backend changed: the gateway refuses it up front otherwise
                     problem = warm_start_problem(self.backend.name, spec["warm_start"])
                     if problem:
-                        raise BuildFailed(f"'{name}': {problem}")
+                        raise BuildFailed(f"'{name}': {problem}", {"tasks": [name]})
                     functions[-1]["warm_start"] = spec["warm_start"]
             memory = int(merged["memory_bytes"] or 0) or self.settings.default_memory_bytes
             cpu = merged["cpu"]
@@ -269,7 +276,8 @@ class Reconciler:
         except BuildFailed as exc:
             self.failed_versions.add(key)
             log.warning("build failed", group=group["id"], version=group["version"], error=exc.message)
-            await self._report_failed(key, exc.message, str(exc.details.get("log_tail", "")))
+            await self._report_failed(key, exc.message, str(exc.details.get("log_tail", "")),
+                                      exc.details.get("tasks"))
         except NuclideError as exc:
             log.warning("start failed, will retry", group=group["id"], error=str(exc))
             self._backoff(group["id"])
@@ -285,10 +293,14 @@ class Reconciler:
         delay = min(BACKOFF_MAX_S, max(0.5, current * 2 if current > 0 else 0.5))
         self.backoff_until[group_id] = time.monotonic() + delay
 
-    async def _report_failed(self, key: tuple[str, int], error: str, log_tail: str) -> None:
+    async def _report_failed(self, key: tuple[str, int], error: str, log_tail: str,
+                             tasks: list[str] | None = None) -> None:
+        """``tasks``: the members the failure is theirs, when known (a fused group's build step, a spec)."""
+        report = {"group_id": key[0], "group_version": key[1], "error": error, "log_tail": log_tail}
+        if tasks:
+            report["tasks"] = list(tasks)
         try:
-            await self.store.call("deploy.failed", {"group_id": key[0], "group_version": key[1], "error": error,
-                                                    "log_tail": log_tail})
+            await self.store.call("deploy.failed", report)
         except NuclideError as exc:
             log.error("could not report a failed deploy", group=key[0], error=str(exc))
 

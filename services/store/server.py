@@ -135,6 +135,8 @@ class StoreServer:
             return self.handle_calls(method, args, bodies)
         if method == "groups.list":
             return st.list_groups()
+        if method == "regroup.get":
+            return st.get_regroup(_arg(args, "id", int))
         if method == "group.spec":
             return st.group_spec(_arg(args, "group_id", str))
         if method == "kv.get":
@@ -183,6 +185,7 @@ class StoreServer:
             events = st.deploy_failed(
                 _arg(args, "group_id", str), _arg(args, "group_version", int),
                 str(args.get("error", "deploy failed")), str(args.get("log_tail", "")),
+                [str(t) for t in _arg(args, "tasks", list)] if "tasks" in args else None,
             )
             result = {"ok": True}
         else:
