@@ -16,7 +16,8 @@ loop. Rules per group:
   reported so the function shows as failed with its last log lines;
 - an instance the store counts but the backend does not run (its exit was never
   reported: the deployer was killed, or the store stopped before it) is reported
-  gone at each snapshot, so replica counts match the processes that exist.
+  gone after each snapshot, once the backend has adopted all that runs, so replica
+  counts match the processes that exist.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Reconciler:
         self.backoff_until: dict[str, float] = {}
         self.stopping: set[str] = set()
         self.launching: set[str] = set()  # started, but maybe not registered with the backend or the store yet
+        self._unchecked: list[str] | None = None  # instances the store counts, until the backend knows all it runs
         self._versions: dict[tuple[str, int], dict[str, Any]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._kick_pending = False
@@ -76,11 +78,12 @@ class Reconciler:
             if inst.get("state") == "ready":
                 self.ever_ready.add(inst["id"])
         self.synced = True
-        self._report_gone([inst["id"] for inst in snap.get("instances", [])])
+        self._unchecked = [inst["id"] for inst in snap.get("instances", [])]
         self.kick()
 
     def _report_gone(self, counted: list[str]) -> None:
         """Tell the store which of the instances it counts no longer run (exits it never heard of)."""
+        self._unchecked = None
         running = {h.id for h in self.backend.list()} | self.launching
         gone = [inst_id for inst_id in counted if inst_id not in running]
         if not gone:
@@ -134,6 +137,8 @@ class Reconciler:
         if not self.synced or self.closing:
             return
         now = time.monotonic()
+        if self._unchecked is not None and self.backend.knows_all():
+            self._report_gone(self._unchecked)
         self.backend.groups_changed(set(self.groups))
         handles = [h for h in self.backend.list() if h.id not in self.stopping]
         current = [h for h in handles if self._is_current(h)]
