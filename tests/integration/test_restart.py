@@ -92,7 +92,11 @@ def test_ctrl_c_and_up_again_counts_only_the_instances_that_run(tmp_path: Path) 
         # a session of its own, like a job in a terminal: Ctrl-C signals its whole process group
         proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up"], env=env, cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-        wait_for(lambda: "Press Ctrl-C" in proc.stdout.readline(), 60, what="the nuclide up banner")
+        try:
+            wait_for(lambda: "Press Ctrl-C" in proc.stdout.readline(), 60, what="the nuclide up banner")
+        except AssertionError:
+            ctrl_c(proc)
+            raise
         return proc
 
     def ctrl_c(proc: subprocess.Popen) -> None:
