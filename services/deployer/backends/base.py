@@ -63,6 +63,10 @@ class Backend(abc.ABC):
     def list(self) -> list[InstanceHandle]:
         """Instances this backend is running."""
 
+    def knows_all(self) -> bool:
+        """True when list() holds every instance that runs (adoption is done): one missing from it is gone."""
+        return True
+
     def groups_changed(self, group_ids: set[str]) -> None:
         """The groups that exist now (scaled to zero or not); a backend may free what only others used."""
 
