@@ -31,7 +31,8 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     children = Children()  # every child process of the deployer, and a sweep that reaps orphans
     backend: Backend
     if settings.backend == "docker":
-        from services.deployer.backends.docker import DockerBackend, DockerBuilder
+        from services.deployer.backends.docker.backend import DockerBackend
+        from services.deployer.backends.docker.images import DockerBuilder
 
         reconciler = Reconciler(settings, store, DockerBuilder(settings, store))
         backend = docker_backend = DockerBackend(settings, reconciler.on_exit)
