@@ -11,8 +11,10 @@ import msgpack
 import pytest
 
 from services.deployer.backends.docker.images import registered_dockerfile
-from services.runtime.once import decode_invoke, decode_result, encode_invoke, encode_result
-from services.runtime.shell import Outcome, input_json, parse_driver_output, python_result, to_result
+from shared.oncewire import decode_invoke, decode_result, encode_invoke, encode_result
+from services.deployer.backends.docker.runner.results import (
+    Outcome, input_json, parse_driver_output, python_result, to_result,
+)
 from services.store.db import Database
 from services.store.state import BlobStore, StoreState
 from shared.archive import read_archive

@@ -48,6 +48,7 @@ from shared.errors import BuildFailed
 from shared.logs import get_logger
 from services.deployer.backends.base import InstanceSpec
 from services.deployer.backends.docker.engine import ENGINE_ERRORS, USER, Engine, in_thread
+from services.deployer.backends.docker.runner.box import SRC_DIR
 from services.deployer.builder import Builder, env_key, tail
 
 log = get_logger(__name__)
@@ -56,7 +57,6 @@ ENV_REPO = "nuclide-env"
 GROUP_REPO = "nuclide-fn"
 FUNCTIONS_DIR = "/nuclide/functions"
 ENVS_DIR = "/nuclide/envs"
-SRC_DIR = "/nuclide/src"  # a registered runtime's built code, from which each container's code directory is filled
 CA_PATH = "/nuclide/ca.pem"
 
 # what the env image's RUN step executes: the process builder's steps, in the image

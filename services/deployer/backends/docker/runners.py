@@ -11,8 +11,8 @@ the image: the dependencies command runs at build time, like a Python group's re
 
 Otherwise the function gets an image of its own (``images.py``: the runtime image, its code and
 what its ``dependencies`` command made). The instance is a runner process on this host
-(``python -m services.runtime.shell``, which drives the engine; see that module for the
-warm-start policies), started in a session of its own so it outlives a deployer that dies; a
+(``python -m services.deployer.backends.docker.runner``, which drives the engine; see that
+package for the warm-start policies), started in a session of its own so it outlives a deployer that dies; a
 registry file per runner (``<var>/docker/runners/<id>.json``) lets the next deployer adopt it.
 When a runner exits, the containers it left (label ``nuclide.runner=<id>``, and the pool container
 it took, which its record names) are removed.
@@ -40,7 +40,7 @@ from services.deployer.backends.docker.images import Images
 from services.deployer.backends.docker.runtime_pool import SOURCE_ROOT, RuntimePool, Shape, Spares
 from services.deployer.backends.refill import Backoff
 from services.deployer.sandbox import base_env
-from services.runtime import shell_box
+from services.deployer.backends.docker.runner import box
 
 log = get_logger(__name__)
 
@@ -334,6 +334,6 @@ class Runners:
 
 def _fill(api: Any, container_id: str, path: str, code: bytes) -> None:
     """The code into a started container's code volume; RuntimeError when the container is not running."""
-    shell_box.put_code(api, container_id, path, code)
+    box.put_code(api, container_id, path, code)
     if not api.inspect_container(container_id)["State"].get("Running"):
         raise RuntimeError(f"container {container_id[:12]} is not running any more")

@@ -3,7 +3,7 @@
 A function on a registered runtime with no ``dependencies`` command and the default policy
 (``warmStart: function``) needs nothing of an image of its own: its containers run the runtime's
 image, and the version's code is unpacked into their code volume through the Engine's archive API
-(see ``services/runtime/shell_box.py`` for the container and why the code directory is a tmpfs
+(see ``runner/box.py`` for the container and why the code directory is a tmpfs
 volume there). What a start would still wait for is made ahead of time, ``docker_runtime_pool_size``
 of each (0 disables all of it, and every runtime function's image is built as before):
 
@@ -14,7 +14,7 @@ of each (0 disables all of it, and every runtime function's image is built as be
   and kept for the :data:`MAX_SHAPES` used last; each is refilled in the background after a take.
   A container is taken once: it serves that one instance until it is removed with its runner, so
   one function's code never lands in a container that served another.
-- :class:`Spares`: runner processes (``python -m services.runtime.shell --spare``) started with
+- :class:`Spares`: runner processes (``python -m services.deployer.backends.docker.runner --spare``) started with
   their imports done, waiting for the path of their config on a pipe from the deployer. One that
   loses its deployer before it was given a config reads EOF and exits.
 
@@ -45,8 +45,7 @@ from shared.logs import get_logger
 from services.deployer.backends.docker.engine import Engine, in_thread
 from services.deployer.backends.refill import Refilling
 from services.deployer.sandbox import base_env
-from services.runtime import shell_box
-from services.runtime.shell import SPARE_ARG, WARM_MAIN
+from services.deployer.backends.docker.runner import MODULE as RUNNER_MODULE, SPARE_ARG, box
 
 log = get_logger(__name__)
 
@@ -133,7 +132,7 @@ class RuntimePool(Refilling):
         if data is not None:
             self._tars.move_to_end(code_dir)
             return data
-        data = await in_thread(shell_box.code_tar, code_dir)
+        data = await in_thread(box.code_tar, code_dir)
         self._tars[code_dir] = data
         while len(self._tars) > 1 and (len(self._tars) > TAR_CACHE_ENTRIES
                                        or sum(map(len, self._tars.values())) > TAR_CACHE_BYTES):
@@ -148,12 +147,12 @@ class RuntimePool(Refilling):
             if self._closed:
                 raise PoolClosed()
         api = client.api
-        host = shell_box.host_config(api, shape.path, shape.memory_bytes, shape.cpu or None, auto_remove=False,
+        host = box.host_config(api, shape.path, shape.memory_bytes, shape.cpu or None, auto_remove=False,
                                      code_volume=True)
         labels = {"nuclide.namespace": self.engine.namespace, POOL_LABEL: "true"}
         env = {"HOME": "/tmp", "LANG": "C.UTF-8"}
         name = f"nuclide-{self.engine.namespace}-rtpool-{secrets.token_hex(4)}"
-        container_id = shell_box.create(api, shape.image_id, ["/bin/sh", "-c", WARM_MAIN], labels, env, "/", host,
+        container_id = box.create(api, shape.image_id, ["/bin/sh", "-c", box.WARM_MAIN], labels, env, "/", host,
                                         stdin_once=False, name=name)
         with self._lock:
             closed = self._closed
@@ -266,7 +265,7 @@ class Spares(Refilling):
     async def spawn(self, argv: list[str], stdout: Any, env: dict[str, str], cwd: str,
                     stdin: Any = asyncio.subprocess.DEVNULL) -> asyncio.subprocess.Process:
         """A runner process in a session of its own (it outlives a deployer that dies)."""
-        return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.runtime.shell", *argv,
+        return await asyncio.create_subprocess_exec(sys.executable, "-m", RUNNER_MODULE, *argv,
                                                     stdin=stdin, stdout=stdout, stderr=stdout, cwd=cwd, env=env,
                                                     start_new_session=True)
 
