@@ -27,7 +27,7 @@ import asyncio
 import json
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -39,7 +39,10 @@ from shared.triggers import DEFAULT_RETRY, backoff_s
 from services.gateway.broker import Call
 
 if TYPE_CHECKING:  # pragma: no cover
-    from services.gateway.core import Gateway
+    from shared.aiosock import RpcClient
+    from shared.config import Settings
+    from shared.statefeed import StateFeed
+    from services.gateway.broker import Broker
 
 log = get_logger(__name__)
 
@@ -75,8 +78,24 @@ class AsyncCall:
         self.parent_id = meta.get("parent_id")
 
 
+class CallsHost(Protocol):
+    """What async calls use of the gateway: its settings, the function catalogue, the store, the broker
+    and the state feed (the last three set once the gateway started)."""
+
+    settings: Settings
+    boot_id: str
+    functions: dict[str, Any]
+    store: RpcClient | None
+    broker: Broker | None
+    feed: StateFeed | None
+
+    def new_call_id(self) -> str: ...
+
+    def touch(self, info: Any) -> bool: ...
+
+
 class AsyncCalls:
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: CallsHost) -> None:
         self.gw = gw
         self.boot = gw.boot_id
         self.callback_policy = CallbackPolicy.parse(gw.settings.callback_allow)
