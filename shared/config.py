@@ -40,6 +40,7 @@ class Secret(str):
 BACKENDS = ("process", "docker")
 SANDBOX_MODES = ("auto", "bwrap", "none")
 STRATEGIES = ("none", "static", "feedback")
+DATABASE_SCHEMES = ("postgresql://", "postgres://")
 MAX_DOCKER_POOL_SIZE = 64  # each idle pool container holds a warm interpreter (about 10 MB)
 MAX_DOCKER_RUNTIME_POOL_SIZE = 16  # per registered runtime: idle containers (a sh each) and spare runners (~30 MB each)
 # every TCP port of a stack, in the order port_base numbers them: port_base + index
@@ -67,7 +68,9 @@ class Settings:
     store_pub: str = "tcp://127.0.0.1:5551"
     deployer_rpc: str = "tcp://127.0.0.1:5552"
     # state
-    database_url: str = ""  # empty: SQLite at <var_dir>/state.db
+    # empty: SQLite at <var_dir>/state.db; postgresql://user:password@host:port/database: PostgreSQL (a Secret:
+    # the password stays out of repr and logs)
+    database_url: Secret = Secret("")
     # deployer
     backend: str = "process"
     sandbox: str = "auto"
@@ -146,6 +149,10 @@ class Settings:
 
     def validate(self) -> "Settings":
         check_port_base(self.port_base)
+        if self.database_url and not self.database_url.startswith(DATABASE_SCHEMES):
+            scheme = self.database_url.partition(":")[0][:20]
+            raise ConfigError(f"database_url starts with {scheme!r}: leave it empty for SQLite in var_dir, or write"
+                              " postgresql://user:password@host:port/database for PostgreSQL")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if self.sandbox not in SANDBOX_MODES:

@@ -1,4 +1,4 @@
-"""Crash safety: kill -9 each part during an async load; every accepted call still finishes."""
+"""Crash safety: kill -9 each part during an async load; every accepted call still finishes (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,11 @@ class Load:
     def join(self) -> None:
         for t in self._threads:
             t.join(180)
+
+
+@pytest.fixture
+def fresh_stack(fresh_stack_on_each_database: Stack) -> Stack:
+    return fresh_stack_on_each_database
 
 
 def _runtime_pids(s: Stack) -> list[int]:

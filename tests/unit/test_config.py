@@ -82,3 +82,17 @@ def test_port_base_derives_every_port_and_a_port_set_on_its_own_wins(tmp_path: P
 def test_port_base_round_trips_to_children() -> None:
     s = load_settings("up", environ={"NUCLIDE_PORT_BASE": "9000", "NUCLIDE_STORE_RPC": "tcp://127.0.0.1:7001"})
     assert load_settings("store", environ=s.child_env()) == s
+
+
+def test_database_url_picks_the_database_and_never_shows_its_password() -> None:
+    assert load_settings(environ={}).database_url == ""  # SQLite in var_dir, the embedded default
+    url = "postgresql://nuclide:s3cret@db.example:5433/nuclide"
+    settings = load_settings(environ={"NUCLIDE_DATABASE_URL": url})
+    assert settings.database_url == url and "s3cret" not in repr(settings)
+    assert settings.child_env()["NUCLIDE_DATABASE_URL"] == url
+    with pytest.raises(ConfigError, match="database_url starts with 'mysql'.*postgresql://") as info:
+        load_settings(environ={"NUCLIDE_DATABASE_URL": "mysql://root:s3cret@db/x"})
+    assert "s3cret" not in str(info.value)
+    from services.store.pg import describe_url
+
+    assert describe_url(url) == "postgresql://nuclide@db.example:5433/nuclide"
