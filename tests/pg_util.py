@@ -91,7 +91,8 @@ class PgCluster:
 
     def restart(self) -> None:
         """pg_ctl restart -m fast: every client connection is cut, the server is back once this returns."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "restart")
+        # -l again: without it the new server would write to (and hold open) our capture pipes
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", "fast", "-w", "-t", "60", "restart")
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
