@@ -46,8 +46,9 @@ def missing_reason() -> str | None:
 class PgCluster:
     """One server for a test session; ``new_database()`` gives each test (or module) an empty database."""
 
-    def __init__(self) -> None:
+    def __init__(self, fsync: bool = False) -> None:
         bin_dir = find_bin_dir()
+        self.fsync = fsync
         assert bin_dir is not None
         self.bin_dir = bin_dir
         self.port = free_port()
@@ -79,14 +80,16 @@ class PgCluster:
             return ""
 
     def start(self) -> "PgCluster":
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8",
+                  "--locale=C")  # byte order, like SQLite's: id ranges and ORDER BY agree on both
         self._pg_ctl_start()
         return self
 
     def _pg_ctl_start(self) -> None:
-        # loopback only, the socket in our temp dir; fsync off: tests kill processes, never the machine
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
-                   " -c full_page_writes=off -c max_connections=200")
+        # loopback only, the socket in our temp dir; fsync off for tests (they kill processes, never the machine),
+        # on for benchmarks (a call is durable on disk when acknowledged, as on SQLite)
+        durability = "" if self.fsync else " -c fsync=off -c full_page_writes=off"
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c max_connections=200{durability}"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
 
     def restart(self) -> None:
@@ -98,6 +101,12 @@ class PgCluster:
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def pids(self) -> list[int]:
+        """The server's processes now: the postmaster and its children (one backend per connection, the writers)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        kids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and _ppid(int(entry)) == postmaster]
+        return [postmaster, *kids]
+
     def new_database(self, prefix: str = "t") -> str:
         """An empty database of its own; returns its URL."""
         import psycopg
@@ -107,3 +116,11 @@ class PgCluster:
         with psycopg.connect(f"{self.url_base}/postgres", autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return f"{self.url_base}/{name}"
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
