@@ -25,7 +25,7 @@ from shared.errors import (
     DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unauthorized, Unavailable,
 )
 from shared.logs import get_logger
-from shared.names import RESERVED_NAMES
+from shared.names import invoke_target
 from shared.statefeed import StateFeed
 from services.gateway.broker import Broker, Call, Instance
 from services.gateway.calls import AsyncCalls, check_callback_url
@@ -79,7 +79,7 @@ _TRUE = (b"true", b"1", b"yes")
 
 def _wants_async(raw_headers: list) -> bool:
     for k, v in raw_headers:
-        if k == b"x-nuclide-async" and v.strip().lower() in _TRUE:
+        if k.lower() == b"x-nuclide-async" and v.strip().lower() in _TRUE:
             return True
     return False
 
@@ -484,27 +484,27 @@ class Gateway:
         headers.append((b"x-call-id", call_id.encode()))
         return status, headers, payload
 
-    async def invoke(self, scope: dict, receive: Any, send: Any, name: str, mode: str) -> None:
+    async def invoke(self, scope: dict, receive: Any, send: Any, name: str, mode: str, path: str = "/") -> None:
         """An invocation through ASGI: async ones, and sync ones when the app runs under another server."""
         call_id = self.new_call_id()
         try:
-            status, headers, body = await self._invoke(scope, receive, name, mode, call_id)
+            status, headers, body = await self._invoke(scope, receive, name, mode, path, call_id)
         except NuclideError as exc:
             status, headers, body = self.error_response(exc, call_id)
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _invoke(self, scope: dict, receive: Any, name: str, mode: str, call_id: str) -> tuple[int, list, bytes]:
+    async def _invoke(self, scope: dict, receive: Any, name: str, mode: str, path: str,
+                      call_id: str) -> tuple[int, list, bytes]:
         raw_headers = scope["headers"]
         info = self._check_access(name, raw_headers)
         body = await self._read_body(scope, receive)
         if mode == "async" or _wants_async(raw_headers):
-            return await self._submit_async(name, body, raw_headers, call_id)
+            return await self._submit_async(name, body, scope.get("nuclide.headers", raw_headers), call_id)
         if self.functions.get(name) is not info:  # redeployed or deleted while the body was read
             info = self._check_access(name, raw_headers)
-        call = self._new_call(info, scope["method"], scope["path"], scope["query_string"], raw_headers, body, mode,
-                              call_id)
+        call = self._new_call(info, scope["method"], path, scope["query_string"], raw_headers, body, mode, call_id)
         fut = call.future = asyncio.get_running_loop().create_future()
         assert self.broker is not None
         self.broker.submit(call)
@@ -517,9 +517,10 @@ class Gateway:
 
     # the direct path (services/gateway/http.py): no ASGI, no task, no future per call
 
-    def direct_target(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
-        """(function, mode) when a request is a sync invocation the HTTP server answers directly."""
-        target = match_invoke(method, path)
+    def direct_target(self, method: str, path: str,
+                      headers: list[tuple[bytes, bytes]]) -> tuple[str, str, str] | None:
+        """(function, mode, path below it) when a request is a sync invocation the HTTP server answers directly."""
+        target = invoke_target(method, path)
         if target is None or target[1] == "async" or _wants_async(headers):
             return None
         return target
@@ -549,7 +550,7 @@ class Gateway:
         if info.private:
             auth = None
             for k, v in raw_headers:
-                if k == b"authorization":
+                if k.lower() == b"authorization":
                     auth = v
                     break
             self.check_token(auth)
@@ -559,14 +560,17 @@ class Gateway:
                   mode: str, call_id: str) -> Call:
         """The call to submit to the broker (its future is set by the caller)."""
         name = info.name
-        # the caller's credentials are for the gateway, never for the function
-        headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers if k != b"authorization"]
+        headers = []
+        content_type = None
+        for k, v in raw_headers:
+            lower = k.lower()
+            if lower == b"authorization":
+                continue  # the caller's credentials are for the gateway, never for the function
+            if lower == b"content-type" and content_type is None:
+                content_type = v.decode("latin-1")
+            headers.append([k.decode("latin-1"), v.decode("latin-1")])
         headers.append(["fusionizer-server-address", self._fusionizer_host])
-        content_type = ""
-        for k, v in headers:
-            if k == "content-type":
-                content_type = v
-                break
+        content_type = content_type or ""
         if mode == "execute":
             body, content_type = self._execute_payload(body)
         assert self.broker is not None
@@ -626,9 +630,9 @@ class Gateway:
     async def _submit_async(self, name: str, body: bytes, raw_headers: list, call_id: str) -> tuple[int, list, bytes]:
         """202 once the call is durable; its result is kept (GET /calls/{id}) and may be called back."""
         assert self.calls is not None
-        hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
-        forwarded = [[k, v] for k, v in hdrs.items()
-                     if k not in ("authorization", "x-nuclide-async", "x-callback-url", "x-idempotency-key")]
+        hdrs = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
+        forwarded = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers
+                     if k.lower() not in (b"authorization", b"x-nuclide-async", b"x-callback-url", b"x-idempotency-key")]
         call_id, duplicate = await self.calls.submit(
             name, body, content_type=hdrs.get("content-type", ""), headers=forwarded, source="http", call_id=call_id,
             idempotency_key=hdrs.get("x-idempotency-key") or None,
@@ -678,36 +682,12 @@ class Gateway:
         return payload.encode(), "text/plain; charset=utf-8"
 
 
-def match_invoke(method: str, path: str) -> tuple[str, str] | None:
-    """(function, mode) when a request is an invocation, else None.
-
-    POST /{name} invokes (GET/PUT/DELETE /{name} are the control plane, as in the
-    Fusionizer); /functions/{name}/invoke takes any method, so handlers that
-    branch on event.method can be reached with all of them.
-    """
-    parts = path.strip("/").split("/")
-    if len(parts) == 3 and parts[0] == "functions" and parts[2] == "invoke":
-        return parts[1], "http"
-    if method != "POST":
-        return None
-    if len(parts) == 1:
-        name = parts[0]
-        if name and name.lower() not in RESERVED_NAMES:
-            return name, "http"
-        return None
-    if len(parts) == 3 and parts[0] == "functions" and parts[2] == "execute":
-        return parts[1], "execute"
-    if len(parts) == 2 and parts[0] == "async-function":
-        return parts[1], "async"
-    return None
-
-
 def make_asgi(gateway: Gateway, control: Any) -> Any:
     async def app(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            target = match_invoke(scope["method"], scope["path"])
+            target = invoke_target(scope["method"], scope["path"])
             if target is not None:
-                await gateway.invoke(scope, receive, send, target[0], target[1])
+                await gateway.invoke(scope, receive, send, *target)
                 return
         await control(scope, receive, send)
 

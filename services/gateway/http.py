@@ -400,10 +400,11 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
             raise HeadTooLarge()
-        name = name.lower()
-        if name == b"content-length":
+        # names keep the caller's spelling (a function reads them back as sent); ASGI gets them lower-cased
+        lower = name.lower()
+        if lower == b"content-length":
             self._length = value
-        elif name == b"expect" and value.lower() == b"100-continue":
+        elif lower == b"expect" and value.lower() == b"100-continue":
             self._expect_continue = True
         self._headers.append((name, value))
 
@@ -420,7 +421,9 @@ class HttpProtocol(asyncio.Protocol):
         server = self.server
         target = server.direct_target(method, path, self._headers)
         if target is not None:
-            request: Any = DirectRequest(self, method, path, query, self._headers, target[0], target[1], keep_alive)
+            # the function sees the path below its own name
+            request: Any = DirectRequest(self, method, target[2], query, self._headers, target[0], target[1],
+                                         keep_alive)
             declared = server.too_large(self._length) if self._length is not None else None
             if declared is not None:
                 # answered without reading the body; the connection closes after it
@@ -444,8 +447,9 @@ class HttpProtocol(asyncio.Protocol):
                 "path": path,
                 "raw_path": raw_path,
                 "query_string": query,
-                "headers": self._headers,
+                "headers": [(name.lower(), value) for name, value in self._headers],
                 "state": {},
+                "nuclide.headers": self._headers,  # as sent: what an async invocation's function reads back
             }
             request = AsgiCycle(self, scope, keep_alive, self._expect_continue)
         self.current = request
@@ -539,7 +543,7 @@ class HttpServer:
         self.bound: tuple[str, int] | None = (host, port)
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
-        self.direct_target: Callable[[str, str, list], tuple[str, str] | None] = gateway.direct_target
+        self.direct_target: Callable[[str, str, list], tuple[str, str, str] | None] = gateway.direct_target
         self.direct: Callable[[DirectRequest], None] = gateway.invoke_direct
 
     async def start(self) -> None:

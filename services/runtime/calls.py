@@ -163,7 +163,7 @@ class TaskCaller:
         if fn is not None:
             # in-process: no header dict, no INVOKE encoding; the callee's event is built directly
             started = time.perf_counter()
-            event = Event.for_call(call_id, parent or None, name, method, path or f"/{name}", query, headers,
+            event = Event.for_call(call_id, parent or None, name, method, path or "/", query, headers,
                                    content_type, body, deadline_ms)
             result = self.runtime.execute_local(fn, Frame(call_id, name, depth, chain, deadline_ms), event, mapper)
             took_ms = (time.perf_counter() - started) * 1000
@@ -180,7 +180,7 @@ class TaskCaller:
         else:
             header = {
                 "call_id": call_id, "parent_id": parent or None, "function": name, "method": method,
-                "path": path or f"/{name}", "query": query, "headers": headers, "content_type": content_type,
+                "path": path or "/", "query": query, "headers": headers, "content_type": content_type,
                 "deadline_ms": deadline_ms, "mode": "http", "depth": depth, "chain": chain,
                 "caller": caller, "async": not sync,
             }

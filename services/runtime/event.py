@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, NamedTuple
 from urllib.parse import parse_qsl
@@ -21,6 +22,11 @@ class Trigger(NamedTuple):
 
     kind: str
     name: str
+    klass: str = "sync"  # nuclio's trigger class: "sync" for HTTP
+
+
+# event.id is a UUID named by the call id: the same call (an async call's retries) keeps its id
+_EVENT_ID_NAMESPACE = uuid.UUID("5a0c2f4e-8f4b-4d8e-9a51-6e75636c6964")
 
 
 # nuclio names the HTTP trigger it creates by default "default-http".
@@ -148,7 +154,7 @@ class Event:
     """One invocation as the handler sees it (nuclio's ``event`` object)."""
 
     __slots__ = (
-        "id",
+        "call_id",
         "parent_id",
         "function",
         "mode",
@@ -164,6 +170,7 @@ class Event:
         "_fields",
         "_arrival_s",
         "_timestamp",
+        "_id",
     )
 
     # nuclio attributes that an HTTP-only runtime never varies.
@@ -213,6 +220,7 @@ class Event:
         else:
             hdrs = Headers.from_pairs(list(headers))
         self._fill(id, parent_id, function, mode, method, path, query, hdrs, content_type, raw, deadline_ms, trigger)
+        self._id = id or str(uuid.uuid4())  # a hand-made event keeps the id it was given
         self._body = parsed
         self._fields = dict(fields) if fields is not None else None
         self._timestamp = timestamp
@@ -265,8 +273,9 @@ class Event:
     def _fill(self, call_id: str, parent_id: str | None, function: str, mode: str, method: str, path: str,
               query: str, headers: Headers, content_type: str, raw_body: bytes, deadline_ms: int,
               trigger: Trigger) -> None:
-        """Every field, from values in shape; the body unparsed, no extra fields, the timestamp on demand."""
-        self.id = call_id
+        """Every field, from values in shape; the body unparsed, no extra fields, the id and timestamp on demand."""
+        self.call_id = call_id
+        self._id = None
         self.parent_id = parent_id
         self.function = function
         self.mode = mode
@@ -321,12 +330,31 @@ class Event:
         self._fields = dict(value)
 
     @property
+    def id(self) -> str:
+        """The event's UUID (nuclio's event.id), named by the call id: an async call's retries share it.
+
+        Made on first use (uuid5 costs about 2 us, which a call that never reads it does not pay);
+        ``call_id`` is nuclide's own id of the call, the ``X-Call-Id`` the caller sees."""
+        event_id = self._id
+        if event_id is None:
+            event_id = self._id = str(uuid.uuid5(_EVENT_ID_NAMESPACE, self.call_id))
+        return event_id
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self._id = value
+
+    @property
     def timestamp(self) -> datetime:
-        """When the runtime received the event, as a timezone-aware UTC datetime."""
+        """When the runtime received the event: a naive UTC datetime, as nuclio's SDK gives it."""
         ts = self._timestamp
         if ts is None:
-            ts = self._timestamp = datetime.fromtimestamp(self._arrival_s, timezone.utc)
+            ts = self._timestamp = datetime.fromtimestamp(self._arrival_s, timezone.utc).replace(tzinfo=None)
         return ts
+
+    @timestamp.setter
+    def timestamp(self, value: datetime) -> None:
+        self._timestamp = value
 
     @property
     def url(self) -> str:
@@ -349,6 +377,6 @@ class Event:
 
     def __repr__(self) -> str:
         return (
-            f"Event(id={self.id!r}, method={self.method!r}, path={self.path!r}, "
+            f"Event(call_id={self.call_id!r}, method={self.method!r}, path={self.path!r}, "
             f"content_type={self.content_type!r}, body_bytes={len(self.raw_body)})"
         )

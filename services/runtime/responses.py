@@ -11,7 +11,7 @@ __all__ = ["to_result", "error_result", "execute_result", "Result", "TEXT", "JSO
 
 Result = tuple[int, list[list[str]], str, bytes]
 
-TEXT = "text/plain; charset=utf-8"
+TEXT = "text/plain"  # exactly what nuclio sets for a str (no charset parameter); the body is UTF-8
 JSON = "application/json"
 BINARY = "application/octet-stream"
 

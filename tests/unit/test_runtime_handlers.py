@@ -132,7 +132,7 @@ def test_lambda_form_by_parameter_names(tmp_path, params):
         tmp_path,
         f"""
         def handler({params}):
-            return ({first}.id, type({first}).__name__)
+            return ({first}.call_id, type({first}).__name__)
         """,
     )
     assert loaded.form is HandlerForm.LAMBDA
