@@ -34,6 +34,7 @@ BACKENDS = ("process", "docker")
 SANDBOX_MODES = ("auto", "bwrap", "none")
 STRATEGIES = ("none", "static", "feedback")
 MAX_DOCKER_POOL_SIZE = 64  # each idle pool container holds a warm interpreter (about 10 MB)
+MAX_BODY_CEILING_BYTES = 128 * 1024 * 1024  # shared.protocol.MAX_MESSAGE_BYTES is 256 MiB
 MAX_DOCKER_RUNTIME_POOL_SIZE = 16  # per registered runtime: idle containers (a sh each) and spare runners (~30 MB each)
 
 
@@ -79,7 +80,9 @@ class Settings:
     # auto (the system bundle, when present), none, or a path
     build_ca_bundle: str = "auto"
     # gateway limits
-    max_body_bytes: int = 6 * 1024 * 1024
+    max_body_bytes: int = 6 * 1024 * 1024  # an invocation body, unless the function's http trigger asks for more
+    # the most a function's spec.triggers.<http>.attributes.maxRequestBodySize may ask for
+    max_body_ceiling_bytes: int = 64 * 1024 * 1024
     max_zip_bytes: int = 50 * 1024 * 1024
     deploy_timeout_s: float = 600.0
     queue_limit: int = 1000  # waiting sync calls per function before 429
@@ -119,6 +122,10 @@ class Settings:
         for name in ("max_body_bytes", "max_zip_bytes", "queue_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if not self.max_body_bytes <= self.max_body_ceiling_bytes <= MAX_BODY_CEILING_BYTES:
+            raise ConfigError(f"max_body_ceiling_bytes {self.max_body_ceiling_bytes} must be at least max_body_bytes"
+                              f" ({self.max_body_bytes}) and at most {MAX_BODY_CEILING_BYTES} (half the largest"
+                              " message the wire protocol carries)")
         if self.docker_image_cache < 0:
             raise ConfigError("docker_image_cache must be 0 or more")
         if not 0 <= self.docker_pool_size <= MAX_DOCKER_POOL_SIZE:

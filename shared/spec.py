@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from shared.archive import Archive
-from shared.triggers import DEFAULT_RETRY, parse_retry, validate_triggers
+from shared.triggers import DEFAULT_RETRY, max_body_bytes, parse_retry, validate_triggers
 from shared.errors import InvalidRequest
 from shared.names import validate_function_name
 from shared.runtimes import DEFAULT_WARM_START, parse_warm_start
@@ -461,10 +461,12 @@ def _parse_shell(spec: dict, kw: dict[str, Any], definition: dict[str, Any], war
 
 
 def parse_function(archive: Archive, *, fallback_handler_module: str | None = None,
-                   runtimes: dict[str, dict[str, Any]] | None = None) -> tuple[FunctionSpec, list[str]]:
+                   runtimes: dict[str, dict[str, Any]] | None = None,
+                   max_body_ceiling: int | None = None) -> tuple[FunctionSpec, list[str]]:
     """Read function.yaml (or infer a handler) and requirements.txt; return (spec, warnings).
 
-    ``runtimes`` are the registered runtimes (name -> definition) spec.runtime may name.
+    ``runtimes`` are the registered runtimes (name -> definition) spec.runtime may name;
+    ``max_body_ceiling`` the most an http trigger's maxRequestBodySize may ask for.
     """
     warnings: list[str] = []
     doc = _load_yaml(archive, warnings)
@@ -521,7 +523,11 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
     _parse_resources(spec, kw, warnings)
     if spec.get("triggers") is not None:
         kw["triggers"] = _parse_triggers(spec["triggers"])
-        validate_triggers(kw["triggers"], warnings)
+        asked = max_body_bytes(validate_triggers(kw["triggers"], warnings))
+        if asked is not None and max_body_ceiling is not None and asked[0] > max_body_ceiling:
+            raise _err(f"spec.triggers.{asked[1]}.attributes.maxRequestBodySize",
+                       f"({asked[0]} bytes) is over the platform's ceiling of {max_body_ceiling} bytes"
+                       " (max_body_ceiling_bytes); ask for less, or have the operator raise the ceiling")
     kw["retry"] = parse_retry(spec.get("retry"))
     return FunctionSpec(**kw), warnings
 

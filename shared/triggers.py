@@ -9,6 +9,7 @@ spec:
   triggers:
     tick:  {kind: cron, attributes: {interval: 30s}}           # or schedule: "*/5 * * * *"
     feed:  {kind: topic, attributes: {topic: orders}}
+    web:   {kind: http, attributes: {maxRequestBodySize: 8388608}}  # bytes, up to max_body_ceiling_bytes
 ```
 
 Cron schedules have 5 fields (minute hour day-of-month month day-of-week) or 6
@@ -164,8 +165,14 @@ def parse_cron(expr: Any, where: str = "schedule") -> Cron:
     return Cron(fields, parts[3] in ("*", "?"), parts[5] in ("*", "?"))
 
 
+def max_body_bytes(triggers: list[dict[str, Any]]) -> tuple[int, str] | None:
+    """The largest invocation body a function's http triggers ask for, with the trigger's name; None: no ask."""
+    asks = [(t["max_body_bytes"], t["name"]) for t in triggers if t["kind"] == "http"]
+    return max(asks) if asks else None
+
+
 def validate_triggers(triggers: tuple[dict, ...], warnings: list[str] | None = None) -> list[dict[str, Any]]:
-    """Check cron and topic triggers (bad ones fail); other nuclio kinds are ignored with a warning."""
+    """Check cron, topic and http triggers (bad ones fail); other nuclio kinds are ignored with a warning."""
     out: list[dict[str, Any]] = []
     for trig in triggers:
         name = trig.get("name", "?")
@@ -191,6 +198,13 @@ def validate_triggers(triggers: tuple[dict, ...], warnings: list[str] | None = N
             else:
                 raise InvalidRequest(f"{where}: a cron trigger needs attributes.interval (e.g. 30s) or"
                                      " attributes.schedule (e.g. '*/5 * * * *')")
+        elif kind == "http":
+            size = attrs.get("maxRequestBodySize")
+            if size is not None:
+                if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                    raise InvalidRequest(f"{where}.attributes.maxRequestBodySize must be a positive integer number"
+                                         f" of bytes (e.g. 8388608 for 8 MiB), got {size!r}")
+                out.append({"name": name, "kind": "http", "max_body_bytes": size})
         elif kind == "topic":
             topic = attrs.get("topic")
             if not isinstance(topic, str) or not topic or len(topic) > 200:

@@ -24,7 +24,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     gateway = Gateway(settings, ctx, load_or_create_token(settings))
     await gateway.start()
     app = make_asgi(gateway, build_control_app(gateway))
-    server = HttpServer(gateway, app, settings.http_host, settings.http_port, settings.max_body_bytes)
+    server = HttpServer(gateway, app, settings.http_host, settings.http_port)
     try:
         await server.start()
     except OSError as exc:

@@ -83,7 +83,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
         archive = read_archive(data, ArchiveLimits(max_zip_bytes=gw.settings.max_zip_bytes))
         assert gw.store is not None
         runtimes = {rt["name"]: rt for rt in await gw.store.call("runtime.list")}
-        spec, warnings = parse_function(archive, runtimes=runtimes)
+        spec, warnings = parse_function(archive, runtimes=runtimes, max_body_ceiling=gw.settings.max_body_ceiling_bytes)
         if spec.shell is None:
             check_handler(archive, spec.handler)
         if spec.shell is None and spec.warm_start != DEFAULT_WARM_START:  # per-call containers: docker backend only

@@ -31,7 +31,7 @@ from services.gateway.broker import Broker, Call, Instance
 from services.gateway.calls import AsyncCalls, check_callback_url
 from services.gateway.http import valid_header
 from services.gateway.ingress import Ingress
-from shared.triggers import DEFAULT_RETRY, validate_triggers
+from shared.triggers import DEFAULT_RETRY, max_body_bytes, validate_triggers
 
 log = get_logger(__name__)
 
@@ -45,7 +45,7 @@ class FunctionInfo:
     """What the invoke path needs to know about a function, kept from store events."""
 
     __slots__ = ("name", "private", "timeout_s", "state", "version", "group_id", "last_error", "retry", "cron",
-                 "topics", "min_replicas", "idle_timeout_s")
+                 "topics", "min_replicas", "idle_timeout_s", "max_body")
 
     def __init__(self, record: dict[str, Any]) -> None:
         self.name = record["name"]
@@ -65,6 +65,7 @@ class FunctionInfo:
             triggers = []
         self.cron = [t for t in triggers if t["kind"] == "cron"]
         self.topics = [t["topic"] for t in triggers if t["kind"] == "topic"]
+        self.max_body = max_body_bytes(triggers)  # (bytes, http trigger name) the function asks for, or None
 
 
 class DeployOutcome:
@@ -499,7 +500,7 @@ class Gateway:
                       call_id: str) -> tuple[int, list, bytes]:
         raw_headers = scope["headers"]
         info = self._check_access(name, raw_headers)
-        body = await self._read_body(scope, receive)
+        body = await self._read_body(scope, receive, name)
         if mode == "async" or _wants_async(raw_headers):
             return await self._submit_async(name, body, scope.get("nuclide.headers", raw_headers), call_id)
         if self.functions.get(name) is not info:  # redeployed or deleted while the body was read
@@ -537,10 +538,36 @@ class Gateway:
         except NuclideError as exc:
             req.respond(*self.error_response(exc, call_id))
 
+    def body_limit(self, name: str) -> int:
+        """The largest invocation body ``name`` takes: its http trigger's maxRequestBodySize, else max_body_bytes;
+        never more than max_body_ceiling_bytes."""
+        info = self.functions.get(name)
+        asked = info.max_body if info is not None else None
+        if asked is None:
+            return self.settings.max_body_bytes
+        return min(asked[0], self.settings.max_body_ceiling_bytes)
+
+    def body_too_large(self, name: str, size: int | None) -> PayloadTooLarge:
+        """The 413 for a body over ``name``'s limit: which limit, where it comes from, and the ceiling."""
+        s = self.settings
+        info = self.functions.get(name)
+        asked = info.max_body if info is not None else None
+        body = f"request body is {size} bytes" if size is not None else "request body is"
+        ceiling = f"max_body_ceiling_bytes, {s.max_body_ceiling_bytes}"
+        if asked is None:
+            return PayloadTooLarge(
+                f"{body} over the {s.max_body_bytes} byte invoke limit (max_body_bytes); a function may ask for"
+                f" more with spec.triggers.<http trigger>.attributes.maxRequestBodySize, up to the platform's"
+                f" ceiling ({ceiling} bytes)")
+        limit = min(asked[0], s.max_body_ceiling_bytes)
+        capped = (f", capped by the platform's ceiling ({ceiling} bytes)" if asked[0] > limit
+                  else f"; the platform's ceiling is {ceiling} bytes")
+        return PayloadTooLarge(
+            f"{body} over the {limit} byte limit of function '{name}' (its"
+            f" spec.triggers.{asked[1]}.attributes.maxRequestBodySize is {asked[0]}{capped})")
+
     def refuse_direct(self, req: Any) -> None:
-        limit = self.settings.max_body_bytes
-        exc = PayloadTooLarge(f"request body is {req.refused} bytes, over the {limit} byte invoke limit")
-        req.respond(*self.error_response(exc, self.new_call_id()))
+        req.respond(*self.error_response(self.body_too_large(req.name, req.refused), self.new_call_id()))
 
     def _check_access(self, name: str, raw_headers: list) -> FunctionInfo:
         """The function's info, once the caller may invoke it (a private one needs the token)."""
@@ -640,8 +667,8 @@ class Gateway:
         payload = json.dumps({"call_id": call_id, "status_url": f"/calls/{call_id}", "duplicate": duplicate}).encode()
         return 202, [_JSON_CT, (b"x-call-id", call_id.encode())], payload
 
-    async def _read_body(self, scope: dict, receive: Any) -> bytes:
-        limit = self.settings.max_body_bytes
+    async def _read_body(self, scope: dict, receive: Any, name: str) -> bytes:
+        limit = self.body_limit(name)
         for k, v in scope["headers"]:
             if k == b"content-length":
                 try:
@@ -649,7 +676,7 @@ class Gateway:
                 except ValueError:
                     raise InvalidRequest("Content-Length is not a number") from None
                 if declared > limit:
-                    raise PayloadTooLarge(f"request body is {declared} bytes, over the {limit} byte invoke limit")
+                    raise self.body_too_large(name, declared)
                 break
         chunks: list[bytes] = []
         size = 0
@@ -661,7 +688,7 @@ class Gateway:
             if chunk:
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(f"request body is over the {limit} byte invoke limit")
+                    raise self.body_too_large(name, None)
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break

@@ -76,10 +76,10 @@ class DirectRequest:
     """A sync invocation read in full; :meth:`respond` answers it (once)."""
 
     __slots__ = ("conn", "method", "path", "query", "headers", "body", "name", "mode", "done", "keep_alive",
-                 "complete", "size", "refused", "received", "expect_continue")
+                 "complete", "size", "refused", "received", "expect_continue", "limit")
 
     def __init__(self, conn: "HttpProtocol", method: str, path: str, query: bytes,
-                 headers: list[tuple[bytes, bytes]], name: str, mode: str, keep_alive: bool) -> None:
+                 headers: list[tuple[bytes, bytes]], name: str, mode: str, keep_alive: bool, limit: int) -> None:
         self.conn = conn
         self.method = method
         self.path = path
@@ -95,6 +95,7 @@ class DirectRequest:
         self.refused: int | None = None  # the body size when it is over the limit (answered 413 unread)
         self.received = False  # the whole message was parsed (a refused body is read and dropped)
         self.expect_continue = False  # the client waits for "100 Continue" before sending the body
+        self.limit = limit  # the largest body the function takes
 
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         if self.done:
@@ -422,9 +423,10 @@ class HttpProtocol(asyncio.Protocol):
         target = server.direct_target(method, path, self._headers)
         if target is not None:
             # the function sees the path below its own name
+            limit = server.body_limit(target[0])
             request: Any = DirectRequest(self, method, target[2], query, self._headers, target[0], target[1],
-                                         keep_alive)
-            declared = server.too_large(self._length) if self._length is not None else None
+                                         keep_alive, limit)
+            declared = server.too_large(self._length, limit) if self._length is not None else None
             if declared is not None:
                 # answered without reading the body; the connection closes after it
                 request.refused = declared
@@ -469,7 +471,7 @@ class HttpProtocol(asyncio.Protocol):
                     self.close()
                 return
             request.size += len(chunk)
-            if request.size > self.server.max_body:
+            if request.size > request.limit:
                 request.refused = request.size
                 request.complete = True
                 request.keep_alive = False
@@ -529,13 +531,11 @@ class HttpProtocol(asyncio.Protocol):
 class HttpServer:
     """Serves the gateway on one TCP port; see the module docstring."""
 
-    def __init__(self, gateway: Any, app: Callable[..., Any], host: str, port: int, max_body: int,
-                 backlog: int = 4096) -> None:
+    def __init__(self, gateway: Any, app: Callable[..., Any], host: str, port: int, backlog: int = 4096) -> None:
         self.gateway = gateway
         self.app = app
         self.host = host
         self.port = port
-        self.max_body = max_body
         self.backlog = backlog
         self.loop = asyncio.get_running_loop()
         self.connections: set[HttpProtocol] = set()
@@ -545,6 +545,7 @@ class HttpServer:
         self._sweeper: asyncio.Task | None = None
         self.direct_target: Callable[[str, str, list], tuple[str, str, str] | None] = gateway.direct_target
         self.direct: Callable[[DirectRequest], None] = gateway.invoke_direct
+        self.body_limit: Callable[[str], int] = gateway.body_limit  # a function's largest invocation body
 
     async def start(self) -> None:
         self._server = await self.loop.create_server(
@@ -554,13 +555,14 @@ class HttpServer:
             self.bound = (str(sock[0]), int(sock[1]))
         self._sweeper = asyncio.ensure_future(self._sweep_idle())
 
-    def too_large(self, content_length: bytes) -> int | None:
-        """The declared Content-Length when it is over the invoke limit (the parser checked its syntax)."""
+    @staticmethod
+    def too_large(content_length: bytes, limit: int) -> int | None:
+        """The declared Content-Length when it is over ``limit`` (the parser checked its syntax)."""
         try:
             declared = int(content_length)
         except ValueError:
             return None
-        return declared if declared > self.max_body else None
+        return declared if declared > limit else None
 
     def refuse(self, request: DirectRequest) -> None:
         self.gateway.refuse_direct(request)

@@ -93,12 +93,11 @@ class Ingress:
             self.counters["malformed"] += 1
             log.warning("dropped malformed ingress message", error=str(exc), dropped=self.counters["malformed"])
             return
-        limit = self.gw.settings.max_body_bytes
-        if len(msg.body) > limit:
+        if len(msg.body) > self.gw.body_limit(function):
             # recorded, not silently dropped: the producer can look the call up and see why
             self.counters["oversized"] = self.counters.get("oversized", 0) + 1
             self._spawn(self._refuse(function, msg.header.get("call_id"),
-                                     f"payload is {len(msg.body)} bytes, over the {limit} byte invoke limit"))
+                                     self.gw.body_too_large(function, len(msg.body)).message))
             return
         assert self.gw.calls is not None
         try:

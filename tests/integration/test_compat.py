@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from tests.stack import Stack, function_yaml
+from tests.stack import Stack, function_yaml, make_zip
 
 pytestmark = pytest.mark.integration
 
@@ -83,3 +83,44 @@ def test_response_content_types_as_nuclio_sets_them(nuclio_fns: Stack) -> None:
     assert s.invoke("outputter", b"list").headers["content-type"] == "application/json"
     r = s.invoke("outputter", b"raise")
     assert (r.status_code, r.headers["content-type"]) == (500, "text/plain") and "some error" in r.text
+
+
+MiB = 1024 * 1024
+SIZE = "def handler(context, event):\n    return str(len(event.raw_body))\n"
+
+
+def _http_trigger(size: object) -> dict:
+    return {"triggers": {"web": {"kind": "http", "attributes": {"maxRequestBodySize": size}}}}
+
+
+def test_max_request_body_size_is_honoured_up_to_the_platform_ceiling(stack: Stack) -> None:
+    stack.deploy("bigbody", {"function.yaml": function_yaml("bigbody", **_http_trigger(10 * MiB)), "main.py": SIZE})
+    stack.deploy("smallbody", {"function.yaml": function_yaml("smallbody"), "main.py": SIZE})
+    r = stack.invoke("bigbody", b"x" * (8 * MiB))
+    assert (r.status_code, r.text) == (200, str(8 * MiB)), r.text[:300]
+    async_call = stack.anon.post("/bigbody", content=b"y" * (8 * MiB), headers={"X-Nuclide-Async": "true"})
+    assert async_call.status_code == 202, async_call.text[:300]
+    r = stack.invoke("bigbody", b"x" * (10 * MiB + 1))
+    assert r.status_code == 413
+    message = r.json()["error"]["message"]
+    assert "10485760 byte limit of function 'bigbody'" in message and "maxRequestBodySize" in message
+    assert "max_body_ceiling_bytes" in message, "the 413 names the platform ceiling"
+    # without the attribute: the platform's default, and how to raise it
+    r = stack.invoke("smallbody", b"x" * (7 * MiB))
+    assert r.status_code == 413
+    message = r.json()["error"]["message"]
+    assert "max_body_bytes" in message and "maxRequestBodySize" in message and "max_body_ceiling_bytes" in message
+
+
+@pytest.mark.parametrize("size,expected", [
+    (1024 * MiB, "over the platform's ceiling"),
+    ("8Mi", "positive integer"),
+    (0, "positive integer"),
+    (True, "positive integer"),
+])
+def test_a_bad_max_request_body_size_fails_the_deploy(stack: Stack, size: object, expected: str) -> None:
+    r = stack.client.put("/badbody", files={"zip_file": ("t.zip", make_zip(
+        {"function.yaml": function_yaml("badbody", **_http_trigger(size)), "main.py": SIZE}), "application/zip")})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "spec.triggers.web.attributes.maxRequestBodySize" in message and expected in message, message

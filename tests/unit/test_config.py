@@ -34,6 +34,8 @@ def test_service_specific_env_wins_over_common_then_file(tmp_path: Path) -> None
     ({"NUCLIDE_DOCKER_POOL_SIZE": "two"}, "NUCLIDE_DOCKER_POOL_SIZE"),
     ({"NUCLIDE_DOCKER_POOL_SIZE": "-1"}, "docker_pool_size -1 is out of range 0-64"),
     ({"NUCLIDE_DOCKER_POOL_SIZE": "1000"}, "0 disables the pool"),
+    ({"NUCLIDE_MAX_BODY_CEILING_BYTES": "1024"}, "max_body_ceiling_bytes 1024 must be at least max_body_bytes"),
+    ({"NUCLIDE_MAX_BODY_CEILING_BYTES": str(1 << 30)}, "half the largest message"),
 ])
 def test_bad_values_fail_fast_naming_the_setting(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as info:

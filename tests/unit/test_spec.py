@@ -646,6 +646,8 @@ def test_retry_settings_and_their_errors() -> None:
     ("{kind: cron, attributes: {}}", "interval"),
     ("{kind: cron, attributes: {interval: soon}}", "interval"),
     ("{kind: topic, attributes: {}}", "attributes.topic"),
+    ("{kind: http, attributes: {maxRequestBodySize: -1}}", "maxRequestBodySize must be a positive integer"),
+    ("{kind: http, attributes: {maxRequestBodySize: 8Mi}}", "maxRequestBodySize must be a positive integer"),
 ])
 def test_bad_triggers_fail_the_deploy_naming_the_field(trigger: str, needle: str) -> None:
     with pytest.raises(InvalidRequest) as info:
@@ -666,3 +668,16 @@ def test_cron_schedules() -> None:
     assert parse_cron("0 0 1 1 *").next_after(t0) == calendar.timegm((2027, 1, 1, 0, 0, 0))
     assert parse_cron("0 9 * * 1").next_after(t0) == calendar.timegm((2026, 11, 30, 9, 0, 0))  # next Monday
     assert parse_cron("@every 15s").next_after(t0) == t0 + 15
+
+
+def test_max_request_body_size_up_to_the_ceiling() -> None:
+    from shared.triggers import max_body_bytes, validate_triggers
+
+    text = "spec:\n  handler: main:handler\n  triggers:\n    web: {kind: http, attributes: {maxRequestBodySize: 9000}}\n"
+    spec, _ = parse_function(archive_with(text), max_body_ceiling=9000)
+    assert max_body_bytes(validate_triggers(spec.triggers)) == (9000, "web")
+    with pytest.raises(InvalidRequest) as info:
+        parse_function(archive_with(text), max_body_ceiling=8999)
+    assert "spec.triggers.web.attributes.maxRequestBodySize (9000 bytes) is over the platform's ceiling of 8999" \
+        in str(info.value)
+    assert max_body_bytes(validate_triggers(parse_yaml("spec:\n  handler: main:handler\n")[0].triggers)) is None
