@@ -133,28 +133,32 @@ class TaskCaller:
         out = self.request(name, "POST", body, ctype, [], mapper=_as_is_or_result)
         if out[0] is _AS_IS:
             return out[1]
-        return decode_result(name, *out)
+        return decode_result(name, *out[:3])
 
     def call_async(self, name: str, payload: Any = None) -> str:
         body, ctype = encode_payload(payload)
-        status, rctype, rbody = self.request(name, "POST", body, ctype, [], sync=False)
+        status, rctype, rbody, _ = self.request(name, "POST", body, ctype, [], sync=False)
         result = decode_result(name, status, rctype, rbody)
         return result["call_id"] if isinstance(result, dict) else str(result)
 
     def request(self, name: str, method: str, body: bytes, content_type: str, headers: list[list[str]],
                 path: str | None = None, query: str = "", sync: bool = True,
-                mapper: Callable[[Any], Any] = to_result) -> tuple[Any, ...]:
-        """Call a task; returns (status, content_type, body) exactly as an HTTP caller would see them.
+                mapper: Callable[[Any], Any] = to_result, timeout_s: float | None = None) -> tuple[Any, ...]:
+        """Call a task; returns (status, content_type, body, headers) exactly as an HTTP caller would see them.
 
-        A local callee's value goes through ``mapper``; :meth:`call`'s may answer ``(_AS_IS, value)``."""
+        A local callee's value goes through ``mapper``; :meth:`call`'s may answer ``(_AS_IS, value)``.
+        ``timeout_s`` shortens the caller's own deadline (never lengthens it)."""
         stack = getattr(self._local, "stack", None)
         frame = stack[-1] if stack else None
+        now_ms = int(time.time() * 1000)
         if frame is None:
             parent, depth, chain, caller = "", 1, [name], None
-            deadline_ms = int((time.time() + 30) * 1000)
+            deadline_ms = now_ms + 30_000
         else:
             parent, depth, chain, caller = frame.call_id, frame.depth + 1, frame.chain + [name], frame.function
-            deadline_ms = frame.deadline_ms or int((time.time() + 30) * 1000)
+            deadline_ms = frame.deadline_ms or now_ms + 30_000
+        if timeout_s is not None:
+            deadline_ms = min(deadline_ms, now_ms + int(timeout_s * 1000))
         if depth > MAX_CALL_DEPTH:
             raise CallFailed(name, 508, f"call depth limit of {MAX_CALL_DEPTH} exceeded: {' -> '.join(chain[-6:])}"
                                         " ...; is there a cycle between these tasks?")
@@ -176,7 +180,7 @@ class TaskCaller:
                     slot[1] += took_ms
             if result[0] is _AS_IS:
                 return result
-            status, _, rctype, out = result
+            status, rheaders, rctype, out = result
         else:
             header = {
                 "call_id": call_id, "parent_id": parent or None, "function": name, "method": method,
@@ -186,7 +190,8 @@ class TaskCaller:
             }
             result, out = self._remote(header, body)
             status, rctype = int(result.get("status", 200)), str(result.get("content_type") or "")
-        return status, rctype, out
+            rheaders = result.get("headers") or []
+        return status, rctype, out, rheaders
 
     @property
     def edges_pending(self) -> bool:

@@ -10,7 +10,7 @@ import traceback
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence, TextIO
 
-__all__ = ["Context", "Logger", "Response", "LOG_LEVELS"]
+__all__ = ["Context", "Logger", "Platform", "Response", "LOG_LEVELS"]
 
 
 class Response:
@@ -154,6 +154,56 @@ class Logger:
 
 
 _NO_CALLS = "task-to-task calls arrive with fusion"
+# request headers a forwarded event does not carry on: they describe the request it came in, not this one
+_NOT_FORWARDED = frozenset({"content-length", "content-type", "transfer-encoding", "connection", "host",
+                            "fusionizer-server-address"})
+
+
+class Platform:
+    """nuclio's ``context.platform``: its kind and namespace, and ``call_function`` to call another function."""
+
+    __slots__ = ("kind", "namespace", "_context")
+
+    def __init__(self, kind: str, context: "Context") -> None:
+        self.kind = kind
+        self.namespace = "default"
+        self._context = context
+
+    def call_function(self, function_name: str, event: Any, node: Any = None, timeout: float | None = None,
+                      service_name_override: Any = None) -> Response:
+        """Call ``function_name`` with ``event``'s method, path, headers and body; its answer as a Response.
+
+        As nuclio's SDK does it: a dict (or list) body goes as JSON, any other body as it is with the
+        event's content type (text/plain without one); the answer's header names are lower-cased, a JSON
+        body is decoded, and an error status is returned, not raised. The call is a task call (in-process
+        when the callee is in this instance's fusion group), traced like ``context.call``; ``timeout``
+        (seconds) shortens the caller's own deadline. ``node`` and ``service_name_override`` name nuclio
+        hosts and are not needed here."""
+        caller = self._context._caller
+        if caller is None:
+            raise NotImplementedError(_NO_CALLS)
+        body = getattr(event, "body", b"")
+        if isinstance(body, (dict, list)):
+            raw, content_type = json.dumps(body).encode(), "application/json"
+        else:
+            raw = body.encode() if isinstance(body, str) else bytes(body or b"")
+            content_type = getattr(event, "content_type", None) or "text/plain"
+        headers = [[str(k), str(v)] for k, v in (getattr(event, "headers", None) or {}).items()
+                   if str(k).lower() not in _NOT_FORWARDED]
+        headers.append(["Content-Type", content_type])
+        path, _, query = (getattr(event, "path", None) or "/").partition("?")
+        status, rtype, out, rheaders = caller.request(function_name, str(getattr(event, "method", None) or "POST"),
+                                                      raw, content_type, headers, path=path, query=query,
+                                                      timeout_s=timeout)
+        answer_headers = {str(k).lower(): str(v) for k, v in rheaders}
+        answer_headers["content-type"] = rtype
+        answer: Any = out
+        if rtype.partition(";")[0].strip() == "application/json" and out:
+            try:
+                answer = json.loads(out)
+            except ValueError:  # as nuclio's SDK: a body that does not parse stays as it is
+                pass
+        return Response(answer, answer_headers, rtype, status)
 
 
 class Context:
@@ -192,7 +242,7 @@ class Context:
         self.version = version
         self.logger = logger if logger is not None else Logger(function_name)
         self.user_data = SimpleNamespace()
-        self.platform = SimpleNamespace(kind=platform_kind)
+        self.platform = Platform(platform_kind, self)
         self.worker_id = worker_id
         self.trigger_name = "default-http"
         self._call_id: str | None = None

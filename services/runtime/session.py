@@ -69,17 +69,18 @@ class GatewaySession(requests.Session):
         query = urlsplit(str(url)).query
         if params:
             query = "&".join(filter(None, [query, urlencode(params, doseq=True)]))
-        status, ctype, out = self._caller.request(
+        status, ctype, out, rheaders = self._caller.request(
             target[0], str(method).upper(), body, hdrs.get("content-type", ""), [[k, v] for k, v in hdrs.items()],
             path=target[1], query=query)
-        return _response(str(url), status, ctype, out)
+        return _response(str(url), status, ctype, out, rheaders)
 
 
-def _response(url: str, status: int, content_type: str, body: bytes) -> requests.Response:
+def _response(url: str, status: int, content_type: str, body: bytes, headers: list) -> requests.Response:
     resp = requests.Response()
     resp.status_code = status
     resp._content = body  # requests' own way to hold a body that is already read
-    resp.headers = CaseInsensitiveDict({"content-type": content_type, "content-length": str(len(body))})
+    resp.headers = CaseInsensitiveDict({str(k): str(v) for k, v in headers})
+    resp.headers.update({"content-type": content_type, "content-length": str(len(body))})
     resp.url = url
     resp.encoding = "utf-8" if content_type.startswith(("text/", "application/json")) else None
     resp.reason = "OK" if status < 400 else "Error"
