@@ -82,6 +82,7 @@ class FunctionSpec:
     # the registered runtime's definition (image, path, dependencies, run) as it was at deploy time;
     # None for Python functions
     shell: dict[str, Any] | None = None
+    lambda_event: str = "auto"  # what a handler(event, context) gets: see services/runtime/lambda_shape.py
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -446,7 +447,8 @@ def _parse_resources(spec: dict, kw: dict[str, Any], warnings: list[str]) -> Non
 
 _SPEC_KNOWN = {"handler", "runtime", "env", "build", "minReplicas", "maxReplicas", "replicas", "description",
                "timeout", "timeoutSeconds", "eventTimeout", "maxConcurrency", "resources", "private",
-               "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart"}
+               "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart", "lambdaEvent"}
+LAMBDA_EVENT_SHAPES = ("auto", "payload", "apigateway")
 
 
 def _parse_shell(spec: dict, kw: dict[str, Any], definition: dict[str, Any], warnings: list[str]) -> None:
@@ -507,6 +509,12 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
         kw["runtime"] = runtime_name
     if spec.get("warmStart") is not None:
         kw["warm_start"] = parse_warm_start(spec["warmStart"], "function.yaml: spec.warmStart")
+    if spec.get("lambdaEvent") is not None:
+        shape = spec["lambdaEvent"]
+        if shape not in LAMBDA_EVENT_SHAPES:
+            raise _err("spec.lambdaEvent", f"must be one of {', '.join(LAMBDA_EVENT_SHAPES)} (what a"
+                       f" handler(event, context) gets), got {shape!r:.60}")
+        kw["lambda_event"] = shape
     if spec.get("env") is not None:
         kw["env"] = _parse_env(spec["env"], warnings)
     build = _sub(spec, "build", "spec.build")

@@ -10,6 +10,8 @@ import traceback
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence, TextIO
 
+from services.runtime.event import event_uuid
+
 __all__ = ["Context", "Logger", "Platform", "Response", "LOG_LEVELS"]
 
 
@@ -222,6 +224,8 @@ class Context:
         "platform",
         "worker_id",
         "trigger_name",
+        "memory_limit_in_mb",
+        "log_stream_name",
         "_call_id",
         "_deadline_ms",
         "_caller",
@@ -237,6 +241,8 @@ class Context:
         logger: Logger | None = None,
         platform_kind: str = "local",
         worker_id: int = 0,
+        memory_limit_in_mb: int = 0,
+        log_stream_name: str = "",
     ) -> None:
         self.function_name = function_name
         self.version = version
@@ -245,6 +251,8 @@ class Context:
         self.platform = Platform(platform_kind, self)
         self.worker_id = worker_id
         self.trigger_name = "default-http"
+        self.memory_limit_in_mb = memory_limit_in_mb  # Lambda's name: the instance's memory limit
+        self.log_stream_name = log_stream_name  # Lambda's name: the instance whose log has the lines
         self._call_id: str | None = None
         self._deadline_ms = 0
         self._caller: Any = None
@@ -269,6 +277,30 @@ class Context:
     def deadline_ms(self) -> int:
         """The current call's absolute deadline, epoch milliseconds (0 outside a call)."""
         return self._deadline_ms
+
+    # AWS Lambda's context, for handler(event, context)
+
+    @property
+    def aws_request_id(self) -> str | None:
+        """The current call's UUID (the same as its event's id)."""
+        call_id = self._call_id
+        return event_uuid(call_id) if call_id is not None else None
+
+    @property
+    def function_version(self) -> str:
+        return str(self.version)
+
+    @property
+    def invoked_function_arn(self) -> str:
+        """An ARN-shaped name of the function (nuclide has no AWS account: the account is 0)."""
+        return f"arn:aws:lambda:local:000000000000:function:{self.function_name}"
+
+    @property
+    def log_group_name(self) -> str:
+        return f"/nuclide/{self.function_name}"
+
+    identity = None  # Lambda: Cognito identity of mobile SDK calls; never set here
+    client_context = None
 
     def get_remaining_time_in_millis(self) -> int:
         """Milliseconds left before the current call's deadline; never negative."""

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, NamedTuple
 from urllib.parse import parse_qsl
 
 from shared.errors import ProtocolError
 
-__all__ = ["Event", "Headers", "Trigger", "is_json_content_type"]
+__all__ = ["Event", "Headers", "Trigger", "event_uuid", "is_json_content_type"]
 
 # Marks a body that has not been decoded yet; None is a legitimate body value.
 _UNPARSED: Any = object()
@@ -26,7 +25,17 @@ class Trigger(NamedTuple):
 
 
 # event.id is a UUID named by the call id: the same call (an async call's retries) keeps its id
-_EVENT_ID_NAMESPACE = uuid.UUID("5a0c2f4e-8f4b-4d8e-9a51-6e75636c6964")
+_EVENT_ID_NAMESPACE = "5a0c2f4e-8f4b-4d8e-9a51-6e75636c6964"
+
+
+def event_uuid(call_id: str) -> str:
+    """The UUID string a call's event carries (nuclio's event.id, Lambda's aws_request_id).
+
+    ``uuid`` is imported here, on first use: it costs about 2 ms, which an instance whose handlers
+    never read an event id does not pay at its start."""
+    import uuid
+
+    return str(uuid.uuid5(uuid.UUID(_EVENT_ID_NAMESPACE), call_id))
 
 
 # nuclio names the HTTP trigger it creates by default "default-http".
@@ -220,7 +229,11 @@ class Event:
         else:
             hdrs = Headers.from_pairs(list(headers))
         self._fill(id, parent_id, function, mode, method, path, query, hdrs, content_type, raw, deadline_ms, trigger)
-        self._id = id or str(uuid.uuid4())  # a hand-made event keeps the id it was given
+        if not id:
+            import uuid
+
+            id = str(uuid.uuid4())
+        self._id = id  # a hand-made event keeps the id it was given
         self._body = parsed
         self._fields = dict(fields) if fields is not None else None
         self._timestamp = timestamp
@@ -337,7 +350,7 @@ class Event:
         ``call_id`` is nuclide's own id of the call, the ``X-Call-Id`` the caller sees."""
         event_id = self._id
         if event_id is None:
-            event_id = self._id = str(uuid.uuid5(_EVENT_ID_NAMESPACE, self.call_id))
+            event_id = self._id = event_uuid(self.call_id)
         return event_id
 
     @id.setter

@@ -165,3 +165,72 @@ def test_platform_call_function_as_in_nuclio(stack: Stack, fused: bool) -> None:
     assert r.status_code == 500 and "callee failed on purpose" in r.text
     r = stack.anon.post(f"/{caller}", json={"callee_name": "no-such-function"})
     assert r.status_code == 404 and "function 'no-such-function' not found" in r.text
+
+
+LAMBDA = """
+import base64
+import json
+
+def handler(event, context):
+    if isinstance(event, dict) and event.get("want") == "response":
+        return {"statusCode": 201, "headers": {"X-From": "lambda", "Content-Type": "text/plain"}, "body": "made",
+                "cookies": ["a=1", "b=2"]}
+    if isinstance(event, dict) and event.get("want") == "binary":
+        return {"statusCode": 200, "headers": {"content-type": "image/png"},
+                "body": base64.b64encode(b"\\x89PNG").decode(), "isBase64Encoded": True}
+    if isinstance(event, dict) and event.get("want") == "string":
+        return "just a string"
+    return {"event": json.loads(json.dumps(event)), "function_name": context.function_name,
+            "request_id": context.aws_request_id, "left_ms": context.get_remaining_time_in_millis(),
+            "memory_mb": context.memory_limit_in_mb}
+"""
+
+
+@pytest.fixture(scope="module")
+def lambda_fns(stack: Stack) -> Stack:
+    spec = {"resources": {"limits": {"memory": "128Mi"}}, "timeout": "20s"}
+    stack.deploy("lam", {"function.yaml": function_yaml("lam", **spec), "main.py": LAMBDA})
+    stack.deploy("lam-http", {"function.yaml": function_yaml("lam-http", lambdaEvent="apigateway"), "main.py": LAMBDA})
+    return stack
+
+
+def test_lambda_handler_gets_the_json_payload_and_a_lambda_context(lambda_fns: Stack) -> None:
+    r = lambda_fns.anon.post("/lam", json={"a": 1, "b": [True, None]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["event"] == {"a": 1, "b": [True, None]}, "the decoded body, as aws lambda invoke --payload gives it"
+    assert out["function_name"] == "lam" and str(uuid.UUID(out["request_id"])) == out["request_id"]
+    assert 0 < out["left_ms"] <= 20_000 and out["memory_mb"] == 128
+
+
+def test_lambda_handler_gets_api_gateway_http_events_for_other_requests(lambda_fns: Stack) -> None:
+    s = lambda_fns
+    r = s.anon.post("/lam/orders/7?x=1&x=2&y=", content=b"hello", headers={"X-Trace": "t1", "Cookie": "c=1; d=2"})
+    assert r.status_code == 200, r.text
+    event = r.json()["event"]
+    assert event["version"] == "2.0" and event["routeKey"] == "$default"
+    assert event["rawPath"] == "/orders/7" and event["rawQueryString"] == "x=1&x=2&y="
+    assert event["queryStringParameters"] == {"x": "1,2", "y": ""}
+    assert event["headers"]["x-trace"] == "t1" and event["cookies"] == ["c=1", "d=2"]
+    assert event["body"] == "hello" and event["isBase64Encoded"] is False
+    assert event["requestContext"]["http"]["method"] == "POST"
+    assert event["requestContext"]["http"]["path"] == "/orders/7"
+    binary = s.anon.post("/lam", content=b"\xff\x00", headers={"Content-Type": "application/octet-stream"})
+    event = binary.json()["event"]
+    assert event["isBase64Encoded"] is True and event["body"] == "/wA="
+    event = s.anon.get("/functions/lam/invoke").json()["event"]
+    assert event["requestContext"]["http"]["method"] == "GET" and "body" not in event
+    # chosen per function: spec.lambdaEvent apigateway gives the HTTP shape even for a JSON body
+    event = s.anon.post("/lam-http", json={"a": 1}).json()["event"]
+    assert json.loads(event["body"]) == {"a": 1} and event["headers"]["content-type"] == "application/json"
+
+
+def test_lambda_results_map_to_http_as_api_gateway_does(lambda_fns: Stack) -> None:
+    s = lambda_fns
+    r = s.anon.post("/lam", json={"want": "response"})
+    assert (r.status_code, r.text, r.headers["content-type"], r.headers["x-from"]) == (201, "made", "text/plain", "lambda")
+    assert r.headers.get_list("set-cookie") == ["a=1", "b=2"]
+    r = s.anon.post("/lam", json={"want": "binary"})
+    assert (r.status_code, r.content, r.headers["content-type"]) == (200, b"\x89PNG", "image/png")
+    r = s.anon.post("/lam", json={"want": "string"})
+    assert (r.headers["content-type"], r.json()) == ("application/json", "just a string"), "any other value is JSON"

@@ -107,7 +107,7 @@ def nuclio(context, event):
     return context.user_data.greeting + " " + str(COUNT["init"])
 
 def lam(event, context):
-    return {"lambda": event.body}
+    return {"lambda": event}
 
 def handle(payload: str):
     return payload.upper()

@@ -144,7 +144,7 @@ def test_to_dict_and_from_dict_round_trip() -> None:
         "name", "handler", "runtime", "env", "build_commands", "requirements", "min_replicas", "max_replicas",
         "description", "timeout_s", "max_concurrency", "memory_bytes", "cpu", "private", "idle_timeout_s",
         "triggers",
-        "retry", "warm_start", "shell",
+        "retry", "warm_start", "shell", "lambda_event",
     ]
     assert isinstance(data["build_commands"], list) and isinstance(data["triggers"], list)
     assert FunctionSpec.from_dict(data) == spec
@@ -681,3 +681,10 @@ def test_max_request_body_size_up_to_the_ceiling() -> None:
     assert "spec.triggers.web.attributes.maxRequestBodySize (9000 bytes) is over the platform's ceiling of 8999" \
         in str(info.value)
     assert max_body_bytes(validate_triggers(parse_yaml("spec:\n  handler: main:handler\n")[0].triggers)) is None
+
+
+def test_lambda_event_shape() -> None:
+    assert parse_yaml("spec:\n  handler: main:handler\n")[0].lambda_event == "auto"
+    assert parse_yaml("spec:\n  handler: main:handler\n  lambdaEvent: apigateway\n")[0].lambda_event == "apigateway"
+    message = yaml_error("spec:\n  handler: main:handler\n  lambdaEvent: v1\n")
+    assert "spec.lambdaEvent must be one of auto, payload, apigateway" in message
