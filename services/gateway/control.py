@@ -135,7 +135,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
 
     @app.post("/functions", dependencies=auth, tags=["functions"], status_code=201)
     async def create_from_file(request: Request) -> JSONResponse:
-        """Service FaaS style: multipart `python_file` + `function_name` -> 201 with the function's id."""
+        """Service FaaS style: multipart `python_file` + `function_name` -> 201 with `id`, `function_name`, `status`."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise InvalidRequest("POST /functions needs multipart fields python_file and function_name")
@@ -146,7 +146,10 @@ def build_control_app(gw: Gateway) -> FastAPI:
         source = await upload.read(gw.settings.max_zip_bytes + 1)
         if len(source) > gw.settings.max_zip_bytes:
             raise PayloadTooLarge(f"python_file is over the {gw.settings.max_zip_bytes} byte limit")
-        func = str(form.get("function_name") or "handle")
+        func = str(form.get("function_name") or "")
+        if not func:
+            raise InvalidRequest("field function_name is missing: name the function in python_file to call,"
+                                 " e.g. -F function_name=handle")
         if not _IDENT.match(func):
             raise InvalidRequest(f"function_name {func!r} is not a Python identifier")
         stem = (upload.filename or "main.py").rsplit("/", 1)[-1].removesuffix(".py")
@@ -160,7 +163,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
             import json as _json
 
             body = _json.loads(response.body)
-            body["id"] = name
+            # Service FaaS' own fields: the function's id, the handler's name in the file, and its status
+            body.update(id=name, function_name=func, status="running" if response.status_code == 201 else "creating")
             return JSONResponse(body, status_code=response.status_code)
         return response
 

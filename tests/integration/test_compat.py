@@ -234,3 +234,19 @@ def test_lambda_results_map_to_http_as_api_gateway_does(lambda_fns: Stack) -> No
     assert (r.status_code, r.content, r.headers["content-type"]) == (200, b"\x89PNG", "image/png")
     r = s.anon.post("/lam", json={"want": "string"})
     assert (r.headers["content-type"], r.json()) == ("application/json", "just a string"), "any other value is JSON"
+
+
+def test_service_faas_add_function_as_its_api_gives_it(stack: Stack) -> None:
+    source = b"def handle(payload: str):\n    return payload.upper()\n"
+    r = stack.client.post("/functions", files={"python_file": ("handler.py", source)})
+    assert r.status_code == 400, r.text
+    assert "function_name" in r.json()["error"]["message"], "the missing field is named"
+    r = stack.client.post("/functions", files={"python_file": ("handler.py", source)}, data={"function_name": "handle"})
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["function_name"] == "handle" and created["status"] == "running" and created["id"]
+    r = stack.anon.post(f"/functions/{created['id']}/execute", json={"payload": "shout"})
+    assert r.json() == {"result": "SHOUT"}
+    r = stack.client.post("/functions", files={"python_file": ("handler.py", source)}, data={"function_name": "handle"},
+                          headers={"X-Nuclide-Async": "true"})
+    assert r.status_code == 202 and r.json()["status"] == "creating" and r.json()["function_name"] == "handle"
