@@ -10,6 +10,7 @@ section named after the service. A bad value fails fast with the key's name.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import typing
 from dataclasses import dataclass, fields
@@ -46,6 +47,9 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     public_host: str = ""  # host tasks use to reach the gateway; defaults to http_host
+    # the Nuclio Fusionizer's scripts unchanged: no token on the control API (loopback only), and plain-text
+    # answers for curl's default Accept: */*
+    fusionizer_mode: bool = False
     # ZeroMQ endpoints (bind side and connect side use the same strings)
     gateway_router: str = "tcp://127.0.0.1:5560"
     gateway_pull: str = "tcp://127.0.0.1:5561"
@@ -119,6 +123,9 @@ class Settings:
             raise ConfigError(f"sandbox {self.sandbox!r} is unknown; use one of {', '.join(SANDBOX_MODES)}")
         if not 0 < self.http_port < 65536:
             raise ConfigError(f"http_port {self.http_port} is out of range 1-65535")
+        if self.fusionizer_mode and not is_loopback(self.http_host):
+            raise ConfigError(f"fusionizer_mode turns the control API's token off, so the gateway must listen on"
+                              f" loopback only (http_host 127.0.0.1, ::1 or localhost), not {self.http_host!r}")
         for name in ("max_body_bytes", "max_zip_bytes", "queue_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
@@ -157,6 +164,17 @@ class Settings:
                 value = "true" if value else "false"
             env[f"NUCLIDE_{f.name.upper()}"] = str(value)
         return env
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1 or [::1], localhost)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _convert(name: str, raw: Any, kind: Any) -> Any:

@@ -33,6 +33,10 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
         return 1
     settle_gc()
     log.info("gateway ready", url=settings.http_url, router=settings.gateway_router)
+    if settings.fusionizer_mode:
+        from services.gateway.fusionizer import WARNING
+
+        log.warning(f"FUSIONIZER MODE: {WARNING}")
     await stop.wait()
     await server.stop(timeout_s=10.0)
     await gateway.stop()

@@ -16,10 +16,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
 from shared.archive import ArchiveLimits, make_zip, read_archive
-from shared.errors import BuildFailed, InvalidRequest, NuclideError, PayloadTooLarge, Unavailable
+from shared.errors import BuildFailed, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, Unavailable
 from shared.names import validate_function_name
 from shared.runtimes import DEFAULT_WARM_START, parse_runtime
 from shared.spec import check_handler, parse_function
+from services.gateway import fusionizer
 from services.gateway.core import Gateway, error_payload
 
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
@@ -38,11 +39,18 @@ def build_control_app(gw: Gateway) -> FastAPI:
         version="0.1.0",
     )
 
+    def text_mode(request: Request) -> bool:
+        return fusionizer.wants_text(request.headers.get("accept"), gw.settings.fusionizer_mode)
+
     @app.exception_handler(NuclideError)
-    async def _nuclide_error(_request: Request, exc: NuclideError) -> JSONResponse:
+    async def _nuclide_error(request: Request, exc: NuclideError) -> Response:
+        if text_mode(request):
+            return PlainTextResponse(exc.message, status_code=exc.http_status)
         return JSONResponse(error_payload(exc), status_code=exc.http_status)
 
     async def require_token(request: Request) -> None:
+        if gw.settings.fusionizer_mode:
+            return  # the operator's choice, refused unless the gateway listens on loopback (shared/config.py)
         gw.check_token(request.headers.get("authorization"))
 
     auth = [Depends(require_token)]
@@ -121,6 +129,9 @@ def build_control_app(gw: Gateway) -> FastAPI:
             parts["error"] = str(exc)
         ok = parts["store"] and parts["deployer"] and gw.feed is not None and gw.feed.synced.is_set()
         parts["status"] = "ok" if ok else "degraded"
+        if gw.settings.fusionizer_mode:
+            parts["fusionizer_mode"] = True
+            parts["warning"] = fusionizer.WARNING
         return JSONResponse(parts, status_code=200 if ok else 503)
 
     @app.get("/metrics", dependencies=auth, tags=["system"])
@@ -168,18 +179,41 @@ def build_control_app(gw: Gateway) -> FastAPI:
             return JSONResponse(body, status_code=response.status_code)
         return response
 
-    async def put_function(name: str, request: Request) -> JSONResponse:
-        data = await read_upload(request)
+    def failed_text(message: bytes | str) -> PlainTextResponse:
+        return PlainTextResponse(message, status_code=fusionizer.FAILED_STATUS)
+
+    async def put_function(name: str, request: Request) -> Response:
         wait = not (_truthy(request.headers.get("x-nuclide-async")) or _truthy(request.query_params.get("async")))
-        return await deploy(name, data, wait)
+        if not text_mode(request):
+            return await deploy(name, await read_upload(request), wait)
+        try:
+            response = await deploy(name, await read_upload(request), wait)
+        except NuclideError as exc:
+            return failed_text(exc.message)
+        if response.status_code >= 400:
+            return failed_text(fusionizer.failure_text("application/json", bytes(response.body)))
+        return PlainTextResponse(fusionizer.deployed(name), status_code=response.status_code)
 
-    async def get_function(name: str) -> JSONResponse:
-        return JSONResponse(await describe(name))
+    async def get_function(name: str, request: Request) -> Response:
+        if not text_mode(request):
+            return JSONResponse(await describe(name))
+        try:
+            desc = await describe(name)
+        except NotFound:
+            return failed_text(fusionizer.not_found(name))
+        return PlainTextResponse(fusionizer.describe(name, desc, gw.settings.http_port))
 
-    async def delete_function(name: str) -> Response:
+    async def delete_function(name: str, request: Request) -> Response:
         assert gw.store is not None
-        await gw.store.call("function.delete", {"name": name})
+        try:
+            await gw.store.call("function.delete", {"name": name})
+        except NotFound:
+            if text_mode(request):
+                return failed_text(fusionizer.not_found(name))
+            raise
         gw.functions.pop(name, None)
+        if text_mode(request):
+            return PlainTextResponse(fusionizer.deleted(name))
         return Response(status_code=204)
 
     async def function_logs(name: str, tail: int = 200) -> PlainTextResponse:

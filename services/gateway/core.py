@@ -27,6 +27,7 @@ from shared.errors import (
 from shared.logs import get_logger
 from shared.names import invoke_target
 from shared.statefeed import StateFeed
+from services.gateway import fusionizer
 from services.gateway.broker import Broker, Call, Instance
 from services.gateway.calls import AsyncCalls, check_callback_url
 from services.gateway.http import valid_header
@@ -104,7 +105,7 @@ class _DirectAnswer:
             log.exception("could not build the answer of a call", call_id=self.call.call_id)
             answer = self.gateway.error_response(NuclideError("internal error; see the gateway log"),
                                                  self.call.call_id)
-        self.req.respond(*answer)
+        self.req.respond(*self.gateway.answer(self.req.headers, answer))
 
     def set_exception(self, exc: BaseException) -> None:
         self._done = True
@@ -112,7 +113,7 @@ class _DirectAnswer:
         if not isinstance(exc, NuclideError):
             exc = NuclideError(str(exc))
         self.gateway._record(call.call_id, call.function, call.wall, "FAILED", exc.http_status, exc.message, call.cold)
-        self.req.respond(*self.gateway.error_response(exc, call.call_id))
+        self.req.respond(*self.gateway.answer(self.req.headers, self.gateway.error_response(exc, call.call_id)))
 
 
 def json_body(status: int, payload: Any) -> tuple[int, bytes]:
@@ -489,9 +490,10 @@ class Gateway:
         """An invocation through ASGI: async ones, and sync ones when the app runs under another server."""
         call_id = self.new_call_id()
         try:
-            status, headers, body = await self._invoke(scope, receive, name, mode, path, call_id)
+            answer = await self._invoke(scope, receive, name, mode, path, call_id)
         except NuclideError as exc:
-            status, headers, body = self.error_response(exc, call_id)
+            answer = self.error_response(exc, call_id)
+        status, headers, body = self.answer(scope["headers"], answer)
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -536,7 +538,7 @@ class Gateway:
             assert self.broker is not None
             self.broker.submit(call)
         except NuclideError as exc:
-            req.respond(*self.error_response(exc, call_id))
+            req.respond(*self.answer(req.headers, self.error_response(exc, call_id)))
 
     def body_limit(self, name: str) -> int:
         """The largest invocation body ``name`` takes: its http trigger's maxRequestBodySize, else max_body_bytes;
@@ -567,7 +569,21 @@ class Gateway:
             f" spec.triggers.{asked[1]}.attributes.maxRequestBodySize is {asked[0]}{capped})")
 
     def refuse_direct(self, req: Any) -> None:
-        req.respond(*self.error_response(self.body_too_large(req.name, req.refused), self.new_call_id()))
+        req.respond(*self.answer(req.headers, self.error_response(self.body_too_large(req.name, req.refused),
+                                                                  self.new_call_id())))
+
+    def answer(self, raw_headers: list, answer: tuple[int, list, bytes]) -> tuple[int, list, bytes]:
+        """An invocation's answer; a failed one in text mode is the Fusionizer's (services/gateway/fusionizer.py)."""
+        status = answer[0]
+        if status < 400 or not fusionizer.is_task_failure(status):
+            return answer  # the success path pays one comparison
+        accept = next((v.decode("latin-1") for k, v in raw_headers if k.lower() == b"accept"), None)
+        if not fusionizer.wants_text(accept, self.settings.fusionizer_mode):
+            return answer
+        content_type = next((v.decode("latin-1") for k, v in answer[1] if k == b"content-type"), "")
+        headers = [(k, v) for k, v in answer[1] if k != b"content-type"]
+        headers.append((b"content-type", fusionizer.TEXT.encode()))
+        return fusionizer.FAILED_STATUS, headers, fusionizer.failure_text(content_type, answer[2])
 
     def _check_access(self, name: str, raw_headers: list) -> FunctionInfo:
         """The function's info, once the caller may invoke it (a private one needs the token)."""

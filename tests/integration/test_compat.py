@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from tests.stack import Stack, function_yaml, make_zip
+from tests.stack import Stack, function_yaml, make_zip, wait_for
+from tests.tasks import TASK_A, TASK_B
 
 pytestmark = pytest.mark.integration
 
@@ -250,3 +253,70 @@ def test_service_faas_add_function_as_its_api_gives_it(stack: Stack) -> None:
     r = stack.client.post("/functions", files={"python_file": ("handler.py", source)}, data={"function_name": "handle"},
                           headers={"X-Nuclide-Async": "true"})
     assert r.status_code == 202 and r.json()["status"] == "creating" and r.json()["function_name"] == "handle"
+
+
+def _curl(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["curl", "-s", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def _zip_dir(tmp: Path, name: str, files: dict[str, str]) -> Path:
+    path = tmp / f"{name}.zip"
+    path.write_bytes(make_zip(files))
+    return path
+
+
+@pytest.fixture
+def fusionizer_stack(tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(tmp_path / "var", env={"NUCLIDE_FUSIONIZER_MODE": "true"})
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+
+
+def test_fusionizer_scripts_run_unchanged_in_fusionizer_mode(fusionizer_stack: Stack, tmp_path: Path) -> None:
+    """What the Fusionizer's tests/run_tests and bench/run_bench do, with curl and no token."""
+    s = fusionizer_stack
+    url = s.url
+    health = s.anon.get("/healthz").json()
+    assert health["fusionizer_mode"] is True and "no token" in health["warning"]
+    assert "FUSIONIZER MODE" in s.service_log("gateway")
+    task_a = TASK_A.replace("/TaskB", "/taskb")
+    for name, code in (("taska", task_a), ("taskb", TASK_B)):
+        archive = _zip_dir(tmp_path, name, {"function.yaml": function_yaml(name), "main.py": code})
+        out = _curl("-X", "PUT", f"{url}/{name}", "-H", "Content-Type: multipart/form-data",
+                    "-F", f"zip_file=@{archive}", "-w", "\n%{http_code}")
+        assert out == f"Successfully deployed Task '{name}'\n200", out
+    info = _curl(f"{url}/taska")
+    assert info == (f"Task 'taska':\nCurrently deployed with other Tasks: None\nStatus: ready\n"
+                    f"HTTP port: {s.http_port}"), info
+    assert _curl("-X", "PUT", f"{url}/groups?wait=true", "-d", '[["taska", "taskb"]]', "-w", "%{http_code}"
+                 ).endswith("200"), "the control API takes calls without a token"
+    info = wait_for(lambda: (t := _curl(f"{url}/taska")) and "Currently deployed with other Tasks: None" not in t
+                    and t, 30, what="taska to be fused")
+    assert "Currently deployed with other Tasks: ['taska', 'taskb']" in info
+    assert _curl("-X", "POST", f"{url}/taska") == "8"
+    # failures answer as the Fusionizer does: 422 and the reason as text
+    broken = _zip_dir(tmp_path, "broken", {"function.yaml": function_yaml("broken"), "main.py": "def handler(:\n"})
+    out = _curl("-X", "PUT", f"{url}/broken", "-F", f"zip_file=@{broken}", "-w", "\n%{http_code}")
+    assert out.endswith("\n422") and "invalid syntax" in out and not out.startswith("{"), out
+    assert _curl("-X", "POST", f"{url}/taskb", "-w", "\n%{http_code}").endswith("\n422"), "a task that fails"
+    assert _curl(f"{url}/nothere", "-w", "\n%{http_code}") == "No Task 'nothere' could be found\n422"
+    assert _curl("-X", "DELETE", f"{url}/taska", "-w", "\n%{http_code}") == "Successfully deleted Task 'taska'\n200"
+    # JSON for a client that asks for it
+    assert s.anon.get("/taskb", headers={"Accept": "application/json"}).json()["name"] == "taskb"
+
+
+def test_plain_text_answers_for_clients_that_ask_outside_fusionizer_mode(stack: Stack) -> None:
+    stack.deploy("plain", {"function.yaml": function_yaml("plain"), "main.py": TASK_B})
+    text = stack.client.get("/plain", headers={"Accept": "text/plain"})
+    assert text.headers["content-type"].startswith("text/plain")
+    assert text.text.startswith("Task 'plain':\nCurrently deployed with other Tasks: None\nStatus: ready")
+    assert stack.client.get("/plain").json()["name"] == "plain", "JSON stays the default (curl's */* included)"
+    assert stack.anon.get("/plain", headers={"Accept": "text/plain"}).status_code == 401, "the token is still needed"
+    failed = stack.anon.post("/plain", json={}, headers={"Accept": "text/plain"})
+    assert failed.status_code == 422 and failed.headers["content-type"].startswith("text/plain"), failed.text
+    assert "value1" in failed.text
+    assert stack.anon.post("/plain", json={}).status_code == 500, "other clients see the function's own status"

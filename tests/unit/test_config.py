@@ -36,6 +36,7 @@ def test_service_specific_env_wins_over_common_then_file(tmp_path: Path) -> None
     ({"NUCLIDE_DOCKER_POOL_SIZE": "1000"}, "0 disables the pool"),
     ({"NUCLIDE_MAX_BODY_CEILING_BYTES": "1024"}, "max_body_ceiling_bytes 1024 must be at least max_body_bytes"),
     ({"NUCLIDE_MAX_BODY_CEILING_BYTES": str(1 << 30)}, "half the largest message"),
+    ({"NUCLIDE_FUSIONIZER_MODE": "true", "NUCLIDE_HTTP_HOST": "0.0.0.0"}, "must listen on loopback only"),
 ])
 def test_bad_values_fail_fast_naming_the_setting(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -60,3 +61,8 @@ def test_child_env_round_trips() -> None:
     s = load_settings("gateway", environ={"NUCLIDE_HTTP_PORT": "8123", "NUCLIDE_STOP_INSTANCES_ON_EXIT": "yes"})
     again = load_settings("gateway", environ=s.child_env())
     assert again == s
+
+
+def test_fusionizer_mode_on_loopback() -> None:
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert load_settings("gateway", environ={"NUCLIDE_FUSIONIZER_MODE": "1", "NUCLIDE_HTTP_HOST": host}).fusionizer_mode
