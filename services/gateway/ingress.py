@@ -19,8 +19,8 @@ SUB (``gateway_sub``, bound; producers connect a PUB): ``[topic, payload]`` or
 trigger for that topic gets the payload as an async call. Best effort, like core
 NATS: a message published while nobody listens is gone.
 
-Cron: ``kind: cron`` triggers (``interval`` or ``schedule``) submit an async call
-with the trigger's ``body`` on time.
+Cron: ``kind: cron`` triggers (``interval`` or ``schedule``, in ``attributes.timezone``) submit
+an async call with the trigger's body and headers (nuclio's ``attributes.event``) on time.
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ class Ingress:
             live: set[tuple[str, str]] = set()
             for info in list(self.gw.functions.values()):
                 for trig in info.cron:
-                    key = (info.name, f"{trig['name']}|{trig.get('interval_s')}|{trig.get('schedule')}")
+                    key = (info.name, f"{trig['name']}|{trig.get('interval_s')}|{trig.get('schedule')}"
+                                      f"|{trig.get('timezone')}")
                     live.add(key)
                     due = self._cron_next.get(key)
                     if due is None:
@@ -189,10 +190,9 @@ class Ingress:
                         continue
                     if due <= now:
                         self.counters["cron_calls"] += 1
-                        body = trig.get("body") or ""
                         self._spawn(self._submit_quietly(
-                            info.name, body.encode() if isinstance(body, str) else bytes(body), "", "cron",
-                            [["x-nuclide-trigger", trig["name"]]]))
+                            info.name, trig["body"], trig["content_type"], "cron",
+                            [*trig["headers"], ["x-nuclide-trigger", trig["name"]]]))
                         self._cron_next[key] = self._next(trig, max(now, due))
             for key in set(self._cron_next) - live:
                 del self._cron_next[key]
@@ -202,7 +202,7 @@ class Ingress:
     def _next(trig: dict[str, Any], after: float) -> float:
         if trig.get("interval_s"):
             return after + float(trig["interval_s"])
-        return parse_cron(trig["schedule"]).next_after(after)
+        return parse_cron(trig["schedule"], tz=trig["timezone"]).next_after(after)
 
     def close(self) -> None:
         for task in self._tasks:

@@ -320,3 +320,32 @@ def test_plain_text_answers_for_clients_that_ask_outside_fusionizer_mode(stack: 
     assert failed.status_code == 422 and failed.headers["content-type"].startswith("text/plain"), failed.text
     assert "value1" in failed.text
     assert stack.anon.post("/plain", json={}).status_code == 500, "other clients see the function's own status"
+
+
+CRON_ECHO = """
+def handler(context, event):
+    return {"body": event.body.decode(), "source": event.headers.get("x-source"), "trigger": event.headers.get(
+        "x-nuclide-trigger")}
+"""
+
+
+def test_cron_trigger_in_nuclio_shape(stack: Stack) -> None:
+    trigger = {"kind": "cron", "attributes": {"schedule": "*/1 * * * * ?", "timezone": "Asia/Tokyo",
+                                              "event": {"body": "tick", "headers": {"X-Source": "cron"}}}}
+    stack.deploy("nuclio-cron", {"function.yaml": function_yaml("nuclio-cron", triggers={"every-second": trigger}),
+                                 "main.py": CRON_ECHO})
+    try:
+        def done() -> list:
+            calls = stack.client.get("/calls", params={"function": "nuclio-cron", "status": "DONE"}).json()
+            return len(calls) >= 2 and calls
+
+        calls = wait_for(done, 15, what="two cron calls")
+        result = stack.client.get(f"/calls/{calls[0]['id']}").json()
+        assert calls[0]["source"] == "cron"
+        assert result["result"] == {"body": "tick", "source": "cron", "trigger": "every-second"}
+    finally:
+        stack.client.delete("/nuclio-cron")
+    bad = {"kind": "cron", "attributes": {"schedule": "0 9 * * *", "timezone": "Mars/Olympus"}}
+    r = stack.client.put("/badtz", files={"zip_file": ("t.zip", make_zip(
+        {"function.yaml": function_yaml("badtz", triggers={"t": bad}), "main.py": CRON_ECHO}), "application/zip")})
+    assert r.status_code == 400 and "unknown time zone 'Mars/Olympus'" in r.json()["error"]["message"]

@@ -655,21 +655,6 @@ def test_bad_triggers_fail_the_deploy_naming_the_field(trigger: str, needle: str
     assert needle in str(info.value) and "tick" in str(info.value)
 
 
-def test_cron_schedules() -> None:
-    import calendar
-
-    from shared.triggers import parse_cron
-
-    t0 = calendar.timegm((2026, 11, 23, 10, 7, 30))
-    assert parse_cron("*/5 * * * *").next_after(t0) == calendar.timegm((2026, 11, 23, 10, 10, 0))
-    assert parse_cron("0 12 * * *").next_after(t0) == calendar.timegm((2026, 11, 23, 12, 0, 0))
-    assert parse_cron("@hourly").next_after(t0) == calendar.timegm((2026, 11, 23, 11, 0, 0))
-    assert parse_cron("*/10 * * * * *").next_after(t0) == calendar.timegm((2026, 11, 23, 10, 7, 40))
-    assert parse_cron("0 0 1 1 *").next_after(t0) == calendar.timegm((2027, 1, 1, 0, 0, 0))
-    assert parse_cron("0 9 * * 1").next_after(t0) == calendar.timegm((2026, 11, 30, 9, 0, 0))  # next Monday
-    assert parse_cron("@every 15s").next_after(t0) == t0 + 15
-
-
 def test_max_request_body_size_up_to_the_ceiling() -> None:
     from shared.triggers import max_body_bytes, validate_triggers
 
