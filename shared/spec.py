@@ -192,7 +192,8 @@ def _parse_handler(value: Any, where: str) -> str:
 
 
 def _parse_runtime(value: Any, runtimes: dict[str, dict[str, Any]] | None = None) -> str:
-    """The host's Python runtime, or the name of a registered runtime (one of ``runtimes``)."""
+    """The host's Python runtime, another ``python:3.X`` (the deployer decides where it runs, see
+    :func:`other_python`), or the name of a registered runtime (one of ``runtimes``)."""
     _expect(value, str, "spec.runtime", "a string like 'python'")
     match = _RUNTIME_RE.fullmatch(value.strip().lower())
     major, minor = sys.version_info.major, sys.version_info.minor
@@ -200,10 +201,22 @@ def _parse_runtime(value: Any, runtimes: dict[str, dict[str, Any]] | None = None
         int(match["major"]) == major and (match["minor"] is None or int(match["minor"]) == minor)
     )):
         return HOST_RUNTIME
+    if match and int(match["major"]) == 3 and match["minor"] is not None:
+        return f"python:3.{int(match['minor'])}"
+    if match and int(match["major"]) < 3:
+        raise _err("spec.runtime", f"{value!r} is not supported: Python 2 reached its end of life; port the code"
+                   f" to Python 3 and use 'python' or '{HOST_RUNTIME}'")
     if runtimes and value.strip() in runtimes:
         return value.strip()
     registered = f", or a registered runtime: {', '.join(sorted(runtimes))}" if runtimes else ""
     raise _err("spec.runtime", f"{value!r} is not available here; use 'python' or '{HOST_RUNTIME}'{registered}")
+
+
+def other_python(runtime: str | None) -> str | None:
+    """"3.X" when a spec's runtime is a Python 3 other than the platform's, else None."""
+    if runtime and runtime != HOST_RUNTIME and runtime.startswith("python:3."):
+        return runtime.partition(":")[2]
+    return None
 
 
 def _plain(value: Any, where: str, budget: list[int]) -> Any:

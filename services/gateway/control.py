@@ -6,6 +6,7 @@ request); OpenAPI lives at /docs. Every route but /healthz needs the bearer toke
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 from typing import Any
@@ -19,7 +20,7 @@ from shared.archive import ArchiveLimits, make_zip, read_archive
 from shared.errors import BuildFailed, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, Unavailable
 from shared.names import validate_function_name
 from shared.runtimes import DEFAULT_WARM_START, parse_runtime
-from shared.spec import check_handler, parse_function
+from shared.spec import HOST_RUNTIME, FunctionSpec, check_handler, other_python, parse_function
 from services.gateway import fusionizer
 from services.gateway.core import Gateway, error_payload
 
@@ -86,6 +87,21 @@ def build_control_app(gw: Gateway) -> FastAPI:
         assert gw.store is not None
         return await gw.store.call("function.get", {"name": name})
 
+    async def choose_python(name: str, spec: FunctionSpec, version: str, warnings: list[str]) -> FunctionSpec:
+        """``spec`` on Python ``version`` when the deployer's backend has it, else on the platform's, with a warning."""
+        assert gw.deployer is not None
+        try:
+            found = await gw.deployer.call("python.check", {"version": version}, timeout_s=30.0)
+        except NuclideError as exc:
+            raise Unavailable(f"'{name}' was not deployed: the deployer, which knows whether its backend has"
+                              f" Python {version}, did not answer ({exc}); retry when it is up") from None
+        if found.get("available"):
+            return spec
+        warnings.append(f"spec.runtime python:{version} is not available here ({found.get('detail')}); '{name}'"
+                        f" runs on {HOST_RUNTIME}, the platform's Python: code that needs Python {version} exactly"
+                        " may behave differently")
+        return dataclasses.replace(spec, runtime=HOST_RUNTIME)
+
     async def deploy(name: str, data: bytes, wait: bool, status_ok: int = 200) -> JSONResponse:
         validate_function_name(name)
         archive = read_archive(data, ArchiveLimits(max_zip_bytes=gw.settings.max_zip_bytes))
@@ -103,6 +119,9 @@ def build_control_app(gw: Gateway) -> FastAPI:
             except NuclideError as exc:
                 raise Unavailable(f"'{name}' was not deployed: the deployer, which knows whether its backend can run"
                                   f" warmStart {spec.warm_start!r}, did not answer ({exc}); retry when it is up") from None
+        wanted = other_python(spec.runtime)
+        if wanted is not None:
+            spec = await choose_python(name, spec, wanted, warnings)
         if spec.name and spec.name != name:
             warnings.append(f"metadata.name '{spec.name}' differs from the deployed name '{name}'; using '{name}'")
         result = await gw.store.call("function.put", {"name": name, "spec": spec.to_dict(), "warnings": warnings}, data)

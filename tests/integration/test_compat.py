@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -349,3 +351,80 @@ def test_cron_trigger_in_nuclio_shape(stack: Stack) -> None:
     r = stack.client.put("/badtz", files={"zip_file": ("t.zip", make_zip(
         {"function.yaml": function_yaml("badtz", triggers={"t": bad}), "main.py": CRON_ECHO}), "application/zip")})
     assert r.status_code == 400 and "unknown time zone 'Mars/Olympus'" in r.json()["error"]["message"]
+
+
+PY_VERSION = "def handler(context, event):\n    import sys\n    return '%d.%d' % sys.version_info[:2]\n"
+HOST_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def test_another_python_3_falls_back_to_the_platforms_with_a_warning(stack: Stack) -> None:
+    missing = "3.4"  # no host of ours has it, nor could it run the runtime
+    r = stack.deploy("oldpy", {"function.yaml": function_yaml("oldpy", runtime=f"python:{missing}"), "main.py": PY_VERSION})
+    desc = r.json()
+    assert desc["runtime"] == f"python:{HOST_PYTHON}"
+    [warning] = [w for w in desc["warnings"] if "spec.runtime" in w]
+    assert f"python:{missing}" in warning and f"python:{HOST_PYTHON}" in warning, warning
+    assert stack.invoke("oldpy").text == HOST_PYTHON
+    r = stack.client.put("/py2", files={"zip_file": ("t.zip", make_zip(
+        {"function.yaml": function_yaml("py2", runtime="python:2.7"), "main.py": PY_VERSION}), "application/zip")})
+    assert r.status_code == 400 and "Python 2" in r.json()["error"]["message"]
+
+
+def _other_python() -> str | None:
+    """A python3.X on this host, other than the platform's, that can import nuclide's runtime."""
+    import shutil
+    import subprocess
+
+    from tests.stack import ROOT
+
+    for minor in range(8, 20):
+        version = f"3.{minor}"
+        path = shutil.which(f"python{version}")
+        if version == HOST_PYTHON or path is None:
+            continue
+        probe = subprocess.run([path, "-c", "import zmq, msgpack, services.runtime.loop"], cwd=ROOT,
+                               env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True)
+        if probe.returncode == 0:
+            return version
+    return None
+
+
+def test_another_python_3_runs_on_that_interpreter_when_the_host_has_it(stack: Stack) -> None:
+    version = _other_python()
+    if version is None:
+        pytest.skip(f"no python3.X other than {HOST_PYTHON} on this host that can import zmq, msgpack and nuclide's"
+                    " runtime (install e.g. python3.12 with pyzmq and msgpack to run this test)")
+    r = stack.deploy("otherpy", {"function.yaml": function_yaml("otherpy", runtime=f"python:{version}"),
+                                 "main.py": PY_VERSION})
+    assert r.json()["runtime"] == f"python:{version}" and not [w for w in r.json()["warnings"] if "spec.runtime" in w]
+    assert stack.invoke("otherpy").text == version
+
+
+def test_another_python_3_starts_on_the_interpreter_the_host_names(tmp_path: Path) -> None:
+    """The exact-interpreter path with a stand-in: python3.97 on the deployer's PATH is a script that marks
+    the process and runs this venv's Python, so the test sees the instance (and its build) start on it."""
+    import shutil
+    import tempfile
+
+    # outside /tmp, which the sandbox gives each build and instance a private one of
+    bin_dir = Path(tempfile.mkdtemp(prefix="nuclide-test-bin-", dir="/var/tmp"))
+    stand_in = bin_dir / "python3.97"
+    stand_in.write_text(f"#!/bin/sh\nexport STAND_IN=python3.97\nexec {sys.executable} \"$@\"\n")
+    stand_in.chmod(0o755)
+    s = Stack(tmp_path / "var", env={"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"})
+    try:
+        s.start()
+        code = "import os, marker\n\ndef handler(context, event):\n    return os.environ.get('STAND_IN', '') + ':' + marker.BUILT_BY\n"
+        build = {"commands": ["python -c \"import os; open(os.environ['PIP_TARGET'] + '/marker.py', 'w')"
+                              ".write('BUILT_BY = %r' % os.environ.get('STAND_IN'))\""]}
+        r = s.deploy("standin", {"function.yaml": function_yaml("standin", runtime="python:3.97", build=build),
+                                 "main.py": code})
+        assert r.json()["runtime"] == "python:3.97", r.json()["warnings"]
+        assert s.invoke("standin").text == "python3.97:python3.97"
+        # a task on the platform's Python is not fused with it
+        s.deploy("hostpy", {"function.yaml": function_yaml("hostpy"), "main.py": PY_VERSION})
+        r = s.client.put("/groups", json=[["standin", "hostpy"]])
+        assert r.status_code == 409 and "different Pythons" in r.json()["error"]["message"]
+    finally:
+        s.stop()
+        shutil.rmtree(bin_dir, ignore_errors=True)

@@ -251,10 +251,24 @@ def test_host_runtime_spellings_normalise(runtime: str) -> None:
     assert spec.runtime == f"python:{HOST}"
 
 
-@pytest.mark.parametrize("runtime", ["python:3.9", "python:2", "python3.99", "golang", "nodejs:18", "python:"])
+@pytest.mark.parametrize("runtime", ["golang", "nodejs:18", "python:"])
 def test_other_runtimes_are_refused_with_the_host_version(runtime: str) -> None:
     message = yaml_error(f"spec: {{handler: main:handler, runtime: '{runtime}'}}")
     assert message == f"function.yaml: spec.runtime {runtime!r} is not available here; use 'python' or 'python:{HOST}'"
+
+
+@pytest.mark.parametrize("runtime,parsed", [("python:3.9", "python:3.9"), ("python3.99", "python:3.99"),
+                                            ("Python:3.012", "python:3.12")])
+def test_any_python_3_is_taken_the_deployer_decides_where_it_runs(runtime: str, parsed: str) -> None:
+    from shared.spec import other_python
+
+    spec, _ = parse_yaml(f"spec: {{handler: main:handler, runtime: '{runtime}'}}")
+    assert spec.runtime == parsed and other_python(spec.runtime) == parsed.partition(":")[2]
+    assert other_python(f"python:{HOST}") is None and other_python("myruntime") is None
+
+
+def test_python_2_is_refused() -> None:
+    assert "Python 2 reached its end of life" in yaml_error("spec: {handler: main:handler, runtime: 'python:2.7'}")
 
 
 def test_env_as_mapping_and_duplicates() -> None:
