@@ -36,7 +36,7 @@ images: $(STAMP)
 
 # the stack under docker-compose: `make up` prints the URL and token, `make down` stops it all
 up: images
-	deploy/compose.sh up
+	PYTHON=$(PY) deploy/compose.sh up
 
 down:
 	deploy/compose.sh down

@@ -5,6 +5,10 @@ endpoints); a service-specific variable wins over the common one, so
 ``NUCLIDE_GATEWAY_HTTP_PORT=9000`` changes only what the gateway reads. The YAML
 file named by ``NUCLIDE_CONFIG`` may hold the same keys at top level or under a
 section named after the service. A bad value fails fast with the key's name.
+
+``port_base`` N moves a whole stack: it gives the eight ports of :data:`PORT_KEYS`
+the numbers N to N+7, so a second stack on one machine needs one setting. A port
+set on its own (``NUCLIDE_HTTP_PORT``, ``NUCLIDE_STORE_RPC``, ...) still wins.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from shared.netpolicy import CallbackPolicy
+from shared.protocol import MAX_HEADER_BYTES
 
 
 class ConfigError(ValueError):
@@ -37,6 +44,11 @@ STRATEGIES = ("none", "static", "feedback")
 MAX_DOCKER_POOL_SIZE = 64  # each idle pool container holds a warm interpreter (about 10 MB)
 MAX_BODY_CEILING_BYTES = 128 * 1024 * 1024  # shared.protocol.MAX_MESSAGE_BYTES is 256 MiB
 MAX_DOCKER_RUNTIME_POOL_SIZE = 16  # per registered runtime: idle containers (a sh each) and spare runners (~30 MB each)
+# every TCP port of a stack, in the order port_base numbers them: port_base + index
+PORT_KEYS = ("http_port", "store_rpc", "store_pub", "deployer_rpc", "gateway_router", "gateway_pull", "gateway_sub",
+             "gateway_pub")
+MAX_PORT_BASE = 65535 - (len(PORT_KEYS) - 1)
+PORT_BASE_HOW = "NUCLIDE_PORT_BASE=N or `nuclide up --port-base N`"
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class Settings:
     # the Nuclio Fusionizer's scripts unchanged: no token on the control API (loopback only), and plain-text
     # answers for curl's default Accept: */*
     fusionizer_mode: bool = False
+    port_base: int = 0  # N: the ports of PORT_KEYS are N to N+7 unless set on their own; 0: the defaults below
     # ZeroMQ endpoints (bind side and connect side use the same strings)
     gateway_router: str = "tcp://127.0.0.1:5560"
     gateway_pull: str = "tcp://127.0.0.1:5561"
@@ -89,7 +102,13 @@ class Settings:
     max_body_ceiling_bytes: int = 64 * 1024 * 1024
     max_zip_bytes: int = 50 * 1024 * 1024
     deploy_timeout_s: float = 600.0
+    # a request body gets this long, then must average at least http_min_body_rate bytes a second (else 408)
+    http_body_grace_s: float = 10.0
+    http_min_body_rate: int = 1024
     queue_limit: int = 1000  # waiting sync calls per function before 429
+    # networks (CIDR) and host names that callback URLs may point into besides the public internet;
+    # empty: loopback, link-local and private addresses are refused (shared/netpolicy.py)
+    callback_allow: str = ""
     # calls
     call_retention_s: float = 24 * 3600.0  # finished calls are kept this long
     async_batch_max: int = 256  # async calls stored per store transaction
@@ -108,6 +127,12 @@ class Settings:
         return self.var_dir / "state.db"
 
     @property
+    def max_frame_bytes(self) -> int:
+        """The largest ZeroMQ frame a service accepts: an archive or an invoke body (up to the ceiling a
+        function's maxRequestBodySize may ask for), or a header."""
+        return max(self.max_zip_bytes, self.max_body_bytes, self.max_body_ceiling_bytes, MAX_HEADER_BYTES) + 64 * 1024
+
+    @property
     def advertised_host(self) -> str:
         return self.public_host or self.http_host
 
@@ -116,7 +141,19 @@ class Settings:
         host = self.http_host if self.http_host not in ("0.0.0.0", "::") else "127.0.0.1"
         return f"http://{host}:{self.http_port}"
 
+    def ports(self) -> list[tuple[str, str, int]]:
+        """(setting, host, port) of every TCP port this stack binds, in PORT_KEYS order."""
+        found = [("http_port", self.http_host, self.http_port)]
+        for key in PORT_KEYS[1:]:
+            endpoint = getattr(self, key)
+            if endpoint.startswith("tcp://"):
+                host, _, port = endpoint[6:].rpartition(":")
+                if port.isdigit():
+                    found.append((key, host, int(port)))
+        return found
+
     def validate(self) -> "Settings":
+        check_port_base(self.port_base)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if self.sandbox not in SANDBOX_MODES:
@@ -126,13 +163,17 @@ class Settings:
         if self.fusionizer_mode and not is_loopback(self.http_host):
             raise ConfigError(f"fusionizer_mode turns the control API's token off, so the gateway must listen on"
                               f" loopback only (http_host 127.0.0.1, ::1 or localhost), not {self.http_host!r}")
-        for name in ("max_body_bytes", "max_zip_bytes", "queue_limit"):
+        for name in ("max_body_bytes", "max_zip_bytes", "queue_limit", "http_body_grace_s", "http_min_body_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if not self.max_body_bytes <= self.max_body_ceiling_bytes <= MAX_BODY_CEILING_BYTES:
             raise ConfigError(f"max_body_ceiling_bytes {self.max_body_ceiling_bytes} must be at least max_body_bytes"
                               f" ({self.max_body_bytes}) and at most {MAX_BODY_CEILING_BYTES} (half the largest"
                               " message the wire protocol carries)")
+        try:
+            CallbackPolicy.parse(self.callback_allow)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.docker_image_cache < 0:
             raise ConfigError("docker_image_cache must be 0 or more")
         if not 0 <= self.docker_pool_size <= MAX_DOCKER_POOL_SIZE:
@@ -177,6 +218,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_port_base(base: int) -> None:
+    if base and not 1 <= base <= MAX_PORT_BASE:
+        raise ConfigError(f"port_base {base} is out of range 1-{MAX_PORT_BASE}: the stack takes ports {base} to"
+                          f" {base + len(PORT_KEYS) - 1}; choose a base in range with {PORT_BASE_HOW}")
+
+
+def derive_ports(base: int, values: dict[str, Any]) -> None:
+    """Fill the ports of PORT_KEYS that ``values`` does not set from ``base`` (0: leave the defaults)."""
+    if not base:
+        return
+    check_port_base(base)
+    for offset, key in enumerate(PORT_KEYS):
+        if key in values:
+            continue
+        # endpoints keep their default host and scheme; only the port moves
+        default = getattr(Settings, key)
+        values[key] = base + offset if key == "http_port" else f"{default.rpartition(':')[0]}:{base + offset}"
+
+
 def _convert(name: str, raw: Any, kind: Any) -> Any:
     try:
         if kind is bool:
@@ -198,7 +258,8 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
             return Secret(str(raw))
         return str(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"setting {name} has an invalid value {raw!r}; expected {kind.__name__}") from None
+        expected = "a whole number" if kind is int else kind.__name__
+        raise ConfigError(f"setting {name} has an invalid value {raw!r}; expected {expected}") from None
 
 
 def load_settings(service: str = "", environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -234,4 +295,5 @@ def load_settings(service: str = "", environ: Mapping[str, str] | None = None, *
         if raw is not None:
             values[f.name] = _convert(f"NUCLIDE_{key}", raw, hints[f.name])
     values.update(overrides)
+    derive_ports(values.get("port_base", 0), values)
     return Settings(**values).validate()

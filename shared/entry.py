@@ -35,6 +35,9 @@ def main(name: str, serve: Callable[[Settings, zmq.Context, asyncio.Event], Awai
 
     async def run(stop: asyncio.Event) -> int | None:
         ctx = zmq.Context.instance()
+        # every socket this service opens drops a peer that sends a frame over the documented limits,
+        # before any memory is taken for it (libzmq reads the size first)
+        ctx.setsockopt(zmq.MAXMSGSIZE, settings.max_frame_bytes)
         try:
             return await serve(settings, ctx, stop)
         finally:

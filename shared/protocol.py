@@ -20,7 +20,10 @@ Commands and who sends them:
                         functions: {name: version}, credit, pid}
     HEARTBEAT           both ways; from an instance it repeats the READY fields
     INVOKE              gateway -> instance: {call_id, function, ...}, body = payload
-    RESULT              instance -> gateway: {call_id, status, ...}, body = result
+    RESULT              instance -> gateway: {call_id, status, ..., error: why a 5xx
+                        failed, when the runtime knows}, body = result; with a RESULT or
+                        HEARTBEAT an instance reports its in-process task calls:
+                        {edges: [...], failed_calls: [...]} (services/runtime/calls.py)
                         Both may carry a batch instead: header {batch: [h1, ..., hn]},
                         bodies b1 .. bn (see encode_batch); the gateway sends batched
                         INVOKEs only to instances whose READY says {batch: true}

@@ -7,13 +7,14 @@ import datetime
 import keyword
 import math
 import re
+import reprlib
 import sys
 import dataclasses
 from typing import Any
 
 import yaml
 
-from shared.archive import Archive
+from shared.archive import Archive, ArchiveLimits, read_archive
 from shared.triggers import DEFAULT_RETRY, max_body_bytes, parse_retry, validate_triggers
 from shared.errors import InvalidRequest
 from shared.names import validate_function_name
@@ -29,6 +30,9 @@ MAX_TIMEOUT_S = 3600.0
 MAX_IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 # Trigger attributes are kept verbatim; a YAML alias bomb must not explode when they are copied.
 _MAX_TRIGGER_NODES = 10_000
+MAX_SPEC_BYTES = 256 * 1024  # function.yaml: a spec, not data; bigger files are refused before parsing
+MAX_YAML_ALIASES = 64  # anchors reused more often than this look like an alias bomb, not a spec
+MAX_YAML_NODES = 100_000  # values in the document once every alias is expanded
 
 _RUNTIME_RE = re.compile(r"python(?::?(?P<major>\d+)(?:\.(?P<minor>\d+))?)?")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -43,6 +47,8 @@ _PIP_REFUSED_LONG = ("--editable", "--index-url", "--extra-index-url", "--truste
                      "--requirement", "--constraint")
 _PIP_REFUSED_SHORT = ("-e", "-i", "-f", "-r", "-c")
 _PIP_COMMENT_RE = re.compile(r"(^|\s)#.*$")
+# what installs from somewhere other than the index: URLs, VCS links, PEP 508 direct references, local paths
+_PIP_DIRECT_RE = re.compile(r"://|(^|\s)(git|hg|svn|bzr)\+|(^|\s)file:|(^|\s)[./~]")
 
 _TOP_KNOWN = {"apiVersion", "kind", "metadata", "spec"}
 _TOP_IGNORED = {"status"}
@@ -111,6 +117,15 @@ def _err(where: str, what: str) -> InvalidRequest:
     return InvalidRequest(f"function.yaml: {where} {what}")
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 40, 40
+
+
+def _excerpt(value: Any) -> str:
+    """A short repr, bounded in work as well as length (an expanded alias may be huge)."""
+    return _SHORT.repr(value)[:60]
+
+
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -120,7 +135,7 @@ def _expect(value: Any, kind: type | tuple[type, ...], where: str, expected: str
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
         raise _err(where, f"must be {expected}, got a bool ({value!r})")
     if not isinstance(value, kind):
-        raise _err(where, f"must be {expected}, got {_type_name(value)} {value!r:.60}")
+        raise _err(where, f"must be {expected}, got {_type_name(value)} {_excerpt(value)}")
     return value
 
 
@@ -326,7 +341,13 @@ def _parse_requirements(archive: Archive) -> str:
     if pending is not None:
         logical.append(pending)
     for number, line in logical:
-        for token in _PIP_COMMENT_RE.sub("", line).split():
+        requirement = _PIP_COMMENT_RE.sub("", line)
+        if _PIP_DIRECT_RE.search(requirement) or "@" in requirement.split(";", 1)[0]:
+            raise InvalidRequest(
+                f"requirements.txt line {number}: {line.strip()!r:.120} is a direct URL, VCS link or local path;"
+                " an upload installs from the package index only: name the package and its version instead"
+            )
+        for token in requirement.split():
             if _pip_refused(token):
                 raise InvalidRequest(
                     f"requirements.txt line {number}: {line.strip()!r:.120} is not allowed: an upload cannot "
@@ -369,6 +390,36 @@ def _infer_handler(archive: Archive, fallback_module: str | None) -> str:
     raise InvalidRequest(f"several handlers found ({', '.join(found)}); {hint} to choose one")
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a cap on alias uses (each one can multiply what the document expands to)."""
+
+    aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise InvalidRequest(f"function.yaml uses more than {MAX_YAML_ALIASES} YAML aliases (*name);"
+                                     " write the values out instead")
+        return super().compose_node(parent, index)
+
+
+def _check_expanded_size(doc: Any) -> None:
+    """Refuse a document that expands (aliases followed) to more than MAX_YAML_NODES values; stops early."""
+    stack, seen = [doc], 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise InvalidRequest(f"function.yaml expands to more than {MAX_YAML_NODES} values once its YAML aliases"
+                                 " are followed; write a smaller spec")
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+
+
 def _load_yaml(archive: Archive, warnings: list[str]) -> dict[str, Any] | None:
     present = [name for name in SPEC_FILES if archive.get(name) is not None]
     if not present:
@@ -376,8 +427,16 @@ def _load_yaml(archive: Archive, warnings: list[str]) -> dict[str, Any] | None:
     if len(present) > 1:
         warnings.append("both function.yaml and function.yml exist; function.yml is ignored")
     filename = present[0]
+    raw = archive.files[filename]
+    if len(raw) > MAX_SPEC_BYTES:
+        raise InvalidRequest(f"{filename} is {len(raw)} bytes, over the {MAX_SPEC_BYTES} byte limit; a spec holds"
+                             " settings only: put data in other files of the archive")
     try:
-        doc = yaml.safe_load(archive.files[filename].decode("utf-8-sig"))
+        loader = _BoundedLoader(raw.decode("utf-8-sig"))
+        try:
+            doc = loader.get_single_data()
+        finally:
+            loader.dispose()
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"{filename} is not UTF-8 text ({exc}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
@@ -385,6 +444,7 @@ def _load_yaml(archive: Archive, warnings: list[str]) -> dict[str, Any] | None:
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise InvalidRequest(f"{filename}{where}: invalid YAML ({problem}); fix the syntax") from None
+    _check_expanded_size(doc)
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -604,3 +664,13 @@ def check_handler(archive: Archive, handler: str) -> None:
     if func not in names and not star:
         raise InvalidRequest(f"handler {handler!r} not found in {path}: define `def {func}(context, event)` "
                              "at the top level of the module or fix spec.handler")
+
+
+def read_function(data: bytes, runtimes: dict[str, dict[str, Any]] | None, max_zip_bytes: int,
+                  max_body_ceiling: int | None = None) -> tuple[FunctionSpec, list[str]]:
+    """An uploaded zip checked whole: the archive, its spec and its handler; (spec, warnings)."""
+    archive = read_archive(data, ArchiveLimits(max_zip_bytes=max_zip_bytes))
+    spec, warnings = parse_function(archive, runtimes=runtimes, max_body_ceiling=max_body_ceiling)
+    if spec.shell is None:
+        check_handler(archive, spec.handler)
+    return spec, warnings

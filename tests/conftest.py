@@ -16,7 +16,8 @@ from tests.stack import Stack
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One stack shared by the tests that only deploy and invoke."""
-    s = Stack(tmp_path_factory.mktemp("stack") / "var")
+    # callback tests listen on loopback, which the platform refuses by default (callback_allow)
+    s = Stack(tmp_path_factory.mktemp("stack") / "var", {"NUCLIDE_CALLBACK_ALLOW": "127.0.0.0/8"})
     try:
         yield s.start()
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -23,6 +24,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_base(count: int = 8) -> int:
+    """A port N such that N to N+count-1 are all free now, for a stack started with a port base."""
+    for _ in range(100):
+        base = free_port()
+        if base + count - 1 > 65535:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise AssertionError(f"found no {count} free ports in a row")
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition") -> Any:
@@ -161,6 +178,35 @@ class Stack:
 
     def traces(self) -> "TraceListener":
         return TraceListener(self.endpoints["gateway_pub"])
+
+
+class NuclideUp:
+    """`nuclide up ARGS` as a user runs it: in the foreground in a working directory; its banner read from stdout."""
+
+    def __init__(self, cwd: Path, env: dict[str, str], *args: str) -> None:
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.log = cwd / "nuclide-up.log"
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "up", *args], cwd=cwd, env=env,
+                                         stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True)
+        lines: list[str] = []
+        assert self.proc.stdout is not None
+        # Ends at the banner (the stack is healthy), or when `nuclide up` gives up and exits (its own 60 s limit).
+        for line in self.proc.stdout:
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        self.banner = "".join(lines)
+        if "Press Ctrl-C" not in self.banner:
+            raise AssertionError(f"nuclide up exited with {self.proc.wait()} before its banner:\n"
+                                 f"{self.log.read_text(errors='replace')[-3000:]}")
+        fields = dict(line.strip().split(":", 1) for line in lines if line.startswith("  ") and ":" in line)
+        self.url, self.token = fields["URL"].strip(), fields["token"].strip()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(60)
 
 
 class TraceListener:

@@ -1,24 +1,19 @@
-"""The CLI's HTTP client for the nuclide API, and where it finds the URL and token."""
+"""The CLI's HTTP client for the nuclide API, and the one-line errors it turns failures into."""
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import quote
 
 import httpx
-
-from services.cli.up import cli_config_path
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 30.0
 # The longest function timeout the spec allows is 3600 s; the gateway answers 504 before this.
 INVOKE_TIMEOUT_S = 3700.0
 _CONNECT_TIMEOUT_S = 5.0
-_TOKEN_HINT = "pass --token or set NUCLIDE_TOKEN (`nuclide up` prints it)"
+_TOKEN_HINT = "pass --token or set NUCLIDE_TOKEN (the command that started the stack prints it)"
 
 
 class CliError(Exception):
@@ -35,10 +30,13 @@ class CliError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """Where to send requests, and the token to send."""
+    """Where to send requests, the token to send, and what to say when that token is refused."""
 
     url: str
-    token: str | None
+    token: str | None = field(repr=False)
+    token_from: str = ""  # where the token came from: "given by --token", "in NUCLIDE_TOKEN", the stacks file
+    token_help: str = ""  # how to get the right token for this URL
+    started_by: str = ""  # what started the stack at this URL, when that was recorded
 
 
 def normalise_url(url: str) -> str:
@@ -49,53 +47,16 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def config_file(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path | None:
-    """The CLI config file to read: $NUCLIDE_CLI_CONFIG, else ./var/cli.json, else the user's one."""
-    environ = os.environ if environ is None else environ
-    explicit = environ.get("NUCLIDE_CLI_CONFIG")
-    if explicit:
-        return Path(explicit)
-    local = (cwd or Path.cwd()) / "var" / "cli.json"
-    if local.is_file():
-        return local
-    user = cli_config_path()
-    return user if user.is_file() else None
+def unauthorized(target: Target) -> str:
+    """Why the stack refused the request, where the token came from and how to get the right one; never the token."""
+    if not target.token:
+        why = "no token was sent"
+    else:
+        why = f"nuclide at {target.url} rejected the token" + (f" {target.token_from}" if target.token_from else "")
+    return f"unauthorized: {why}; {target.token_help or _TOKEN_HINT}"
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CliError(f"CLI config {path} does not exist; fix NUCLIDE_CLI_CONFIG or unset it") from None
-    except OSError as exc:
-        raise CliError(f"cannot read CLI config {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise CliError(f"CLI config {path} is not valid JSON ({exc}); fix it or delete it") from None
-    if not isinstance(data, dict):
-        raise CliError(f"CLI config {path} must be a JSON object like {{\"url\": ..., \"token\": ...}}")
-    return data
-
-
-def resolve_target(url_flag: str | None = None, token_flag: str | None = None,
-                   environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Target:
-    """URL and token from flags, then NUCLIDE_URL/NUCLIDE_TOKEN, then the config file, then the default URL."""
-    environ = os.environ if environ is None else environ
-    url = url_flag or environ.get("NUCLIDE_URL") or None
-    token = token_flag or environ.get("NUCLIDE_TOKEN") or None
-    if url is None or token is None:
-        path = config_file(environ, cwd)
-        data = read_config_file(path) if path is not None else {}
-        file_url = data.get("url") if isinstance(data.get("url"), str) and data.get("url") else None
-        file_token = data.get("token") if isinstance(data.get("token"), str) and data.get("token") else None
-        if url is None:
-            url = file_url
-        # The file's token belongs to the file's stack: never send it to a URL given elsewhere.
-        if token is None and file_token and (file_url is None or normalise_url(file_url) == normalise_url(url or DEFAULT_URL)):
-            token = file_token
-    return Target(normalise_url(url or DEFAULT_URL), token)
-
-
-def error_from_response(resp: httpx.Response, url: str, token: str | None) -> CliError:
+def error_from_response(resp: httpx.Response, target: Target) -> CliError:
     """One actionable line from an error answer, using the server's {"error": {...}} body when there is one."""
     status = resp.status_code
     err: dict[str, Any] = {}
@@ -109,11 +70,10 @@ def error_from_response(resp: httpx.Response, url: str, token: str | None) -> Cl
     details = err.get("details") if isinstance(err.get("details"), dict) else {}
     code = str(err["code"]) if err.get("code") else None
     if status == 401:
-        why = "no token was sent" if not token else f"nuclide at {url} rejected the token"
-        return CliError(f"unauthorized: {why}; {_TOKEN_HINT}", details, status=status, code=code or "unauthorized")
+        return CliError(unauthorized(target), details, status=status, code=code or "unauthorized")
     if not message:
         text = " ".join(resp.text.split())[:200]
-        message = f"HTTP {status} from {url}" + (f": {text}" if text else "")
+        message = f"HTTP {status} from {target.url}" + (f": {text}" if text else "")
     return CliError(message, details, status=status, code=code)
 
 
@@ -126,18 +86,20 @@ class Client:
     """One method per API call: parsed JSON back, or a CliError."""
 
     def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self.url = normalise_url(url)
-        self.token = token
+                 transport: httpx.BaseTransport | None = None, *, target: Target | None = None) -> None:
+        """``target`` (from resolve_target) replaces url and token, and says where its token came from."""
+        self.target = target or Target(normalise_url(url), token)
+        self.url = self.target.url
+        self.token = self.target.token
         # Per request, not a client default, so invoke can leave it out.
-        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
             # JSON even from a gateway in fusionizer_mode, which answers curl's default */* with text
             headers = {"User-Agent": "nuclide-cli", "Accept": "application/json"}
             self._http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
                                       timeout=httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S))
         except (httpx.InvalidURL, ValueError) as exc:
-            raise CliError(f"invalid nuclide URL {url!r} ({exc}); pass --url like {DEFAULT_URL}") from None
+            raise CliError(f"invalid nuclide URL {self.url!r} ({exc}); pass --url like {DEFAULT_URL}") from None
 
     def __enter__(self) -> "Client":
         return self
@@ -155,6 +117,9 @@ class Client:
         try:
             return self._http.request(method, path, headers=merged, **kw)
         except httpx.ConnectError:
+            if self.target.started_by:
+                raise CliError(f"cannot reach nuclide at {self.url}, which {self.target.started_by} started:"
+                               " is it still running?") from None
             raise CliError(f"cannot reach nuclide at {self.url}: is `nuclide up` running?") from None
         except httpx.TimeoutException:
             raise CliError(f"nuclide at {self.url} did not answer in time; retry, or pass a longer --timeout",
@@ -166,7 +131,7 @@ class Client:
 
     def _checked(self, resp: httpx.Response) -> httpx.Response:
         if resp.status_code >= 400:
-            raise error_from_response(resp, self.url, self.token)
+            raise error_from_response(resp, self.target)
         return resp
 
     def _json(self, resp: httpx.Response) -> Any:
@@ -238,7 +203,7 @@ class Client:
         """
         resp = self.request("GET", f"/calls/{_path(call_id)}/result")
         if resp.status_code >= 400 and "x-call-status" not in resp.headers:
-            raise error_from_response(resp, self.url, self.token)
+            raise error_from_response(resp, self.target)
         return resp
 
     def redrive_call(self, call_id: str) -> dict[str, Any]:

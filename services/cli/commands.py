@@ -335,7 +335,7 @@ def invoke_error(resp: Any, method: str, name: str, client: Client) -> str:
     if method != "POST" and resp.status_code in (404, 405):
         return f"the gateway invokes functions only with POST, not {method}; drop -X"
     if resp.status_code == 401:
-        return error_from_response(resp, client.url, client.token).message
+        return error_from_response(resp, client.target).message
     call_id = resp.headers.get("x-call-id")
     where = f" (call {call_id})" if call_id else ""
     line = f"{method} /{name} answered HTTP {resp.status_code}{where}"

@@ -1,4 +1,4 @@
-"""The nuclide command line: `nuclide up` and the API commands."""
+"""The nuclide command line: `nuclide up`, the stacks it knows (`login`, `stacks`) and the API commands."""
 
 from __future__ import annotations
 
@@ -33,10 +33,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port_base(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; the stack takes ports N to N+7") from None
+
+
 def _connection_flags(parser: argparse.ArgumentParser, default: object) -> None:
-    parser.add_argument("--url", default=default, help="nuclide API URL (env NUCLIDE_URL; default from cli.json, "
-                        "else http://127.0.0.1:8000)")
-    parser.add_argument("--token", default=default, help="API token (env NUCLIDE_TOKEN; default from cli.json)")
+    parser.add_argument("--url", default=default, help="nuclide API URL (env NUCLIDE_URL; default: the current stack"
+                        " of `nuclide stacks`, else http://127.0.0.1:8000)")
+    parser.add_argument("--token", default=default, help="API token (env NUCLIDE_TOKEN; default: the one recorded"
+                        " for the URL, see `nuclide stacks`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _connection_flags(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("up", help="start the whole stack in the foreground")
+    p = sub.add_parser("up", help="start the whole stack in the foreground")
+    p.add_argument("--port-base", type=_port_base, metavar="N",
+                   help="ports N to N+7 for HTTP and the ZeroMQ endpoints (env NUCLIDE_PORT_BASE); a port set on its"
+                   " own wins")
+    p.add_argument("--print-ports", action="store_true",
+                   help="print the stack's ports (one `setting port` line each) and exit, starting nothing")
+
+    p = sub.add_parser("login", parents=[common], help="record the token of the stack at --url and make it current",
+                       description="Checks the token (from --token, else stdin) against the stack, then records"
+                       " the URL and token for the CLI, next to other stacks'.")
+    p.add_argument("--started-by", metavar="TEXT", help="what started the stack (said when its token is refused)")
+    p.add_argument("--token-hint", metavar="TEXT", help="a command that prints the stack's token (said then too)")
+    sub.add_parser("stacks", help="list the stacks the CLI has tokens for, and which one is current")
 
     p = sub.add_parser("deploy", parents=[common], help="deploy a function folder, .zip or .py file")
     p.add_argument("path", metavar="PATH", help="function folder, .zip package, or a single .py file")
@@ -116,13 +136,14 @@ def _calls_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def run_api_command(opts: argparse.Namespace) -> int:
-    from services.cli.client import Client, CliError, resolve_target
+    from services.cli.client import Client, CliError
     from services.cli.commands import COMMANDS, Streams
+    from services.cli.stacks import resolve_target
 
     streams = Streams.std()
     try:
         target = resolve_target(opts.url, opts.token)
-        with Client(target.url, target.token) as client:
+        with Client(target=target) as client:
             return COMMANDS[opts.command](client, opts, streams)
     except CliError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -143,14 +164,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
     if opts.command == "up":
-        from services.cli.up import run
+        from services.cli.up import print_ports, run
 
         try:
-            settings = load_settings("up")
+            settings = load_settings("up", **({"port_base": opts.port_base} if opts.port_base is not None else {}))
         except ConfigError as exc:
             print(f"nuclide: {exc}", file=sys.stderr)
             return 2
-        return run(settings)
+        return print_ports(settings) if opts.print_ports else run(settings)
+    if opts.command in ("login", "stacks"):
+        from services.cli.client import CliError
+        from services.cli.stacks import cmd_login, cmd_stacks
+
+        try:
+            return cmd_login(opts) if opts.command == "login" else cmd_stacks(opts)
+        except CliError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
     if opts.command in API_COMMANDS:
         return run_api_command(opts)
     return 2

@@ -8,7 +8,6 @@ then the gateway, then the store.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,10 +16,11 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from shared.auth import load_or_create_token
-from shared.config import Settings
+from services.cli.client import CliError
+from services.cli.stacks import StackEntry, record_stack
+from shared.auth import load_or_create_token, token_path
+from shared.config import PORT_BASE_HOW, PORT_KEYS, Settings
 
 SERVICES = ("store", "deployer", "gateway", "optimizer")
 STOP_ORDER = ("optimizer", "deployer", "gateway", "store")  # instances drain against a live gateway
@@ -29,26 +29,14 @@ RESTART_BACKOFF_MAX_S = 10.0
 HEALTH_TIMEOUT_S = 60.0
 
 
-def cli_config_path() -> Path:
-    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "nuclide" / "cli.json"
-
-
-def write_cli_config(settings: Settings, token: str) -> list[Path]:
-    """Where the CLI finds the URL and token: <var>/cli.json and the user's config dir (both 0600)."""
-    data = json.dumps({"url": settings.http_url, "token": token}).encode()
-    written = []
-    for path in (settings.var_dir / "cli.json", cli_config_path()):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.chmod(path, 0o600)
-            written.append(path)
-        except OSError:
-            continue
-    return written
+def record_for_cli(settings: Settings, token: str) -> str:
+    """Record this stack's URL and token for the CLI, next to other stacks'; say where, or why not."""
+    entry = StackEntry(settings.http_url, token, started_by=f"`nuclide up` (state in {settings.var_dir})",
+                       token_hint=f"`cat {token_path(settings)}`")
+    try:
+        return f"recorded in {record_stack(entry)}; it is the current stack"
+    except (OSError, CliError) as exc:
+        return f"not recorded ({getattr(exc, 'message', None) or exc}); pass --url and --token to the CLI"
 
 
 @dataclass
@@ -127,15 +115,8 @@ def busy_ports(settings: Settings) -> list[str]:
     """Settings whose TCP port is already taken (another nuclide running, usually)."""
     import socket
 
-    wanted = [("http_port", settings.http_host, settings.http_port)]
-    for key in ("store_rpc", "store_pub", "deployer_rpc", "gateway_router", "gateway_pull", "gateway_sub", "gateway_pub"):
-        endpoint = getattr(settings, key)
-        if endpoint.startswith("tcp://"):
-            host, _, port = endpoint[6:].rpartition(":")
-            if port.isdigit():
-                wanted.append((key, host, int(port)))
     busy = []
-    for key, host, port in wanted:
+    for key, host, port in settings.ports():
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -145,11 +126,24 @@ def busy_ports(settings: Settings) -> list[str]:
     return busy
 
 
+def busy_message(busy: list[str], settings: Settings) -> str:
+    """The one line for taken ports: what is taken, and the one setting that moves the whole stack."""
+    base = f" port_base is {settings.port_base};" if settings.port_base else ""
+    return (f"nuclide: {'; '.join(busy)}. Is another nuclide running there? Stop it, or move this stack:{base} use"
+            f" {PORT_BASE_HOW} to give it ports N to N+{len(PORT_KEYS) - 1} (a port set on its own still wins)")
+
+
+def print_ports(settings: Settings) -> int:
+    """`nuclide up --print-ports`: one "setting port" line per TCP port, what `make up` hands to compose."""
+    for key, _host, port in settings.ports():
+        print(key, port)
+    return 0
+
+
 def run(settings: Settings) -> int:
     busy = busy_ports(settings)
     if busy:
-        print(f"nuclide: {'; '.join(busy)}. Is nuclide already running? Stop it, or choose other ports"
-              " (NUCLIDE_HTTP_PORT, NUCLIDE_STORE_RPC, ...).", file=sys.stderr)
+        print(busy_message(busy, settings), file=sys.stderr)
         return 1
     settings = settings.replace(var_dir=settings.var_dir.resolve())
     settings.var_dir.mkdir(parents=True, exist_ok=True)
@@ -169,13 +163,13 @@ def run(settings: Settings) -> int:
                       f" see the logs above (is port {settings.http_port} free?)", file=sys.stderr)
                 return 1
             return 0
-        written = write_cli_config(settings, token)
+        recorded = record_for_cli(settings, token)
         print(
             "\nnuclide is up\n"
             f"  URL:    {settings.http_url}\n"
             f"  token:  {token}\n"
             f"  state:  {settings.var_dir}\n"
-            f"  CLI config: {', '.join(str(p) for p in written) or '(not written)'}\n"
+            f"  CLI:    {recorded}\n"
             f"  docs:   {settings.http_url}/docs\n"
             "Press Ctrl-C to stop.\n",
             flush=True,

@@ -109,13 +109,16 @@ class Broker:
                  on_ready: Callable[[Instance], None], on_gone: Callable[[Instance, str], None],
                  on_call: Callable[[bytes, protocol.Message], None] | None = None,
                  on_stuck: Callable[[Instance, Call], None] | None = None,
-                 on_edges: Callable[[Any], None] | None = None) -> None:
+                 on_reports: Callable[[dict[str, Any]], None] | None = None) -> None:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished instance raises, so we notice
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting instance takes its identity back
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        # results are not capped by the upload limits the service's other sockets use; a bigger frame
+        # than the protocol allows disconnects the instance (its calls then fail at their deadline)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         sock.bind(endpoint)
         self.endpoint = endpoint
         self.queue_limit = queue_limit
@@ -129,7 +132,8 @@ class Broker:
         self._on_ready = on_ready
         self._on_gone = on_gone
         self._on_call = on_call
-        self._on_edges = on_edges  # the task calls an instance served in-process (RESULT or HEARTBEAT "edges")
+        # the task calls an instance served in-process: a RESULT's or HEARTBEAT's "edges" and "failed_calls"
+        self._on_reports = on_reports
         self._on_stuck = on_stuck
         self._loop = asyncio.get_running_loop()
         self._asock = AsyncSocket(sock, self._on_message)
@@ -296,8 +300,9 @@ class Broker:
         inst = self.instances.get(ident)
         if inst is not None:
             inst.last_seen = time.monotonic()
-        if "edges" in msg.header and self._on_edges is not None:
-            self._on_edges(msg.header["edges"])
+        # failed calls come with edges (services/runtime/calls.py take_reports): one lookup per message
+        if "edges" in msg.header and self._on_reports is not None:
+            self._on_reports(msg.header)
         if cmd == protocol.RESULT:
             try:
                 results = protocol.unbatch(msg)

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from shared.errors import DeadlineExceeded, InvalidRequest, NotFound, NuclideError, Unavailable
+from shared.failures import bounded, result_error
 from shared.logs import get_logger
+from shared.netpolicy import CallbackPolicy
 from shared.triggers import DEFAULT_RETRY, backoff_s
 from services.gateway.broker import Call
 
@@ -50,6 +52,8 @@ STORE_RETRY_S = 0.5
 SUBMIT_TIMEOUT_S = 15.0  # an async submission not stored by then is refused (503), never half-accepted
 CALLBACK_TIMEOUT_S = 10.0
 _CALL_ID = re.compile(r"^[A-Za-z0-9._:-]{1,80}$")
+MAX_IDEMPOTENCY_KEY = 256
+MAX_CONTENT_TYPE = 256
 
 
 class AsyncCall:
@@ -71,22 +75,16 @@ class AsyncCall:
         self.parent_id = meta.get("parent_id")
 
 
-def check_callback_url(url: str | None) -> str | None:
-    if not url:
-        return None
-    if not re.match(r"^https?://[^\s/]+", url) or len(url) > 2000:
-        raise InvalidRequest(f"X-Callback-Url {url[:100]!r} is not an http(s) URL")
-    return url
-
-
 class AsyncCalls:
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
         self.boot = gw.boot_id
+        self.callback_policy = CallbackPolicy.parse(gw.settings.callback_allow)
         self.inflight: dict[str, AsyncCall] = {}
         self._submits: list[tuple[dict[str, Any], bytes, asyncio.Future]] = []
         self._updates: dict[str, tuple[dict[str, Any], bytes | None]] = {}  # call id -> merged update
-        self._records: list[tuple] = []  # (id, function, status, queued_at, finished_at, code, error, cold)
+        # (id, function, status, queued_at, finished_at, code, error, cold[, parent_id, source]): SYNC_ROW_FIELDS
+        self._records: list[tuple] = []
         self._submit_flush: asyncio.TimerHandle | None = None
         self._update_flush: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -118,8 +116,14 @@ class AsyncCalls:
                 idempotency_key: str | None = None, callback_url: str | None = None, call_id: str | None = None,
                 parent_id: str | None = None, refused: str | None = None) -> dict[str, Any]:
         """The stored form of a new async call; ``refused`` records it FAILED with that reason instead."""
-        if call_id is not None and not _CALL_ID.match(call_id):
+        if call_id is not None and (not isinstance(call_id, str) or not _CALL_ID.match(call_id)):
             raise InvalidRequest("call_id must be 1-80 letters, digits, '.', '_', ':' or '-'")
+        if idempotency_key is not None and (not isinstance(idempotency_key, str)
+                                            or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
+            raise InvalidRequest(f"idempotency_key must be a string of 1-{MAX_IDEMPOTENCY_KEY} characters")
+        callback_url = self.callback_policy.check_url(callback_url)
+        if not isinstance(content_type, str) or len(content_type) > MAX_CONTENT_TYPE:
+            raise InvalidRequest(f"content_type must be a string of at most {MAX_CONTENT_TYPE} characters")
         info = self.gw.functions.get(function)
         meta: dict[str, Any] = {
             "id": call_id or self.gw.new_call_id(), "function": function, "kind": "async", "source": source,
@@ -183,6 +187,11 @@ class AsyncCalls:
                     return
                 await asyncio.sleep(STORE_RETRY_S)
         for (meta, payload, fut), res in zip(batch, results):
+            if res.get("status") == "REFUSED":
+                log.warning("async call refused by the store", function=meta.get("function"), error=res["error"])
+                if fut is not None and not fut.done():
+                    fut.set_exception(InvalidRequest(f"the call was not stored: {res['error']}"))
+                continue
             if not res["duplicate"]:
                 self.counters["submitted"] += 1
                 if meta.get("owner") == self.boot:
@@ -237,10 +246,10 @@ class AsyncCalls:
             if status < 500:
                 self._finish(ac, "DONE", code=status, content_type=result.get("content_type") or "", body=body)
                 return
-            error = body.decode("utf-8", "replace")[:2000]
+            error = result_error(result, body)
         else:
             status = getattr(exc, "http_status", 500)
-            error = exc.message if isinstance(exc, NuclideError) else repr(exc)
+            error = bounded(exc.message if isinstance(exc, NuclideError) else repr(exc))
             if isinstance(exc, NotFound):
                 self._finish(ac, "FAILED", code=404, error=error)
                 return
@@ -292,8 +301,12 @@ class AsyncCalls:
         state = "failed"
         try:
             assert self._http is not None
+            # checked again here: the host's name may resolve to an address inside the platform's network
+            await self.callback_policy.check_resolved(str(ac.callback_url))
             resp = await self._http.post(str(ac.callback_url), content=payload, headers=headers)
             state = "sent" if resp.status_code < 400 else "failed"
+        except InvalidRequest as exc:
+            log.warning("callback refused", call_id=ac.id, url=ac.callback_url, error=exc.message)
         except httpx.HTTPError as exc:
             log.warning("callback failed", call_id=ac.id, url=ac.callback_url, error=str(exc))
         self._update({"id": ac.id, "callback_state": state})

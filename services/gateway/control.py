@@ -6,6 +6,7 @@ request); OpenAPI lives at /docs. Every route but /healthz needs the bearer toke
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import secrets
@@ -16,11 +17,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
-from shared.archive import ArchiveLimits, make_zip, read_archive
+from shared.archive import make_zip
 from shared.errors import BuildFailed, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, Unavailable
 from shared.names import validate_function_name
 from shared.runtimes import DEFAULT_WARM_START, parse_runtime
-from shared.spec import HOST_RUNTIME, FunctionSpec, check_handler, other_python, parse_function
+from shared.spec import HOST_RUNTIME, FunctionSpec, other_python, read_function
 from services.gateway import fusionizer
 from services.gateway.core import Gateway, error_payload
 
@@ -104,12 +105,11 @@ def build_control_app(gw: Gateway) -> FastAPI:
 
     async def deploy(name: str, data: bytes, wait: bool, status_ok: int = 200) -> JSONResponse:
         validate_function_name(name)
-        archive = read_archive(data, ArchiveLimits(max_zip_bytes=gw.settings.max_zip_bytes))
         assert gw.store is not None
         runtimes = {rt["name"]: rt for rt in await gw.store.call("runtime.list")}
-        spec, warnings = parse_function(archive, runtimes=runtimes, max_body_ceiling=gw.settings.max_body_ceiling_bytes)
-        if spec.shell is None:
-            check_handler(archive, spec.handler)
+        # reading a zip and parsing YAML of a user's are bounded, but can take a while: off the event loop
+        spec, warnings = await asyncio.to_thread(read_function, data, runtimes, gw.settings.max_zip_bytes,
+                                                 gw.settings.max_body_ceiling_bytes)
         if spec.shell is None and spec.warm_start != DEFAULT_WARM_START:  # per-call containers: docker backend only
             assert gw.deployer is not None
             try:
@@ -143,6 +143,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
             assert gw.store is not None
             health = await gw.store.call("health", timeout_s=1.0)
             parts["store"] = bool(health.get("store"))
+            if health.get("store_error"):
+                parts["store_error"] = health["store_error"]
             parts["deployer"] = bool(health.get("deployer"))
         except NuclideError as exc:
             parts["error"] = str(exc)

@@ -24,12 +24,13 @@ from shared.config import Settings
 from shared.errors import (
     DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unauthorized, Unavailable,
 )
+from shared.failures import bounded, result_error
 from shared.logs import get_logger
 from shared.names import invoke_target
 from shared.statefeed import StateFeed
 from services.gateway import fusionizer
 from services.gateway.broker import Broker, Call, Instance
-from services.gateway.calls import AsyncCalls, check_callback_url
+from services.gateway.calls import AsyncCalls
 from services.gateway.http import valid_header
 from services.gateway.ingress import Ingress
 from shared.triggers import DEFAULT_RETRY, max_body_bytes, validate_triggers
@@ -159,7 +160,7 @@ class Gateway:
         self.store = RpcClient(self.ctx, s.store_rpc, "store")
         self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer")
         self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone,
-                             self._on_task_call, self._on_stuck, self.add_edges)
+                             self._on_task_call, self._on_stuck, self.add_reports)
         self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event)
         self.feed.start()
         self.pub = self.ctx.socket(zmq.PUB)
@@ -402,6 +403,29 @@ class Gateway:
             slot[0] += n
             slot[1] += took_ms * n
 
+    def add_reports(self, header: dict[str, Any]) -> None:
+        """What an instance reported of the task calls it served in-process: edges, and the calls that failed."""
+        self.add_edges(header.get("edges"))
+        failed = header.get("failed_calls")
+        if failed:
+            self.record_failed_task_calls(failed)
+
+    def record_failed_task_calls(self, rows: Any) -> None:
+        """Record in-process task calls that failed: [call_id, parent_id, function, status, error, queued_at,
+        finished_at] each, as sync calls of their own under their caller's (source "call")."""
+        if not isinstance(rows, list):
+            return
+        for row in rows:
+            try:
+                call_id, parent_id, function, status, error, queued_at, finished_at = row
+                if not (isinstance(call_id, str) and isinstance(function, str) and isinstance(status, int)
+                        and isinstance(parent_id, (str, type(None))) and isinstance(error, str)):
+                    continue
+                self._record_failed_task_call(call_id, function, parent_id, status, bounded(error), float(queued_at),
+                                              float(finished_at))
+            except (TypeError, ValueError):
+                continue  # a malformed row is dropped, like a malformed edge
+
     def add_edges(self, edges: Any) -> None:
         """Edges an instance reported with a RESULT or HEARTBEAT: [caller, callee, sync, local, mean ms, calls]."""
         if not isinstance(edges, list):
@@ -425,6 +449,7 @@ class Gateway:
         name = str(header.get("function", ""))
         sync = not header.get("async")
         started = time.perf_counter()
+        error: str | None = None
         try:
             info = self.functions.get(name)
             if info is None:
@@ -452,13 +477,22 @@ class Gateway:
             result, rbody = await fut
             out_header = {"call_id": call_id, "status": int(result.get("status", 200)),
                           "content_type": result.get("content_type") or "", "headers": result.get("headers") or []}
+            if out_header["status"] >= 500:
+                error = result_error(result, rbody)
         except NuclideError as exc:
             out_header = {"call_id": call_id, "status": exc.http_status, "content_type": "application/json"}
             rbody = json.dumps(error_payload(exc)).encode()
             if not sync:
                 self.broker.reply(ident, out_header, rbody)
                 return
-        self.add_edge(header.get("caller"), name, sync, False, (time.perf_counter() - started) * 1000)
+            error = exc.message if exc.http_status >= 500 else None
+        took_ms = (time.perf_counter() - started) * 1000
+        self.add_edge(header.get("caller"), name, sync, False, took_ms)
+        if error is not None:  # a failed task call is recorded as the in-process ones are (add_reports)
+            parent_id = header.get("parent_id")
+            now = time.time()
+            self._record_failed_task_call(call_id, name, parent_id if isinstance(parent_id, str) else None,
+                                          out_header["status"], error, now - took_ms / 1000, now)
         if sync:
             self.broker.reply(ident, out_header, rbody)
 
@@ -649,7 +683,10 @@ class Gateway:
         status = int(result.get("status", 200))
         took_ms = round((time.time() - call.wall) * 1000, 3)
         self.trace_calls.append([name, took_ms, status])
-        self._record(call.call_id, name, call.wall, "DONE" if status < 500 else "FAILED", status, None, call.cold)
+        if status < 500:
+            self._record(call.call_id, name, call.wall, "DONE", status, None, call.cold)
+        else:
+            self._record(call.call_id, name, call.wall, "FAILED", status, result_error(result, rbody), call.cold)
         out_headers = []
         for k, v in result.get("headers") or ():
             key = k.lower()
@@ -670,6 +707,13 @@ class Gateway:
         if self.calls is not None:
             self.calls.record_sync((call_id, name, status, queued_at, time.time(), code, error, cold))
 
+    def _record_failed_task_call(self, call_id: str, name: str, parent_id: str | None, code: int, error: str,
+                                 queued_at: float, finished_at: float) -> None:
+        """A task call that failed, recorded as a sync call of its own under its caller's (source "call")."""
+        if self.calls is not None:
+            self.calls.record_sync((call_id, name, "FAILED", queued_at, finished_at, code, error, False, parent_id,
+                                    "call"))
+
     async def _submit_async(self, name: str, body: bytes, raw_headers: list, call_id: str) -> tuple[int, list, bytes]:
         """202 once the call is durable; its result is kept (GET /calls/{id}) and may be called back."""
         assert self.calls is not None
@@ -679,7 +723,7 @@ class Gateway:
         call_id, duplicate = await self.calls.submit(
             name, body, content_type=hdrs.get("content-type", ""), headers=forwarded, source="http", call_id=call_id,
             idempotency_key=hdrs.get("x-idempotency-key") or None,
-            callback_url=check_callback_url(hdrs.get("x-callback-url")))
+            callback_url=hdrs.get("x-callback-url"))
         payload = json.dumps({"call_id": call_id, "status_url": f"/calls/{call_id}", "duplicate": duplicate}).encode()
         return 202, [_JSON_CT, (b"x-call-id", call_id.encode())], payload
 

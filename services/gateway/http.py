@@ -16,6 +16,9 @@ Per connection, requests are answered in order (HTTP/1.1 pipelining): a request
 parsed while another is still being answered waits, and reading pauses. Idle
 keep-alive connections close after ``KEEPALIVE_S``; a request head larger than
 ``MAX_HEAD_BYTES`` gets 431, a malformed request 400, and the connection closes.
+A request body must keep arriving: after a grace period (``http_body_grace_s``) it
+must average at least ``http_min_body_rate`` bytes a second while we read it, or it
+gets 408 and the connection closes (slow-body attacks hold no connection for long).
 """
 
 from __future__ import annotations
@@ -307,6 +310,8 @@ class HttpProtocol(asyncio.Protocol):
         self._expect_continue = False
         self._length: bytes | None = None
         self.close_after_body = False
+        self.body_clock = 0.0  # when the body being read started arriving (reset when we resume reading)
+        self.body_seen = 0  # its bytes since body_clock
 
     # ----- connection ---------------------------------------------------------
 
@@ -342,6 +347,7 @@ class HttpProtocol(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self.read_paused and not self.closed and len(self.cycles) <= 1:
             self.read_paused = False
+            self.body_clock, self.body_seen = time.monotonic(), 0  # paused time is ours, not the client's
             self.transport.resume_reading()
 
     def pause_writing(self) -> None:
@@ -455,6 +461,7 @@ class HttpProtocol(asyncio.Protocol):
             }
             request = AsgiCycle(self, scope, keep_alive, self._expect_continue)
         self.current = request
+        self.body_clock, self.body_seen = time.monotonic(), 0
         self.cycles.append(request)
         if len(self.cycles) == 1:
             request.start()
@@ -462,6 +469,7 @@ class HttpProtocol(asyncio.Protocol):
             self.pause_reading()  # pipelined: it waits for the answers before it
 
     def on_body(self, chunk: bytes) -> None:
+        self.body_seen += len(chunk)
         request = self.current
         if isinstance(request, DirectRequest):
             if request.complete:
@@ -531,8 +539,11 @@ class HttpProtocol(asyncio.Protocol):
 class HttpServer:
     """Serves the gateway on one TCP port; see the module docstring."""
 
-    def __init__(self, gateway: Any, app: Callable[..., Any], host: str, port: int, backlog: int = 4096) -> None:
+    def __init__(self, gateway: Any, app: Callable[..., Any], host: str, port: int, backlog: int = 4096,
+                 body_grace_s: float = 10.0, min_body_rate: int = 1024) -> None:
         self.gateway = gateway
+        self.body_grace_s = body_grace_s
+        self.min_body_rate = min_body_rate
         self.app = app
         self.host = host
         self.port = port
@@ -575,10 +586,21 @@ class HttpServer:
     async def _sweep_idle(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            limit = time.monotonic() - KEEPALIVE_S
+            now = time.monotonic()
+            limit = now - KEEPALIVE_S
             for conn in list(self.connections):
                 if not conn.cycles and conn.current is None and conn.last_active < limit:
                     conn.close()
+                elif conn.current is not None and not conn.read_paused and self.too_slow(conn, now):
+                    log.info("closed a connection whose request body was too slow", client=conn.client,
+                             seen_bytes=conn.body_seen, seconds=round(now - conn.body_clock, 1))
+                    conn._reject(408, f"the request body arrived slower than {self.min_body_rate} bytes a second"
+                                      f" after the first {self.body_grace_s:g} s; send it faster or in one piece")
+
+    def too_slow(self, conn: HttpProtocol, now: float) -> bool:
+        """A body being read that has fallen behind the minimum rate, once its grace period is over."""
+        late_s = now - conn.body_clock - self.body_grace_s
+        return late_s > 0 and conn.body_seen < self.min_body_rate * late_s
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop accepting, let answers in progress finish (up to ``timeout_s``), then close everything."""

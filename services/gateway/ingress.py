@@ -47,6 +47,10 @@ RESUME_BELOW = 1024
 CRON_TICK_S = 0.25
 
 
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
 class Ingress:
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
@@ -87,8 +91,10 @@ class Ingress:
             if not isinstance(function, str) or not function:
                 raise ProtocolError("INVOKE needs a 'function' name in its header")
             headers = msg.header.get("headers") or []
-            if not isinstance(headers, list):
-                raise ProtocolError("'headers' must be a list of [name, value] pairs")
+            if not isinstance(headers, list) or not all(
+                    isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, (str, bytes)) for x in h)
+                    for h in headers):
+                raise ProtocolError("'headers' must be a list of [name, value] string pairs")
         except ProtocolError as exc:
             self.counters["malformed"] += 1
             log.warning("dropped malformed ingress message", error=str(exc), dropped=self.counters["malformed"])
@@ -103,10 +109,10 @@ class Ingress:
         try:
             call_id = msg.header.get("call_id")
             meta = self.gw.calls.prepare(
-                function, content_type=str(msg.header.get("content_type") or ""),
-                headers=[[str(k), str(v)] for k, v in headers], source="zmq",
+                function, content_type=msg.header.get("content_type") or "",
+                headers=[[_text(k), _text(v)] for k, v in headers], source="zmq",
                 idempotency_key=msg.header.get("idempotency_key"), callback_url=msg.header.get("callback_url"),
-                call_id=call_id if isinstance(call_id, str) else None)
+                call_id=call_id)
         except NuclideError as exc:
             self.counters["malformed"] += 1
             log.warning("dropped ingress message", function=function, error=exc.message)

@@ -10,7 +10,9 @@ value goes through the same HTTP mapping as a remote call and is decoded back
 per thread (CALL -> gateway -> RESULT), so a blocked handler never shares the
 instance's own socket. In-process calls are summed per (caller, callee) and the
 instance reports them with its RESULTs (or a HEARTBEAT) at most every 100 ms; the
-gateway traces remote calls itself, as it routes them.
+gateway traces remote calls itself, as it routes them. An in-process call that
+fails (5xx) is reported too, one row each, so the gateway records it as a call of
+its own under its caller's, as it does for a failed remote one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from shared import protocol
 from shared.errors import ProtocolError
+from shared.failures import bounded, message_of
 from services.runtime.event import Event
 from services.runtime.responses import to_result
 
@@ -32,6 +35,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from services.runtime.executor import Executor
 
 MAX_CALL_DEPTH = 16  # nested task calls; deeper is almost always a cycle
+# failed in-process calls kept for the next report (every 100 ms at most): a storm of failures
+# keeps the first ones, and the report stays well under protocol.MAX_HEADER_BYTES
+MAX_FAILED_REPORTED = 256
 _JSON = "application/json"
 
 
@@ -70,15 +76,7 @@ def encode_payload(payload: Any) -> tuple[bytes, str]:
 
 def decode_result(function: str, status: int, content_type: str, body: bytes) -> Any:
     if status >= 400:
-        message = body.decode("utf-8", "replace")
-        if content_type.startswith(_JSON):
-            try:
-                doc = json.loads(body)
-                if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
-                    message = str(doc["error"].get("message", message))
-            except ValueError:
-                pass
-        raise CallFailed(function, status, message)
+        raise CallFailed(function, status, message_of(content_type, body))
     if content_type.startswith(_JSON) or content_type.endswith("+json"):
         return json.loads(body) if body else None
     if content_type.startswith("text/"):
@@ -111,6 +109,8 @@ class TaskCaller:
         self._sockets: list[zmq.Socket] = []  # every thread's call socket, closed at shutdown
         # in-process calls since the last report: (caller, callee) -> [calls, total ms]
         self._edges: dict[tuple[str | None, str], list[float]] = {}
+        # and those that failed: [call_id, parent_id, function, status, error, queued_at, finished_at]
+        self._failed: list[list[Any]] = []
         self._edges_lock = threading.Lock()
 
     # ----- frames ------------------------------------------------------------------
@@ -171,6 +171,8 @@ class TaskCaller:
                                    content_type, body, deadline_ms)
             result = self.runtime.execute_local(fn, Frame(call_id, name, depth, chain, deadline_ms), event, mapper)
             took_ms = (time.perf_counter() - started) * 1000
+            if result[0] is not _AS_IS and result[0] >= 500:
+                self._failed_locally(call_id, parent or None, name, result, took_ms)
             with self._edges_lock:
                 slot = self._edges.get((caller, name))
                 if slot is None:
@@ -193,15 +195,37 @@ class TaskCaller:
             rheaders = result.get("headers") or []
         return status, rctype, out, rheaders
 
+    def _failed_locally(self, call_id: str, parent_id: str | None, name: str, result: Any, took_ms: float) -> None:
+        """Keep a failed in-process call for the next report (before its edge: see :meth:`take_reports`)."""
+        status, _, content_type, body = result
+        error = getattr(result, "error", None) or bounded(message_of(content_type, body))  # a Failure says why
+        finished_at = time.time()
+        with self._edges_lock:
+            if len(self._failed) < MAX_FAILED_REPORTED:
+                self._failed.append([call_id, parent_id, name, status, error, finished_at - took_ms / 1000, finished_at])
+
     @property
     def edges_pending(self) -> bool:
+        """Whether a report is due: an in-process call was made (a failed one too, as its edge is kept after it)."""
         return bool(self._edges)
 
-    def take_edges(self) -> list[list[Any]]:
-        """The in-process calls since the last report: [caller, callee, sync, local, mean ms, calls]."""
+    def take_reports(self) -> dict[str, list[list[Any]]]:
+        """What the instance reports of its in-process calls since the last report; only the non-empty keys.
+
+        ``edges``: [caller, callee, sync, local, mean ms, calls]; ``failed_calls``: [call_id, parent_id,
+        function, status, error, queued_at, finished_at]. A failed call is kept before its edge, so no
+        failure waits without an edge pending: the reports that :attr:`edges_pending` triggers carry them all.
+        """
         with self._edges_lock:
             summed, self._edges = self._edges, {}
-        return [[caller, callee, True, True, round(total / n, 3), int(n)] for (caller, callee), (n, total) in summed.items()]
+            failed, self._failed = self._failed, []
+        reports: dict[str, list[list[Any]]] = {}
+        if summed:
+            reports["edges"] = [[caller, callee, True, True, round(total / n, 3), int(n)]
+                                for (caller, callee), (n, total) in summed.items()]
+        if failed:
+            reports["failed_calls"] = failed
+        return reports
 
     def _socket(self) -> zmq.Socket:
         sock = getattr(self._local, "sock", None)

@@ -6,11 +6,11 @@ import json
 import sys
 import threading
 import time
-import traceback
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence, TextIO
 
 from services.runtime.event import event_uuid
+from services.runtime.tracebacks import user_traceback
 
 __all__ = ["Context", "Logger", "Platform", "Response", "LOG_LEVELS"]
 
@@ -142,8 +142,9 @@ class Logger:
         self._emit("error", 40, msg, args, fields)
 
     def exception(self, msg: Any, *args: Any, **fields: Any) -> None:
-        """An error line with the traceback of the exception being handled, in field ``exc``."""
-        exc_text = traceback.format_exc() if sys.exc_info()[0] is not None else None
+        """An error line with the traceback of the exception being handled (nuclide's frames left out), in ``exc``."""
+        exc = sys.exc_info()[1]
+        exc_text = user_traceback(exc) if exc is not None else None
         self._emit("error", 40, msg, args, fields, exc_text)
 
     # nuclio spells structured logging as <level>_with(message, **fields).

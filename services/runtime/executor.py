@@ -9,13 +9,11 @@ about 70 ms of imports at every start of a per-call container.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import threading
 import time
-import traceback
 from typing import TYPE_CHECKING, Any, Callable
 
 from services.runtime import responses
@@ -25,6 +23,7 @@ from services.runtime.event import Event
 from services.runtime.handlers import (
     HandlerForm, LoadedHandler, build_args, call_init_context, close_thread_loop, invoke, load_handler, thread_loop,
 )
+from services.runtime.tracebacks import user_traceback
 
 if TYPE_CHECKING:  # pragma: no cover
     import asyncio
@@ -154,18 +153,21 @@ class Executor:
         """
         started = time.perf_counter()
         try:
-            status, hdrs, ctype, out = self._run(header, body, loop)
+            status, hdrs, ctype, out = outcome = self._run(header, body, loop)
         except CallTimeout:  # the alarm fired in the instant between the handler's return and its cancel
             signal.setitimer(signal.ITIMER_REAL, 0)
-            status, hdrs, ctype, out = 504, [], "application/json", json.dumps(
-                {"error": {"code": "deadline_exceeded", "message": "the call reached its timeout"}}).encode()
-        return {
+            status, hdrs, ctype, out = outcome = responses.json_error(504, "deadline_exceeded",
+                                                                      "the call reached its timeout")
+        result = {
             "call_id": header.get("call_id", ""),
             "status": status,
             "headers": hdrs,
             "content_type": ctype,
             "took_ms": round((time.perf_counter() - started) * 1000, 3),
-        }, out
+        }
+        if status >= 500 and type(outcome) is responses.Failure:  # why, for the call's record
+            result["error"] = outcome.error
+        return result, out
 
     def execute_local(self, fn: Function, frame: Frame, event: Event,
                       mapper: Callable[[Any], Any] = responses.to_result) -> Any:
@@ -194,9 +196,7 @@ class Executor:
         """One INVOKE's call: its function, its alarm, then :meth:`_call`."""
         fn = self.functions.get(header.get("function", ""))
         if fn is None:
-            return 404, [], "application/json", json.dumps(
-                {"error": {"code": "not_found", "message": f"function '{header.get('function')}' is not served here"}}
-            ).encode()
+            return responses.json_error(404, "not_found", f"function '{header.get('function')}' is not served here")
         deadline_ms = int(header.get("deadline_ms") or 0)
         # the outermost call on the main thread gets an alarm at its timeout; pool threads and nested
         # calls rely on it or on the gateway's deadline (signals only reach the main thread)
@@ -237,26 +237,22 @@ class Executor:
             limit = self.timeouts.get(fn.name, 30.0)
             message = f"function '{fn.name}' did not finish within its {limit:g} s timeout (spec.timeout)"
             fn.logger.error(message)
-            return 504, [], "application/json", json.dumps(
-                {"error": {"code": "deadline_exceeded", "message": message,
-                           "details": {"function": fn.name, "timeout_s": limit}}}).encode()
+            return responses.json_error(504, "deadline_exceeded", message, {"function": fn.name, "timeout_s": limit})
         except MemoryError:
             limit_mib = int(self.config.get("memory_bytes") or 0) // (1024 * 1024)
             message = (f"function '{fn.name}' ran out of memory: it is limited to {limit_mib} MiB"
                        " (spec.resources.limits.memory)")
             fn.logger.error(message)
-            return 500, [], "application/json", json.dumps({"error": {"code": "memory_limit", "message": message}}).encode()
+            return responses.json_error(500, "memory_limit", message)
         except CallFailed as exc:
             # a failed task call the handler did not catch: answer as the callee did
             fn.logger.error("task call failed", callee=exc.function, status=exc.status, error=exc.message)
             status = exc.status if exc.status in (404, 504, 508) else 500
-            return status, [], "application/json", json.dumps(
-                {"error": {"code": "task_call_failed", "message": f"call to '{exc.function}' failed: {exc.message}"}}
-            ).encode()
+            return responses.json_error(status, "task_call_failed", f"call to '{exc.function}' failed: {exc.message}")
         except Exception as exc:
-            fn.logger.error("handler raised", error=f"{type(exc).__name__}: {exc}",
-                            traceback=traceback.format_exc(limit=20))
-            return responses.error_result(exc)
+            failure = responses.error_result(exc)
+            fn.logger.error("handler raised", error=failure.error, traceback=user_traceback(exc))
+            return failure
         finally:
             if restore_env is not None:
                 restore_env()
@@ -295,6 +291,6 @@ def load_or_report(config: dict[str, Any]) -> dict[str, Function] | None:
     except Exception as exc:
         cause = exc.__cause__ or exc
         print(f"nuclide: function failed to load: {exc}", file=sys.stderr)
-        traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
+        print(user_traceback(cause), end="", file=sys.stderr)
         sys.stderr.flush()
         return None

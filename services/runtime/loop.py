@@ -38,7 +38,7 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 # a finished call's result waits at most this long for the results of the calls run after it
 FLUSH_AFTER_S = 0.0005
-EDGES_EVERY_S = 0.1  # in-process task calls are reported (summed) at most this often
+EDGES_EVERY_S = 0.1  # in-process task calls are reported (summed, and the failed ones) at most this often
 
 
 def finished_calls(wake_r: int, done: queue.SimpleQueue) -> list[tuple[dict[str, Any], bytes]]:
@@ -100,26 +100,24 @@ class Runtime(Executor):
 
         self._pool.submit(run)
 
-    def due_edges(self) -> list[list[Any]] | None:
-        """The in-process calls to report now, if any are waiting and the last report is EDGES_EVERY_S old."""
+    def due_reports(self) -> dict[str, list[list[Any]]] | None:
+        """The in-process calls to report now (edges, failed calls), if any wait and the last report is EDGES_EVERY_S old."""
         if not self.caller.edges_pending:
             return None
         now = time.monotonic()
         if now - self._edges_sent < EDGES_EVERY_S:
             return None
         self._edges_sent = now
-        return self.caller.take_edges()
+        return self.caller.take_reports()
 
-    def attach_edges(self, header: dict[str, Any]) -> bool:
-        """Put the due in-process call edges (if any) into an outgoing header; whether there were some."""
-        edges = self.due_edges() if self.caller.edges_pending else None
-        if edges:
-            header["edges"] = edges
-            return True
-        return False
+    def attach_reports(self, header: dict[str, Any]) -> None:
+        """Put the due reports of in-process calls (if any) into an outgoing header."""
+        reports = self.due_reports() if self.caller.edges_pending else None
+        if reports:
+            header.update(reports)
 
     def send_result(self, result: dict[str, Any], body: bytes) -> None:
-        self.attach_edges(result)
+        self.attach_reports(result)
         send = self.sock.send
         send(_SIG, _MORE)
         send(_RESULT, _MORE)
@@ -132,7 +130,7 @@ class Runtime(Executor):
             self.send_result(results[0], bodies[0])
         else:
             outer: dict[str, Any] = {"batch": results}
-            self.attach_edges(outer)
+            self.attach_reports(outer)
             send = self.sock.send
             send(_SIG, _MORE)
             send(_RESULT, _MORE)
@@ -224,9 +222,9 @@ class Runtime(Executor):
                 if results:
                     self.send_results(results, bodies)
             now = time.monotonic()
-            edges = self.due_edges() if self.caller.edges_pending else None
-            if edges:  # no RESULT took them: a HEARTBEAT does
-                sock.send_multipart(protocol.encode(protocol.HEARTBEAT, {**self.ready_header(), "edges": edges}))
+            reports = self.due_reports() if self.caller.edges_pending else None
+            if reports:  # no RESULT took them: a HEARTBEAT does
+                sock.send_multipart(protocol.encode(protocol.HEARTBEAT, {**self.ready_header(), **reports}))
                 last_sent = now
             if now - last_sent >= HEARTBEAT_INTERVAL_S and not self.stopping:
                 if now - last_heard > HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS:

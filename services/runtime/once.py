@@ -11,7 +11,7 @@ array each way::
 
     stdin    [header, body]    header: the INVOKE header (msgpack map), body: bin
     stdout   [result, body]    result: the RESULT header (call_id, status, headers,
-                               content_type, took_ms, edges), body: bin
+                               content_type, took_ms, error, edges, failed_calls), body: bin
 
 Nothing else reaches stdout: the handler's ``print`` and its subprocesses write to file
 descriptor 1, which is stderr here (the runner copies stderr to the instance log); the result
@@ -88,9 +88,7 @@ def run(argv: list[str], stdin: Any, result_out: Any) -> int:
     executor = Executor(config, functions)
     try:
         result, out = executor.execute(header, body)
-        edges = executor.caller.take_edges()
-        if edges:
-            result["edges"] = edges
+        result.update(executor.caller.take_reports())
     finally:
         executor.close()
     result_out.write(encode_result(result, out))

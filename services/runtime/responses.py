@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable, Mapping
 
 from services.runtime.context import Response
+from shared.failures import bounded
 
-__all__ = ["to_result", "error_result", "execute_result", "Result", "TEXT", "JSON", "BINARY"]
+__all__ = ["to_result", "error_result", "json_error", "execute_result", "Failure", "Result", "TEXT", "JSON", "BINARY"]
 
 Result = tuple[int, list[list[str]], str, bytes]
 
@@ -20,14 +22,66 @@ BINARY = "application/octet-stream"
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
-def _json_bytes(value: Any, what: str) -> bytes:
+class Failure(tuple):
+    """The Result of a failed call, with why in ``error``: the message alone (no traceback), bounded.
+
+    The RESULT reports it for the call's record; a handler's own 5xx is a plain Result, and its
+    body says why (see shared/failures.py)."""
+
+    error: str
+
+    def __new__(cls, result: Result, error: str) -> "Failure":
+        self = super().__new__(cls, result)
+        self.error = bounded(error)
+        return self
+
+
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+_KEY_TYPES = (str, int, float, bool, type(None))
+
+
+def _unencodable(value: Any, path: str, within: tuple[int, ...] = ()) -> str | None:
+    """What in ``value`` JSON cannot hold, named by its path from ``path`` (None if nothing is found).
+
+    ``within``: the ids of the containers ``value`` is inside, to name a circular reference."""
+    if isinstance(value, _BYTES_TYPES):
+        return (f"{path} is {type(value).__name__}, which JSON cannot hold; decode it to str"
+                " (e.g. event.body.decode()) or return bytes alone, not inside a dict or list")
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path} is {value!r}, which JSON cannot hold; use None or a finite number"
+    if isinstance(value, (dict, list, tuple)):
+        if id(value) in within:
+            return f"{path} contains itself, which JSON cannot hold; return a copy without the cycle"
+        within = (*within, id(value))
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, _KEY_TYPES):
+                    return f"{path} has a key of type {type(key).__name__}; JSON keys must be str"
+                shown = json.dumps(key) if isinstance(key, str) else repr(key)
+                found = _unencodable(item, f"{path}[{shown}]", within)
+                if found:
+                    return found
+        else:
+            for i, item in enumerate(value):
+                found = _unencodable(item, f"{path}[{i}]", within)
+                if found:
+                    return found
+        return None
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return None
+    return f"{path} is of type {type(value).__name__}, which JSON cannot hold; convert it to str, a number, a list or a dict"
+
+
+def _json_bytes(value: Any, what: str, user_value: Any) -> bytes:
+    """``value`` as JSON; else a TypeError naming what in ``user_value`` (what the handler returned) JSON cannot hold."""
     try:
         return _encode_json(value).encode("utf-8")
     except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"{what} of type {type(value).__name__} is not JSON-serialisable ({exc}); "
-            "return only dicts, lists, str, numbers, bools and None, or return bytes/str yourself"
-        ) from exc
+        # only a failed call pays for the search; the cause is named, so the chain is left out
+        found = _unencodable(user_value, "result")
+        raise TypeError(f"{what}: {found}" if found else
+                        f"{what} of type {type(value).__name__} cannot be sent as JSON ({exc}); return only dicts,"
+                        " lists, str, numbers, bools and None, or return bytes/str yourself") from None
 
 
 def _text_bytes(text: str) -> bytes:
@@ -47,7 +101,7 @@ def _map_bytes(value: Any) -> tuple[str, bytes]:
 
 
 def _map_json(value: Any) -> tuple[str, bytes]:
-    return JSON, _json_bytes(value, "handler result")
+    return JSON, _json_bytes(value, "handler result", value)
 
 
 def _map_none(value: Any) -> tuple[str, bytes]:
@@ -172,13 +226,24 @@ def to_result(value: Any) -> Result:
     return 200, [], content_type, body
 
 
-def error_result(exc: BaseException) -> Result:
-    """A 500 whose text body is the exception's message (or its class name); no traceback."""
+def error_result(exc: BaseException) -> Failure:
+    """A 500 whose text body is the exception's message (or its class name), nuclio-style; no traceback.
+
+    The call's record gets the message with the exception's class: "ValueError: kaboom"."""
     try:
         message = str(exc)
     except Exception:  # a broken __str__ must not break error reporting
         message = ""
-    return 500, [], TEXT, _text_bytes(message or type(exc).__name__)
+    name = type(exc).__name__
+    return Failure((500, [], TEXT, _text_bytes(message or name)), f"{name}: {message}" if message else name)
+
+
+def json_error(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> Failure:
+    """An error the runtime answers itself: ``{"error": {code, message[, details]}}`` as JSON."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    return Failure((status, [], JSON, json.dumps({"error": error}).encode()), message)
 
 
 def execute_result(value: Any) -> Result:
@@ -189,4 +254,4 @@ def execute_result(value: Any) -> Result:
         value = value[1]
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = bytes(value).decode("utf-8", "replace")
-    return 200, [], JSON, _json_bytes({"result": value}, "execute result")
+    return 200, [], JSON, _json_bytes({"result": value}, "execute result", value)

@@ -17,8 +17,11 @@ from typing import Any
 from shared.errors import Conflict, InvalidRequest, NotFound
 from services.store.db import Database
 
-# the compact form of calls.record_sync: one array per sync call, in this order
-SYNC_ROW_FIELDS = ("id", "function", "status", "queued_at", "finished_at", "result_status", "error", "cold_start")
+# the compact form of calls.record_sync: one array per sync call, in this order; a task call's row
+# adds the last two (an entry call's parent is None and its source "http")
+SYNC_ROW_FIELDS = ("id", "function", "status", "queued_at", "finished_at", "result_status", "error", "cold_start",
+                   "parent_id", "source")
+_ENTRY_ROW_LEN = len(SYNC_ROW_FIELDS) - 2
 
 FINAL = ("DONE", "FAILED", "DEAD")
 STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DEAD")
@@ -64,6 +67,51 @@ def record(row: Any, with_result: bool = True) -> dict[str, Any]:
     return out
 
 
+MAX_TEXT_FIELD = 2048  # ids, keys, URLs and content types are short; anything longer is refused
+_TEXT_FIELDS = ("id", "function", "kind", "source", "status", "idempotency_key", "callback_url", "owner",
+                "content_type", "parent_id")
+_NUMBER_FIELDS = ("max_attempts", "queued_at", "next_attempt_at")
+
+
+def call_problem(call: Any) -> str | None:
+    """Why a submitted call cannot be stored (a field of the wrong type or size), or None."""
+    if not isinstance(call, dict):
+        return f"a call must be a map, not {type(call).__name__}"
+    for key in ("id", "function"):
+        if not isinstance(call.get(key), str) or not call[key]:
+            return f"call field {key!r} must be a non-empty string"
+    for key in _TEXT_FIELDS:
+        value = call.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT_FIELD):
+            return f"call field {key!r} must be a string of at most {MAX_TEXT_FIELD} characters"
+    for key in _NUMBER_FIELDS:
+        value = call.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"call field {key!r} must be a number"
+    if call.get("status", "PENDING") not in STATUSES:
+        return f"call status must be one of {', '.join(STATUSES)}"
+    error = call.get("error")
+    if error is not None and not isinstance(error, str):
+        return "call field 'error' must be a string"
+    headers = call.get("headers") or []
+    if not isinstance(headers, list) or not all(
+            isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in headers):
+        return "call field 'headers' must be a list of [name, value] string pairs"
+    return None
+
+
+def _sync_row(row: Any) -> tuple:
+    """A row of the gateway's (SYNC_ROW_FIELDS) as the columns _insert_sync writes; InvalidRequest if it is not one."""
+    size = len(row) if isinstance(row, (list, tuple)) else 0
+    if size in (_ENTRY_ROW_LEN, len(SYNC_ROW_FIELDS)) and all(isinstance(v, str) for v in row[:3]):
+        call_id, function, status, queued_at, finished_at, result_status, error, cold = row[:_ENTRY_ROW_LEN]
+        parent_id, source = row[_ENTRY_ROW_LEN:] or (None, "http")
+        if isinstance(parent_id, (str, type(None))) and isinstance(source, str):
+            return (call_id, function, status, source, queued_at, queued_at, finished_at, result_status, error,
+                    parent_id, int(bool(cold)))
+    raise InvalidRequest(f"a sync call row must be [{', '.join(SYNC_ROW_FIELDS)}] (the last two only for task calls)")
+
+
 class CallStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -76,6 +124,12 @@ class CallStore:
         now = time.time()
         with self.db.tx():
             for call, payload in zip(calls, payloads):
+                problem = call_problem(call)
+                if problem is not None:
+                    # one bad call fails alone; the rest of its batch is stored as usual
+                    out.append({"id": call.get("id") if isinstance(call, dict) else None, "duplicate": False,
+                                "status": "REFUSED", "error": problem})
+                    continue
                 key = call.get("idempotency_key")
                 status = call.get("status", "PENDING")
                 # one statement for the common case; the primary key and the idempotency index
@@ -139,15 +193,7 @@ class CallStore:
 
     def record_sync_rows(self, rows: list[Any]) -> int:
         """The gateway's compact form: one array per call, SYNC_ROW_FIELDS in order (no dict per call)."""
-        out = []
-        for row in rows:
-            if not isinstance(row, (list, tuple)) or len(row) != len(SYNC_ROW_FIELDS) or not all(
-                    isinstance(v, str) for v in row[:3]):
-                raise InvalidRequest(f"a sync call row must be [{', '.join(SYNC_ROW_FIELDS)}]")
-            call_id, function, status, queued_at, finished_at, result_status, error, cold = row
-            out.append((call_id, function, status, "http", queued_at, queued_at, finished_at, result_status, error,
-                        None, int(bool(cold))))
-        return self._insert_sync(out)
+        return self._insert_sync([_sync_row(row) for row in rows])
 
     def _insert_sync(self, rows: list[tuple]) -> int:
         with self.db.tx():

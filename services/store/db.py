@@ -124,13 +124,30 @@ class Database:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.conn = self._connect()
         self.migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def reopen(self) -> None:
+        """A fresh connection after an I/O error: SQLite may keep a failed WAL index until it reconnects."""
+        try:
+            self.conn.close()
+        except sqlite3.Error:
+            pass
+        self.conn = self._connect()
+
+    def probe_write(self) -> None:
+        """One tiny write transaction: raises when the database cannot be written right now."""
+        with self.tx():
+            self.conn.execute("UPDATE meta SET value=value WHERE key='seq'")
 
     def migrate(self) -> int:
         self.conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
@@ -152,7 +169,11 @@ class Database:
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:  # a failed COMMIT may have ended it already
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the error that got us here is the one to report
             raise
         else:
             self.conn.execute("COMMIT")

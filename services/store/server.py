@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ import zmq
 from shared import protocol
 from shared.aiosock import AsyncRpcServer
 from shared.config import Settings
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, Unavailable
 from shared.liveness import DEPLOYER_REPORT_INTERVAL_S, HEARTBEAT_LIVENESS
 from shared.logs import get_logger
 from shared.service import settle_gc
@@ -31,12 +32,27 @@ def _arg(args: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
+def _int(args: dict[str, Any], key: str, default: int) -> int:
+    value = args.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"argument {key!r} must be an integer, not {type(value).__name__}")
+    return value
+
+
+def _opt(args: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = args.get(key)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise InvalidRequest(f"argument {key!r} must be a {getattr(kind, '__name__', 'number')} when given")
+    return value
+
+
 class StoreServer:
     def __init__(self, settings: Settings, ctx: zmq.Context) -> None:
         self.settings = settings
         self.db = Database(settings.state_db)
         self.state = StoreState(self.db, BlobStore(settings.var_dir / "blobs"))
         self.calls = CallStore(self.db)
+        self.storage_errors = 0  # database errors since the last write that went through
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
@@ -54,13 +70,48 @@ class StoreServer:
                 log.warning("event dropped: PUB queue full", topic=topic, seq=seq)
 
     def handle(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
+        try:
+            return self._handle(method, args, bodies)
+        except sqlite3.IntegrityError:
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            # the disk or the database file failed us (read-only, full, I/O error), not the request: say so,
+            # and start the next request on a fresh connection, so service resumes once the disk is back
+            self._storage_failed(exc)
+            raise Unavailable(f"the store cannot use its database right now ({type(exc).__name__}: {exc});"
+                              " nothing was changed: retry once its disk is writable again") from None
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        self.storage_errors += 1
+        if self.storage_errors == 1 or self.storage_errors % 100 == 0:  # one line, not a traceback per request
+            log.error("database error", error=f"{type(exc).__name__}: {exc}", errors=self.storage_errors)
+        try:
+            self.db.reopen()
+        except sqlite3.Error as again:
+            log.warning("database could not be reopened yet", error=str(again))
+
+    def _writable(self) -> str | None:
+        """Why the database cannot be written now, or None when a write goes through."""
+        try:
+            self.db.probe_write()
+        except (sqlite3.Error, OSError) as exc:
+            self._storage_failed(exc)
+            return f"{type(exc).__name__}: {exc}"
+        if self.storage_errors:
+            log.info("database writable again", errors=self.storage_errors)
+            self.storage_errors = 0
+        return None
+
+    def _handle(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
         st = self.state
         if method == "ping":
             return {"ok": True, "seq": st.seq()}
         if method == "health":
             age = time.time() - st.deployer_seen_at
+            problem = self._writable()
             return {
-                "store": True,
+                "store": problem is None,
+                "store_error": problem,
                 "deployer": age < DEPLOYER_REPORT_INTERVAL_S * HEARTBEAT_LIVENESS,
                 "deployer_age_s": round(age, 3),
             }
@@ -147,7 +198,7 @@ class StoreServer:
                 return {"recorded": calls.record_sync_rows(list(_arg(args, "rows", list)))}
             return {"recorded": calls.record_sync(list(_arg(args, "calls", list)))}
         if method == "calls.claim":
-            claimed, payloads = calls.claim(_arg(args, "owner", str), int(args.get("limit", 1000)))
+            claimed, payloads = calls.claim(_arg(args, "owner", str), _int(args, "limit", 1000))
             return claimed, payloads
         if method == "calls.get":
             return calls.get(_arg(args, "id", str))
@@ -155,14 +206,14 @@ class StoreServer:
             rec, body = calls.result(_arg(args, "id", str))
             return rec, [body]
         if method == "calls.list":
-            return calls.list(args.get("function"), args.get("status"), int(args.get("limit", 100)),
-                              args.get("source"), args.get("before"))
+            return calls.list(_opt(args, "function", str), _opt(args, "status", str), _int(args, "limit", 100),
+                              _opt(args, "source", str), _opt(args, "before", (int, float)))
         if method == "calls.redrive":
             return calls.redrive(_arg(args, "id", str))
         if method == "calls.purge":
-            return {"purged": calls.purge(_arg(args, "status", str), args.get("function"))}
+            return {"purged": calls.purge(_arg(args, "status", str), _opt(args, "function", str))}
         if method == "calls.pending_callbacks":
-            pending = calls.pending_callbacks(_arg(args, "owner", str), int(args.get("limit", 100)))
+            pending = calls.pending_callbacks(_arg(args, "owner", str), _int(args, "limit", 100))
             bodies_out = [p.pop("result_b") for p in pending]
             return pending, bodies_out
         if method == "calls.counts":

@@ -64,6 +64,23 @@ def test_sync_calls_are_recorded_off_the_hot_path(stack: Stack, echo: str) -> No
     assert call_id in [c["id"] for c in listed]
 
 
+def test_failed_calls_record_the_error_message_sync_and_async(stack: Stack) -> None:
+    stack.deploy("aboom", {"function.yaml": function_yaml("aboom", retry={"maxAttempts": 1}),
+                           "main.py": "def handler(context, event):\n    raise ValueError('kaboom')\n"})
+    r = stack.invoke("aboom", b"x")
+    assert (r.status_code, r.text) == (500, "kaboom")
+    sync_id = r.headers["x-call-id"]
+    rec = wait_for(lambda: stack.client.get(f"/calls/{sync_id}").status_code == 200 and call_of(stack, sync_id), 10,
+                   what="the sync call record")
+    assert (rec["kind"], rec["status"], rec["result_status"], rec["error"]) == ("sync", "FAILED", 500, "ValueError: kaboom")
+    listed = {c["id"]: c for c in stack.client.get("/calls", params={"function": "aboom"}).json()}
+    assert listed[sync_id]["error"] == "ValueError: kaboom"
+
+    async_id = stack.anon.post("/aboom", content=b"x", headers={"X-Nuclide-Async": "true"}).json()["call_id"]
+    rec = wait_final(stack, async_id)
+    assert (rec["status"], rec["error"]) == ("DEAD", "failed 1 time(s); last error: ValueError: kaboom")
+
+
 class _Hook(http.server.BaseHTTPRequestHandler):
     received: list[tuple[dict[str, str], bytes]] = []
 

@@ -218,6 +218,34 @@ def test_token_from_config_file(stack: Stack, tmp_path: Path) -> None:
     assert isinstance(json.loads(result.stdout), list)
 
 
+def test_a_rejected_recorded_token_says_where_it_came_from_and_login_fixes_it(stack: Stack, tmp_path: Path) -> None:
+    # What `make up` records, when the stack now at that URL is another one (its token differs).
+    stacks = tmp_path / "cli.json"
+    stacks.write_text(json.dumps({"current": stack.url, "stacks": {stack.url: {
+        "token": "s3cret-of-another-stack", "started_by": "`make up` (docker-compose project demo)",
+        "token_hint": "`docker-compose -p demo exec -T gateway cat /var/lib/nuclide/token`",
+        "recorded_at": "2024-05-06T07:08:09Z"}}}))
+    env = {"NUCLIDE_URL": "", "NUCLIDE_TOKEN": "", "NUCLIDE_CLI_CONFIG": str(stacks)}
+    result = cli(stack, "list", env=env)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: unauthorized: nuclide at {stack.url} rejected the token recorded for it"
+                                    f" in {stacks} by `make up` (docker-compose project demo) at 2024-05-06 07:08:09 UTC;")
+    assert "; `docker-compose -p demo exec -T gateway cat /var/lib/nuclide/token` prints that stack's token;" in result.stderr
+    assert f"`nuclide login --url {stack.url}`" in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
+
+    refused = cli(stack, "login", "--url", stack.url, stdin=b"not-the-token\n", env=env)
+    assert refused.returncode == 1
+    assert refused.stderr == f"error: nuclide at {stack.url} rejected this token, so nothing was recorded; the command" \
+                             " that started it prints its token (`nuclide up`, `make up`)\n"
+    login = cli(stack, "login", "--url", stack.url, stdin=stack.token.encode() + b"\n", env=env)
+    assert login.returncode == 0, login.stderr
+    assert login.stdout == f"recorded {stack.url} in {stacks}; it is the current stack\n"
+    assert stacks.stat().st_mode & 0o777 == 0o600
+    listed = cli(stack, "list", "-o", "json", env=env)
+    assert listed.returncode == 0, listed.stderr
+
+
 def test_unreachable_url_is_a_one_liner(stack: Stack) -> None:
     from tests.stack import free_port
 
@@ -311,6 +339,18 @@ def test_calls_errors_are_one_line(async_fns: tuple[str, str], stack: Stack) -> 
     bad_status = cli(stack, "calls", "purge", "--status", "RUNNING")
     assert bad_status.returncode == 2 and "invalid choice" in bad_status.stderr
     no_traceback(missing)
+
+
+def test_calls_show_why_a_sync_call_failed(async_fns: tuple[str, str], stack: Stack) -> None:
+    _, failing = async_fns
+    call_id = stack.invoke(failing, b"x").headers["x-call-id"]
+    wait_for(lambda: stack.client.get(f"/calls/{call_id}").status_code == 200, 10, what="the sync call record")
+    table = cli(stack, "calls", "--function", failing, "--limit", "50")
+    row = next(line for line in table.stdout.splitlines() if line.startswith(call_id))
+    assert row.split()[1:5] == [failing, "FAILED", "sync", "http"]
+    assert row.endswith("RuntimeError: cli-dead fails on purpose")
+    got = cli(stack, "calls", "get", call_id)
+    assert json.loads(got.stdout)["error"] == "RuntimeError: cli-dead fails on purpose"
 
 
 def test_redrive_of_a_call_that_is_not_dead_is_409(async_fns: tuple[str, str], stack: Stack) -> None:

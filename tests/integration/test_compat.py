@@ -428,3 +428,22 @@ def test_another_python_3_starts_on_the_interpreter_the_host_names(tmp_path: Pat
     finally:
         s.stop()
         shutil.rmtree(bin_dir, ignore_errors=True)
+
+
+def test_a_body_over_the_upload_limits_but_within_the_ceiling_crosses_every_socket(tmp_path: Path) -> None:
+    """Services drop a ZeroMQ peer whose frame is over the limits; a function's maxRequestBodySize is one."""
+    limits = {"NUCLIDE_MAX_ZIP_BYTES": str(MiB), "NUCLIDE_MAX_BODY_BYTES": str(MiB),
+              "NUCLIDE_MAX_BODY_CEILING_BYTES": str(4 * MiB)}
+    s = Stack(tmp_path / "var", env=limits)
+    try:
+        s.start()
+        s.deploy("wide", {"function.yaml": function_yaml("wide", **_http_trigger(3 * MiB)), "main.py": SIZE})
+        assert s.invoke("wide", b"x" * (2 * MiB)).text == str(2 * MiB)
+        r = s.anon.post("/wide", content=b"y" * (2 * MiB), headers={"X-Nuclide-Async": "true"})
+        assert r.status_code == 202, r.text
+        call_id = r.json()["call_id"]
+        done = wait_for(lambda: (c := s.client.get(f"/calls/{call_id}").json())["status"] in ("DONE", "FAILED") and c,
+                        30, what="the async call to finish")
+        assert done["status"] == "DONE" and done["result"] == str(2 * MiB), done
+    finally:
+        s.stop()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import threading
+from pathlib import Path
 
 import pytest
 
-from tests.stack import Stack, function_yaml, make_zip, wait_for
+from tests.stack import ROOT, Stack, function_yaml, make_zip, wait_for
 from tests.tasks import TASK_A, TASK_B
 
 pytestmark = pytest.mark.integration
@@ -330,3 +332,97 @@ def handler(context, event):
         answers = list(pool.map(lambda _: stack.invoke("wide"), range(8)))
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
     assert max(int(r.text) for r in answers) > 1, "the calls overlapped in the instance's thread pool"
+
+
+def readme_quick_start() -> tuple[dict[str, str], list[tuple[dict[str, str], str, str]]]:
+    """The quick start's files and its example calls (headers, body, the answer promised), from README.md."""
+    text = (ROOT / "README.md").read_text()
+    main = re.search(r"cat > hello/main\.py <<'EOF'\n(.*?\n)EOF\n", text, re.S)
+    yaml_text = re.search(r"printf '([^']*)' > hello/function\.yaml", text)
+    examples = []
+    for flags, body, promised in re.findall(r"curl -X POST localhost:8000/hello((?: -H '[^']*')*) -d '([^']*)'\n# (.*)\n",
+                                            text):
+        # curl sends -d data as a form unless told otherwise
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        headers.update(h.split(": ", 1) for h in re.findall(r"-H '([^']*)'", flags))
+        examples.append((headers, body, promised))
+    assert main and yaml_text and examples, "the README's quick start changed shape: update this test with it"
+    return {"main.py": main.group(1), "function.yaml": yaml_text.group(1).replace("\\n", "\n")}, examples
+
+
+def test_the_readme_quick_start_answers_json_text_and_empty_bodies(stack: Stack) -> None:
+    files, examples = readme_quick_start()
+    stack.deploy("hello", files)
+    for headers, body, promised in examples:
+        r = stack.anon.post("/hello", content=body, headers=headers)
+        assert (r.status_code, r.text) == (200, promised)
+    for content, ctype, expected in [(b"world", "text/plain", "world"), (b'"world"', "application/json", '"world"'),
+                                     (b"", None, ""), ("Zo\u00eb".encode(), "text/plain", "Zo\u00eb")]:
+        r = stack.anon.post("/hello", content=content, headers={"Content-Type": ctype} if ctype else {})
+        assert (r.status_code, r.json()) == (200, {"hello": expected}), r.text
+
+
+def test_bytes_inside_a_returned_dict_are_a_500_that_says_what_to_do(stack: Stack) -> None:
+    stack.deploy("rawdict", {"function.yaml": function_yaml("rawdict"),
+                             "main.py": "def handler(context, event):\n    return {'hello': event.body}\n"})
+    r = stack.invoke("rawdict", b"world")
+    assert r.status_code == 500
+    assert r.text == ('handler result: result["hello"] is bytes, which JSON cannot hold; decode it to str'
+                      " (e.g. event.body.decode()) or return bytes alone, not inside a dict or list")
+
+
+TRACED = """
+import json
+
+def parse(raw):
+    return json.loads(raw)
+
+def check(doc):
+    if "name" not in doc:
+        raise ValueError("kaboom: name is missing")
+
+def handler(context, event):
+    check(parse(event.raw_body))
+    return "ok"
+"""
+
+
+def handler_raised(s: Stack, name: str, call_id: str) -> dict:
+    for line in s.client.get(f"/functions/{name}/logs").text.splitlines():
+        if call_id in line and '"handler raised"' in line:
+            return json.loads(line[line.index("{"):])
+    return {}
+
+
+def instances_forked(s: Stack, name: str) -> list[bool | None]:
+    return [json.loads(p.read_text()).get("forked") for p in (s.var_dir / "instances").glob(f"g-{name}-*/instance.json")]
+
+
+def check_user_frames_only(s: Stack, name: str) -> None:
+    s.deploy(name, {"function.yaml": function_yaml(name), "main.py": TRACED})
+    r = s.invoke(name, {"other": 1})
+    assert (r.status_code, r.text) == (500, "kaboom: name is missing"), "the caller sees the message alone"
+    line = wait_for(lambda: handler_raised(s, name, r.headers["x-call-id"]), 10, what="the handler's error in its log")
+    tb = line["traceback"]
+    files = re.findall(r'File "([^"]+)"', tb)
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["main.py", "main.py"], tb
+    assert tb.startswith("Traceback (most recent call last):\n") and tb.rstrip().endswith(
+        "ValueError: kaboom: name is missing")
+    for own in ("executor.py", "handlers.py", "services/runtime", "shared/"):
+        assert own not in tb, tb
+
+
+@pytest.mark.usefixtures("require_bwrap")
+def test_handler_tracebacks_hold_the_users_frames_only_on_a_forked_instance(stack: Stack) -> None:
+    check_user_frames_only(stack, "traced")
+    assert instances_forked(stack, "traced") == [True], "the instance was not forked from a zygote"
+
+
+def test_handler_tracebacks_hold_the_users_frames_only_on_a_cold_instance(tmp_path: Path) -> None:
+    s = Stack(tmp_path / "var", env={"NUCLIDE_ZYGOTE": "false"})
+    try:
+        s.start()
+        check_user_frames_only(s, "traced-cold")
+        assert instances_forked(s, "traced-cold") == [None], "the instance started as a fresh interpreter"
+    finally:
+        s.stop()

@@ -1,46 +1,61 @@
-"""The whole stack under docker-compose: up, deploy and invoke through the gateway container, down."""
+"""The whole stack under docker-compose: `make up`'s script, deploy and invoke through the gateway container, down."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
 
+from services.cli.stacks import StackEntry, record_stack
 from tests.docker_util import (  # noqa: F401 (fixtures)
     COMPOSE_FILE, IMAGE_TAG, containers, docker_client, function_containers, group_images, remove_namespace,
     require_compose,
 )
-from tests.stack import free_port, function_yaml, make_zip, wait_for
+from tests.stack import ROOT, free_port_base, function_yaml, make_zip, wait_for
 
 pytestmark = pytest.mark.integration
 
-PORTS = ("HTTP_PORT", "STORE_RPC_PORT", "STORE_PUB_PORT", "DEPLOYER_RPC_PORT", "GATEWAY_ROUTER_PORT",
-         "GATEWAY_PULL_PORT", "GATEWAY_SUB_PORT", "GATEWAY_PUB_PORT")
-
 
 @pytest.mark.timeout(300)
-def test_compose_up_deploy_invoke_down(require_compose: None) -> None:
+def test_compose_up_deploy_invoke_down(require_compose: None, tmp_path: Path) -> None:
+    """`make up` (deploy/compose.sh) on a port base, where an earlier `make run` left its token for that URL."""
     project = "nuclidetest" + os.urandom(4).hex()
-    ports = {name: free_port() for name in PORTS}
+    base = free_port_base()
+    url = f"http://127.0.0.1:{base}"
+    stacks = record_stack(StackEntry(url, "token-of-an-earlier-make-run", "`nuclide up` (state in /old/var)"),
+                          tmp_path / "cli.json")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NUCLIDE_", "COMPOSE_"))}
-    env.update({f"NUCLIDE_{name}": str(port) for name, port in ports.items()})
-    env["NUCLIDE_IMAGE_TAG"] = IMAGE_TAG
+    env.update({"NUCLIDE_PORT_BASE": str(base), "NUCLIDE_IMAGE_TAG": IMAGE_TAG, "COMPOSE_PROJECT_NAME": project,
+                "NUCLIDE_CLI_CONFIG": str(stacks), "PYTHON": sys.executable})
 
     def compose(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(["docker-compose", "-f", str(COMPOSE_FILE), "-p", project, *args], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
 
-    url = f"http://127.0.0.1:{ports['HTTP_PORT']}"
     namespace = ""
     try:
-        up = compose("up", "-d")
+        up = subprocess.run([str(ROOT / "deploy" / "compose.sh"), "up"], env=env, capture_output=True, text=True,
+                            timeout=200)
         assert up.returncode == 0, up.stderr
-        wait_for(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 90, interval_s=0.5,
-                 what="the compose stack to be healthy")
+        assert httpx.get(f"{url}/healthz", timeout=2).status_code == 200, "compose.sh waits until it is healthy"
         token = compose("exec", "-T", "gateway", "cat", "/var/lib/nuclide/token").stdout.strip()
         assert len(token) > 20, "the gateway keeps its token in the state volume"
+        assert f"  URL:    {url}\n  token:  {token}\n" in up.stdout
+        # the CLI talks to this stack with its token, not the one recorded before for the same URL
+        assert f"  CLI:    recorded {url} in {stacks}; it is the current stack" in up.stdout
+        recorded = json.loads(stacks.read_text())["stacks"][url]
+        assert (recorded["token"], recorded["started_by"]) == (token, f"`make up` (docker-compose project {project})")
+        assert stacks.stat().st_mode & 0o777 == 0o600
+        listed = subprocess.run([sys.executable, "-m", "services.cli.main", "list", "-o", "json"], cwd=tmp_path,
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert (listed.returncode, listed.stdout.strip()) == (0, "[]"), listed.stderr
+        again = recorded["token_hint"].strip("`").split()
+        assert subprocess.run(again, capture_output=True, text=True, timeout=60).stdout.strip() == token
         namespace = compose("exec", "-T", "deployer", "cat", "/var/lib/nuclide/docker-namespace").stdout.strip()
         with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"}) as client:
             code = ("def handler(context, event):\n    print('composed call', flush=True)\n"

@@ -99,6 +99,8 @@ def handler(context, event):
             context.call("callee", {"raise": True})
         except Exception as exc:
             return {"error": str(exc)}
+    if what == "uncaught":
+        return context.call("callee", {"raise": True})
     if what == "cycle":
         return context.call("caller", {"what": "cycle"})
     if what == "async":
@@ -122,6 +124,10 @@ def handler(context, event):
 }
 
 
+def calls_under(s: Stack, function: str, parent_id: str) -> list[dict]:
+    return [c for c in s.client.get("/calls", params={"function": function}).json() if c["parent_id"] == parent_id]
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_native_calls_behave_the_same_fused_or_not(fresh_stack: Stack, fused: bool) -> None:
     s = fresh_stack
@@ -138,7 +144,19 @@ def test_native_calls_behave_the_same_fused_or_not(fresh_stack: Stack, fused: bo
     assert meta["id"] != meta["caller_id"] and meta["id"].startswith(meta["caller_id"]), "own call id, parent = caller"
     missing = s.invoke("caller", {"what": "missing"}).json()
     assert "function 'no-such-task' not found" in missing["error"] and missing["type"] == "CallFailed"
-    assert s.invoke("caller", {"what": "raise"}).json() == {"error": "callee refused: bad numbers"}
+    caught = s.invoke("caller", {"what": "raise"})
+    assert caught.json() == {"error": "callee refused: bad numbers"}
+    # the callee's failure is a call record of its own, under its caller's, fused or not
+    failed = wait_for(lambda: calls_under(s, "callee", caught.headers["x-call-id"]), 10, what="the callee's record")
+    assert [(c["status"], c["kind"], c["source"], c["error"]) for c in failed] == [
+        ("FAILED", "sync", "call", "ValueError: callee refused: bad numbers")]
+    assert failed[0]["id"].startswith(caught.headers["x-call-id"] + ".")
+    uncaught = s.invoke("caller", {"what": "uncaught"})
+    assert uncaught.status_code == 500
+    outer = wait_for(lambda: (r := s.client.get(f"/calls/{uncaught.headers['x-call-id']}")).status_code == 200
+                     and r.json(), 10, what="the caller's record")
+    assert (outer["status"], outer["error"]) == ("FAILED", "call to 'callee' failed: callee refused: bad numbers")
+    assert wait_for(lambda: calls_under(s, "callee", uncaught.headers["x-call-id"]), 10, what="the callee's record")
     cycle = s.invoke("caller", {"what": "cycle"})
     assert cycle.status_code in (500, 508) and "depth limit" in cycle.text
     assert s.invoke("caller", {"what": "env"}).json() == {"mine": "caller", "theirs": "callee"}

@@ -172,4 +172,5 @@ def test_up_refuses_a_busy_port(tmp_path: Path) -> None:
         out = subprocess.run([sys.executable, "-m", "services.cli.main", "up"], env=env, cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
-    assert f"port {port}" in out.stderr and "in use" in out.stderr
+    assert f"port {port} (http_port) is in use" in out.stderr
+    assert "NUCLIDE_PORT_BASE=N or `nuclide up --port-base N`" in out.stderr, "the one setting that moves a stack"

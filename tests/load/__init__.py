@@ -33,7 +33,7 @@ Targets: ``--self-contained`` starts a throwaway stack (``tests/stack.py``) in a
 temporary directory, deploys a no-op function (and one with a topic trigger for
 pub), runs, prints and tears it all down. Otherwise it uses a running stack:
 ``--url``/``--token`` resolved like the CLI (flags, ``NUCLIDE_URL``/
-``NUCLIDE_TOKEN``, then ``cli.json``), ``--pull``/``--sub`` (default: the
+``NUCLIDE_TOKEN``, then the stacks the CLI recorded), ``--pull``/``--sub`` (default: the
 gateway's configured ``gateway_pull``/``gateway_sub``) and ``--function NAME``.
 
 Exit status: 0 when the run completed with nothing lost (pub: always 0 once it

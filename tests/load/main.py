@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--function", metavar="NAME", help="an existing function to load (not with --self-contained)")
     p.add_argument("--topic", metavar="T", help="pub mode: the topic to publish on (default: the function's topic"
                    " trigger)")
-    p.add_argument("--url", help="the stack's URL (env NUCLIDE_URL, then cli.json like the CLI)")
-    p.add_argument("--token", help="API token (env NUCLIDE_TOKEN, then cli.json like the CLI)")
+    p.add_argument("--url", help="the stack's URL (env NUCLIDE_URL, then the CLI's current stack)")
+    p.add_argument("--token", help="API token (env NUCLIDE_TOKEN, then the one the CLI recorded for the URL)")
     p.add_argument("--pull", metavar="ENDPOINT", help="the gateway's PULL ingress (default: its gateway_pull setting)")
     p.add_argument("--sub", metavar="ENDPOINT", help="the gateway's SUB ingress (default: its gateway_sub setting)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON to PATH")
@@ -150,7 +150,8 @@ def _topic_of(fn: dict[str, Any]) -> str | None:
 
 def running_target(args: argparse.Namespace) -> Target:
     """A running stack: URL and token like the CLI's, endpoints from flags or the gateway's settings."""
-    from services.cli.client import CliError, resolve_target
+    from services.cli.client import CliError, unauthorized
+    from services.cli.stacks import resolve_target
     from shared.config import ConfigError, load_settings
 
     if not args.function:
@@ -180,8 +181,7 @@ def running_target(args: argparse.Namespace) -> Target:
     except httpx.HTTPError as exc:
         raise LoadError(f"cannot reach nuclide at {url} ({type(exc).__name__}): is `nuclide up` running?") from None
     if resp.status_code == 401:
-        raise LoadError(f"nuclide at {url} rejected the token (the run reads call records):"
-                        " pass --token or set NUCLIDE_TOKEN")
+        raise LoadError(f"{unauthorized(resolved)} (the run reads call records)")
     if resp.status_code == 404:
         raise LoadError(f"function '{args.function}' not found at {url}; deploy it, or use --self-contained")
     if resp.status_code != 200:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import io
 import json
 import zipfile
@@ -14,9 +15,8 @@ import pytest
 
 from shared.archive import make_zip
 from services.cli import commands
-from services.cli.client import (
-    DEFAULT_URL, Client, CliError, config_file, error_from_response, normalise_url, resolve_target,
-)
+from services.cli.client import DEFAULT_URL, Client, CliError, Target, error_from_response, normalise_url
+from services.cli.stacks import StackEntry, read_stacks, record_stack, resolve_target, stacks_path
 from services.cli.commands import (
     Streams, describe_table, format_table, function_name, guess_content_type, list_rows, metadata_name, package,
     parse_header, read_body, sanitise_name,
@@ -78,42 +78,50 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
+def user_stacks(tmp_path: Path) -> Path:
+    return tmp_path / "xdg" / "nuclide" / "cli.json"
+
+
 def test_default_url_and_no_token(clean_env: dict[str, str]) -> None:
     target = resolve_target(environ=clean_env)
     assert target.url == DEFAULT_URL and target.token is None
 
 
-def test_user_config_dir_is_the_last_file(clean_env: dict[str, str], tmp_path: Path) -> None:
-    write_json(tmp_path / "xdg" / "nuclide" / "cli.json", {"url": "http://user:1", "token": "user-tok"})
+def test_an_older_one_stack_file_is_read(clean_env: dict[str, str], tmp_path: Path) -> None:
+    write_json(user_stacks(tmp_path), {"url": "http://user:1", "token": "user-tok"})
     target = resolve_target(environ=clean_env)
     assert (target.url, target.token) == ("http://user:1", "user-tok")
 
 
-def test_local_var_cli_json_beats_user_config(clean_env: dict[str, str], tmp_path: Path) -> None:
-    write_json(tmp_path / "xdg" / "nuclide" / "cli.json", {"url": "http://user:1", "token": "user-tok"})
-    write_json(tmp_path / "cwd" / "var" / "cli.json", {"url": "http://local:2", "token": "local-tok"})
+def test_a_cli_json_in_the_working_directory_is_not_read(clean_env: dict[str, str], tmp_path: Path) -> None:
+    # What an earlier `make run` left in ./var/cli.json is stale once `make up` runs a stack at that URL.
+    record_stack(StackEntry("http://127.0.0.1:8000", "compose-tok", "`make up`"), user_stacks(tmp_path))
+    write_json(tmp_path / "cwd" / "var" / "cli.json", {"url": "http://127.0.0.1:8000", "token": "stale-tok"})
     target = resolve_target(environ=clean_env)
-    assert (target.url, target.token) == ("http://local:2", "local-tok")
+    assert (target.url, target.token) == ("http://127.0.0.1:8000", "compose-tok")
 
 
-def test_nuclide_cli_config_beats_local_file(clean_env: dict[str, str], tmp_path: Path) -> None:
-    write_json(tmp_path / "cwd" / "var" / "cli.json", {"url": "http://local:2", "token": "local-tok"})
-    explicit = write_json(tmp_path / "elsewhere.json", {"url": "http://explicit:3/", "token": "explicit-tok"})
-    target = resolve_target(environ={**clean_env, "NUCLIDE_CLI_CONFIG": str(explicit)})
+def test_nuclide_cli_config_names_the_stacks_file(clean_env: dict[str, str], tmp_path: Path) -> None:
+    record_stack(StackEntry("http://user:1", "user-tok"), user_stacks(tmp_path))
+    explicit = tmp_path / "elsewhere.json"
+    record_stack(StackEntry("http://explicit:3/", "explicit-tok"), explicit)
+    env = {**clean_env, "NUCLIDE_CLI_CONFIG": str(explicit)}
+    target = resolve_target(environ=env)
     assert (target.url, target.token) == ("http://explicit:3", "explicit-tok")
-    assert config_file({**clean_env, "NUCLIDE_CLI_CONFIG": str(explicit)}) == explicit
+    assert stacks_path(env) == explicit and stacks_path(clean_env) == user_stacks(tmp_path)
 
 
 def test_env_beats_file_and_flags_beat_env(clean_env: dict[str, str], tmp_path: Path) -> None:
-    write_json(tmp_path / "cwd" / "var" / "cli.json", {"url": "http://local:2", "token": "local-tok"})
+    record_stack(StackEntry("http://local:2", "local-tok"), user_stacks(tmp_path))
     env = {**clean_env, "NUCLIDE_URL": "http://env:4", "NUCLIDE_TOKEN": "env-tok"}
-    assert resolve_target(environ=env) == resolve_target("http://env:4", "env-tok", environ=clean_env)
+    target = resolve_target(environ=env)
+    assert (target.url, target.token, target.token_from) == ("http://env:4", "env-tok", "in NUCLIDE_TOKEN")
     target = resolve_target("http://flag:5", "flag-tok", environ=env)
-    assert (target.url, target.token) == ("http://flag:5", "flag-tok")
+    assert (target.url, target.token, target.token_from) == ("http://flag:5", "flag-tok", "given by --token")
 
 
 def test_file_fills_only_what_flags_and_env_leave_open(clean_env: dict[str, str], tmp_path: Path) -> None:
-    write_json(tmp_path / "cwd" / "var" / "cli.json", {"url": "http://local:2", "token": "local-tok"})
+    record_stack(StackEntry("http://local:2", "local-tok"), user_stacks(tmp_path))
     target = resolve_target(None, "flag-tok", environ=clean_env)
     assert (target.url, target.token) == ("http://local:2", "flag-tok")
     target = resolve_target("http://local:2/", None, environ=clean_env)
@@ -121,25 +129,62 @@ def test_file_fills_only_what_flags_and_env_leave_open(clean_env: dict[str, str]
 
 
 def test_file_token_is_not_sent_to_another_url(clean_env: dict[str, str], tmp_path: Path) -> None:
-    write_json(tmp_path / "cwd" / "var" / "cli.json", {"url": "http://local:2", "token": "local-tok"})
+    record_stack(StackEntry("http://local:2", "local-tok"), user_stacks(tmp_path))
     target = resolve_target("http://elsewhere:9", None, environ=clean_env)
     assert (target.url, target.token) == ("http://elsewhere:9", None)
 
 
-def test_missing_explicit_config_file_is_an_error(clean_env: dict[str, str], tmp_path: Path) -> None:
-    with pytest.raises(CliError, match="does not exist"):
-        resolve_target(environ={**clean_env, "NUCLIDE_CLI_CONFIG": str(tmp_path / "nope.json")})
+def test_each_stack_keeps_its_token_and_the_newest_is_current(clean_env: dict[str, str], tmp_path: Path) -> None:
+    path = user_stacks(tmp_path)
+    record_stack(StackEntry("http://127.0.0.1:8000", "first-tok", "`nuclide up` (state in /a/var)"), path)
+    record_stack(StackEntry("http://127.0.0.1:9000", "second-tok", "`nuclide up` (state in /b/var)"), path)
+    assert (resolve_target(environ=clean_env).url, resolve_target(environ=clean_env).token) == (
+        "http://127.0.0.1:9000", "second-tok")
+    assert resolve_target("http://127.0.0.1:8000", environ=clean_env).token == "first-tok"
+    # the first stack started again: its entry is replaced, the second's stays
+    record_stack(StackEntry("http://127.0.0.1:8000/", "restarted-tok"), path)
+    stacks = read_stacks(path)
+    assert stacks.current == "http://127.0.0.1:8000"
+    assert {url: e.token for url, e in stacks.entries.items()} == {
+        "http://127.0.0.1:8000": "restarted-tok", "http://127.0.0.1:9000": "second-tok"}
+
+
+def test_the_stacks_file_is_0600_in_a_0700_dir_and_converts_an_older_one(tmp_path: Path) -> None:
+    path = tmp_path / "cfg" / "nuclide" / "cli.json"
+    record_stack(StackEntry("http://a:1", "a-tok"), path)
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    write_json(path, {"url": "http://old:1", "token": "old-tok"})
+    record_stack(StackEntry("http://new:2", "new-tok"), path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    data = json.loads(path.read_text())
+    assert data["current"] == "http://new:2"
+    assert {url: e["token"] for url, e in data["stacks"].items()} == {"http://old:1": "old-tok", "http://new:2": "new-tok"}
+    assert data["stacks"]["http://new:2"]["recorded_at"].endswith("Z")
+
+
+def test_stacks_recorded_at_once_are_all_kept(tmp_path: Path) -> None:
+    path = tmp_path / "cli.json"
+    urls = [f"http://127.0.0.1:{9000 + i}" for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
+        list(pool.map(lambda url: record_stack(StackEntry(url, "tok"), path), urls))
+    assert sorted(read_stacks(path).entries) == sorted(urls)
+
+
+def test_a_missing_stacks_file_means_no_token_and_says_where_it_looked(clean_env: dict[str, str], tmp_path: Path) -> None:
+    nope = tmp_path / "nope.json"
+    target = resolve_target(environ={**clean_env, "NUCLIDE_CLI_CONFIG": str(nope)})
+    assert target.token is None and str(nope) in target.token_help
     # Flags and env make the file unnecessary, so it is not even read.
-    assert resolve_target("http://a:1", "t", environ={**clean_env, "NUCLIDE_CLI_CONFIG": str(tmp_path / "nope.json")})
+    assert resolve_target("http://a:1", "t", environ={**clean_env, "NUCLIDE_CLI_CONFIG": str(tmp_path)})
 
 
-def test_broken_config_file_is_one_line(clean_env: dict[str, str], tmp_path: Path) -> None:
-    bad = tmp_path / "cwd" / "var" / "cli.json"
-    bad.parent.mkdir()
+def test_broken_stacks_file_is_one_line(clean_env: dict[str, str], tmp_path: Path) -> None:
+    bad = user_stacks(tmp_path)
+    bad.parent.mkdir(parents=True)
     bad.write_text("{not json")
     with pytest.raises(CliError, match="not valid JSON") as info:
         resolve_target(environ=clean_env)
-    assert "\n" not in info.value.message
+    assert "\n" not in info.value.message and str(bad) in info.value.message
     write_json(bad, ["a list"])
     with pytest.raises(CliError, match="JSON object"):
         resolve_target(environ=clean_env)
@@ -260,6 +305,44 @@ def test_deploy_and_invoke_arguments() -> None:
     assert parser.parse_args(["up"]).command == "up"
 
 
+def test_up_port_base(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NUCLIDE_CONFIG", raising=False)
+    for key in ("PORT_BASE", "HTTP_PORT", "STORE_RPC", "STORE_PUB", "DEPLOYER_RPC", "GATEWAY_ROUTER", "GATEWAY_PULL",
+                "GATEWAY_SUB", "GATEWAY_PUB"):
+        monkeypatch.delenv(f"NUCLIDE_{key}", raising=False)
+        monkeypatch.delenv(f"NUCLIDE_UP_{key}", raising=False)
+    assert build_parser().parse_args(["up", "--port-base", "9000"]).port_base == 9000
+    assert main(["up", "--port-base", "9000", "--print-ports"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "http_port", "9000", "store_rpc", "9001", "store_pub", "9002", "deployer_rpc", "9003", "gateway_router", "9004",
+        "gateway_pull", "9005", "gateway_sub", "9006", "gateway_pub", "9007"]
+    assert main(["up", "--port-base", "65529", "--print-ports"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nuclide: port_base 65529 is out of range 1-65528") and "--port-base" in err
+    with pytest.raises(SystemExit):
+        main(["up", "--port-base", "nine"])
+    err = capsys.readouterr().err
+    assert "--port-base: 'nine' is not a whole number" in err
+
+
+def test_busy_ports_name_the_base_setting() -> None:
+    import socket
+
+    from services.cli.up import busy_message, busy_ports
+    from shared.config import load_settings
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = load_settings("up", environ={"NUCLIDE_PORT_BASE": str(port - 3)})
+        busy = busy_ports(settings)
+    assert f"port {port} (deployer_rpc) is in use" in busy
+    message = busy_message(busy, settings)
+    assert f"port_base is {port - 3}" in message and "NUCLIDE_PORT_BASE=N" in message and "--port-base N" in message
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("argv", [
     ["list", "-o", "yaml"], ["logs", "f", "--tail", "0"], ["deploy", "x", "--timeout", "-1"], ["frobnicate"], [],
 ])
@@ -312,23 +395,78 @@ def response(status: int, body: Any = None, text: str | None = None) -> httpx.Re
 
 def test_error_from_server_error_body() -> None:
     exc = error_from_response(response(404, {"error": {"code": "not_found", "message": "function 'x' not found"}}),
-                              "http://h", "t")
+                              Target("http://h", "t"))
     assert (exc.message, exc.status, exc.code) == ("function 'x' not found", 404, "not_found")
     exc = error_from_response(response(422, {"error": {"code": "build_failed", "message": "m",
-                                                       "details": {"log_tail": "Traceback"}}}), "http://h", "t")
+                                                       "details": {"log_tail": "Traceback"}}}), Target("http://h", "t"))
     assert exc.details == {"log_tail": "Traceback"}
 
 
 def test_error_for_401_says_how_to_pass_a_token() -> None:
     body = {"error": {"code": "unauthorized", "message": "missing token"}}
-    missing = error_from_response(response(401, body), "http://h", None).message
-    wrong = error_from_response(response(401, body), "http://h", "bad").message
+    missing = error_from_response(response(401, body), Target("http://h", None)).message
+    wrong = error_from_response(response(401, body), Target("http://h", "bad")).message
     assert missing.startswith("unauthorized: no token") and "--token" in missing and "NUCLIDE_TOKEN" in missing
     assert wrong.startswith("unauthorized: nuclide at http://h rejected the token")
 
 
+UNAUTHORIZED = {"error": {"code": "unauthorized", "message": "invalid token"}}
+
+
+def rejected(target: Target) -> str:
+    return error_from_response(response(401, UNAUTHORIZED), target).message
+
+
+def test_a_rejected_recorded_token_says_where_it_came_from_and_how_to_get_the_right_one(
+        clean_env: dict[str, str], tmp_path: Path) -> None:
+    # `make run` recorded its stack; then `make up` started another at the same URL without recording it.
+    path = user_stacks(tmp_path)
+    record_stack(StackEntry("http://127.0.0.1:8000", "s3cret-run-tok", "`nuclide up` (state in /repo/var)",
+                            "`cat /repo/var/token`", "2024-05-06T07:08:09Z"), path)
+    message = rejected(resolve_target(environ=clean_env))
+    assert message == (
+        f"unauthorized: nuclide at http://127.0.0.1:8000 rejected the token recorded for it in {path} by `nuclide up`"
+        " (state in /repo/var) at 2024-05-06 07:08:09 UTC; `cat /repo/var/token` prints that stack's token; if"
+        " something else started a stack at http://127.0.0.1:8000 since, record the token it printed with"
+        " `nuclide login --url http://127.0.0.1:8000`")
+    assert "s3cret" not in message
+
+
+def test_a_rejected_flag_or_env_token_is_named_as_such(clean_env: dict[str, str], tmp_path: Path) -> None:
+    record_stack(StackEntry("http://127.0.0.1:8000", "s3cret-recorded", "`make up` (docker-compose project p)"),
+                 user_stacks(tmp_path))
+    by_flag = rejected(resolve_target(None, "s3cret-flag", environ=clean_env))
+    assert by_flag.startswith("unauthorized: nuclide at http://127.0.0.1:8000 rejected the token given by --token;")
+    by_env = rejected(resolve_target(environ={**clean_env, "NUCLIDE_TOKEN": "s3cret-env"}))
+    assert by_env.startswith("unauthorized: nuclide at http://127.0.0.1:8000 rejected the token in NUCLIDE_TOKEN;")
+    for message in (by_flag, by_env):
+        assert "`nuclide up`, `make up`" in message and "nuclide login --url http://127.0.0.1:8000" in message
+        assert "s3cret" not in message and "\n" not in message
+
+
+def test_no_token_names_the_stacks_file_it_looked_in(clean_env: dict[str, str], tmp_path: Path) -> None:
+    record_stack(StackEntry("http://127.0.0.1:8000", "tok"), user_stacks(tmp_path))
+    message = rejected(resolve_target("http://127.0.0.1:9000", environ=clean_env))
+    assert message.startswith(f"unauthorized: no token was sent; none is recorded for http://127.0.0.1:9000 in"
+                              f" {user_stacks(tmp_path)};")
+    assert "--token" in message and "NUCLIDE_TOKEN" in message and "nuclide login" in message
+
+
+def test_an_unreachable_recorded_stack_names_what_started_it(clean_env: dict[str, str], tmp_path: Path) -> None:
+    record_stack(StackEntry("http://nuclide.test", "tok", "`make up` (docker-compose project p)"), user_stacks(tmp_path))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    target = resolve_target(environ=clean_env)
+    with Client(target=target, transport=httpx.MockTransport(handler)) as client, pytest.raises(CliError) as info:
+        client.list_functions()
+    assert info.value.message == ("cannot reach nuclide at http://nuclide.test, which `make up` (docker-compose"
+                                  " project p) started: is it still running?")
+
+
 def test_error_from_a_non_nuclide_body_is_one_line() -> None:
-    exc = error_from_response(response(502, text="<html>\n<h1>Bad Gateway</h1>\n</html>"), "http://h", None)
+    exc = error_from_response(response(502, text="<html>\n<h1>Bad Gateway</h1>\n</html>"), Target("http://h", None))
     assert exc.message == "HTTP 502 from http://h: <html> <h1>Bad Gateway</h1> </html>"
 
 

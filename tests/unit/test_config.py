@@ -37,6 +37,10 @@ def test_service_specific_env_wins_over_common_then_file(tmp_path: Path) -> None
     ({"NUCLIDE_MAX_BODY_CEILING_BYTES": "1024"}, "max_body_ceiling_bytes 1024 must be at least max_body_bytes"),
     ({"NUCLIDE_MAX_BODY_CEILING_BYTES": str(1 << 30)}, "half the largest message"),
     ({"NUCLIDE_FUSIONIZER_MODE": "true", "NUCLIDE_HTTP_HOST": "0.0.0.0"}, "must listen on loopback only"),
+    ({"NUCLIDE_PORT_BASE": "9k"}, "setting NUCLIDE_PORT_BASE has an invalid value '9k'; expected a whole number"),
+    ({"NUCLIDE_PORT_BASE": "65529"}, "port_base 65529 is out of range 1-65528: the stack takes ports 65529 to 65536;"
+                                     " choose a base in range with NUCLIDE_PORT_BASE=N or `nuclide up --port-base N`"),
+    ({"NUCLIDE_PORT_BASE": "-8"}, "port_base -8 is out of range 1-65528"),
 ])
 def test_bad_values_fail_fast_naming_the_setting(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -66,3 +70,23 @@ def test_child_env_round_trips() -> None:
 def test_fusionizer_mode_on_loopback() -> None:
     for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
         assert load_settings("gateway", environ={"NUCLIDE_FUSIONIZER_MODE": "1", "NUCLIDE_HTTP_HOST": host}).fusionizer_mode
+
+
+def test_port_base_derives_every_port_and_a_port_set_on_its_own_wins(tmp_path: Path) -> None:
+    s = load_settings("gateway", environ={"NUCLIDE_PORT_BASE": "9000"})
+    assert [(key, port) for key, _host, port in s.ports()] == [
+        ("http_port", 9000), ("store_rpc", 9001), ("store_pub", 9002), ("deployer_rpc", 9003),
+        ("gateway_router", 9004), ("gateway_pull", 9005), ("gateway_sub", 9006), ("gateway_pub", 9007)]
+    assert s.http_url == "http://127.0.0.1:9000" and s.store_rpc == "tcp://127.0.0.1:9001"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("port_base: 9100\nstore_pub: tcp://127.0.0.1:7001\n")
+    s = load_settings("gateway", environ={"NUCLIDE_CONFIG": str(cfg), "NUCLIDE_HTTP_PORT": "7000"})
+    assert (s.http_port, s.store_pub, s.store_rpc, s.gateway_pub) == (
+        7000, "tcp://127.0.0.1:7001", "tcp://127.0.0.1:9101", "tcp://127.0.0.1:9107")
+    assert load_settings("gateway", environ={"NUCLIDE_PORT_BASE": "9000"}, port_base=9200).http_port == 9200
+    assert load_settings("gateway", environ={"NUCLIDE_PORT_BASE": "0"}) == load_settings("gateway", environ={})
+
+
+def test_port_base_round_trips_to_children() -> None:
+    s = load_settings("up", environ={"NUCLIDE_PORT_BASE": "9000", "NUCLIDE_STORE_RPC": "tcp://127.0.0.1:7001"})
+    assert load_settings("store", environ=s.child_env()) == s

@@ -36,10 +36,39 @@ def test_dict_and_list_are_compact_utf8_json():
 
 
 def test_unserialisable_json_raises_type_error():
-    with pytest.raises(TypeError, match="not JSON-serialisable"):
+    with pytest.raises(TypeError, match="which JSON cannot hold"):
         to_result({"x": object()})
-    with pytest.raises(TypeError, match="not JSON-serialisable"):
+    with pytest.raises(TypeError, match="which JSON cannot hold"):
         to_result({"x": float("nan")})
+
+
+BYTES_FIX = "decode it to str (e.g. event.body.decode()) or return bytes alone, not inside a dict or list"
+
+
+@pytest.mark.parametrize("value, where, kind", [
+    ({"hello": b"world"}, 'result["hello"]', "bytes"),
+    ([1, {"a": [bytearray(b"x")]}], 'result[1]["a"][0]', "bytearray"),
+    ((201, {"id": memoryview(b"x")}), 'result["id"]', "memoryview"),
+])
+def test_bytes_inside_json_name_where_they_are_and_the_fix(value, where, kind):
+    with pytest.raises(TypeError) as info:
+        to_result(value)
+    assert str(info.value) == f"handler result: {where} is {kind}, which JSON cannot hold; {BYTES_FIX}"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_other_values_json_cannot_hold_are_named_too():
+    from datetime import date
+
+    with pytest.raises(TypeError, match=r'^handler result: result\["when"\] is of type date, which JSON cannot hold; '
+                                        r"convert it to str, a number, a list or a dict$"):
+        to_result({"when": date(2024, 1, 2)})
+    with pytest.raises(TypeError, match=r"^handler result: result\[0\] is nan, which JSON cannot hold; "):
+        to_result([float("nan")])
+    with pytest.raises(TypeError, match=r'^handler result: result\["k"\] has a key of type tuple'):
+        to_result({"k": {(1, 2): 3}})
+    with pytest.raises(TypeError, match=r'^execute result: result\["x"\] is bytes, '):
+        execute_result({"x": b"1"})
 
 
 def test_none_is_empty_text():
@@ -111,7 +140,7 @@ def test_response_bad_headers():
 
 
 def test_response_unserialisable_body():
-    with pytest.raises(TypeError, match="not JSON-serialisable"):
+    with pytest.raises(TypeError, match="which JSON cannot hold"):
         to_result(Response({"x": {1, 2}}))
 
 
@@ -154,5 +183,5 @@ def test_execute_result():
     assert execute_result(Response(body=[1, 2], status_code=201)) == (200, [], JSON, b'{"result":[1,2]}')
     assert execute_result((404, "gone")) == (200, [], JSON, b'{"result":"gone"}')
     assert json.loads(execute_result(3.5)[3]) == {"result": 3.5}
-    with pytest.raises(TypeError, match="not JSON-serialisable"):
+    with pytest.raises(TypeError, match="which JSON cannot hold"):
         execute_result(object())

@@ -53,11 +53,11 @@ def test_a_chain_runs_in_process_with_events_and_edges(tmp_path: Path) -> None:
         assert doc["parent"].startswith("c1.") and doc["id"].startswith(doc["parent"] + ".")
         assert "edges" not in result  # the instance reports them summed, not per call
         invoke(ex, "t1", b"again", call_id="c2")
-        edges = ex.caller.take_edges()
+        edges = ex.caller.take_reports()["edges"]
         # [caller, callee, sync, local, mean ms, calls], summed over both calls
         assert [e[:4] + e[5:] for e in edges] == [["t2", "t3", True, True, 2], ["t1", "t2", True, True, 2]]
         assert all(e[4] >= 0 for e in edges)
-        assert ex.caller.take_edges() == [] and not ex.caller.edges_pending
+        assert ex.caller.take_reports() == {} and not ex.caller.edges_pending
         # the caller's context is its own again once the nested call returned
         assert ex.functions["t1"].context.call_id == "c2"
     finally:

@@ -415,7 +415,10 @@ def test_yaml_alias_bomb_in_triggers_is_bounded() -> None:
     lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
               f"*a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
     text = "\n".join(lines) + "\nspec:\n  handler: main:handler\n  triggers: {t: {kind: http, attributes: *a8}}\n"
-    message = yaml_error(text)
+    assert "more than 64 YAML aliases" in yaml_error(text)
+    # as large without aliases: the trigger's own budget refuses it
+    flat = "spec:\n  handler: main:handler\n  triggers: {t: {kind: http, attributes: [" + "x, " * 20_000 + "x]}}\n"
+    message = yaml_error(flat)
     assert "spec.triggers.t" in message and "too large" in message
 
 
@@ -454,6 +457,25 @@ def test_requirements_options_that_redirect_the_index_are_refused(line: str) -> 
     message = exc_info.value.message
     assert message.startswith("requirements.txt line 3: ")
     assert line[:40] in message and "package index" in message
+
+
+@pytest.mark.parametrize("line", [
+    "pkg @ http://evil.example/pkg.tar.gz", "pkg@https://evil.example/pkg.whl", "pkg[extra] @ file:///etc/x",
+    "https://evil.example/pkg-1.0-py3-none-any.whl", "git+https://evil.example/x.git#egg=x", "hg+ssh://h/x",
+    "./vendored/pkg", "/abs/path/pkg.whl", "~/pkg", "file:///tmp/pkg", "svn+http://h/x",
+])
+def test_requirements_direct_urls_and_paths_are_refused(line: str) -> None:
+    with pytest.raises(InvalidRequest) as exc_info:
+        parse_function(archive_with(files={"requirements.txt": f"requests\n{line}\n"}))
+    message = exc_info.value.message
+    assert message.startswith("requirements.txt line 2: ") and "package index only" in message, message
+
+
+@pytest.mark.parametrize("line", ["numpy ; python_version >= '3.8'", "pkg[a,b]>=1.0,<2", "requests --hash=sha256:ab12",
+                                  "name.with.dots==1.0", "x~=1.4"])
+def test_plain_requirements_with_markers_hashes_and_extras_pass(line: str) -> None:
+    spec, _ = parse_function(archive_with(files={"requirements.txt": line + "\n"}))
+    assert line in spec.requirements
 
 
 def test_requirements_option_hidden_on_a_continuation_line_is_refused() -> None:
@@ -687,3 +709,46 @@ def test_lambda_event_shape() -> None:
     assert parse_yaml("spec:\n  handler: main:handler\n  lambdaEvent: apigateway\n")[0].lambda_event == "apigateway"
     message = yaml_error("spec:\n  handler: main:handler\n  lambdaEvent: v1\n")
     assert "spec.lambdaEvent must be one of auto, payload, apigateway" in message
+
+
+# --- hostile specs: bounded in time and memory ------------------------------------------------
+
+
+def alias_bomb(levels: int, width: int = 9) -> str:
+    """A billion-laughs document: each level lists the previous one ``width`` times by alias."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]")
+    lines.append(f"spec:\n  handler: main:handler\n  minReplicas: *l{levels - 1}")
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_with_many_aliases_is_refused_before_expanding() -> None:
+    message = yaml_error(alias_bomb(9))  # 72 aliases, 387 million values once expanded
+    assert "more than 64 YAML aliases" in message and "write the values out" in message
+
+
+def test_alias_bomb_under_the_alias_cap_is_refused_by_its_expanded_size() -> None:
+    message = yaml_error(alias_bomb(7))  # 54 aliases, 4.8 million values
+    assert "expands to more than 100000 values" in message
+
+
+def test_a_few_aliases_still_work() -> None:
+    spec, _ = parse_yaml("""
+        defaults: &limits {memory: 64Mi}
+        spec:
+          handler: main:handler
+          resources: {limits: *limits}
+    """)
+    assert spec.memory_bytes == 64 * 1024 * 1024
+
+
+def test_type_errors_quote_a_bounded_excerpt_of_a_huge_value() -> None:
+    message = yaml_error(alias_bomb(4).replace("minReplicas", "handler2: 1\n  replicas"))
+    assert "spec.replicas must be an integer, got list" in message and len(message) < 300, message
+
+
+def test_oversized_function_yaml_is_refused_before_parsing() -> None:
+    text = "spec:\n  handler: main:handler\n  description: " + "x" * (300 * 1024) + "\n"
+    message = yaml_error(text)
+    assert f"function.yaml is {len(text)} bytes, over the 262144 byte limit" in message

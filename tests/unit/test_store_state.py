@@ -199,3 +199,16 @@ def test_sync_call_rows_are_recorded_and_bad_rows_refused(tmp_path: Path) -> Non
             calls.record_sync_rows([bad])
     with pytest.raises(NotFound):
         calls.get("c3")
+
+
+def test_sync_call_rows_of_task_calls_keep_their_parent_and_source(tmp_path: Path) -> None:
+    from services.store.calls import CallStore
+
+    calls = CallStore(Database(tmp_path / "state.db"))
+    row = ["c1.1", "callee", "FAILED", 1000.0, 1000.2, 500, "ValueError: kaboom", False, "c1", "call"]
+    assert calls.record_sync_rows([row]) == 1
+    got = calls.get("c1.1")
+    assert (got["parent_id"], got["source"], got["error"], got["kind"]) == ("c1", "call", "ValueError: kaboom", "sync")
+    for bad in (row[:9], [*row[:8], 7, "call"], [*row[:9], None]):
+        with pytest.raises(InvalidRequest, match="sync call row"):
+            calls.record_sync_rows([bad])
