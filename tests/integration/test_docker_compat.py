@@ -77,3 +77,27 @@ def test_another_python_falls_back_with_a_warning(dstack: Stack) -> None:
     [warning] = [w for w in desc["warnings"] if "spec.runtime" in w]
     assert "python:3.4" in warning and desc["runtime"] in warning and "docker backend" in warning, warning
     assert dstack.invoke("dpy").text == desc["runtime"].partition(":")[2]
+
+
+PYTHON_TO_TRY = "3.13"  # what NUCLIDE_IMAGE_PYTHONS=3.13 make images builds (Debian trixie)
+
+
+def test_another_python_runs_in_its_runtime_image(dstack: Stack) -> None:
+    from tests.docker_util import RUNTIME_IMAGE, docker_problem
+
+    image = f"{RUNTIME_IMAGE}-py{PYTHON_TO_TRY}"
+    if docker_problem((image,)) is not None:
+        pytest.skip(f"no {image} in the engine: build it with NUCLIDE_IMAGE_PYTHONS={PYTHON_TO_TRY} make images"
+                    " (a debootstrap of the Debian release that ships that Python)")
+    code = ("import sys, built\n\ndef handler(context, event):\n"
+            "    return '%d.%d' % sys.version_info[:2] + ':' + built.BY\n")
+    build = {"commands": ["python -c \"import os, sys; open(os.environ['PIP_TARGET'] + '/built.py', 'w')"
+                          ".write('BY = %r' % ('%d.%d' % sys.version_info[:2]))\""]}
+    for name, spec in (("py-plain", {}), ("py-image", {"build": build})):
+        files = {"function.yaml": function_yaml(name, runtime=f"python:{PYTHON_TO_TRY}", **spec),
+                 "main.py": code if spec else code.replace("import sys, built", "import sys").replace(
+                     " + ':' + built.BY", "")}
+        desc = dstack.deploy(name, files).json()
+        assert desc["runtime"] == f"python:{PYTHON_TO_TRY}" and not [w for w in desc["warnings"] if "runtime" in w]
+        expected = PYTHON_TO_TRY + (f":{PYTHON_TO_TRY}" if spec else "")
+        assert dstack.invoke(name).text == expected

@@ -557,16 +557,40 @@ class DockerBackend(Backend):
             raise BuildFailed(message, {"log_tail": tail(text + ("" if step else "\n" + failed))})
         return text
 
-    async def _runtime_image_id(self) -> str:
-        client = self._require()
-        labels = await self._api(self._image_labels, client, self.settings.runtime_image)
+    def runtime_image(self, python: str | None = None) -> str:
+        """The image instances run: the runtime image, or for a function on another Python 3 (``python``
+        "3.X") the runtime built on the Debian release that ships it, ``<runtime image>-py3.X`` (make images
+        with NUCLIDE_IMAGE_PYTHONS)."""
+        image = self.settings.runtime_image
+        if not python:
+            return image
+        repo, sep, tag = image.rpartition(":")
+        if not sep or "/" in tag:  # no tag: the reference means :latest
+            repo, tag = image, "latest"
+        return f"{repo}:{tag}-py{python}"
+
+    async def python_check(self, version: str) -> dict[str, Any]:
+        image = self.runtime_image(version)
+        try:
+            labels = await self._api(self._image_labels, self._require(), image)
+        except (EngineLost, *ENGINE_ERRORS) as exc:
+            return {"available": False, "detail": f"the Docker Engine did not answer ({str(exc)[:200]})"}
         if labels is None:
-            raise BuildFailed(f"the runtime image '{self.settings.runtime_image}' is not in the local Docker Engine;"
+            return {"available": False, "detail": f"the docker backend has no image {image} (build it with"
+                                                  f" NUCLIDE_IMAGE_PYTHONS={version} make images)"}
+        return {"available": True, "detail": image}
+
+    async def _runtime_image_id(self, image: str | None = None) -> str:
+        client = self._require()
+        image = image or self.settings.runtime_image
+        labels = await self._api(self._image_labels, client, image)
+        if labels is None:
+            raise BuildFailed(f"the runtime image '{image}' is not in the local Docker Engine;"
                               " build it with 'make images' (nothing is pulled from a registry)")
-        info = await self._api(client.api.inspect_image, self.settings.runtime_image)
+        info = await self._api(client.api.inspect_image, image)
         return str(info["Id"])
 
-    async def _env_image(self, runtime_id: str, recipe: Path) -> tuple[str, str]:
+    async def _env_image(self, runtime_id: str, recipe: Path, runtime_image: str | None = None) -> tuple[str, str]:
         """The env image of a recipe directory, built when missing; returns (key, tag)."""
         client = self._require()
         requirements = (recipe / "requirements.txt").read_text() if (recipe / "requirements.txt").exists() else ""
@@ -585,7 +609,7 @@ class DockerBackend(Backend):
                 files["recipe/ca.pem"] = ca
             target = f"{ENVS_DIR}/{key}"
             labels = {"nuclide.kind": "env", "nuclide.env": key, "nuclide.runtime": runtime_id}
-            dockerfile = (f"FROM {self.settings.runtime_image}\n"
+            dockerfile = (f"FROM {runtime_image or self.settings.runtime_image}\n"
                           f"{_label_line(labels)}\n"
                           "USER 0:0\n"
                           f"COPY recipe/ {target}/.recipe/\n"
@@ -603,8 +627,8 @@ class DockerBackend(Backend):
     async def _group_image(self, spec: InstanceSpec) -> tuple[str, list[dict[str, Any]]]:
         """The group version's image, built when missing; returns its tag and the functions' in-image config."""
         client = self._require()
-        runtime_id = await self._runtime_image_id()
-        base = self.settings.runtime_image
+        base = self.runtime_image(next((fc["python"] for fc in spec.functions if fc.get("python")), None))
+        runtime_id = await self._runtime_image_id(base)
         envs: dict[str, str] = {}  # env key -> env image tag
         functions: list[dict[str, Any]] = []
         code_dirs: dict[str, Path] = {}
@@ -612,7 +636,7 @@ class DockerBackend(Backend):
         for i, fc in enumerate(spec.functions):
             in_image = dict(fc, code_dir=f"{FUNCTIONS_DIR}/{fc['name']}/{fc['version']}", deps_dir=None)
             if fc.get("deps_dir"):
-                key, env_tag = await self._env_image(runtime_id, Path(fc["deps_dir"]))
+                key, env_tag = await self._env_image(runtime_id, Path(fc["deps_dir"]), base)
                 envs.setdefault(key, env_tag)
                 in_image["deps_dir"] = f"{ENVS_DIR}/{key}/site"
             code_dirs[f"code{i}"] = Path(fc["code_dir"])

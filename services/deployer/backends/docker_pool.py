@@ -98,9 +98,9 @@ class WarmPool(Refilling):
     # ----- which starts it serves -------------------------------------------------------
 
     def eligible(self, spec: InstanceSpec) -> bool:
-        """A Python group none of whose members needs an environment image (the caller excludes
-        registered runtimes and per-call warm starts)."""
-        return self.size > 0 and not any(fc.get("deps_dir") for fc in spec.functions)
+        """A Python group none of whose members needs an environment image or another Python's runtime image
+        (the caller excludes registered runtimes and per-call warm starts)."""
+        return self.size > 0 and not any(fc.get("deps_dir") or fc.get("python") for fc in spec.functions)
 
     # ----- records --------------------------------------------------------------------------
 
