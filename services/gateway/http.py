@@ -428,8 +428,8 @@ class HttpProtocol(asyncio.Protocol):
         server = self.server
         target = server.direct_target(method, path, self._headers)
         if target is not None:
+            limit = server.body_limit(target[0])  # the function's own, or the platform's default
             # the function sees the path below its own name
-            limit = server.body_limit(target[0])
             request: Any = DirectRequest(self, method, target[2], query, self._headers, target[0], target[1],
                                          keep_alive, limit)
             declared = server.too_large(self._length, limit) if self._length is not None else None

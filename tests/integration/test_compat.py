@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from tests.stack import Stack, function_yaml, make_zip, wait_for
-from tests.tasks import TASK_A, TASK_B
+from tests.tasks import NUCLIO_CALLEE, NUCLIO_CALLER, TASK_A, TASK_B
 
 pytestmark = pytest.mark.integration
 
@@ -131,32 +131,10 @@ def test_a_bad_max_request_body_size_fails_the_deploy(stack: Stack, size: object
     assert "spec.triggers.web.attributes.maxRequestBodySize" in message and expected in message, message
 
 
-# nuclio's own call_function test: the caller rewrites its event and sends it on; the callee reports it
-CALLER = """
-def handler(context, event):
-    event.body["caller_body_value"] = "caller_body"
-    event.headers = {"x-caller-header-value": "caller_header"}
-    event.method = "PUT"
-    event.path = "/caller/path"
-    return context.platform.call_function(event.body["callee_name"], event, timeout=5)
-"""
-
-CALLEE = """
-def handler(context, event):
-    if event.body.get("fail"):
-        raise ValueError("callee failed on purpose")
-    header = event.headers["X-Caller-Header-Value"]
-    return context.Response(status_code=201, headers={"X-Callee-Received-Header": header}, body={
-        "callee_received_body": event.body["caller_body_value"], "callee_received_header": header,
-        "callee_received_method": event.method, "callee_received_path": event.path})
-"""
-
-
-@pytest.mark.parametrize("fused", [False, True])
-def test_platform_call_function_as_in_nuclio(stack: Stack, fused: bool) -> None:
-    caller, callee = f"cf-caller-{int(fused)}", f"cf-callee-{int(fused)}"
-    stack.deploy(callee, {"function.yaml": function_yaml(callee), "main.py": CALLEE})
-    stack.deploy(caller, {"function.yaml": function_yaml(caller), "main.py": CALLER})
+def call_function_checks(stack: Stack, caller: str, callee: str, fused: bool) -> None:
+    """nuclio's call_function test, and its error answers, between two functions (fused into one group or not)."""
+    stack.deploy(callee, {"function.yaml": function_yaml(callee), "main.py": NUCLIO_CALLEE})
+    stack.deploy(caller, {"function.yaml": function_yaml(caller), "main.py": NUCLIO_CALLER})
     if fused:
         r = stack.client.put("/groups?wait=true", json=[[caller, callee]])
         assert r.status_code == 200, r.text
@@ -170,6 +148,11 @@ def test_platform_call_function_as_in_nuclio(stack: Stack, fused: bool) -> None:
     assert r.status_code == 500 and "callee failed on purpose" in r.text
     r = stack.anon.post(f"/{caller}", json={"callee_name": "no-such-function"})
     assert r.status_code == 404 and "function 'no-such-function' not found" in r.text
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_platform_call_function_as_in_nuclio(stack: Stack, fused: bool) -> None:
+    call_function_checks(stack, f"cf-caller-{int(fused)}", f"cf-callee-{int(fused)}", fused)
 
 
 LAMBDA = """

@@ -1,20 +1,19 @@
 """What test_compat.py checks on the process backend, where it depends on the instance: on the docker backend.
 
 The code directory is writable scratch on both backends (pool containers, image-built ones and per-call
-containers alike); nuclio events and Lambda shapes are made in the container's runtime; another
-python:3.X falls back to the runtime image's Python with a warning.
+containers alike); nuclio events, Lambda shapes and context.platform.call_function work in the container's
+runtime; another python:3.X runs in its own runtime image, or falls back with a warning.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from tests.docker_util import shared_docker_stack
+from tests.integration.test_compat import call_function_checks
 from tests.stack import Stack, function_yaml
 
 pytestmark = pytest.mark.integration
@@ -101,3 +100,8 @@ def test_another_python_runs_in_its_runtime_image(dstack: Stack) -> None:
         assert desc["runtime"] == f"python:{PYTHON_TO_TRY}" and not [w for w in desc["warnings"] if "runtime" in w]
         expected = PYTHON_TO_TRY + (f":{PYTHON_TO_TRY}" if spec else "")
         assert dstack.invoke(name).text == expected
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_platform_call_function_between_containers_and_within_one(dstack: Stack, fused: bool) -> None:
+    call_function_checks(dstack, f"dcf-caller-{int(fused)}", f"dcf-callee-{int(fused)}", fused)
