@@ -213,7 +213,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
             return failed_text(exc.message)
         if response.status_code >= 400:
             return failed_text(fusionizer.failure_text("application/json", bytes(response.body)))
-        return PlainTextResponse(fusionizer.deployed(name), status_code=response.status_code)
+        return PlainTextResponse(fusionizer.deployed(name, response.status_code == 200),
+                                 status_code=response.status_code)
 
     async def get_function(name: str, request: Request) -> Response:
         if not text_mode(request):

@@ -64,8 +64,9 @@ def failure_text(content_type: str, body: bytes) -> bytes:
     return body
 
 
-def deployed(name: str) -> str:
-    return f"Successfully deployed Task '{name}'"
+def deployed(name: str, ready: bool = True) -> str:
+    """The answer to a deploy: ready, or (asked for asynchronously) accepted and on its way."""
+    return f"Successfully deployed Task '{name}'" if ready else f"Deploying Task '{name}'"
 
 
 def deleted(name: str) -> str:

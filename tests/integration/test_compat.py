@@ -290,6 +290,9 @@ def test_fusionizer_scripts_run_unchanged_in_fusionizer_mode(fusionizer_stack: S
     assert _curl("-X", "POST", f"{url}/taskb", "-w", "\n%{http_code}").endswith("\n422"), "a task that fails"
     assert _curl(f"{url}/nothere", "-w", "\n%{http_code}") == "No Task 'nothere' could be found\n422"
     assert _curl("-X", "DELETE", f"{url}/taska", "-w", "\n%{http_code}") == "Successfully deleted Task 'taska'\n200"
+    later = _zip_dir(tmp_path, "later", {"function.yaml": function_yaml("later"), "main.py": TASK_B})
+    out = _curl("-X", "PUT", f"{url}/later?async=true", "-F", f"zip_file=@{later}", "-w", "\n%{http_code}")
+    assert out == "Deploying Task 'later'\n202", out
     # JSON for a client that asks for it
     assert s.anon.get("/taskb", headers={"Accept": "application/json"}).json()["name"] == "taskb"
 

@@ -35,3 +35,10 @@ def test_describe_as_the_fusionizer_writes_it() -> None:
     assert fusionizer.describe("taska", desc, 8000) == (
         "Task 'taska':\nCurrently deployed with other Tasks: ['taska', 'taskb']\nStatus: ready\nHTTP port: 8000")
     assert "with other Tasks: None" in fusionizer.describe("taska", {"group": {"tasks": ["taska"]}}, 8000)
+
+
+def test_deploy_answers() -> None:
+    assert fusionizer.deployed("taska") == "Successfully deployed Task 'taska'"
+    assert fusionizer.deployed("taska", ready=False) == "Deploying Task 'taska'"
+    assert fusionizer.deleted("taska") == "Successfully deleted Task 'taska'"
+    assert fusionizer.not_found("x") == "No Task 'x' could be found"
