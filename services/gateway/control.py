@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import secrets
 from typing import Any
@@ -25,6 +26,7 @@ from shared.spec import read_function
 from services.gateway.core import Gateway, error_payload
 
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+MAX_CALLS_PAGE = 1000  # GET /calls: calls per page
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -289,6 +291,9 @@ def build_control_app(gw: Gateway) -> FastAPI:
         assert gw.store is not None
         if status:
             status = status.upper()
+        if before is not None and not math.isfinite(before):
+            raise InvalidRequest("before must be a finite number: the queued_ts of the previous page's last call")
+        limit = min(max(limit, 1), MAX_CALLS_PAGE)  # any integer the client sends, within what a page holds
         return JSONResponse(await gw.store.call("calls.list", {"function": function, "status": status, "limit": limit,
                                                                 "source": source, "before": before}))
 
