@@ -166,7 +166,8 @@ def read_archive(data: bytes, limits: ArchiveLimits = ArchiveLimits()) -> Archiv
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, NotImplementedError) as exc:
+        # NotImplementedError: a central directory that asks for a zip version or feature the reader lacks
         raise InvalidRequest(f"the upload is not a zip archive: {exc}; {_HOW_TO_ZIP}") from None
     if len(infos) > limits.max_entries:
         raise InvalidRequest(

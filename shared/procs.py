@@ -29,24 +29,39 @@ def alive(pid: int, started: str | None = None) -> bool:
     return fields[0] != "Z"
 
 
+def zombie(pid: int) -> bool:
+    """True when the pid has exited and waits to be reaped by its parent."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (of any of its threads)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                found.extend(int(c) for c in fh.read().split())
+        except OSError:
+            continue
+    return found
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children, grandchildren, ...)."""
     found: list[int] = []
     stack = [pid]
     while stack:
-        current = stack.pop()
-        try:
-            tasks = os.listdir(f"/proc/{current}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{current}/task/{tid}/children") as fh:
-                    children = [int(c) for c in fh.read().split()]
-            except OSError:
-                continue
-            found.extend(children)
-            stack.extend(children)
+        below = children(stack.pop())
+        found.extend(below)
+        stack.extend(below)
     return found
 
 

@@ -1,9 +1,11 @@
 """`nuclide up`: start store, deployer, gateway and optimizer as supervised children, in the foreground.
 
 Children get the same settings through the environment (with absolute paths),
-are restarted with backoff when they die, and are stopped in order on Ctrl-C or
-SIGTERM: the deployer first (its instances say BYE to a live gateway and drain),
-then the gateway, then the store.
+are restarted with backoff when they die, and are stopped in order on Ctrl-C,
+SIGTERM or SIGHUP: the deployer first (its instances say BYE to a live gateway and
+drain, and it reports their exits to a live store), then the gateway, then the
+store. Each child runs in a process group of its own, so a terminal's Ctrl-C
+reaches only this supervisor and not every service at once.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Supervisor:
 
     def start(self, child: Child) -> None:
         child.proc = subprocess.Popen([sys.executable, "-m", f"services.{child.name}"], env=self.env,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, process_group=0)
 
     def start_all(self) -> None:
         for name in SERVICES:
@@ -153,8 +155,8 @@ def run(settings: Settings) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         sup.stopping = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     sup.start_all()
     try:
         if not sup.wait_healthy(HEALTH_TIMEOUT_S):

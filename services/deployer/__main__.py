@@ -23,10 +23,12 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     from services.deployer.backends.base import Backend
     from services.deployer.backends.process import ProcessBackend
     from services.deployer.builder import Builder
+    from services.deployer.children import Children
     from services.deployer.reconciler import Reconciler
 
     log = get_logger("deployer")
     store = RpcClient(ctx, settings.store_rpc, "store")
+    children = Children()  # every child process of the deployer, and a sweep that reaps orphans
     backend: Backend
     if settings.backend == "docker":
         from services.deployer.backends.docker import DockerBackend, DockerBuilder
@@ -37,8 +39,8 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
             None if not reconciler.synced else {} if reconciler.closing
             else {g["id"]: int(g["version"]) for g in reconciler.groups.values()})
     else:
-        reconciler = Reconciler(settings, store, Builder(settings, store))
-        backend = ProcessBackend(settings, reconciler.on_exit)
+        reconciler = Reconciler(settings, store, Builder(settings, store, children))
+        backend = ProcessBackend(settings, reconciler.on_exit, children)
     reconciler.backend = backend
     adopted = backend.adopt()
     if adopted:
@@ -99,7 +101,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
             await asyncio.sleep(1.0)
             reconciler.kick()
 
-    tasks = [asyncio.ensure_future(report()), asyncio.ensure_future(tick())]
+    tasks = [asyncio.ensure_future(report()), asyncio.ensure_future(tick()), asyncio.ensure_future(children.run())]
     settle_gc()
     log.info("deployer ready", backend=backend.name, rpc=settings.deployer_rpc)
     await stop.wait()

@@ -28,11 +28,13 @@ from shared.config import Settings
 from shared.errors import BuildFailed
 from shared.logs import get_logger
 from services.deployer import pythons
+from services.deployer.children import Children
 from services.deployer.sandbox import Mounts, base_env, hidden_paths, wrap
 
 log = get_logger(__name__)
 
 LOG_TAIL_LINES = 30
+REQUIREMENTS_STEP = "pip install -r requirements.txt"  # the title of the step that installs requirements.txt
 
 
 def env_key(spec: dict[str, Any]) -> str | None:
@@ -65,14 +67,25 @@ def write_tool_shims(bin_dir: Path, python: str) -> Path:
     return bin_dir
 
 
+def members_of_step(specs: dict[str, dict[str, Any]], step: str) -> list[str]:
+    """The members of a fused group whose part of its merged build ``step`` is (the build command, or the
+    requirements), to name when that step fails; every member when it is no one's in particular."""
+    if step == REQUIREMENTS_STEP:
+        owners = [n for n in sorted(specs) if (specs[n].get("requirements") or "").strip()]
+    else:
+        owners = [n for n in sorted(specs) if step in [str(c) for c in specs[n].get("build_commands") or []]]
+    return owners or sorted(specs)
+
+
 def tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 class Builder:
-    def __init__(self, settings: Settings, store: RpcClient) -> None:
+    def __init__(self, settings: Settings, store: RpcClient, children: Children | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.children = children or Children()
         self.var = settings.var_dir.resolve()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -96,7 +109,8 @@ class Builder:
             _, bodies = await self.store.call_with_bodies("blob.get", {"digest": digest}, timeout_s=60)
             data = bodies[0]
             if hashlib.sha256(data).hexdigest() != digest:
-                raise BuildFailed(f"the stored archive of '{name}' v{version} is corrupt (digest mismatch)")
+                raise BuildFailed(f"the stored archive of '{name}' v{version} is corrupt (digest mismatch)",
+                                  {"tasks": [name]})
             tmp = target.parent / f".code-{os.getpid()}-{time.monotonic_ns()}"
             await asyncio.to_thread(extract_archive, read_archive(data), tmp)
             os.replace(tmp, target)
@@ -123,7 +137,7 @@ class Builder:
         started = time.monotonic()
         python = sys.executable
         if spec.get("python"):  # another Python 3 (spec.runtime python:3.X): its own pip builds for it
-            found, detail = await pythons.find(str(spec["python"]))
+            found, detail = await pythons.find(str(spec["python"]), self.children.exec)
             if found is None:
                 raise BuildFailed(f"Python {spec['python']} is gone from this host: {detail}; deploy again")
             python = found
@@ -143,7 +157,7 @@ class Builder:
         requirements = (spec.get("requirements") or "").strip()
         if requirements:
             (work / "requirements.txt").write_text(requirements + "\n")
-            steps.append(("pip install -r requirements.txt", [
+            steps.append((REQUIREMENTS_STEP, [
                 python, "-m", "pip", "install", "--no-input", "--target", str(site),
                 "-r", str(work / "requirements.txt"),
             ]))
@@ -155,7 +169,7 @@ class Builder:
             for title, argv in steps:
                 out.write(f"$ {title}\n".encode())
                 out.flush()
-                proc = await asyncio.create_subprocess_exec(
+                proc = await self.children.exec(
                     *wrap(self.settings, argv, mounts, work), cwd=str(work), env=env,
                     stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
                     start_new_session=True,
@@ -171,7 +185,7 @@ class Builder:
                     text = log_path.read_text(errors="replace")
                     shutil.rmtree(work, ignore_errors=True)
                     reason = "timed out" if code is None else f"exited with code {code}"
-                    raise BuildFailed(f"build step '{title}' {reason}", {"log_tail": tail(text)})
+                    raise BuildFailed(f"build step '{title}' {reason}", {"log_tail": tail(text), "step": title})
         shutil.rmtree(tools, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():

@@ -12,6 +12,7 @@ import asyncio
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the services package
 PROBE = "import zmq, msgpack, services.runtime.loop"
@@ -26,8 +27,11 @@ def child_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT)}
 
 
-async def find(version: str) -> tuple[str | None, str]:
-    """(the interpreter's path, what runs it) or (None, why not) for Python ``version`` ("3.X")."""
+async def find(version: str, spawn: Callable[..., Awaitable[Any]] = asyncio.create_subprocess_exec
+               ) -> tuple[str | None, str]:
+    """(the interpreter's path, what runs it) or (None, why not) for Python ``version`` ("3.X").
+
+    ``spawn`` starts the probe: the deployer's Children.exec, so its sweep knows the child."""
     if version == HOST_VERSION:
         return sys.executable, f"the platform's Python {HOST_VERSION}"
     if version in _found:
@@ -36,7 +40,7 @@ async def find(version: str) -> tuple[str | None, str]:
     if path is None:
         found: tuple[str | None, str] = (None, f"no python{version} on the deployer's PATH")
     else:
-        proc = await asyncio.create_subprocess_exec(
+        proc = await spawn(
             path, "-c", PROBE, cwd=str(ROOT), env=child_env({"PATH": "/usr/local/bin:/usr/bin:/bin"}),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         try:

@@ -10,9 +10,14 @@ loop. Rules per group:
   elsewhere, or no longer exists: redeploys, regroups and deletes never leave a
   task without an instance, and a failed regroup leaves the old ones serving;
 - a version whose build failed or whose instances failed to load is reported
-  to the store once (deploy.failed) and not retried;
+  to the store once (deploy.failed, naming the members whose build step or spec
+  failed when it was theirs) and not retried;
 - an instance that crashes is restarted with backoff; repeated crashes are
-  reported so the function shows as failed with its last log lines.
+  reported so the function shows as failed with its last log lines;
+- an instance the store counts but the backend does not run (its exit was never
+  reported: the deployer was killed, or the store stopped before it) is reported
+  gone after each snapshot, once the backend has adopted all that runs, so replica
+  counts match the processes that exist.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from shared.liveness import DRAIN_TIMEOUT_S
 from shared.logs import get_logger
 from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
 from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec
-from services.deployer.builder import Builder, tail
+from services.deployer.builder import Builder, members_of_step, tail
 
 log = get_logger(__name__)
 
@@ -39,6 +44,7 @@ CRASH_WINDOW_S = 60.0
 CRASH_LIMIT = 3  # crashes within the window before the function is reported failed
 BACKOFF_MAX_S = 30.0
 EXIT_INIT_FAILED = 3  # the runtime's exit code when the function cannot load
+EXIT_REPORTS_TIMEOUT_S = 5.0  # on shutdown, how long the stopped instances' exit reports may take
 
 
 class Reconciler:
@@ -55,6 +61,8 @@ class Reconciler:
         self.crashes: dict[tuple[str, int], list[float]] = {}
         self.backoff_until: dict[str, float] = {}
         self.stopping: set[str] = set()
+        self.launching: set[str] = set()  # started, but maybe not registered with the backend or the store yet
+        self._unchecked: list[str] | None = None  # instances the store counts, until the backend knows all it runs
         self._versions: dict[tuple[str, int], dict[str, Any]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._kick_pending = False
@@ -70,7 +78,26 @@ class Reconciler:
             if inst.get("state") == "ready":
                 self.ever_ready.add(inst["id"])
         self.synced = True
+        self._unchecked = [inst["id"] for inst in snap.get("instances", [])]
         self.kick()
+
+    def _report_gone(self, counted: list[str]) -> None:
+        """Tell the store which of the instances it counts no longer run (exits it never heard of)."""
+        self._unchecked = None
+        running = {h.id for h in self.backend.list()} | self.launching
+        gone = [inst_id for inst_id in counted if inst_id not in running]
+        if not gone:
+            return
+        log.info("the store counts instances that no longer run; reporting them gone", instances=gone)
+
+        async def report() -> None:
+            try:
+                await self.store.call("instances.gone", {"ids": gone, "reason": "no longer running (found when the"
+                                                                                  " deployer synced with the store)"})
+            except NuclideError as exc:  # the next snapshot tries again
+                log.warning("could not report gone instances", error=str(exc))
+
+        self._spawn(report())
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "group.changed":
@@ -110,6 +137,8 @@ class Reconciler:
         if not self.synced or self.closing:
             return
         now = time.monotonic()
+        if self._unchecked is not None and self.backend.knows_all():
+            self._report_gone(self._unchecked)
         self.backend.groups_changed(set(self.groups))
         handles = [h for h in self.backend.list() if h.id not in self.stopping]
         current = [h for h in handles if self._is_current(h)]
@@ -202,8 +231,13 @@ class Reconciler:
             try:
                 merged = merge_specs(specs)  # one environment for the whole group
             except Conflict as exc:
-                raise BuildFailed(exc.message) from None
-            deps = await self.builder.ensure_env(merged)
+                raise BuildFailed(exc.message, {"tasks": list(exc.details.get("tasks") or [])}) from None
+            try:
+                deps = await self.builder.ensure_env(merged)
+            except BuildFailed as exc:  # a fused group's build: say whose step failed
+                if "step" in exc.details:
+                    exc.details["tasks"] = members_of_step(specs, str(exc.details["step"]))
+                raise
             for name, version in sorted(group["members"].items()):
                 spec = specs[name]
                 functions.append({
@@ -217,14 +251,15 @@ class Reconciler:
                 if spec.get("shell"):  # a registered runtime's function: its definition and warm-start policy
                     if self.backend.name != "docker":
                         raise BuildFailed(f"'{name}' runs on the registered runtime '{spec.get('runtime')}', which"
-                                          f" needs the docker backend (this deployer uses '{self.backend.name}')")
+                                          f" needs the docker backend (this deployer uses '{self.backend.name}')",
+                                          {"tasks": [name]})
                     functions[-1].update(shell=spec["shell"], runtime=spec.get("runtime"),
                                          warm_start=spec.get("warm_start") or "function")
                 elif (spec.get("warm_start") or DEFAULT_WARM_START) != DEFAULT_WARM_START:
                     # deployed before the backend changed: the gateway refuses it up front otherwise
                     problem = warm_start_problem(self.backend.name, spec["warm_start"])
                     if problem:
-                        raise BuildFailed(f"'{name}': {problem}")
+                        raise BuildFailed(f"'{name}': {problem}", {"tasks": [name]})
                     functions[-1]["warm_start"] = spec["warm_start"]
             memory = int(merged["memory_bytes"] or 0) or self.settings.default_memory_bytes
             cpu = merged["cpu"]
@@ -235,16 +270,22 @@ class Reconciler:
                 log_path = self.settings.var_dir.resolve() / "logs" / group["id"] / f"{inst_id}.log"
                 spec = InstanceSpec(inst_id, group["id"], int(group["version"]), functions, memory, log_path,
                                     extra={"cpu": cpu or None})
-                handle = await self.backend.start(spec)
-                log.info("instance started", instance=inst_id, pid=handle.pid)
-                await self.store.call("instance.started", {
-                    "id": inst_id, "group_id": group["id"], "group_version": int(group["version"]),
-                    "backend": self.backend.name, "pid": handle.pid,
-                })
+                # its READY may reach the store before the backend has its handle: not "gone" meanwhile
+                self.launching.add(inst_id)
+                try:
+                    handle = await self.backend.start(spec)
+                    log.info("instance started", instance=inst_id, pid=handle.pid)
+                    await self.store.call("instance.started", {
+                        "id": inst_id, "group_id": group["id"], "group_version": int(group["version"]),
+                        "backend": self.backend.name, "pid": handle.pid,
+                    })
+                finally:
+                    self.launching.discard(inst_id)
         except BuildFailed as exc:
             self.failed_versions.add(key)
             log.warning("build failed", group=group["id"], version=group["version"], error=exc.message)
-            await self._report_failed(key, exc.message, str(exc.details.get("log_tail", "")))
+            await self._report_failed(key, exc.message, str(exc.details.get("log_tail", "")),
+                                      exc.details.get("tasks"))
         except NuclideError as exc:
             log.warning("start failed, will retry", group=group["id"], error=str(exc))
             self._backoff(group["id"])
@@ -260,10 +301,14 @@ class Reconciler:
         delay = min(BACKOFF_MAX_S, max(0.5, current * 2 if current > 0 else 0.5))
         self.backoff_until[group_id] = time.monotonic() + delay
 
-    async def _report_failed(self, key: tuple[str, int], error: str, log_tail: str) -> None:
+    async def _report_failed(self, key: tuple[str, int], error: str, log_tail: str,
+                             tasks: list[str] | None = None) -> None:
+        """``tasks``: the members the failure is theirs, when known (a fused group's build step, a spec)."""
+        report = {"group_id": key[0], "group_version": key[1], "error": error, "log_tail": log_tail}
+        if tasks:
+            report["tasks"] = list(tasks)
         try:
-            await self.store.call("deploy.failed", {"group_id": key[0], "group_version": key[1], "error": error,
-                                                    "log_tail": log_tail})
+            await self.store.call("deploy.failed", report)
         except NuclideError as exc:
             log.error("could not report a failed deploy", group=key[0], error=str(exc))
 
@@ -317,6 +362,10 @@ class Reconciler:
         self.closing = True
         await asyncio.gather(*(self.backend.stop(h, DRAIN_TIMEOUT_S) for h in self.backend.list()),
                              return_exceptions=True)
+        # each exit is reported to the store by a task of its own (on_exit): let those reports
+        # finish, or the store keeps counting this run's instances as ready after it
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=EXIT_REPORTS_TIMEOUT_S)
 
     def close(self) -> None:
         self.closing = True

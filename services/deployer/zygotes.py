@@ -24,6 +24,7 @@ from typing import Any
 
 from shared.config import Settings
 from shared.logs import get_logger
+from services.deployer.children import Children
 from services.deployer.sandbox import base_env, install_paths, zygote_argv, zygote_stage
 from services.runtime.zygote import receive, send
 
@@ -82,8 +83,9 @@ class Zygote:
 
 
 class Zygotes:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, children: Children | None = None) -> None:
         self.settings = settings
+        self.children = children or Children()
         self.var = settings.var_dir.resolve()
         self.running: dict[str, Zygote] = {}
         self.groups: dict[str, set[str]] = {}  # environment key -> groups that use it
@@ -128,8 +130,7 @@ class Zygotes:
                 zygote.close()
                 raise ZygoteUnavailable(f"the zygote of environment {key or 'base'!r} did not answer: {exc}") from None
         if "error" in reply:
-            if reply.get("pid"):
-                self._spawn_task(wait_child(int(reply["pid"])))  # killed on the way: a zombie of ours
+            # its instance process, when killed on the way, is a child of ours: the deployer's sweep reaps it
             raise ZygoteUnavailable(f"the zygote could not fork the instance: {reply['error']}")
         reply["zygote_pid"] = zygote.pid
         return reply
@@ -156,7 +157,7 @@ class Zygotes:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(log_path, "ab") as out:
-                proc = await asyncio.create_subprocess_exec(
+                proc = await self.children.exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=base_env(),
                     pass_fds=(theirs.fileno(),), start_new_session=True)
         except OSError as exc:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import math
 import re
 import secrets
 from typing import Any
@@ -18,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
 from shared.archive import make_zip
-from shared.errors import BuildFailed, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, Unavailable
+from shared.errors import BuildFailed, Conflict, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, Unavailable
 from shared.names import validate_function_name
 from shared.runtimes import DEFAULT_WARM_START, parse_runtime
 from shared.spec import HOST_RUNTIME, FunctionSpec, other_python, read_function
@@ -26,6 +28,7 @@ from services.gateway import fusionizer
 from services.gateway.core import Gateway, error_payload
 
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+MAX_CALLS_PAGE = 1000  # GET /calls: calls per page
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -303,8 +306,13 @@ def build_control_app(gw: Gateway) -> FastAPI:
     async def put_groups(request: Request) -> JSONResponse:
         """Set a fusion setup, e.g. [["taska", "taskb"], ["taskc"]]; tasks left out keep their group.
 
-        Answers once the request is recorded; the new groups start and take over with
-        no downtime (watch GET /groups). With ?wait=true it answers once they serve.
+        Answers once the request is recorded, with the setup in force and, under
+        "regroup", the change under way (None when the setup is in force already). The
+        groups it needs are built and take over together, with no downtime, once all of
+        them serve; if one fails, the setup in force stays (watch GET /groups). With
+        ?wait=true it answers once the new setup serves, or with the error that stopped
+        it: 422 naming the task that failed and why, 409 when a newer setup or a
+        redeploy or delete of one of its tasks came first.
         """
         try:
             setup = await request.json()
@@ -312,16 +320,24 @@ def build_control_app(gw: Gateway) -> FastAPI:
             raise InvalidRequest('PUT /groups needs a JSON body like [["taska", "taskb"], ["taskc"]]') from None
         assert gw.store is not None
         result = await gw.store.call("groups.set", {"setup": setup})
-        if _truthy(request.query_params.get("wait")):
-            for group in result["groups"]:
-                if group["state"] == "deploying":
-                    outcome = await gw.wait_deployed(group["id"], int(group["version"]), gw.settings.deploy_timeout_s)
-                    if not outcome.ok:
-                        exc = BuildFailed(f"group {group['tasks']} failed to deploy: {outcome.error}",
-                                          {"log_tail": outcome.log_tail})
-                        return JSONResponse(error_payload(exc), status_code=exc.http_status)
-            result = await gw.store.call("groups.list")
-        return JSONResponse(result)
+        regroup = result.get("regroup")
+        if regroup is None or not _truthy(request.query_params.get("wait")):
+            return JSONResponse(result)
+        regroup = await gw.wait_regrouped(int(regroup["id"]), gw.settings.deploy_timeout_s)
+        result = {**await gw.store.call("groups.list"), "regroup": regroup}
+        if regroup["state"] == "done":
+            return JSONResponse(result)
+        in_force = result["setup"]
+        exc: NuclideError
+        if regroup["state"] == "failed":
+            exc = BuildFailed(f"the setup {json.dumps(regroup['setup'])} was not applied and"
+                              f" {json.dumps(in_force)} stays in force: {regroup['error']}",
+                              {"failed_tasks": regroup["failed_tasks"], "log_tail": regroup["log_tail"],
+                               "setup": in_force})
+        else:
+            exc = Conflict(f"the setup {json.dumps(regroup['setup'])} was not applied and {json.dumps(in_force)}"
+                           f" stays in force: it was {regroup['state']} ({regroup['error']})", {"setup": in_force})
+        return JSONResponse(error_payload(exc), status_code=exc.http_status)
 
     @app.get("/calls", dependencies=auth, tags=["calls"])
     async def list_calls(function: str | None = None, status: str | None = None, source: str | None = None,
@@ -334,6 +350,9 @@ def build_control_app(gw: Gateway) -> FastAPI:
         assert gw.store is not None
         if status:
             status = status.upper()
+        if before is not None and not math.isfinite(before):
+            raise InvalidRequest("before must be a finite number: the queued_ts of the previous page's last call")
+        limit = min(max(limit, 1), MAX_CALLS_PAGE)  # any integer the client sends, within what a page holds
         return JSONResponse(await gw.store.call("calls.list", {"function": function, "status": status, "limit": limit,
                                                                 "source": source, "before": before}))
 

@@ -137,6 +137,7 @@ class Gateway:
         self.counters = {"invocations": 0, "cold_starts": 0, "scaled_to_zero": 0, "woken": 0}
         self._started_mono = time.monotonic()
         self.deploy_waiters: dict[tuple[str, int], asyncio.Future] = {}
+        self.regroup_waiters: dict[int, asyncio.Future] = {}  # regroup id -> its record once it ended
         self._prefix = os.urandom(4).hex()
         self.boot_id = self._prefix  # owner of the async calls this gateway process dispatches
         self._counter = itertools.count(1)
@@ -211,6 +212,11 @@ class Gateway:
                 self._wake_if_waiting(group)
         elif kind == "group.deleted":
             self.groups.pop(data["group_id"], None)
+        elif kind == "regroup.changed":
+            regroup = data["regroup"]
+            fut = self.regroup_waiters.get(int(regroup["id"]))
+            if fut is not None and not fut.done() and regroup["state"] != "deploying":
+                fut.set_result(regroup)
         elif kind == "deploy.failed":
             fut = self.deploy_waiters.get((data["group_id"], int(data["group_version"])))
             if fut is not None and not fut.done():
@@ -285,6 +291,8 @@ class Gateway:
             now = time.monotonic()
             assert self.broker is not None and self.store is not None
             for gid, group in list(self.groups.items()):
+                if group.get("regroup"):
+                    continue  # proposed by a regroup under way: idle by nature until it takes over
                 members = [self.functions.get(name) for name in group["members"]]
                 if group["replicas_desired"] == 0:
                     self._wake_if_waiting(group)
@@ -375,6 +383,26 @@ class Gateway:
         finally:
             if fut.done():
                 self.deploy_waiters.pop(key, None)
+
+    async def wait_regrouped(self, regroup_id: int, timeout_s: float) -> dict[str, Any]:
+        """The regroup's record once it has ended (done, failed, superseded or cancelled)."""
+        assert self.store is not None
+        fut = self.regroup_waiters.get(regroup_id)
+        if fut is None:
+            fut = self.regroup_waiters[regroup_id] = asyncio.get_running_loop().create_future()
+        regroup: dict[str, Any] = {}
+        try:
+            # it may have ended before this waiter was there to see the event
+            regroup = await self.store.call("regroup.get", {"id": regroup_id})
+            if regroup["state"] == "deploying":
+                regroup = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            return regroup
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"the new setup did not take over within {timeout_s:g} s; it continues in the"
+                                   " background, check GET /groups") from None
+        finally:
+            if fut.done() or regroup.get("state", "deploying") != "deploying":
+                self.regroup_waiters.pop(regroup_id, None)
 
     # ----- traces ---------------------------------------------------------------------
 

@@ -158,9 +158,14 @@ class Ingress:
                 self.counters["malformed"] += 1
                 log.warning("dropped malformed topic message", topic=topic[:80], error=str(exc))
                 return
-            payload, content_type = msg.body, str(msg.header.get("content_type") or "")
-            key = msg.header.get("idempotency_key")
-            idempotency_key = str(key) if key else None  # per function: a repeat reaches each subscriber once
+            payload, content_type = msg.body, msg.header.get("content_type") or ""
+            key = msg.header.get("idempotency_key") or None  # per function: a repeat reaches each subscriber once
+            if not isinstance(content_type, str) or not isinstance(key, (str, type(None))):
+                self.counters["malformed"] += 1
+                log.warning("dropped malformed topic message", topic=topic[:80],
+                            error="content_type and idempotency_key must be strings")
+                return
+            idempotency_key = key
         self.counters["topic_messages"] += 1
         for info in list(self.gw.functions.values()):
             if topic in info.topics:

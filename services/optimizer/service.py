@@ -12,7 +12,7 @@ import zmq
 from shared import protocol
 from shared.aiosock import AsyncSocket, RpcClient
 from shared.config import Settings
-from shared.errors import BuildFailed, DeadlineExceeded, ProtocolError
+from shared.errors import BuildFailed, Conflict, DeadlineExceeded, ProtocolError
 from shared.logs import get_logger
 from services.optimizer.strategies.base import Strategy
 
@@ -21,6 +21,7 @@ log = get_logger(__name__)
 TRACE_KEEP = 200_000  # newest edges and calls kept in memory
 STATUS_INTERVAL_S = 1.0
 APPLY_TIMEOUT_S = 300.0
+APPLY_POLL_S = 0.2  # how often a regroup under way is looked at
 
 
 class Optimizer:
@@ -63,20 +64,20 @@ class Optimizer:
         return [sorted(g) for g in groups["setup"]]
 
     async def apply(self, setup: list[list[str]]) -> None:
-        """Set a setup and wait until every group in it serves (or failed)."""
-        await self.store.call("groups.set", {"setup": setup})
+        """Set a setup and wait until it is in force; raises when it fails (the setup in force stays)."""
+        result = await self.store.call("groups.set", {"setup": setup})
+        regroup = result.get("regroup")
         deadline = time.monotonic() + APPLY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            groups = await self.store.call("groups.list")
-            pending = [g for g in groups["groups"] if g["state"] == "deploying"]
-            failed = [g for g in groups["groups"] if g["state"] == "failed" and g["ready_version"] != g["version"]]
-            if failed:
-                raise BuildFailed(f"group {failed[0]['tasks']} failed: {failed[0]['error']}")
-            if not pending:
-                self.status["current_setup"] = [sorted(g) for g in groups["setup"]]
-                return
-            await asyncio.sleep(0.2)
-        raise DeadlineExceeded(f"setup {setup} did not become ready within {APPLY_TIMEOUT_S:g} s")
+        while regroup is not None and regroup["state"] == "deploying":
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"setup {setup} did not take over within {APPLY_TIMEOUT_S:g} s")
+            await asyncio.sleep(APPLY_POLL_S)
+            regroup = await self.store.call("regroup.get", {"id": regroup["id"]})
+        if regroup is not None and regroup["state"] == "failed":
+            raise BuildFailed(f"setup {setup} failed: {regroup['error']}")
+        if regroup is not None and regroup["state"] != "done":
+            raise Conflict(f"setup {setup} was {regroup['state']}: {regroup['error']}")
+        self.status["current_setup"] = await self.current_setup()
 
     def decide(self, setup: list[list[str]], decision: str, reason: str, **evidence: Any) -> None:
         entry = {"round": len(self.status["rounds"]) + 1, "at": time.time(), "setup": setup,

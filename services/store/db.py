@@ -115,6 +115,21 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
+    # regroups (PUT /groups, the optimizer) are staged: the groups a setup needs are built under
+    # groups.regroup and take over only once all of them serve; NULL marks a group in force
+    """
+    ALTER TABLE groups ADD COLUMN regroup INTEGER;
+    CREATE TABLE regroups (
+        id INTEGER PRIMARY KEY,
+        setup TEXT NOT NULL,
+        state TEXT NOT NULL,
+        error TEXT,
+        failed_tasks TEXT NOT NULL,
+        log_tail TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 

@@ -135,6 +135,8 @@ class StoreServer:
             return self.handle_calls(method, args, bodies)
         if method == "groups.list":
             return st.list_groups()
+        if method == "regroup.get":
+            return st.get_regroup(_arg(args, "id", int))
         if method == "group.spec":
             return st.group_spec(_arg(args, "group_id", str))
         if method == "kv.get":
@@ -176,10 +178,14 @@ class StoreServer:
         elif method == "instance.exited":
             events = st.instance_exited(_arg(args, "id", str), args.get("exit_code"), args.get("error"))
             result = {"ok": True}
+        elif method == "instances.gone":
+            ids = _arg(args, "ids", list)
+            result, events = st.instances_gone([str(i) for i in ids], str(args.get("reason") or "gone"))
         elif method == "deploy.failed":
             events = st.deploy_failed(
                 _arg(args, "group_id", str), _arg(args, "group_version", int),
                 str(args.get("error", "deploy failed")), str(args.get("log_tail", "")),
+                [str(t) for t in _arg(args, "tasks", list)] if "tasks" in args else None,
             )
             result = {"ok": True}
         else:

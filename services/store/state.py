@@ -9,6 +9,21 @@ call it directly. Lifecycle of a deployment (one fusion group):
                       function.version (the serving version) and state ready
     deploy.failed  -> the new version is marked failed; the group falls back to its
                       ready version (still running), or is failed when it had none
+
+A regroup (groups.set: PUT /groups, the optimizer) is staged, so that a failed one
+keeps the setup in force the way a failed deploy keeps the serving version:
+
+    groups.set     -> a regroup row, and a proposed group (groups.regroup = its id) for
+                      each group of the new setup not in force yet, the rests of the
+                      groups its tasks leave included; functions keep their groups
+    instance.ready -> once every proposed group of the regroup serves, it is put in
+                      force: its tasks move in, the groups they left go (state done)
+    deploy.failed  -> of a proposed group: the regroup's groups go, nothing in force
+                      changes, and the regroup is failed naming the task(s) that failed
+    groups.set again -> superseded; a task of it redeployed or deleted -> cancelled
+
+Longer than ~400 lines: one state machine over one transaction per change; split, its
+parts would pass the database and the record builders back and forth.
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from services.store.db import Database
 Event = tuple[str, dict[str, Any]]
 
 INSTANCE_HISTORY = 20  # exited instance rows kept per group, for logs and diagnosis
+REGROUP_HISTORY = 20  # finished regroups kept, for GET /groups and the optimizer
 
 
 def _iso(ts: float | None) -> str | None:
@@ -112,6 +128,7 @@ class StoreState:
             "replicas_desired": row["replicas_desired"],
             "replicas_ready": ready,
             "error": row["error"],
+            "regroup": row["regroup"],  # the regroup that proposed it, None once in force
             "created_at": row["created_at"],
             "updated_at": row["updated_at"],
         }
@@ -186,6 +203,24 @@ class StoreState:
 
     # ----- changes ------------------------------------------------------------
 
+    def _sequenced(self, payloads: list[Event]) -> list[Event]:
+        """Number the events to publish (inside the caller's transaction)."""
+        if payloads:
+            first = self.next_seqs(len(payloads))
+            for i, (_, data) in enumerate(payloads):
+                data["seq"] = first + i
+        return payloads
+
+    def _promote(self, members: dict[str, int], now: float) -> list[str]:
+        """Make the members' versions the serving ones (their group serves them now); returns the names."""
+        for name, version in members.items():
+            self.db.execute("UPDATE functions SET version=?, state='ready', last_error=NULL, updated_at=? WHERE name=?",
+                            (version, now, name))
+            self.db.execute("UPDATE function_versions SET state='ready' WHERE name=? AND version=?", (name, version))
+            self.db.execute("UPDATE function_versions SET state='superseded' WHERE name=? AND version<? AND"
+                            " state='ready'", (name, version))
+        return list(members)
+
     def put_function(self, name: str, spec: dict[str, Any], warnings: list[str], zip_bytes: bytes) -> tuple[dict[str, Any], list[Event]]:
         validate_function_name(name)
         if not zip_bytes:
@@ -234,10 +269,14 @@ class StoreState:
                     (json.dumps(members), group_version, group_version,
                      self._group_replicas(members, {name: spec}), now, group_id),
                 )
-            fn = self.get_function(name)
-            grec = self.group_record(self._group_row(group_id))
-            first = self.next_seqs(2)
-        events = [("function.changed", {"seq": first, "function": fn}), ("group.changed", {"seq": first + 1, "group": grec})]
+            events: list[Event] = [("function.changed", {"function": self.get_function(name)}),
+                                   ("group.changed", {"group": self.group_record(self._group_row(group_id))})]
+            # a regroup under way was built from the version this one replaces: it would put that back
+            for regroup_id in dict.fromkeys(r["regroup"] for r in self._proposed_with(name)):
+                events += self._end_regroup(regroup_id, "cancelled", f"task '{name}' was redeployed meanwhile;"
+                                            " request the setup again", [], "", now)
+            self._sequenced(events)
+        fn = events[0][1]["function"]
         return {"function": fn, "version": version, "group_id": group_id, "group_version": group_version}, events
 
     # ----- registered runtimes -------------------------------------------------------
@@ -293,19 +332,19 @@ class StoreState:
         return {"deleted": name}, [("runtime.deleted", {"seq": seq, "name": name})]
 
     def delete_function(self, name: str) -> tuple[dict[str, Any], list[Event]]:
+        now = time.time()
         with self.db.tx():
             row = self._function_row(name)
             group = self._group_row(row["group_id"])
             self.db.execute("DELETE FROM functions WHERE name=?", (name,))
             self.db.execute("DELETE FROM function_versions WHERE name=?", (name,))
-            n = 1
-            group_event: Event | None = None
+            events: list[Event] = [("function.deleted", {"name": name, "group_id": row["group_id"]})]
             if group is not None:
                 members = json.loads(group["members"])
                 members.pop(name, None)
                 if not members:
                     self.db.execute("DELETE FROM groups WHERE id=?", (group["id"],))
-                    group_event = ("group.deleted", {"group_id": group["id"]})
+                    events.append(("group.deleted", {"group_id": group["id"]}))
                 else:
                     ready_members = json.loads(group["ready_members"])
                     ready_members.pop(name, None)
@@ -314,15 +353,12 @@ class StoreState:
                         "UPDATE groups SET members=?, ready_members=?, version=?, version_counter=?, state='deploying',"
                         " replicas_desired=?, updated_at=? WHERE id=?",
                         (json.dumps(members), json.dumps(ready_members), counter, counter,
-                         self._group_replicas(members), time.time(), group["id"]),
+                         self._group_replicas(members), now, group["id"]),
                     )
-                    group_event = ("group.changed", {"group": self.group_record(self._group_row(group["id"]))})
-                n += 1
-            first = self.next_seqs(n)
-        events: list[Event] = [("function.deleted", {"seq": first, "name": name, "group_id": row["group_id"]})]
-        if group_event:
-            group_event[1]["seq"] = first + 1
-            events.append(group_event)
+                    events.append(("group.changed", {"group": self.group_record(self._group_row(group["id"]))}))
+            for regroup_id in dict.fromkeys(r["regroup"] for r in self._proposed_with(name)):
+                events += self._end_regroup(regroup_id, "cancelled", f"task '{name}' was deleted", [], "", now)
+            self._sequenced(events)
         return {"deleted": name}, events
 
     def instance_started(self, instance_id: str, group_id: str, group_version: int, backend: str, pid: int | None) -> list[Event]:
@@ -358,29 +394,17 @@ class StoreState:
                     "UPDATE groups SET ready_version=?, ready_members=?, state='ready', error=NULL, updated_at=? WHERE id=?",
                     (group_version, json.dumps(members), now, group_id),
                 )
-                for name, version in members.items():
-                    self.db.execute(
-                        "UPDATE functions SET version=?, state='ready', last_error=NULL, updated_at=? WHERE name=?",
-                        (version, now, name),
-                    )
-                    self.db.execute(
-                        "UPDATE function_versions SET state='ready' WHERE name=? AND version=?", (name, version)
-                    )
-                    self.db.execute(
-                        "UPDATE function_versions SET state='superseded' WHERE name=? AND version<? AND state='ready'",
-                        (name, version),
-                    )
-                    changed_functions.append(name)
+                if group["regroup"] is None:  # a proposed group's tasks move in when its whole regroup serves
+                    changed_functions = self._promote(members, now)
             rec = self.instance_record(self.db.one("SELECT * FROM instances WHERE id=?", (instance_id,)))
-            payloads: list[Event] = [("instance.changed", {"instance": rec})]
+            events.append(("instance.changed", {"instance": rec}))
             if group is not None:
-                payloads.append(("group.changed", {"group": self.group_record(self._group_row(group_id))}))
+                events.append(("group.changed", {"group": self.group_record(self._group_row(group_id))}))
             for name in changed_functions:
-                payloads.append(("function.changed", {"function": self.get_function(name)}))
-            first = self.next_seqs(len(payloads))
-        for i, (topic, data) in enumerate(payloads):
-            data["seq"] = first + i
-            events.append((topic, data))
+                events.append(("function.changed", {"function": self.get_function(name)}))
+            if group is not None and group["regroup"] is not None:
+                events += self._commit_if_ready(group["regroup"], now)
+            self._sequenced(events)
         return events
 
     def instance_exited(self, instance_id: str, exit_code: int | None, error: str | None) -> list[Event]:
@@ -393,12 +417,7 @@ class StoreState:
                 "UPDATE instances SET state='exited', exit_code=?, error=?, updated_at=? WHERE id=?",
                 (exit_code, error, now, instance_id),
             )
-            # keep a short history per group; older exited rows go
-            self.db.execute(
-                "DELETE FROM instances WHERE group_id=? AND state='exited' AND id NOT IN (SELECT id FROM instances"
-                " WHERE group_id=? AND state='exited' ORDER BY updated_at DESC LIMIT ?)",
-                (row["group_id"], row["group_id"], INSTANCE_HISTORY),
-            )
+            self._trim_history(row["group_id"])
             rec = self.instance_record(self.db.one("SELECT * FROM instances WHERE id=?", (instance_id,)))
             group = self._group_row(row["group_id"])
             payloads: list[Event] = [("instance.changed", {"instance": rec})]
@@ -409,12 +428,45 @@ class StoreState:
             data["seq"] = first + i
         return payloads
 
-    def deploy_failed(self, group_id: str, group_version: int, error: str, log_tail: str) -> list[Event]:
+    def _trim_history(self, group_id: str) -> None:
+        """Keep a short history of exited instances per group; older exited rows go."""
+        self.db.execute(
+            "DELETE FROM instances WHERE group_id=? AND state='exited' AND id NOT IN (SELECT id FROM instances"
+            " WHERE group_id=? AND state='exited' ORDER BY updated_at DESC LIMIT ?)",
+            (group_id, group_id, INSTANCE_HISTORY),
+        )
+
+    def instances_gone(self, instance_ids: list[str], reason: str) -> tuple[dict[str, Any], list[Event]]:
+        """Mark exited the instances the deployer found no process for (it restarted, or was away when they
+        died), so they stop counting as ready; rows already exited keep their exit code and error."""
+        now = time.time()
+        with self.db.tx():
+            rows = [r for r in (self.db.one("SELECT * FROM instances WHERE id=?", (str(i),)) for i in instance_ids)
+                    if r is not None and r["state"] != "exited"]
+            payloads: list[Event] = []
+            for row in rows:
+                self.db.execute("UPDATE instances SET state='exited', error=?, updated_at=? WHERE id=?",
+                                (reason, now, row["id"]))
+                rec = self.instance_record(self.db.one("SELECT * FROM instances WHERE id=?", (row["id"],)))
+                payloads.append(("instance.changed", {"instance": rec}))
+            for group_id in dict.fromkeys(r["group_id"] for r in rows):
+                self._trim_history(group_id)
+                group = self._group_row(group_id)
+                if group is not None:
+                    payloads.append(("group.changed", {"group": self.group_record(group)}))
+            self._sequenced(payloads)
+        return {"exited": [r["id"] for r in rows]}, payloads
+
+    def deploy_failed(self, group_id: str, group_version: int, error: str, log_tail: str,
+                      tasks: list[str] | None = None) -> list[Event]:
+        """A group version that will not serve; ``tasks`` are the members it failed for, when the deployer knows."""
         now = time.time()
         with self.db.tx():
             group = self._group_row(group_id)
             if group is None or group["version"] != group_version:
                 return []
+            if group["regroup"] is not None:
+                return self._sequenced(self._regroup_failed(group, error, log_tail, tasks or [], now))
             members = json.loads(group["members"])
             ready_members = json.loads(group["ready_members"])
             payloads: list[Event] = []
@@ -492,84 +544,170 @@ class StoreState:
             raise NotFound(f"group '{group_id}' not found")
         return merge_specs(self._member_specs(json.loads(row["members"])))
 
+    @staticmethod
+    def _group_summary(g: dict[str, Any]) -> dict[str, Any]:
+        return {"id": g["id"], "tasks": g["tasks"], "version": g["version"], "ready_version": g["ready_version"],
+                "state": g["state"], "error": g["error"],
+                "replicas": {"desired": g["replicas_desired"], "ready": g["replicas_ready"]}}
+
     def list_groups(self) -> dict[str, Any]:
-        groups = [self.group_record(r) for r in self.db.all("SELECT * FROM groups ORDER BY id")]
+        """The setup in force, its groups, and the latest regroup (under way, done, failed, ...)."""
+        groups = [self.group_record(r) for r in self.db.all("SELECT * FROM groups WHERE regroup IS NULL ORDER BY id")]
+        latest = self.db.one("SELECT * FROM regroups ORDER BY id DESC LIMIT 1")
         return {
             "setup": [g["tasks"] for g in groups],
-            "groups": [{"id": g["id"], "tasks": g["tasks"], "version": g["version"], "ready_version": g["ready_version"],
-                        "state": g["state"], "error": g["error"],
-                        "replicas": {"desired": g["replicas_desired"], "ready": g["replicas_ready"]}} for g in groups],
+            "groups": [self._group_summary(g) for g in groups],
+            "regroup": self.regroup_record(latest) if latest else None,
         }
 
-    def set_groups(self, setup: Any) -> tuple[dict[str, Any], list[Event]]:
-        """Apply a fusion setup; tasks it leaves out keep their group.
+    def regroup_record(self, row: Any) -> dict[str, Any]:
+        proposed = self.db.all("SELECT * FROM groups WHERE regroup=? ORDER BY id", (row["id"],))
+        return {
+            "id": row["id"],
+            "setup": json.loads(row["setup"]),
+            "state": row["state"],  # deploying, done, failed, superseded, cancelled
+            "error": row["error"],
+            "failed_tasks": json.loads(row["failed_tasks"]),
+            "log_tail": row["log_tail"] or "",
+            "groups": [self._group_summary(self.group_record(r)) for r in proposed],  # while deploying
+            "created_at": _iso(row["created_at"]),
+            "updated_at": _iso(row["updated_at"]),
+        }
 
-        Groups that already have exactly a requested membership are left alone. Old
-        instances are not stopped here: the deployer stops a superseded instance only
-        once every task it serves is ready elsewhere, so a regroup never drops a call.
+    def get_regroup(self, regroup_id: int) -> dict[str, Any]:
+        row = self.db.one("SELECT * FROM regroups WHERE id=?", (regroup_id,))
+        if row is None:
+            raise NotFound(f"regroup {regroup_id} not found (only the latest {REGROUP_HISTORY} are kept)")
+        return self.regroup_record(row)
+
+    def _proposed_with(self, name: str) -> list[Any]:
+        """The proposed groups (of a regroup under way) that have ``name`` as a member."""
+        return [r for r in self.db.all("SELECT * FROM groups WHERE regroup IS NOT NULL") if name in json.loads(r["members"])]
+
+    def _new_group_id(self, members: frozenset[str], version: int) -> str:
+        group_id = "g-" + hashlib.sha1("\0".join(sorted(members)).encode()).hexdigest()[:10]
+        if self._group_row(group_id) is not None:  # kept by a group whose members changed since
+            group_id += f"-{version}"
+        return group_id
+
+    def set_groups(self, setup: Any) -> tuple[dict[str, Any], list[Event]]:
+        """Propose a fusion setup; tasks it leaves out keep their group.
+
+        Groups whose membership is in force already are left alone; every other group
+        the setup needs (the rests of the groups its tasks leave included) is proposed
+        and built, and the whole setup takes over only once all of them serve (see the
+        module docstring). The result's "regroup" is the one this request started or
+        joined, None when the setup is in force already.
         """
         rows = {r["name"]: r for r in self.db.all("SELECT * FROM functions")}
         wanted = validate_setup(setup, set(rows))
         now = time.time()
-        payloads: list[Event] = []
-        changed_groups: list[str] = []
+
+        def versions(members: frozenset[str]) -> dict[str, int]:
+            return {n: rows[n]["version"] or rows[n]["latest_version"] for n in sorted(members)}
+
         with self.db.tx():
-            current: dict[str, set[str]] = {}
-            for r in self.db.all("SELECT id, members FROM groups"):
-                current[r["id"]] = set(json.loads(r["members"]))
-            for names in wanted:
-                target = set(names)
-                if any(members == target for members in current.values()):
-                    continue
-                members = {n: rows[n]["version"] or rows[n]["latest_version"] for n in sorted(target)}
-                merge_specs(self._member_specs(members))  # raises Conflict before anything changes
-                group_id = "g-" + hashlib.sha1("\0".join(sorted(target)).encode()).hexdigest()[:10]
+            in_force = {frozenset(json.loads(r["members"])) for r in self.db.all(
+                "SELECT members FROM groups WHERE regroup IS NULL")}
+            named = {n for group in wanted for n in group}
+            target = {frozenset(group) for group in wanted}
+            target |= {members - named for members in in_force if members & named and members - named}
+            needed = target - in_force
+            for members in needed:
+                merge_specs(self._member_specs(versions(members)))  # raises Conflict before anything changes
+            under_way = self.db.one("SELECT id FROM regroups WHERE state='deploying'")
+            proposed = {frozenset(json.loads(r["members"])): r["id"] for r in self.db.all(
+                "SELECT id, members FROM groups WHERE regroup IS NOT NULL")}
+            if under_way is not None and set(proposed) == needed:  # asked again for what is under way
+                return {**self.list_groups(), "regroup": self.get_regroup(under_way["id"])}, []
+            events: list[Event] = []
+            regroup_id = None
+            if needed:
+                regroup_id = self.db.execute(
+                    "INSERT INTO regroups (setup, state, error, failed_tasks, log_tail, created_at, updated_at)"
+                    " VALUES (?, 'deploying', NULL, '[]', NULL, ?, ?)", (json.dumps(wanted), now, now)).lastrowid
+                self.db.execute("DELETE FROM regroups WHERE state!='deploying' AND id NOT IN (SELECT id FROM regroups"
+                                " ORDER BY id DESC LIMIT ?)", (REGROUP_HISTORY,))
+                for members in needed & set(proposed):  # proposed already: keep building it
+                    self.db.execute("UPDATE groups SET regroup=? WHERE id=?", (regroup_id, proposed[members]))
+            if under_way is not None:
+                events += self._end_regroup(under_way["id"], "superseded", "a newer setup was requested", [], "", now)
+            for members in sorted(needed - set(proposed), key=sorted):
                 version = self.next_group_version()
-                replicas = self._group_replicas(members)
-                if group_id in current:
-                    self.db.execute(
-                        "UPDATE groups SET members=?, version=?, version_counter=?, state='deploying', replicas_desired=?,"
-                        " updated_at=? WHERE id=?", (json.dumps(members), version, version, replicas, now, group_id))
-                else:
-                    self.db.execute(
-                        "INSERT INTO groups (id, members, version, version_counter, ready_version, ready_members, state,"
-                        " replicas_desired, error, created_at, updated_at) VALUES (?, ?, ?, ?, 0, '{}', 'deploying', ?,"
-                        " NULL, ?, ?)", (group_id, json.dumps(members), version, version, replicas, now, now))
-                # the tasks leave their old groups
-                for old_id, old_members in current.items():
-                    if old_id == group_id or not (old_members & target):
-                        continue
-                    remaining = old_members - target
-                    old = self._group_row(old_id)
-                    if not remaining:
-                        self.db.execute("DELETE FROM groups WHERE id=?", (old_id,))
-                        payloads.append(("group.deleted", {"group_id": old_id}))
-                    else:
-                        kept = {k: v for k, v in json.loads(old["members"]).items() if k in remaining}
-                        ready_kept = {k: v for k, v in json.loads(old["ready_members"]).items() if k in remaining}
-                        old_version = self.next_group_version()
-                        self.db.execute(
-                            "UPDATE groups SET members=?, ready_members=?, version=?, version_counter=?, state='deploying',"
-                            " replicas_desired=?, updated_at=? WHERE id=?",
-                            (json.dumps(kept), json.dumps(ready_kept), old_version, old_version,
-                             self._group_replicas(kept), now, old_id))
-                        changed_groups.append(old_id)
-                    current[old_id] = remaining
-                current = {k: v for k, v in current.items() if v}
-                current[group_id] = target
-                changed_groups.append(group_id)
-                for name in target:
-                    self.db.execute("UPDATE functions SET group_id=?, updated_at=? WHERE name=?", (group_id, now, name))
-            for group_id in dict.fromkeys(changed_groups):
-                row = self._group_row(group_id)
-                if row is not None:
-                    payloads.append(("group.changed", {"group": self.group_record(row)}))
-            for name in sorted({n for g in wanted for n in g}):
-                payloads.append(("function.changed", {"function": self.get_function(name)}))
-            first = self.next_seqs(len(payloads)) if payloads else 0
-        for i, (_, data) in enumerate(payloads):
-            data["seq"] = first + i
-        return self.list_groups(), payloads
+                group_id = self._new_group_id(members, version)
+                self.db.execute(
+                    "INSERT INTO groups (id, members, version, version_counter, ready_version, ready_members, state,"
+                    " replicas_desired, error, regroup, created_at, updated_at) VALUES (?, ?, ?, ?, 0, '{}',"
+                    " 'deploying', ?, NULL, ?, ?, ?)",
+                    (group_id, json.dumps(versions(members)), version, version,
+                     self._group_replicas(versions(members)), regroup_id, now, now))
+                events.append(("group.changed", {"group": self.group_record(self._group_row(group_id))}))
+            if regroup_id is not None:
+                events.append(("regroup.changed", {"regroup": self.get_regroup(regroup_id)}))
+                events += self._commit_if_ready(regroup_id, now)  # kept groups may all serve already
+            self._sequenced(events)
+            return {**self.list_groups(), "regroup": self.get_regroup(regroup_id) if regroup_id else None}, events
+
+    def _commit_if_ready(self, regroup_id: int, now: float) -> list[Event]:
+        """Put a regroup in force once every group it proposed serves: its tasks move in, the groups they left go."""
+        proposed = self.db.all("SELECT * FROM groups WHERE regroup=?", (regroup_id,))
+        if not proposed or any(r["ready_version"] != r["version"] or r["state"] != "ready" for r in proposed):
+            return []
+        events: list[Event] = []
+        moved: dict[str, str] = {}
+        for row in proposed:
+            self.db.execute("UPDATE groups SET regroup=NULL, updated_at=? WHERE id=?", (now, row["id"]))
+            moved.update({name: row["id"] for name in json.loads(row["members"])})
+        left = {r["group_id"] for r in self.db.all("SELECT name, group_id FROM functions") if r["name"] in moved}
+        for name, group_id in moved.items():
+            self.db.execute("UPDATE functions SET group_id=?, updated_at=? WHERE name=?", (group_id, now, name))
+        for row in proposed:
+            self._promote(json.loads(row["members"]), now)
+        for old_id in sorted(left - set(moved.values())):
+            old = self._group_row(old_id)
+            if old is None:
+                continue
+            kept = {k: v for k, v in json.loads(old["members"]).items() if k not in moved}
+            if not kept:
+                self.db.execute("DELETE FROM groups WHERE id=?", (old_id,))
+                events.append(("group.deleted", {"group_id": old_id}))
+                continue
+            # not reached as things stand (a redeploy or delete of a proposed task cancels the regroup); a
+            # task the regroup did not move keeps its group, whose instances serve it already
+            ready_kept = {k: v for k, v in json.loads(old["ready_members"]).items() if k in kept}
+            self.db.execute("UPDATE groups SET members=?, ready_members=?, replicas_desired=?, updated_at=? WHERE id=?",
+                            (json.dumps(kept), json.dumps(ready_kept), self._group_replicas(kept), now, old_id))
+            events.append(("group.changed", {"group": self.group_record(self._group_row(old_id))}))
+        for row in proposed:
+            events.append(("group.changed", {"group": self.group_record(self._group_row(row["id"]))}))
+        for name in sorted(moved):
+            events.append(("function.changed", {"function": self.get_function(name)}))
+        self.db.execute("UPDATE regroups SET state='done', updated_at=? WHERE id=?", (now, regroup_id))
+        events.append(("regroup.changed", {"regroup": self.get_regroup(regroup_id)}))
+        return events
+
+    def _regroup_failed(self, group: Any, error: str, log_tail: str, tasks: list[str], now: float) -> list[Event]:
+        """A proposed group failed: its regroup ends, naming the members that failed; nothing in force changes."""
+        members = sorted(json.loads(group["members"]))
+        failed = [t for t in tasks if t in members] or members
+        others = [m for m in members if m not in failed]
+        who = ("task " if len(failed) == 1 else "tasks ") + ", ".join(f"'{t}'" for t in failed)
+        message = f"{who} failed" + (f" (fused with {', '.join(repr(o) for o in others)})" if others else "") + f": {error}"
+        events: list[Event] = [("deploy.failed", {"group_id": group["id"], "group_version": group["version"],
+                                                  "error": message, "log_tail": log_tail, "functions": []})]
+        return events + self._end_regroup(group["regroup"], "failed", message, failed, log_tail, now)
+
+    def _end_regroup(self, regroup_id: int, state: str, error: str, tasks: list[str], log_tail: str,
+                     now: float) -> list[Event]:
+        """End a regroup that will not take over: the groups it proposed go, the setup in force stays."""
+        events: list[Event] = []
+        for row in self.db.all("SELECT id FROM groups WHERE regroup=?", (regroup_id,)):
+            self.db.execute("DELETE FROM groups WHERE id=?", (row["id"],))
+            events.append(("group.deleted", {"group_id": row["id"]}))
+        self.db.execute("UPDATE regroups SET state=?, error=?, failed_tasks=?, log_tail=?, updated_at=? WHERE id=?",
+                        (state, error, json.dumps(tasks), log_tail, now, regroup_id))
+        events.append(("regroup.changed", {"regroup": self.get_regroup(regroup_id)}))
+        return events
 
     # ----- small documents (the optimizer's status) -------------------------------------
 

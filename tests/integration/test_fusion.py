@@ -209,6 +209,77 @@ def test_bad_setups_are_refused_and_change_nothing(fresh_stack: Stack) -> None:
     assert s.client.get("/groups").json() == before
 
 
+ONE = "def handler(context, event):\n    return 'one'\n"
+# a build that fails without the network: what pip prints for a package the index does not have
+FAILING_BUILD = 'echo "ERROR: No matching distribution found for nuclide-missing" >&2; exit 1'
+
+
+def instance_pids(s: Stack) -> dict[str, int]:
+    """Group id -> pid of each running instance's registry entry."""
+    found = {}
+    for meta in (s.var_dir / "instances").glob("*/instance.json"):
+        rec = json.loads(meta.read_text())
+        found[rec["group_id"]] = rec["pid"]
+    return found
+
+
+def test_a_failed_regroup_keeps_the_setup_in_force_and_says_who_failed(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    for name in ("hello", "other"):
+        s.deploy(name, {"function.yaml": function_yaml(name), "main.py": ONE})
+    s.deploy("badreq", {"function.yaml": function_yaml("badreq", build={"commands": [FAILING_BUILD]}), "main.py": ONE},
+             expect=422)
+    before = s.client.get("/groups").json()
+    serving = instance_pids(s)
+
+    r = s.client.put("/groups?wait=true", json=[["hello", "badreq"]])
+    assert r.status_code == 422, r.text
+    after = s.client.get("/groups").json()
+    assert after["setup"] == before["setup"] and after["groups"] == before["groups"]
+    hello = s.client.get("/hello").json()
+    assert hello["group"]["tasks"] == ["hello"] and hello["replicas"] == {"desired": 1, "ready": 1}
+    assert hello["state"] == "ready" and hello["last_error"] is None
+    error = r.json()["error"]
+    assert error["code"] == "build_failed"
+    assert "task 'badreq' failed (fused with 'hello')" in error["message"], error["message"]
+    assert "stays in force" in error["message"] and "exited with code 1" in error["message"]
+    assert error["details"]["failed_tasks"] == ["badreq"] and "nuclide-missing" in error["details"]["log_tail"]
+    assert after["regroup"]["state"] == "failed" and after["regroup"]["failed_tasks"] == ["badreq"]
+    assert s.invoke("hello").text == "one"
+    assert instance_pids(s) == serving, "the instances in force keep serving"
+
+    # the failed regroup holds nothing up
+    r = s.client.put("/groups?wait=true", json=[["hello", "other"]])
+    assert r.status_code == 200, r.text
+    assert setup_of(s) == [["badreq"], ["hello", "other"]] and r.json()["regroup"]["state"] == "done"
+    assert s.invoke("hello").text == "one" and s.invoke("other").text == "one"
+
+
+def test_a_regroup_whose_merged_build_fails_changes_nothing(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    # each builds alone; together, left's step leaves what right's step refuses
+    s.deploy("left", {"function.yaml": function_yaml("left", build={"commands": ["touch left-was-here"]}),
+                      "main.py": ONE})
+    refuse = 'test ! -e left-was-here || { echo "right cannot share an environment with left" >&2; exit 3; }'
+    s.deploy("right", {"function.yaml": function_yaml("right", build={"commands": [refuse]}), "main.py": ONE})
+    serving = instance_pids(s)
+
+    r = s.client.put("/groups", json=[["left", "right"]])
+    assert r.status_code == 200, r.text
+    assert r.json()["setup"] == [["left"], ["right"]], "the setup in force is reported while the new one builds"
+    assert r.json()["regroup"]["state"] == "deploying" and r.json()["regroup"]["setup"] == [["left", "right"]]
+    groups = wait_for(lambda: (g := s.client.get("/groups").json())["regroup"]["state"] != "deploying" and g, 60,
+                      what="the regroup to end")
+    assert groups["regroup"]["state"] == "failed" and groups["regroup"]["failed_tasks"] == ["right"]
+    assert "cannot share an environment" in groups["regroup"]["log_tail"]
+    assert groups["setup"] == [["left"], ["right"]]
+    for name in ("left", "right"):
+        desc = s.client.get(f"/{name}").json()
+        assert desc["replicas"] == {"desired": 1, "ready": 1} and desc["last_error"] is None
+        assert s.invoke(name).text == "one"
+    assert instance_pids(s) == serving
+
+
 def test_conflicting_requirements_are_a_409(fresh_stack: Stack) -> None:
     s = fresh_stack
     code = "def handler(context, event):\n    return 1\n"

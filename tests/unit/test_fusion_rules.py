@@ -29,3 +29,16 @@ def test_resources_combine() -> None:
     assert spec["memory_bytes"] == 150 and spec["timeout_s"] == 30 and spec["max_concurrency"] == 2
     assert spec["min_replicas"] == 2 and spec["build_commands"] == ["x", "y"]
     assert merge_specs({"a": {}})["memory_bytes"] is None
+
+
+def test_a_failed_build_step_of_a_fused_group_is_put_down_to_the_tasks_it_came_from() -> None:
+    from services.deployer.builder import REQUIREMENTS_STEP, members_of_step
+
+    specs = {"hello": {"handler": "main:handler"},
+             "badreq": {"requirements": "nuclide-missing\n", "build_commands": ["make assets"]},
+             "pinned": {"requirements": "requests==2.31.0\n", "build_commands": ["make assets", "echo hi"]}}
+    assert members_of_step(specs, REQUIREMENTS_STEP) == ["badreq", "pinned"]
+    assert members_of_step(specs, "echo hi") == ["pinned"]
+    assert members_of_step(specs, "make assets") == ["badreq", "pinned"]
+    assert members_of_step(specs, "not a step of theirs") == ["badreq", "hello", "pinned"]
+    assert members_of_step({"hello": {}}, REQUIREMENTS_STEP) == ["hello"]

@@ -84,6 +84,22 @@ def test_crash_loop_of_the_serving_version_marks_failed_and_recovery_clears_it(s
     assert st.get_function("f")["state"] == "ready" and st.get_function("f")["last_error"] is None
 
 
+def test_instances_found_gone_stop_counting_and_exits_already_reported_are_kept(st: StoreState) -> None:
+    st.put_function("f", SPEC, [], b"v1")
+    for inst in ("old", "crashed", "new"):
+        st.instance_started(inst, "g-f", 1, "process", 100)
+        st.instance_ready(inst, "g-f", 1, {"f": 1})
+    st.instance_exited("crashed", 9, "segfault")
+    assert st.get_function("f")["replicas"]["ready"] == 2
+    result, events = st.instances_gone(["old", "crashed", "unknown"], "no longer running")
+    assert result == {"exited": ["old"]} and kinds(events) == ["instance.changed", "group.changed"]
+    assert st.get_function("f")["replicas"]["ready"] == 1
+    rows = {r["id"]: r for r in st.instances_of("g-f")}
+    assert rows["old"]["state"] == "exited" and rows["old"]["error"] == "no longer running"
+    assert (rows["crashed"]["exit_code"], rows["crashed"]["error"]) == (9, "segfault")
+    assert st.instances_gone(["old"], "again") == ({"exited": []}, [])
+
+
 def test_delete_removes_function_and_group(st: StoreState) -> None:
     st.put_function("f", SPEC, [], b"v1")
     _, events = st.delete_function("f")
@@ -130,24 +146,99 @@ def _deploy_ready(st: StoreState, name: str, spec: dict | None = None) -> None:
     st.instance_ready(f"i-{name}", res["group_id"], res["group_version"], {name: res["version"]})
 
 
-def test_regroup_moves_tasks_and_keeps_the_rest(st: StoreState) -> None:
+def _serve(st: StoreState, group: dict) -> list:
+    """An instance of a (proposed) group says READY."""
+    return st.instance_ready(f"i-{group['id']}-{group['version']}", group["id"], group["version"], group.get("members")
+                             or {})
+
+
+def _proposed(st: StoreState, regroup: dict) -> list[dict]:
+    return [g for g in st.snapshot()["groups"] if g["regroup"] == regroup["id"]]
+
+
+def test_regroup_takes_over_only_once_every_proposed_group_serves(st: StoreState) -> None:
     for n in ("a", "b", "c"):
         _deploy_ready(st, n)
+    before = st.list_groups()
     result, events = st.set_groups([["a", "b"]])
-    assert sorted(result["setup"]) == [["a", "b"], ["c"]]
-    assert "group.deleted" in kinds(events)  # g-a and g-b are emptied
-    fused = next(g for g in result["groups"] if g["tasks"] == ["a", "b"])
-    assert fused["state"] == "deploying"
-    assert st.get_function("a")["group"]["id"] == fused["id"]
-    assert st.get_function("a")["state"] == "ready", "a keeps serving from its old instance meanwhile"
-    # the same setup again changes nothing
-    _, again = st.set_groups([["a", "b"]])
-    assert [k for k in kinds(again) if k.startswith("group")] == []
-    # splitting a task out of a fused group redeploys the rest under a newer version
-    v_before = fused["version"]
+    regroup = result["regroup"]
+    assert regroup["state"] == "deploying" and regroup["setup"] == [["a", "b"]]
+    assert [g["tasks"] for g in regroup["groups"]] == [["a", "b"]]
+    assert result["setup"] == before["setup"] == [["a"], ["b"], ["c"]], "the setup in force is reported"
+    assert kinds(events) == ["group.changed", "regroup.changed"]
+    assert st.get_function("a")["group"]["id"] == "g-a" and st.get_function("a")["replicas"] == {"desired": 1,
+                                                                                                  "ready": 1}
+    # the same setup again joins the regroup under way
+    again, events = st.set_groups([["a", "b"]])
+    assert again["regroup"]["id"] == regroup["id"] and events == []
+    [fused] = _proposed(st, regroup)
+    events = _serve(st, fused)
+    assert {"group.deleted", "regroup.changed"} <= set(kinds(events))
+    assert sorted(st.list_groups()["setup"]) == [["a", "b"], ["c"]]
+    assert st.get_function("a")["group"]["id"] == fused["id"] and st.get_function("b")["state"] == "ready"
+    assert st.get_regroup(regroup["id"])["state"] == "done"
+    # the setup in force again: nothing to do
+    result, events = st.set_groups([["a", "b"]])
+    assert result["regroup"] is None and events == []
+
+
+def test_splitting_a_fused_group_proposes_the_rest_too(st: StoreState) -> None:
+    for n in ("a", "b", "c"):
+        _deploy_ready(st, n)
+    result, _ = st.set_groups([["a", "b", "c"]])
+    _serve(st, _proposed(st, result["regroup"])[0])
     result, _ = st.set_groups([["b"]])
-    rest = next(g for g in result["groups"] if g["tasks"] == ["a"])
-    assert rest["version"] > v_before
+    assert sorted(g["tasks"] for g in result["regroup"]["groups"]) == [["a", "c"], ["b"]]
+    assert result["setup"] == [["a", "b", "c"]]
+    for group in _proposed(st, result["regroup"]):
+        _serve(st, group)
+    assert sorted(st.list_groups()["setup"]) == [["a", "c"], ["b"]]
+
+
+def test_a_failed_regroup_keeps_the_setup_in_force_and_names_the_task(st: StoreState) -> None:
+    for n in ("hello", "other", "badreq"):
+        _deploy_ready(st, n)
+    before = st.list_groups()
+    result, _ = st.set_groups([["hello", "badreq"], ["other"]])
+    [fused] = _proposed(st, result["regroup"])
+    events = st.deploy_failed(fused["id"], fused["version"], "build step 'pip install' exited with code 1",
+                              "ERROR: no such package", ["badreq"])
+    assert kinds(events) == ["deploy.failed", "group.deleted", "regroup.changed"]
+    regroup = st.get_regroup(result["regroup"]["id"])
+    assert regroup["state"] == "failed" and regroup["failed_tasks"] == ["badreq"] and regroup["groups"] == []
+    assert regroup["error"] == ("task 'badreq' failed (fused with 'hello'): build step 'pip install' exited with"
+                                " code 1") and regroup["log_tail"] == "ERROR: no such package"
+    after = st.list_groups()
+    assert (after["setup"], after["groups"]) == (before["setup"], before["groups"])
+    hello = st.get_function("hello")
+    assert hello["state"] == "ready" and hello["last_error"] is None and hello["replicas"] == {"desired": 1, "ready": 1}
+    # the failed regroup leaves nothing behind that a later one trips over
+    result, _ = st.set_groups([["hello", "other"]])
+    _serve(st, _proposed(st, result["regroup"])[0])
+    assert sorted(st.list_groups()["setup"]) == [["badreq"], ["hello", "other"]]
+
+
+def test_a_newer_setup_supersedes_and_a_redeploy_or_delete_cancels(st: StoreState) -> None:
+    for n in ("a", "b", "c"):
+        _deploy_ready(st, n)
+    first, _ = st.set_groups([["a", "b"], ["c"]])
+    ab = _proposed(st, first["regroup"])[0]
+    second, events = st.set_groups([["a", "b", "c"]])
+    assert st.get_regroup(first["regroup"]["id"])["state"] == "superseded"
+    assert "group.deleted" in kinds(events) and ab["id"] not in {g["id"] for g in st.snapshot()["groups"]}
+    # a proposal still needed is kept, not built again
+    third, _ = st.set_groups([["a", "b"]])
+    fourth, events = st.set_groups([["a", "b"], ["c"]])
+    assert [g["id"] for g in fourth["regroup"]["groups"]] == [g["id"] for g in third["regroup"]["groups"]]
+    assert "group.deleted" not in kinds(events)
+    st.put_function("a", SPEC, [], b"a2")
+    assert st.get_regroup(fourth["regroup"]["id"])["state"] == "cancelled"
+    assert "redeployed" in st.get_regroup(fourth["regroup"]["id"])["error"]
+    fifth, _ = st.set_groups([["b", "c"]])
+    _, events = st.delete_function("c")
+    assert st.get_regroup(fifth["regroup"]["id"])["state"] == "cancelled" and "group.deleted" in kinds(events)
+    assert st.list_groups()["setup"] == [["a"], ["b"]]
+    assert [d["seq"] for _, d in events] == list(range(events[0][1]["seq"], events[0][1]["seq"] + len(events)))
 
 
 def test_group_versions_are_globally_increasing(st: StoreState) -> None:

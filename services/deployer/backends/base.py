@@ -63,6 +63,10 @@ class Backend(abc.ABC):
     def list(self) -> list[InstanceHandle]:
         """Instances this backend is running."""
 
+    def knows_all(self) -> bool:
+        """True when list() holds every instance that runs (adoption is done): one missing from it is gone."""
+        return True
+
     async def python_check(self, version: str) -> dict[str, Any]:
         """Whether instances of a ``python:<version>`` function can run on that exact interpreter here:
         ``{"available": bool, "detail": why not, or what runs it}``."""

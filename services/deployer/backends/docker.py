@@ -477,6 +477,9 @@ class DockerBackend(Backend):
     def list(self) -> list[InstanceHandle]:
         return list(self.handles.values())
 
+    def knows_all(self) -> bool:
+        return self._up.is_set()  # while the engine is away, containers it runs are not adopted yet
+
     # ----- images ---------------------------------------------------------------------------
 
     def _lock(self, key: str) -> asyncio.Lock:

@@ -29,10 +29,11 @@ from typing import Any
 
 from shared.config import Settings
 from shared.errors import BuildFailed
-from shared.procs import become_subreaper, descendants as _descendants, start_time as _start_time
+from shared.procs import descendants as _descendants, start_time as _start_time
 from shared.logs import get_logger
 from services.deployer import pythons
 from services.deployer.backends.base import Backend, ExitCallback, InstanceHandle, InstanceSpec
+from services.deployer.children import Children
 from services.deployer.sandbox import Mounts, base_env, hidden_paths, wrap
 from services.deployer.zygotes import ZygoteUnavailable, Zygotes, env_key, wait_child
 
@@ -50,21 +51,22 @@ def _signal(pids: list[int], sig: int) -> None:
 class ProcessBackend(Backend):
     name = "process"
 
-    def __init__(self, settings: Settings, on_exit: ExitCallback) -> None:
+    def __init__(self, settings: Settings, on_exit: ExitCallback, children: Children | None = None) -> None:
         super().__init__(on_exit)
         self.settings = settings
+        self.children = children or Children()
         self.var = settings.var_dir.resolve()
         self.registry = self.var / "instances"
         self.registry.mkdir(parents=True, exist_ok=True)
         self.handles: dict[str, InstanceHandle] = {}
         self._watchers: dict[str, asyncio.Task] = {}
         self.forked: set[str] = set()  # instances forked from a zygote: the runtime is the pid itself
-        self.zygotes = Zygotes(settings)
-        self.subreaper = become_subreaper()
+        self.zygotes = Zygotes(settings, self.children)
+        self.subreaper = self.children.become_subreaper()
         self._said_cold = False
 
     async def python_check(self, version: str) -> dict[str, Any]:
-        path, detail = await pythons.find(version)
+        path, detail = await pythons.find(version, self.children.exec)
         return {"available": path is not None, "detail": detail}
 
     async def start(self, spec: InstanceSpec) -> InstanceHandle:
@@ -91,7 +93,7 @@ class ProcessBackend(Backend):
         version = next((f["python"] for f in spec.functions if f.get("python")), None)
         python, env = sys.executable, base_env()
         if version is not None:
-            found, detail = await pythons.find(version)
+            found, detail = await pythons.find(version, self.children.exec)
             if found is None:
                 raise BuildFailed(f"Python {version} is gone from this host: {detail}; deploy again")
             python, env = found, pythons.child_env(env)
@@ -114,7 +116,7 @@ class ProcessBackend(Backend):
             resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
 
         with open(spec.log_path, "ab") as out:
-            proc = await asyncio.create_subprocess_exec(
+            proc = await self.children.exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                 cwd=str(code_dirs[0]), start_new_session=True, preexec_fn=limits,
             )
@@ -127,13 +129,14 @@ class ProcessBackend(Backend):
         """An instance forked from its environment's zygote, or None (logged) to start it cold."""
         request = {"op": "spawn", "id": spec.id, "config": config, "writable": [str(p) for p in code_dirs],
                    "readonly": [str(p) for p in deps], "cwd": str(code_dirs[0]), "memory_bytes": spec.memory_bytes}
-        with open(spec.log_path, "ab") as out:
+        with open(spec.log_path, "ab") as out, self.children.starting():
             try:
                 reply = await self.zygotes.spawn(key, spec.group_id, request, out.fileno())
             except ZygoteUnavailable as exc:
                 log.info("starting the instance cold", instance=spec.id, reason=str(exc))
                 return None
-        pid = int(reply["pid"])
+            pid = int(reply["pid"])
+            self.children.own(pid)  # it becomes our child as the zygote's first child exits; _watch_pid reaps it
         log.info("instance forked", instance=spec.id, pid=pid, env=key or "base", fork_ms=reply.get("fork_ms"),
                  steps_ms=reply.get("steps_ms"))
         handle = self._register(spec, pid, {"env": key, "forked": True, "zygote_pid": reply.get("zygote_pid"),
@@ -163,7 +166,10 @@ class ProcessBackend(Backend):
         """Wait for an instance that asyncio did not start: forked (our child by reparenting) or adopted."""
         assert handle.pid is not None
         if reap:
-            code = await wait_child(handle.pid)
+            try:
+                code = await wait_child(handle.pid)
+            finally:
+                self.children.disown(handle.pid)
         else:
             await wait_child(handle.pid, reap_it=False)
             code = None  # adopted: not our child, its exit code is not ours to read
