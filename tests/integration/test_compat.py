@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -55,7 +55,7 @@ def nuclio_fns(stack: Stack) -> Stack:
 def test_event_as_nuclio_gives_it(nuclio_fns: Stack) -> None:
     s = nuclio_fns
     headers = {"Testheaderkey1": "testHeaderValue1", "X-Mixed-Case": "v"}
-    before = datetime.utcnow()
+    before = datetime.now(timezone.utc).replace(tzinfo=None)
     r = s.anon.post("/evt/path/to/nowhere?x=1&y=2", content=b"testBody", headers=headers)
     assert r.status_code == 200, r.text
     doc = json.loads(r.text)
