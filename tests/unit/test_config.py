@@ -34,6 +34,9 @@ def test_service_specific_env_wins_over_common_then_file(tmp_path: Path) -> None
     ({"NUCLIDE_DOCKER_POOL_SIZE": "two"}, "NUCLIDE_DOCKER_POOL_SIZE"),
     ({"NUCLIDE_DOCKER_POOL_SIZE": "-1"}, "docker_pool_size -1 is out of range 0-64"),
     ({"NUCLIDE_DOCKER_POOL_SIZE": "1000"}, "0 disables the pool"),
+    ({"NUCLIDE_MAX_BODY_CEILING_BYTES": "1024"}, "max_body_ceiling_bytes 1024 must be at least max_body_bytes"),
+    ({"NUCLIDE_MAX_BODY_CEILING_BYTES": str(1 << 30)}, "half the largest message"),
+    ({"NUCLIDE_FUSIONIZER_MODE": "true", "NUCLIDE_HTTP_HOST": "0.0.0.0"}, "must listen on loopback only"),
     ({"NUCLIDE_PORT_BASE": "9k"}, "setting NUCLIDE_PORT_BASE has an invalid value '9k'; expected a whole number"),
     ({"NUCLIDE_PORT_BASE": "65529"}, "port_base 65529 is out of range 1-65528: the stack takes ports 65529 to 65536;"
                                      " choose a base in range with NUCLIDE_PORT_BASE=N or `nuclide up --port-base N`"),
@@ -62,6 +65,11 @@ def test_child_env_round_trips() -> None:
     s = load_settings("gateway", environ={"NUCLIDE_HTTP_PORT": "8123", "NUCLIDE_STOP_INSTANCES_ON_EXIT": "yes"})
     again = load_settings("gateway", environ=s.child_env())
     assert again == s
+
+
+def test_fusionizer_mode_on_loopback() -> None:
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert load_settings("gateway", environ={"NUCLIDE_FUSIONIZER_MODE": "1", "NUCLIDE_HTTP_HOST": host}).fusionizer_mode
 
 
 def test_port_base_derives_every_port_and_a_port_set_on_its_own_wins(tmp_path: Path) -> None:
