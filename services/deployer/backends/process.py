@@ -25,10 +25,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from shared.config import Settings
+from shared.errors import BuildFailed
 from shared.procs import descendants as _descendants, start_time as _start_time
 from shared.logs import get_logger
+from services.deployer import pythons
 from services.deployer.backends.base import Backend, ExitCallback, InstanceHandle, InstanceSpec
 from services.deployer.children import Children
 from services.deployer.sandbox import Mounts, base_env, hidden_paths, wrap
@@ -62,6 +65,10 @@ class ProcessBackend(Backend):
         self.subreaper = self.children.become_subreaper()
         self._said_cold = False
 
+    async def python_check(self, version: str) -> dict[str, Any]:
+        path, detail = await pythons.find(version, self.children.exec)
+        return {"available": path is not None, "detail": detail}
+
     async def start(self, spec: InstanceSpec) -> InstanceHandle:
         inst_dir = self.registry / spec.id
         inst_dir.mkdir(parents=True, exist_ok=True)
@@ -81,16 +88,25 @@ class ProcessBackend(Backend):
         deps = tuple(sorted({Path(f["deps_dir"]).parent for f in spec.functions if f.get("deps_dir")}))
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         key = env_key([f["deps_dir"] for f in spec.functions if f.get("deps_dir")])
-        if self.subreaper and not self.zygotes.unavailable:
+        # a function on another Python 3 (spec.runtime python:3.X) starts cold on that interpreter: the
+        # zygotes are the platform's interpreter
+        version = next((f["python"] for f in spec.functions if f.get("python")), None)
+        python, env = sys.executable, base_env()
+        if version is not None:
+            found, detail = await pythons.find(version, self.children.exec)
+            if found is None:
+                raise BuildFailed(f"Python {version} is gone from this host: {detail}; deploy again")
+            python, env = found, pythons.child_env(env)
+        elif self.subreaper and not self.zygotes.unavailable:
             handle = await self._fork(spec, config, code_dirs, deps, key)
             if handle is not None:
                 return handle
-        elif not self._said_cold:
+        if version is None and not self._said_cold and not (self.subreaper and not self.zygotes.unavailable):
             self._said_cold = True
             log.warning("no zygotes: instances start as fresh interpreters (about 100 ms slower to wake)",
                         reason=self.zygotes.unavailable or "the deployer cannot become a child subreaper")
         mounts = Mounts(writable=code_dirs, readonly=(*deps, config_path), hidden=hidden_paths())
-        argv = wrap(self.settings, [sys.executable, "-m", "services.runtime", str(config_path)], mounts, code_dirs[0])
+        argv = wrap(self.settings, [python, "-m", "services.runtime", str(config_path)], mounts, code_dirs[0])
         memory = spec.memory_bytes
 
         def limits() -> None:
@@ -101,7 +117,7 @@ class ProcessBackend(Backend):
 
         with open(spec.log_path, "ab") as out:
             proc = await self.children.exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=base_env(),
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                 cwd=str(code_dirs[0]), start_new_session=True, preexec_fn=limits,
             )
         handle = self._register(spec, proc.pid, {"env": key})

@@ -101,6 +101,9 @@ class DockerBackend(Backend):
         """Set by the service: group id -> the version it wants (None until it knows), for image removal."""
         self.images.wanted_versions = fn
 
+    async def python_check(self, version: str) -> dict[str, Any]:
+        return await self.images.python_check(version)
+
     async def check_image(self, image: str) -> dict[str, Any]:
         """A registered runtime's image must be local: its id, or a 400 naming it (503 without an engine)."""
         return await self.runners.check_image(image)

@@ -2,7 +2,9 @@
 
 Containers carry ``nuclide.*`` labels (namespace, group, version, instance, functions; a pool
 container generic ones, and the deployer records what it became), use the host network, a
-read-only root filesystem with a tmpfs ``/tmp``, no capabilities, no-new-privileges, user 65534,
+read-only root filesystem with a tmpfs ``/tmp`` (and the code directory a writable copy in a tmpfs,
+``/nuclide/work/<name>/<version>``, as writable as on the process backend), no capabilities,
+no-new-privileges, user 65534,
 memory, CPU and pids limits, and no mounts at all: the instance config travels in the environment
 (or a pool container's stdin), so nothing depends on host paths and the deployer works the
 same when it runs in a container itself. The memory limit is also the instance's RLIMIT_DATA (as
@@ -35,14 +37,25 @@ from shared.errors import BuildFailed, Unavailable
 from shared.logs import get_logger
 from services.deployer.backends.base import ExitCallback, InstanceHandle, InstanceSpec
 from services.deployer.backends.docker.engine import (
-    API_TIMEOUT_S, ENGINE_ERRORS, PING_INTERVAL_S, USER, Engine, container_env, host_config,
+    API_TIMEOUT_S, ENGINE_ERRORS, PING_INTERVAL_S, TMPFS_MAX_BYTES, USER, Engine, container_env, host_config,
 )
+from services.deployer.backends.docker.runner.box import PY_WORK_DIR, UID
 
 log = get_logger(__name__)
 
 CONFIG_ENV = "NUCLIDE_INSTANCE_CONFIG_JSON"
 CONFIG_PATH = "/tmp/nuclide-instance.json"
 EXIT_REPORT_TIMEOUT_S = 15.0  # after a stop: how long to wait for the exit to be reported
+# an image-built instance's start: copy each (source, destination) pair of code directories, then serve in
+# the first; a copy that fails is a function that cannot load (exit 3), named on stderr for the deploy's answer
+COPY_AND_SERVE = f'''first=$2
+while [ "$#" -gt 0 ]; do
+  mkdir -p "$2" && cp -R "$1"/. "$2"/ || {{ echo "nuclide: could not copy the code from $1 into $2" >&2; exit 3; }}
+  shift 2
+done
+cd "$first" || exit 3
+printf "%s" "${CONFIG_ENV}" > {CONFIG_PATH} && exec python3 -m services.runtime {CONFIG_PATH}
+'''
 
 
 class PoolRecords(Protocol):
@@ -120,7 +133,15 @@ class Containers:
 
     async def run(self, spec: InstanceSpec, image: str, functions: list[dict[str, Any]]) -> InstanceHandle:
         client = self.engine.require()
-        config = self.instance_config(spec, functions)
+        # the code directory is writable scratch, as on the process backend: each member's code is copied
+        # from the image (read-only root) into a tmpfs at start, a few ms, and the instance runs there
+        copies: list[str] = []
+        running = []
+        for fc in functions:
+            here = f"{PY_WORK_DIR}/{fc['name']}/{fc['version']}"
+            copies += [fc["code_dir"], here]
+            running.append(dict(fc, code_dir=here))
+        config = self.instance_config(spec, running)
         memory = int(spec.memory_bytes)
         names = [f["name"] for f in functions]
         labels = self.instance_labels(spec, names)
@@ -128,12 +149,13 @@ class Containers:
         spec.log_path.touch()
 
         def create() -> tuple[str, int | None]:
-            host = host_config(client, memory, spec.extra.get("cpu"))
+            size = min(memory, TMPFS_MAX_BYTES)
+            host = host_config(client, memory, spec.extra.get("cpu"), extra_tmpfs={
+                PY_WORK_DIR: f"rw,exec,nosuid,nodev,uid={UID},gid={UID},mode=0700,size={size}"})
             created = client.api.create_container(
                 image, name=f"nuclide-{self.engine.namespace}-{spec.id}", labels=labels, user=USER,
-                working_dir=functions[0]["code_dir"], host_config=host, use_config_proxy=False,
-                command=["/bin/sh", "-c", f'printf "%s" "${CONFIG_ENV}" > {CONFIG_PATH}'
-                                          f" && exec python3 -m services.runtime {CONFIG_PATH}"],
+                working_dir=PY_WORK_DIR, host_config=host, use_config_proxy=False,
+                command=["/bin/sh", "-c", COPY_AND_SERVE, "nuclide-instance", *copies],
                 environment={CONFIG_ENV: json.dumps(config), **container_env()},
             )
             try:

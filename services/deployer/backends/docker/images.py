@@ -47,7 +47,7 @@ from shared.config import Settings
 from shared.errors import BuildFailed
 from shared.logs import get_logger
 from services.deployer.backends.base import InstanceSpec
-from services.deployer.backends.docker.engine import ENGINE_ERRORS, USER, Engine, in_thread
+from services.deployer.backends.docker.engine import ENGINE_ERRORS, USER, Engine, EngineLost, in_thread
 from services.deployer.backends.docker.runner.box import SRC_DIR
 from services.deployer.builder import Builder, env_key, tail
 
@@ -282,16 +282,40 @@ class Images:
             raise BuildFailed(message, {"log_tail": tail(text + ("" if step else "\n" + failed))})
         return text
 
-    async def runtime_image_id(self) -> str:
-        client = self.engine.require()
-        labels = await self.engine.api(self.image_labels, client, self.settings.runtime_image)
+    def runtime_image(self, python: str | None = None) -> str:
+        """The image instances run: the runtime image, or for a function on another Python 3 (``python``
+        "3.X") the runtime built on the Debian release that ships it, ``<runtime image>-py3.X`` (make images
+        with NUCLIDE_IMAGE_PYTHONS)."""
+        image = self.settings.runtime_image
+        if not python:
+            return image
+        repo, sep, tag = image.rpartition(":")
+        if not sep or "/" in tag:  # no tag: the reference means :latest
+            repo, tag = image, "latest"
+        return f"{repo}:{tag}-py{python}"
+
+    async def python_check(self, version: str) -> dict[str, Any]:
+        image = self.runtime_image(version)
+        try:
+            labels = await self.engine.api(self.image_labels, self.engine.require(), image)
+        except (EngineLost, *ENGINE_ERRORS) as exc:
+            return {"available": False, "detail": f"the Docker Engine did not answer ({str(exc)[:200]})"}
         if labels is None:
-            raise BuildFailed(f"the runtime image '{self.settings.runtime_image}' is not in the local Docker Engine;"
+            return {"available": False, "detail": f"the docker backend has no image {image} (build it with"
+                                                  f" NUCLIDE_IMAGE_PYTHONS={version} make images)"}
+        return {"available": True, "detail": image}
+
+    async def runtime_image_id(self, image: str | None = None) -> str:
+        client = self.engine.require()
+        image = image or self.settings.runtime_image
+        labels = await self.engine.api(self.image_labels, client, image)
+        if labels is None:
+            raise BuildFailed(f"the runtime image '{image}' is not in the local Docker Engine;"
                               " build it with 'make images' (nothing is pulled from a registry)")
-        info = await self.engine.api(client.api.inspect_image, self.settings.runtime_image)
+        info = await self.engine.api(client.api.inspect_image, image)
         return str(info["Id"])
 
-    async def env_image(self, runtime_id: str, recipe: Path) -> tuple[str, str]:
+    async def env_image(self, runtime_id: str, recipe: Path, runtime_image: str | None = None) -> tuple[str, str]:
         """The env image of a recipe directory, built when missing; returns (key, tag)."""
         client = self.engine.require()
         requirements = (recipe / "requirements.txt").read_text() if (recipe / "requirements.txt").exists() else ""
@@ -310,7 +334,7 @@ class Images:
                 files["recipe/ca.pem"] = ca
             target = f"{ENVS_DIR}/{key}"
             labels = {"nuclide.kind": "env", "nuclide.env": key, "nuclide.runtime": runtime_id}
-            dockerfile = (f"FROM {self.settings.runtime_image}\n"
+            dockerfile = (f"FROM {runtime_image or self.settings.runtime_image}\n"
                           f"{label_line(labels)}\n"
                           "USER 0:0\n"
                           f"COPY recipe/ {target}/.recipe/\n"
@@ -328,8 +352,8 @@ class Images:
     async def group_image(self, spec: InstanceSpec) -> tuple[str, list[dict[str, Any]]]:
         """The group version's image, built when missing; returns its tag and the functions' in-image config."""
         client = self.engine.require()
-        runtime_id = await self.runtime_image_id()
-        base = self.settings.runtime_image
+        base = self.runtime_image(next((fc["python"] for fc in spec.functions if fc.get("python")), None))
+        runtime_id = await self.runtime_image_id(base)
         envs: dict[str, str] = {}  # env key -> env image tag
         functions: list[dict[str, Any]] = []
         code_dirs: dict[str, Path] = {}
@@ -337,7 +361,7 @@ class Images:
         for i, fc in enumerate(spec.functions):
             in_image = dict(fc, code_dir=f"{FUNCTIONS_DIR}/{fc['name']}/{fc['version']}", deps_dir=None)
             if fc.get("deps_dir"):
-                key, env_tag = await self.env_image(runtime_id, Path(fc["deps_dir"]))
+                key, env_tag = await self.env_image(runtime_id, Path(fc["deps_dir"]), base)
                 envs.setdefault(key, env_tag)
                 in_image["deps_dir"] = f"{ENVS_DIR}/{key}/site"
             code_dirs[f"code{i}"] = Path(fc["code_dir"])

@@ -41,12 +41,12 @@ from services.deployer.backends.docker.runtime_pool import SOURCE_ROOT, RuntimeP
 from services.deployer.backends.refill import Backoff
 from services.deployer.sandbox import base_env
 from services.deployer.backends.docker.runner import box
+from services.deployer.backends.docker.runner.box import PY_WORK_DIR
 
 log = get_logger(__name__)
 
 ADOPTED_POLL_S = 0.5  # how often an adopted runner (not our child) is checked for its exit
 KILL_GRACE_S = 5.0
-PY_WORK_DIR = "/nuclide/work"  # a Python function's fresh code directory per call (warmStart runtime), a tmpfs
 FAST_BACKOFF_S = (5.0, 300.0)  # after a failed fast start: that runtime's images are built this long (doubling)
 
 

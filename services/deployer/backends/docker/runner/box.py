@@ -33,6 +33,7 @@ TMPFS_MAX_BYTES = 256 * 1024 * 1024
 # a warm container's main process: idle until the container is removed (stdin stays open and silent)
 WARM_MAIN = "while read _; do :; done; exec sleep 2147483647"
 MAX_CODE_TAR_BYTES = 256 * 1024 * 1024  # the tmpfs would not hold more
+PY_WORK_DIR = "/nuclide/work"  # a Python function's writable code directory in its container, a tmpfs
 SRC_DIR = "/nuclide/src"  # a built image's copy of the code, from which each container's code directory is filled
 
 
