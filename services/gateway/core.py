@@ -75,6 +75,16 @@ class DeployOutcome:
 
 
 _TRUE = (b"true", b"1", b"yes")
+# never handed to function code: the caller's credentials are for the gateway only
+_CREDENTIALS = frozenset({b"authorization"})
+# read by the gateway's async path (submission, callback, idempotency), not part of the call itself
+_ASYNC_CONTROL = _CREDENTIALS | {b"x-nuclide-async", b"x-callback-url", b"x-idempotency-key"}
+
+
+def function_headers(raw_headers: list, drop: frozenset[bytes] = _CREDENTIALS) -> list[list[str]]:
+    """The request's headers as the function sees them: every path that makes a call of a request uses this."""
+    # names are lowercased by every server we run under, but not by contract: compare them lowercased
+    return [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers if k.lower() not in drop]
 
 
 def _wants_async(raw_headers: list) -> bool:
@@ -559,8 +569,7 @@ class Gateway:
                   mode: str, call_id: str) -> Call:
         """The call to submit to the broker (its future is set by the caller)."""
         name = info.name
-        # the caller's credentials are for the gateway, never for the function
-        headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers if k != b"authorization"]
+        headers = function_headers(raw_headers)
         headers.append(["fusionizer-server-address", self._fusionizer_host])
         content_type = ""
         for k, v in headers:
@@ -626,9 +635,8 @@ class Gateway:
     async def _submit_async(self, name: str, body: bytes, raw_headers: list, call_id: str) -> tuple[int, list, bytes]:
         """202 once the call is durable; its result is kept (GET /calls/{id}) and may be called back."""
         assert self.calls is not None
-        hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
-        forwarded = [[k, v] for k, v in hdrs.items()
-                     if k not in ("authorization", "x-nuclide-async", "x-callback-url", "x-idempotency-key")]
+        hdrs = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
+        forwarded = function_headers(raw_headers, _ASYNC_CONTROL)
         call_id, duplicate = await self.calls.submit(
             name, body, content_type=hdrs.get("content-type", ""), headers=forwarded, source="http", call_id=call_id,
             idempotency_key=hdrs.get("x-idempotency-key") or None,

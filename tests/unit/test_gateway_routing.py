@@ -7,7 +7,7 @@ import time
 import pytest
 
 from services.gateway.broker import FAST_CALL_S, SLOW_INFLIGHT_S, Call, Instance
-from services.gateway.core import match_invoke
+from services.gateway.core import function_headers, match_invoke
 
 
 @pytest.mark.parametrize("method,path,expected", [
@@ -27,6 +27,13 @@ from services.gateway.core import match_invoke
 ])
 def test_match_invoke(method: str, path: str, expected: tuple[str, str] | None) -> None:
     assert match_invoke(method, path) == expected
+
+
+def test_function_headers_drop_credentials_in_any_case_and_keep_the_rest() -> None:
+    raw = [(b"Authorization", b"Bearer t"), (b"x-a", b"1"), (b"AUTHORIZATION", b"Bearer u"), (b"x-a", b"2"),
+           (b"x-nuclide-async", b"true")]
+    assert function_headers(raw) == [["x-a", "1"], ["x-a", "2"], ["x-nuclide-async", "true"]]
+    assert function_headers(raw, frozenset({b"authorization", b"x-nuclide-async"})) == [["x-a", "1"], ["x-a", "2"]]
 
 
 def _inst(credit: int = 33, concurrency: int = 1) -> Instance:
