@@ -25,6 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServiceDied(AssertionError):
+    """A service of the stack exited on its own: fails the wait at once, whatever the wait was for."""
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail with ``what`` after the deadline."""
     deadline = time.monotonic() + timeout_s
@@ -34,6 +38,8 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: 
             value = predicate()
             if value:
                 return value
+        except ServiceDied:
+            raise
         except Exception as exc:  # the condition may raise until it holds
             last_exc = exc
         time.sleep(interval_s)
@@ -91,29 +97,19 @@ class Stack:
         out.close()
 
     def start(self) -> "Stack":
+        """Start every service and wait until the stack is healthy; a service that dies meanwhile fails the test."""
         for name in SERVICES:
             self.start_service(name)
-        try:
-            self.wait_healthy()
-        except AssertionError as exc:
-            # A service killed by a signal while starting (seen: the gateway, SIGABRT, nothing in its
-            # log, about once in 20 stack starts; under investigation) gets one more start, said loudly
-            # on stderr so it stays visible; anything else fails the test as before.
-            died = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None and p.returncode < 0}
-            if not died:
-                raise
-            print(f"\nSTACK START RETRIED: {died} died by a signal while starting ({exc}); faulthandler output:"
-                  f" {[self.service_log(n)[-2000:] for n in died]}", file=sys.stderr)
-            for name in died:
-                self.start_service(name)
-            self.wait_healthy()
+        self.wait_healthy()
         return self
 
     def wait_healthy(self, timeout_s: float = 30.0) -> None:
         def healthy() -> bool:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.service_log(name)[-3000:]}")
+                    code = proc.returncode
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+                    raise ServiceDied(f"{name} {how} while the stack started; its log:\n{self.service_log(name)[-6000:]}")
             return self.anon.get("/healthz", timeout=2).status_code == 200
 
         wait_for(healthy, timeout_s, what="a healthy stack")
