@@ -46,6 +46,16 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: 
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_exc})")
 
 
+def never(predicate: Callable[[], Any], for_s: float, interval_s: float = 0.05, what: str = "condition") -> None:
+    """Fail as soon as ``predicate`` holds during ``for_s``: a bounded look for something that must not happen."""
+    deadline = time.monotonic() + for_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            raise AssertionError(f"{what} happened: {value!r}")
+        time.sleep(interval_s)
+
+
 def make_zip(files: dict[str, str | bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -109,7 +119,8 @@ class Stack:
                 if proc.poll() is not None:
                     code = proc.returncode
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
-                    raise ServiceDied(f"{name} {how} while the stack started; its log:\n{self.service_log(name)[-6000:]}")
+                    log = self.service_log(name)[-6000:]
+                    raise ServiceDied(f"{name} {how} while the stack started; its log:\n{log}")
             return self.anon.get("/healthz", timeout=2).status_code == 200
 
         wait_for(healthy, timeout_s, what="a healthy stack")

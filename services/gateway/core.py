@@ -717,6 +717,9 @@ def make_asgi(gateway: Gateway, control: Any) -> Any:
             if target is not None:
                 await gateway.invoke(scope, receive, send, target[0], target[1])
                 return
+            if scope["method"] == "HEAD":
+                # HEAD is GET without the body (RFC 9110); the HTTP server sends no body for a HEAD request
+                scope = dict(scope, method="GET")
         await control(scope, receive, send)
 
     return app

@@ -142,7 +142,10 @@ def test_native_calls_behave_the_same_fused_or_not(fresh_stack: Stack, fused: bo
     cycle = s.invoke("caller", {"what": "cycle"})
     assert cycle.status_code in (500, 508) and "depth limit" in cycle.text
     assert s.invoke("caller", {"what": "env"}).json() == {"mine": "caller", "theirs": "callee"}
-    assert s.invoke("caller", {"what": "async"}).json()["call_id"]
+    async_id = s.invoke("caller", {"what": "async"}).json()["call_id"]
+    rec = wait_for(lambda: (c := s.client.get(f"/calls/{async_id}").json())["status"] in ("DONE", "FAILED", "DEAD")
+                   and c, 30, what="the call_async call to finish")
+    assert (rec["status"], rec["result"], rec["parent_id"] is not None) == ("DONE", 2, True), rec
 
 
 def test_regroup_under_load_loses_no_call(fresh_stack: Stack) -> None:
