@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -11,9 +12,14 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import httpx
+
+from services.gateway.core import TRACE_FLUSH_S
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shared.ingress import Producer
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("store", "deployer", "gateway", "optimizer")
@@ -166,8 +172,45 @@ class Stack:
             pids.append(int(json.loads(meta.read_text())["pid"]))
         return pids
 
-    def traces(self) -> "TraceListener":
-        return TraceListener(self.endpoints["gateway_pub"])
+    def metrics(self) -> dict[str, float]:
+        """GET /metrics parsed: sample name (with labels) -> value; each sample's '# TYPE' line checked on the way."""
+        r = self.client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+        samples: dict[str, float] = {}
+        typed: set[str] = set()
+        for line in r.text.splitlines():
+            if line.startswith("# TYPE "):
+                _, _, family, kind = line.split()
+                assert kind in ("counter", "gauge"), line
+                typed.add(family)
+            elif line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                assert name.split("{")[0] in typed, f"sample {name} has no # TYPE line"
+                samples[name] = float(value)
+        return samples
+
+    @contextlib.contextmanager
+    def publisher(self) -> Iterator["Producer"]:
+        """A Producer on the topic ingress whose connection is up: a PUB drops what it sends before that
+        (ZeroMQ's slow joiner), so probe messages go out until the gateway counts one (a topic no one has)."""
+        from shared.ingress import Producer
+
+        with Producer(sub_endpoint=self.endpoints["gateway_sub"]) as p:
+            seen = self.metrics()["nuclide_ingress_topic_messages_total"]
+
+            def arrived() -> bool:
+                p.publish("nuclide-test-handshake", b"")
+                return self.metrics()["nuclide_ingress_topic_messages_total"] > seen
+
+            wait_for(arrived, 10, what="the topic ingress to take a message")
+            yield p
+
+    def traces(self, probe: Callable[[], Any] | None = None) -> "TraceListener":
+        """A listener of the call graph; with ``probe`` (something that makes a call) it returns once subscribed."""
+        listener = TraceListener(self.endpoints["gateway_pub"])
+        if probe is not None:
+            listener.wait_subscribed(probe)
+        return listener
 
 
 class TraceListener:
@@ -201,7 +244,25 @@ class TraceListener:
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
-        time.sleep(0.2)  # let the subscription reach the publisher (ZeroMQ's slow-joiner window)
+
+    def wait_subscribed(self, probe: Callable[[], Any], timeout_s: float = 10.0) -> None:
+        """Make a call with ``probe`` until a trace arrives, then forget what the probes left.
+
+        A SUB misses what is published before its subscription reaches the publisher (ZeroMQ's
+        slow joiner); a trace that arrives proves the subscription is up. Probe with an entry call
+        (it adds to ``calls``, not ``edges``) when a test counts edges."""
+        def arrived() -> bool:
+            probe()
+            deadline = time.monotonic() + 5 * TRACE_FLUSH_S
+            while time.monotonic() < deadline:
+                if self.edges or self.calls:
+                    return True
+                time.sleep(0.01)
+            return False
+
+        wait_for(arrived, timeout_s, what="the first trace (the subscription to the gateway's traces)")
+        self.edges.clear()
+        self.calls.clear()
 
     def close(self) -> None:
         self._stop.set()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.server
-import json
 import os
 import signal
 import threading
@@ -15,31 +14,13 @@ import zmq
 
 from shared import protocol
 from shared.ingress import Producer
-from services.gateway.calls import CLAIM_INTERVAL_S
 from shared.procs import alive as _alive
+from services.gateway.calls import CLAIM_INTERVAL_S
 from tests.stack import Stack, free_port, function_yaml, never, wait_for
 
 pytestmark = pytest.mark.integration
 
 HELLO = "def handler(context, event):\n    return 'hello'\n"
-
-
-def metrics(stack: Stack) -> dict[str, float]:
-    """GET /metrics parsed: sample name (with labels) -> value; '# TYPE' lines checked on the way."""
-    r = stack.client.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
-    samples: dict[str, float] = {}
-    typed: set[str] = set()
-    for line in r.text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, family, kind = line.split()
-            assert kind in ("counter", "gauge"), line
-            typed.add(family)
-        elif line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            assert name.split("{")[0] in typed, f"sample {name} has no # TYPE line"
-            samples[name] = float(value)
-    return samples
 
 
 def finished(stack: Stack, call_id: str, timeout_s: float = 30) -> dict[str, Any]:
@@ -53,7 +34,7 @@ def finished(stack: Stack, call_id: str, timeout_s: float = 30) -> dict[str, Any
 
 def test_metrics_has_every_family_the_readme_lists_and_counts_calls(stack: Stack) -> None:
     stack.deploy("m-hello", {"function.yaml": function_yaml("m-hello"), "main.py": HELLO})
-    before = metrics(stack)
+    before = stack.metrics()
     for family in ("nuclide_invocations_total", "nuclide_cold_starts_total", "nuclide_async_submitted_total",
                    "nuclide_async_done_total", "nuclide_ingress_accepted_total", "nuclide_ingress_malformed_total",
                    "nuclide_instances", "nuclide_queued_calls"):
@@ -63,7 +44,7 @@ def test_metrics_has_every_family_the_readme_lists_and_counts_calls(stack: Stack
         assert stack.invoke("m-hello").text == "hello"
     call_id = stack.anon.post("/m-hello", headers={"X-Nuclide-Async": "true"}).json()["call_id"]
     assert finished(stack, call_id)["status"] == "DONE"
-    after = wait_for(lambda: (m := metrics(stack))["nuclide_async_done_total"] > before["nuclide_async_done_total"]
+    after = wait_for(lambda: (m := stack.metrics())["nuclide_async_done_total"] > before["nuclide_async_done_total"]
                      and m, 10, what="the async call in the counters")
     assert after["nuclide_invocations_total"] - before["nuclide_invocations_total"] == 3
     assert after["nuclide_async_submitted_total"] - before["nuclide_async_submitted_total"] == 1
@@ -74,7 +55,7 @@ def test_metrics_has_every_family_the_readme_lists_and_counts_calls(stack: Stack
 
 def test_malformed_ingress_messages_are_counted(stack: Stack) -> None:
     stack.deploy("m-hello", {"function.yaml": function_yaml("m-hello"), "main.py": HELLO})
-    before = metrics(stack)["nuclide_ingress_malformed_total"]
+    before = stack.metrics()["nuclide_ingress_malformed_total"]
     bad = ([b"junk"], [b"NUC1", b"INVOKE", b"\xc1"], [b"NUC1", b"INVOKE", protocol.pack_header({}), b""],
            [b"NUC1", b"RESULT", protocol.pack_header({"function": "m-hello"}), b""])
     after = f"after-{time.time_ns()}"
@@ -89,7 +70,7 @@ def test_malformed_ingress_messages_are_counted(stack: Stack) -> None:
     finally:
         raw.close()
     finished(stack, after)
-    assert metrics(stack)["nuclide_ingress_malformed_total"] == before + len(bad)
+    assert stack.metrics()["nuclide_ingress_malformed_total"] == before + len(bad)
 
 
 # ----- "GET /functions/{name}/logs?tail=N" ----------------------------------------------------------------------
@@ -183,7 +164,7 @@ def test_a_regroup_that_fails_to_build_leaves_the_old_instances_serving(fresh_st
 
 def test_a_full_gateway_blocks_a_push_producer_and_loses_nothing(fresh_stack: Stack) -> None:
     s = fresh_stack
-    before = metrics(s)
+    before = s.metrics()
     store = s.procs["store"].pid
     sent = 0
     stop = threading.Event()
@@ -218,9 +199,9 @@ def test_a_full_gateway_blocks_a_push_producer_and_loses_nothing(fresh_stack: St
     producer.join(30)
     assert not producer.is_alive() and sent >= blocked_at
     # every message sent before and after the block is stored
-    wait_for(lambda: metrics(s)["nuclide_ingress_accepted_total"] - before["nuclide_ingress_accepted_total"] == sent,
+    wait_for(lambda: s.metrics()["nuclide_ingress_accepted_total"] - before["nuclide_ingress_accepted_total"] == sent,
              60, interval_s=0.5, what=f"all {sent} messages to be stored")
-    assert metrics(s)["nuclide_ingress_malformed_total"] == before["nuclide_ingress_malformed_total"]
+    assert s.metrics()["nuclide_ingress_malformed_total"] == before["nuclide_ingress_malformed_total"]
     for call_id in ("hwm-0", f"hwm-{blocked_at - 1}", f"hwm-{sent - 1}"):
         assert s.client.get(f"/calls/{call_id}").json()["error"] == "function 'hwm-nobody' not found"
 
