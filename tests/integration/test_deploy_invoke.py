@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
 import threading
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from tests.stack import Stack, function_yaml, make_zip, wait_for
 from tests.tasks import TASK_A, TASK_B
+from tests.wheels import make_wheel, wheel_dir
 
 pytestmark = pytest.mark.integration
 
@@ -186,6 +190,33 @@ def test_requirements_installed_from_the_package_index(stack: Stack) -> None:
                                   "requirements.txt": "tabulate==0.9.0\n"})
     assert r.json()["state"] == "ready"
     assert stack.invoke("withdeps").text.split() == ["1", "2"]
+
+
+@pytest.fixture(scope="module")
+def wheels() -> Iterator[Path]:
+    """A local wheel directory with nuclidetiny 1.0 and 2.0 (each answers its version)."""
+    path = wheel_dir()
+    for version in ("1.0", "2.0"):
+        make_wheel(path, "nuclidetiny", version, f"VERSION = {version!r}\n")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+TINY = "import nuclidetiny\n\ndef handler(context, event):\n    return nuclidetiny.VERSION\n"
+
+
+def test_requirements_installed_from_a_local_wheel(stack: Stack, wheels: Path) -> None:
+    requirements = f"nuclidetiny @ {(wheels / 'nuclidetiny-1.0-py3-none-any.whl').as_uri()}\n"
+    stack.deploy("tinyreq", {"function.yaml": function_yaml("tinyreq"), "main.py": TINY, "requirements.txt": requirements})
+    assert stack.invoke("tinyreq").text == "1.0"
+
+
+def test_build_commands_install_from_a_local_wheel_directory(stack: Stack, wheels: Path) -> None:
+    build = {"commands": [f"pip install --no-index --find-links {wheels} nuclidetiny==2.0"]}
+    stack.deploy("tinybuild", {"function.yaml": function_yaml("tinybuild", build=build), "main.py": TINY})
+    assert stack.invoke("tinybuild").text == "2.0"
 
 
 def test_fusionizer_task_pair_through_the_gateway(stack: Stack) -> None:
