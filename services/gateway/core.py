@@ -9,7 +9,6 @@ control plane in ``control.py``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import json
 import os
@@ -20,9 +19,10 @@ import zmq
 
 from shared import protocol
 from shared.aiosock import RpcClient
+from shared.auth import check_bearer
 from shared.config import Settings
 from shared.errors import (
-    DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unauthorized, Unavailable,
+    DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unavailable,
 )
 from shared.logs import get_logger
 from shared.names import RESERVED_NAMES
@@ -473,13 +473,7 @@ class Gateway:
     # ----- auth -----------------------------------------------------------------
 
     def check_token(self, authorization: str | bytes | None) -> None:
-        if isinstance(authorization, str):
-            authorization = authorization.encode("latin-1", "replace")
-        if not authorization:
-            raise Unauthorized("missing token: send 'Authorization: Bearer <token>' (nuclide up prints it)")
-        scheme, _, value = authorization.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
-            raise Unauthorized("invalid token: send 'Authorization: Bearer <token>' with the token nuclide up printed")
+        check_bearer(authorization, self.token)
 
     # ----- the invoke path ----------------------------------------------------------
 
