@@ -152,3 +152,23 @@ def test_bwrap_required_but_missing_says_how_to_install(tmp_path: Path, monkeypa
     with pytest.raises(RuntimeError) as info:
         sandbox.bwrap_path(Settings(var_dir=tmp_path, sandbox="bwrap"))
     assert str(info.value) == "sandbox is 'bwrap' but bwrap is not installed; apt-get install bubblewrap"
+
+
+def test_install_paths_are_the_interpreter_and_the_checkout() -> None:
+    import sys
+
+    import services
+
+    paths = sandbox.install_paths()
+    assert paths == tuple(sorted({Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
+                                  Path(services.__file__).resolve().parent.parent}))
+    assert Path("/") not in paths
+
+
+def test_an_interpreter_installed_at_the_root_binds_nothing_over_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import services
+
+    monkeypatch.setattr(sandbox, "sys", SimpleNamespace(prefix="/", base_prefix="/"))
+    assert sandbox.install_paths() == (Path(services.__file__).resolve().parent.parent,)
