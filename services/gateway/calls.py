@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
+from shared import protocol
 from shared.errors import DeadlineExceeded, InvalidRequest, NotFound, NuclideError, Unavailable
 from shared.failures import bounded, result_error
 from shared.logs import get_logger
@@ -411,7 +412,8 @@ class AsyncCalls:
         if room <= 0:
             return
         assert self.gw.store is not None
-        metas, payloads = await self.gw.store.call_with_bodies("calls.claim", {"owner": self.boot, "limit": min(room, 2000)},
+        limit = min(room, protocol.MAX_BATCH)  # the store hands out no more: each payload is a frame of its reply
+        metas, payloads = await self.gw.store.call_with_bodies("calls.claim", {"owner": self.boot, "limit": limit},
                                                                timeout_s=10.0)
         now = time.time()
         for meta, payload in zip(metas, payloads):
@@ -431,7 +433,7 @@ class AsyncCalls:
                 self._dispatch(ac)
             else:
                 self._dispatch(ac)
-        if len(metas) == min(room, 2000) and self._claim_wanted is not None:
+        if len(metas) == limit and self._claim_wanted is not None:  # a full batch: more may be waiting
             self._claim_wanted.set()
 
 

@@ -404,6 +404,13 @@ def build_control_app(gw: Gateway) -> FastAPI:
                           tags=["functions"], status_code=204)
     app.add_api_route("/functions/{name}/logs", function_logs, methods=["GET"], dependencies=auth, tags=["functions"])
 
+    async def put_unroutable(path: str) -> None:
+        """A PUT no route above takes names no deployable function (it has a '/'): a 400 saying why."""
+        validate_function_name(path.removeprefix("functions/"))
+        raise InvalidRequest(f"PUT /{path} is not a route: deploy with PUT /{{name}} or PUT /functions/{{name}}")
+
+    app.add_api_route("/{path:path}", put_unroutable, methods=["PUT"], dependencies=auth, include_in_schema=False)
+
     @app.get("/", tags=["system"])
     async def root() -> dict[str, Any]:
         return {"name": "nuclide", "docs": "/docs", "health": "/healthz"}
