@@ -225,8 +225,8 @@ class _HeldHook(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_callback_is_not_posted_again_after_the_gateway_dies_posting_it(fresh_stack: Stack) -> None:
-    s = fresh_stack
+def test_a_callback_is_not_posted_again_after_the_gateway_dies_posting_it(callback_stack: Stack) -> None:
+    s = callback_stack
     s.deploy("cb-once", {"function.yaml": function_yaml("cb-once"), "main.py": HELLO})
     _HeldHook.received.clear()
     _HeldHook.release.clear()
