@@ -159,8 +159,8 @@ def test_nuclide_up_runs_and_stops_everything(tmp_path: Path) -> None:
         token = next(line.split()[-1] for line in lines if "token:" in line)
         assert f"http://127.0.0.1:{port}" in banner
         assert (tmp_path / "var" / "token").stat().st_mode & 0o777 == 0o600
-        # the README: cli.json, written by `nuclide up`, mode 0600 (it holds the token)
-        for cli_json in (tmp_path / "var" / "cli.json", tmp_path / "cfg" / "nuclide" / "cli.json"):
+        # the README: the CLI's credentials file, written by `nuclide up`, mode 0600 (it holds the token)
+        for cli_json in (tmp_path / "cfg" / "nuclide" / "cli.json",):
             assert cli_json.stat().st_mode & 0o777 == 0o600, f"{cli_json} is {cli_json.stat().st_mode & 0o777:o}"
             assert token in cli_json.read_text()
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
