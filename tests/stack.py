@@ -78,6 +78,22 @@ def never(predicate: Callable[[], Any], for_s: float, interval_s: float = 0.05, 
         time.sleep(interval_s)
 
 
+def parse_metrics(response: httpx.Response) -> dict[str, float]:
+    """A GET /metrics answer parsed with prometheus_client's parser: 'name' or 'name{label="value",...}' (labels
+    sorted) -> value. Fails on a non-200 answer and on a sample whose family has no '# TYPE' line."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain"), response.text
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        # the parser calls a family without a TYPE line "unknown", as it does one typed "untyped"
+        assert family.type != "unknown" or f"# TYPE {family.name} untyped" in response.text, family
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
 def make_zip(files: dict[str, str | bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -191,21 +207,9 @@ class Stack:
         return pids
 
     def metrics(self) -> dict[str, float]:
-        """GET /metrics parsed: sample name (with labels) -> value; each sample's '# TYPE' line checked on the way."""
-        r = self.client.get("/metrics")
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
-        samples: dict[str, float] = {}
-        typed: set[str] = set()
-        for line in r.text.splitlines():
-            if line.startswith("# TYPE "):
-                _, _, family, kind = line.split()
-                assert kind in ("counter", "gauge"), line
-                typed.add(family)
-            elif line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                assert name.split("{")[0] in typed, f"sample {name} has no # TYPE line"
-                samples[name] = float(value)
-        return samples
+        """GET /metrics parsed by prometheus_client's own parser: sample name (with labels, in the order the
+        gateway wrote them) -> value. A sample outside a typed family fails the parse."""
+        return parse_metrics(self.client.get("/metrics"))
 
     @contextlib.contextmanager
     def publisher(self) -> Iterator["Producer"]:

@@ -38,6 +38,7 @@ from shared.logs import get_logger
 from shared.netpolicy import CallbackPolicy
 from shared.triggers import DEFAULT_RETRY, backoff_s
 from services.gateway.broker import Call
+from services.gateway.telemetry import Telemetry
 
 if TYPE_CHECKING:  # pragma: no cover
     from shared.aiosock import RpcClient
@@ -89,6 +90,7 @@ class CallsHost(Protocol):
     store: RpcClient | None
     broker: Broker | None
     feed: StateFeed | None
+    telemetry: Telemetry
 
     def new_call_id(self) -> str: ...
 
@@ -246,12 +248,15 @@ class AsyncCalls:
         }
         fut = asyncio.get_running_loop().create_future()
         assert gw.broker is not None
-        if gw.touch(info):
+        cold = gw.touch(info)
+        if cold:
             self._update({"id": ac.id, "cold_start": 1})
+        gw.telemetry.started(ac.function, cold)
+        dispatched = time.monotonic()
         gw.broker.submit(Call(ac.id, ac.function, header, ac.payload, fut, info.timeout_s), bounded=False)
-        fut.add_done_callback(lambda f: self._attempt_done(ac, f))
+        fut.add_done_callback(lambda f: self._attempt_done(ac, f, dispatched))
 
-    def _attempt_done(self, ac: AsyncCall, fut: asyncio.Future) -> None:
+    def _attempt_done(self, ac: AsyncCall, fut: asyncio.Future, dispatched: float) -> None:
         if fut.cancelled():
             return
         exc = fut.exception()
@@ -263,12 +268,14 @@ class AsyncCalls:
                 # duration gives when it really started, so durations and timings are true
                 self._update({"id": ac.id, "started_at": time.time() - took_ms / 1000})
             status = int(result.get("status", 200))
+            self.gw.telemetry.finished(ac.function, status, time.monotonic() - dispatched)
             if status < 500:
                 self._finish(ac, "DONE", code=status, content_type=result.get("content_type") or "", body=body)
                 return
             error = result_error(result, body)
         else:
             status = getattr(exc, "http_status", 500)
+            self.gw.telemetry.finished(ac.function, status, time.monotonic() - dispatched)
             error = bounded(exc.message if isinstance(exc, NuclideError) else repr(exc))
             if isinstance(exc, NotFound):
                 self._finish(ac, "FAILED", code=404, error=error)
@@ -278,6 +285,7 @@ class AsyncCalls:
         if ac.attempts < ac.max_attempts and time.time() - ac.queued_at < retry["max_event_age_s"]:
             delay = backoff_s(retry, ac.attempts)
             self.counters["retried"] += 1
+            self.gw.telemetry.retried(ac.function)
             self._update({"id": ac.id, "status": "PENDING", "error": error, "next_attempt_at": time.time() + delay})
             asyncio.get_running_loop().call_later(delay, self._redispatch, ac)
             return
@@ -301,6 +309,8 @@ class AsyncCalls:
             update["result_content_type"] = content_type
         self._update(update, body)
         self.counters[status.lower()] = self.counters.get(status.lower(), 0) + 1
+        if ac.function in self.gw.functions:  # a name no function has never becomes a label
+            self.gw.telemetry.async_finished(ac.function, status)
         if ac.callback_url and ac.callback_state != "sending":
             self._spawn(self._callback(ac, status, code, content_type, body or b"", error))
         # room for calls waiting unowned in the store

@@ -12,11 +12,13 @@ import json
 import math
 import re
 import secrets
+import time
 from typing import Any
 
 import yaml
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import UploadFile
 
 from shared.archive import make_zip
@@ -132,7 +134,9 @@ def build_control_app(gw: Gateway) -> FastAPI:
         gw.apply_function(result["function"])
         if not wait:
             return JSONResponse(result["function"], status_code=202)
+        waited_from = time.monotonic()
         outcome = await gw.wait_deployed(result["group_id"], int(result["group_version"]), gw.settings.deploy_timeout_s)
+        gw.telemetry.deploy_waited(name, outcome.ok, time.monotonic() - waited_from)
         desc = await describe(name)
         if not outcome.ok:
             exc = BuildFailed(f"deploying '{name}' version {result['version']} failed: {outcome.error}",
@@ -160,9 +164,9 @@ def build_control_app(gw: Gateway) -> FastAPI:
         return JSONResponse(parts, status_code=200 if ok else 503)
 
     @app.get("/metrics", dependencies=auth, tags=["system"])
-    async def metrics() -> PlainTextResponse:
-        """Counters in Prometheus' text format (invocations, cold starts, async calls, ingress, instances)."""
-        return PlainTextResponse(gw.metrics(), media_type="text/plain; version=0.0.4")
+    async def metrics() -> Response:
+        """Prometheus' text format: OpenFaaS's gateway_* families per function, nuclide_* ones (README "Metrics")."""
+        return Response(gw.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/functions", dependencies=auth, tags=["functions"])
     async def list_functions() -> JSONResponse:

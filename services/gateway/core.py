@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import zmq
+from prometheus_client import generate_latest
 
 from shared import protocol
 from shared.aiosock import RpcClient
@@ -33,6 +34,7 @@ from services.gateway.broker import Broker, Call, Instance
 from services.gateway.calls import AsyncCalls
 from services.gateway.http import valid_header
 from services.gateway.ingress import Ingress
+from services.gateway.telemetry import Telemetry, registry_for
 from shared.triggers import DEFAULT_RETRY, max_body_bytes, validate_triggers
 
 log = get_logger(__name__)
@@ -124,6 +126,7 @@ class _DirectAnswer:
         if not isinstance(exc, NuclideError):
             exc = NuclideError(str(exc))
         self.gateway._record(call.call_id, call.function, call.wall, "FAILED", exc.http_status, exc.message, call.cold)
+        self.gateway.telemetry.call_done(call, exc.http_status)
         self.req.respond(*self.gateway.answer(self.req.headers, self.gateway.error_response(exc, call.call_id)))
 
 
@@ -145,6 +148,8 @@ class Gateway:
         self.last_used: dict[str, float] = {}  # group id -> monotonic time of its last call
         self._waking: set[str] = set()
         self.counters = {"invocations": 0, "cold_starts": 0, "scaled_to_zero": 0, "woken": 0}
+        self.telemetry = Telemetry()  # per-function counters, rendered by GET /metrics (telemetry.py)
+        self._metrics_registry = registry_for(self)
         self._started_mono = time.monotonic()
         self.deploy_waiters: dict[tuple[str, int], asyncio.Future] = {}
         self.regroup_waiters: dict[int, asyncio.Future] = {}  # regroup id -> its record once it ended
@@ -324,31 +329,9 @@ class Gateway:
                 except NuclideError as exc:
                     log.warning("could not scale to zero", group=gid, error=exc.message)
 
-    def metrics(self) -> str:
-        """Prometheus text format."""
-        lines = []
-
-        def counter(name: str, value: float, help_text: str, labels: str = "") -> None:
-            lines.append(f"# HELP nuclide_{name} {help_text}")
-            lines.append(f"# TYPE nuclide_{name} counter")
-            lines.append(f"nuclide_{name}{labels} {value}")
-
-        counter("invocations_total", self.counters["invocations"], "HTTP invocations through this gateway")
-        counter("cold_starts_total", self.counters["cold_starts"], "invocations that waited for an instance to start")
-        counter("scaled_to_zero_total", self.counters["scaled_to_zero"], "groups scaled to zero after idling")
-        counter("wakeups_total", self.counters["woken"], "scaled-to-zero groups woken by a call")
-        if self.calls is not None:
-            for key, value in self.calls.counters.items():
-                counter(f"async_{key}_total", value, f"async calls: {key}")
-        if self.ingress is not None:
-            for key, value in self.ingress.counters.items():
-                counter(f"ingress_{key}_total", value, f"ZeroMQ ingress: {key}")
-        if self.broker is not None:
-            lines.append("# TYPE nuclide_instances gauge")
-            lines.append(f"nuclide_instances {len(self.broker.instances)}")
-            lines.append("# TYPE nuclide_queued_calls gauge")
-            lines.append(f"nuclide_queued_calls {sum(len(q) for q in self.broker.queues.values())}")
-        return "\n".join(lines) + "\n"
+    def metrics(self) -> bytes:
+        """Prometheus text format (the families are listed in services/gateway/telemetry.py)."""
+        return generate_latest(self._metrics_registry)
 
     def _on_stuck(self, inst: Instance, call: Call) -> None:
         """An instance kept a call past its timeout without answering: have the deployer replace it."""
@@ -423,6 +406,7 @@ class Gateway:
             if not self.trace_edges and not self.trace_calls:
                 continue
             summed, self.trace_edges = self.trace_edges, {}
+            self.telemetry.add_edges(summed.items())
             calls, self.trace_calls = self.trace_calls, []
             # [caller, callee, sync, local, mean ms, calls]
             edges = [[*key, round(total / n, 3), int(n)] for key, (n, total) in summed.items()]
@@ -575,12 +559,12 @@ class Gateway:
             info = self._check_access(name, raw_headers)
         call = self._new_call(info, scope["method"], path, scope["query_string"], raw_headers, body, mode, call_id)
         fut = call.future = asyncio.get_running_loop().create_future()
-        assert self.broker is not None
-        self.broker.submit(call)
+        self._submit(call)
         try:
             result, rbody = await fut
         except NuclideError as exc:
             self._record(call_id, name, call.wall, "FAILED", exc.http_status, exc.message, call.cold)
+            self.telemetry.call_done(call, exc.http_status)
             raise
         return self._finish(call, result, rbody)
 
@@ -601,10 +585,18 @@ class Gateway:
             info = self._check_access(req.name, req.headers)
             call = self._new_call(info, req.method, req.path, req.query, req.headers, req.body, req.mode, call_id)
             call.future = _DirectAnswer(self, req, call)
-            assert self.broker is not None
-            self.broker.submit(call)
+            self._submit(call)
         except NuclideError as exc:
             req.respond(*self.answer(req.headers, self.error_response(exc, call_id)))
+
+    def _submit(self, call: Call) -> None:
+        """Hand a sync call to the broker; one it refuses (its queue is full) is answered, so counted, here."""
+        assert self.broker is not None
+        try:
+            self.broker.submit(call)
+        except NuclideError as exc:
+            self.telemetry.call_done(call, exc.http_status)
+            raise
 
     def body_limit(self, name: str) -> int:
         """The largest invocation body ``name`` takes: its http trigger's maxRequestBodySize, else max_body_bytes;
@@ -700,6 +692,7 @@ class Gateway:
         self.counters["invocations"] += 1
         if call.cold:
             self.counters["cold_starts"] += 1
+        self.telemetry.started(name, call.cold)
         return call
 
     def _finish(self, call: Call, result: dict[str, Any], rbody: bytes) -> tuple[int, list, bytes]:
@@ -708,6 +701,7 @@ class Gateway:
         status = int(result.get("status", 200))
         took_ms = round((time.time() - call.wall) * 1000, 3)
         self.trace_calls.append([name, took_ms, status])
+        self.telemetry.call_done(call, status)
         if status < 500:
             self._record(call.call_id, name, call.wall, "DONE", status, None, call.cold)
         else:
