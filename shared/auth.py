@@ -35,13 +35,20 @@ def load_or_create_token(settings: Settings) -> str:
     return token
 
 
-def check_bearer(authorization: str | bytes | None, token: bytes) -> None:
-    """Raise Unauthorized unless ``authorization`` is ``Bearer <token>`` (the scheme in any case)."""
+def bearer_is(authorization: str | bytes | None, token: bytes) -> bool:
+    """True when ``authorization`` is ``Bearer <token>`` (the scheme in any case) and ``token`` is not empty."""
     if isinstance(authorization, str):
         authorization = authorization.encode("latin-1", "replace")
-    if not authorization:
-        raise Unauthorized("missing token: send 'Authorization: Bearer <token>' (nuclide up prints it)")
+    if not authorization or not token:
+        return False
     scheme, _, value = authorization.partition(b" ")
     # compare_digest: how long the comparison takes says nothing about how much of the token matched
-    if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), token):
+    return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token)
+
+
+def check_bearer(authorization: str | bytes | None, token: bytes) -> None:
+    """Raise Unauthorized unless ``authorization`` is ``Bearer <token>`` (the scheme in any case)."""
+    if not authorization:
+        raise Unauthorized("missing token: send 'Authorization: Bearer <token>' (nuclide up prints it)")
+    if not bearer_is(authorization, token):
         raise Unauthorized("invalid token: send 'Authorization: Bearer <token>' with the token nuclide up printed")

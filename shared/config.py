@@ -62,6 +62,9 @@ FUSIONIZER_MODE_WARNING = ("fusionizer_mode is on: the control API (deploy, dele
 class Settings:
     var_dir: Path = Path("var")
     token: Secret = Secret("")
+    # a second token that GET /metrics takes besides the API token, and no other route: what a Prometheus
+    # scrape config holds, so it never holds the token that deploys and deletes; empty: /metrics needs the token
+    metrics_token: Secret = Secret("")
     # HTTP
     http_host: str = "127.0.0.1"
     http_port: int = 8000
@@ -171,6 +174,13 @@ class Settings:
             raise ConfigError(f"backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if self.sandbox not in SANDBOX_MODES:
             raise ConfigError(f"sandbox {self.sandbox!r} is unknown; use one of {', '.join(SANDBOX_MODES)}")
+        if self.metrics_token and self.metrics_token == self.token:
+            raise ConfigError("metrics_token is the API token: a scrape config would then hold the token that"
+                              " deploys and deletes; set metrics_token to a token of its own (or leave it empty)")
+        if self.metrics_token != self.metrics_token.strip() or " " in self.metrics_token:
+            raise ConfigError("metrics_token has spaces in it; an Authorization header cannot carry them: use a"
+                              " token without spaces, e.g. one from `python3 -c 'import secrets;"
+                              " print(secrets.token_urlsafe(32))'`")
         if not 0 < self.http_port < 65536:
             raise ConfigError(f"http_port {self.http_port} is out of range 1-65535")
         if self.fusionizer_mode and not is_loopback(self.http_host):

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import UploadFile
 
 from shared.archive import make_zip
+from shared.auth import bearer_is
 from shared.config import FUSIONIZER_MODE_WARNING
 from shared.errors import BuildFailed, Conflict, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, Unavailable
 from shared.names import validate_function_name
@@ -62,6 +63,13 @@ def build_control_app(gw: Gateway) -> FastAPI:
         gw.check_token(request.headers.get("authorization"))
 
     auth = [Depends(require_token)]
+    metrics_token = gw.settings.metrics_token.encode()
+
+    async def require_scrape_token(request: Request) -> None:
+        """The API token, or the scrape-only metrics_token (accepted on this route alone)."""
+        if bearer_is(request.headers.get("authorization"), metrics_token):
+            return
+        await require_token(request)
 
     async def read_upload(request: Request) -> bytes:
         limit = gw.settings.max_zip_bytes
@@ -163,7 +171,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
             parts["warning"] = FUSIONIZER_MODE_WARNING
         return JSONResponse(parts, status_code=200 if ok else 503)
 
-    @app.get("/metrics", dependencies=auth, tags=["system"])
+    @app.get("/metrics", dependencies=[Depends(require_scrape_token)], tags=["system"])
     async def metrics() -> Response:
         """Prometheus' text format: OpenFaaS's gateway_* families per function, nuclide_* ones (README "Metrics")."""
         return Response(gw.metrics(), media_type=CONTENT_TYPE_LATEST)

@@ -41,6 +41,8 @@ def test_service_specific_env_wins_over_common_then_file(tmp_path: Path) -> None
     ({"NUCLIDE_PORT_BASE": "65529"}, "port_base 65529 is out of range 1-65528: the stack takes ports 65529 to 65536;"
                                      " choose a base in range with NUCLIDE_PORT_BASE=N or `nuclide up --port-base N`"),
     ({"NUCLIDE_PORT_BASE": "-8"}, "port_base -8 is out of range 1-65528"),
+    ({"NUCLIDE_TOKEN": "same", "NUCLIDE_METRICS_TOKEN": "same"}, "metrics_token is the API token"),
+    ({"NUCLIDE_METRICS_TOKEN": "two words"}, "metrics_token has spaces in it"),
 ])
 def test_bad_values_fail_fast_naming_the_setting(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -56,9 +58,10 @@ def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
 
 
 def test_token_hides_itself() -> None:
-    s = load_settings("gateway", environ={"NUCLIDE_TOKEN": "s3cret"})
+    s = load_settings("gateway", environ={"NUCLIDE_TOKEN": "s3cret", "NUCLIDE_METRICS_TOKEN": "scr4pe"})
     assert isinstance(s.token, Secret) and s.token == "s3cret"
-    assert "s3cret" not in repr(s)
+    assert isinstance(s.metrics_token, Secret) and s.metrics_token == "scr4pe"
+    assert "s3cret" not in repr(s) and "scr4pe" not in repr(s)
 
 
 def test_child_env_round_trips() -> None:
