@@ -29,7 +29,7 @@ def finished(stack: Stack, call_id: str, timeout_s: float = 30) -> dict[str, Any
                     what=f"call {call_id} to finish")
 
 
-# ----- "GET /metrics | Prometheus counters: invocations, cold starts, async calls, ingress, instances" ---------
+# ----- "GET /metrics": the gateway's totals the README's Metrics section lists ---------------------------------
 
 
 def test_metrics_has_every_family_the_readme_lists_and_counts_calls(stack: Stack) -> None:
