@@ -22,9 +22,9 @@ if TYPE_CHECKING:
     from tests.bench.harness import Bench
 
 # imported in this order; the report lists scenarios in registration order
-SCENARIO_MODULES = ("tests.bench.sync_invoke", "tests.bench.cold_start", "tests.bench.density",
-                    "tests.bench.async_throughput", "tests.bench.fusion_chain", "tests.bench.docker_cold_start",
-                    "tests.bench.pending")
+SCENARIO_MODULES = ("tests.bench.sync_invoke", "tests.bench.scraped_invoke", "tests.bench.cold_start",
+                    "tests.bench.density", "tests.bench.async_throughput", "tests.bench.fusion_chain",
+                    "tests.bench.docker_cold_start", "tests.bench.pending")
 
 RunFn = Callable[["Bench", ScenarioResult], None]
 
