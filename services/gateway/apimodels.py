@@ -203,3 +203,4 @@ class RootInfo(_Open):
     name: str
     docs: str
     health: str
+    ui: str = Field(description="the web dashboard")

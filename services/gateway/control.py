@@ -27,6 +27,7 @@ from shared.spec import HOST_RUNTIME, FunctionSpec, other_python, read_function
 from services.gateway import fusionizer
 from services.gateway.core import Gateway, error_payload
 from services.gateway.openapi import make_control_app
+from services.gateway.ui import UI_URL, mount_dashboard
 
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
 MAX_CALLS_PAGE = 1000  # GET /calls: calls per page
@@ -44,6 +45,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
         " by the lean invoke path; services/gateway/openapi.py documents them and every body.",
         version="0.1.0",
     )
+    mount_dashboard(app)  # before the routes: GET /{name} would take /ui
 
     def text_mode(request: Request) -> bool:
         return fusionizer.wants_text(request.headers.get("accept"), gw.settings.fusionizer_mode)
@@ -406,6 +408,6 @@ def build_control_app(gw: Gateway) -> FastAPI:
 
     @app.get("/", tags=["system"])
     async def root() -> dict[str, Any]:
-        return {"name": "nuclide", "docs": "/docs", "health": "/healthz"}
+        return {"name": "nuclide", "docs": "/docs", "health": "/healthz", "ui": UI_URL + "/"}
 
     return app
