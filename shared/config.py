@@ -52,6 +52,12 @@ MAX_PORT_BASE = 65535 - (len(PORT_KEYS) - 1)
 PORT_BASE_HOW = "NUCLIDE_PORT_BASE=N or `nuclide up --port-base N`"
 
 
+# what the gateway and `nuclide up` say when fusionizer_mode is on
+FUSIONIZER_MODE_WARNING = ("fusionizer_mode is on: the control API (deploy, delete, groups, calls) takes requests"
+                           " with no token from anything that reaches this loopback address; turn it off outside a"
+                           " test setup")
+
+
 @dataclass(frozen=True)
 class Settings:
     var_dir: Path = Path("var")
