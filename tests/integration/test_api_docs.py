@@ -24,6 +24,8 @@ pytestmark = pytest.mark.integration
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 # pages for people, not API operations: the docs themselves and the dashboard
 PAGES = {"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", DOCS_STATIC_URL, "/ui"}
+# routes that only refuse, with a 400 naming the real routes: a PUT of a path no function can have
+REFUSALS = {"/{path:path}"}
 # request paths of every shape the invoke path takes, besides those made from FastAPI's routes
 INVOKE_SHAPES = ("/fn", "/fn/", "/fn/a", "/fn/a/b", "/functions/fn/invoke", "/functions/fn/invoke/a/b",
                  "/functions/fn/execute", "/functions/fn/execute/x", "/async-function/fn", "/async-function/fn/a/b",
@@ -75,6 +77,8 @@ def test_every_route_the_gateway_answers_is_in_the_schema(stack: Stack) -> None:
                 continue
             route = answered_by_control(app, method, path)
             if route is None:
+                continue
+            if getattr(route, "path", None) in REFUSALS:
                 continue
             if isinstance(route, APIRoute) and route.path not in PAGES:
                 if not documented(schema, method, path):
