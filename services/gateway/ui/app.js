@@ -1,5 +1,7 @@
 // nuclide dashboard: a single page over the gateway's JSON API (see /docs). Plain JavaScript, no build step.
 // The token lives in sessionStorage (this tab only) and goes out as "Authorization: Bearer".
+// One file of ~500 lines on purpose: without a build step or module loader, one script is what the page loads;
+// it is split into a section per page below.
 "use strict";
 
 const ROOT = location.pathname.replace(/\/ui(\/.*)?$/, "");  // the gateway's base path (behind a proxy too)
