@@ -30,6 +30,8 @@ from shared.runtimes import DEFAULT_WARM_START, parse_runtime
 from shared.spec import HOST_RUNTIME, FunctionSpec, other_python, read_function
 from services.gateway import fusionizer
 from services.gateway.core import Gateway, error_payload
+from services.gateway.openapi import make_control_app
+from services.gateway.ui import UI_URL, mount_dashboard
 
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
 MAX_CALLS_PAGE = 1000  # GET /calls: calls per page
@@ -41,12 +43,13 @@ def _truthy(value: str | None) -> bool:
 
 
 def build_control_app(gw: Gateway) -> FastAPI:
-    app = FastAPI(
+    app = make_control_app(
         title="nuclide",
-        description="Self-hosted serverless platform for Python functions. Invoke routes (POST /{name}, "
-        "POST /functions/{name}/invoke, POST /functions/{id}/execute) are served by the lean invoke path.",
+        description="Self-hosted serverless platform for Python functions. Invoke routes (tag `invoke`) are served"
+        " by the lean invoke path; services/gateway/openapi.py documents them and every body.",
         version="0.1.0",
     )
+    mount_dashboard(app)  # before the routes: GET /{name} would take /ui
 
     def text_mode(request: Request) -> bool:
         return fusionizer.wants_text(request.headers.get("accept"), gw.settings.fusionizer_mode)
@@ -425,6 +428,6 @@ def build_control_app(gw: Gateway) -> FastAPI:
 
     @app.get("/", tags=["system"])
     async def root() -> dict[str, Any]:
-        return {"name": "nuclide", "docs": "/docs", "health": "/healthz"}
+        return {"name": "nuclide", "docs": "/docs", "health": "/healthz", "ui": UI_URL + "/"}
 
     return app

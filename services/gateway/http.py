@@ -145,6 +145,7 @@ class AsgiCycle:
         self.body = bytearray()
         self.dropped = 0
         self.more_body = True
+        self.delivered = False  # the app has received the whole body
         self.event = asyncio.Event()
         self.started = False  # the task runs
         self.response_started = False
@@ -192,10 +193,16 @@ class AsgiCycle:
             if self.more_body and not self.body:
                 self.event.clear()
                 await self.event.wait()
+            # once the whole body was handed over, the next message is the disconnect: an app that listens
+            # for it while it streams (Starlette's FileResponse and StreamingResponse) must wait here, not spin
+            while self.delivered and not (conn.closed or self.response_complete):
+                self.event.clear()
+                await self.event.wait()
         if conn.closed or self.response_complete:
             return {"type": "http.disconnect"}
         body = bytes(self.body)
         self.body.clear()
+        self.delivered = not self.more_body
         return {"type": "http.request", "body": body, "more_body": self.more_body}
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -251,6 +258,7 @@ class AsgiCycle:
             if self.chunked and not head_only:
                 parts.append(b"0\r\n\r\n")
             self.response_complete = True
+            self.event.set()  # a receive() waiting for the disconnect returns
         if parts and not conn.closed:
             conn.transport.write(b"".join(parts))
         if self.response_complete:

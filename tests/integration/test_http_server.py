@@ -220,6 +220,18 @@ def test_control_plane_and_invokes_share_a_connection(http_stack: Stack) -> None
         assert read_response(sock, buf, head=True)[0] == 200
 
 
+def test_a_file_the_control_plane_streams_arrives_whole_and_the_connection_stays_usable(http_stack: Stack) -> None:
+    # Starlette streams a file while it listens for the client's disconnect; the server must make that
+    # listener wait, not answer it at once forever (the gateway's loop would spin and answer nothing)
+    with connect(http_stack) as sock:
+        buf = bytearray()
+        sock.sendall(b"GET /docs/static/swagger-ui.css HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = read_response(sock, buf)
+        assert status == 200 and len(body) == int(headers["content-length"]) > 10_000
+        sock.sendall(b"POST /hecho HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+        assert read_response(sock, buf)[2] == b"ok"
+
+
 def test_idle_keep_alive_connections_are_closed(http_stack: Stack) -> None:
     with connect(http_stack) as sock:
         sock.sendall(b"POST /hecho HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")

@@ -1,0 +1,206 @@
+"""The shapes of the HTTP API's bodies, as pydantic models: what /openapi.json publishes.
+
+The handlers read and write these bodies themselves (a zip streams in, errors keep the
+project's own messages instead of FastAPI's 422), so these models document them and
+tests check real answers against them; they are not a validation layer. Every model
+allows extra fields, because fields are only ever added (STYLE.md, rule 2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ----- errors --------------------------------------------------------------------------
+
+
+class ErrorDetail(_Open):
+    code: str = Field(description="a stable wire code: not_found, invalid_request, conflict, build_failed, ...")
+    message: str = Field(description="what went wrong and what to do")
+    details: dict[str, Any] | None = Field(None, description="e.g. the build log's tail (log_tail) of a failed deploy")
+
+
+class ErrorBody(_Open):
+    error: ErrorDetail
+
+
+# ----- functions -----------------------------------------------------------------------
+
+
+class GroupRef(_Open):
+    id: str
+    version: int = Field(description="the group version that serves")
+    tasks: list[str] = Field(description="the functions deployed together in this group (fused)")
+
+
+class Replicas(_Open):
+    desired: int
+    ready: int
+
+
+class FunctionDescription(_Open):
+    name: str
+    id: str
+    version: int | None = Field(description="the version that serves (None until one is ready)")
+    latest_version: int
+    latest_version_state: str | None
+    state: str = Field(description="deploying, ready or failed")
+    runtime: str | None
+    handler: str | None
+    description: str
+    private: bool = Field(description="invocations need the token too")
+    timeout_s: float
+    group: GroupRef
+    replicas: Replicas
+    warnings: list[str]
+    last_error: str | None
+    created_at: str | None
+    updated_at: str | None
+    spec: dict[str, Any] = Field(description="the normalised function.yaml")
+
+
+class ServiceFaasCreated(FunctionDescription):
+    function_name: str = Field(description="the handler's name in python_file")
+    status: Literal["running", "creating"]
+
+
+class ZipUpload(BaseModel):
+    zip_file: bytes = Field(description="the function's zip (function.yaml and code); any field name is taken")
+
+
+class PythonFileUpload(BaseModel):
+    python_file: bytes = Field(description="one Python source file")
+    function_name: str = Field(description="the function in python_file to call, e.g. handle")
+    name: str | None = Field(None, description="the function's name (default: from the file's, plus a suffix)")
+
+
+# ----- invocations -----------------------------------------------------------------------
+
+
+class AsyncAccepted(_Open):
+    call_id: str
+    status_url: str = Field(description="GET it for the call's status and result")
+    duplicate: bool = Field(description="an earlier call had the same X-Idempotency-Key: this is its id")
+
+
+class ExecuteRequest(BaseModel):
+    payload: Any = Field(description="handed to handle(payload) as a string (a non-string is sent as JSON)")
+
+
+# ----- calls ----------------------------------------------------------------------------
+
+
+class CallTimings(_Open):
+    queued: str | None
+    started: str | None
+    finished: str | None
+    next_attempt: str | None
+
+
+class Call(_Open):
+    id: str
+    function: str
+    status: Literal["PENDING", "RUNNING", "DONE", "FAILED", "DEAD"]
+    kind: str = Field(description="async, or sync for a record of a sync call")
+    source: str = Field(description="http, zmq, topic, cron or call")
+    attempts: int
+    max_attempts: int
+    parent_id: str | None = Field(description="the calling call, for a task-to-task call")
+    cold_start: bool
+    timings: CallTimings
+    queued_ts: float = Field(description="seconds since the epoch; page with GET /calls?before=")
+    duration_s: float | None
+    error: str | None
+    result_status: int | None
+    result: Any = Field(None, description="the result: JSON, text, or {content_type, size} for other bodies")
+    result_content_type: str | None = None
+
+
+class PurgeResult(_Open):
+    purged: int
+
+
+# ----- runtimes -------------------------------------------------------------------------
+
+
+class RuntimeBody(BaseModel):
+    image: str = Field(description="an image in the local Docker Engine (nothing is pulled), e.g. myruntime:1")
+    path: str = Field(description="the directory in the image the function's files go to, e.g. /ws")
+    dependencies: list[str] | None = Field(None, description="argv run once per build, e.g. pip3 install -r ...")
+    run: list[str] = Field(description="argv that serves the function, e.g. python3 main.py")
+
+
+class Runtime(_Open):
+    name: str
+    image: str
+    image_id: str
+    path: str
+    dependencies: list[str] | None
+    run: list[str]
+    created_at: str | None
+    updated_at: str | None
+
+
+# ----- fusion ---------------------------------------------------------------------------
+
+
+class GroupSummary(_Open):
+    id: str
+    tasks: list[str]
+    version: int
+    ready_version: int | None
+    state: str
+    error: str | None
+    replicas: Replicas
+
+
+class Regroup(_Open):
+    id: int
+    setup: list[list[str]]
+    state: str = Field(description="deploying, done, failed, superseded or cancelled")
+    error: str | None
+    failed_tasks: list[str]
+    log_tail: str
+    groups: list[GroupSummary] = Field(description="the groups being deployed for it")
+    created_at: str | None
+    updated_at: str | None
+
+
+class GroupsState(_Open):
+    setup: list[list[str]] = Field(description="the fusion setup in force")
+    groups: list[GroupSummary]
+    regroup: Regroup | None = Field(description="the latest change of setup, under way or finished")
+
+
+class OptimizerStatus(_Open):
+    strategy: str
+    state: str
+    rounds: list[dict[str, Any]] = Field(description="its decisions, each with the setup, reason and evidence")
+    current_setup: list[list[str]]
+    best_setup: list[list[str]] | None
+    best_median_ms: float | None
+    updated_at: float | None = None
+
+
+# ----- system ---------------------------------------------------------------------------
+
+
+class Health(_Open):
+    gateway: bool
+    store: bool
+    deployer: bool
+    status: Literal["ok", "degraded"]
+    error: str | None = None
+
+
+class RootInfo(_Open):
+    name: str
+    docs: str
+    health: str
+    ui: str = Field(description="the web dashboard")
