@@ -169,11 +169,19 @@ class Stack:
         return self.anon.post(f"/{name}", content=body or b"", **kw)
 
     def instance_pids(self) -> list[int]:
-        pids = []
-        for meta in (self.var_dir / "instances").glob("*/instance.json"):
-            import json
+        return self.instance_pids_of("*")
 
-            pids.append(int(json.loads(meta.read_text())["pid"]))
+    def instance_pids_of(self, name: str) -> list[int]:
+        """The pids of the instances of group ``g-<name>`` (``*``: of every group)."""
+        import json
+
+        pids = []
+        pattern = "*" if name == "*" else f"g-{name}-v*"
+        for meta in (self.var_dir / "instances").glob(f"{pattern}/instance.json"):
+            try:
+                pids.append(int(json.loads(meta.read_text())["pid"]))
+            except (OSError, ValueError, KeyError):
+                continue  # being written or removed
         return pids
 
     def traces(self) -> "TraceListener":

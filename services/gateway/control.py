@@ -95,6 +95,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
             except NuclideError as exc:
                 raise Unavailable(f"'{name}' was not deployed: the deployer, which knows whether its backend can run"
                                   f" warmStart {spec.warm_start!r}, did not answer ({exc}); retry when it is up") from None
+        if gw.settings.sandbox_warning():
+            warnings.append(gw.settings.sandbox_warning())
         if spec.name and spec.name != name:
             warnings.append(f"metadata.name '{spec.name}' differs from the deployed name '{name}'; using '{name}'")
         result = await gw.store.call("function.put", {"name": name, "spec": spec.to_dict(), "warnings": warnings}, data)
@@ -123,6 +125,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
             parts["error"] = str(exc)
         ok = parts["store"] and parts["deployer"] and gw.feed is not None and gw.feed.synced.is_set()
         parts["status"] = "ok" if ok else "degraded"
+        if gw.settings.sandbox_warning():
+            parts["warnings"] = [gw.settings.sandbox_warning()]
         return JSONResponse(parts, status_code=200 if ok else 503)
 
     @app.get("/metrics", dependencies=auth, tags=["system"])

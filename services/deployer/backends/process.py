@@ -6,13 +6,22 @@ Instances are started in their own session so they outlive a deployer that dies
 duplicate. bubblewrap does not forward signals, so stop() signals the runtime
 process inside the sandbox directly, then kills the whole tree after a timeout.
 
-Where it can, an instance is forked from the warm zygote of its environment
-(``services/deployer/zygotes.py``): the instance is a PID namespace whose PID 1
-is a small init (it reaps orphans, forwards signals to the runtime and exits with
-the runtime's status) and, as the deployer is a child subreaper, that init is the
-deployer's own child once the zygote's intermediate process exits, so it is
-reaped and its exit code read like a cold instance's. Otherwise (no bwrap, no root, a zygote that
-fails) it starts cold: ``python -m services.runtime`` under bwrap.
+Every instance is forked by a zygote (``services/deployer/zygotes.py``): the warm
+one of its environment, or, when that cannot run or zygotes are off, one started
+for this instance alone (a cold start), so that all instances are confined by the
+same code (``services/runtime/confine.py``): namespaces of their own, a uid of their
+own, seccomp, a process limit and a size-limited scratch tmpfs. The instance is a
+PID namespace whose PID 1 is a small init (it reaps orphans, forwards signals to
+the runtime and exits with the runtime's status) and, as the deployer is a child
+subreaper, that init is the deployer's own child once the zygote's intermediate
+process exits, so it is reaped and its exit code read here.
+
+An instance's network (``spec.network``): "isolated" by default, a network
+namespace with slirp4netns (outbound connections; no host loopback, so none of the
+platform's sockets) and the gateway reached over a unix socket bound in; "host"
+shares the host's network. Without bubblewrap, slirp4netns, pyseccomp or root, no
+instance starts (the deploy fails saying what to install), unless the operator set
+``sandbox: none``: then instances are plain ``python -m services.runtime`` processes.
 """
 
 from __future__ import annotations
@@ -31,10 +40,23 @@ from shared.procs import descendants as _descendants, start_time as _start_time
 from shared.logs import get_logger
 from services.deployer.backends.base import Backend, ExitCallback, InstanceHandle, InstanceSpec
 from services.deployer.children import Children
-from services.deployer.sandbox import Mounts, base_env, hidden_paths, wrap
+from services.deployer.sandbox import (NET_CIDR, NET_DNS, NET_MTU, SandboxUnavailable, base_env, instance_uid,
+                                      link_dir, problem)
 from services.deployer.zygotes import ZygoteUnavailable, Zygotes, env_key, wait_child
+from shared.errors import BuildFailed
+from shared.spec import DEFAULT_PIDS, DEFAULT_SCRATCH_BYTES
 
 log = get_logger(__name__)
+
+
+def _tail(path: Path, max_bytes: int = 4096) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _signal(pids: list[int], sig: int) -> None:
@@ -61,15 +83,26 @@ class ProcessBackend(Backend):
         self.zygotes = Zygotes(settings, self.children)
         self.subreaper = self.children.become_subreaper()
         self._said_cold = False
+        self.networks: dict[str, asyncio.subprocess.Process] = {}  # instance id -> its slirp4netns
+        self.sandbox_problem = problem(settings)
+        if self.sandbox_problem:
+            log.error("the process backend will refuse to start instances", reason=self.sandbox_problem)
+        elif settings.sandbox_warning():
+            log.warning(settings.sandbox_warning())
 
     async def start(self, spec: InstanceSpec) -> InstanceHandle:
+        if self.sandbox_problem:
+            raise SandboxUnavailable(self.sandbox_problem)
         inst_dir = self.registry / spec.id
         inst_dir.mkdir(parents=True, exist_ok=True)
+        sandboxed = self.settings.sandbox != "none"
+        isolated = sandboxed and spec.extra.get("network", "isolated") != "host"
         config = {
             "instance_id": spec.id,
             "group": spec.group_id,
             "group_version": spec.group_version,
-            "gateways": [self.settings.gateway_router],
+            # an isolated instance has no route to the host: its link is the gateway's unix socket
+            "gateways": [self.settings.instance_link if isolated else self.settings.gateway_router],
             "gateway_url": self.settings.http_url,
             "fusionizer_host": self.settings.advertised_host,
             "memory_bytes": spec.memory_bytes,
@@ -81,16 +114,10 @@ class ProcessBackend(Backend):
         deps = tuple(sorted({Path(f["deps_dir"]).parent for f in spec.functions if f.get("deps_dir")}))
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         key = env_key([f["deps_dir"] for f in spec.functions if f.get("deps_dir")])
-        if self.subreaper and not self.zygotes.unavailable:
-            handle = await self._fork(spec, config, code_dirs, deps, key)
-            if handle is not None:
-                return handle
-        elif not self._said_cold:
-            self._said_cold = True
-            log.warning("no zygotes: instances start as fresh interpreters (about 100 ms slower to wake)",
-                        reason=self.zygotes.unavailable or "the deployer cannot become a child subreaper")
-        mounts = Mounts(writable=code_dirs, readonly=(*deps, config_path), hidden=hidden_paths())
-        argv = wrap(self.settings, [sys.executable, "-m", "services.runtime", str(config_path)], mounts, code_dirs[0])
+        if sandboxed:
+            return await self._fork(spec, config, code_dirs, deps, key, isolated)
+        # sandbox 'none', the operator's explicit choice (warned about at start, in /healthz and on deploy)
+        argv = [sys.executable, "-m", "services.runtime", str(config_path)]
         memory = spec.memory_bytes
 
         def limits() -> None:
@@ -109,25 +136,71 @@ class ProcessBackend(Backend):
         return handle
 
     async def _fork(self, spec: InstanceSpec, config: dict, code_dirs: tuple[Path, ...], deps: tuple[Path, ...],
-                    key: str) -> InstanceHandle | None:
-        """An instance forked from its environment's zygote, or None (logged) to start it cold."""
+                    key: str, isolated: bool) -> InstanceHandle:
+        """A confined instance, forked from its environment's zygote or, failing that, from a zygote of its own."""
         request = {"op": "spawn", "id": spec.id, "config": config, "writable": [str(p) for p in code_dirs],
-                   "readonly": [str(p) for p in deps], "cwd": str(code_dirs[0]), "memory_bytes": spec.memory_bytes}
-        with open(spec.log_path, "ab") as out, self.children.starting():
-            try:
-                reply = await self.zygotes.spawn(key, spec.group_id, request, out.fileno())
-            except ZygoteUnavailable as exc:
-                log.info("starting the instance cold", instance=spec.id, reason=str(exc))
-                return None
-            pid = int(reply["pid"])
-            self.children.own(pid)  # it becomes our child as the zygote's first child exits; _watch_pid reaps it
+                   "readonly": [str(p) for p in deps] + ([str(link_dir(self.settings))] if isolated else []), "cwd": str(code_dirs[0]), "memory_bytes": spec.memory_bytes,
+                   "uid": instance_uid(spec.id), "pids": int(spec.extra.get("pids") or DEFAULT_PIDS),
+                   "scratch_bytes": int(spec.extra.get("scratch_bytes") or DEFAULT_SCRATCH_BYTES),
+                   "network": "isolated" if isolated else "host", "resolv_conf": f"nameserver {NET_DNS}\n"}
+        pipes = [os.pipe(), os.pipe()] if isolated else []  # (net ready, net exit): see services/runtime/zygote.py
+        try:
+            with open(spec.log_path, "ab") as out, self.children.starting():
+                fds = [out.fileno()] + ([pipes[0][0], pipes[1][1]] if isolated else [])
+                reply = None
+                if self.subreaper and not self.zygotes.unavailable:
+                    try:
+                        reply = await self.zygotes.spawn(key, spec.group_id, request, fds)
+                    except ZygoteUnavailable as exc:
+                        log.info("starting the instance cold", instance=spec.id, reason=str(exc))
+                elif not self._said_cold:
+                    self._said_cold = True
+                    log.warning("no zygotes: every instance starts a zygote of its own (about 0.2 s slower to wake)",
+                                reason=self.zygotes.unavailable or "the deployer cannot become a child subreaper")
+                if reply is None:
+                    try:
+                        reply = await self.zygotes.spawn_once(request, fds)
+                    except ZygoteUnavailable as exc:
+                        raise BuildFailed(f"the instance {spec.id} could not be started in its sandbox: {exc}",
+                                          {"log_tail": _tail(spec.log_path)}) from None
+                pid = int(reply["pid"])
+                self.children.own(pid)  # it becomes our child as the zygote's first child exits; _watch_pid reaps it
+            for fd in (pipes[0][0], pipes[1][1]) if isolated else ():
+                os.close(fd)
+            if isolated:
+                await self._attach_network(spec, pid, ready_w=pipes[0][1], exit_r=pipes[1][0])
+        finally:
+            for r, w in pipes:
+                for fd in (r, w):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass  # closed above
         log.info("instance forked", instance=spec.id, pid=pid, env=key or "base", fork_ms=reply.get("fork_ms"),
                  steps_ms=reply.get("steps_ms"))
         handle = self._register(spec, pid, {"env": key, "forked": True, "zygote_pid": reply.get("zygote_pid"),
-                                            "fork_ms": reply.get("fork_ms")})
+                                            "fork_ms": reply.get("fork_ms"), "network": "isolated" if isolated else "host"})
         self.forked.add(spec.id)
         self._watchers[spec.id] = asyncio.ensure_future(self._watch_pid(handle, reap=True))
         return handle
+
+    async def _attach_network(self, spec: InstanceSpec, pid: int, ready_w: int, exit_r: int) -> None:
+        """Give an isolated instance its user-mode network: slirp4netns on its namespace, no host loopback.
+
+        slirp4netns says "ready" straight to the instance (which waits for it before user code
+        runs) and exits when the instance's init, which holds the other end of ``exit_r``, is gone.
+        """
+        argv = ["slirp4netns", "--configure", f"--mtu={NET_MTU}", f"--cidr={NET_CIDR}", "--disable-host-loopback",
+                "--enable-sandbox", "--enable-seccomp", "--ready-fd", str(ready_w), "--exit-fd", str(exit_r),
+                str(pid), "tap0"]
+        try:
+            with open(spec.log_path, "ab") as out:
+                proc = await self.children.exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                                                pass_fds=(ready_w, exit_r), start_new_session=True)
+        except OSError as exc:  # the instance reads EOF on "net ready", says so in its log and exits
+            log.error("could not start slirp4netns for the instance", instance=spec.id, error=str(exc))
+            return
+        self.networks[spec.id] = proc
 
     def _register(self, spec: InstanceSpec, pid: int, extra: dict) -> InstanceHandle:
         functions = tuple(f["name"] for f in spec.functions)
@@ -160,6 +233,9 @@ class ProcessBackend(Backend):
         self._exited(handle, code)
 
     def _exited(self, handle: InstanceHandle, code: int | None) -> None:
+        net = self.networks.pop(handle.id, None)
+        if net is not None and net.returncode is None:
+            net.kill()  # it exits by itself once the instance's init is gone; this is for a stray one
         self.handles.pop(handle.id, None)
         self._watchers.pop(handle.id, None)
         self.forked.discard(handle.id)
