@@ -147,12 +147,14 @@ def _view(bwrap: str, settings: Settings, mounts: Mounts) -> list[str]:
 def _parents(targets: list[Path]) -> list[str]:
     """Directories leading to ``targets`` made traversable: bwrap would create them mode 0700 (``/root``,
     ``/etc``), which only uid 0 could pass, and instances run as a uid of their own."""
-    made = {Path("/"), Path("/tmp"), Path("/dev"), Path("/proc")} | {Path("/") / name for name in SYSTEM_DIRS}
+    mounted = (Path("/dev"), Path("/proc"), *(Path("/") / name for name in SYSTEM_DIRS))
+    # (below /tmp, a fresh tmpfs, parents are made like anywhere else)
+    made = {Path("/"), Path("/tmp")}
     cmd: list[str] = []
     for target in targets:
         for parent in reversed(target.parents):
-            # a parent that is itself a target, or lies in one, is a mount of the host's: already there
-            if parent in made or any(t == parent or t in parent.parents for t in targets):
+            # a parent that is itself a target, or lies in one or in a system directory, is there already
+            if parent in made or _under_any(parent, (*mounted, *targets)):
                 continue
             made.add(parent)
             cmd += ["--perms", "0755", "--dir", str(parent)]

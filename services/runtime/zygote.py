@@ -196,6 +196,8 @@ class Zygote:
                 config = message["config"]
                 cwd = str(message["cwd"])
                 uid = int(message.get("uid") or 0)
+                if uid <= 0:
+                    raise ValueError("a spawn request needs the instance's own uid (not root)")
                 plan = self.plan(tuple(map(str, message.get("writable") or ())),
                                  tuple(map(str, message.get("readonly") or ())), uid=uid,
                                  scratch_bytes=int(message.get("scratch_bytes") or 0), isolate_net=isolated,
