@@ -40,11 +40,6 @@ SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # files are its own
 INSTANCE_UID_BASE = 1 << 30
 INSTANCE_UID_SPAN = 1 << 28
-# the user-mode network of an isolated instance (slirp4netns): outside every private range, so it
-# never shadows a real network of the host's; the DNS forwarder is its .3
-NET_CIDR = "100.64.255.0/24"
-NET_DNS = "100.64.255.3"
-NET_MTU = 65520
 
 
 class SandboxUnavailable(BuildFailed):

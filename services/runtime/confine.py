@@ -6,8 +6,9 @@ state directory except ``<var>/functions`` and ``<var>/envs`` (staged there for
 this module). A forked child, still holding the zygote's capabilities, narrows
 that view for one instance before any user code is imported:
 
-1. ``unshare`` mount, IPC, UTS, PID and (unless the function asked for the host's)
-   network namespaces; mounts become private;
+1. ``unshare`` mount, IPC, UTS and PID namespaces, and (unless the function asked
+   for the host's network) enter the network namespace the deployer prepared for
+   it (``services/deployer/netns.py``); mounts become private;
 2. a fresh tmpfs on the state directory, of the instance's scratch size: it holds
    the instance's /tmp and /dev/shm (bound there) and the writable layer of each code
    directory (an overlay over the shipped code, so writes stay in the instance and
@@ -21,9 +22,6 @@ that view for one instance before any user code is imported:
    capability), sets no_new_privs and loads the seccomp filter (``syscalls.py``);
    the zygote then forks the runtime from it and keeps PID 1 as the namespace's init.
 
-A network namespace starts with no interface but a down loopback: the deployer
-attaches slirp4netns to it (outbound connections, no route to the host's
-loopback), and tells the runtime through a pipe when it is up.
 """
 
 from __future__ import annotations
@@ -112,7 +110,7 @@ class Plan:
     install_paths: tuple[str, ...]  # nuclide's interpreter and source, bound back if /tmp covers them
     uid: int = 0  # the instance's uid and gid (0: keep root, for the zygote's self-test only)
     scratch_bytes: int = 0  # the size of its tmpfs (/tmp, /dev/shm, writes to its code); 0: the kernel's default
-    isolate_net: bool = False  # a network namespace of its own
+    netns_fd: int = -1  # the network namespace to enter (-1: keep the zygote's, the host's)
     resolv_conf: str = ""  # what /etc/resolv.conf says in that namespace
 
 
@@ -125,8 +123,9 @@ def enter(plan: Plan) -> None:
     for path in (*plan.writable, *plan.readonly):
         if not _under(path, plan.var_dir):
             raise ConfineError(0, f"{path} is not below the state directory {plan.var_dir}")
-    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID | (CLONE_NEWNET if plan.isolate_net else 0)
-    _check(_libc.unshare(flags), "unshare")
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID), "unshare")
+    if plan.netns_fd >= 0:
+        _check(_libc.setns(plan.netns_fd, CLONE_NEWNET), "enter the instance's network namespace")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     # handles first: the mounts below cover the paths they were opened through
     opened = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC

@@ -15,7 +15,7 @@ packet, file descriptors beside it), one request at a time::
     deployer -> zygote:        {"op": "spawn", "id": ID, "config": {...}, "writable": [dirs], "readonly": [dirs],
                                 "cwd": DIR, "memory_bytes": N, "uid": U, "pids": N, "scratch_bytes": N,
                                 "network": "isolated" | "host", "resolv_conf": TEXT}
-                               + SCM_RIGHTS [log file] (+ [net ready, net exit] when isolated)
+                               + SCM_RIGHTS [log file] (+ [network namespace, net exit] when isolated)
     zygote -> deployer:        {"id": ID, "pid": PID, "fork_ms": T, "steps_ms": {...}}
                                or  {"id": ID, "error": "...", "pid": PID or 0 (killed; the deployer reaps it)}
 
@@ -28,11 +28,9 @@ reports "ok" and only then loads the function, while PID 1 stays a small init
 to the deployer (a child subreaper), which reaps it and reads its exit code as
 for a cold instance. The zygote exits when the deployer's end of the socket closes.
 
-An isolated instance has a network namespace of its own; the deployer attaches
-slirp4netns to it once the pid is known, and passes two pipes: the runtime reads
-"net ready" (slirp4netns writes it once the interface is up) before it imports user
-code, and the init holds "net exit" open for the instance's life (slirp4netns exits
-when it closes).
+An isolated instance enters the network namespace the deployer prepared
+(``services/deployer/netns.py``: slirp4netns is up in it already); its init holds
+"net exit" open for the instance's life (slirp4netns exits when it closes).
 
 ``--once`` serves one spawn and exits: the cold start, when no warm zygote can
 fork the instance, confines it exactly like a forked one.
@@ -57,7 +55,6 @@ import msgpack
 from services.runtime import confine
 
 SPAWN_TIMEOUT_S = 10.0  # fork to "ok" (namespaces, mounts, privileges dropped); milliseconds normally
-NET_READY_TIMEOUT_S = 10.0  # slirp4netns started and its interface up; about 10 ms here
 PROBE_UID = 65534  # the self-test's instance runs as nobody
 MAX_MESSAGE_BYTES = 1 << 20
 
@@ -191,8 +188,8 @@ class Zygote:
             try:
                 isolated = message.get("network", "host") == "isolated"
                 if message.get("op") != "spawn" or len(fds) != (3 if isolated else 1):
-                    raise ValueError("expected a spawn request with a log file descriptor (and two network pipes"
-                                     " for an isolated instance)")
+                    raise ValueError("expected a spawn request with a log file descriptor (and a network namespace"
+                                     " and a pipe for an isolated instance)")
                 config = message["config"]
                 cwd = str(message["cwd"])
                 uid = int(message.get("uid") or 0)
@@ -200,17 +197,15 @@ class Zygote:
                     raise ValueError("a spawn request needs the instance's own uid (not root)")
                 plan = self.plan(tuple(map(str, message.get("writable") or ())),
                                  tuple(map(str, message.get("readonly") or ())), uid=uid,
-                                 scratch_bytes=int(message.get("scratch_bytes") or 0), isolate_net=isolated,
+                                 scratch_bytes=int(message.get("scratch_bytes") or 0),
+                                 netns_fd=fds[1] if isolated else -1,
                                  resolv_conf=str(message.get("resolv_conf") or "") if isolated else "")
                 log_fd = fds[0]
-                net_ready = fds[1] if isolated else -1
                 limits = Limits(int(message.get("memory_bytes") or 0), uid, int(message.get("pids") or 0),
                                 fds[2] if isolated else -1)
 
                 def run(w: int) -> int:
-                    ready = _become_instance(log_fd, w, cwd, net_ready)
-                    if ready >= 0:
-                        _await_network(ready)
+                    _become_instance(log_fd, w, cwd)
                     try:
                         return serve(config)
                     finally:
@@ -245,7 +240,7 @@ class Zygote:
             os.close(r)
             try:
                 self.sock.close()
-                confine.enter(self.plan(uid=PROBE_UID, isolate_net=True, scratch_bytes=1 << 20))
+                confine.enter(self.plan(uid=PROBE_UID, scratch_bytes=1 << 20))
                 second = os.fork()
                 if second == 0:
                     self._instance(Limits(0, PROBE_UID, 16, -1), run, w)
@@ -316,20 +311,14 @@ def _init(runtime: int, keep_fd: int = -1) -> None:  # pragma: no cover (PID 1 o
             os._exit(code if code >= 0 else 128 - code)
 
 
-def _become_instance(log_fd: int, w: int, cwd: str, net_ready: int = -1) -> int:  # pragma: no cover (in the child)
-    """Confined already: stdio to the instance's log, no descriptor of the zygote's left, then "ok".
-
-    Returns the descriptor to read "net ready" from (moved to 3), or -1."""
+def _become_instance(log_fd: int, w: int, cwd: str) -> None:  # pragma: no cover (runs in the child)
+    """Confined already: stdio to the instance's log, no descriptor of the zygote's left, then "ok"."""
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
-    keep = sorted(fd for fd in (w, net_ready) if fd >= 0)
-    low = 3
-    for fd in keep:
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    os.closerange(3, w)
+    os.closerange(w + 1, os.sysconf("SC_OPEN_MAX"))
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -338,17 +327,6 @@ def _become_instance(log_fd: int, w: int, cwd: str, net_ready: int = -1) -> int:
     _stamp(w, "stdio")
     os.write(w, b"ok\n")
     os.close(w)
-    return net_ready
-
-
-def _await_network(fd: int) -> None:  # pragma: no cover (runs in the child)
-    """Wait until slirp4netns says the instance's interface is up, so user code never sees no network."""
-    ready = select.select([fd], [], [], NET_READY_TIMEOUT_S)[0] and os.read(fd, 1)
-    os.close(fd)
-    if not ready:
-        print("nuclide: the instance's network did not come up (slirp4netns failed or took over"
-              f" {NET_READY_TIMEOUT_S:g} s; see the deployer's log)", file=sys.stderr, flush=True)
-        os._exit(1)
 
 
 def _stamp(w: int, step: str) -> None:  # pragma: no cover (runs in the child)

@@ -9,6 +9,7 @@ platform must keep serving throughout.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from shared.procs import alive
 from tests.stack import Stack, function_yaml, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("require_bwrap")]
@@ -158,6 +160,12 @@ def handler(context, event):
     assert stack.invoke("hostnet").text == "ok"
     stack.deploy("isolatednet", {"function.yaml": function_yaml("isolatednet"), "main.py": code})
     assert stack.invoke("isolatednet").text == "ECONNREFUSED"
+    # its slirp4netns lives as long as the instance, not longer
+    [meta] = [json.loads(p.read_text()) for p in (stack.var_dir / "instances").glob("g-isolatednet-*/instance.json")]
+    assert alive(meta["slirp4netns_pid"])
+    assert stack.client.delete("/isolatednet").status_code == 204
+    wait_for(lambda: not alive(meta["pid"]) and not alive(meta["slirp4netns_pid"]), 30,
+             what="the instance and its slirp4netns to exit")
 
 
 FORK_BOMB = """

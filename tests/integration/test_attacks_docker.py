@@ -49,15 +49,12 @@ def test_a_fork_bomb_in_a_container_is_stopped_by_the_functions_pids_limit(docke
     assert out["errno"] == 11 and 0 < out["forked"] < 32, f"EAGAIN once the container holds 32 tasks: {out}"
 
 
-def test_tmp_and_dev_shm_stop_at_the_functions_size_limit(docker_attacked: Stack) -> None:
+def test_tmp_and_dev_shm_are_the_containers_own_and_stop_at_its_size_limit(docker_attacked: Stack) -> None:
     spec = function_yaml("dfiller", resources={"limits": {"ephemeral-storage": "8Mi"}})
     docker_attacked.deploy("dfiller", {"function.yaml": spec, "main.py": FILL})
     out = docker_attacked.invoke("dfiller").json()
     for where in ("tmp", "shm"):  # the code directory is read-only in a container
         assert out[where]["errno"] == "ENOSPC" and out[where]["mb"] <= 8, f"{where}: {out[where]}"
-
-
-def test_dev_shm_is_private_to_a_container_and_the_docker_socket_is_absent(docker_attacked: Stack) -> None:
     docker_attacked.deploy("dshm-a", {"function.yaml": function_yaml("dshm-a"), "main.py": SHM})
     docker_attacked.deploy("dshm-b", {"function.yaml": function_yaml("dshm-b"), "main.py": SHM})
     assert docker_attacked.invoke("dshm-a", b"write").json() == ["left-behind"]

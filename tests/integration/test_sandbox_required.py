@@ -15,7 +15,7 @@ WHOAMI = "import os\n\ndef handler(context, event):\n    return str(os.getuid())
 
 def test_without_bubblewrap_no_instance_starts_and_the_deploy_says_why(tmp_path: Path) -> None:
     # a PATH without bwrap or slirp4netns: a host where the sandbox's tools are not installed
-    s = Stack(tmp_path / "var", env={"PATH": str(tmp_path / "empty-bin")})
+    s = Stack(tmp_path / "var", env={"PATH": str(tmp_path / "empty-bin"), "NUCLIDE_SANDBOX": "auto"})
     try:
         s.start()
         resp = s.deploy("exposed", {"function.yaml": function_yaml("exposed"), "main.py": WHOAMI}, expect=422)

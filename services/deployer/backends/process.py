@@ -18,7 +18,8 @@ process exits, so it is reaped and its exit code read here.
 
 An instance's network (``spec.network``): "isolated" by default, a network
 namespace with slirp4netns (outbound connections; no host loopback, so none of the
-platform's sockets) and the gateway reached over a unix socket bound in; "host"
+platform's sockets; ``services/deployer/netns.py`` keeps a few ready) and the
+gateway reached over a unix socket bound in; "host"
 shares the host's network. Without bubblewrap, slirp4netns, pyseccomp or root, no
 instance starts (the deploy fails saying what to install), unless the operator set
 ``sandbox: none``: then instances are plain ``python -m services.runtime`` processes.
@@ -40,8 +41,8 @@ from shared.procs import descendants as _descendants, start_time as _start_time
 from shared.logs import get_logger
 from services.deployer.backends.base import Backend, ExitCallback, InstanceHandle, InstanceSpec
 from services.deployer.children import Children
-from services.deployer.sandbox import (NET_CIDR, NET_DNS, NET_MTU, SandboxUnavailable, base_env, instance_uid,
-                                      link_dir, problem)
+from services.deployer.netns import RESOLV_CONF, NetPool, NetUnavailable
+from services.deployer.sandbox import SandboxUnavailable, base_env, instance_uid, link_dir, problem
 from services.deployer.zygotes import ZygoteUnavailable, Zygotes, env_key, wait_child
 from shared.errors import BuildFailed
 from shared.spec import DEFAULT_PIDS, DEFAULT_SCRATCH_BYTES
@@ -84,6 +85,7 @@ class ProcessBackend(Backend):
         self.subreaper = self.children.become_subreaper()
         self._said_cold = False
         self.networks: dict[str, asyncio.subprocess.Process] = {}  # instance id -> its slirp4netns
+        self.nets = NetPool(self.children, self.var / "logs" / "slirp4netns.log")
         self.sandbox_problem = problem(settings)
         if self.sandbox_problem:
             log.error("the process backend will refuse to start instances", reason=self.sandbox_problem)
@@ -138,15 +140,21 @@ class ProcessBackend(Backend):
     async def _fork(self, spec: InstanceSpec, config: dict, code_dirs: tuple[Path, ...], deps: tuple[Path, ...],
                     key: str, isolated: bool) -> InstanceHandle:
         """A confined instance, forked from its environment's zygote or, failing that, from a zygote of its own."""
+        readonly = [str(p) for p in deps] + ([str(link_dir(self.settings))] if isolated else [])
         request = {"op": "spawn", "id": spec.id, "config": config, "writable": [str(p) for p in code_dirs],
-                   "readonly": [str(p) for p in deps] + ([str(link_dir(self.settings))] if isolated else []), "cwd": str(code_dirs[0]), "memory_bytes": spec.memory_bytes,
+                   "readonly": readonly, "cwd": str(code_dirs[0]), "memory_bytes": spec.memory_bytes,
                    "uid": instance_uid(spec.id), "pids": int(spec.extra.get("pids") or DEFAULT_PIDS),
                    "scratch_bytes": int(spec.extra.get("scratch_bytes") or DEFAULT_SCRATCH_BYTES),
-                   "network": "isolated" if isolated else "host", "resolv_conf": f"nameserver {NET_DNS}\n"}
-        pipes = [os.pipe(), os.pipe()] if isolated else []  # (net ready, net exit): see services/runtime/zygote.py
+                   "network": "isolated" if isolated else "host", "resolv_conf": RESOLV_CONF}
+        net = None
+        if isolated:
+            try:
+                net = await self.nets.take()
+            except NetUnavailable as exc:
+                raise BuildFailed(f"the instance {spec.id} could not get its network: {exc}") from None
         try:
             with open(spec.log_path, "ab") as out, self.children.starting():
-                fds = [out.fileno()] + ([pipes[0][0], pipes[1][1]] if isolated else [])
+                fds = [out.fileno()] + ([net.netns_fd, net.exit_w] if net else [])
                 reply = None
                 if self.subreaper and not self.zygotes.unavailable:
                     try:
@@ -165,42 +173,21 @@ class ProcessBackend(Backend):
                                           {"log_tail": _tail(spec.log_path)}) from None
                 pid = int(reply["pid"])
                 self.children.own(pid)  # it becomes our child as the zygote's first child exits; _watch_pid reaps it
-            for fd in (pipes[0][0], pipes[1][1]) if isolated else ():
-                os.close(fd)
-            if isolated:
-                await self._attach_network(spec, pid, ready_w=pipes[0][1], exit_r=pipes[1][0])
-        finally:
-            for r, w in pipes:
-                for fd in (r, w):
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass  # closed above
+        except BaseException:
+            if net is not None:
+                net.discard()
+            raise
+        if net is not None:
+            net.handed_over()  # the instance's init holds the exit pipe: slirp4netns lives as long as it does
+            self.networks[spec.id] = net.proc
         log.info("instance forked", instance=spec.id, pid=pid, env=key or "base", fork_ms=reply.get("fork_ms"),
                  steps_ms=reply.get("steps_ms"))
         handle = self._register(spec, pid, {"env": key, "forked": True, "zygote_pid": reply.get("zygote_pid"),
-                                            "fork_ms": reply.get("fork_ms"), "network": "isolated" if isolated else "host"})
+                                            "fork_ms": reply.get("fork_ms"), "network": "isolated" if isolated else "host",
+                                            "slirp4netns_pid": net.proc.pid if net else None})
         self.forked.add(spec.id)
         self._watchers[spec.id] = asyncio.ensure_future(self._watch_pid(handle, reap=True))
         return handle
-
-    async def _attach_network(self, spec: InstanceSpec, pid: int, ready_w: int, exit_r: int) -> None:
-        """Give an isolated instance its user-mode network: slirp4netns on its namespace, no host loopback.
-
-        slirp4netns says "ready" straight to the instance (which waits for it before user code
-        runs) and exits when the instance's init, which holds the other end of ``exit_r``, is gone.
-        """
-        argv = ["slirp4netns", "--configure", f"--mtu={NET_MTU}", f"--cidr={NET_CIDR}", "--disable-host-loopback",
-                "--enable-sandbox", "--enable-seccomp", "--ready-fd", str(ready_w), "--exit-fd", str(exit_r),
-                str(pid), "tap0"]
-        try:
-            with open(spec.log_path, "ab") as out:
-                proc = await self.children.exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                                                pass_fds=(ready_w, exit_r), start_new_session=True)
-        except OSError as exc:  # the instance reads EOF on "net ready", says so in its log and exits
-            log.error("could not start slirp4netns for the instance", instance=spec.id, error=str(exc))
-            return
-        self.networks[spec.id] = proc
 
     def _register(self, spec: InstanceSpec, pid: int, extra: dict) -> InstanceHandle:
         functions = tuple(f["name"] for f in spec.functions)
@@ -301,4 +288,5 @@ class ProcessBackend(Backend):
 
     def close(self) -> None:
         self.zygotes.close()
+        self.nets.close()
 
