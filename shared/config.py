@@ -14,6 +14,7 @@ set on its own (``NUCLIDE_HTTP_PORT``, ``NUCLIDE_STORE_RPC``, ...) still wins.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import typing
 from dataclasses import dataclass, fields
@@ -40,7 +41,9 @@ class Secret(str):
 BACKENDS = ("process", "docker")
 SANDBOX_MODES = ("auto", "bwrap", "none")
 STRATEGIES = ("none", "static", "feedback")
+DATABASE_SCHEMES = ("postgresql://", "postgres://")
 MAX_DOCKER_POOL_SIZE = 64  # each idle pool container holds a warm interpreter (about 10 MB)
+MAX_BODY_CEILING_BYTES = 128 * 1024 * 1024  # shared.protocol.MAX_MESSAGE_BYTES is 256 MiB
 MAX_DOCKER_RUNTIME_POOL_SIZE = 16  # per registered runtime: idle containers (a sh each) and spare runners (~30 MB each)
 # every TCP port of a stack, in the order port_base numbers them: port_base + index
 PORT_KEYS = ("http_port", "store_rpc", "store_pub", "deployer_rpc", "gateway_router", "gateway_pull", "gateway_sub",
@@ -58,6 +61,9 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     public_host: str = ""  # host tasks use to reach the gateway; defaults to http_host
+    # the Nuclio Fusionizer's scripts unchanged: no token on the control API (loopback only), and plain-text
+    # answers for curl's default Accept: */*
+    fusionizer_mode: bool = False
     port_base: int = 0  # N: the ports of PORT_KEYS are N to N+7 unless set on their own; 0: the defaults below
     # ZeroMQ endpoints (bind side and connect side use the same strings)
     gateway_router: str = "tcp://127.0.0.1:5560"
@@ -68,7 +74,9 @@ class Settings:
     store_pub: str = "tcp://127.0.0.1:5551"
     deployer_rpc: str = "tcp://127.0.0.1:5552"
     # state
-    database_url: str = ""  # empty: SQLite at <var_dir>/state.db
+    # empty: SQLite at <var_dir>/state.db; postgresql://user:password@host:port/database: PostgreSQL (a Secret:
+    # the password stays out of repr and logs)
+    database_url: Secret = Secret("")
     # deployer
     backend: str = "process"
     # the process backend's sandbox: auto and bwrap both mean bubblewrap, refusing to start instances
@@ -95,7 +103,9 @@ class Settings:
     # auto (the system bundle, when present), none, or a path
     build_ca_bundle: str = "auto"
     # gateway limits
-    max_body_bytes: int = 6 * 1024 * 1024
+    max_body_bytes: int = 6 * 1024 * 1024  # an invocation body, unless the function's http trigger asks for more
+    # the most a function's spec.triggers.<http>.attributes.maxRequestBodySize may ask for
+    max_body_ceiling_bytes: int = 64 * 1024 * 1024
     max_zip_bytes: int = 50 * 1024 * 1024
     deploy_timeout_s: float = 600.0
     # a request body gets this long, then must average at least http_min_body_rate bytes a second (else 408)
@@ -124,8 +134,9 @@ class Settings:
 
     @property
     def max_frame_bytes(self) -> int:
-        """The largest ZeroMQ frame a service accepts: an archive or an invoke body, or a header."""
-        return max(self.max_zip_bytes, self.max_body_bytes, MAX_HEADER_BYTES) + 64 * 1024
+        """The largest ZeroMQ frame a service accepts: an archive or an invoke body (up to the ceiling a
+        function's maxRequestBodySize may ask for), or a header."""
+        return max(self.max_zip_bytes, self.max_body_bytes, self.max_body_ceiling_bytes, MAX_HEADER_BYTES) + 64 * 1024
 
     @property
     def instance_link(self) -> str:
@@ -161,6 +172,10 @@ class Settings:
 
     def validate(self) -> "Settings":
         check_port_base(self.port_base)
+        if self.database_url and not self.database_url.startswith(DATABASE_SCHEMES):
+            scheme = self.database_url.partition(":")[0][:20]
+            raise ConfigError(f"database_url starts with {scheme!r}: leave it empty for SQLite in var_dir, or write"
+                              " postgresql://user:password@host:port/database for PostgreSQL")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if self.sandbox not in SANDBOX_MODES:
@@ -172,9 +187,16 @@ class Settings:
                               " choose a shorter var_dir")
         if not 0 < self.http_port < 65536:
             raise ConfigError(f"http_port {self.http_port} is out of range 1-65535")
+        if self.fusionizer_mode and not is_loopback(self.http_host):
+            raise ConfigError(f"fusionizer_mode turns the control API's token off, so the gateway must listen on"
+                              f" loopback only (http_host 127.0.0.1, ::1 or localhost), not {self.http_host!r}")
         for name in ("max_body_bytes", "max_zip_bytes", "queue_limit", "http_body_grace_s", "http_min_body_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if not self.max_body_bytes <= self.max_body_ceiling_bytes <= MAX_BODY_CEILING_BYTES:
+            raise ConfigError(f"max_body_ceiling_bytes {self.max_body_ceiling_bytes} must be at least max_body_bytes"
+                              f" ({self.max_body_bytes}) and at most {MAX_BODY_CEILING_BYTES} (half the largest"
+                              " message the wire protocol carries)")
         try:
             CallbackPolicy.parse(self.callback_allow)
         except ValueError as exc:
@@ -210,6 +232,17 @@ class Settings:
                 value = "true" if value else "false"
             env[f"NUCLIDE_{f.name.upper()}"] = str(value)
         return env
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1 or [::1], localhost)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_port_base(base: int) -> None:

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from shared.errors import Conflict, InvalidRequest
-from shared.spec import DEFAULT_PIDS, DEFAULT_SCRATCH_BYTES
+from shared.spec import DEFAULT_PIDS, DEFAULT_SCRATCH_BYTES, HOST_RUNTIME, other_python
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*)$")
 
@@ -72,6 +72,11 @@ def merge_specs(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         raise Conflict(f"task '{per_call[0]}' runs each call in a container of its own (spec.warmStart"
                        f" '{specs[per_call[0]]['warm_start']}') and cannot be fused with other tasks; keep it in a"
                        " group of its own or use warmStart 'function'", {"tasks": names, "per_call_task": per_call[0]})
+    pythons = {other_python(specs[n].get("runtime")) for n in names}
+    if len(pythons) > 1:
+        # one instance is one interpreter
+        raise Conflict(f"tasks {names} run on different Pythons ({', '.join(sorted(f'python:{p}' if p else HOST_RUNTIME for p in pythons))});"
+                       " give them the same spec.runtime to fuse them", {"tasks": names})
     commands: list[str] = []
     for name in names:
         for command in specs[name].get("build_commands") or []:
@@ -93,6 +98,7 @@ def merge_specs(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "timeout_s": max(float(specs[n].get("timeout_s") or 30.0) for n in names),
         "max_concurrency": min(int(specs[n].get("max_concurrency") or 1) for n in names),
         "min_replicas": max(max(int(specs[n].get("min_replicas", 1) or 0), 1) for n in names),
+        "python": pythons.pop(),  # "3.X" for another Python 3 than the platform's, else None
     }
 
 

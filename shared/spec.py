@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from shared.archive import Archive, ArchiveLimits, read_archive
-from shared.triggers import DEFAULT_RETRY, parse_retry, validate_triggers
+from shared.triggers import DEFAULT_RETRY, max_body_bytes, parse_retry, validate_triggers
 from shared.errors import InvalidRequest
 from shared.names import validate_function_name
 from shared.runtimes import DEFAULT_WARM_START, parse_warm_start
@@ -100,6 +100,7 @@ class FunctionSpec:
     # the registered runtime's definition (image, path, dependencies, run) as it was at deploy time;
     # None for Python functions
     shell: dict[str, Any] | None = None
+    lambda_event: str = "auto"  # what a handler(event, context) gets: see services/runtime/lambda_shape.py
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -218,7 +219,8 @@ def _parse_handler(value: Any, where: str) -> str:
 
 
 def _parse_runtime(value: Any, runtimes: dict[str, dict[str, Any]] | None = None) -> str:
-    """The host's Python runtime, or the name of a registered runtime (one of ``runtimes``)."""
+    """The host's Python runtime, another ``python:3.X`` (the deployer decides where it runs, see
+    :func:`other_python`), or the name of a registered runtime (one of ``runtimes``)."""
     _expect(value, str, "spec.runtime", "a string like 'python'")
     match = _RUNTIME_RE.fullmatch(value.strip().lower())
     major, minor = sys.version_info.major, sys.version_info.minor
@@ -226,10 +228,22 @@ def _parse_runtime(value: Any, runtimes: dict[str, dict[str, Any]] | None = None
         int(match["major"]) == major and (match["minor"] is None or int(match["minor"]) == minor)
     )):
         return HOST_RUNTIME
+    if match and int(match["major"]) == 3 and match["minor"] is not None:
+        return f"python:3.{int(match['minor'])}"
+    if match and int(match["major"]) < 3:
+        raise _err("spec.runtime", f"{value!r} is not supported: Python 2 reached its end of life; port the code"
+                   f" to Python 3 and use 'python' or '{HOST_RUNTIME}'")
     if runtimes and value.strip() in runtimes:
         return value.strip()
     registered = f", or a registered runtime: {', '.join(sorted(runtimes))}" if runtimes else ""
     raise _err("spec.runtime", f"{value!r} is not available here; use 'python' or '{HOST_RUNTIME}'{registered}")
+
+
+def other_python(runtime: str | None) -> str | None:
+    """"3.X" when a spec's runtime is a Python 3 other than the platform's, else None."""
+    if runtime and runtime != HOST_RUNTIME and runtime.startswith("python:3."):
+        return runtime.partition(":")[2]
+    return None
 
 
 def _plain(value: Any, where: str, budget: list[int]) -> Any:
@@ -526,7 +540,8 @@ def _parse_resources(spec: dict, kw: dict[str, Any], warnings: list[str]) -> Non
 
 _SPEC_KNOWN = {"handler", "runtime", "env", "build", "minReplicas", "maxReplicas", "replicas", "description",
                "timeout", "timeoutSeconds", "eventTimeout", "maxConcurrency", "resources", "private",
-               "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart", "network"}
+               "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart", "lambdaEvent", "network"}
+LAMBDA_EVENT_SHAPES = ("auto", "payload", "apigateway")
 
 
 def _parse_shell(spec: dict, kw: dict[str, Any], definition: dict[str, Any], warnings: list[str]) -> None:
@@ -541,10 +556,12 @@ def _parse_shell(spec: dict, kw: dict[str, Any], definition: dict[str, Any], war
 
 
 def parse_function(archive: Archive, *, fallback_handler_module: str | None = None,
-                   runtimes: dict[str, dict[str, Any]] | None = None) -> tuple[FunctionSpec, list[str]]:
+                   runtimes: dict[str, dict[str, Any]] | None = None,
+                   max_body_ceiling: int | None = None) -> tuple[FunctionSpec, list[str]]:
     """Read function.yaml (or infer a handler) and requirements.txt; return (spec, warnings).
 
-    ``runtimes`` are the registered runtimes (name -> definition) spec.runtime may name.
+    ``runtimes`` are the registered runtimes (name -> definition) spec.runtime may name;
+    ``max_body_ceiling`` the most an http trigger's maxRequestBodySize may ask for.
     """
     warnings: list[str] = []
     doc = _load_yaml(archive, warnings)
@@ -585,6 +602,12 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
         kw["runtime"] = runtime_name
     if spec.get("warmStart") is not None:
         kw["warm_start"] = parse_warm_start(spec["warmStart"], "function.yaml: spec.warmStart")
+    if spec.get("lambdaEvent") is not None:
+        shape = spec["lambdaEvent"]
+        if shape not in LAMBDA_EVENT_SHAPES:
+            raise _err("spec.lambdaEvent", f"must be one of {', '.join(LAMBDA_EVENT_SHAPES)} (what a"
+                       f" handler(event, context) gets), got {shape!r:.60}")
+        kw["lambda_event"] = shape
     if spec.get("env") is not None:
         kw["env"] = _parse_env(spec["env"], warnings)
     build = _sub(spec, "build", "spec.build")
@@ -606,7 +629,11 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
     _parse_resources(spec, kw, warnings)
     if spec.get("triggers") is not None:
         kw["triggers"] = _parse_triggers(spec["triggers"])
-        validate_triggers(kw["triggers"], warnings)
+        asked = max_body_bytes(validate_triggers(kw["triggers"], warnings))
+        if asked is not None and max_body_ceiling is not None and asked[0] > max_body_ceiling:
+            raise _err(f"spec.triggers.{asked[1]}.attributes.maxRequestBodySize",
+                       f"({asked[0]} bytes) is over the platform's ceiling of {max_body_ceiling} bytes"
+                       " (max_body_ceiling_bytes); ask for less, or have the operator raise the ceiling")
     kw["retry"] = parse_retry(spec.get("retry"))
     return FunctionSpec(**kw), warnings
 
@@ -664,11 +691,11 @@ def check_handler(archive: Archive, handler: str) -> None:
                              "at the top level of the module or fix spec.handler")
 
 
-def read_function(data: bytes, runtimes: dict[str, dict[str, Any]] | None,
-                  max_zip_bytes: int) -> tuple[FunctionSpec, list[str]]:
+def read_function(data: bytes, runtimes: dict[str, dict[str, Any]] | None, max_zip_bytes: int,
+                  max_body_ceiling: int | None = None) -> tuple[FunctionSpec, list[str]]:
     """An uploaded zip checked whole: the archive, its spec and its handler; (spec, warnings)."""
     archive = read_archive(data, ArchiveLimits(max_zip_bytes=max_zip_bytes))
-    spec, warnings = parse_function(archive, runtimes=runtimes)
+    spec, warnings = parse_function(archive, runtimes=runtimes, max_body_ceiling=max_body_ceiling)
     if spec.shell is None:
         check_handler(archive, spec.handler)
     return spec, warnings

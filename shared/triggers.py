@@ -7,20 +7,22 @@ spec:
     backoff: {initial: 1s, max: 60s, multiplier: 2}
     maxEventAge: 6h          # a call not done within this age is DEAD
   triggers:
-    tick:  {kind: cron, attributes: {interval: 30s}}           # or schedule: "*/5 * * * *"
+    tick:  {kind: cron, attributes: {interval: 30s, event: {body: ping, headers: {X-Source: cron}}}}
+    daily: {kind: cron, attributes: {schedule: "0 9 * * MON-FRI", timezone: Europe/Berlin}}
     feed:  {kind: topic, attributes: {topic: orders}}
+    web:   {kind: http, attributes: {maxRequestBodySize: 8388608}}  # bytes, up to max_body_ceiling_bytes
 ```
 
-Cron schedules have 5 fields (minute hour day-of-month month day-of-week) or 6
-(seconds first), each ``*``, ``n``, ``a-b``, lists and ``/step``; also ``@hourly``,
-``@daily``, ``@weekly``, ``@monthly``, ``@every 10s``. Times are UTC.
+Cron schedules are parsed by cronsim (see :func:`parse_cron`); their wall clock times are in
+``attributes.timezone`` (an IANA name), UTC by default. A cron call's body and headers are nuclio's
+``attributes.event.{body,headers}`` (or ``attributes.body``).
 """
 
 from __future__ import annotations
 
-import calendar
-import time
+import json
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
 from typing import Any
 
 from shared.errors import InvalidRequest
@@ -28,9 +30,6 @@ from shared.errors import InvalidRequest
 DEFAULT_RETRY = {"max_attempts": 3, "backoff_initial_s": 1.0, "backoff_max_s": 60.0, "backoff_multiplier": 2.0,
                  "max_event_age_s": 6 * 3600.0}
 TRIGGER_KINDS = ("http", "cron", "topic")
-_DESCRIPTORS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
-                "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
-_RANGES = [(0, 59), (0, 59), (0, 23), (1, 31), (1, 12), (0, 6)]  # sec min hour dom month dow
 
 
 def _duration(value: Any, where: str) -> float:
@@ -77,95 +76,107 @@ def backoff_s(retry: dict[str, float], attempt: int) -> float:
     return min(retry["backoff_max_s"], retry["backoff_initial_s"] * retry["backoff_multiplier"] ** max(0, attempt - 1))
 
 
+def max_body_bytes(triggers: list[dict[str, Any]]) -> tuple[int, str] | None:
+    """The largest invocation body a function's http triggers ask for, with the trigger's name; None: no ask."""
+    asks = [(t["max_body_bytes"], t["name"]) for t in triggers if t["kind"] == "http"]
+    return max(asks) if asks else None
+
+
+# robfig/cron's descriptors (nuclio's cron trigger parses with it); cronsim knows none of them
+_DESCRIPTORS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+                "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+_TZ_PREFIXES = ("CRON_TZ=", "TZ=")  # robfig/cron's way to give a schedule its own time zone
+DEFAULT_TIMEZONE = "UTC"
+
+
+def time_zone(name: Any, where: str) -> tzinfo:
+    """The IANA time zone ``name`` (e.g. 'Europe/Berlin'), or InvalidRequest saying how to name one."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest(f"{where}: the time zone must be an IANA name like 'Europe/Berlin' or 'UTC',"
+                             f" got {name!r:.60}")
+    try:
+        return ZoneInfo(name.strip())
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidRequest(f"{where}: unknown time zone {name.strip()!r}; use an IANA name like 'Europe/Berlin',"
+                             " 'America/New_York' or 'UTC'") from None
+
+
 @dataclass(frozen=True)
 class Cron:
-    fields: tuple[frozenset[int], ...]  # sec, min, hour, dom, month, dow
-    dom_any: bool
-    dow_any: bool
+    """A parsed schedule: a cron expression in a time zone, or a fixed interval (``@every``)."""
+
+    expr: str = ""
+    tz: tzinfo | None = None
     every_s: float | None = None
 
     def next_after(self, ts: float) -> float:
-        """The first matching second strictly after ``ts`` (UTC)."""
+        """The first matching second strictly after ``ts`` (epoch seconds); wall clock times in ``tz``."""
         if self.every_s is not None:
             return ts + self.every_s
-        t = int(ts) + 1
-        limit = t + 366 * 24 * 3600 * 5
-        while t < limit:
-            tm = time.gmtime(t)
-            if tm.tm_mon not in self.fields[4]:
-                # jump to the first day of the next month
-                year, month = (tm.tm_year + 1, 1) if tm.tm_mon == 12 else (tm.tm_year, tm.tm_mon + 1)
-                t = calendar.timegm((year, month, 1, 0, 0, 0))
-                continue
-            dom_ok = tm.tm_mday in self.fields[3]
-            dow_ok = (tm.tm_wday + 1) % 7 in self.fields[5]
-            day_ok = (dom_ok and dow_ok) if (self.dom_any or self.dow_any) else (dom_ok or dow_ok)
-            if not day_ok:
-                t = calendar.timegm((tm.tm_year, tm.tm_mon, tm.tm_mday, 0, 0, 0)) + 86400
-                continue
-            if tm.tm_hour not in self.fields[2]:
-                t = calendar.timegm((tm.tm_year, tm.tm_mon, tm.tm_mday, tm.tm_hour, 0, 0)) + 3600
-                continue
-            if tm.tm_min not in self.fields[1]:
-                t = calendar.timegm((tm.tm_year, tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, 0)) + 60
-                continue
-            if tm.tm_sec not in self.fields[0]:
-                t += 1
-                continue
-            return float(t)
-        raise InvalidRequest("cron schedule never matches")
+        from cronsim import CronSim
+
+        return next(CronSim(self.expr, datetime.fromtimestamp(ts, self.tz))).timestamp()
 
 
-def _field(text: str, low: int, high: int, where: str) -> frozenset[int]:
-    values: set[int] = set()
-    for part in text.split(","):
-        step = 1
-        if "/" in part:
-            part, step_text = part.split("/", 1)
-            if not step_text.isdigit() or int(step_text) < 1:
-                raise InvalidRequest(f"{where}: step {step_text!r} must be a positive integer")
-            step = int(step_text)
-        if part in ("*", ""):
-            start, end = low, high
-        elif "-" in part:
-            a, b = part.split("-", 1)
-            if not (a.isdigit() and b.isdigit()):
-                raise InvalidRequest(f"{where}: {part!r} is not a range like 1-5")
-            start, end = int(a), int(b)
-        elif part.isdigit():
-            start = end = int(part)
-            if step > 1:
-                end = high
-        else:
-            raise InvalidRequest(f"{where}: {part!r} is not a number, range, list or *")
-        if high == 6 and end == 7:  # Sunday as 7
-            end = 6 if start <= 6 else 0
-            values.add(0)
-        if not (low <= start <= high and low <= end <= high and start <= end):
-            raise InvalidRequest(f"{where}: {part!r} is out of range {low}-{high}")
-        values.update(range(start, end + 1, step))
-    return frozenset(values)
+def parse_cron(expr: Any, where: str = "schedule", tz: str | None = None) -> Cron:
+    """A schedule as nuclio's cron trigger takes it, parsed by cronsim (Debian cron's rules):
 
-
-def parse_cron(expr: Any, where: str = "schedule") -> Cron:
+    5 fields (minute hour day-of-month month day-of-week) or 6 (seconds first); ``*``, numbers,
+    ranges, lists, steps, month and day names, 7 or 0 for Sunday, ``L``, ``#`` and ``?`` (no specific
+    value, as ``*``); the descriptors ``@hourly`` ... ``@yearly`` and ``@every 10s``; a ``CRON_TZ=Zone``
+    prefix. Wall clock times are in ``tz`` (a prefix wins), UTC by default.
+    """
     if not isinstance(expr, str) or not expr.strip():
         raise InvalidRequest(f"{where} must be a cron expression like '*/5 * * * *'")
     text = expr.strip()
+    if text.startswith(_TZ_PREFIXES):
+        prefix, _, text = text.partition(" ")
+        tz = prefix.partition("=")[2]
+        text = text.strip()
+    zone = time_zone(tz or DEFAULT_TIMEZONE, where)
     if text.startswith("@every"):
-        return Cron((), True, True, _duration(text[len("@every"):].strip(), where))
-    text = _DESCRIPTORS.get(text, text)
-    parts = text.split()
-    if len(parts) == 5:
-        parts = ["0"] + parts
-    if len(parts) != 6:
-        raise InvalidRequest(f"{where}: {expr!r} needs 5 fields (minute hour day month weekday) or 6 (seconds first)")
-    names = ["seconds", "minutes", "hours", "day of month", "month", "day of week"]
-    fields = tuple(_field(p, lo, hi, f"{where} ({name})") for p, (lo, hi), name in zip(parts, _RANGES, names))
-    return Cron(fields, parts[3] in ("*", "?"), parts[5] in ("*", "?"))
+        return Cron(every_s=_duration(text[len("@every"):].strip(), where))
+    text = _DESCRIPTORS.get(text.lower(), text)
+    if len(text.split()) not in (5, 6):
+        raise InvalidRequest(f"{where}: {expr!r} needs 5 fields (minute hour day-of-month month day-of-week),"
+                             " 6 with seconds first, or a descriptor such as @hourly or @every 10s")
+    text = " ".join("*" if part == "?" else part for part in text.split())
+    from cronsim import CronSim, CronSimError
+
+    try:
+        CronSim(text, datetime.now(zone))
+    except CronSimError as exc:  # "Bad minute": cronsim names the field
+        field = str(exc).removeprefix("Bad ")
+        raise InvalidRequest(f"{where}: {expr!r} is not a cron schedule: its {field} field is out of range or"
+                             " malformed (minute 0-59, hour 0-23, day-of-month 1-31, month 1-12 or JAN-DEC,"
+                             " day-of-week 0-7 or SUN-SAT; 6 fields: seconds 0-59 first)") from None
+    return Cron(text, zone)
+
+
+def _event_attributes(attrs: dict[str, Any], where: str) -> tuple[bytes, str, list[list[str]]]:
+    """A cron call's body, content type and headers: nuclio's ``attributes.event.{body,headers}``, or the
+    older ``attributes.body``."""
+    event = attrs.get("event")
+    if event is None:
+        event = {"body": attrs.get("body", "")}
+    elif not isinstance(event, dict):
+        raise InvalidRequest(f"{where}.attributes.event must be a mapping with body and headers")
+    headers = event.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise InvalidRequest(f"{where}.attributes.event.headers must be a mapping of header name -> value")
+    body = event.get("body")
+    content_type = ""
+    if isinstance(body, (dict, list)):
+        raw, content_type = json.dumps(body).encode(), "application/json"
+    else:
+        raw = b"" if body is None else str(body).encode()
+    return raw, content_type, [[str(k), str(v)] for k, v in headers.items()]
 
 
 def validate_triggers(triggers: tuple[dict, ...], warnings: list[str] | None = None) -> list[dict[str, Any]]:
-    """Check cron and topic triggers (bad ones fail); other nuclio kinds are ignored with a warning."""
+    """Check cron, topic and http triggers (bad ones fail); other nuclio kinds are ignored with a warning."""
     out: list[dict[str, Any]] = []
     for trig in triggers:
         name = trig.get("name", "?")
@@ -180,17 +191,29 @@ def validate_triggers(triggers: tuple[dict, ...], warnings: list[str] | None = N
                                 f" (supported: {', '.join(TRIGGER_KINDS)})")
             continue
         if kind == "cron":
+            body, content_type, headers = _event_attributes(attrs, where)
+            zone = attrs.get("timezone", DEFAULT_TIMEZONE)
+            time_zone(zone, f"{where}.attributes.timezone")
+            cron = {"name": name, "kind": "cron", "body": body, "content_type": content_type, "headers": headers,
+                    "timezone": zone}
             if "interval" in attrs:
                 interval = _duration(attrs["interval"], f"spec.triggers.{name}.attributes.interval")
                 if interval < 1:
                     raise InvalidRequest(f"{where}.attributes.interval must be at least 1s")
-                out.append({"name": name, "kind": "cron", "interval_s": interval, "body": attrs.get("body", "")})
+                out.append({**cron, "interval_s": interval})
             elif "schedule" in attrs:
-                parse_cron(attrs["schedule"], f"{where}.attributes.schedule")
-                out.append({"name": name, "kind": "cron", "schedule": attrs["schedule"], "body": attrs.get("body", "")})
+                parse_cron(attrs["schedule"], f"{where}.attributes.schedule", zone)
+                out.append({**cron, "schedule": attrs["schedule"]})
             else:
                 raise InvalidRequest(f"{where}: a cron trigger needs attributes.interval (e.g. 30s) or"
                                      " attributes.schedule (e.g. '*/5 * * * *')")
+        elif kind == "http":
+            size = attrs.get("maxRequestBodySize")
+            if size is not None:
+                if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                    raise InvalidRequest(f"{where}.attributes.maxRequestBodySize must be a positive integer number"
+                                         f" of bytes (e.g. 8388608 for 8 MiB), got {size!r}")
+                out.append({"name": name, "kind": "http", "max_body_bytes": size})
         elif kind == "topic":
             topic = attrs.get("topic")
             if not isinstance(topic, str) or not topic or len(topic) > 200:

@@ -117,12 +117,14 @@ class Stack:
 
     # ----- lifecycle --------------------------------------------------------------
 
-    def start_service(self, name: str, extra_env: dict[str, str] | None = None) -> None:
-        log_path = self.var_dir / f"{name}.service.log"
+    def start_service(self, name: str, extra_env: dict[str, str] | None = None, key: str = "") -> None:
+        """Start service ``name``; ``key`` (default: the name) tells a second process of one service apart."""
+        key = key or name
+        log_path = self.var_dir / f"{key}.service.log"
         self.var_dir.mkdir(parents=True, exist_ok=True)
-        self.logs[name] = log_path
+        self.logs[key] = log_path
         out = open(log_path, "ab")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env={**self.env, **(extra_env or {})},
+        self.procs[key] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env={**self.env, **(extra_env or {})},
                                             cwd=ROOT, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
         out.close()
 
@@ -166,7 +168,7 @@ class Stack:
             return proc.wait()
 
     def stop(self) -> None:
-        for name in ("optimizer", "deployer", "gateway", "store"):
+        for name in ("optimizer", "deployer", "gateway", *(k for k in self.procs if k not in SERVICES), "store"):
             self.stop_service(name)
         self.client.close()
         self.anon.close()

@@ -30,3 +30,24 @@ def write(path):
     with open(path, "w") as fh:
         fh.write("x")
 """
+
+
+# nuclio's own call_function test: the caller rewrites its event and sends it on; the callee reports it
+NUCLIO_CALLER = """
+def handler(context, event):
+    event.body["caller_body_value"] = "caller_body"
+    event.headers = {"x-caller-header-value": "caller_header"}
+    event.method = "PUT"
+    event.path = "/caller/path"
+    return context.platform.call_function(event.body["callee_name"], event, timeout=5)
+"""
+
+NUCLIO_CALLEE = """
+def handler(context, event):
+    if event.body.get("fail"):
+        raise ValueError("callee failed on purpose")
+    header = event.headers["X-Caller-Header-Value"]
+    return context.Response(status_code=201, headers={"X-Callee-Received-Header": header}, body={
+        "callee_received_body": event.body["caller_body_value"], "callee_received_header": header,
+        "callee_received_method": event.method, "callee_received_path": event.path})
+"""

@@ -12,7 +12,8 @@
 # cached under deploy/.cache (gitignored). A second run with nothing changed takes about a second.
 #
 # Settings (environment): NUCLIDE_IMAGE_TAG (latest), NUCLIDE_DEBIAN_MIRROR (the host's apt mirror for
-# the suite, else http://deb.debian.org/debian), NUCLIDE_IMAGE_CACHE (deploy/.cache), PYTHON (the
+# the suite, else http://deb.debian.org/debian), NUCLIDE_IMAGE_PYTHONS (e.g. "3.13": also nuclide-runtime:<tag>-py3.13,
+# the runtime on the Debian release that ships that Python, for functions with spec.runtime python:3.13), NUCLIDE_IMAGE_CACHE (deploy/.cache), PYTHON (the
 # interpreter whose pip installs the services' dependencies: .venv/bin/python, else python3).
 set -euo pipefail
 
@@ -39,9 +40,9 @@ docker version --format '{{.Server.Version}}' >/dev/null 2>&1 \
 mkdir -p "$CACHE"
 
 # the mirror the host's apt uses for $SUITE, so the image gets the same packages the host can reach
-mirror() {
+mirror() { # mirror SUITE
     if [ -n "${NUCLIDE_DEBIAN_MIRROR:-}" ]; then echo "$NUCLIDE_DEBIAN_MIRROR"; return; fi
-    "$PYTHON" - "$SUITE" <<'EOF'
+    "$PYTHON" - "$1" <<'EOF'
 import glob, sys
 suite = sys.argv[1]
 found = None
@@ -80,36 +81,39 @@ stage_code() { # stage_code DEST PATH...: nuclide's source files, without caches
 }
 
 # ---- base: debootstrap + docker import --------------------------------------------------------
-MIRROR="$(mirror)"
-BASE_KEY="$(printf 'v1 %s %s minbase %s' "$SUITE" "$MIRROR" "$PACKAGES" | sha)"
-BASE="nuclide-base:$BASE_KEY"
-ROOTFS="$CACHE/rootfs-$SUITE-$BASE_KEY.tar"
-if docker image inspect "$BASE" >/dev/null 2>&1; then
-    say "$BASE is up to date"
-else
-    if [ ! -f "$ROOTFS" ]; then
+ROOTFS_KEPT=""
+base_image() { # base_image SUITE: sets BASE and BASE_KEY, importing the image (debootstrap once) when missing
+    local suite="$1" mirror rootfs dir
+    mirror="$(mirror "$suite")"
+    BASE_KEY="$(printf 'v1 %s %s minbase %s' "$suite" "$mirror" "$PACKAGES" | sha)"
+    BASE="nuclide-base:$BASE_KEY"
+    rootfs="$CACHE/rootfs-$suite-$BASE_KEY.tar"
+    ROOTFS_KEPT="$ROOTFS_KEPT $(basename "$rootfs")"
+    if docker image inspect "$BASE" >/dev/null 2>&1; then
+        say "$BASE is up to date"
+        return
+    fi
+    if [ ! -f "$rootfs" ]; then
         command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
         [ "$(id -u)" = 0 ] || die "debootstrap needs root; run 'make images' as root once (the rootfs is cached)"
         dir="$CACHE/rootfs-$BASE_KEY.tmp"
         rm -rf "$dir"
-        say "debootstrap $SUITE from $MIRROR (about a minute, once; log: $CACHE/debootstrap.log)"
-        if ! debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$dir" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1; then
+        say "debootstrap $suite from $mirror (about a minute, once; log: $CACHE/debootstrap.log)"
+        if ! debootstrap --variant=minbase --include="$PACKAGES" "$suite" "$dir" "$mirror" >"$CACHE/debootstrap.log" 2>&1; then
             tail -n 20 "$CACHE/debootstrap.log" >&2
             rm -rf "$dir"
-            die "debootstrap failed (log above)"
+            die "debootstrap $suite failed (log above)"
         fi
         # what the image does not need: package lists and archives, manuals
         rm -rf "$dir"/var/lib/apt/lists/* "$dir"/var/cache/apt/archives/*.deb "$dir"/var/cache/apt/*.bin \
             "$dir"/usr/share/man/* "$dir"/usr/share/info/* "$dir"/var/log/* "$dir"/tmp/*
-        tar -C "$dir" --numeric-owner -cf "$ROOTFS.tmp" .
-        mv "$ROOTFS.tmp" "$ROOTFS"
+        tar -C "$dir" --numeric-owner -cf "$rootfs.tmp" .
+        mv "$rootfs.tmp" "$rootfs"
         rm -rf "$dir"
     fi
     say "importing $BASE"
-    docker import --message "nuclide base: debootstrap $SUITE ($PACKAGES)" "$ROOTFS" "$BASE" >/dev/null
-fi
-# earlier roots filesystems are not needed again
-find "$CACHE" -maxdepth 1 -name 'rootfs-*.tar' ! -name "$(basename "$ROOTFS")" -delete
+    docker import --message "nuclide base: debootstrap $suite ($PACKAGES)" "$rootfs" "$BASE" >/dev/null
+}
 
 build() { # build IMAGE INPUTS_HASH CONTEXT_DIR
     local image="$1" inputs="$2" ctx="$3"
@@ -129,10 +133,11 @@ build() { # build IMAGE INPUTS_HASH CONTEXT_DIR
 }
 
 # ---- runtime: what a function container runs ---------------------------------------------------
-ctx="$CACHE/ctx-runtime"
-rm -rf "$ctx"
-stage_code "$ctx/opt/nuclide" shared services/__init__.py services/runtime
-cat >"$ctx/Dockerfile" <<EOF
+runtime_image() { # runtime_image IMAGE: the runtime on $BASE (its check fails on a Python nuclide cannot run on)
+    local ctx="$CACHE/ctx-runtime"
+    rm -rf "$ctx"
+    stage_code "$ctx/opt/nuclide" shared services/__init__.py services/runtime
+    cat >"$ctx/Dockerfile" <<EOF
 FROM $BASE
 ENV PYTHONPATH=/opt/nuclide LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 COPY opt/ /opt/
@@ -142,7 +147,30 @@ USER 65534:65534
 WORKDIR /tmp
 CMD ["python3", "-m", "services.runtime"]
 EOF
-build "nuclide-runtime:$TAG" "$(printf '%s %s' "$BASE_KEY" "$(tree_hash "$ctx")" | sha)" "$ctx"
+    build "$1" "$(printf '%s %s' "$BASE_KEY" "$(tree_hash "$ctx")" | sha)" "$ctx"
+}
+
+# a function whose spec.runtime is python:3.X runs in nuclide-runtime:<tag>-py3.X when that image exists:
+# the runtime on the Debian release that ships that Python (NUCLIDE_IMAGE_PYTHONS="3.13" builds it)
+suite_of() {
+    case "$1" in
+        3.11) echo bookworm ;;
+        3.13) echo trixie ;;
+        *) die "NUCLIDE_IMAGE_PYTHONS: $1 is not a Python a Debian release ships that nuclide runs on (3.10 or newer): use 3.11 (bookworm) or 3.13 (trixie)" ;;
+    esac
+}
+for version in ${NUCLIDE_IMAGE_PYTHONS:-}; do
+    base_image "$(suite_of "$version")"
+    runtime_image "nuclide-runtime:$TAG-py$version"
+done
+
+base_image "$SUITE"
+runtime_image "nuclide-runtime:$TAG"
+# earlier root filesystems are not needed again
+for tar in "$CACHE"/rootfs-*.tar; do
+    [ -e "$tar" ] || continue
+    case " $ROOTFS_KEPT " in *" $(basename "$tar") "*) ;; *) rm -f "$tar" ;; esac
+done
 
 # ---- services: gateway, store, deployer ----------------------------------------------------------
 ARCH="$(uname -m)"

@@ -94,7 +94,9 @@ class Client:
         # Per request, not a client default, so invoke can leave it out.
         self._auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
-            self._http = httpx.Client(base_url=self.url, headers={"User-Agent": "nuclide-cli"}, transport=transport,
+            # JSON even from a gateway in fusionizer_mode, which answers curl's default */* with text
+            headers = {"User-Agent": "nuclide-cli", "Accept": "application/json"}
+            self._http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
                                       timeout=httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S))
         except (httpx.InvalidURL, ValueError) as exc:
             raise CliError(f"invalid nuclide URL {self.url!r} ({exc}); pass --url like {DEFAULT_URL}") from None

@@ -176,6 +176,10 @@ def run(settings: Settings) -> int:
             "Press Ctrl-C to stop.\n",
             flush=True,
         )
+        if settings.fusionizer_mode:
+            from services.gateway.fusionizer import WARNING
+
+            print(f"nuclide: WARNING: {WARNING}", file=sys.stderr, flush=True)
         while not sup.stopping:
             sup.poll()
             time.sleep(0.2)

@@ -67,6 +67,8 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
                 raise InvalidRequest(f"registered runtimes run on the docker backend; this deployer uses the"
                                      f" '{backend.name}' backend (set NUCLIDE_BACKEND=docker)")
             return check(str(args.get("image", "")))
+        if method == "python.check":
+            return backend.python_check(str(args.get("version", "")))
         if method == "warm_start.check":
             problem = warm_start_problem(backend.name, str(args.get("policy", DEFAULT_WARM_START)))
             if problem:

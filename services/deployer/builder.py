@@ -27,6 +27,7 @@ from shared.archive import extract_archive, read_archive
 from shared.config import Settings
 from shared.errors import BuildFailed
 from shared.logs import get_logger
+from services.deployer import pythons
 from services.deployer.children import Children
 from services.deployer.sandbox import Mounts, base_env, hidden_paths, wrap
 
@@ -42,7 +43,7 @@ def env_key(spec: dict[str, Any]) -> str | None:
     if not requirements and not commands:
         return None
     h = hashlib.sha256()
-    h.update(f"python{sys.version_info.major}.{sys.version_info.minor}\0".encode())
+    h.update(f"python{spec.get('python') or pythons.HOST_VERSION}\0".encode())
     h.update(requirements.encode() + b"\0")
     for command in commands:
         h.update(command.encode() + b"\0")
@@ -134,13 +135,19 @@ class Builder:
 
     async def _build_env(self, key: str, spec: dict[str, Any], target: Path) -> None:
         started = time.monotonic()
+        python = sys.executable
+        if spec.get("python"):  # another Python 3 (spec.runtime python:3.X): its own pip builds for it
+            found, detail = await pythons.find(str(spec["python"]), self.children.exec)
+            if found is None:
+                raise BuildFailed(f"Python {spec['python']} is gone from this host: {detail}; deploy again")
+            python = found
         work = target.parent / f".build-{key}-{time.monotonic_ns()}"
         site = work / "site"
         site.mkdir(parents=True)
         cache = self.var / "cache" / "pip"
         cache.mkdir(parents=True, exist_ok=True)
         log_path = work / "build.log"
-        tools = write_tool_shims(work / ".tools", sys.executable)
+        tools = write_tool_shims(work / ".tools", python)
         env = base_env(home=str(work))
         env.update({"PIP_TARGET": str(site), "PIP_CACHE_DIR": str(cache), "PYTHONPATH": str(site),
                     "PATH": f"{tools}:{site / 'bin'}:{env['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
@@ -151,7 +158,7 @@ class Builder:
         if requirements:
             (work / "requirements.txt").write_text(requirements + "\n")
             steps.append((REQUIREMENTS_STEP, [
-                sys.executable, "-m", "pip", "install", "--no-input", "--target", str(site),
+                python, "-m", "pip", "install", "--no-input", "--target", str(site),
                 "-r", str(work / "requirements.txt"),
             ]))
         for command in spec.get("build_commands") or []:

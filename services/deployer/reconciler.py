@@ -244,7 +244,10 @@ class Reconciler:
                     "name": name, "version": int(version), "handler": spec["handler"], "code_dir": str(codes[name]),
                     "deps_dir": str(deps) if deps else None, "env": spec.get("env") or {},
                     "max_concurrency": int(merged["max_concurrency"]), "timeout_s": spec.get("timeout_s", 30.0),
+                    "lambda_event": spec.get("lambda_event") or "auto",
                 })
+                if merged.get("python"):  # another Python 3 than the platform's: the backend starts it there
+                    functions[-1]["python"] = merged["python"]
                 if spec.get("shell"):  # a registered runtime's function: its definition and warm-start policy
                     if self.backend.name != "docker":
                         raise BuildFailed(f"'{name}' runs on the registered runtime '{spec.get('runtime')}', which"

@@ -24,6 +24,7 @@ from typing import Any
 
 from shared.config import Settings
 from shared.logs import get_logger
+from services.deployer import pythons
 from services.deployer.children import Children
 from services.deployer.sandbox import base_env, install_paths, zygote_argv, zygote_stage
 from services.runtime.zygote import receive, send
@@ -107,9 +108,9 @@ class Zygotes:
         """Why no zygote can run here at all (then every instance starts cold), or None."""
         return self._unavailable
 
-    def _argv(self, once: bool = False) -> list[str] | None:
+    def _argv(self, once: bool = False, python: str | None = None) -> list[str] | None:
         functions, envs = zygote_stage(self.settings)
-        argv = [sys.executable, "-m", "services.runtime.zygote", "--control-fd", "{fd}", "--var", str(self.var),
+        argv = [python or sys.executable, "-m", "services.runtime.zygote", "--control-fd", "{fd}", "--var", str(self.var),
                 "--stage", str(functions), "--stage", str(envs)]
         for path in install_paths():
             argv += ["--install", str(path)]
@@ -137,9 +138,11 @@ class Zygotes:
         reply["zygote_pid"] = zygote.pid
         return reply
 
-    async def spawn_once(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        """Start a zygote for this one instance (a cold start); its answer holds the pid. Raises ZygoteUnavailable."""
-        zygote = await self._launch("once", self._argv(once=True))
+    async def spawn_once(self, request: dict[str, Any], fds: list[int], python: str | None = None) -> dict[str, Any]:
+        """Start a zygote for this one instance (a cold start; on ``python``, another interpreter, when given);
+        its answer holds the pid. Raises ZygoteUnavailable."""
+        env = pythons.child_env(base_env()) if python else base_env()
+        zygote = await self._launch("once", self._argv(once=True, python=python), env)
         try:
             reply = await zygote.request(request, fds, READY_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError) as exc:
@@ -166,7 +169,7 @@ class Zygotes:
             task.add_done_callback(lambda _t: self._starting.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _launch(self, key: str, argv: list[str] | None) -> Zygote:
+    async def _launch(self, key: str, argv: list[str] | None, env: dict[str, str] | None = None) -> Zygote:
         """A zygote process that said it is ready; raises ZygoteUnavailable with its reason."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [a.replace("{fd}", str(theirs.fileno())) for a in argv or ()]
@@ -175,7 +178,7 @@ class Zygotes:
         try:
             with open(log_path, "ab") as out:
                 proc = await self.children.exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=base_env(),
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env or base_env(),
                     pass_fds=(theirs.fileno(),), start_new_session=True)
         except OSError as exc:
             mine.close()

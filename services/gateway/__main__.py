@@ -24,7 +24,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     gateway = Gateway(settings, ctx, load_or_create_token(settings))
     await gateway.start()
     app = make_asgi(gateway, build_control_app(gateway))
-    server = HttpServer(gateway, app, settings.http_host, settings.http_port, settings.max_body_bytes,
+    server = HttpServer(gateway, app, settings.http_host, settings.http_port,
                         body_grace_s=settings.http_body_grace_s, min_body_rate=settings.http_min_body_rate)
     try:
         await server.start()
@@ -34,6 +34,10 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
         return 1
     settle_gc()
     log.info("gateway ready", url=settings.http_url, router=settings.gateway_router)
+    if settings.fusionizer_mode:
+        from services.gateway.fusionizer import WARNING
+
+        log.warning(f"FUSIONIZER MODE: {WARNING}")
     await stop.wait()
     await server.stop(timeout_s=10.0)
     await gateway.stop()

@@ -7,7 +7,9 @@ request); OpenAPI lives at /docs. Every route but /healthz needs the bearer toke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import re
 import secrets
 from typing import Any
@@ -18,13 +20,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
 from shared.archive import make_zip
-from shared.errors import BuildFailed, Conflict, InvalidRequest, NuclideError, PayloadTooLarge, Unavailable
+from shared.errors import BuildFailed, Conflict, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, Unavailable
 from shared.names import validate_function_name
 from shared.runtimes import DEFAULT_WARM_START, parse_runtime
-from shared.spec import read_function
+from shared.spec import HOST_RUNTIME, FunctionSpec, other_python, read_function
+from services.gateway import fusionizer
 from services.gateway.core import Gateway, error_payload
 
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+MAX_CALLS_PAGE = 1000  # GET /calls: calls per page
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -40,11 +44,18 @@ def build_control_app(gw: Gateway) -> FastAPI:
         version="0.1.0",
     )
 
+    def text_mode(request: Request) -> bool:
+        return fusionizer.wants_text(request.headers.get("accept"), gw.settings.fusionizer_mode)
+
     @app.exception_handler(NuclideError)
-    async def _nuclide_error(_request: Request, exc: NuclideError) -> JSONResponse:
+    async def _nuclide_error(request: Request, exc: NuclideError) -> Response:
+        if text_mode(request):
+            return PlainTextResponse(exc.message, status_code=exc.http_status)
         return JSONResponse(error_payload(exc), status_code=exc.http_status)
 
     async def require_token(request: Request) -> None:
+        if gw.settings.fusionizer_mode:
+            return  # the operator's choice, refused unless the gateway listens on loopback (shared/config.py)
         gw.check_token(request.headers.get("authorization"))
 
     auth = [Depends(require_token)]
@@ -80,12 +91,28 @@ def build_control_app(gw: Gateway) -> FastAPI:
         assert gw.store is not None
         return await gw.store.call("function.get", {"name": name})
 
+    async def choose_python(name: str, spec: FunctionSpec, version: str, warnings: list[str]) -> FunctionSpec:
+        """``spec`` on Python ``version`` when the deployer's backend has it, else on the platform's, with a warning."""
+        assert gw.deployer is not None
+        try:
+            found = await gw.deployer.call("python.check", {"version": version}, timeout_s=30.0)
+        except NuclideError as exc:
+            raise Unavailable(f"'{name}' was not deployed: the deployer, which knows whether its backend has"
+                              f" Python {version}, did not answer ({exc}); retry when it is up") from None
+        if found.get("available"):
+            return spec
+        warnings.append(f"spec.runtime python:{version} is not available here ({found.get('detail')}); '{name}'"
+                        f" runs on {HOST_RUNTIME}, the platform's Python: code that needs Python {version} exactly"
+                        " may behave differently")
+        return dataclasses.replace(spec, runtime=HOST_RUNTIME)
+
     async def deploy(name: str, data: bytes, wait: bool, status_ok: int = 200) -> JSONResponse:
         validate_function_name(name)
         assert gw.store is not None
         runtimes = {rt["name"]: rt for rt in await gw.store.call("runtime.list")}
         # reading a zip and parsing YAML of a user's are bounded, but can take a while: off the event loop
-        spec, warnings = await asyncio.to_thread(read_function, data, runtimes, gw.settings.max_zip_bytes)
+        spec, warnings = await asyncio.to_thread(read_function, data, runtimes, gw.settings.max_zip_bytes,
+                                                 gw.settings.max_body_ceiling_bytes)
         if spec.shell is None and spec.warm_start != DEFAULT_WARM_START:  # per-call containers: docker backend only
             assert gw.deployer is not None
             try:
@@ -95,6 +122,9 @@ def build_control_app(gw: Gateway) -> FastAPI:
             except NuclideError as exc:
                 raise Unavailable(f"'{name}' was not deployed: the deployer, which knows whether its backend can run"
                                   f" warmStart {spec.warm_start!r}, did not answer ({exc}); retry when it is up") from None
+        wanted = other_python(spec.runtime)
+        if wanted is not None:
+            spec = await choose_python(name, spec, wanted, warnings)
         if gw.settings.sandbox_warning():
             warnings.append(gw.settings.sandbox_warning())
         if spec.name and spec.name != name:
@@ -125,6 +155,9 @@ def build_control_app(gw: Gateway) -> FastAPI:
             parts["error"] = str(exc)
         ok = parts["store"] and parts["deployer"] and gw.feed is not None and gw.feed.synced.is_set()
         parts["status"] = "ok" if ok else "degraded"
+        if gw.settings.fusionizer_mode:
+            parts["fusionizer_mode"] = True
+            parts["warning"] = fusionizer.WARNING
         if gw.settings.sandbox_warning():
             parts["warnings"] = [gw.settings.sandbox_warning()]
         return JSONResponse(parts, status_code=200 if ok else 503)
@@ -141,7 +174,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
 
     @app.post("/functions", dependencies=auth, tags=["functions"], status_code=201)
     async def create_from_file(request: Request) -> JSONResponse:
-        """Service FaaS style: multipart `python_file` + `function_name` -> 201 with the function's id."""
+        """Service FaaS style: multipart `python_file` + `function_name` -> 201 with `id`, `function_name`, `status`."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise InvalidRequest("POST /functions needs multipart fields python_file and function_name")
@@ -152,7 +185,10 @@ def build_control_app(gw: Gateway) -> FastAPI:
         source = await upload.read(gw.settings.max_zip_bytes + 1)
         if len(source) > gw.settings.max_zip_bytes:
             raise PayloadTooLarge(f"python_file is over the {gw.settings.max_zip_bytes} byte limit")
-        func = str(form.get("function_name") or "handle")
+        func = str(form.get("function_name") or "")
+        if not func:
+            raise InvalidRequest("field function_name is missing: name the function in python_file to call,"
+                                 " e.g. -F function_name=handle")
         if not _IDENT.match(func):
             raise InvalidRequest(f"function_name {func!r} is not a Python identifier")
         stem = (upload.filename or "main.py").rsplit("/", 1)[-1].removesuffix(".py")
@@ -166,22 +202,47 @@ def build_control_app(gw: Gateway) -> FastAPI:
             import json as _json
 
             body = _json.loads(response.body)
-            body["id"] = name
+            # Service FaaS' own fields: the function's id, the handler's name in the file, and its status
+            body.update(id=name, function_name=func, status="running" if response.status_code == 201 else "creating")
             return JSONResponse(body, status_code=response.status_code)
         return response
 
-    async def put_function(name: str, request: Request) -> JSONResponse:
-        data = await read_upload(request)
+    def failed_text(message: bytes | str) -> PlainTextResponse:
+        return PlainTextResponse(message, status_code=fusionizer.FAILED_STATUS)
+
+    async def put_function(name: str, request: Request) -> Response:
         wait = not (_truthy(request.headers.get("x-nuclide-async")) or _truthy(request.query_params.get("async")))
-        return await deploy(name, data, wait)
+        if not text_mode(request):
+            return await deploy(name, await read_upload(request), wait)
+        try:
+            response = await deploy(name, await read_upload(request), wait)
+        except NuclideError as exc:
+            return failed_text(exc.message)
+        if response.status_code >= 400:
+            return failed_text(fusionizer.failure_text("application/json", bytes(response.body)))
+        return PlainTextResponse(fusionizer.deployed(name, response.status_code == 200),
+                                 status_code=response.status_code)
 
-    async def get_function(name: str) -> JSONResponse:
-        return JSONResponse(await describe(name))
+    async def get_function(name: str, request: Request) -> Response:
+        if not text_mode(request):
+            return JSONResponse(await describe(name))
+        try:
+            desc = await describe(name)
+        except NotFound:
+            return failed_text(fusionizer.not_found(name))
+        return PlainTextResponse(fusionizer.describe(name, desc, gw.settings.http_port))
 
-    async def delete_function(name: str) -> Response:
+    async def delete_function(name: str, request: Request) -> Response:
         assert gw.store is not None
-        await gw.store.call("function.delete", {"name": name})
+        try:
+            await gw.store.call("function.delete", {"name": name})
+        except NotFound:
+            if text_mode(request):
+                return failed_text(fusionizer.not_found(name))
+            raise
         gw.functions.pop(name, None)
+        if text_mode(request):
+            return PlainTextResponse(fusionizer.deleted(name))
         return Response(status_code=204)
 
     async def function_logs(name: str, tail: int = 200) -> PlainTextResponse:
@@ -293,6 +354,9 @@ def build_control_app(gw: Gateway) -> FastAPI:
         assert gw.store is not None
         if status:
             status = status.upper()
+        if before is not None and not math.isfinite(before):
+            raise InvalidRequest("before must be a finite number: the queued_ts of the previous page's last call")
+        limit = min(max(limit, 1), MAX_CALLS_PAGE)  # any integer the client sends, within what a page holds
         return JSONResponse(await gw.store.call("calls.list", {"function": function, "status": status, "limit": limit,
                                                                 "source": source, "before": before}))
 

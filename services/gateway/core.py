@@ -26,13 +26,14 @@ from shared.errors import (
 )
 from shared.failures import bounded, result_error
 from shared.logs import get_logger
-from shared.names import RESERVED_NAMES
+from shared.names import invoke_target
 from shared.statefeed import StateFeed
+from services.gateway import fusionizer
 from services.gateway.broker import Broker, Call, Instance
 from services.gateway.calls import AsyncCalls
 from services.gateway.http import valid_header
 from services.gateway.ingress import Ingress
-from shared.triggers import DEFAULT_RETRY, validate_triggers
+from shared.triggers import DEFAULT_RETRY, max_body_bytes, validate_triggers
 
 log = get_logger(__name__)
 
@@ -46,7 +47,7 @@ class FunctionInfo:
     """What the invoke path needs to know about a function, kept from store events."""
 
     __slots__ = ("name", "private", "timeout_s", "state", "version", "group_id", "last_error", "retry", "cron",
-                 "topics", "min_replicas", "idle_timeout_s")
+                 "topics", "min_replicas", "idle_timeout_s", "max_body")
 
     def __init__(self, record: dict[str, Any]) -> None:
         self.name = record["name"]
@@ -66,6 +67,7 @@ class FunctionInfo:
             triggers = []
         self.cron = [t for t in triggers if t["kind"] == "cron"]
         self.topics = [t["topic"] for t in triggers if t["kind"] == "topic"]
+        self.max_body = max_body_bytes(triggers)  # (bytes, http trigger name) the function asks for, or None
 
 
 class DeployOutcome:
@@ -80,7 +82,7 @@ _TRUE = (b"true", b"1", b"yes")
 
 def _wants_async(raw_headers: list) -> bool:
     for k, v in raw_headers:
-        if k == b"x-nuclide-async" and v.strip().lower() in _TRUE:
+        if k.lower() == b"x-nuclide-async" and v.strip().lower() in _TRUE:
             return True
     return False
 
@@ -104,7 +106,7 @@ class _DirectAnswer:
             log.exception("could not build the answer of a call", call_id=self.call.call_id)
             answer = self.gateway.error_response(NuclideError("internal error; see the gateway log"),
                                                  self.call.call_id)
-        self.req.respond(*answer)
+        self.req.respond(*self.gateway.answer(self.req.headers, answer))
 
     def set_exception(self, exc: BaseException) -> None:
         self._done = True
@@ -112,7 +114,7 @@ class _DirectAnswer:
         if not isinstance(exc, NuclideError):
             exc = NuclideError(str(exc))
         self.gateway._record(call.call_id, call.function, call.wall, "FAILED", exc.http_status, exc.message, call.cold)
-        self.req.respond(*self.gateway.error_response(exc, call.call_id))
+        self.req.respond(*self.gateway.answer(self.req.headers, self.gateway.error_response(exc, call.call_id)))
 
 
 def json_body(status: int, payload: Any) -> tuple[int, bytes]:
@@ -547,27 +549,28 @@ class Gateway:
         headers.append((b"x-call-id", call_id.encode()))
         return status, headers, payload
 
-    async def invoke(self, scope: dict, receive: Any, send: Any, name: str, mode: str) -> None:
+    async def invoke(self, scope: dict, receive: Any, send: Any, name: str, mode: str, path: str = "/") -> None:
         """An invocation through ASGI: async ones, and sync ones when the app runs under another server."""
         call_id = self.new_call_id()
         try:
-            status, headers, body = await self._invoke(scope, receive, name, mode, call_id)
+            answer = await self._invoke(scope, receive, name, mode, path, call_id)
         except NuclideError as exc:
-            status, headers, body = self.error_response(exc, call_id)
+            answer = self.error_response(exc, call_id)
+        status, headers, body = self.answer(scope["headers"], answer)
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _invoke(self, scope: dict, receive: Any, name: str, mode: str, call_id: str) -> tuple[int, list, bytes]:
+    async def _invoke(self, scope: dict, receive: Any, name: str, mode: str, path: str,
+                      call_id: str) -> tuple[int, list, bytes]:
         raw_headers = scope["headers"]
         info = self._check_access(name, raw_headers)
-        body = await self._read_body(scope, receive)
+        body = await self._read_body(scope, receive, name)
         if mode == "async" or _wants_async(raw_headers):
-            return await self._submit_async(name, body, raw_headers, call_id)
+            return await self._submit_async(name, body, scope.get("nuclide.headers", raw_headers), call_id)
         if self.functions.get(name) is not info:  # redeployed or deleted while the body was read
             info = self._check_access(name, raw_headers)
-        call = self._new_call(info, scope["method"], scope["path"], scope["query_string"], raw_headers, body, mode,
-                              call_id)
+        call = self._new_call(info, scope["method"], path, scope["query_string"], raw_headers, body, mode, call_id)
         fut = call.future = asyncio.get_running_loop().create_future()
         assert self.broker is not None
         self.broker.submit(call)
@@ -580,9 +583,10 @@ class Gateway:
 
     # the direct path (services/gateway/http.py): no ASGI, no task, no future per call
 
-    def direct_target(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
-        """(function, mode) when a request is a sync invocation the HTTP server answers directly."""
-        target = match_invoke(method, path)
+    def direct_target(self, method: str, path: str,
+                      headers: list[tuple[bytes, bytes]]) -> tuple[str, str, str] | None:
+        """(function, mode, path below it) when a request is a sync invocation the HTTP server answers directly."""
+        target = invoke_target(method, path)
         if target is None or target[1] == "async" or _wants_async(headers):
             return None
         return target
@@ -597,12 +601,52 @@ class Gateway:
             assert self.broker is not None
             self.broker.submit(call)
         except NuclideError as exc:
-            req.respond(*self.error_response(exc, call_id))
+            req.respond(*self.answer(req.headers, self.error_response(exc, call_id)))
+
+    def body_limit(self, name: str) -> int:
+        """The largest invocation body ``name`` takes: its http trigger's maxRequestBodySize, else max_body_bytes;
+        never more than max_body_ceiling_bytes."""
+        info = self.functions.get(name)
+        asked = info.max_body if info is not None else None
+        if asked is None:
+            return self.settings.max_body_bytes
+        return min(asked[0], self.settings.max_body_ceiling_bytes)
+
+    def body_too_large(self, name: str, size: int | None) -> PayloadTooLarge:
+        """The 413 for a body over ``name``'s limit: which limit, where it comes from, and the ceiling."""
+        s = self.settings
+        info = self.functions.get(name)
+        asked = info.max_body if info is not None else None
+        body = f"request body is {size} bytes" if size is not None else "request body is"
+        ceiling = f"max_body_ceiling_bytes, {s.max_body_ceiling_bytes}"
+        if asked is None:
+            return PayloadTooLarge(
+                f"{body} over the {s.max_body_bytes} byte invoke limit (max_body_bytes); a function may ask for"
+                f" more with spec.triggers.<http trigger>.attributes.maxRequestBodySize, up to the platform's"
+                f" ceiling ({ceiling} bytes)")
+        limit = min(asked[0], s.max_body_ceiling_bytes)
+        capped = (f", capped by the platform's ceiling ({ceiling} bytes)" if asked[0] > limit
+                  else f"; the platform's ceiling is {ceiling} bytes")
+        return PayloadTooLarge(
+            f"{body} over the {limit} byte limit of function '{name}' (its"
+            f" spec.triggers.{asked[1]}.attributes.maxRequestBodySize is {asked[0]}{capped})")
 
     def refuse_direct(self, req: Any) -> None:
-        limit = self.settings.max_body_bytes
-        exc = PayloadTooLarge(f"request body is {req.refused} bytes, over the {limit} byte invoke limit")
-        req.respond(*self.error_response(exc, self.new_call_id()))
+        req.respond(*self.answer(req.headers, self.error_response(self.body_too_large(req.name, req.refused),
+                                                                  self.new_call_id())))
+
+    def answer(self, raw_headers: list, answer: tuple[int, list, bytes]) -> tuple[int, list, bytes]:
+        """An invocation's answer; a failed one in text mode is the Fusionizer's (services/gateway/fusionizer.py)."""
+        status = answer[0]
+        if status < 400 or not fusionizer.is_task_failure(status):
+            return answer  # the success path pays one comparison
+        accept = next((v.decode("latin-1") for k, v in raw_headers if k.lower() == b"accept"), None)
+        if not fusionizer.wants_text(accept, self.settings.fusionizer_mode):
+            return answer
+        content_type = next((v.decode("latin-1") for k, v in answer[1] if k == b"content-type"), "")
+        headers = [(k, v) for k, v in answer[1] if k != b"content-type"]
+        headers.append((b"content-type", fusionizer.TEXT.encode()))
+        return fusionizer.FAILED_STATUS, headers, fusionizer.failure_text(content_type, answer[2])
 
     def _check_access(self, name: str, raw_headers: list) -> FunctionInfo:
         """The function's info, once the caller may invoke it (a private one needs the token)."""
@@ -612,7 +656,7 @@ class Gateway:
         if info.private:
             auth = None
             for k, v in raw_headers:
-                if k == b"authorization":
+                if k.lower() == b"authorization":
                     auth = v
                     break
             self.check_token(auth)
@@ -622,14 +666,17 @@ class Gateway:
                   mode: str, call_id: str) -> Call:
         """The call to submit to the broker (its future is set by the caller)."""
         name = info.name
-        # the caller's credentials are for the gateway, never for the function
-        headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers if k != b"authorization"]
+        headers = []
+        content_type = None
+        for k, v in raw_headers:
+            lower = k.lower()
+            if lower == b"authorization":
+                continue  # the caller's credentials are for the gateway, never for the function
+            if lower == b"content-type" and content_type is None:
+                content_type = v.decode("latin-1")
+            headers.append([k.decode("latin-1"), v.decode("latin-1")])
         headers.append(["fusionizer-server-address", self._fusionizer_host])
-        content_type = ""
-        for k, v in headers:
-            if k == "content-type":
-                content_type = v
-                break
+        content_type = content_type or ""
         if mode == "execute":
             body, content_type = self._execute_payload(body)
         assert self.broker is not None
@@ -699,9 +746,9 @@ class Gateway:
     async def _submit_async(self, name: str, body: bytes, raw_headers: list, call_id: str) -> tuple[int, list, bytes]:
         """202 once the call is durable; its result is kept (GET /calls/{id}) and may be called back."""
         assert self.calls is not None
-        hdrs = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
-        forwarded = [[k, v] for k, v in hdrs.items()
-                     if k not in ("authorization", "x-nuclide-async", "x-callback-url", "x-idempotency-key")]
+        hdrs = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
+        forwarded = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers
+                     if k.lower() not in (b"authorization", b"x-nuclide-async", b"x-callback-url", b"x-idempotency-key")]
         call_id, duplicate = await self.calls.submit(
             name, body, content_type=hdrs.get("content-type", ""), headers=forwarded, source="http", call_id=call_id,
             idempotency_key=hdrs.get("x-idempotency-key") or None,
@@ -709,8 +756,8 @@ class Gateway:
         payload = json.dumps({"call_id": call_id, "status_url": f"/calls/{call_id}", "duplicate": duplicate}).encode()
         return 202, [_JSON_CT, (b"x-call-id", call_id.encode())], payload
 
-    async def _read_body(self, scope: dict, receive: Any) -> bytes:
-        limit = self.settings.max_body_bytes
+    async def _read_body(self, scope: dict, receive: Any, name: str) -> bytes:
+        limit = self.body_limit(name)
         for k, v in scope["headers"]:
             if k == b"content-length":
                 try:
@@ -718,7 +765,7 @@ class Gateway:
                 except ValueError:
                     raise InvalidRequest("Content-Length is not a number") from None
                 if declared > limit:
-                    raise PayloadTooLarge(f"request body is {declared} bytes, over the {limit} byte invoke limit")
+                    raise self.body_too_large(name, declared)
                 break
         chunks: list[bytes] = []
         size = 0
@@ -730,7 +777,7 @@ class Gateway:
             if chunk:
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(f"request body is over the {limit} byte invoke limit")
+                    raise self.body_too_large(name, None)
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -751,36 +798,12 @@ class Gateway:
         return payload.encode(), "text/plain; charset=utf-8"
 
 
-def match_invoke(method: str, path: str) -> tuple[str, str] | None:
-    """(function, mode) when a request is an invocation, else None.
-
-    POST /{name} invokes (GET/PUT/DELETE /{name} are the control plane, as in the
-    Fusionizer); /functions/{name}/invoke takes any method, so handlers that
-    branch on event.method can be reached with all of them.
-    """
-    parts = path.strip("/").split("/")
-    if len(parts) == 3 and parts[0] == "functions" and parts[2] == "invoke":
-        return parts[1], "http"
-    if method != "POST":
-        return None
-    if len(parts) == 1:
-        name = parts[0]
-        if name and name.lower() not in RESERVED_NAMES:
-            return name, "http"
-        return None
-    if len(parts) == 3 and parts[0] == "functions" and parts[2] == "execute":
-        return parts[1], "execute"
-    if len(parts) == 2 and parts[0] == "async-function":
-        return parts[1], "async"
-    return None
-
-
 def make_asgi(gateway: Gateway, control: Any) -> Any:
     async def app(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            target = match_invoke(scope["method"], scope["path"])
+            target = invoke_target(scope["method"], scope["path"])
             if target is not None:
-                await gateway.invoke(scope, receive, send, target[0], target[1])
+                await gateway.invoke(scope, receive, send, *target)
                 return
         await control(scope, receive, send)
 

@@ -79,10 +79,10 @@ class DirectRequest:
     """A sync invocation read in full; :meth:`respond` answers it (once)."""
 
     __slots__ = ("conn", "method", "path", "query", "headers", "body", "name", "mode", "done", "keep_alive",
-                 "complete", "size", "refused", "received", "expect_continue")
+                 "complete", "size", "refused", "received", "expect_continue", "limit")
 
     def __init__(self, conn: "HttpProtocol", method: str, path: str, query: bytes,
-                 headers: list[tuple[bytes, bytes]], name: str, mode: str, keep_alive: bool) -> None:
+                 headers: list[tuple[bytes, bytes]], name: str, mode: str, keep_alive: bool, limit: int) -> None:
         self.conn = conn
         self.method = method
         self.path = path
@@ -98,6 +98,7 @@ class DirectRequest:
         self.refused: int | None = None  # the body size when it is over the limit (answered 413 unread)
         self.received = False  # the whole message was parsed (a refused body is read and dropped)
         self.expect_continue = False  # the client waits for "100 Continue" before sending the body
+        self.limit = limit  # the largest body the function takes
 
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         if self.done:
@@ -406,10 +407,11 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
             raise HeadTooLarge()
-        name = name.lower()
-        if name == b"content-length":
+        # names keep the caller's spelling (a function reads them back as sent); ASGI gets them lower-cased
+        lower = name.lower()
+        if lower == b"content-length":
             self._length = value
-        elif name == b"expect" and value.lower() == b"100-continue":
+        elif lower == b"expect" and value.lower() == b"100-continue":
             self._expect_continue = True
         self._headers.append((name, value))
 
@@ -426,8 +428,11 @@ class HttpProtocol(asyncio.Protocol):
         server = self.server
         target = server.direct_target(method, path, self._headers)
         if target is not None:
-            request: Any = DirectRequest(self, method, path, query, self._headers, target[0], target[1], keep_alive)
-            declared = server.too_large(self._length) if self._length is not None else None
+            limit = server.body_limit(target[0])  # the function's own, or the platform's default
+            # the function sees the path below its own name
+            request: Any = DirectRequest(self, method, target[2], query, self._headers, target[0], target[1],
+                                         keep_alive, limit)
+            declared = server.too_large(self._length, limit) if self._length is not None else None
             if declared is not None:
                 # answered without reading the body; the connection closes after it
                 request.refused = declared
@@ -450,8 +455,9 @@ class HttpProtocol(asyncio.Protocol):
                 "path": path,
                 "raw_path": raw_path,
                 "query_string": query,
-                "headers": self._headers,
+                "headers": [(name.lower(), value) for name, value in self._headers],
                 "state": {},
+                "nuclide.headers": self._headers,  # as sent: what an async invocation's function reads back
             }
             request = AsgiCycle(self, scope, keep_alive, self._expect_continue)
         self.current = request
@@ -473,7 +479,7 @@ class HttpProtocol(asyncio.Protocol):
                     self.close()
                 return
             request.size += len(chunk)
-            if request.size > self.server.max_body:
+            if request.size > request.limit:
                 request.refused = request.size
                 request.complete = True
                 request.keep_alive = False
@@ -533,15 +539,14 @@ class HttpProtocol(asyncio.Protocol):
 class HttpServer:
     """Serves the gateway on one TCP port; see the module docstring."""
 
-    def __init__(self, gateway: Any, app: Callable[..., Any], host: str, port: int, max_body: int,
-                 backlog: int = 4096, body_grace_s: float = 10.0, min_body_rate: int = 1024) -> None:
+    def __init__(self, gateway: Any, app: Callable[..., Any], host: str, port: int, backlog: int = 4096,
+                 body_grace_s: float = 10.0, min_body_rate: int = 1024) -> None:
         self.gateway = gateway
         self.body_grace_s = body_grace_s
         self.min_body_rate = min_body_rate
         self.app = app
         self.host = host
         self.port = port
-        self.max_body = max_body
         self.backlog = backlog
         self.loop = asyncio.get_running_loop()
         self.connections: set[HttpProtocol] = set()
@@ -549,8 +554,9 @@ class HttpServer:
         self.bound: tuple[str, int] | None = (host, port)
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
-        self.direct_target: Callable[[str, str, list], tuple[str, str] | None] = gateway.direct_target
+        self.direct_target: Callable[[str, str, list], tuple[str, str, str] | None] = gateway.direct_target
         self.direct: Callable[[DirectRequest], None] = gateway.invoke_direct
+        self.body_limit: Callable[[str], int] = gateway.body_limit  # a function's largest invocation body
 
     async def start(self) -> None:
         self._server = await self.loop.create_server(
@@ -560,13 +566,14 @@ class HttpServer:
             self.bound = (str(sock[0]), int(sock[1]))
         self._sweeper = asyncio.ensure_future(self._sweep_idle())
 
-    def too_large(self, content_length: bytes) -> int | None:
-        """The declared Content-Length when it is over the invoke limit (the parser checked its syntax)."""
+    @staticmethod
+    def too_large(content_length: bytes, limit: int) -> int | None:
+        """The declared Content-Length when it is over ``limit`` (the parser checked its syntax)."""
         try:
             declared = int(content_length)
         except ValueError:
             return None
-        return declared if declared > self.max_body else None
+        return declared if declared > limit else None
 
     def refuse(self, request: DirectRequest) -> None:
         self.gateway.refuse_direct(request)

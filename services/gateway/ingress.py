@@ -19,8 +19,8 @@ SUB (``gateway_sub``, bound; producers connect a PUB): ``[topic, payload]`` or
 trigger for that topic gets the payload as an async call. Best effort, like core
 NATS: a message published while nobody listens is gone.
 
-Cron: ``kind: cron`` triggers (``interval`` or ``schedule``) submit an async call
-with the trigger's ``body`` on time.
+Cron: ``kind: cron`` triggers (``interval`` or ``schedule``, in ``attributes.timezone``) submit
+an async call with the trigger's body and headers (nuclio's ``attributes.event``) on time.
 """
 
 from __future__ import annotations
@@ -99,12 +99,11 @@ class Ingress:
             self.counters["malformed"] += 1
             log.warning("dropped malformed ingress message", error=str(exc), dropped=self.counters["malformed"])
             return
-        limit = self.gw.settings.max_body_bytes
-        if len(msg.body) > limit:
+        if len(msg.body) > self.gw.body_limit(function):
             # recorded, not silently dropped: the producer can look the call up and see why
             self.counters["oversized"] = self.counters.get("oversized", 0) + 1
             self._spawn(self._refuse(function, msg.header.get("call_id"),
-                                     f"payload is {len(msg.body)} bytes, over the {limit} byte invoke limit"))
+                                     self.gw.body_too_large(function, len(msg.body)).message))
             return
         assert self.gw.calls is not None
         try:
@@ -159,9 +158,14 @@ class Ingress:
                 self.counters["malformed"] += 1
                 log.warning("dropped malformed topic message", topic=topic[:80], error=str(exc))
                 return
-            payload, content_type = msg.body, str(msg.header.get("content_type") or "")
-            key = msg.header.get("idempotency_key")
-            idempotency_key = str(key) if key else None  # per function: a repeat reaches each subscriber once
+            payload, content_type = msg.body, msg.header.get("content_type") or ""
+            key = msg.header.get("idempotency_key") or None  # per function: a repeat reaches each subscriber once
+            if not isinstance(content_type, str) or not isinstance(key, (str, type(None))):
+                self.counters["malformed"] += 1
+                log.warning("dropped malformed topic message", topic=topic[:80],
+                            error="content_type and idempotency_key must be strings")
+                return
+            idempotency_key = key
         self.counters["topic_messages"] += 1
         for info in list(self.gw.functions.values()):
             if topic in info.topics:
@@ -188,7 +192,8 @@ class Ingress:
             live: set[tuple[str, str]] = set()
             for info in list(self.gw.functions.values()):
                 for trig in info.cron:
-                    key = (info.name, f"{trig['name']}|{trig.get('interval_s')}|{trig.get('schedule')}")
+                    key = (info.name, f"{trig['name']}|{trig.get('interval_s')}|{trig.get('schedule')}"
+                                      f"|{trig.get('timezone')}")
                     live.add(key)
                     due = self._cron_next.get(key)
                     if due is None:
@@ -196,10 +201,9 @@ class Ingress:
                         continue
                     if due <= now:
                         self.counters["cron_calls"] += 1
-                        body = trig.get("body") or ""
                         self._spawn(self._submit_quietly(
-                            info.name, body.encode() if isinstance(body, str) else bytes(body), "", "cron",
-                            [["x-nuclide-trigger", trig["name"]]]))
+                            info.name, trig["body"], trig["content_type"], "cron",
+                            [*trig["headers"], ["x-nuclide-trigger", trig["name"]]]))
                         self._cron_next[key] = self._next(trig, max(now, due))
             for key in set(self._cron_next) - live:
                 del self._cron_next[key]
@@ -209,7 +213,7 @@ class Ingress:
     def _next(trig: dict[str, Any], after: float) -> float:
         if trig.get("interval_s"):
             return after + float(trig["interval_s"])
-        return parse_cron(trig["schedule"]).next_after(after)
+        return parse_cron(trig["schedule"], tz=trig["timezone"]).next_after(after)
 
     def close(self) -> None:
         for task in self._tasks:

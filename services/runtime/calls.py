@@ -133,28 +133,32 @@ class TaskCaller:
         out = self.request(name, "POST", body, ctype, [], mapper=_as_is_or_result)
         if out[0] is _AS_IS:
             return out[1]
-        return decode_result(name, *out)
+        return decode_result(name, *out[:3])
 
     def call_async(self, name: str, payload: Any = None) -> str:
         body, ctype = encode_payload(payload)
-        status, rctype, rbody = self.request(name, "POST", body, ctype, [], sync=False)
+        status, rctype, rbody, _ = self.request(name, "POST", body, ctype, [], sync=False)
         result = decode_result(name, status, rctype, rbody)
         return result["call_id"] if isinstance(result, dict) else str(result)
 
     def request(self, name: str, method: str, body: bytes, content_type: str, headers: list[list[str]],
                 path: str | None = None, query: str = "", sync: bool = True,
-                mapper: Callable[[Any], Any] = to_result) -> tuple[Any, ...]:
-        """Call a task; returns (status, content_type, body) exactly as an HTTP caller would see them.
+                mapper: Callable[[Any], Any] = to_result, timeout_s: float | None = None) -> tuple[Any, ...]:
+        """Call a task; returns (status, content_type, body, headers) exactly as an HTTP caller would see them.
 
-        A local callee's value goes through ``mapper``; :meth:`call`'s may answer ``(_AS_IS, value)``."""
+        A local callee's value goes through ``mapper``; :meth:`call`'s may answer ``(_AS_IS, value)``.
+        ``timeout_s`` shortens the caller's own deadline (never lengthens it)."""
         stack = getattr(self._local, "stack", None)
         frame = stack[-1] if stack else None
+        now_ms = int(time.time() * 1000)
         if frame is None:
             parent, depth, chain, caller = "", 1, [name], None
-            deadline_ms = int((time.time() + 30) * 1000)
+            deadline_ms = now_ms + 30_000
         else:
             parent, depth, chain, caller = frame.call_id, frame.depth + 1, frame.chain + [name], frame.function
-            deadline_ms = frame.deadline_ms or int((time.time() + 30) * 1000)
+            deadline_ms = frame.deadline_ms or now_ms + 30_000
+        if timeout_s is not None:
+            deadline_ms = min(deadline_ms, now_ms + int(timeout_s * 1000))
         if depth > MAX_CALL_DEPTH:
             raise CallFailed(name, 508, f"call depth limit of {MAX_CALL_DEPTH} exceeded: {' -> '.join(chain[-6:])}"
                                         " ...; is there a cycle between these tasks?")
@@ -163,7 +167,7 @@ class TaskCaller:
         if fn is not None:
             # in-process: no header dict, no INVOKE encoding; the callee's event is built directly
             started = time.perf_counter()
-            event = Event.for_call(call_id, parent or None, name, method, path or f"/{name}", query, headers,
+            event = Event.for_call(call_id, parent or None, name, method, path or "/", query, headers,
                                    content_type, body, deadline_ms)
             result = self.runtime.execute_local(fn, Frame(call_id, name, depth, chain, deadline_ms), event, mapper)
             took_ms = (time.perf_counter() - started) * 1000
@@ -178,17 +182,18 @@ class TaskCaller:
                     slot[1] += took_ms
             if result[0] is _AS_IS:
                 return result
-            status, _, rctype, out = result
+            status, rheaders, rctype, out = result
         else:
             header = {
                 "call_id": call_id, "parent_id": parent or None, "function": name, "method": method,
-                "path": path or f"/{name}", "query": query, "headers": headers, "content_type": content_type,
+                "path": path or "/", "query": query, "headers": headers, "content_type": content_type,
                 "deadline_ms": deadline_ms, "mode": "http", "depth": depth, "chain": chain,
                 "caller": caller, "async": not sync,
             }
             result, out = self._remote(header, body)
             status, rctype = int(result.get("status", 200)), str(result.get("content_type") or "")
-        return status, rctype, out
+            rheaders = result.get("headers") or []
+        return status, rctype, out, rheaders
 
     def _failed_locally(self, call_id: str, parent_id: str | None, name: str, result: Any, took_ms: float) -> None:
         """Keep a failed in-process call for the next report (before its edge: see :meth:`take_reports`)."""

@@ -9,9 +9,10 @@ import time
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence, TextIO
 
+from services.runtime.event import event_uuid
 from services.runtime.tracebacks import user_traceback
 
-__all__ = ["Context", "Logger", "Response", "LOG_LEVELS"]
+__all__ = ["Context", "Logger", "Platform", "Response", "LOG_LEVELS"]
 
 
 class Response:
@@ -156,6 +157,56 @@ class Logger:
 
 
 _NO_CALLS = "task-to-task calls arrive with fusion"
+# request headers a forwarded event does not carry on: they describe the request it came in, not this one
+_NOT_FORWARDED = frozenset({"content-length", "content-type", "transfer-encoding", "connection", "host",
+                            "fusionizer-server-address"})
+
+
+class Platform:
+    """nuclio's ``context.platform``: its kind and namespace, and ``call_function`` to call another function."""
+
+    __slots__ = ("kind", "namespace", "_context")
+
+    def __init__(self, kind: str, context: "Context") -> None:
+        self.kind = kind
+        self.namespace = "default"
+        self._context = context
+
+    def call_function(self, function_name: str, event: Any, node: Any = None, timeout: float | None = None,
+                      service_name_override: Any = None) -> Response:
+        """Call ``function_name`` with ``event``'s method, path, headers and body; its answer as a Response.
+
+        As nuclio's SDK does it: a dict (or list) body goes as JSON, any other body as it is with the
+        event's content type (text/plain without one); the answer's header names are lower-cased, a JSON
+        body is decoded, and an error status is returned, not raised. The call is a task call (in-process
+        when the callee is in this instance's fusion group), traced like ``context.call``; ``timeout``
+        (seconds) shortens the caller's own deadline. ``node`` and ``service_name_override`` name nuclio
+        hosts and are not needed here."""
+        caller = self._context._caller
+        if caller is None:
+            raise NotImplementedError(_NO_CALLS)
+        body = getattr(event, "body", b"")
+        if isinstance(body, (dict, list)):
+            raw, content_type = json.dumps(body).encode(), "application/json"
+        else:
+            raw = body.encode() if isinstance(body, str) else bytes(body or b"")
+            content_type = getattr(event, "content_type", None) or "text/plain"
+        headers = [[str(k), str(v)] for k, v in (getattr(event, "headers", None) or {}).items()
+                   if str(k).lower() not in _NOT_FORWARDED]
+        headers.append(["Content-Type", content_type])
+        path, _, query = (getattr(event, "path", None) or "/").partition("?")
+        status, rtype, out, rheaders = caller.request(function_name, str(getattr(event, "method", None) or "POST"),
+                                                      raw, content_type, headers, path=path, query=query,
+                                                      timeout_s=timeout)
+        answer_headers = {str(k).lower(): str(v) for k, v in rheaders}
+        answer_headers["content-type"] = rtype
+        answer: Any = out
+        if rtype.partition(";")[0].strip() == "application/json" and out:
+            try:
+                answer = json.loads(out)
+            except ValueError:  # as nuclio's SDK: a body that does not parse stays as it is
+                pass
+        return Response(answer, answer_headers, rtype, status)
 
 
 class Context:
@@ -174,6 +225,8 @@ class Context:
         "platform",
         "worker_id",
         "trigger_name",
+        "memory_limit_in_mb",
+        "log_stream_name",
         "_call_id",
         "_deadline_ms",
         "_caller",
@@ -189,14 +242,18 @@ class Context:
         logger: Logger | None = None,
         platform_kind: str = "local",
         worker_id: int = 0,
+        memory_limit_in_mb: int = 0,
+        log_stream_name: str = "",
     ) -> None:
         self.function_name = function_name
         self.version = version
         self.logger = logger if logger is not None else Logger(function_name)
         self.user_data = SimpleNamespace()
-        self.platform = SimpleNamespace(kind=platform_kind)
+        self.platform = Platform(platform_kind, self)
         self.worker_id = worker_id
         self.trigger_name = "default-http"
+        self.memory_limit_in_mb = memory_limit_in_mb  # Lambda's name: the instance's memory limit
+        self.log_stream_name = log_stream_name  # Lambda's name: the instance whose log has the lines
         self._call_id: str | None = None
         self._deadline_ms = 0
         self._caller: Any = None
@@ -221,6 +278,30 @@ class Context:
     def deadline_ms(self) -> int:
         """The current call's absolute deadline, epoch milliseconds (0 outside a call)."""
         return self._deadline_ms
+
+    # AWS Lambda's context, for handler(event, context)
+
+    @property
+    def aws_request_id(self) -> str | None:
+        """The current call's UUID (the same as its event's id)."""
+        call_id = self._call_id
+        return event_uuid(call_id) if call_id is not None else None
+
+    @property
+    def function_version(self) -> str:
+        return str(self.version)
+
+    @property
+    def invoked_function_arn(self) -> str:
+        """An ARN-shaped name of the function (nuclide has no AWS account: the account is 0)."""
+        return f"arn:aws:lambda:local:000000000000:function:{self.function_name}"
+
+    @property
+    def log_group_name(self) -> str:
+        return f"/nuclide/{self.function_name}"
+
+    identity = None  # Lambda: Cognito identity of mobile SDK calls; never set here
+    client_context = None
 
     def get_remaining_time_in_millis(self) -> int:
         """Milliseconds left before the current call's deadline; never negative."""

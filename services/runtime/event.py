@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 
 from shared.errors import ProtocolError
 
-__all__ = ["Event", "Headers", "Trigger", "is_json_content_type"]
+__all__ = ["Event", "Headers", "Trigger", "event_uuid", "is_json_content_type"]
 
 # Marks a body that has not been decoded yet; None is a legitimate body value.
 _UNPARSED: Any = object()
@@ -21,6 +21,21 @@ class Trigger(NamedTuple):
 
     kind: str
     name: str
+    klass: str = "sync"  # nuclio's trigger class: "sync" for HTTP
+
+
+# event.id is a UUID named by the call id: the same call (an async call's retries) keeps its id
+_EVENT_ID_NAMESPACE = "5a0c2f4e-8f4b-4d8e-9a51-6e75636c6964"
+
+
+def event_uuid(call_id: str) -> str:
+    """The UUID string a call's event carries (nuclio's event.id, Lambda's aws_request_id).
+
+    ``uuid`` is imported here, on first use: it costs about 2 ms, which an instance whose handlers
+    never read an event id does not pay at its start."""
+    import uuid
+
+    return str(uuid.uuid5(uuid.UUID(_EVENT_ID_NAMESPACE), call_id))
 
 
 # nuclio names the HTTP trigger it creates by default "default-http".
@@ -148,7 +163,7 @@ class Event:
     """One invocation as the handler sees it (nuclio's ``event`` object)."""
 
     __slots__ = (
-        "id",
+        "call_id",
         "parent_id",
         "function",
         "mode",
@@ -164,6 +179,7 @@ class Event:
         "_fields",
         "_arrival_s",
         "_timestamp",
+        "_id",
     )
 
     # nuclio attributes that an HTTP-only runtime never varies.
@@ -213,6 +229,11 @@ class Event:
         else:
             hdrs = Headers.from_pairs(list(headers))
         self._fill(id, parent_id, function, mode, method, path, query, hdrs, content_type, raw, deadline_ms, trigger)
+        if not id:
+            import uuid
+
+            id = str(uuid.uuid4())
+        self._id = id  # a hand-made event keeps the id it was given
         self._body = parsed
         self._fields = dict(fields) if fields is not None else None
         self._timestamp = timestamp
@@ -265,8 +286,9 @@ class Event:
     def _fill(self, call_id: str, parent_id: str | None, function: str, mode: str, method: str, path: str,
               query: str, headers: Headers, content_type: str, raw_body: bytes, deadline_ms: int,
               trigger: Trigger) -> None:
-        """Every field, from values in shape; the body unparsed, no extra fields, the timestamp on demand."""
-        self.id = call_id
+        """Every field, from values in shape; the body unparsed, no extra fields, the id and timestamp on demand."""
+        self.call_id = call_id
+        self._id = None
         self.parent_id = parent_id
         self.function = function
         self.mode = mode
@@ -321,12 +343,31 @@ class Event:
         self._fields = dict(value)
 
     @property
+    def id(self) -> str:
+        """The event's UUID (nuclio's event.id), named by the call id: an async call's retries share it.
+
+        Made on first use (uuid5 costs about 2 us, which a call that never reads it does not pay);
+        ``call_id`` is nuclide's own id of the call, the ``X-Call-Id`` the caller sees."""
+        event_id = self._id
+        if event_id is None:
+            event_id = self._id = event_uuid(self.call_id)
+        return event_id
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self._id = value
+
+    @property
     def timestamp(self) -> datetime:
-        """When the runtime received the event, as a timezone-aware UTC datetime."""
+        """When the runtime received the event: a naive UTC datetime, as nuclio's SDK gives it."""
         ts = self._timestamp
         if ts is None:
-            ts = self._timestamp = datetime.fromtimestamp(self._arrival_s, timezone.utc)
+            ts = self._timestamp = datetime.fromtimestamp(self._arrival_s, timezone.utc).replace(tzinfo=None)
         return ts
+
+    @timestamp.setter
+    def timestamp(self, value: datetime) -> None:
+        self._timestamp = value
 
     @property
     def url(self) -> str:
@@ -349,6 +390,6 @@ class Event:
 
     def __repr__(self) -> str:
         return (
-            f"Event(id={self.id!r}, method={self.method!r}, path={self.path!r}, "
+            f"Event(call_id={self.call_id!r}, method={self.method!r}, path={self.path!r}, "
             f"content_type={self.content_type!r}, body_bytes={len(self.raw_body)})"
         )

@@ -51,15 +51,23 @@ def _on_alarm(signum: int, frame: Any) -> None:
 class Function:
     """One loaded handler with its context."""
 
-    __slots__ = ("name", "version", "handler", "context", "logger", "needs_session")
+    __slots__ = ("name", "version", "handler", "context", "logger", "needs_session", "lambda_shape", "to_response")
 
-    def __init__(self, name: str, version: int, handler: LoadedHandler, context: Context, logger: Logger) -> None:
+    def __init__(self, name: str, version: int, handler: LoadedHandler, context: Context, logger: Logger,
+                 lambda_shape: str = "auto") -> None:
         self.name = name
         self.version = version
         self.handler = handler
         self.context = context
         self.logger = logger
         self.needs_session = handler.form is HandlerForm.FUSIONIZER
+        self.lambda_shape = lambda_shape  # the event a Lambda handler gets (spec.lambdaEvent)
+        # what the handler's value means before the HTTP mapping: a Lambda result is API Gateway's
+        self.to_response: Callable[[Any], Any] | None = None
+        if handler.form is HandlerForm.LAMBDA:
+            from services.runtime.lambda_shape import lambda_response  # only functions with a Lambda handler
+
+            self.to_response = lambda_response
 
 
 def load_functions(config: dict[str, Any]) -> dict[str, Function]:
@@ -71,11 +79,14 @@ def load_functions(config: dict[str, Any]) -> dict[str, Function]:
         extra = [fc["deps_dir"]] if fc.get("deps_dir") else []
         handler = load_handler(fc["code_dir"], fc["handler"], extra)
         logger = Logger(function=fc["name"])
-        context = Context(function_name=fc["name"], version=int(fc["version"]), logger=logger)
+        context = Context(function_name=fc["name"], version=int(fc["version"]), logger=logger,
+                          memory_limit_in_mb=int(config.get("memory_bytes") or 0) // (1024 * 1024),
+                          log_stream_name=str(config.get("instance_id") or ""))
         call_init_context(handler, context)
         if handler.is_async:
             thread_loop()  # asyncio imported and the loop made before READY, not in the first call
-        functions[fc["name"]] = Function(fc["name"], int(fc["version"]), handler, context, logger)
+        functions[fc["name"]] = Function(fc["name"], int(fc["version"]), handler, context, logger,
+                                         str(fc.get("lambda_event") or "auto"))
     return functions
 
 
@@ -217,8 +228,9 @@ class Executor:
             if event.mode == "execute":
                 args = build_args(fn.handler, fn.context, event, session, event.raw_body.decode("utf-8", "replace"))
                 return responses.execute_result(invoke(fn.handler, args, loop))
-            args = build_args(fn.handler, fn.context, event, session, None)
-            return mapper(invoke(fn.handler, args, loop))
+            args = build_args(fn.handler, fn.context, event, session, None, fn.lambda_shape)
+            value = invoke(fn.handler, args, loop)
+            return mapper(value if fn.to_response is None else fn.to_response(value))
         except CallTimeout:
             if stack[0] is not frame:
                 raise  # the outermost call answers the timeout

@@ -245,15 +245,19 @@ def build_args(
     event: Any,
     requests_session: Any,
     payload: str | None,
+    lambda_shape: str = "auto",
 ) -> tuple[Any, ...]:
-    """The positional arguments for ``loaded``'s form."""
+    """The positional arguments for ``loaded``'s form; a Lambda handler's event in ``lambda_shape``
+    (see services.runtime.lambda_shape, imported only by functions that have such a handler)."""
     form = loaded.form
     if form is HandlerForm.NUCLIO:
         return (context, event)
     if form is HandlerForm.FUSIONIZER:
         return (context, event, requests_session)
     if form is HandlerForm.LAMBDA:
-        return (event, context)
+        from services.runtime.lambda_shape import lambda_event
+
+        return (lambda_event(event, lambda_shape), context)
     return (payload if payload is not None else _body_text(event),)
 
 

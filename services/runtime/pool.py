@@ -12,8 +12,8 @@ deployer attaches to the container's stdin through the Engine API; no network en
                                            instance reads it), memory_bytes, cwd
     C bytes   code                         an uncompressed tar of <name>/<version>/... below CODE_ROOT
 
-The code is unpacked into ``CODE_ROOT`` (a tmpfs of the container, the path an image-built
-instance has its code at), made read-only, the data limit set, stdin closed, and the process
+The code is unpacked into ``CODE_ROOT`` (a tmpfs of the container), writable as an instance's code
+directory is on every backend, the data limit set, stdin closed, and the process
 goes on as :func:`services.runtime.loop.serve`: READY to the gateway, calls, BYE, exit codes
 exactly as a cold instance. A container is specialised once (the engine closes its stdin when
 the deployer detaches, and this reads one frame): one function's code never lands in a process
@@ -96,7 +96,7 @@ def read_header(stream: BinaryIO) -> tuple[dict[str, Any], int] | None:
 
 
 def unpack_code(stream: BinaryIO, code_len: int, root: str) -> None:
-    """Extract the code tar (regular files and directories only, nothing outside ``root``), then make it read-only."""
+    """Extract the code tar (regular files and directories only, nothing outside ``root``); it stays writable."""
     bounded = _Bounded(stream, code_len)
     real_root = os.path.realpath(root)
     try:
@@ -123,11 +123,7 @@ def unpack_code(stream: BinaryIO, code_len: int, root: str) -> None:
     while bounded.left:  # the tar's end padding, so stdin is at the frame's end
         if not bounded.read(1 << 16):
             raise BadFrame("stdin closed inside the code archive")
-    # read-only, as the code is in an image (the owner could chmod it back: it only ever affects itself)
-    for here, dirs, files in os.walk(real_root, topdown=False):
-        for name in files:
-            os.chmod(os.path.join(here, name), 0o444)
-        os.chmod(here, 0o555)
+    # left writable: the code directory is the function's scratch on every backend
 
 
 def specialise(stream: BinaryIO) -> dict[str, Any] | None:

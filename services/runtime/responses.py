@@ -13,7 +13,7 @@ __all__ = ["to_result", "error_result", "json_error", "execute_result", "Failure
 
 Result = tuple[int, list[list[str]], str, bytes]
 
-TEXT = "text/plain; charset=utf-8"
+TEXT = "text/plain"  # exactly what nuclio sets for a str (no charset parameter); the body is UTF-8
 JSON = "application/json"
 BINARY = "application/octet-stream"
 

@@ -16,6 +16,8 @@ from urllib.parse import urlencode, urlsplit
 import requests
 from requests.structures import CaseInsensitiveDict
 
+from shared.names import invoke_target
+
 if TYPE_CHECKING:  # pragma: no cover
     from services.runtime.calls import TaskCaller
 
@@ -30,25 +32,24 @@ class GatewaySession(requests.Session):
         self._caller = caller
         self.trust_env = False  # calls to our own gateway must not go through a proxy
 
-    def task_of(self, url: str) -> str | None:
-        """The task a URL names when it points at the gateway (``/{task}``), else None."""
+    def task_of(self, url: str) -> tuple[str, str] | None:
+        """(task, path below it) when a URL points at the gateway (``/{task}[/sub/path]``), else None."""
         parts = urlsplit(url)
         if parts.scheme != "http" or parts.hostname != self._advertised_host:
             return None
         if parts.port not in (None, FUSIONIZER_PORT, self._port):
             return None
-        segments = parts.path.strip("/").split("/")
-        if len(segments) == 1 and segments[0]:
-            return segments[0]
-        if len(segments) == 3 and segments[0] == "functions" and segments[2] == "invoke":
-            return segments[1]
-        return None
+        # any method: a task call is the request the callee's handler gets, whatever the verb
+        target = invoke_target("POST", parts.path)
+        if target is None or target[1] != "http":
+            return None
+        return target[0], target[2]
 
     def request(self, method, url, params=None, data=None, headers=None, cookies=None, files=None, auth=None,
                 timeout=None, allow_redirects=True, proxies=None, hooks=None, stream=None, verify=None, cert=None,
                 json=None):  # type: ignore[override]
-        task = self.task_of(str(url)) if self._caller is not None else None
-        if task is None:
+        target = self.task_of(str(url)) if self._caller is not None else None
+        if target is None:
             return super().request(method, url, params=params, data=data, headers=headers, cookies=cookies,
                                    files=files, auth=auth, timeout=timeout, allow_redirects=allow_redirects,
                                    proxies=proxies, hooks=hooks, stream=stream, verify=verify, cert=cert, json=json)
@@ -68,17 +69,18 @@ class GatewaySession(requests.Session):
         query = urlsplit(str(url)).query
         if params:
             query = "&".join(filter(None, [query, urlencode(params, doseq=True)]))
-        status, ctype, out = self._caller.request(
-            task, str(method).upper(), body, hdrs.get("content-type", ""), [[k, v] for k, v in hdrs.items()],
-            path=urlsplit(str(url)).path, query=query)
-        return _response(str(url), status, ctype, out)
+        status, ctype, out, rheaders = self._caller.request(
+            target[0], str(method).upper(), body, hdrs.get("content-type", ""), [[k, v] for k, v in hdrs.items()],
+            path=target[1], query=query)
+        return _response(str(url), status, ctype, out, rheaders)
 
 
-def _response(url: str, status: int, content_type: str, body: bytes) -> requests.Response:
+def _response(url: str, status: int, content_type: str, body: bytes, headers: list) -> requests.Response:
     resp = requests.Response()
     resp.status_code = status
     resp._content = body  # requests' own way to hold a body that is already read
-    resp.headers = CaseInsensitiveDict({"content-type": content_type, "content-length": str(len(body))})
+    resp.headers = CaseInsensitiveDict({str(k): str(v) for k, v in headers})
+    resp.headers.update({"content-type": content_type, "content-length": str(len(body))})
     resp.url = url
     resp.encoding = "utf-8" if content_type.startswith(("text/", "application/json")) else None
     resp.reason = "OK" if status < 400 else "Error"

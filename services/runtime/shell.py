@@ -283,16 +283,16 @@ class Containers:
         self._code: bytes | None = None
         self.workdir = "/"
         if self.python:
-            # the image's code directory is the source; none runs there, runtime in a fresh copy at path
+            # the image's code directory is the source; each call runs in a fresh, writable copy at path
+            # (the code directory is scratch on every backend)
             python = config["python"]
             src = python["functions"][0]["code_dir"]
-            here = src if config["warm_start"] == "none" else self.path
-            instance = dict(python, functions=[dict(python["functions"][0], code_dir=here, max_concurrency=1)])
+            instance = dict(python, functions=[dict(python["functions"][0], code_dir=self.path, max_concurrency=1)])
             self.env.update({"SRC": src, CONFIG_ENV: json.dumps(instance), "PYTHONUNBUFFERED": "1",
                              "PYTHONDONTWRITEBYTECODE": "1", "MALLOC_ARENA_MAX": "2"})
             self.run, self.workdir = list(ONCE_ARGV), src
-            self.fresh_argv = list(ONCE_ARGV)
-            self.warm_argv = ["/bin/sh", "-c", PY_DRIVER, "nuclide-driver", "fresh", self.path, *ONCE_ARGV]
+            self.fresh_argv = self.warm_argv = ["/bin/sh", "-c", PY_DRIVER, "nuclide-driver", "fresh", self.path,
+                                                *ONCE_ARGV]
         else:
             self.run = list(config["run"])
             self.fresh_argv = ["/bin/sh", "-c", DRIVER, "nuclide-driver", "fresh", self.path, *self.run]

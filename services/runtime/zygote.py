@@ -14,7 +14,7 @@ packet, file descriptors beside it), one request at a time::
     zygote -> deployer, once:  {"ready": true, "pid": P, "warm_ms": T}  or  {"ready": false, "error": "..."}
     deployer -> zygote:        {"op": "spawn", "id": ID, "config": {...}, "writable": [dirs], "readonly": [dirs],
                                 "cwd": DIR, "memory_bytes": N, "uid": U, "pids": N, "scratch_bytes": N,
-                                "network": "isolated" | "host", "resolv_conf": TEXT}
+                                "network": "isolated" | "host", "resolv_conf": TEXT, "seccomp": BPF}
                                + SCM_RIGHTS [log file] (+ [network namespace, net exit] when isolated)
     zygote -> deployer:        {"id": ID, "pid": PID, "fork_ms": T, "steps_ms": {...}}
                                or  {"id": ID, "error": "...", "pid": PID or 0 (killed; the deployer reaps it)}
@@ -89,10 +89,8 @@ class SpawnFailed(RuntimeError):
 
 
 class Zygote:
-    def __init__(self, sock: socket.socket, var_dir: str, staged: tuple[str, ...], install: tuple[str, ...],
-                 seccomp_program: bytes = b"") -> None:
+    def __init__(self, sock: socket.socket, var_dir: str, staged: tuple[str, ...], install: tuple[str, ...]) -> None:
         self.sock = sock
-        self.seccomp_program = seccomp_program
         self.var_dir = var_dir
         self.staged = staged
         self.install = install
@@ -152,7 +150,7 @@ class Zygote:
     def _instance(self, limits: "Limits", run: Any, w: int) -> None:  # pragma: no cover
         try:
             _stamp(w, "pid_namespace")
-            confine.finish(limits.memory_bytes, self.cap_last, limits.uid, limits.pids, self.seccomp_program)
+            confine.finish(limits.memory_bytes, self.cap_last, limits.uid, limits.pids, limits.seccomp)
             _stamp(w, "privileges_dropped")
         except BaseException as exc:
             _report_error(w, exc)
@@ -193,8 +191,9 @@ class Zygote:
                 config = message["config"]
                 cwd = str(message["cwd"])
                 uid = int(message.get("uid") or 0)
-                if uid <= 0:
-                    raise ValueError("a spawn request needs the instance's own uid (not root)")
+                seccomp = bytes(message.get("seccomp") or b"")
+                if uid <= 0 or not seccomp:
+                    raise ValueError("a spawn request needs the instance's own uid (not root) and its seccomp filter")
                 plan = self.plan(tuple(map(str, message.get("writable") or ())),
                                  tuple(map(str, message.get("readonly") or ())), uid=uid,
                                  scratch_bytes=int(message.get("scratch_bytes") or 0),
@@ -202,7 +201,7 @@ class Zygote:
                                  resolv_conf=str(message.get("resolv_conf") or "") if isolated else "")
                 log_fd = fds[0]
                 limits = Limits(int(message.get("memory_bytes") or 0), uid, int(message.get("pids") or 0),
-                                fds[2] if isolated else -1)
+                                fds[2] if isolated else -1, seccomp)
 
                 def run(w: int) -> int:
                     _become_instance(log_fd, w, cwd)
@@ -243,7 +242,7 @@ class Zygote:
                 confine.enter(self.plan(uid=PROBE_UID, scratch_bytes=1 << 20))
                 second = os.fork()
                 if second == 0:
-                    self._instance(Limits(0, PROBE_UID, 16, -1), run, w)
+                    self._instance(Limits(0, PROBE_UID, 16, -1, b""), run, w)
                 os.write(w, f"pid {second}\n".encode())
                 _, status = os.waitpid(second, 0)  # ours to reap: a probe must not reach the deployer
                 os._exit(os.waitstatus_to_exitcode(status))
@@ -271,6 +270,7 @@ class Limits(NamedTuple):
     uid: int
     pids: int
     keep_fd: int  # the "net exit" pipe: slirp4netns lives as long as it is open; -1 for none
+    seccomp: bytes  # the compiled filter (services/runtime/syscalls.py), loaded last
 
 
 def _init(runtime: int, keep_fd: int = -1) -> None:  # pragma: no cover (PID 1 of the instance's namespace)
@@ -384,9 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import services.runtime.loop  # noqa: F401 (the point of a zygote: imported once, shared by every fork)
 
-        from services.runtime.syscalls import compile_filter
-
-        zygote = Zygote(sock, args.var, tuple(args.stage), tuple(args.install), compile_filter())
+        zygote = Zygote(sock, args.var, tuple(args.stage), tuple(args.install))
         zygote.once = args.once
         if not args.once:  # a cold start's spawn is its own test
             zygote.probe()

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from shared.errors import Conflict, InvalidRequest, NotFound
-from services.store.db import Database
+from services.store.db import SqlDatabase
 
 # the compact form of calls.record_sync: one array per sync call, in this order; a task call's row
 # adds the last two (an entry call's parent is None and its source "http")
@@ -113,7 +113,7 @@ def _sync_row(row: Any) -> tuple:
 
 
 class CallStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: SqlDatabase) -> None:
         self.db = db
 
     def submit(self, calls: list[dict[str, Any]], payloads: tuple[bytes, ...]) -> list[dict[str, Any]]:
@@ -135,10 +135,10 @@ class CallStore:
                 # one statement for the common case; the primary key and the idempotency index
                 # turn a repeat into a no-op, then we look up what it repeated
                 inserted = self.db.execute(
-                    "INSERT OR IGNORE INTO calls (id, function, status, kind, source, attempts, max_attempts,"
+                    "INSERT INTO calls (id, function, status, kind, source, attempts, max_attempts,"
                     " idempotency_key, callback_url, callback_state, owner, payload, content_type, headers, error,"
                     " parent_id, queued_at, finished_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?,"
-                    " ?, ?, ?, ?, ?, ?)",
+                    " ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     (call["id"], call["function"], status, call.get("kind", "async"), call.get("source", "http"),
                      int(call.get("max_attempts", 1)), key, call.get("callback_url"),
                      "pending" if call.get("callback_url") else None, call.get("owner"), payload,
@@ -197,10 +197,10 @@ class CallStore:
 
     def _insert_sync(self, rows: list[tuple]) -> int:
         with self.db.tx():
-            self.db.conn.executemany(
-                "INSERT OR IGNORE INTO calls (id, function, status, kind, source, attempts, max_attempts, queued_at,"
+            self.db.executemany(
+                "INSERT INTO calls (id, function, status, kind, source, attempts, max_attempts, queued_at,"
                 " started_at, finished_at, result_status, error, parent_id, cold_start) VALUES"
-                " (?, ?, ?, 'sync', ?, 1, 1, ?, ?, ?, ?, ?, ?, ?)", rows)
+                " (?, ?, ?, 'sync', ?, 1, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
         return len(rows)
 
     def claim(self, owner: str, limit: int) -> tuple[list[dict[str, Any]], list[bytes]]:
@@ -209,8 +209,9 @@ class CallStore:
             rows = self.db.all(
                 "SELECT * FROM calls WHERE status IN ('PENDING', 'RUNNING') AND kind='async' AND"
                 " (owner IS NULL OR owner != ?) ORDER BY queued_at LIMIT ?", (owner, limit))
-            for row in rows:
-                self.db.execute("UPDATE calls SET owner=?, status='PENDING' WHERE id=?", (owner, row["id"]))
+            if rows:  # one statement per call, sent in one go (PostgreSQL pipelines executemany)
+                self.db.executemany("UPDATE calls SET owner=?, status='PENDING' WHERE id=?",
+                                    [(owner, row["id"]) for row in rows])
         calls = [{"id": r["id"], "function": r["function"], "attempts": r["attempts"], "max_attempts": r["max_attempts"],
                   "content_type": r["content_type"] or "", "headers": json.loads(r["headers"] or "[]"),
                   "callback_url": r["callback_url"], "callback_state": r["callback_state"],

@@ -1,4 +1,10 @@
-"""The store's database: SQLite in WAL mode, schema kept by numbered migrations."""
+"""The store's database: one schema kept by numbered migrations, on SQLite (embedded) or PostgreSQL.
+
+The migrations and every query are written once, in SQLite's dialect with ``?`` placeholders;
+:mod:`services.store.pg` translates the few differences (column types, placeholders) for
+PostgreSQL. :func:`open_database` picks the dialect from ``database_url``: empty means
+SQLite at ``<var_dir>/state.db``, ``postgresql://...`` a PostgreSQL server.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,10 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from shared.config import Settings
 
 # Each migration runs once, in order, inside a transaction; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -130,17 +139,106 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
+    # zips kept in the database itself: on PostgreSQL every store replica reaches them with no shared disk
+    # (services/store/blobs.py); SQLite keeps them as files beside its database and leaves this table empty
+    """
+    CREATE TABLE blob_data (digest TEXT PRIMARY KEY, data BLOB NOT NULL);
+    """,
 ]
 
 
-class Database:
-    """A single connection used by the store's one thread; every change is a transaction."""
+class DatabaseUnreachable(RuntimeError):
+    """The database named by the settings cannot be used at all: the message is one line saying what to check."""
+
+
+class LeadershipLost(RuntimeError):
+    """Another store took the lead of the database while this one was cut off from it (see pg.py)."""
+
+
+class SqlDatabase:
+    """What the store's logic needs of a database, whichever the dialect; subclasses connect and translate."""
+
+    dialect = ""
+    errors: tuple[type[BaseException], ...] = ()  # the driver's errors: the database failed, not the request
+    integrity_errors: tuple[type[BaseException], ...] = ()  # a constraint refused a change (the request's fault)
+    conn: Any
+
+    def ddl(self, statement: str) -> str:
+        """A migration statement in this dialect (they are written in SQLite's)."""
+        return statement
+
+    def describe(self) -> str:
+        """Where the data lives, for logs: never a password."""
+        raise NotImplementedError
+
+    def lead(self) -> bool:
+        """Become the one store that writes this database; False while another store does (see pg.py)."""
+        return True
+
+    def leader(self) -> str:
+        """Who leads the database, for a standby's log line."""
+        return "this store"
+
+    def check_lead(self) -> None:
+        """Raise a database error when this store can no longer be sure it is the one writer (see pg.py)."""
+
+    def migrate(self) -> int:
+        self.execute(self.ddl("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+                              " applied_at REAL NOT NULL)"))
+        done = {row[0] for row in self.all("SELECT version FROM schema_migrations")}
+        applied = 0
+        for number, sql in enumerate(MIGRATIONS, start=1):
+            if number in done:
+                continue
+            with self.tx():
+                for statement in filter(None, (s.strip() for s in sql.split(";"))):
+                    self.execute(self.ddl(statement))
+                self.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (number, time.time()))
+            applied += 1
+        return applied
+
+    def probe_write(self) -> None:
+        """One tiny write transaction: raises when the database cannot be written right now."""
+        with self.tx():
+            self.execute("UPDATE meta SET value=value WHERE key='seq'")
+
+    def one(self, sql: str, params: tuple = ()) -> Any:
+        return self.execute(sql, params).fetchone()
+
+    def all(self, sql: str, params: tuple = ()) -> list[Any]:
+        return self.execute(sql, params).fetchall()
+
+    def execute(self, sql: str, params: tuple = ()) -> Any:
+        raise NotImplementedError
+
+    def executemany(self, sql: str, rows: list[tuple]) -> None:
+        raise NotImplementedError
+
+    def tx(self) -> Any:
+        raise NotImplementedError
+
+    def reopen(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Database(SqlDatabase):
+    """SQLite in WAL mode: a single connection used by the store's one thread; every change is a transaction."""
+
+    dialect = "sqlite"
+    errors = (sqlite3.Error,)
+    integrity_errors = (sqlite3.IntegrityError,)
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.conn = self._connect()
         self.migrate()
+
+    def describe(self) -> str:
+        return str(self.path)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
@@ -159,25 +257,6 @@ class Database:
             pass
         self.conn = self._connect()
 
-    def probe_write(self) -> None:
-        """One tiny write transaction: raises when the database cannot be written right now."""
-        with self.tx():
-            self.conn.execute("UPDATE meta SET value=value WHERE key='seq'")
-
-    def migrate(self) -> int:
-        self.conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-        done = {row[0] for row in self.conn.execute("SELECT version FROM schema_migrations")}
-        applied = 0
-        for number, sql in enumerate(MIGRATIONS, start=1):
-            if number in done:
-                continue
-            with self.tx():
-                for statement in filter(None, (s.strip() for s in sql.split(";"))):
-                    self.conn.execute(statement)
-                self.conn.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (number, time.time()))
-            applied += 1
-        return applied
-
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         self.conn.execute("BEGIN IMMEDIATE")
@@ -193,14 +272,17 @@ class Database:
         else:
             self.conn.execute("COMMIT")
 
-    def one(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
-        return self.conn.execute(sql, params).fetchone()
-
-    def all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        return self.conn.execute(sql, params).fetchall()
-
     def execute(self, sql: str, params: tuple = ()) -> Any:
         return self.conn.execute(sql, params)
 
-    def close(self) -> None:
-        self.conn.close()
+    def executemany(self, sql: str, rows: list[tuple]) -> None:
+        self.conn.executemany(sql, rows)
+
+
+def open_database(settings: "Settings") -> SqlDatabase:
+    """The database ``settings.database_url`` names, connected (not yet led nor migrated for PostgreSQL)."""
+    if not settings.database_url:
+        return Database(settings.state_db)
+    from services.store.pg import PgDatabase
+
+    return PgDatabase(settings.database_url)

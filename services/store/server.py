@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from typing import Any
 
@@ -16,13 +15,15 @@ from shared.errors import InvalidRequest, Unavailable
 from shared.liveness import DEPLOYER_REPORT_INTERVAL_S, HEARTBEAT_LIVENESS
 from shared.logs import get_logger
 from shared.service import settle_gc
-from services.store.db import Database
+from services.store.blobs import open_blobs
+from services.store.db import LeadershipLost, SqlDatabase, open_database
 from services.store.calls import CallStore
-from services.store.state import BlobStore, Event, StoreState
+from services.store.state import Event, StoreState
 
 log = get_logger(__name__)
 
 CALL_EXPIRY_INTERVAL_S = 60.0
+LEAD_CHECK_INTERVAL_S = 1.0  # how soon a store notices a lost database connection (and leader lock) when idle
 
 
 def _arg(args: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -47,17 +48,23 @@ def _opt(args: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
 
 
 class StoreServer:
-    def __init__(self, settings: Settings, ctx: zmq.Context) -> None:
+    def __init__(self, settings: Settings, ctx: zmq.Context, db: SqlDatabase | None = None) -> None:
         self.settings = settings
-        self.db = Database(settings.state_db)
-        self.state = StoreState(self.db, BlobStore(settings.var_dir / "blobs"))
+        self.db = db or open_database(settings)
+        self.state = StoreState(self.db, open_blobs(self.db, settings.var_dir))
         self.calls = CallStore(self.db)
         self.storage_errors = 0  # database errors since the last write that went through
+        self.lost: str | None = None  # why this store must stop serving (another store leads its database)
+        self.lost_event = asyncio.Event()
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
-        self.pub.bind(settings.store_pub)
-        self.rpc = AsyncRpcServer(ctx, settings.store_rpc, self.handle, name="store")
+        try:
+            self.pub.bind(settings.store_pub)
+            self.rpc = AsyncRpcServer(ctx, settings.store_rpc, self.handle, name="store")
+        except zmq.ZMQError:
+            self.pub.close(linger=0)  # a standby taking over retries once the old leader's ports are free
+            raise
 
     def publish(self, events: list[Event]) -> None:
         for topic, data in events:
@@ -72,9 +79,9 @@ class StoreServer:
     def handle(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
         try:
             return self._handle(method, args, bodies)
-        except sqlite3.IntegrityError:
+        except self.db.integrity_errors:
             raise
-        except (sqlite3.Error, OSError) as exc:
+        except (*self.db.errors, OSError) as exc:
             # the disk or the database file failed us (read-only, full, I/O error), not the request: say so,
             # and start the next request on a fresh connection, so service resumes once the disk is back
             self._storage_failed(exc)
@@ -87,14 +94,23 @@ class StoreServer:
             log.error("database error", error=f"{type(exc).__name__}: {exc}", errors=self.storage_errors)
         try:
             self.db.reopen()
-        except sqlite3.Error as again:
+        except LeadershipLost as lost:
+            self._lose(str(lost))
+        except self.db.errors as again:
             log.warning("database could not be reopened yet", error=str(again))
+
+    def _lose(self, why: str) -> None:
+        """Another store leads the database now: stop serving at once (exit 1, a supervisor restarts a standby)."""
+        if self.lost is None:
+            log.error("no longer the leading store; stopping", error=why)
+            self.lost = why
+            self.lost_event.set()
 
     def _writable(self) -> str | None:
         """Why the database cannot be written now, or None when a write goes through."""
         try:
             self.db.probe_write()
-        except (sqlite3.Error, OSError) as exc:
+        except (*self.db.errors, OSError) as exc:
             self._storage_failed(exc)
             return f"{type(exc).__name__}: {exc}"
         if self.storage_errors:
@@ -239,13 +255,28 @@ class StoreServer:
             except asyncio.TimeoutError:
                 pass
 
-    async def serve(self, stop: asyncio.Event) -> None:
+    async def watch_lead(self, stop: asyncio.Event) -> None:
+        """Notice a broken database connection while idle too: reconnect, or stop when another store leads."""
+        while not stop.is_set() and self.lost is None:
+            try:
+                self.db.check_lead()
+            except self.db.errors as exc:
+                self._storage_failed(exc)
+            try:
+                await asyncio.wait_for(stop.wait(), LEAD_CHECK_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def serve(self, stop: asyncio.Event) -> int:
         settle_gc()
-        log.info("store ready", rpc=self.settings.store_rpc, pub=self.settings.store_pub, db=str(self.db.path))
-        expiry = asyncio.ensure_future(self.expire_calls(stop))
-        await stop.wait()
-        expiry.cancel()
+        log.info("store ready", rpc=self.settings.store_rpc, pub=self.settings.store_pub, db=self.db.describe())
+        tasks = [asyncio.ensure_future(self.expire_calls(stop)), asyncio.ensure_future(self.watch_lead(stop))]
+        lost = asyncio.ensure_future(self.lost_event.wait())
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), lost], return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
         log.info("store stopping")
         self.rpc.close()
         self.pub.close(linger=0)
         self.db.close()
+        return 1 if self.lost else 0

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.fusion import merge_specs, validate_setup
 from shared.names import validate_function_name
 from shared.runtimes import FIELDS as RUNTIME_FIELDS, parse_runtime
-from services.store.db import Database
+from services.store.blobs import Blobs, BlobStore  # noqa: F401 (BlobStore: re-exported)
+from services.store.db import SqlDatabase
 
 Event = tuple[str, dict[str, Any]]
 
@@ -53,37 +52,8 @@ def _iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
-class BlobStore:
-    """Content-addressed files: blobs/ab/cdef... named by their sha256."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, digest: str) -> Path:
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise InvalidRequest(f"blob digest {digest!r:.80} is not a sha256 hex digest")
-        return self.root / digest[:2] / digest[2:]
-
-    def put(self, data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        target = self.path(digest)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-        return digest
-
-    def get(self, digest: str) -> bytes:
-        try:
-            return self.path(digest).read_bytes()
-        except FileNotFoundError:
-            raise NotFound(f"blob {digest} not found") from None
-
-
 class StoreState:
-    def __init__(self, db: Database, blobs: BlobStore) -> None:
+    def __init__(self, db: SqlDatabase, blobs: Blobs) -> None:
         self.db = db
         self.blobs = blobs
         self.deployer_seen_at = 0.0
@@ -233,7 +203,8 @@ class StoreState:
         now = time.time()
         replicas = max(int(spec.get("min_replicas", 1) or 0), 1)
         with self.db.tx():
-            self.db.execute("INSERT OR IGNORE INTO blobs (digest, size, created_at) VALUES (?, ?, ?)", (digest, len(zip_bytes), now))
+            self.db.execute("INSERT INTO blobs (digest, size, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                            (digest, len(zip_bytes), now))
             row = self.db.one("SELECT * FROM functions WHERE name=?", (name,))
             if row is None:
                 version, group_id = 1, f"g-{name}"
@@ -625,7 +596,7 @@ class StoreState:
             if needed:
                 regroup_id = self.db.execute(
                     "INSERT INTO regroups (setup, state, error, failed_tasks, log_tail, created_at, updated_at)"
-                    " VALUES (?, 'deploying', NULL, '[]', NULL, ?, ?)", (json.dumps(wanted), now, now)).lastrowid
+                    " VALUES (?, 'deploying', NULL, '[]', NULL, ?, ?) RETURNING id", (json.dumps(wanted), now, now)).fetchone()[0]
                 self.db.execute("DELETE FROM regroups WHERE state!='deploying' AND id NOT IN (SELECT id FROM regroups"
                                 " ORDER BY id DESC LIMIT ?)", (REGROUP_HISTORY,))
                 for members in needed & set(proposed):  # proposed already: keep building it

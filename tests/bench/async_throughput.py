@@ -20,6 +20,11 @@ awaited), and a run that other work on the machine disturbed (over 10 % of the
 CPUs) is measured again, like the sync points. CPU time of every process on
 each side is read over the measured run, divided by the calls.
 
+nuclide on PostgreSQL: the same, with the store on a throw-away PostgreSQL server of our own
+(``tests/pg_util.py``: initdb + pg_ctl, fsync on, so a call is on disk when acknowledged, as on
+SQLite), watched by the same queries through psycopg. It has its own row, against Celery and
+against nuclide on SQLite measured in the same run; PostgreSQL missing marks that row skipped.
+
 Celery, its Redis client or redis-server missing is not an error: nuclide is
 still measured and the comparison row is marked skipped, with what to install.
 """
@@ -165,9 +170,16 @@ def measured(bench: Bench, label: str, once: Any) -> tuple[Run, list[Run]]:
 
 
 class StoreWatch:
-    """Read-only looks at the store's SQLite database (WAL: readers never block the store's writes)."""
+    """Read-only looks at the store's database: SQLite (WAL: readers never block the store's writes) or PostgreSQL."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, database_url: str = "") -> None:
+        if database_url:
+            import psycopg
+
+            from services.store.pg import pg_sql
+
+            self.conn = _PgReader(psycopg.connect(database_url, autocommit=True), pg_sql)
+            return
         self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA busy_timeout=1000")
 
@@ -186,6 +198,19 @@ class StoreWatch:
         return self.conn.execute(
             "SELECT COUNT(*), MAX(finished_at) FROM calls WHERE id >= ? AND id < ? AND status = 'DONE' AND result = ?",
             (f"{run}-", f"{run}.", result)).fetchone()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _PgReader:
+    """The sqlite3 calls StoreWatch makes, on a psycopg connection (queries in the store's dialect, translated)."""
+
+    def __init__(self, conn: Any, translate: Any) -> None:
+        self.conn, self.translate = conn, translate
+
+    def execute(self, sql: str, params: tuple = ()) -> Any:
+        return self.conn.execute(self.translate(sql), params)
 
     def close(self) -> None:
         self.conn.close()
@@ -215,7 +240,8 @@ def nuclide_batch(bench: Bench, stack: Stack, watch: StoreWatch, count: int, met
         t_look = time.perf_counter()
         if watch.open_calls() == 0:
             by_status = watch.statuses(run_id)
-            if sum(by_status.values()) >= count:
+            # all final: a call PUSHed but stored only after the look above is still open here
+            if sum(n for status, n in by_status.items() if status in ("DONE", "FAILED", "DEAD")) >= count:
                 break
         if t_look > deadline:
             raise RuntimeError(f"after {deadline_s(count):g} s the store holds {watch.statuses(run_id)} of the"
@@ -237,9 +263,10 @@ def nuclide_batch(bench: Bench, stack: Stack, watch: StoreWatch, count: int, met
     return Run(count, total, t_sent - t0, cpu, other, extra)
 
 
-def measure_nuclide(bench: Bench, raw: dict[str, Any]) -> Run:
+def measure_nuclide(bench: Bench, raw: dict[str, Any], database_url: str = "", key: str = "nuclide",
+                    server_pids: Any = None) -> Run:
     n = bench.options.calls
-    with bench.stack("async") as stack:
+    with bench.stack("async" if key == "nuclide" else f"async-{key}", {"NUCLIDE_DATABASE_URL": database_url}) as stack:
         stack.deploy(FUNCTION, {"function.yaml": function_yaml(FUNCTION), "main.py": NOOP_SOURCE})
         instances = bench.track_instances(stack)
         if len(instances) != 1:
@@ -247,19 +274,38 @@ def measure_nuclide(bench: Bench, raw: dict[str, Any]) -> Run:
         pids = {"gateway": [stack.procs["gateway"].pid], "store": [stack.procs["store"].pid],
                 "instance": [runtime_pid(instances[0])],
                 **{svc: [proc.pid] for svc, proc in stack.procs.items() if svc not in ("gateway", "store")}}
-        watch = StoreWatch(stack.var_dir / "state.db")
+        if server_pids is not None:  # the database server's processes, once the store is connected
+            pids["postgres"] = server_pids()
+        watch = StoreWatch(stack.var_dir / "state.db", database_url)
         try:
             w = warmup_count(n)
             warm = nuclide_batch(bench, stack, watch, w, None)
-            bench.log(f"async  nuclide: warm-up of {w} calls took {warm.total_s:.3f} s")
-            best, attempts = measured(bench, "nuclide", lambda: nuclide_batch(bench, stack, watch, n, Meter(pids)))
+            bench.log(f"async {key:>8}: warm-up of {w} calls took {warm.total_s:.3f} s")
+            best, attempts = measured(bench, key, lambda: nuclide_batch(bench, stack, watch, n, Meter(pids)))
         finally:
             watch.close()
-    raw["nuclide"] = best.to_json()
-    raw["nuclide_warmup_calls"] = w
+    raw[key] = best.to_json()
+    raw[f"{key}_warmup_calls"] = w
     if len(attempts) > 1:
-        raw["nuclide_discarded"] = [r.to_json() for r in attempts if r is not best]
+        raw[f"{key}_discarded"] = [r.to_json() for r in attempts if r is not best]
     return best
+
+
+PG_METRIC = "async on PostgreSQL: calls durable and done per second"
+
+
+def measure_postgres(bench: Bench, raw: dict[str, Any]) -> Run | str:
+    """nuclide with its store on a PostgreSQL server of its own (fsync on); the reason instead when none can run."""
+    from tests.pg_util import PgCluster, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        return reason
+    cluster = PgCluster(fsync=True).start()
+    try:
+        return measure_nuclide(bench, raw, cluster.new_database("bench"), key="postgres", server_pids=cluster.pids)
+    finally:
+        cluster.stop()
 
 
 # ----- Celery -------------------------------------------------------------------------------------------
@@ -413,7 +459,18 @@ def run(bench: Bench, result: ScenarioResult) -> None:
         result.rows.append(Row(NAME, METRIC, "calls/s", nuc.rate, None, CELERY, TARGET,
                                _join(f"skipped: {missing}", nuc_note, _disturbed(nuclide=nuc)), status=SKIPPED))
         return
+    pg = measure_postgres(bench, result.raw)
     cel = measure_celery(bench, result.raw)
+    if isinstance(pg, str):
+        result.rows.append(Row(NAME, PG_METRIC, "calls/s", None, cel.rate, CELERY, TARGET, f"skipped: {pg}",
+                               status=SKIPPED))
+    else:
+        result.rows.append(Row(NAME, PG_METRIC, "calls/s", pg.rate, cel.rate, CELERY, TARGET, _join(
+            f"{n:,} calls, all DONE with their result in PostgreSQL after {pg.total_s:.2f} s; CPU per call:"
+            f" {_cpu_note(pg)}",
+            f"nuclide on SQLite in the same run: {nuc.rate:,.0f} calls/s (PostgreSQL / SQLite = {pg.rate / nuc.rate:.2f})",
+            "the PostgreSQL server's processes are counted as 'postgres', like redis-server for Celery",
+            _disturbed(postgres=pg))))
     result.rows.append(Row(NAME, METRIC, "calls/s", nuc.rate, cel.rate, CELERY, TARGET, _join(
         nuc_note,
         f"Celery: {n:,} delay() in {cel.send_s:.2f} s, last get() after {cel.total_s:.2f} s; CPU per call"

@@ -1,4 +1,4 @@
-"""Async invocation and delivery guarantees, with real services, instances and sockets."""
+"""Async invocation and delivery guarantees, with real services, instances and sockets, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -30,6 +30,16 @@ def call_of(stack: Stack, call_id: str) -> dict[str, Any]:
 def wait_final(stack: Stack, call_id: str, timeout_s: float = 30) -> dict[str, Any]:
     return wait_for(lambda: (c := call_of(stack, call_id))["status"] in ("DONE", "FAILED", "DEAD") and c, timeout_s,
                     what=f"call {call_id} to finish")
+
+
+@pytest.fixture(scope="module")
+def stack(stack_on_each_database: Stack) -> Stack:
+    return stack_on_each_database
+
+
+@pytest.fixture
+def fresh_stack(fresh_stack_on_each_database: Stack) -> Stack:
+    return fresh_stack_on_each_database
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +106,7 @@ class _Hook(http.server.BaseHTTPRequestHandler):
 
 def test_callback_receives_the_result_once(stack: Stack, echo: str) -> None:
     port = free_port()
+    _Hook.received.clear()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -237,8 +248,8 @@ def handler(context, event):
     wait_for(lambda: s.invoke("sleepy", b"quick").text == "fast", 20, what="the replacement to serve")
 
 
-def test_backpressure_sync_gets_429_async_waits(tmp_path) -> None:
-    s = Stack(tmp_path / "var", env={"NUCLIDE_QUEUE_LIMIT": "2"})
+def test_backpressure_sync_gets_429_async_waits(tmp_path, any_database_url: str) -> None:
+    s = Stack(tmp_path / "var", env={"NUCLIDE_QUEUE_LIMIT": "2", "NUCLIDE_DATABASE_URL": any_database_url})
     s.start()
     try:
         code = "import time\n\ndef handler(context, event):\n    time.sleep(0.3)\n    return 'done'\n"

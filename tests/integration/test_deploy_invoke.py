@@ -38,7 +38,7 @@ def test_deploy_describe_invoke_delete(stack: Stack) -> None:
     assert r.headers["content-type"] == "application/json"
     assert r.headers["x-call-id"]
     out = r.json()
-    assert out["body"] == {"a": 1} and out["method"] == "POST" and out["path"] == "/echo"
+    assert out["body"] == {"a": 1} and out["method"] == "POST" and out["path"] == "/"
     assert out["fields"] == {"x": "1", "y": "two"} and out["hdr"] == "yes"
     assert out["fusionizer"] == "127.0.0.1"
 
@@ -109,7 +109,7 @@ def nuclio(context, event):
     return context.user_data.greeting + " " + str(COUNT["init"])
 
 def lam(event, context):
-    return {"lambda": event.body}
+    return {"lambda": event}
 
 def handle(payload: str):
     return payload.upper()

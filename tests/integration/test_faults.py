@@ -1,67 +1,25 @@
-"""Crash safety: kill -9 each part during an async load; every accepted call still finishes."""
+"""Crash safety: kill -9 each part during an async load; every accepted call still finishes (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
-import httpx
 import pytest
 
 from shared.procs import descendants as _descendants
+from tests.async_load import WORK, Load, wait_all_done
 from tests.stack import Stack, function_yaml, wait_for
 
 pytestmark = pytest.mark.integration
 
-WORK = "import time\n\ndef handler(context, event):\n    time.sleep(0.002)\n    return 'ok'\n"
 TOTAL = 2000
 
 
-class Load:
-    """Clients that submit async calls until TOTAL are accepted, retrying each one (same idempotency key) until it is."""
-
-    def __init__(self, url: str, clients: int = 4) -> None:
-        self.url = url
-        self.accepted: dict[str, str] = {}  # idempotency key -> call id
-        self.refusals = 0
-        self._next = 0
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def start(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def _take(self) -> str | None:
-        with self._lock:
-            if self._next >= TOTAL:
-                return None
-            self._next += 1
-            return f"fault-{self._next}"
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as c:
-            while (key := self._take()) is not None:
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    try:
-                        r = c.post("/work", content=key.encode(),
-                                   headers={"X-Nuclide-Async": "true", "X-Idempotency-Key": key})
-                        if r.status_code == 202:
-                            with self._lock:
-                                self.accepted[key] = r.json()["call_id"]
-                            break
-                        self.refusals += 1
-                    except httpx.HTTPError:
-                        self.refusals += 1
-                    time.sleep(0.05)
-
-    def join(self) -> None:
-        for t in self._threads:
-            t.join(180)
+@pytest.fixture
+def fresh_stack(fresh_stack_on_each_database: Stack) -> Stack:
+    return fresh_stack_on_each_database
 
 
 def _runtime_pids(s: Stack) -> list[int]:
@@ -75,7 +33,7 @@ def test_every_accepted_call_finishes_through_crashes(fresh_stack: Stack) -> Non
     s = fresh_stack
     s.deploy("work", {"function.yaml": function_yaml("work", retry={"maxAttempts": 5, "backoff": {"initial": "100ms"}}),
                       "main.py": WORK})
-    load = Load(s.url).start()
+    load = Load(s.url, TOTAL).start()
 
     def after(n: int) -> None:
         wait_for(lambda: len(load.accepted) >= n, 90, interval_s=0.05, what=f"{n} accepted calls")
@@ -99,15 +57,7 @@ def test_every_accepted_call_finishes_through_crashes(fresh_stack: Stack) -> Non
     ids = set(load.accepted.values())
     assert len(ids) == TOTAL, "every idempotency key maps to exactly one call"
 
-    def all_final() -> bool:
-        done = 0
-        for call_id in ids:
-            r = s.client.get(f"/calls/{call_id}")
-            if r.status_code == 200 and r.json()["status"] == "DONE":
-                done += 1
-        return done == TOTAL
-
-    wait_for(all_final, 120, interval_s=1.0, what="every accepted call to be DONE")
+    wait_all_done(s, ids)
     attempts = [s.client.get(f"/calls/{cid}").json()["attempts"] for cid in ids]
     retried = sum(1 for a in attempts if a > 1)
     print(f"\n{TOTAL} accepted, {TOTAL} done, {retried} ran more than once (counted in attempts),"

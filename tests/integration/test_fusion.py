@@ -116,7 +116,7 @@ def handler(context, event):
     if body.get("raise"):
         raise ValueError("callee refused: bad numbers")
     if body.get("meta"):
-        return {"id": event.id, "caller_id": body["mine"]}
+        return {"id": event.call_id, "caller_id": body["mine"]}
     if body.get("env"):
         return os.environ.get("ROLE")
     return body["a"] + body["b"]

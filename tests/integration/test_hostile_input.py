@@ -319,3 +319,27 @@ def test_store_recovers_when_its_database_becomes_writable_again(fresh_stack: St
         wait_for(lambda: stack.client.get(f"/calls/{call_id}").json()["status"] == "DONE", 30, what=f"{call_id} done")
     log = stack.service_log("store")
     assert "Traceback" not in log and log.count("database error") <= 3, log[-3000:]
+
+
+def test_malformed_topic_messages_are_dropped_and_counted(stack: Stack) -> None:
+    topic = f"hostile-{time.time_ns()}"
+    stack.deploy("topicsub", {"function.yaml": function_yaml(
+        "topicsub", triggers={"t": {"kind": "topic", "attributes": {"topic": topic}}}), "main.py": ECHO})
+
+    def malformed() -> int:
+        for line in stack.client.get("/metrics").text.splitlines():
+            if line.startswith("nuclide_ingress_malformed_total"):
+                return int(float(line.split()[-1]))
+        return 0
+
+    before = malformed()
+    with Producer(sub_endpoint=stack.endpoints["gateway_sub"]) as p:
+        sock = p._pub  # the producer's own PUB, already connected and joined
+        assert sock is not None
+        # keep publishing a clean message until one arrives (a PUB drops what it sends before joining)
+        wait_for(lambda: p.publish(topic, b'{"clean": 1}') or any(
+            c["function"] == "topicsub" for c in stack.client.get("/calls", params={"function": "topicsub"}).json()),
+                 20, interval_s=0.2, what="a clean topic message through")
+        for header in ({"content_type": {"a": 1}}, {"idempotency_key": ["k"]}, {"content_type": 5}):
+            sock.send_multipart([topic.encode(), *protocol.encode(protocol.INVOKE, header, b"{}")])
+    wait_for(lambda: malformed() - before >= 3, 20, what="three malformed topic messages counted")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import os
 import secrets
 import shutil
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from shared.config import is_loopback
 from shared.procs import alive as _alive
 from tests.load import report, send, track
 
@@ -117,19 +117,9 @@ def plan_from(args: argparse.Namespace) -> send.Plan:
 # ----- loopback only --------------------------------------------------------------------------
 
 
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_url(url: str) -> str:
     host = urlsplit(url).hostname or ""
-    if not _is_loopback(host):
+    if not is_loopback(host):
         raise LoadError(f"refusing to load {url}: the load generator targets this machine only (127.0.0.1);"
                         " run it on the host of the stack")
     return url
@@ -140,7 +130,7 @@ def check_endpoint(endpoint: str, flag: str) -> str:
         return endpoint
     if endpoint.startswith("tcp://"):
         host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
-        if _is_loopback(host):
+        if is_loopback(host):
             return endpoint
     raise LoadError(f"refusing {flag} {endpoint}: the load generator targets this machine only"
                     " (tcp://127.0.0.1:PORT or ipc://)")

@@ -34,6 +34,9 @@ def test_service_specific_env_wins_over_common_then_file(tmp_path: Path) -> None
     ({"NUCLIDE_DOCKER_POOL_SIZE": "two"}, "NUCLIDE_DOCKER_POOL_SIZE"),
     ({"NUCLIDE_DOCKER_POOL_SIZE": "-1"}, "docker_pool_size -1 is out of range 0-64"),
     ({"NUCLIDE_DOCKER_POOL_SIZE": "1000"}, "0 disables the pool"),
+    ({"NUCLIDE_MAX_BODY_CEILING_BYTES": "1024"}, "max_body_ceiling_bytes 1024 must be at least max_body_bytes"),
+    ({"NUCLIDE_MAX_BODY_CEILING_BYTES": str(1 << 30)}, "half the largest message"),
+    ({"NUCLIDE_FUSIONIZER_MODE": "true", "NUCLIDE_HTTP_HOST": "0.0.0.0"}, "must listen on loopback only"),
     ({"NUCLIDE_PORT_BASE": "9k"}, "setting NUCLIDE_PORT_BASE has an invalid value '9k'; expected a whole number"),
     ({"NUCLIDE_PORT_BASE": "65529"}, "port_base 65529 is out of range 1-65528: the stack takes ports 65529 to 65536;"
                                      " choose a base in range with NUCLIDE_PORT_BASE=N or `nuclide up --port-base N`"),
@@ -64,6 +67,11 @@ def test_child_env_round_trips() -> None:
     assert again == s
 
 
+def test_fusionizer_mode_on_loopback() -> None:
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert load_settings("gateway", environ={"NUCLIDE_FUSIONIZER_MODE": "1", "NUCLIDE_HTTP_HOST": host}).fusionizer_mode
+
+
 def test_port_base_derives_every_port_and_a_port_set_on_its_own_wins(tmp_path: Path) -> None:
     s = load_settings("gateway", environ={"NUCLIDE_PORT_BASE": "9000"})
     assert [(key, port) for key, _host, port in s.ports()] == [
@@ -82,3 +90,17 @@ def test_port_base_derives_every_port_and_a_port_set_on_its_own_wins(tmp_path: P
 def test_port_base_round_trips_to_children() -> None:
     s = load_settings("up", environ={"NUCLIDE_PORT_BASE": "9000", "NUCLIDE_STORE_RPC": "tcp://127.0.0.1:7001"})
     assert load_settings("store", environ=s.child_env()) == s
+
+
+def test_database_url_picks_the_database_and_never_shows_its_password() -> None:
+    assert load_settings(environ={}).database_url == ""  # SQLite in var_dir, the embedded default
+    url = "postgresql://nuclide:s3cret@db.example:5433/nuclide"
+    settings = load_settings(environ={"NUCLIDE_DATABASE_URL": url})
+    assert settings.database_url == url and "s3cret" not in repr(settings)
+    assert settings.child_env()["NUCLIDE_DATABASE_URL"] == url
+    with pytest.raises(ConfigError, match="database_url starts with 'mysql'.*postgresql://") as info:
+        load_settings(environ={"NUCLIDE_DATABASE_URL": "mysql://root:s3cret@db/x"})
+    assert "s3cret" not in str(info.value)
+    from services.store.pg import describe_url
+
+    assert describe_url(url) == "postgresql://nuclide@db.example:5433/nuclide"

@@ -1,4 +1,4 @@
-"""Pure routing logic of the gateway: which requests are invocations, and the broker's room rule."""
+"""Pure routing logic of the gateway: which requests are invocations (and the path below the function), and the broker's room rule."""
 
 from __future__ import annotations
 
@@ -7,26 +7,33 @@ import time
 import pytest
 
 from services.gateway.broker import FAST_CALL_S, SLOW_INFLIGHT_S, Call, Instance
-from services.gateway.core import match_invoke
+from shared.names import invoke_target
 
 
 @pytest.mark.parametrize("method,path,expected", [
-    ("POST", "/hello", ("hello", "http")),
-    ("POST", "/hello/", ("hello", "http")),
-    ("POST", "/functions/hello/invoke", ("hello", "http")),
-    ("GET", "/functions/hello/invoke", ("hello", "http")),
-    ("POST", "/functions/abc/execute", ("abc", "execute")),
+    ("POST", "/hello", ("hello", "http", "/")),
+    ("POST", "/hello/", ("hello", "http", "/")),
+    ("POST", "/hello/a/b", ("hello", "http", "/a/b")),
+    ("POST", "/hello/a/b/", ("hello", "http", "/a/b/")),
+    ("POST", "/functions/hello/invoke", ("hello", "http", "/")),
+    ("GET", "/functions/hello/invoke", ("hello", "http", "/")),
+    ("DELETE", "/functions/hello/invoke/x/y", ("hello", "http", "/x/y")),
+    ("POST", "/functions/abc/execute", ("abc", "execute", "/")),
+    ("POST", "/async-function/abc", ("abc", "async", "/")),
     ("GET", "/hello", None),
+    ("GET", "/hello/a", None),
     ("PUT", "/hello", None),
     ("POST", "/functions", None),
+    ("POST", "/functions/abc/logs", None),
+    ("POST", "/functions/abc/execute/more", None),
     ("POST", "/healthz", None),
     ("POST", "/docs", None),
+    ("POST", "/calls/abc/redrive", None),
     ("POST", "/", None),
-    ("POST", "/a/b", None),
     ("GET", "/functions/abc/execute", None),
 ])
-def test_match_invoke(method: str, path: str, expected: tuple[str, str] | None) -> None:
-    assert match_invoke(method, path) == expected
+def test_invoke_target(method: str, path: str, expected: tuple[str, str, str] | None) -> None:
+    assert invoke_target(method, path) == expected
 
 
 def _inst(credit: int = 33, concurrency: int = 1) -> Instance:

@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import time
+import uuid
 from datetime import datetime, timezone
 
 import pytest
@@ -37,7 +38,10 @@ def make_header(**overrides):
 
 def test_from_invoke_sets_nuclio_attributes():
     event = Event.from_invoke(make_header(), b'{"name": "ada"}')
-    assert event.id == "call-1"
+    assert event.call_id == "call-1"
+    assert str(uuid.UUID(event.id)) == event.id, "nuclio's event.id is a UUID string"
+    assert event.id == Event.from_invoke(make_header(), b"").id, "named by the call id: retries keep it"
+    assert event.id != Event.from_invoke(make_header(call_id="call-2"), b"").id
     assert event.parent_id is None
     assert event.method == "POST"
     assert event.path == "/api/hello"
@@ -184,12 +188,12 @@ def test_from_invoke_rejects_malformed_headers():
         Event.from_invoke(make_header(headers=[["only-a-name"]]), b"")
 
 
-def test_timestamp_is_lazy_utc_datetime():
-    before = datetime.now(timezone.utc)
+def test_timestamp_is_lazy_naive_utc_datetime_as_nuclio_gives_it():
+    before = datetime.now(timezone.utc).replace(tzinfo=None)
     event = Event.from_invoke(make_header(), b"")
     ts = event.timestamp
     assert isinstance(ts, datetime)
-    assert ts.tzinfo is not None
+    assert ts.tzinfo is None  # nuclio's SDK: datetime.utcfromtimestamp, so isoformat() + "Z" is valid
     assert abs((ts - before).total_seconds()) < 5
     assert event.timestamp is ts  # built once
 
@@ -218,6 +222,8 @@ def test_hand_built_event():
     assert event.headers["x-thing"] == "1"
     assert event.fields == {"a": "b"}
     assert event.id == "e1"
+    first, second = Event("x").id, Event("x").id
+    assert first != second and str(uuid.UUID(first)) == first, "a hand-made event without an id gets a fresh UUID"
     text = Event("hi")
     assert text.body == "hi" and text.raw_body == b"hi"
     raw = Event(b'{"a": 1}', content_type="application/json")

@@ -132,11 +132,11 @@ def test_lambda_form_by_parameter_names(tmp_path, params):
         tmp_path,
         f"""
         def handler({params}):
-            return ({first}.id, type({first}).__name__)
+            return ({first}, type({first}).__name__)
         """,
     )
     assert loaded.form is HandlerForm.LAMBDA
-    assert run(loaded) == ("call-1", "Event")
+    assert run(loaded) == ({"name": "ada"}, "dict"), "a Lambda handler gets the JSON payload, a plain dict"
 
 
 def test_two_params_with_other_names_are_nuclio(tmp_path):
@@ -178,7 +178,9 @@ def test_build_args_order():
 
     assert build_args(loaded(nuclio), context, event, session, None) == (context, event)
     assert build_args(loaded(fusion), context, event, session, None) == (context, event, session)
-    assert build_args(loaded(lam), context, event, session, None) == (event, context)
+    lambda_args = build_args(loaded(lam), context, make_event(), session, None)
+    assert lambda_args == ({"name": "ada"}, context), "the Lambda event first: the JSON payload"
+    assert build_args(loaded(lam), context, make_event(), session, None, "apigateway")[0]["body"] == '{"name": "ada"}'
 
 
 # --- detect_form -------------------------------------------------------------

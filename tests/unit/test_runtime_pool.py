@@ -33,7 +33,7 @@ def test_frame_layout_is_pinned() -> None:
     assert frame == b"NUCPOOL1" + struct.pack(">IQ", len(header), 3) + header + b"TAR"
 
 
-def test_round_trip_unpacks_the_code_read_only_and_stops_at_the_frame_end(tmp_path: Path) -> None:
+def test_round_trip_unpacks_writable_code_and_stops_at_the_frame_end(tmp_path: Path) -> None:
     tar = code_tar({"f/1/main.py": b"def handler(c, e):\n    return 1\n", "f/1/pkg/mod.py": b"X = 2\n"})
     stream = io.BytesIO(encode({"instance_id": "i", "functions": []}, 1 << 20, "/c", tar) + b"AFTER")
     header, code_len = read_header(stream)
@@ -41,13 +41,10 @@ def test_round_trip_unpacks_the_code_read_only_and_stops_at_the_frame_end(tmp_pa
     unpack_code(stream, code_len, str(tmp_path))
     assert stream.read() == b"AFTER", "exactly the frame is consumed"
     assert (tmp_path / "f/1/pkg/mod.py").read_bytes() == b"X = 2\n"
-    assert stat.S_IMODE((tmp_path / "f/1/main.py").stat().st_mode) == 0o444
-    assert stat.S_IMODE((tmp_path / "f/1").stat().st_mode) == 0o555
-    if os.geteuid() != 0:  # root ignores modes
-        with pytest.raises(PermissionError):
-            (tmp_path / "f/1/new.py").write_text("x")
-    for here, _dirs, _files in os.walk(tmp_path):
-        os.chmod(here, 0o755)  # so pytest can clean up
+    # the code directory is the function's scratch on every backend: its owner writes next to the code
+    assert stat.S_IMODE((tmp_path / "f/1/main.py").stat().st_mode) & 0o200
+    assert stat.S_IMODE((tmp_path / "f/1").stat().st_mode) & 0o200
+    (tmp_path / "f/1/new.py").write_text("x")
 
 
 def test_closed_stdin_before_a_frame_is_no_frame() -> None:

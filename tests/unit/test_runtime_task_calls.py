@@ -16,7 +16,7 @@ CHAIN = {
     "t1": "def handler(context, event):\n    return context.call('t2', event.body)\n",
     "t2": "def handler(context, event):\n    return context.call('t3', event.body)\n",
     "t3": ("def handler(context, event):\n"
-           "    return {'seen': event.body.decode(), 'id': event.id, 'parent': event.parent_id,"
+           "    return {'seen': event.body.decode(), 'id': event.call_id, 'parent': event.parent_id,"
            " 'path': event.path, 'fn': context.function_name}\n"),
 }
 
@@ -48,7 +48,7 @@ def test_a_chain_runs_in_process_with_events_and_edges(tmp_path: Path) -> None:
         result, out = invoke(ex, "t1", b"hello")
         assert result["status"] == 200, out
         doc = json.loads(out)
-        assert doc["seen"] == "hello" and doc["fn"] == "t3" and doc["path"] == "/t3"
+        assert doc["seen"] == "hello" and doc["fn"] == "t3" and doc["path"] == "/"
         # each callee gets its own call id under its caller's
         assert doc["parent"].startswith("c1.") and doc["id"].startswith(doc["parent"] + ".")
         assert "edges" not in result  # the instance reports them summed, not per call

@@ -13,8 +13,8 @@ import pytest
 from services.deployer.backends.shell import dockerfile
 from services.runtime.once import decode_invoke, decode_result, encode_invoke, encode_result
 from services.runtime.shell import Outcome, input_json, parse_driver_output, python_result, to_result
-from services.store.db import Database
-from services.store.state import BlobStore, StoreState
+from services.store.blobs import open_blobs
+from services.store.state import StoreState
 from shared.archive import read_archive
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.fusion import merge_specs
@@ -161,8 +161,9 @@ def test_python_result_answers_as_a_warm_instance() -> None:
 
 
 @pytest.fixture
-def st(tmp_path: Path) -> StoreState:
-    return StoreState(Database(tmp_path / "state.db"), BlobStore(tmp_path / "blobs"))
+def st(tmp_path: Path, open_store_db) -> StoreState:
+    db = open_store_db()
+    return StoreState(db, open_blobs(db, tmp_path))
 
 
 def test_store_keeps_runtimes_with_events_and_refuses_deleting_one_in_use(st: StoreState) -> None:

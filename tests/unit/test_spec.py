@@ -145,7 +145,7 @@ def test_to_dict_and_from_dict_round_trip() -> None:
         "description", "timeout_s", "max_concurrency", "memory_bytes", "cpu", "pids", "scratch_bytes", "network",
         "private", "idle_timeout_s",
         "triggers",
-        "retry", "warm_start", "shell",
+        "retry", "warm_start", "shell", "lambda_event",
     ]
     assert isinstance(data["build_commands"], list) and isinstance(data["triggers"], list)
     assert FunctionSpec.from_dict(data) == spec
@@ -252,10 +252,24 @@ def test_host_runtime_spellings_normalise(runtime: str) -> None:
     assert spec.runtime == f"python:{HOST}"
 
 
-@pytest.mark.parametrize("runtime", ["python:3.9", "python:2", "python3.99", "golang", "nodejs:18", "python:"])
+@pytest.mark.parametrize("runtime", ["golang", "nodejs:18", "python:"])
 def test_other_runtimes_are_refused_with_the_host_version(runtime: str) -> None:
     message = yaml_error(f"spec: {{handler: main:handler, runtime: '{runtime}'}}")
     assert message == f"function.yaml: spec.runtime {runtime!r} is not available here; use 'python' or 'python:{HOST}'"
+
+
+@pytest.mark.parametrize("runtime,parsed", [("python:3.9", "python:3.9"), ("python3.99", "python:3.99"),
+                                            ("Python:3.012", "python:3.12")])
+def test_any_python_3_is_taken_the_deployer_decides_where_it_runs(runtime: str, parsed: str) -> None:
+    from shared.spec import other_python
+
+    spec, _ = parse_yaml(f"spec: {{handler: main:handler, runtime: '{runtime}'}}")
+    assert spec.runtime == parsed and other_python(spec.runtime) == parsed.partition(":")[2]
+    assert other_python(f"python:{HOST}") is None and other_python("myruntime") is None
+
+
+def test_python_2_is_refused() -> None:
+    assert "Python 2 reached its end of life" in yaml_error("spec: {handler: main:handler, runtime: 'python:2.7'}")
 
 
 def test_env_as_mapping_and_duplicates() -> None:
@@ -669,6 +683,8 @@ def test_retry_settings_and_their_errors() -> None:
     ("{kind: cron, attributes: {}}", "interval"),
     ("{kind: cron, attributes: {interval: soon}}", "interval"),
     ("{kind: topic, attributes: {}}", "attributes.topic"),
+    ("{kind: http, attributes: {maxRequestBodySize: -1}}", "maxRequestBodySize must be a positive integer"),
+    ("{kind: http, attributes: {maxRequestBodySize: 8Mi}}", "maxRequestBodySize must be a positive integer"),
 ])
 def test_bad_triggers_fail_the_deploy_naming_the_field(trigger: str, needle: str) -> None:
     with pytest.raises(InvalidRequest) as info:
@@ -676,19 +692,24 @@ def test_bad_triggers_fail_the_deploy_naming_the_field(trigger: str, needle: str
     assert needle in str(info.value) and "tick" in str(info.value)
 
 
-def test_cron_schedules() -> None:
-    import calendar
+def test_max_request_body_size_up_to_the_ceiling() -> None:
+    from shared.triggers import max_body_bytes, validate_triggers
 
-    from shared.triggers import parse_cron
+    text = "spec:\n  handler: main:handler\n  triggers:\n    web: {kind: http, attributes: {maxRequestBodySize: 9000}}\n"
+    spec, _ = parse_function(archive_with(text), max_body_ceiling=9000)
+    assert max_body_bytes(validate_triggers(spec.triggers)) == (9000, "web")
+    with pytest.raises(InvalidRequest) as info:
+        parse_function(archive_with(text), max_body_ceiling=8999)
+    assert "spec.triggers.web.attributes.maxRequestBodySize (9000 bytes) is over the platform's ceiling of 8999" \
+        in str(info.value)
+    assert max_body_bytes(validate_triggers(parse_yaml("spec:\n  handler: main:handler\n")[0].triggers)) is None
 
-    t0 = calendar.timegm((2026, 11, 23, 10, 7, 30))
-    assert parse_cron("*/5 * * * *").next_after(t0) == calendar.timegm((2026, 11, 23, 10, 10, 0))
-    assert parse_cron("0 12 * * *").next_after(t0) == calendar.timegm((2026, 11, 23, 12, 0, 0))
-    assert parse_cron("@hourly").next_after(t0) == calendar.timegm((2026, 11, 23, 11, 0, 0))
-    assert parse_cron("*/10 * * * * *").next_after(t0) == calendar.timegm((2026, 11, 23, 10, 7, 40))
-    assert parse_cron("0 0 1 1 *").next_after(t0) == calendar.timegm((2027, 1, 1, 0, 0, 0))
-    assert parse_cron("0 9 * * 1").next_after(t0) == calendar.timegm((2026, 11, 30, 9, 0, 0))  # next Monday
-    assert parse_cron("@every 15s").next_after(t0) == t0 + 15
+
+def test_lambda_event_shape() -> None:
+    assert parse_yaml("spec:\n  handler: main:handler\n")[0].lambda_event == "auto"
+    assert parse_yaml("spec:\n  handler: main:handler\n  lambdaEvent: apigateway\n")[0].lambda_event == "apigateway"
+    message = yaml_error("spec:\n  handler: main:handler\n  lambdaEvent: v1\n")
+    assert "spec.lambdaEvent must be one of auto, payload, apigateway" in message
 
 
 # --- hostile specs: bounded in time and memory ------------------------------------------------

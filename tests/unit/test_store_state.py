@@ -1,4 +1,4 @@
-"""The store's state machine, called directly on a real SQLite database."""
+"""The store's state machine, called directly on a real database: SQLite and PostgreSQL (see conftest)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from services.store.db import Database
-from services.store.state import BlobStore, StoreState
+from services.store.blobs import open_blobs
+from services.store.state import StoreState
 from shared.errors import InvalidRequest, NotFound
 
 SPEC = {"handler": "main:handler", "runtime": "python:3.11", "min_replicas": 1}
 
 
 @pytest.fixture
-def st(tmp_path: Path) -> StoreState:
-    return StoreState(Database(tmp_path / "state.db"), BlobStore(tmp_path / "blobs"))
+def st(tmp_path: Path, open_store_db) -> StoreState:
+    db = open_store_db()
+    return StoreState(db, open_blobs(db, tmp_path))
 
 
 def kinds(events) -> list[str]:
@@ -109,8 +110,9 @@ def test_delete_removes_function_and_group(st: StoreState) -> None:
     assert st.snapshot()["groups"] == []
 
 
-def test_sequence_numbers_are_contiguous_and_persist(tmp_path: Path) -> None:
-    st = StoreState(Database(tmp_path / "s.db"), BlobStore(tmp_path / "b"))
+def test_sequence_numbers_are_contiguous_and_persist(tmp_path: Path, open_store_db) -> None:
+    db = open_store_db()
+    st = StoreState(db, open_blobs(db, tmp_path))
     all_seqs = []
     _, ev = st.put_function("a", SPEC, [], b"1")
     all_seqs += seqs(ev)
@@ -119,7 +121,8 @@ def test_sequence_numbers_are_contiguous_and_persist(tmp_path: Path) -> None:
     all_seqs += seqs(st.instance_exited("i", 0, None))
     assert all_seqs == list(range(1, len(all_seqs) + 1))
     st.db.close()
-    again = StoreState(Database(tmp_path / "s.db"), BlobStore(tmp_path / "b"))
+    db = open_store_db()
+    again = StoreState(db, open_blobs(db, tmp_path))
     assert again.seq() == all_seqs[-1]
     assert again.get_function("a")["version"] == 1
 
@@ -133,10 +136,10 @@ def test_bad_names_and_empty_zips(st: StoreState) -> None:
         st.blobs.get("../../etc/passwd")
 
 
-def test_migrations_are_idempotent(tmp_path: Path) -> None:
+def test_migrations_are_idempotent(open_store_db) -> None:
     from services.store.db import MIGRATIONS
 
-    db = Database(tmp_path / "m.db")
+    db = open_store_db()
     assert db.migrate() == 0
     assert db.one("SELECT COUNT(*) FROM schema_migrations")[0] == len(MIGRATIONS)
 
@@ -275,10 +278,10 @@ def test_conflicting_requirements_refuse_the_fusion(st: StoreState) -> None:
     assert st.list_groups() == before
 
 
-def test_sync_call_rows_are_recorded_and_bad_rows_refused(tmp_path: Path) -> None:
+def test_sync_call_rows_are_recorded_and_bad_rows_refused(open_store_db) -> None:
     from services.store.calls import CallStore
 
-    calls = CallStore(Database(tmp_path / "state.db"))
+    calls = CallStore(open_store_db())
     row = ["c1", "fn", "DONE", 1000.0, 1000.5, 200, None, True]
     assert calls.record_sync_rows([row, ["c2", "fn", "FAILED", 1001.0, 1001.1, 500, "boom", False]]) == 2
     got = calls.get("c1")
@@ -292,10 +295,10 @@ def test_sync_call_rows_are_recorded_and_bad_rows_refused(tmp_path: Path) -> Non
         calls.get("c3")
 
 
-def test_sync_call_rows_of_task_calls_keep_their_parent_and_source(tmp_path: Path) -> None:
+def test_sync_call_rows_of_task_calls_keep_their_parent_and_source(open_store_db) -> None:
     from services.store.calls import CallStore
 
-    calls = CallStore(Database(tmp_path / "state.db"))
+    calls = CallStore(open_store_db())
     row = ["c1.1", "callee", "FAILED", 1000.0, 1000.2, 500, "ValueError: kaboom", False, "c1", "call"]
     assert calls.record_sync_rows([row]) == 1
     got = calls.get("c1.1")
@@ -303,3 +306,62 @@ def test_sync_call_rows_of_task_calls_keep_their_parent_and_source(tmp_path: Pat
     for bad in (row[:9], [*row[:8], 7, "call"], [*row[:9], None]):
         with pytest.raises(InvalidRequest, match="sync call row"):
             calls.record_sync_rows([bad])
+
+
+def _schema(db) -> dict[str, list]:
+    """Tables -> [(column, not null, primary key)] in order, and index names: what both dialects must agree on."""
+    if db.dialect == "sqlite":
+        tables = [r[0] for r in db.all("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        out: dict[str, list] = {t: [(c["name"], bool(c["notnull"]) or bool(c["pk"]), bool(c["pk"]))
+                                    for c in db.all(f"PRAGMA table_info({t})")] for t in tables}
+        out["indexes"] = [r[0] for r in db.all("SELECT name FROM sqlite_master WHERE type='index' AND sql IS NOT NULL"
+                                               " ORDER BY name")]
+        return out
+    tables = [r[0] for r in db.all("SELECT table_name FROM information_schema.tables WHERE table_schema='public'"
+                                   " ORDER BY table_name")]
+    out = {}
+    for t in tables:
+        keys = {r[0] for r in db.all(
+            "SELECT k.column_name FROM information_schema.table_constraints c JOIN information_schema.key_column_usage k"
+            " ON k.constraint_name=c.constraint_name WHERE c.table_name=? AND c.constraint_type='PRIMARY KEY'", (t,))}
+        out[t] = [(r[0], r[1] == "NO", r[0] in keys) for r in db.all(
+            "SELECT column_name, is_nullable FROM information_schema.columns WHERE table_name=? AND"
+            " table_schema='public' ORDER BY ordinal_position", (t,))]
+    out["indexes"] = [r[0] for r in db.all("SELECT indexname FROM pg_indexes WHERE schemaname='public' AND"
+                                           " indexname NOT LIKE '%_pkey' ORDER BY indexname")]
+    return out
+
+
+def test_the_migrations_make_one_schema_on_sqlite_and_postgresql(tmp_path: Path, postgres_cluster) -> None:
+    from services.store.db import Database
+    from services.store.pg import PgDatabase
+
+    lite = Database(tmp_path / "state.db")
+    pg = PgDatabase(postgres_cluster.new_database())
+    assert pg.lead()
+    try:
+        lite_schema, pg_schema = _schema(lite), _schema(pg)
+        assert "calls" in pg_schema and "blob_data" in pg_schema and "calls_idempotency" in pg_schema["indexes"]
+        assert pg_schema == lite_schema
+    finally:
+        lite.close()
+        pg.close()
+
+
+def test_zips_live_in_postgresql_where_every_store_replica_reads_them(tmp_path: Path, postgres_cluster) -> None:
+    from services.store.pg import PgDatabase
+
+    url = postgres_cluster.new_database()
+    leader = PgDatabase(url)
+    assert leader.lead()
+    st = StoreState(leader, open_blobs(leader, tmp_path / "a"))
+    res, _ = st.put_function("f", SPEC, [], b"the zip")
+    digest = st.get_version("f", res["version"])["digest"]
+    assert not (tmp_path / "a" / "blobs").exists(), "no blob file: a replica elsewhere could not read it"
+    replica = PgDatabase(url)  # another store's connection, on another machine as far as it knows
+    try:
+        assert not replica.lead(), "one leader at a time"
+        assert open_blobs(replica, tmp_path / "b").get(digest) == b"the zip"
+    finally:
+        replica.close()
+        leader.close()

@@ -67,6 +67,12 @@ class Backend(abc.ABC):
         """True when list() holds every instance that runs (adoption is done): one missing from it is gone."""
         return True
 
+    async def python_check(self, version: str) -> dict[str, Any]:
+        """Whether instances of a ``python:<version>`` function can run on that exact interpreter here:
+        ``{"available": bool, "detail": why not, or what runs it}``."""
+        return {"available": False, "detail": f"the {self.name} backend has no Python {version}: its instances run"
+                                              " the platform's Python only"}
+
     def groups_changed(self, group_ids: set[str]) -> None:
         """The groups that exist now (scaled to zero or not); a backend may free what only others used."""
 

@@ -20,7 +20,8 @@ Images (classic builder, nothing is ever pulled):
 
 Containers carry ``nuclide.*`` labels (namespace, group, version, instance, functions; a pool
 container generic ones, and the deployer records what it became), use the host network, a
-read-only root filesystem with a tmpfs ``/tmp``, no capabilities, no-new-privileges, user 65534,
+read-only root filesystem with a tmpfs ``/tmp`` (and the code directory a writable copy in a tmpfs,
+``/nuclide/work/<name>/<version>``, as writable as on the process backend), no capabilities, no-new-privileges, user 65534,
 memory, CPU and pids limits, and no mounts at all: the instance config travels in the environment
 (or a pool container's stdin), so nothing depends on host paths and the deployer works the
 same when it runs in a container itself. The memory limit is also the instance's RLIMIT_DATA (as
@@ -69,8 +70,9 @@ from shared.errors import BuildFailed, Unavailable
 from shared.logs import get_logger
 from services.deployer.backends.base import Backend, ExitCallback, InstanceHandle, InstanceSpec
 from services.deployer.backends.docker_pool import POOL_LABEL, WarmPool
-from services.deployer.backends.shell import Runners, is_per_call, is_shell
+from services.deployer.backends.shell import PY_WORK_DIR, Runners, is_per_call, is_shell
 from services.deployer.builder import Builder, env_key, tail
+from services.runtime.shell_box import UID
 
 log = get_logger(__name__)
 
@@ -82,7 +84,7 @@ FUNCTIONS_DIR = "/nuclide/functions"
 ENVS_DIR = "/nuclide/envs"
 CONFIG_ENV = "NUCLIDE_INSTANCE_CONFIG_JSON"
 CONFIG_PATH = "/tmp/nuclide-instance.json"
-USER = "65534:65534"  # nobody: owns nothing in the image
+USER = f"{UID}:{UID}"  # nobody: owns nothing in the image
 PIDS_LIMIT = 512
 TMPFS_MAX_BYTES = 256 * 1024 * 1024  # /tmp is memory: the container's memory limit caps it too
 LOG_MAX_SIZE, LOG_MAX_FILES = "10m", "3"  # the engine's copy of an instance's output
@@ -93,6 +95,16 @@ COLLECT_INTERVAL_S = 60.0  # unused images are removed after stops, and at least
 EXIT_REPORT_TIMEOUT_S = 15.0  # after a stop: how long to wait for the exit to be reported
 ENGINE_ERRORS = (docker.errors.DockerException, requests.RequestException, OSError)
 NAMESPACE_FILE = "docker-namespace"
+# an image-built instance's start: copy each (source, destination) pair of code directories, then serve in
+# the first; a copy that fails is a function that cannot load (exit 3), named on stderr for the deploy's answer
+COPY_AND_SERVE = f'''first=$2
+while [ "$#" -gt 0 ]; do
+  mkdir -p "$2" && cp -R "$1"/. "$2"/ || {{ echo "nuclide: could not copy the code from $1 into $2" >&2; exit 3; }}
+  shift 2
+done
+cd "$first" || exit 3
+printf "%s" "${CONFIG_ENV}" > {CONFIG_PATH} && exec python3 -m services.runtime {CONFIG_PATH}
+'''
 
 # what the env image's RUN step executes: the process builder's steps, in the image
 BUILD_SCRIPT = r'''"""nuclide: install a function's dependencies into this environment's site directory."""
@@ -548,16 +560,40 @@ class DockerBackend(Backend):
             raise BuildFailed(message, {"log_tail": tail(text + ("" if step else "\n" + failed))})
         return text
 
-    async def _runtime_image_id(self) -> str:
-        client = self._require()
-        labels = await self._api(self._image_labels, client, self.settings.runtime_image)
+    def runtime_image(self, python: str | None = None) -> str:
+        """The image instances run: the runtime image, or for a function on another Python 3 (``python``
+        "3.X") the runtime built on the Debian release that ships it, ``<runtime image>-py3.X`` (make images
+        with NUCLIDE_IMAGE_PYTHONS)."""
+        image = self.settings.runtime_image
+        if not python:
+            return image
+        repo, sep, tag = image.rpartition(":")
+        if not sep or "/" in tag:  # no tag: the reference means :latest
+            repo, tag = image, "latest"
+        return f"{repo}:{tag}-py{python}"
+
+    async def python_check(self, version: str) -> dict[str, Any]:
+        image = self.runtime_image(version)
+        try:
+            labels = await self._api(self._image_labels, self._require(), image)
+        except (EngineLost, *ENGINE_ERRORS) as exc:
+            return {"available": False, "detail": f"the Docker Engine did not answer ({str(exc)[:200]})"}
         if labels is None:
-            raise BuildFailed(f"the runtime image '{self.settings.runtime_image}' is not in the local Docker Engine;"
+            return {"available": False, "detail": f"the docker backend has no image {image} (build it with"
+                                                  f" NUCLIDE_IMAGE_PYTHONS={version} make images)"}
+        return {"available": True, "detail": image}
+
+    async def _runtime_image_id(self, image: str | None = None) -> str:
+        client = self._require()
+        image = image or self.settings.runtime_image
+        labels = await self._api(self._image_labels, client, image)
+        if labels is None:
+            raise BuildFailed(f"the runtime image '{image}' is not in the local Docker Engine;"
                               " build it with 'make images' (nothing is pulled from a registry)")
-        info = await self._api(client.api.inspect_image, self.settings.runtime_image)
+        info = await self._api(client.api.inspect_image, image)
         return str(info["Id"])
 
-    async def _env_image(self, runtime_id: str, recipe: Path) -> tuple[str, str]:
+    async def _env_image(self, runtime_id: str, recipe: Path, runtime_image: str | None = None) -> tuple[str, str]:
         """The env image of a recipe directory, built when missing; returns (key, tag)."""
         client = self._require()
         requirements = (recipe / "requirements.txt").read_text() if (recipe / "requirements.txt").exists() else ""
@@ -576,7 +612,7 @@ class DockerBackend(Backend):
                 files["recipe/ca.pem"] = ca
             target = f"{ENVS_DIR}/{key}"
             labels = {"nuclide.kind": "env", "nuclide.env": key, "nuclide.runtime": runtime_id}
-            dockerfile = (f"FROM {self.settings.runtime_image}\n"
+            dockerfile = (f"FROM {runtime_image or self.settings.runtime_image}\n"
                           f"{_label_line(labels)}\n"
                           "USER 0:0\n"
                           f"COPY recipe/ {target}/.recipe/\n"
@@ -594,8 +630,8 @@ class DockerBackend(Backend):
     async def _group_image(self, spec: InstanceSpec) -> tuple[str, list[dict[str, Any]]]:
         """The group version's image, built when missing; returns its tag and the functions' in-image config."""
         client = self._require()
-        runtime_id = await self._runtime_image_id()
-        base = self.settings.runtime_image
+        base = self.runtime_image(next((fc["python"] for fc in spec.functions if fc.get("python")), None))
+        runtime_id = await self._runtime_image_id(base)
         envs: dict[str, str] = {}  # env key -> env image tag
         functions: list[dict[str, Any]] = []
         code_dirs: dict[str, Path] = {}
@@ -603,7 +639,7 @@ class DockerBackend(Backend):
         for i, fc in enumerate(spec.functions):
             in_image = dict(fc, code_dir=f"{FUNCTIONS_DIR}/{fc['name']}/{fc['version']}", deps_dir=None)
             if fc.get("deps_dir"):
-                key, env_tag = await self._env_image(runtime_id, Path(fc["deps_dir"]))
+                key, env_tag = await self._env_image(runtime_id, Path(fc["deps_dir"]), base)
                 envs.setdefault(key, env_tag)
                 in_image["deps_dir"] = f"{ENVS_DIR}/{key}/site"
             code_dirs[f"code{i}"] = Path(fc["code_dir"])
@@ -789,7 +825,15 @@ class DockerBackend(Backend):
 
     async def _run(self, spec: InstanceSpec, image: str, functions: list[dict[str, Any]]) -> InstanceHandle:
         client = self._require()
-        config = self._instance_config(spec, functions)
+        # the code directory is writable scratch, as on the process backend: each member's code is copied
+        # from the image (read-only root) into a tmpfs at start, a few ms, and the instance runs there
+        copies: list[str] = []
+        running = []
+        for fc in functions:
+            here = f"{PY_WORK_DIR}/{fc['name']}/{fc['version']}"
+            copies += [fc["code_dir"], here]
+            running.append(dict(fc, code_dir=here))
+        config = self._instance_config(spec, running)
         memory = int(spec.memory_bytes)
         names = [f["name"] for f in functions]
         labels = self._instance_labels(spec, names)
@@ -797,13 +841,14 @@ class DockerBackend(Backend):
         spec.log_path.touch()
 
         def create() -> tuple[str, int | None]:
+            size = int(spec.extra.get("scratch_bytes") or min(memory, TMPFS_MAX_BYTES))
             host_config = self._host_config(client, memory, spec.extra.get("cpu"), pids=spec.extra.get("pids"),
-                                            scratch_bytes=spec.extra.get("scratch_bytes"))
+                                            scratch_bytes=spec.extra.get("scratch_bytes"), extra_tmpfs={
+                PY_WORK_DIR: f"rw,exec,nosuid,nodev,uid={UID},gid={UID},mode=0700,size={size}"})
             created = client.api.create_container(
                 image, name=f"nuclide-{self.namespace}-{spec.id}", labels=labels, user=USER,
-                working_dir=functions[0]["code_dir"], host_config=host_config, use_config_proxy=False,
-                command=["/bin/sh", "-c", f'printf "%s" "${CONFIG_ENV}" > {CONFIG_PATH}'
-                                          f" && exec python3 -m services.runtime {CONFIG_PATH}"],
+                working_dir=PY_WORK_DIR, host_config=host_config, use_config_proxy=False,
+                command=["/bin/sh", "-c", COPY_AND_SERVE, "nuclide-instance", *copies],
                 environment={CONFIG_ENV: json.dumps(config), **self._container_env()},
             )
             try:

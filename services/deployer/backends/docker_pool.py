@@ -21,8 +21,8 @@ adoption scan reads the record in place of the labels: a ``sent`` one is adopted
 instance; an idle pool container (no record) or a ``pending`` one (a deployer died mid-way) is
 removed, so a new deployer starts from a pool of its own. What differs from an image-built
 instance: ``/tmp`` is sized for the platform's default memory (the cgroup limit, updated to the
-function's, still caps it), and the code directory is read-only by mode, not by filesystem (the
-function can chmod its own copy; it only ever affects itself).
+function's, still caps it), and the code directory is at ``/nuclide/functions/<name>/<version>``
+(an image-built instance's copy is at ``/nuclide/work/...``); both are writable tmpfs copies.
 
 A little over 400 lines: taking, filling, the records and the shutdown of one pool belong together.
 """
@@ -98,9 +98,9 @@ class WarmPool(Refilling):
     # ----- which starts it serves -------------------------------------------------------
 
     def eligible(self, spec: InstanceSpec) -> bool:
-        """A Python group none of whose members needs an environment image (the caller excludes
-        registered runtimes and per-call warm starts)."""
-        return self.size > 0 and not any(fc.get("deps_dir") for fc in spec.functions)
+        """A Python group none of whose members needs an environment image or another Python's runtime image
+        (the caller excludes registered runtimes and per-call warm starts)."""
+        return self.size > 0 and not any(fc.get("deps_dir") or fc.get("python") for fc in spec.functions)
 
     # ----- records --------------------------------------------------------------------------
 

@@ -35,16 +35,18 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from shared.config import Settings
+from shared.errors import BuildFailed
 from shared.procs import descendants as _descendants, start_time as _start_time
 from shared.logs import get_logger
+from services.deployer import pythons
 from services.deployer.backends.base import Backend, ExitCallback, InstanceHandle, InstanceSpec
 from services.deployer.children import Children
 from services.deployer.netns import RESOLV_CONF, NetPool, NetUnavailable
 from services.deployer.sandbox import SandboxUnavailable, base_env, instance_uid, link_dir, problem
 from services.deployer.zygotes import ZygoteUnavailable, Zygotes, env_key, wait_child
-from shared.errors import BuildFailed
 from shared.spec import DEFAULT_PIDS, DEFAULT_SCRATCH_BYTES
 
 log = get_logger(__name__)
@@ -87,10 +89,21 @@ class ProcessBackend(Backend):
         self.networks: dict[str, asyncio.subprocess.Process] = {}  # instance id -> its slirp4netns
         self.nets = NetPool(self.children, self.var / "logs" / "slirp4netns.log")
         self.sandbox_problem = problem(settings)
+        # the seccomp filter, compiled once for this machine and sent with every spawn: a zygote on
+        # another interpreter need not have libseccomp's binding
+        self.seccomp_program = b""
+        if not self.sandbox_problem and settings.sandbox != "none":
+            from services.runtime.syscalls import compile_filter
+
+            self.seccomp_program = compile_filter()
         if self.sandbox_problem:
             log.error("the process backend will refuse to start instances", reason=self.sandbox_problem)
         elif settings.sandbox_warning():
             log.warning(settings.sandbox_warning())
+
+    async def python_check(self, version: str) -> dict[str, Any]:
+        path, detail = await pythons.find(version, self.children.exec)
+        return {"available": path is not None, "detail": detail}
 
     async def start(self, spec: InstanceSpec) -> InstanceHandle:
         if self.sandbox_problem:
@@ -116,10 +129,19 @@ class ProcessBackend(Backend):
         deps = tuple(sorted({Path(f["deps_dir"]).parent for f in spec.functions if f.get("deps_dir")}))
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         key = env_key([f["deps_dir"] for f in spec.functions if f.get("deps_dir")])
+        # a function on another Python 3 (spec.runtime python:3.X) runs on that interpreter: confined by a
+        # zygote of its own on it (the warm zygotes are the platform's interpreter)
+        version = next((f["python"] for f in spec.functions if f.get("python")), None)
+        python, env = sys.executable, base_env()
+        if version is not None:
+            found, detail = await pythons.find(version, self.children.exec)
+            if found is None:
+                raise BuildFailed(f"Python {version} is gone from this host: {detail}; deploy again")
+            python, env = found, pythons.child_env(env)
         if sandboxed:
-            return await self._fork(spec, config, code_dirs, deps, key, isolated)
+            return await self._fork(spec, config, code_dirs, deps, key, isolated, None if version is None else python)
         # sandbox 'none', the operator's explicit choice (warned about at start, in /healthz and on deploy)
-        argv = [sys.executable, "-m", "services.runtime", str(config_path)]
+        argv = [python, "-m", "services.runtime", str(config_path)]
         memory = spec.memory_bytes
 
         def limits() -> None:
@@ -130,7 +152,7 @@ class ProcessBackend(Backend):
 
         with open(spec.log_path, "ab") as out:
             proc = await self.children.exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=base_env(),
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                 cwd=str(code_dirs[0]), start_new_session=True, preexec_fn=limits,
             )
         handle = self._register(spec, proc.pid, {"env": key})
@@ -138,14 +160,16 @@ class ProcessBackend(Backend):
         return handle
 
     async def _fork(self, spec: InstanceSpec, config: dict, code_dirs: tuple[Path, ...], deps: tuple[Path, ...],
-                    key: str, isolated: bool) -> InstanceHandle:
-        """A confined instance, forked from its environment's zygote or, failing that, from a zygote of its own."""
+                    key: str, isolated: bool, python: str | None) -> InstanceHandle:
+        """A confined instance, forked from its environment's zygote or, failing that (or on another
+        interpreter, ``python``), from a zygote of its own."""
         readonly = [str(p) for p in deps] + ([str(link_dir(self.settings))] if isolated else [])
         request = {"op": "spawn", "id": spec.id, "config": config, "writable": [str(p) for p in code_dirs],
                    "readonly": readonly, "cwd": str(code_dirs[0]), "memory_bytes": spec.memory_bytes,
                    "uid": instance_uid(spec.id), "pids": int(spec.extra.get("pids") or DEFAULT_PIDS),
                    "scratch_bytes": int(spec.extra.get("scratch_bytes") or DEFAULT_SCRATCH_BYTES),
-                   "network": "isolated" if isolated else "host", "resolv_conf": RESOLV_CONF}
+                   "network": "isolated" if isolated else "host", "resolv_conf": RESOLV_CONF,
+                   "seccomp": self.seccomp_program}
         net = None
         if isolated:
             try:
@@ -156,18 +180,18 @@ class ProcessBackend(Backend):
             with open(spec.log_path, "ab") as out, self.children.starting():
                 fds = [out.fileno()] + ([net.netns_fd, net.exit_w] if net else [])
                 reply = None
-                if self.subreaper and not self.zygotes.unavailable:
+                if python is None and self.subreaper and not self.zygotes.unavailable:
                     try:
                         reply = await self.zygotes.spawn(key, spec.group_id, request, fds)
                     except ZygoteUnavailable as exc:
                         log.info("starting the instance cold", instance=spec.id, reason=str(exc))
-                elif not self._said_cold:
+                elif python is None and not self._said_cold:
                     self._said_cold = True
                     log.warning("no zygotes: every instance starts a zygote of its own (about 0.2 s slower to wake)",
                                 reason=self.zygotes.unavailable or "the deployer cannot become a child subreaper")
                 if reply is None:
                     try:
-                        reply = await self.zygotes.spawn_once(request, fds)
+                        reply = await self.zygotes.spawn_once(request, fds, python)
                     except ZygoteUnavailable as exc:
                         raise BuildFailed(f"the instance {spec.id} could not be started in its sandbox: {exc}",
                                           {"log_tail": _tail(spec.log_path)}) from None

@@ -1,0 +1,71 @@
+"""Async load for crash tests: clients that keep submitting until every call is accepted, and the wait for all to finish."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from tests.stack import Stack, wait_for
+
+WORK = "import time\n\ndef handler(context, event):\n    time.sleep(0.002)\n    return 'ok'\n"
+
+
+class Load:
+    """Clients that submit async calls until ``total`` are accepted, retrying each one (same idempotency key) until it is."""
+
+    def __init__(self, url: str, total: int, clients: int = 4) -> None:
+        self.url = url
+        self.total = total
+        self.accepted: dict[str, str] = {}  # idempotency key -> call id
+        self.refusals = 0
+        self._next = 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def start(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _take(self) -> str | None:
+        with self._lock:
+            if self._next >= self.total:
+                return None
+            self._next += 1
+            return f"fault-{self._next}"
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            while (key := self._take()) is not None:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    try:
+                        r = c.post("/work", content=key.encode(),
+                                   headers={"X-Nuclide-Async": "true", "X-Idempotency-Key": key})
+                        if r.status_code == 202:
+                            with self._lock:
+                                self.accepted[key] = r.json()["call_id"]
+                            break
+                        self.refusals += 1
+                    except httpx.HTTPError:
+                        self.refusals += 1
+                    time.sleep(0.05)
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join(180)
+
+
+def wait_all_done(s: Stack, ids: set[str], timeout_s: float = 120) -> None:
+    """Every call of ``ids`` reaches DONE before the deadline."""
+    def all_final() -> bool:
+        done = 0
+        for call_id in ids:
+            r = s.client.get(f"/calls/{call_id}")
+            if r.status_code == 200 and r.json()["status"] == "DONE":
+                done += 1
+        return done == len(ids)
+
+    wait_for(all_final, timeout_s, interval_s=1.0, what="every accepted call to be DONE")
