@@ -175,7 +175,7 @@ def zygote_stage(settings: Settings) -> tuple[Path, Path]:
     return var / "functions", var / "envs"
 
 
-def zygote_argv(settings: Settings, argv: list[str]) -> list[str] | None:
+def zygote_argv(settings: Settings, argv: list[str], readonly: tuple[Path, ...] = ()) -> list[str] | None:
     """The argv of a zygote under bwrap (see services/runtime/zygote.py), or None when bwrap is unavailable.
 
     The zygote itself runs no user code; what it forks confines itself further
@@ -188,13 +188,23 @@ def zygote_argv(settings: Settings, argv: list[str]) -> list[str] | None:
     functions, envs = zygote_stage(settings)
     for path in (functions, envs):
         path.mkdir(parents=True, exist_ok=True)
-    cmd = _view(bwrap, settings, Mounts(writable=(functions,), readonly=(envs, link_dir(settings)),
+    cmd = _view(bwrap, settings, Mounts(writable=(functions,), readonly=(envs, link_dir(settings), *readonly),
                                         hidden=hidden_paths()))
     cmd += ["--unshare-ipc", "--unshare-uts", "--cap-drop", "ALL"]
     for cap in ZYGOTE_CAPS:
         cmd += ["--cap-add", cap]
     cmd += ["--new-session", "--die-with-parent", "--chdir", "/", "--", *argv]
     return cmd
+
+
+def interpreter_paths(python: str) -> tuple[Path, ...]:
+    """What the view needs besides itself for another interpreter (``spec.runtime: python:3.X``): the
+    directory it is named in and, for an installation outside the system's, its prefix."""
+    named = Path(python).parent
+    real = Path(os.path.realpath(python)).parent.parent
+    found = {named} | ({real} if (real / "lib").is_dir() else set())
+    system = tuple(Path("/") / name for name in SYSTEM_DIRS)
+    return tuple(sorted(p for p in found if p != Path("/") and not _under_any(p, system)))
 
 
 def link_dir(settings: Settings) -> Path:

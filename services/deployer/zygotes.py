@@ -26,7 +26,7 @@ from shared.config import Settings
 from shared.logs import get_logger
 from services.deployer import pythons
 from services.deployer.children import Children
-from services.deployer.sandbox import base_env, install_paths, zygote_argv, zygote_stage
+from services.deployer.sandbox import base_env, install_paths, interpreter_paths, zygote_argv, zygote_stage
 from services.runtime.zygote import receive, send
 
 log = get_logger(__name__)
@@ -116,7 +116,7 @@ class Zygotes:
             argv += ["--install", str(path)]
         if once:
             argv.append("--once")
-        return zygote_argv(self.settings, argv)
+        return zygote_argv(self.settings, argv, interpreter_paths(python) if python else ())
 
     # ----- forking -------------------------------------------------------------------------
 

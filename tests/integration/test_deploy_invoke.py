@@ -419,7 +419,9 @@ def test_handler_tracebacks_hold_the_users_frames_only_on_a_forked_instance(stac
 
 
 def test_handler_tracebacks_hold_the_users_frames_only_on_a_cold_instance(tmp_path: Path) -> None:
-    s = Stack(tmp_path / "var", env={"NUCLIDE_ZYGOTE": "false"})
+    # the one way left to a fresh `python -m services.runtime`: sandboxed instances are all forked by a
+    # zygote (a one-shot one when zygotes are off)
+    s = Stack(tmp_path / "var", env={"NUCLIDE_ZYGOTE": "false", "NUCLIDE_SANDBOX": "none"})
     try:
         s.start()
         check_user_frames_only(s, "traced-cold")
