@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run sandbox-tools test test-unit test-integration install bench load clean images up down
+.PHONY: run sandbox-tools test test-unit test-integration install bench load clean images up down mutate
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nuclide needs Python 3.11 or newer")'
@@ -40,6 +40,13 @@ test-unit: $(STAMP)
 
 test-integration: $(STAMP)
 	$(PY) -m pytest -q tests/integration
+
+# mutation testing (mutmut) of the modules that hold the guarantees, each with its tests; slow, not in CI.
+# MUTATE_GROUPS="archive auth" runs some groups (see tests/mutate.py)
+MUTATE_GROUPS ?=
+mutate: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[mutate]'
+	$(PY) -m tests.mutate $(MUTATE_GROUPS)
 
 bench: $(STAMP)
 	$(PY) -m tests.bench

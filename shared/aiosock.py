@@ -3,8 +3,10 @@
 A ZeroMQ socket's FD is edge-triggered: it signals "something changed", not "a
 message is waiting". So :class:`AsyncSocket` drains every queued message when the
 FD fires and once more after every send (a send can consume the edge that would
-have announced an incoming message). This is measurably faster than zmq.asyncio
-(see DESIGN.md), which matters on the invoke path.
+have announced an incoming message). On a 2-vCPU machine an ASGI gateway -> DEALER ->
+worker ROUTER round trip ran at about 14.8k req/s this way against about 10.9k with
+zmq.asyncio (p50 at one connection about 390 us against 490 us), which matters on the
+invoke path.
 """
 
 from __future__ import annotations

@@ -53,6 +53,12 @@ MAX_IPC_PATH_BYTES = 107  # sun_path of a unix socket address, less its terminat
 PORT_BASE_HOW = "NUCLIDE_PORT_BASE=N or `nuclide up --port-base N`"
 
 
+# what the gateway and `nuclide up` say when fusionizer_mode is on
+FUSIONIZER_MODE_WARNING = ("fusionizer_mode is on: the control API (deploy, delete, groups, calls) takes requests"
+                           " with no token from anything that reaches this loopback address; turn it off outside a"
+                           " test setup")
+
+
 @dataclass(frozen=True)
 class Settings:
     var_dir: Path = Path("var")

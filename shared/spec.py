@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import datetime
-import keyword
 import math
 import re
 import reprlib
@@ -17,10 +16,11 @@ import yaml
 from shared.archive import Archive, ArchiveLimits, read_archive
 from shared.triggers import DEFAULT_RETRY, max_body_bytes, parse_retry, validate_triggers
 from shared.errors import InvalidRequest
+from shared.handlercheck import check_handler, parse_handler
 from shared.names import validate_function_name
 from shared.runtimes import DEFAULT_WARM_START, parse_warm_start
+from shared.units import MiB, parse_duration_s, parse_memory_bytes
 
-MiB = 1024 * 1024
 HOST_RUNTIME = f"python:{sys.version_info.major}.{sys.version_info.minor}"
 SPEC_FILES = ("function.yaml", "function.yml")
 MAX_REQUIREMENTS_BYTES = 64 * 1024
@@ -45,11 +45,6 @@ MAX_YAML_NODES = 100_000  # values in the document once every alias is expanded
 
 _RUNTIME_RE = re.compile(r"python(?::?(?P<major>\d+)(?:\.(?P<minor>\d+))?)?")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_QUANTITY_RE = re.compile(r"(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?")
-_DURATION_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_QUANTITY_FACTOR = {None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
-_QUANTITY_FACTOR.update({s: 1024 ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))})
 # Options that would point pip at another index or pull in files we never checked.
 # pip's parser accepts unambiguous prefixes of long options ("--ind"), so we match prefixes too.
 _PIP_REFUSED_LONG = ("--editable", "--index-url", "--extra-index-url", "--trusted-host", "--find-links",
@@ -158,42 +153,6 @@ def _int_in(value: Any, where: str, low: int, high: int) -> int:
     return value
 
 
-def parse_duration_s(value: Any, field: str) -> float:
-    """Seconds from a number or a Go-style duration ("500ms", "30s", "2m", "1h30m"); must be >= 0."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and value.strip():
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = _DURATION_PART_RE.findall(text)
-            if not parts or "".join(num + unit for num, unit in parts) != text:
-                raise InvalidRequest(
-                    f"{field} {value!r} is not a duration; use seconds (30) or a string like '500ms', '30s', '2m'"
-                ) from None
-            seconds = sum(float(num) * _DURATION_UNIT_S[unit] for num, unit in parts)
-    else:
-        raise InvalidRequest(f"{field} must be a number of seconds or a duration like '30s', got {value!r:.60}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidRequest(f"{field} must be a finite, non-negative duration, got {value!r}")
-    return seconds
-
-
-def parse_memory_bytes(value: Any, field: str) -> int:
-    """Bytes from an int or a Kubernetes quantity ("128Mi", "1Gi", "512M"); must be > 0."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        n_bytes = value
-    else:
-        match = _QUANTITY_RE.fullmatch(value.strip()) if isinstance(value, str) else None
-        if match is None:
-            raise InvalidRequest(f"{field} {value!r:.60} is not a memory size; use bytes or e.g. '128Mi', '1Gi', '512M'")
-        n_bytes = int(float(match.group(1)) * _QUANTITY_FACTOR[match.group(2)])
-    if n_bytes <= 0:
-        raise InvalidRequest(f"{field} must be a positive memory size, got {value!r}")
-    return n_bytes
-
-
 def _parse_cpu(value: Any, where: str) -> float:
     if isinstance(value, str) and value.strip().endswith("m"):
         number, scale = value.strip()[:-1], 1e-3
@@ -206,16 +165,6 @@ def _parse_cpu(value: Any, where: str) -> float:
     if not math.isfinite(cpu) or cpu <= 0:
         raise _err(where, f"{value!r:.60} is not a CPU amount; use e.g. '500m', '1' or 2")
     return cpu
-
-
-def _parse_handler(value: Any, where: str) -> str:
-    def ok(name: str) -> bool:
-        return name.isidentifier() and not keyword.iskeyword(name)
-
-    module, sep, func = value.partition(":") if isinstance(value, str) else ("", "", "")
-    if not sep or not ok(func) or not all(ok(part) for part in module.split(".")):
-        raise InvalidRequest(f"{where} {value!r:.80} is not a handler; use 'module:function', e.g. 'main:handler'")
-    return value
 
 
 def _parse_runtime(value: Any, runtimes: dict[str, dict[str, Any]] | None = None) -> str:
@@ -371,7 +320,7 @@ def _parse_requirements(archive: Archive) -> str:
 def _infer_handler(archive: Archive, fallback_module: str | None) -> str:
     """Pick module:handler (or :handle) from top-level .py files, without running them."""
     if fallback_module:
-        _parse_handler(f"{fallback_module}:handler", "fallback handler")
+        parse_handler(f"{fallback_module}:handler", "fallback handler")
     modules = [fallback_module] if fallback_module else [
         name[:-3] for name in archive.py_files() if "/" not in name and name[:-3].isidentifier()
     ]
@@ -591,7 +540,7 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
         kw["runtime"] = runtime_name
         _parse_shell(spec, kw, shell_def, warnings)
     elif spec.get("handler") is not None:
-        kw["handler"] = _parse_handler(spec["handler"], "function.yaml: spec.handler")
+        kw["handler"] = parse_handler(spec["handler"], "function.yaml: spec.handler")
     else:
         try:
             kw["handler"] = _infer_handler(archive, fallback_handler_module)
@@ -636,59 +585,6 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
                        " (max_body_ceiling_bytes); ask for less, or have the operator raise the ceiling")
     kw["retry"] = parse_retry(spec.get("retry"))
     return FunctionSpec(**kw), warnings
-
-
-def _top_level(body: list[ast.stmt]) -> Any:
-    """Statements that run at import: the body and any if/try/with/for blocks, not def/class bodies."""
-    for stmt in body:
-        yield stmt
-        if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            for attr in ("body", "orelse", "finalbody", "handlers"):
-                yield from _top_level(getattr(stmt, attr, []))
-
-
-def _bound_names(body: list[ast.stmt]) -> tuple[set[str], bool]:
-    """Names a module binds at top level, and whether it does `from x import *`."""
-    names: set[str] = set()
-    star = False
-    for stmt in _top_level(body):
-        targets: list[ast.AST] = []
-        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(stmt.name)
-        elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
-            star = star or any(alias.name == "*" for alias in stmt.names)
-            names.update(alias.asname or alias.name.split(".")[0] for alias in stmt.names)
-        elif isinstance(stmt, ast.Assign):
-            targets = stmt.targets
-        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-            targets = [stmt.target]
-        elif isinstance(stmt, (ast.For, ast.AsyncFor)):
-            targets = [stmt.target]
-        elif isinstance(stmt, (ast.With, ast.AsyncWith)):
-            targets = [item.optional_vars for item in stmt.items if item.optional_vars is not None]
-        names.update(node.id for target in targets for node in ast.walk(target) if isinstance(node, ast.Name))
-    return names, star
-
-
-def check_handler(archive: Archive, handler: str) -> None:
-    """Statically check that handler's module is in the archive and binds the function (no code runs)."""
-    _parse_handler(handler, "handler")  # a malformed handler must not become a file path
-    module, _, func = handler.partition(":")
-    base = module.replace(".", "/")
-    path = next((p for p in (f"{base}.py", f"{base}/__init__.py") if archive.get(p) is not None), None)
-    if path is None:
-        raise InvalidRequest(f"handler module {module!r} not found: no {base}.py in the archive; "
-                             "add it or fix spec.handler")
-    try:
-        tree = ast.parse(archive.files[path], filename=path)
-    except (SyntaxError, ValueError) as exc:  # ValueError: NUL bytes, on some Python versions
-        line = f" line {exc.lineno}" if getattr(exc, "lineno", None) else ""
-        reason = getattr(exc, "msg", None) or str(exc)
-        raise InvalidRequest(f"{path}{line}: invalid syntax ({reason}); fix it and deploy again") from None
-    names, star = _bound_names(tree.body)
-    if func not in names and not star:
-        raise InvalidRequest(f"handler {handler!r} not found in {path}: define `def {func}(context, event)` "
-                             "at the top level of the module or fix spec.handler")
 
 
 def read_function(data: bytes, runtimes: dict[str, dict[str, Any]] | None, max_zip_bytes: int,

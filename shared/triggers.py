@@ -26,6 +26,7 @@ from datetime import datetime, tzinfo
 from typing import Any
 
 from shared.errors import InvalidRequest
+from shared.units import parse_duration_s
 
 DEFAULT_RETRY = {"max_attempts": 3, "backoff_initial_s": 1.0, "backoff_max_s": 60.0, "backoff_multiplier": 2.0,
                  "max_event_age_s": 6 * 3600.0}
@@ -33,8 +34,6 @@ TRIGGER_KINDS = ("http", "cron", "topic")
 
 
 def _duration(value: Any, where: str) -> float:
-    from shared.spec import parse_duration_s
-
     return parse_duration_s(value, where)
 
 

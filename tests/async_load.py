@@ -9,7 +9,23 @@ import httpx
 
 from tests.stack import Stack, wait_for
 
-WORK = "import time\n\ndef handler(context, event):\n    time.sleep(0.002)\n    return 'ok'\n"
+# A body 'hold:<tag>' holds its first run (so a kill is sure to hit a call in flight) and returns at once when
+# run again: the marker lives in the code directory, which outlives the instance.
+WORK = """
+import os, time
+
+def handler(context, event):
+    body = event.body.decode() if isinstance(event.body, bytes) else str(event.body)
+    if body.startswith("hold:"):
+        if os.path.exists(body):
+            return "ran again"
+        open(body, "w").close()
+        context.logger.info("holding " + body)
+        time.sleep(20)
+        return "never killed"
+    time.sleep(0.002)
+    return "ok"
+"""
 
 
 class Load:

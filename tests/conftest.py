@@ -39,6 +39,16 @@ def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 @pytest.fixture
+def callback_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack of this test's own whose callbacks may reach loopback, where the test's hook listens."""
+    s = Stack(tmp_path / "var", {"NUCLIDE_CALLBACK_ALLOW": "127.0.0.0/8"})
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+
+
+@pytest.fixture
 def require_bwrap() -> None:
     problem = sandbox_problem()
     if problem:

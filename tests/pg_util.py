@@ -53,7 +53,9 @@ class PgCluster:
         self.bin_dir = bin_dir
         self.port = free_port()
         # not under pytest's tmp dirs: those are private to root, and the server runs as 'postgres'
-        self.root = Path(tempfile.mkdtemp(prefix="nuclide-pg-"))
+        # below /var/tmp, not $TMPDIR: a test's own temporary directory is root's alone (0700), and the
+        # cluster runs as the postgres user, which must reach its data directory
+        self.root = Path(tempfile.mkdtemp(prefix="nuclide-pg-", dir="/var/tmp"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self.user = None if os.geteuid() else "postgres"

@@ -12,9 +12,14 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import httpx
+
+from services.gateway.core import TRACE_FLUSH_S
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shared.ingress import Producer
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("store", "deployer", "gateway", "optimizer")
@@ -42,6 +47,10 @@ def free_port_base(count: int = 8) -> int:
     raise AssertionError(f"found no {count} free ports in a row")
 
 
+class ServiceDied(AssertionError):
+    """A service of the stack exited on its own: fails the wait at once, whatever the wait was for."""
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail with ``what`` after the deadline."""
     deadline = time.monotonic() + timeout_s
@@ -51,10 +60,22 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: 
             value = predicate()
             if value:
                 return value
+        except ServiceDied:
+            raise
         except Exception as exc:  # the condition may raise until it holds
             last_exc = exc
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_exc})")
+
+
+def never(predicate: Callable[[], Any], for_s: float, interval_s: float = 0.05, what: str = "condition") -> None:
+    """Fail as soon as ``predicate`` holds during ``for_s``: a bounded look for something that must not happen."""
+    deadline = time.monotonic() + for_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            raise AssertionError(f"{what} happened: {value!r}")
+        time.sleep(interval_s)
 
 
 def make_zip(files: dict[str, str | bytes]) -> bytes:
@@ -129,29 +150,20 @@ class Stack:
         out.close()
 
     def start(self) -> "Stack":
+        """Start every service and wait until the stack is healthy; a service that dies meanwhile fails the test."""
         for name in SERVICES:
             self.start_service(name)
-        try:
-            self.wait_healthy()
-        except AssertionError as exc:
-            # A service killed by a signal while starting (seen: the gateway, SIGABRT, nothing in its
-            # log, about once in 20 stack starts; under investigation) gets one more start, said loudly
-            # on stderr so it stays visible; anything else fails the test as before.
-            died = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None and p.returncode < 0}
-            if not died:
-                raise
-            print(f"\nSTACK START RETRIED: {died} died by a signal while starting ({exc}); faulthandler output:"
-                  f" {[self.service_log(n)[-2000:] for n in died]}", file=sys.stderr)
-            for name in died:
-                self.start_service(name)
-            self.wait_healthy()
+        self.wait_healthy()
         return self
 
     def wait_healthy(self, timeout_s: float = 30.0) -> None:
         def healthy() -> bool:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise AssertionError(f"{name} exited with {proc.returncode}:\n{self.service_log(name)[-3000:]}")
+                    code = proc.returncode
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+                    log = self.service_log(name)[-6000:]
+                    raise ServiceDied(f"{name} {how} while the stack started; its log:\n{log}")
             return self.anon.get("/healthz", timeout=2).status_code == 200
 
         wait_for(healthy, timeout_s, what="a healthy stack")
@@ -205,8 +217,45 @@ class Stack:
                 continue  # being written or removed
         return pids
 
-    def traces(self) -> "TraceListener":
-        return TraceListener(self.endpoints["gateway_pub"])
+    def metrics(self) -> dict[str, float]:
+        """GET /metrics parsed: sample name (with labels) -> value; each sample's '# TYPE' line checked on the way."""
+        r = self.client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+        samples: dict[str, float] = {}
+        typed: set[str] = set()
+        for line in r.text.splitlines():
+            if line.startswith("# TYPE "):
+                _, _, family, kind = line.split()
+                assert kind in ("counter", "gauge"), line
+                typed.add(family)
+            elif line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                assert name.split("{")[0] in typed, f"sample {name} has no # TYPE line"
+                samples[name] = float(value)
+        return samples
+
+    @contextlib.contextmanager
+    def publisher(self) -> Iterator["Producer"]:
+        """A Producer on the topic ingress whose connection is up: a PUB drops what it sends before that
+        (ZeroMQ's slow joiner), so probe messages go out until the gateway counts one (a topic no one has)."""
+        from shared.ingress import Producer
+
+        with Producer(sub_endpoint=self.endpoints["gateway_sub"]) as p:
+            seen = self.metrics()["nuclide_ingress_topic_messages_total"]
+
+            def arrived() -> bool:
+                p.publish("nuclide-test-handshake", b"")
+                return self.metrics()["nuclide_ingress_topic_messages_total"] > seen
+
+            wait_for(arrived, 10, what="the topic ingress to take a message")
+            yield p
+
+    def traces(self, probe: Callable[[], Any] | None = None) -> "TraceListener":
+        """A listener of the call graph; with ``probe`` (something that makes a call) it returns once subscribed."""
+        listener = TraceListener(self.endpoints["gateway_pub"])
+        if probe is not None:
+            listener.wait_subscribed(probe)
+        return listener
 
 
 class NuclideUp:
@@ -269,7 +318,25 @@ class TraceListener:
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
-        time.sleep(0.2)  # let the subscription reach the publisher (ZeroMQ's slow-joiner window)
+
+    def wait_subscribed(self, probe: Callable[[], Any], timeout_s: float = 10.0) -> None:
+        """Make a call with ``probe`` until a trace arrives, then forget what the probes left.
+
+        A SUB misses what is published before its subscription reaches the publisher (ZeroMQ's
+        slow joiner); a trace that arrives proves the subscription is up. Probe with an entry call
+        (it adds to ``calls``, not ``edges``) when a test counts edges."""
+        def arrived() -> bool:
+            probe()
+            deadline = time.monotonic() + 5 * TRACE_FLUSH_S
+            while time.monotonic() < deadline:
+                if self.edges or self.calls:
+                    return True
+                time.sleep(0.01)
+            return False
+
+        wait_for(arrived, timeout_s, what="the first trace (the subscription to the gateway's traces)")
+        self.edges.clear()
+        self.calls.clear()
 
     def close(self) -> None:
         self._stop.set()

@@ -212,7 +212,7 @@ COPY site/ /opt/nuclide/site/
 RUN python3 -m compileall -q -j 0 /opt/nuclide/site >/dev/null 2>&1; true
 COPY opt/ /opt/
 RUN python3 -m compileall -q /opt/nuclide/services /opt/nuclide/shared \\
-    && python3 -c "import services.store.server, services.gateway.core, services.gateway.http, services.deployer.backends.docker, httptools, uvloop, docker" \\
+    && python3 -c "import services.store.server, services.gateway.core, services.gateway.http, services.deployer.backends.docker.backend, httptools, uvloop, docker" \\
     && mkdir -p /var/lib/nuclide && chown 65534:65534 /var/lib/nuclide
 WORKDIR /var/lib/nuclide
 CMD ["python3", "-m", "services.cli.main", "--help"]

@@ -177,9 +177,9 @@ def run(settings: Settings) -> int:
             flush=True,
         )
         if settings.fusionizer_mode:
-            from services.gateway.fusionizer import WARNING
+            from shared.config import FUSIONIZER_MODE_WARNING
 
-            print(f"nuclide: WARNING: {WARNING}", file=sys.stderr, flush=True)
+            print(f"nuclide: WARNING: {FUSIONIZER_MODE_WARNING}", file=sys.stderr, flush=True)
         while not sup.stopping:
             sup.poll()
             time.sleep(0.2)

@@ -9,6 +9,7 @@ import zmq
 
 from shared.aiosock import sync_call
 from shared.config import Settings
+from shared.rpcargs import optional, required
 from shared.entry import main
 
 
@@ -31,7 +32,8 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     children = Children()  # every child process of the deployer, and a sweep that reaps orphans
     backend: Backend
     if settings.backend == "docker":
-        from services.deployer.backends.docker import DockerBackend, DockerBuilder
+        from services.deployer.backends.docker.backend import DockerBackend
+        from services.deployer.backends.docker.images import DockerBuilder
 
         reconciler = Reconciler(settings, store, DockerBuilder(settings, store))
         backend = docker_backend = DockerBackend(settings, reconciler.on_exit)
@@ -54,7 +56,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
                     for h in backend.list()]
         if method == "instance.replace":
             # the gateway found it stuck past a call's timeout: stop it; reconcile starts a new one
-            inst_id = str(args.get("id", ""))
+            inst_id = required(args, "id", str)
             handle = next((h for h in backend.list() if h.id == inst_id), None)
             if handle is None:
                 return {"replaced": False}
@@ -66,22 +68,23 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
             if check is None:
                 raise InvalidRequest(f"registered runtimes run on the docker backend; this deployer uses the"
                                      f" '{backend.name}' backend (set NUCLIDE_BACKEND=docker)")
-            return check(str(args.get("image", "")))
+            return check(required(args, "image", str))
         if method == "python.check":
-            return backend.python_check(str(args.get("version", "")))
+            return backend.python_check(required(args, "version", str))
         if method == "warm_start.check":
-            problem = warm_start_problem(backend.name, str(args.get("policy", DEFAULT_WARM_START)))
+            problem = warm_start_problem(backend.name, optional(args, "policy", str, DEFAULT_WARM_START))
             if problem:
                 raise InvalidRequest(problem)
             return {"ok": True}
         if method == "logs":
-            name = str(args.get("function", ""))
+            name = required(args, "function", str)
+            tail = optional(args, "tail", int, 200)
             group = reconciler.function_groups.get(name)
             if group is None:
                 return {"text": ""}
             logs_dir = settings.var_dir.resolve() / "logs" / group
             paths = list(logs_dir.glob("*.log")) if logs_dir.is_dir() else []
-            return {"text": backend.logs(paths, int(args.get("tail", 200)))}
+            return {"text": backend.logs(paths, tail)}
         raise InvalidRequest(f"unknown deployer method {method!r}")
 
     rpc = AsyncRpcServer(ctx, settings.deployer_rpc, handle, name="deployer")

@@ -31,6 +31,7 @@ from typing import Any
 from shared.aiosock import RpcClient
 from shared.config import Settings
 from shared.errors import BuildFailed, Conflict, NuclideError
+from shared.exits import EXIT_INIT_FAILED
 from shared.fusion import merge_specs
 from shared.liveness import DRAIN_TIMEOUT_S
 from shared.logs import get_logger
@@ -43,7 +44,6 @@ log = get_logger(__name__)
 CRASH_WINDOW_S = 60.0
 CRASH_LIMIT = 3  # crashes within the window before the function is reported failed
 BACKOFF_MAX_S = 30.0
-EXIT_INIT_FAILED = 3  # the runtime's exit code when the function cannot load
 EXIT_REPORTS_TIMEOUT_S = 5.0  # on shutdown, how long the stopped instances' exit reports may take
 
 

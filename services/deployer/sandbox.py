@@ -238,7 +238,7 @@ def base_env(home: str = "/tmp") -> dict[str, str]:
         "MALLOC_ARENA_MAX": "2",
     }
     for key in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL",
-                "PIP_FIND_LINKS", "PIP_CONSTRAINT", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy"):
+                "PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_CONSTRAINT", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

@@ -24,10 +24,10 @@ from typing import Any
 
 from shared.config import Settings
 from shared.logs import get_logger
+from shared.zygotewire import receive, send
 from services.deployer import pythons
 from services.deployer.children import Children
 from services.deployer.sandbox import base_env, install_paths, interpreter_paths, zygote_argv, zygote_stage
-from services.runtime.zygote import receive, send
 
 log = get_logger(__name__)
 

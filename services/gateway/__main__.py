@@ -35,9 +35,9 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     settle_gc()
     log.info("gateway ready", url=settings.http_url, router=settings.gateway_router)
     if settings.fusionizer_mode:
-        from services.gateway.fusionizer import WARNING
+        from shared.config import FUSIONIZER_MODE_WARNING
 
-        log.warning(f"FUSIONIZER MODE: {WARNING}")
+        log.warning(f"FUSIONIZER MODE: {FUSIONIZER_MODE_WARNING}")
     await stop.wait()
     await server.stop(timeout_s=10.0)
     await gateway.stop()

@@ -27,10 +27,11 @@ import asyncio
 import json
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
+from shared import protocol
 from shared.errors import DeadlineExceeded, InvalidRequest, NotFound, NuclideError, Unavailable
 from shared.failures import bounded, result_error
 from shared.logs import get_logger
@@ -39,7 +40,10 @@ from shared.triggers import DEFAULT_RETRY, backoff_s
 from services.gateway.broker import Call
 
 if TYPE_CHECKING:  # pragma: no cover
-    from services.gateway.core import Gateway
+    from shared.aiosock import RpcClient
+    from shared.config import Settings
+    from shared.statefeed import StateFeed
+    from services.gateway.broker import Broker
 
 log = get_logger(__name__)
 
@@ -75,8 +79,24 @@ class AsyncCall:
         self.parent_id = meta.get("parent_id")
 
 
+class CallsHost(Protocol):
+    """What async calls use of the gateway: its settings, the function catalogue, the store, the broker
+    and the state feed (the last three set once the gateway started)."""
+
+    settings: Settings
+    boot_id: str
+    functions: dict[str, Any]
+    store: RpcClient | None
+    broker: Broker | None
+    feed: StateFeed | None
+
+    def new_call_id(self) -> str: ...
+
+    def touch(self, info: Any) -> bool: ...
+
+
 class AsyncCalls:
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: CallsHost) -> None:
         self.gw = gw
         self.boot = gw.boot_id
         self.callback_policy = CallbackPolicy.parse(gw.settings.callback_allow)
@@ -392,7 +412,8 @@ class AsyncCalls:
         if room <= 0:
             return
         assert self.gw.store is not None
-        metas, payloads = await self.gw.store.call_with_bodies("calls.claim", {"owner": self.boot, "limit": min(room, 2000)},
+        limit = min(room, protocol.MAX_BATCH)  # the store hands out no more: each payload is a frame of its reply
+        metas, payloads = await self.gw.store.call_with_bodies("calls.claim", {"owner": self.boot, "limit": limit},
                                                                timeout_s=10.0)
         now = time.time()
         for meta, payload in zip(metas, payloads):
@@ -412,7 +433,7 @@ class AsyncCalls:
                 self._dispatch(ac)
             else:
                 self._dispatch(ac)
-        if len(metas) == min(room, 2000) and self._claim_wanted is not None:
+        if len(metas) == limit and self._claim_wanted is not None:  # a full batch: more may be waiting
             self._claim_wanted.set()
 
 

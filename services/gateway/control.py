@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
 from shared.archive import make_zip
+from shared.config import FUSIONIZER_MODE_WARNING
 from shared.errors import BuildFailed, Conflict, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, Unavailable
 from shared.names import validate_function_name
 from shared.runtimes import DEFAULT_WARM_START, parse_runtime
@@ -157,7 +158,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
         parts["status"] = "ok" if ok else "degraded"
         if gw.settings.fusionizer_mode:
             parts["fusionizer_mode"] = True
-            parts["warning"] = fusionizer.WARNING
+            parts["warning"] = FUSIONIZER_MODE_WARNING
         if gw.settings.sandbox_warning():
             parts["warnings"] = [gw.settings.sandbox_warning()]
         return JSONResponse(parts, status_code=200 if ok else 503)
@@ -406,6 +407,13 @@ def build_control_app(gw: Gateway) -> FastAPI:
         app.add_api_route(prefix + "/{name}", delete_function, methods=["DELETE"], dependencies=auth,
                           tags=["functions"], status_code=204)
     app.add_api_route("/functions/{name}/logs", function_logs, methods=["GET"], dependencies=auth, tags=["functions"])
+
+    async def put_unroutable(path: str) -> None:
+        """A PUT no route above takes names no deployable function (it has a '/'): a 400 saying why."""
+        validate_function_name(path.removeprefix("functions/"))
+        raise InvalidRequest(f"PUT /{path} is not a route: deploy with PUT /{{name}} or PUT /functions/{{name}}")
+
+    app.add_api_route("/{path:path}", put_unroutable, methods=["PUT"], dependencies=auth, include_in_schema=False)
 
     @app.get("/", tags=["system"])
     async def root() -> dict[str, Any]:

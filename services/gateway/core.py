@@ -9,7 +9,6 @@ control plane in ``control.py``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import json
 import os
@@ -20,9 +19,10 @@ import zmq
 
 from shared import protocol
 from shared.aiosock import RpcClient
+from shared.auth import check_bearer
 from shared.config import Settings
 from shared.errors import (
-    DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unauthorized, Unavailable,
+    DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unavailable,
 )
 from shared.failures import bounded, result_error
 from shared.logs import get_logger
@@ -78,6 +78,16 @@ class DeployOutcome:
 
 
 _TRUE = (b"true", b"1", b"yes")
+# never handed to function code: the caller's credentials are for the gateway only
+_CREDENTIALS = frozenset({b"authorization"})
+# read by the gateway's async path (submission, callback, idempotency), not part of the call itself
+_ASYNC_CONTROL = _CREDENTIALS | {b"x-nuclide-async", b"x-callback-url", b"x-idempotency-key"}
+
+
+def function_headers(raw_headers: list, drop: frozenset[bytes] = _CREDENTIALS) -> list[list[str]]:
+    """The request's headers as the function sees them: every path that makes a call of a request uses this."""
+    # names are lowercased by every server we run under, but not by contract: compare them lowercased
+    return [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers if k.lower() not in drop]
 
 
 def _wants_async(raw_headers: list) -> bool:
@@ -528,13 +538,7 @@ class Gateway:
     # ----- auth -----------------------------------------------------------------
 
     def check_token(self, authorization: str | bytes | None) -> None:
-        if isinstance(authorization, str):
-            authorization = authorization.encode("latin-1", "replace")
-        if not authorization:
-            raise Unauthorized("missing token: send 'Authorization: Bearer <token>' (nuclide up prints it)")
-        scheme, _, value = authorization.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
-            raise Unauthorized("invalid token: send 'Authorization: Bearer <token>' with the token nuclide up printed")
+        check_bearer(authorization, self.token)
 
     # ----- the invoke path ----------------------------------------------------------
 
@@ -666,15 +670,8 @@ class Gateway:
                   mode: str, call_id: str) -> Call:
         """The call to submit to the broker (its future is set by the caller)."""
         name = info.name
-        headers = []
-        content_type = None
-        for k, v in raw_headers:
-            lower = k.lower()
-            if lower == b"authorization":
-                continue  # the caller's credentials are for the gateway, never for the function
-            if lower == b"content-type" and content_type is None:
-                content_type = v.decode("latin-1")
-            headers.append([k.decode("latin-1"), v.decode("latin-1")])
+        headers = function_headers(raw_headers)
+        content_type = next((v for k, v in headers if k.lower() == "content-type"), None)
         headers.append(["fusionizer-server-address", self._fusionizer_host])
         content_type = content_type or ""
         if mode == "execute":
@@ -747,8 +744,7 @@ class Gateway:
         """202 once the call is durable; its result is kept (GET /calls/{id}) and may be called back."""
         assert self.calls is not None
         hdrs = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
-        forwarded = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers
-                     if k.lower() not in (b"authorization", b"x-nuclide-async", b"x-callback-url", b"x-idempotency-key")]
+        forwarded = function_headers(raw_headers, _ASYNC_CONTROL)
         call_id, duplicate = await self.calls.submit(
             name, body, content_type=hdrs.get("content-type", ""), headers=forwarded, source="http", call_id=call_id,
             idempotency_key=hdrs.get("x-idempotency-key") or None,
@@ -805,6 +801,9 @@ def make_asgi(gateway: Gateway, control: Any) -> Any:
             if target is not None:
                 await gateway.invoke(scope, receive, send, *target)
                 return
+            if scope["method"] == "HEAD":
+                # HEAD is GET without the body (RFC 9110); the HTTP server sends no body for a HEAD request
+                scope = dict(scope, method="GET")
         await control(scope, receive, send)
 
     return app

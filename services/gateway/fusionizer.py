@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-WARNING = ("fusionizer_mode is on: the control API (deploy, delete, groups, calls) takes requests with no token"
-           " from anything that reaches this loopback address; turn it off outside a test setup")
 FAILED_STATUS = 422  # what the Fusionizer answers for any failed deploy, describe, delete or invocation
 TEXT = "text/plain; charset=utf-8"
 # an invocation with one of these is not a failed task: the caller has to fix its own request

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 
@@ -38,7 +38,9 @@ from shared.logs import get_logger
 from shared.triggers import parse_cron
 
 if TYPE_CHECKING:  # pragma: no cover
-    from services.gateway.core import Gateway
+    from shared.config import Settings
+    from shared.statefeed import StateFeed
+    from services.gateway.calls import AsyncCalls
 
 log = get_logger(__name__)
 
@@ -51,8 +53,19 @@ def _text(value: str | bytes) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
+class IngressHost(Protocol):
+    """What the ingress uses of the gateway: settings, the ZeroMQ context, the function catalogue,
+    the state feed and the async calls (the last two set once the gateway started)."""
+
+    settings: Settings
+    ctx: zmq.Context
+    functions: dict[str, Any]
+    feed: StateFeed | None
+    calls: AsyncCalls | None
+
+
 class Ingress:
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: IngressHost) -> None:
         self.gw = gw
         self.pending = 0
         self.counters = {"accepted": 0, "malformed": 0, "topic_messages": 0, "topic_calls": 0, "cron_calls": 0}

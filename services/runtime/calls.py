@@ -21,7 +21,7 @@ import itertools
 import json
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from shared import protocol
 from shared.errors import ProtocolError
@@ -31,8 +31,6 @@ from services.runtime.responses import to_result
 
 if TYPE_CHECKING:  # pragma: no cover
     import zmq
-
-    from services.runtime.executor import Executor
 
 MAX_CALL_DEPTH = 16  # nested task calls; deeper is almost always a cycle
 # failed in-process calls kept for the next report (every 100 ms at most): a storm of failures
@@ -97,10 +95,19 @@ def _as_is_or_result(value: Any) -> Any:
     return to_result(value)
 
 
+class LocalRunner(Protocol):
+    """What task calls use of the executor: the group's functions, in-process calls, the ZeroMQ context."""
+
+    functions: dict[str, Any]
+    ctx: zmq.Context
+
+    def execute_local(self, fn: Any, frame: Frame, event: Event, mapper: Any) -> Any: ...
+
+
 class TaskCaller:
     """One per instance; handlers reach it through ``context.call``."""
 
-    def __init__(self, runtime: "Executor", gateways: list[str]) -> None:
+    def __init__(self, runtime: LocalRunner, gateways: list[str]) -> None:
         self.runtime = runtime
         self.gateways = gateways
         self._local = threading.local()

@@ -31,8 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     import zmq
 
-EXIT_INIT_FAILED = 3
-
 
 def _get_running_loop() -> Any:
     """The running asyncio loop of this thread, or None; without importing asyncio (none runs if it is not)."""
@@ -44,7 +42,7 @@ class CallTimeout(BaseException):
     """Raised in a handler at its timeout (BaseException: a handler's `except Exception` must not swallow it)."""
 
 
-def _on_alarm(signum: int, frame: Any) -> None:
+def on_alarm(signum: int, frame: Any) -> None:
     raise CallTimeout()
 
 

@@ -22,9 +22,11 @@ import zmq
 
 from shared import protocol
 from shared.errors import ProtocolError
+from shared.exits import EXIT_INIT_FAILED
 from shared.liveness import BYE_ACK_TIMEOUT_S, DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from shared.wakepipe import finished_calls
 from services.runtime.executor import (  # noqa: F401 (CallTimeout, Executor, Function, load_functions: re-exported)
-    EXIT_INIT_FAILED, CallTimeout, Executor, Function, _on_alarm, load_functions, load_or_report,
+    CallTimeout, Executor, Function, load_functions, load_or_report, on_alarm,
 )
 
 PREFETCH = 32  # calls buffered beyond maxConcurrency, so the handler never waits for a round trip
@@ -39,20 +41,6 @@ _POLLIN = int(zmq.POLLIN)
 # a finished call's result waits at most this long for the results of the calls run after it
 FLUSH_AFTER_S = 0.0005
 EDGES_EVERY_S = 0.1  # in-process task calls are reported (summed, and the failed ones) at most this often
-
-
-def finished_calls(wake_r: int, done: queue.SimpleQueue) -> list[tuple[dict[str, Any], bytes]]:
-    """What pool threads finished, once their wake-up pipe fired (the pipe is emptied too)."""
-    try:
-        os.read(wake_r, 4096)
-    except BlockingIOError:
-        pass
-    finished = []
-    while True:
-        try:
-            finished.append(done.get_nowait())
-        except queue.Empty:
-            return finished
 
 
 class Runtime(Executor):
@@ -146,7 +134,7 @@ class Runtime(Executor):
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.signal(signal.SIGALRM, on_alarm)
         sock = self.sock
         sock.send_multipart(protocol.encode(protocol.READY, self.ready_header()))
         poller = zmq.Poller()

@@ -52,32 +52,11 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from shared.zygotewire import receive, send
 from services.runtime import confine
 
 SPAWN_TIMEOUT_S = 10.0  # fork to "ok" (namespaces, mounts, privileges dropped); milliseconds normally
 PROBE_UID = 65534  # the self-test's instance runs as nobody
-MAX_MESSAGE_BYTES = 1 << 20
-
-
-def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = msgpack.packb(message, use_bin_type=True)
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.send(data)
-
-
-def receive(sock: socket.socket, max_fds: int = 1) -> tuple[dict[str, Any] | None, list[int]]:
-    """One message and the descriptors sent with it; (None, []) once the peer has closed its end."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE_BYTES, max_fds)
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        return None, []
-    message = msgpack.unpackb(data, raw=False)
-    if not isinstance(message, dict):
-        raise ValueError("a zygote message must be a map")
-    return message, fds
 
 
 class SpawnFailed(RuntimeError):

@@ -24,7 +24,8 @@ TAKEOVER_BIND_S = 15.0  # a standby that won the lead waits this long for the ol
 
 
 async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> int:
-    from services.store.db import DatabaseUnreachable, open_database
+    from services.store.databases import open_database
+    from services.store.db import DatabaseUnreachable
     from services.store.server import StoreServer
 
     try:

@@ -14,6 +14,7 @@ import json
 import time
 from typing import Any
 
+from shared import protocol
 from shared.errors import Conflict, InvalidRequest, NotFound
 from services.store.db import SqlDatabase
 
@@ -26,6 +27,9 @@ _ENTRY_ROW_LEN = len(SYNC_ROW_FIELDS) - 2
 FINAL = ("DONE", "FAILED", "DEAD")
 STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DEAD")
 MAX_LIST = 1000
+# calls one claim hands out: each payload is a frame of the reply, and a reply past protocol.MAX_FRAMES is
+# dropped by its reader, which would leave the claimed calls owned by a gateway that never got them
+MAX_CLAIM = protocol.MAX_BATCH
 
 
 def _iso(ts: float | None) -> str | None:
@@ -204,7 +208,10 @@ class CallStore:
         return len(rows)
 
     def claim(self, owner: str, limit: int) -> tuple[list[dict[str, Any]], list[bytes]]:
-        """Take non-final async calls not owned by ``owner`` (a gateway boot); the caller honours next_attempt_at."""
+        """Take non-final async calls not owned by ``owner`` (a gateway boot); the caller honours next_attempt_at.
+
+        At most MAX_CLAIM at a time, whatever ``limit`` asks: the caller claims again while it gets full batches."""
+        limit = max(0, min(limit, MAX_CLAIM))
         with self.db.tx():
             rows = self.db.all(
                 "SELECT * FROM calls WHERE status IN ('PENDING', 'RUNNING') AND kind='async' AND"

@@ -2,7 +2,7 @@
 
 The migrations and every query are written once, in SQLite's dialect with ``?`` placeholders;
 :mod:`services.store.pg` translates the few differences (column types, placeholders) for
-PostgreSQL. :func:`open_database` picks the dialect from ``database_url``: empty means
+PostgreSQL. :func:`services.store.databases.open_database` picks the dialect from ``database_url``: empty means
 SQLite at ``<var_dir>/state.db``, ``postgresql://...`` a PostgreSQL server.
 """
 
@@ -12,10 +12,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
-
-if TYPE_CHECKING:
-    from shared.config import Settings
+from typing import Any, Iterator
 
 # Each migration runs once, in order, inside a transaction; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -277,12 +274,3 @@ class Database(SqlDatabase):
 
     def executemany(self, sql: str, rows: list[tuple]) -> None:
         self.conn.executemany(sql, rows)
-
-
-def open_database(settings: "Settings") -> SqlDatabase:
-    """The database ``settings.database_url`` names, connected (not yet led nor migrated for PostgreSQL)."""
-    if not settings.database_url:
-        return Database(settings.state_db)
-    from services.store.pg import PgDatabase
-
-    return PgDatabase(settings.database_url)

@@ -12,11 +12,13 @@ from shared import protocol
 from shared.aiosock import AsyncRpcServer
 from shared.config import Settings
 from shared.errors import InvalidRequest, Unavailable
+from shared.rpcargs import optional, required, strings
 from shared.liveness import DEPLOYER_REPORT_INTERVAL_S, HEARTBEAT_LIVENESS
 from shared.logs import get_logger
 from shared.service import settle_gc
 from services.store.blobs import open_blobs
-from services.store.db import LeadershipLost, SqlDatabase, open_database
+from services.store.databases import open_database
+from services.store.db import LeadershipLost, SqlDatabase
 from services.store.calls import CallStore
 from services.store.state import Event, StoreState
 
@@ -24,27 +26,6 @@ log = get_logger(__name__)
 
 CALL_EXPIRY_INTERVAL_S = 60.0
 LEAD_CHECK_INTERVAL_S = 1.0  # how soon a store notices a lost database connection (and leader lock) when idle
-
-
-def _arg(args: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    value = args.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-        raise InvalidRequest(f"argument {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
-    return value
-
-
-def _int(args: dict[str, Any], key: str, default: int) -> int:
-    value = args.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"argument {key!r} must be an integer, not {type(value).__name__}")
-    return value
-
-
-def _opt(args: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    value = args.get(key)
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-        raise InvalidRequest(f"argument {key!r} must be a {getattr(kind, '__name__', 'number')} when given")
-    return value
 
 
 class StoreServer:
@@ -137,71 +118,70 @@ class StoreServer:
         if method == "snapshot":
             return st.snapshot()
         if method == "function.get":
-            return st.get_function(_arg(args, "name", str))
+            return st.get_function(required(args, "name", str))
         if method == "function.list":
             return st.list_functions()
         if method == "version.get":
-            return st.get_version(_arg(args, "name", str), _arg(args, "version", int))
+            return st.get_version(required(args, "name", str), required(args, "version", int))
         if method == "blob.get":
-            digest = _arg(args, "digest", str)
+            digest = required(args, "digest", str)
             return {"digest": digest}, [st.blobs.get(digest)]
         if method == "instances.list":
-            return st.instances_of(args.get("group_id"))
+            return st.instances_of(optional(args, "group_id", str))
         if method.startswith("calls."):
             return self.handle_calls(method, args, bodies)
         if method == "groups.list":
             return st.list_groups()
         if method == "regroup.get":
-            return st.get_regroup(_arg(args, "id", int))
+            return st.get_regroup(required(args, "id", int))
         if method == "group.spec":
-            return st.group_spec(_arg(args, "group_id", str))
+            return st.group_spec(required(args, "group_id", str))
         if method == "kv.get":
-            return st.kv_get(_arg(args, "key", str))
+            return st.kv_get(required(args, "key", str))
         if method == "kv.put":
-            st.kv_put(_arg(args, "key", str), args.get("value"))
+            st.kv_put(required(args, "key", str), args.get("value"))  # any msgpack value: stored as given
             return {"ok": True}
         if method == "runtime.list":
             return st.list_runtimes()
         if method == "runtime.get":
-            return st.get_runtime(_arg(args, "name", str))
+            return st.get_runtime(required(args, "name", str))
         if method == "function.put":
-            spec = _arg(args, "spec", dict)
-            warnings = args.get("warnings") or []
-            result, events = st.put_function(_arg(args, "name", str), spec, list(warnings), bodies[0] if bodies else b"")
+            spec = required(args, "spec", dict)
+            warnings = strings(args, "warnings", [])
+            result, events = st.put_function(required(args, "name", str), spec, warnings, bodies[0] if bodies else b"")
         elif method == "runtime.put":
-            result, events = st.put_runtime(_arg(args, "runtime", dict), str(args.get("image_id", "")))
+            result, events = st.put_runtime(required(args, "runtime", dict), optional(args, "image_id", str, ""))
         elif method == "runtime.delete":
-            result, events = st.delete_runtime(_arg(args, "name", str))
+            result, events = st.delete_runtime(required(args, "name", str))
         elif method == "groups.set":
             result, events = st.set_groups(args.get("setup"))
         elif method == "group.scale":
-            result, events = st.scale_group(_arg(args, "group_id", str), _arg(args, "replicas", int),
-                                            str(args.get("reason", "")))
+            result, events = st.scale_group(required(args, "group_id", str), required(args, "replicas", int),
+                                            optional(args, "reason", str, ""))
         elif method == "function.delete":
-            result, events = st.delete_function(_arg(args, "name", str))
+            result, events = st.delete_function(required(args, "name", str))
         elif method == "instance.started":
             events = st.instance_started(
-                _arg(args, "id", str), _arg(args, "group_id", str), _arg(args, "group_version", int),
-                str(args.get("backend", "")), args.get("pid"),
+                required(args, "id", str), required(args, "group_id", str), required(args, "group_version", int),
+                optional(args, "backend", str, ""), optional(args, "pid", int),
             )
             result = {"ok": True}
         elif method == "instance.ready":
-            functions = args.get("functions") or {}
+            functions = optional(args, "functions", dict, {})
             events = st.instance_ready(
-                _arg(args, "id", str), _arg(args, "group_id", str), _arg(args, "group_version", int), dict(functions)
+                required(args, "id", str), required(args, "group_id", str), required(args, "group_version", int), dict(functions)
             )
             result = {"ok": True}
         elif method == "instance.exited":
-            events = st.instance_exited(_arg(args, "id", str), args.get("exit_code"), args.get("error"))
+            events = st.instance_exited(required(args, "id", str), optional(args, "exit_code", int), optional(args, "error", str))
             result = {"ok": True}
         elif method == "instances.gone":
-            ids = _arg(args, "ids", list)
-            result, events = st.instances_gone([str(i) for i in ids], str(args.get("reason") or "gone"))
+            result, events = st.instances_gone(strings(args, "ids"), optional(args, "reason", str, "gone"))
         elif method == "deploy.failed":
             events = st.deploy_failed(
-                _arg(args, "group_id", str), _arg(args, "group_version", int),
-                str(args.get("error", "deploy failed")), str(args.get("log_tail", "")),
-                [str(t) for t in _arg(args, "tasks", list)] if "tasks" in args else None,
+                required(args, "group_id", str), required(args, "group_version", int),
+                optional(args, "error", str, "deploy failed"), optional(args, "log_tail", str, ""),
+                strings(args, "tasks") if "tasks" in args else None,
             )
             result = {"ok": True}
         else:
@@ -212,30 +192,30 @@ class StoreServer:
     def handle_calls(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
         calls = self.calls
         if method == "calls.submit":
-            return calls.submit(list(_arg(args, "calls", list)), bodies)
+            return calls.submit(list(required(args, "calls", list)), bodies)
         if method == "calls.update":
-            return {"changed": calls.update(list(_arg(args, "updates", list)), bodies)}
+            return {"changed": calls.update(list(required(args, "updates", list)), bodies)}
         if method == "calls.record_sync":
             if "rows" in args:
-                return {"recorded": calls.record_sync_rows(list(_arg(args, "rows", list)))}
-            return {"recorded": calls.record_sync(list(_arg(args, "calls", list)))}
+                return {"recorded": calls.record_sync_rows(list(required(args, "rows", list)))}
+            return {"recorded": calls.record_sync(list(required(args, "calls", list)))}
         if method == "calls.claim":
-            claimed, payloads = calls.claim(_arg(args, "owner", str), _int(args, "limit", 1000))
+            claimed, payloads = calls.claim(required(args, "owner", str), optional(args, "limit", int, 1000))
             return claimed, payloads
         if method == "calls.get":
-            return calls.get(_arg(args, "id", str))
+            return calls.get(required(args, "id", str))
         if method == "calls.result":
-            rec, body = calls.result(_arg(args, "id", str))
+            rec, body = calls.result(required(args, "id", str))
             return rec, [body]
         if method == "calls.list":
-            return calls.list(_opt(args, "function", str), _opt(args, "status", str), _int(args, "limit", 100),
-                              _opt(args, "source", str), _opt(args, "before", (int, float)))
+            return calls.list(optional(args, "function", str), optional(args, "status", str), optional(args, "limit", int, 100),
+                              optional(args, "source", str), optional(args, "before", (int, float)))
         if method == "calls.redrive":
-            return calls.redrive(_arg(args, "id", str))
+            return calls.redrive(required(args, "id", str))
         if method == "calls.purge":
-            return {"purged": calls.purge(_arg(args, "status", str), _opt(args, "function", str))}
+            return {"purged": calls.purge(required(args, "status", str), optional(args, "function", str))}
         if method == "calls.pending_callbacks":
-            pending = calls.pending_callbacks(_arg(args, "owner", str), _int(args, "limit", 100))
+            pending = calls.pending_callbacks(required(args, "owner", str), optional(args, "limit", int, 100))
             bodies_out = [p.pop("result_b") for p in pending]
             return pending, bodies_out
         if method == "calls.counts":

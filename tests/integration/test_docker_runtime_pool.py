@@ -2,7 +2,7 @@
 
 A function on a registered runtime with no ``dependencies`` command (``warmStart: function``) runs
 in containers of the runtime's own image with its code unpacked into their code volume; the first
-one comes from the deployer's runtime pool (see services/deployer/backends/shell_pool.py).
+one comes from the deployer's runtime pool (see services/deployer/backends/docker/runtime_pool.py).
 """
 
 from __future__ import annotations

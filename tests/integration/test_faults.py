@@ -39,8 +39,15 @@ def test_every_accepted_call_finishes_through_crashes(fresh_stack: Stack) -> Non
         wait_for(lambda: len(load.accepted) >= n, 90, interval_s=0.05, what=f"{n} accepted calls")
 
     after(300)
+    hold = f"hold:{time.time_ns()}"
+    held = s.anon.post("/work", content=hold.encode(), headers={"X-Nuclide-Async": "true"}).json()["call_id"]
+    wait_for(lambda: f"holding {hold}" in s.client.get("/functions/work/logs").text, 60, interval_s=0.2,
+             what="the held call to run in the instance")
     for pid in _runtime_pids(s):
-        os.kill(pid, signal.SIGKILL)  # an instance dies mid-call
+        os.kill(pid, signal.SIGKILL)  # the instance dies mid-call
+    rec = wait_for(lambda: (r := s.client.get(f"/calls/{held}").json())["status"] == "DONE" and r, 60,
+                   what="the call the instance kill hit to finish")
+    assert rec["result"] == "ran again" and rec["attempts"] >= 2, f"the kill did not hit the held call: {rec}"
     after(600)
     s.stop_service("deployer", signal.SIGKILL)
     s.start_service("deployer")

@@ -21,11 +21,12 @@ pytestmark = pytest.mark.integration
 ECHO = "def handler(context, event):\n    return {'got': event.body}\n"
 
 
-def store_rpc(stack: Stack, method: str, args: dict[str, Any], *bodies: bytes) -> tuple[bytes, dict[str, Any]]:
-    """One raw RPC to the store: (command, header) of its reply."""
+def store_rpc(stack: Stack, method: str, args: dict[str, Any], *bodies: bytes,
+              service: str = "store") -> tuple[bytes, dict[str, Any]]:
+    """One raw RPC to the store (or the deployer): (command, header) of its reply."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(stack.endpoints["store_rpc"])
+    sock.connect(stack.endpoints[f"{service}_rpc"])
     try:
         sock.send_multipart(protocol.request(7, method, args, *bodies))
         assert sock.poll(10_000), f"the store did not answer {method}"
@@ -343,3 +344,35 @@ def test_malformed_topic_messages_are_dropped_and_counted(stack: Stack) -> None:
         for header in ({"content_type": {"a": 1}}, {"idempotency_key": ["k"]}, {"content_type": 5}):
             sock.send_multipart([topic.encode(), *protocol.encode(protocol.INVOKE, header, b"{}")])
     wait_for(lambda: malformed() - before >= 3, 20, what="three malformed topic messages counted")
+
+
+RPC_BAD_ARGS = [
+    ("store", "function.put", {"name": "x", "spec": {}, "warnings": [{"a": 1}]}, "warnings"),
+    ("store", "instance.started", {"id": "i", "group_id": "g", "group_version": 1, "pid": "123"}, "pid"),
+    ("store", "instance.started", {"id": "i", "group_id": "g", "group_version": 1, "backend": ["x"]}, "backend"),
+    ("store", "instance.exited", {"id": "i", "exit_code": "nine"}, "exit_code"),
+    ("store", "instance.exited", {"id": "i", "error": {"e": 1}}, "error"),
+    ("store", "instance.ready", {"id": "i", "group_id": "g", "group_version": 1, "functions": [1]}, "functions"),
+    ("store", "instances.gone", {"ids": [1, 2]}, "ids"),
+    ("store", "instances.list", {"group_id": 5}, "group_id"),
+    ("store", "deploy.failed", {"group_id": "g", "group_version": 1, "error": ["x"]}, "error"),
+    ("store", "deploy.failed", {"group_id": "g", "group_version": 1, "tasks": "hello"}, "tasks"),
+    ("store", "group.scale", {"group_id": "g", "replicas": 1, "reason": {"r": 1}}, "reason"),
+    ("store", "runtime.put", {"runtime": {}, "image_id": 7}, "image_id"),
+    ("store", "function.get", {"name": True}, "name"),
+    ("store", "calls.claim", {"owner": "o", "limit": "all"}, "limit"),
+    ("deployer", "instance.replace", {"id": {"x": 1}}, "id"),
+    ("deployer", "logs", {"function": "f", "tail": "ten"}, "tail"),
+    ("deployer", "logs", {"function": 3}, "function"),
+    ("deployer", "warm_start.check", {"policy": ["none"]}, "policy"),
+    ("deployer", "python.check", {}, "version"),
+]
+
+
+@pytest.mark.parametrize("service,method,args,key", RPC_BAD_ARGS)
+def test_rpc_arguments_of_the_wrong_type_are_refused_by_name(stack: Stack, service: str, method: str,
+                                                             args: dict[str, Any], key: str) -> None:
+    command, header = store_rpc(stack, method, args, service=service)
+    assert command == protocol.ERR, header
+    assert header["error"]["code"] == "invalid_request" and repr(key) in header["error"]["message"], header
+    stack.wait_healthy()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -21,9 +24,28 @@ pytestmark = pytest.mark.integration
 HELLO = "def handler(context, event):\n    return 'hello'\n"
 
 
-def test_sandbox_confines_function_code(stack: Stack, require_bwrap: None) -> None:
+@pytest.fixture
+def stack_outside_tmp(require_bwrap: None) -> Iterator[Stack]:
+    """A stack whose state is not below /tmp: the sandbox's private /tmp would hide it anyway, proving nothing."""
+    var = Path(tempfile.mkdtemp(prefix="nuclide-sandbox-", dir="/var/tmp"))
+    s = Stack(var / "var")
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+        shutil.rmtree(var, ignore_errors=True)
+
+
+def test_sandbox_confines_function_code(stack_outside_tmp: Stack) -> None:
+    stack = stack_outside_tmp
     stack.deploy("victim", {"function.yaml": function_yaml("victim"), "main.py": "SECRET = 'victim-code'\n" + HELLO})
     victim_code = next((stack.var_dir.resolve() / "functions" / "victim").glob("1-*/code/main.py"))
+    # the token file `nuclide up` keeps (this stack passes its token in the environment, so write the same file)
+    token_file = stack.var_dir.resolve() / "token"
+    if not token_file.exists():
+        token_file.write_text(stack.token + "\n")
+        token_file.chmod(0o600)
+    assert token_file.read_text().strip() == stack.token
     probe = PROBE_HELPERS + f"""
 
 def handler(context, event):
@@ -33,7 +55,9 @@ def handler(context, event):
         "etc": attempt(lambda: write("/etc/nuclide-escape")),
         "repo": attempt(lambda: write({str(ROOT / "escape.txt")!r})),
         "read_other": attempt(lambda: open({str(victim_code)!r}).read()),
-        "read_token": attempt(lambda: open({str(stack.var_dir.resolve() / "state.db")!r}, "rb").read(1)),
+        "read_token": attempt(lambda: open({str(token_file)!r}).read()),
+        "token_in_env": any({stack.token!r} in v for v in os.environ.values()),
+        "read_state": attempt(lambda: open({str(stack.var_dir.resolve() / "state.db")!r}, "rb").read(1)),
         "list_functions": attempt(lambda: os.listdir({str(stack.var_dir.resolve() / "functions" / "victim")!r})),
         "pid": os.getpid(),
     }}
@@ -44,7 +68,9 @@ def handler(context, event):
     assert out["etc"] in ("OSError", "PermissionError")
     assert out["repo"] in ("OSError", "PermissionError")
     assert out["read_other"] == "FileNotFoundError", "a function must not read another function's code"
-    assert out["read_token"] == "FileNotFoundError", "a function must not read nuclide's state"
+    assert out["read_token"] == "FileNotFoundError", "a function must not read the API token"
+    assert out["token_in_env"] is False, "a function must not find the API token in its environment"
+    assert out["read_state"] == "FileNotFoundError", "a function must not read nuclide's state"
     assert out["list_functions"] == "FileNotFoundError"
     assert out["pid"] < 10, "instances run in their own PID namespace"
     assert not (ROOT / "escape.txt").exists()
@@ -133,7 +159,10 @@ def test_nuclide_up_runs_and_stops_everything(tmp_path: Path) -> None:
         token = next(line.split()[-1] for line in lines if "token:" in line)
         assert f"http://127.0.0.1:{port}" in banner
         assert (tmp_path / "var" / "token").stat().st_mode & 0o777 == 0o600
-        assert (tmp_path / "cfg" / "nuclide" / "cli.json").exists()
+        # the README: the CLI's credentials file, written by `nuclide up`, mode 0600 (it holds the token)
+        for cli_json in (tmp_path / "cfg" / "nuclide" / "cli.json",):
+            assert cli_json.stat().st_mode & 0o777 == 0o600, f"{cli_json} is {cli_json.stat().st_mode & 0o777:o}"
+            assert token in cli_json.read_text()
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
         from tests.stack import make_zip
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.stack import Stack, function_yaml, wait_for
+from tests.stack import Stack, function_yaml, never, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -53,16 +53,13 @@ def test_cron_wakes_a_scaled_to_zero_function(fresh_stack: Stack) -> None:
 
 
 def test_topic_message_wakes_a_scaled_to_zero_function(fresh_stack: Stack) -> None:
-    from shared.ingress import Producer
-
     s = fresh_stack
     s.deploy("listener", {"function.yaml": function_yaml(
         "listener", minReplicas=0, scaleToZero={"idleTimeout": "1s"},
         triggers={"news": {"kind": "topic", "attributes": {"topic": "news"}}}), "main.py": HELLO})
     wait_for(lambda: s.client.get("/listener").json()["state"] == "scaledToZero", 20, what="scale to zero")
     wait_for(lambda: not s.instance_pids(), 15, what="the instance to stop")
-    with Producer(sub_endpoint=s.endpoints["gateway_sub"]) as p:
-        time.sleep(0.3)  # a PUB drops messages until its connection is up (ZeroMQ's slow joiner)
+    with s.publisher() as p:
         p.publish("news", b"hello")
 
     def woken_call() -> dict | None:
@@ -79,7 +76,6 @@ def test_functions_with_min_replicas_never_scale_to_zero(fresh_stack: Stack) -> 
     s = fresh_stack
     s.deploy("always", {"function.yaml": function_yaml("always", scaleToZero={"idleTimeout": "1s"}), "main.py": HELLO})
     assert s.invoke("always").text == "awake"
-    deadline = time.monotonic() + 3.5
-    while time.monotonic() < deadline:  # a negative check: it must stay up past three idle timeouts
-        assert s.client.get("/always").json()["state"] == "ready"
-        time.sleep(0.5)
+    # a negative check: it must stay up past three idle timeouts
+    never(lambda: (state := s.client.get("/always").json()["state"]) != "ready" and state, 3.5, interval_s=0.5,
+          what="a function with minReplicas 1 leaving 'ready'")

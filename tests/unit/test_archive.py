@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.archive import RATIO_EXEMPT_BYTES as RATIO_EXEMPT
 from shared.archive import Archive, ArchiveLimits, extract_archive, make_zip, read_archive, zip_directory
 from shared.errors import InvalidRequest
 
@@ -157,7 +158,7 @@ def test_symlink_entry_is_refused() -> None:
     link.create_system = 3
     link.external_attr = 0o120777 << 16
     message = refused(build_zip([("main.py", MAIN), (link, b"/etc/passwd")]))
-    assert "'config.py' is a symbolic link" in message
+    assert "'config.py' is a symbolic link" in message and message.endswith("(e.g. zip without --symlinks)")
 
 
 def test_encrypted_entry_is_refused() -> None:
@@ -193,6 +194,7 @@ def test_file_and_folder_with_the_same_name_are_refused() -> None:
 def test_unsupported_compression_is_refused() -> None:
     message = refused(build_zip([("main.py", MAIN)], compression=zipfile.ZIP_BZIP2))
     assert "'main.py' uses compression method 12" in message
+    assert message.endswith("re-create the zip with deflate (the default of zip tools)")
 
 
 def test_entry_over_size_limit_by_header() -> None:
@@ -272,7 +274,8 @@ def test_forged_small_size_on_a_deflated_entry_is_refused() -> None:
 
 def test_forged_large_size_is_caught_as_corrupt() -> None:
     data = patch_headers(build_zip([("main.py", MAIN)]), 22, 24, "<I", len(MAIN) + 10)
-    assert "'main.py' is corrupt" in refused(data)
+    message = refused(data)
+    assert "'main.py' is corrupt" in message and message.endswith("re-create the archive and upload it again")
 
 
 # --- make_zip / zip_directory / extract_archive ----------------------------------------------
@@ -357,3 +360,108 @@ def test_extract_refuses_planted_symlink_in_dest(tmp_path: Path) -> None:
         extract_archive(Archive({"lib/a.py": b"x"}), dest)
     assert "'lib/a.py'" in exc_info.value.message
     assert not (outside / "a.py").exists()
+
+
+# --- found by mutation testing (make mutate): limits are inclusive, messages say what to do ---------------
+
+
+def test_sizes_in_messages_are_mib_from_one_mib_and_bytes_below() -> None:
+    assert "the upload is 1.5 MiB, over the 1.0 MiB limit" in refused(b"x" * (3 * MiB // 2), ArchiveLimits(max_zip_bytes=MiB))
+    assert "the upload is 101 bytes, over the 100 bytes limit" in refused(b"x" * 101, ArchiveLimits(max_zip_bytes=100))
+    assert "over the 1048575 bytes limit" in refused(b"x" * MiB, ArchiveLimits(max_zip_bytes=MiB - 1))
+
+
+def test_every_limit_is_inclusive() -> None:
+    big = b"a" * (RATIO_EXEMPT + 4096)  # past the ratio exemption, highly compressible
+    data = build_zip([("main.py", MAIN), ("big.txt", big)])
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        infos = zf.infolist()
+    ratio = max(i.file_size / max(i.compress_size, 1) for i in infos)
+    exact = ArchiveLimits(max_zip_bytes=len(data), max_entries=len(infos), max_entry_bytes=len(big),
+                          max_total_bytes=sum(i.file_size for i in infos), max_ratio=ratio)
+    assert read_archive(data, exact).files["big.txt"] == big
+
+
+@pytest.mark.parametrize("entries,hint", [
+    ([("main.py", MAIN), ("big.bin", b"\0" * (2 * MiB))], "(this looks like a zip bomb); upload the real files"),
+    ([("main.py", MAIN)] * 2, "re-create the zip so each file is stored once"),
+])
+def test_refusals_say_what_to_do(entries: list[tuple[str, bytes]], hint: str) -> None:
+    assert refused(build_zip(entries)).endswith(hint)
+
+
+def test_refusal_hints_for_limits() -> None:
+    data = build_zip([("main.py", MAIN), ("b.py", b"b")])
+    assert refused(data, ArchiveLimits(max_zip_bytes=10)).endswith(
+        "limit for a function package; keep large data out of the package")
+    assert refused(data, ArchiveLimits(max_entries=1)).endswith("leave out virtualenvs, caches and data files")
+    assert refused(data, ArchiveLimits(max_total_bytes=5)).endswith("keep large data out of the package")
+    assert refused(data, ArchiveLimits(max_entry_bytes=5)).endswith("limit per file; keep large data out of the package")
+
+
+def test_pycache_folders_are_dropped_whatever_their_files_are_called() -> None:
+    archive = read_archive(build_zip([("main.py", MAIN), ("pkg/__pycache__/notes.txt", b"x"), ("pkg/a.py", b"a")]))
+    assert archive.names() == ["main.py", "pkg/a.py"]
+
+
+@pytest.mark.parametrize("entries", [
+    [("main.py", MAIN), ("data/", b""), ("data", b"x")],           # an explicit folder entry and a file
+    [("main.py", MAIN), ("a/b/c.py", b"c"), ("a/b", b"x")],        # a file where a nested folder is
+    [("main.py", MAIN), ("a/b/c.py", b"c"), ("a", b"x")],          # a file where the outer folder is
+])
+def test_a_name_used_as_file_and_folder_is_refused(entries: list[tuple[str, bytes]]) -> None:
+    assert "is both a file and a folder; rename one of them" in refused(build_zip(entries))
+
+
+def test_make_zip_entries_are_regular_files_mode_0644_from_unix() -> None:
+    with zipfile.ZipFile(io.BytesIO(make_zip({"main.py": MAIN}))) as zf:
+        [info] = zf.infolist()
+    assert info.create_system == 3 and info.external_attr >> 16 == stat.S_IFREG | 0o644
+
+
+def test_zip_directory_contents(tmp_path: Path) -> None:
+    """What goes into the zip itself (read_archive would drop .pyc files again, hiding a mistake here)."""
+    (tmp_path / "a.pyc").write_bytes(b"junk")
+    (tmp_path / "b.py").write_text("b = 1\n")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "util.py").write_text("x = 1\n")
+    (tmp_path / "shared").symlink_to(tmp_path / "lib")  # a linked folder inside: followed
+    (tmp_path / "aa").symlink_to(tmp_path)  # a link to an ancestor, sorted first: skipped, not the end of the walk
+    with zipfile.ZipFile(io.BytesIO(zip_directory(tmp_path))) as zf:
+        assert zf.namelist() == ["b.py", "lib/util.py", "shared/util.py"]
+
+
+def test_zip_directory_names_every_link_outside_and_the_folder(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (tmp_path / "secret.txt").write_text("secret")
+    (project / "a-leak.txt").symlink_to(tmp_path / "secret.txt")
+    (project / "b-leak.txt").symlink_to(tmp_path / "secret.txt")
+    (project / "c.py").write_text("c = 1\n")
+    with pytest.raises(InvalidRequest) as exc_info:
+        zip_directory(project)
+    assert exc_info.value.message == (f"symlinks pointing outside {str(project)!r} cannot be uploaded: a-leak.txt, "
+                                      "b-leak.txt; copy the files they point to into the folder")
+    (project / "a-leak.txt").unlink()
+    (project / "b-leak.txt").unlink()
+    (project / "dangling.py").symlink_to(project / "gone.py")
+    with pytest.raises(InvalidRequest) as exc_info:
+        zip_directory(project)
+    assert exc_info.value.message == "symlink 'dangling.py' points to nothing; remove it or replace it with a file"
+    with pytest.raises(InvalidRequest) as exc_info:
+        zip_directory(project / "nope")
+    assert exc_info.value.message == f"{str(project / 'nope')!r} is not a folder; pass the function's folder"
+
+
+def test_extract_archive_makes_missing_parents_and_replaces_longer_files(tmp_path: Path) -> None:
+    dest = tmp_path / "a" / "b" / "out"
+    extract_archive(Archive({"main.py": b"long old contents " * 10}), dest)
+    extract_archive(Archive({"main.py": MAIN}), dest)
+    assert (dest / "main.py").read_bytes() == MAIN
+
+
+def test_extract_refusal_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest) as exc_info:
+        extract_archive(Archive({"../x.py": b"x"}), tmp_path / "out")
+    assert exc_info.value.message.endswith("use paths relative to the function's root")

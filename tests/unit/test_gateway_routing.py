@@ -7,6 +7,7 @@ import time
 import pytest
 
 from services.gateway.broker import FAST_CALL_S, SLOW_INFLIGHT_S, Call, Instance
+from services.gateway.core import function_headers
 from shared.names import invoke_target
 
 
@@ -34,6 +35,13 @@ from shared.names import invoke_target
 ])
 def test_invoke_target(method: str, path: str, expected: tuple[str, str, str] | None) -> None:
     assert invoke_target(method, path) == expected
+
+
+def test_function_headers_drop_credentials_in_any_case_and_keep_the_rest() -> None:
+    raw = [(b"Authorization", b"Bearer t"), (b"x-a", b"1"), (b"AUTHORIZATION", b"Bearer u"), (b"x-a", b"2"),
+           (b"x-nuclide-async", b"true")]
+    assert function_headers(raw) == [["x-a", "1"], ["x-a", "2"], ["x-nuclide-async", "true"]]
+    assert function_headers(raw, frozenset({b"authorization", b"x-nuclide-async"})) == [["x-a", "1"], ["x-a", "2"]]
 
 
 def _inst(credit: int = 33, concurrency: int = 1) -> Instance:

@@ -163,7 +163,7 @@ def test_a_per_call_process_reports_errors_and_logs_user_frames_alike(tmp_path: 
     import subprocess
     import time
 
-    from services.runtime.once import ARGV, CONFIG_ENV, decode_result, encode_invoke
+    from shared.oncewire import ARGV, CONFIG_ENV, decode_result, encode_invoke
     from tests.stack import ROOT
 
     functions = []

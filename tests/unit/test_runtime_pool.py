@@ -12,7 +12,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from services.runtime.pool import MAX_HEADER_BYTES, SIGNATURE, BadFrame, encode, read_header, unpack_code
+from services.runtime.pool import unpack_code
+from shared.poolframe import MAX_HEADER_BYTES, SIGNATURE, BadFrame, encode, read_header
 
 
 def code_tar(files: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> bytes:

@@ -10,11 +10,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from services.deployer.backends.shell import dockerfile
-from services.runtime.once import decode_invoke, decode_result, encode_invoke, encode_result
-from services.runtime.shell import Outcome, input_json, parse_driver_output, python_result, to_result
+from services.deployer.backends.docker.images import registered_dockerfile
+from services.deployer.backends.docker.runner.results import (
+    Outcome, input_json, parse_driver_output, python_result, to_result,
+)
 from services.store.blobs import open_blobs
 from services.store.state import StoreState
+from shared.oncewire import decode_invoke, decode_result, encode_invoke, encode_result
 from shared.archive import read_archive
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.fusion import merge_specs
@@ -223,6 +225,6 @@ def test_failures_name_the_cause(outcome: Outcome, status: int, words: str) -> N
 
 
 def test_image_build_has_no_shell_of_ours() -> None:
-    text = dockerfile("myrt:1", "/ws", ["pip3", "install", "-r", "req's.txt"], "LABEL a=\"b\"", False)
+    text = registered_dockerfile("myrt:1", "/ws", ["pip3", "install", "-r", "req's.txt"], "LABEL a=\"b\"", False)
     assert 'RUN ["pip3", "install", "-r", "req\'s.txt"]' in text
     assert text.splitlines()[0] == "FROM myrt:1 AS build" and "COPY --from=build /ws/ /nuclide/src/" in text

@@ -365,3 +365,22 @@ def test_zips_live_in_postgresql_where_every_store_replica_reads_them(tmp_path: 
     finally:
         replica.close()
         leader.close()
+
+
+def test_a_claim_fits_in_one_reply_and_claims_continue_until_none_is_left(open_store_db) -> None:
+    from services.store.calls import CallStore
+    from shared import protocol
+
+    calls = CallStore(open_store_db())
+    n = protocol.MAX_FRAMES + 100  # more than one reply could carry
+    calls.submit([{"id": f"c{i}", "function": "fn", "owner": "old-boot"} for i in range(n)], (b"payload",) * n)
+    claimed: list[str] = []
+    while True:
+        metas, payloads = calls.claim("new-boot", 5000)
+        if not metas:
+            break
+        # what the store's RPC server sends back: the gateway must be able to read it
+        msg = protocol.decode(protocol.reply(1, metas, *payloads))
+        assert len(msg.bodies) == len(metas) <= protocol.MAX_BATCH
+        claimed += [m["id"] for m in metas]
+    assert sorted(claimed) == sorted(f"c{i}" for i in range(n))

@@ -1,7 +1,7 @@
 """What the docker backend's pools share: background refills, paused by a doubling backoff after failures.
 
-The warm pool of Python runtime containers (``docker_pool.py``), the registered runtimes' pool of
-containers and their spare runner processes (``shell_pool.py``) each keep some things made ahead
+The warm pool of Python runtime containers (``docker/warm_pool.py``), the registered runtimes' pool of
+containers and their spare runner processes (``docker/runtime_pool.py``) each keep some things made ahead
 of need. A take schedules a refill (:meth:`Refilling.refill_soon`), which runs in the background
 after a short delay, so a start never waits for it and its instance gets an uncontended CPU first;
 only one refill is scheduled or running at a time. A failed create pauses the refills

@@ -22,7 +22,7 @@ from shared.logs import get_logger
 from services.optimizer.strategies.base import Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from services.optimizer.service import Optimizer
+    from services.optimizer.strategies.base import Optimizer
 
 log = get_logger(__name__)
 

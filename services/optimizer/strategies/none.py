@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from services.optimizer.strategies.base import Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from services.optimizer.service import Optimizer
+    from services.optimizer.strategies.base import Optimizer
 
 
 class NoneStrategy(Strategy):

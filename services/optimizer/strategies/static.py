@@ -20,7 +20,7 @@ from shared.errors import NuclideError
 from services.optimizer.strategies.base import Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from services.optimizer.service import Optimizer
+    from services.optimizer.strategies.base import Optimizer
 
 
 def load_schedule(path: str) -> list[tuple[float, list[list[str]]]]:

@@ -1,7 +1,7 @@
 """A registered runtime's warm container: its lockdown, and how its code gets in without an image build.
 
-One place for what the runner (``services.runtime.shell``) and the deployer's runtime pool
-(``services/deployer/backends/shell_pool.py``) both create, so a container is locked down the same
+One place for what the runner (``driver.py``) and the deployer's runtime pool
+(``services/deployer/backends/docker/runtime_pool.py``) both create, so a container is locked down the same
 whoever made it: host network, read-only root, tmpfs ``/tmp``, no capabilities, no-new-privileges,
 user 65534, memory (also RLIMIT_DATA), CPU and pids limits, log rotation, the image's entrypoint
 replaced by an idle sh loop (:data:`WARM_MAIN`).
@@ -33,6 +33,8 @@ TMPFS_MAX_BYTES = 256 * 1024 * 1024
 # a warm container's main process: idle until the container is removed (stdin stays open and silent)
 WARM_MAIN = "while read _; do :; done; exec sleep 2147483647"
 MAX_CODE_TAR_BYTES = 256 * 1024 * 1024  # the tmpfs would not hold more
+PY_WORK_DIR = "/nuclide/work"  # a Python function's writable code directory in its container, a tmpfs
+SRC_DIR = "/nuclide/src"  # a built image's copy of the code, from which each container's code directory is filled
 
 
 def tmpfs_bytes(memory_bytes: int) -> int:

@@ -41,19 +41,22 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import docker
 import docker.errors
 
 from shared.errors import Unavailable
 from shared.logs import get_logger
+from shared.config import Settings
+from shared.poolframe import CODE_ROOT, encode
 from services.deployer.backends.base import InstanceHandle, InstanceSpec
+from services.deployer.backends.docker.containers import Containers
+from services.deployer.backends.docker.engine import (
+    TMPFS_MAX_BYTES, USER, Engine, container_env, host_config, in_thread,
+)
+from services.deployer.backends.docker.images import Images, normalize
 from services.deployer.backends.refill import Refilling
-from services.runtime.pool import CODE_ROOT, encode
-
-if TYPE_CHECKING:
-    from services.deployer.backends.docker import DockerBackend
 
 log = get_logger(__name__)
 
@@ -80,12 +83,18 @@ class PoolClosed(Exception):
 
 
 class WarmPool(Refilling):
-    def __init__(self, backend: "DockerBackend") -> None:
-        super().__init__(backend.settings.docker_pool_size, *FAIL_BACKOFF_S)
-        self.backend = backend
-        self.settings = backend.settings
-        self.memory_bytes = backend.settings.default_memory_bytes  # what idle containers run with
-        self.dir = backend.var / "docker" / "pool"
+    """Idle started runtime containers, for the starts of Python groups without dependencies."""
+
+    label = POOL_LABEL  # what the adoption scan knows a pool container by
+
+    def __init__(self, settings: Settings, var: Path, engine: Engine, images: Images, containers: Containers) -> None:
+        super().__init__(settings.docker_pool_size, *FAIL_BACKOFF_S)
+        self.settings = settings
+        self.engine = engine
+        self.images = images
+        self.containers = containers
+        self.memory_bytes = settings.default_memory_bytes  # what idle containers run with
+        self.dir = var / "docker" / "pool"
         self.idle: collections.deque[Entry] = collections.deque()
         self.waiters: collections.deque[asyncio.Future] = collections.deque()
         self.filling = 0
@@ -129,7 +138,7 @@ class WarmPool(Refilling):
         paths = list(self.dir.glob("*.json")) if self.dir.is_dir() else []
         if not paths:
             return
-        filters = {"label": [f"nuclide.namespace={self.backend.namespace}", POOL_LABEL]}
+        filters = {"label": [f"nuclide.namespace={self.engine.namespace}", POOL_LABEL]}
         present = {c["Id"] for c in client.api.containers(all=True, filters=filters)}
         for path in paths:
             if path.stem not in present:
@@ -144,23 +153,22 @@ class WarmPool(Refilling):
 
     async def start(self, spec: InstanceSpec, labels: dict[str, str]) -> InstanceHandle | None:
         """Specialise a pool container as ``spec``'s instance; None when the pool cannot (the image path then)."""
-        backend = self.backend
         functions = [dict(fc, code_dir=f"{CODE_ROOT}/{fc['name']}/{fc['version']}", deps_dir=None)
                      for fc in spec.functions]
-        runtime_id = await backend._runtime_image_id()
+        runtime_id = await self.images.runtime_image_id()
         code = await self._code_tar(spec)
         entry = await self._take(runtime_id)
         if entry is None:
             return None
-        config = backend._instance_config(spec, functions)
+        config = self.containers.instance_config(spec, functions)
         frame = encode(config, spec.memory_bytes, functions[0]["code_dir"], code)
-        client = backend._require()
+        client = self.engine.require()
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         spec.log_path.touch()
         with self._lock:
             self._busy.add(entry.container_id)
         try:
-            await backend._api(self._specialise, client, entry, spec, labels, frame)
+            await self.engine.api(self._specialise, client, entry, spec, labels, frame)
         except (docker.errors.APIError, Unavailable, OSError) as exc:
             log.warning("could not specialise a pool container; building an image instead",
                         instance=spec.id, error=str(exc)[:300])
@@ -172,8 +180,8 @@ class WarmPool(Refilling):
         names = tuple(f["name"] for f in functions)
         handle = InstanceHandle(spec.id, spec.group_id, spec.group_version, entry.pid, spec.log_path, time.time(),
                                 names)
-        backend._track(client, handle, entry.container_id, truncate_log=False)
-        name = f"nuclide-{backend.namespace}-{spec.id}"
+        self.containers.track(client, handle, entry.container_id, truncate_log=False)
+        name = f"nuclide-{self.engine.namespace}-{spec.id}"
         threading.Thread(target=self._rename, args=(client, entry.container_id, name), daemon=True,
                          name="pool-rename").start()
         return handle
@@ -211,9 +219,7 @@ class WarmPool(Refilling):
         key = tuple((fc["name"], int(fc["version"]), str(fc["code_dir"])) for fc in spec.functions)
         data = self._tars.get(key)
         if data is None:
-            from services.deployer.backends.docker import _in_thread
-
-            data = await _in_thread(_tar_code, key)
+            data = await in_thread(_tar_code, key)
             self._tars[key] = data
             while len(self._tars) > TAR_CACHE_ENTRIES or sum(map(len, self._tars.values())) > TAR_CACHE_BYTES:
                 self._tars.popitem(last=False)
@@ -279,11 +285,9 @@ class WarmPool(Refilling):
 
     def _fill(self) -> asyncio.Future:
         """Create one pool container; it goes to the first waiting start, else to the idle ones."""
-        from services.deployer.backends.docker import _in_thread
-
-        client = self.backend._require()  # EngineLost when it is away
+        client = self.engine.require()  # EngineLost when it is away
         self.filling += 1
-        task = asyncio.ensure_future(_in_thread(self._create, client))
+        task = asyncio.ensure_future(in_thread(self._create, client))
 
         def done(task: asyncio.Future) -> None:
             self.filling -= 1
@@ -317,18 +321,15 @@ class WarmPool(Refilling):
                 self._creating -= 1
 
     def _create_counted(self, client: docker.DockerClient) -> Entry:
-        from services.deployer.backends.docker import TMPFS_MAX_BYTES, USER
-
-        backend = self.backend
         api = client.api
-        host_config = backend._host_config(
+        host = host_config(
             client, self.memory_bytes, None, data_limit=False,
             extra_tmpfs={CODE_ROOT: f"rw,noexec,nosuid,nodev,mode=0755,uid=65534,gid=65534,size={TMPFS_MAX_BYTES}"})
-        labels = {"nuclide.managed": "true", "nuclide.namespace": backend.namespace, POOL_LABEL: "true"}
+        labels = {"nuclide.managed": "true", "nuclide.namespace": self.engine.namespace, POOL_LABEL: "true"}
         created = api.create_container(
-            self.settings.runtime_image, name=f"nuclide-{backend.namespace}-pool-{secrets.token_hex(4)}",
-            labels=labels, user=USER, working_dir="/tmp", host_config=host_config, use_config_proxy=False,
-            stdin_open=True, command=POOL_ARGV, environment=backend._container_env())
+            self.settings.runtime_image, name=f"nuclide-{self.engine.namespace}-pool-{secrets.token_hex(4)}",
+            labels=labels, user=USER, working_dir="/tmp", host_config=host, use_config_proxy=False,
+            stdin_open=True, command=POOL_ARGV, environment=container_env())
         container_id = created["Id"]
         with self._lock:
             if self._closed:
@@ -346,7 +347,7 @@ class WarmPool(Refilling):
         return Entry(container_id, info["State"].get("Pid") or None, str(info["Image"]))
 
     async def _fill_missing(self) -> None:
-        while (not self._closed and self.backend._up.is_set() and not self.backoff.blocked
+        while (not self._closed and self.engine.up.is_set() and not self.backoff.blocked
                and len(self.idle) + self.filling - len(self.waiters) < self.size):
             try:
                 await self._fill()
@@ -354,7 +355,7 @@ class WarmPool(Refilling):
                 break  # logged by the fill (or the engine is away); the backoff or a reconnect tries again
 
     def _discard(self, container_id: str) -> None:
-        client = self.backend.client
+        client = self.engine.client
         with self._lock:
             self._known.discard(container_id)
         if client is None:
@@ -407,10 +408,8 @@ class WarmPool(Refilling):
 
 def _tar_code(key: tuple) -> bytes:
     """An uncompressed tar of the group's code directories as ``<name>/<version>/...``."""
-    from services.deployer.backends.docker import _normalize
-
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, version, code_dir in key:
-            tar.add(str(Path(code_dir)), arcname=f"{name}/{version}", filter=_normalize)
+            tar.add(str(Path(code_dir)), arcname=f"{name}/{version}", filter=normalize)
     return buf.getvalue()

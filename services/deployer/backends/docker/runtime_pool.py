@@ -3,7 +3,7 @@
 A function on a registered runtime with no ``dependencies`` command and the default policy
 (``warmStart: function``) needs nothing of an image of its own: its containers run the runtime's
 image, and the version's code is unpacked into their code volume through the Engine's archive API
-(see ``services/runtime/shell_box.py`` for the container and why the code directory is a tmpfs
+(see ``runner/box.py`` for the container and why the code directory is a tmpfs
 volume there). What a start would still wait for is made ahead of time, ``docker_runtime_pool_size``
 of each (0 disables all of it, and every runtime function's image is built as before):
 
@@ -14,7 +14,7 @@ of each (0 disables all of it, and every runtime function's image is built as be
   and kept for the :data:`MAX_SHAPES` used last; each is refilled in the background after a take.
   A container is taken once: it serves that one instance until it is removed with its runner, so
   one function's code never lands in a container that served another.
-- :class:`Spares`: runner processes (``python -m services.runtime.shell --spare``) started with
+- :class:`Spares`: runner processes (``python -m services.deployer.backends.docker.runner --spare``) started with
   their imports done, waiting for the path of their config on a pipe from the deployer. One that
   loses its deployer before it was given a config reads EOF and exits.
 
@@ -35,18 +35,17 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import docker
 import docker.errors
 
+from shared.config import Settings
 from shared.logs import get_logger
+from services.deployer.backends.docker.engine import Engine, in_thread
 from services.deployer.backends.refill import Refilling
-from services.runtime import shell_box
-from services.runtime.shell import SPARE_ARG, WARM_MAIN
-
-if TYPE_CHECKING:
-    from services.deployer.backends.docker import DockerBackend
+from services.deployer.sandbox import base_env
+from services.deployer.backends.docker.runner import MODULE as RUNNER_MODULE, SPARE_ARG, box
 
 log = get_logger(__name__)
 
@@ -56,6 +55,7 @@ FAIL_BACKOFF_S = (2.0, 60.0)  # after a failed create: no refills for this long 
 TAR_CACHE_ENTRIES = 16  # code tars of recent versions (code directories are content-addressed)
 TAR_CACHE_BYTES = 64 * 1024 * 1024
 CLOSE_TIMEOUT_S = 15.0
+SOURCE_ROOT = Path(__file__).resolve().parents[4]  # the directory that holds the services package
 SPARE_LOG = "spares.log"  # what a spare says before it has an instance's log (an import error, say)
 
 
@@ -83,9 +83,10 @@ class PoolClosed(Exception):
 class RuntimePool(Refilling):
     """Idle started containers per shape, for :meth:`Runners.start_fast`."""
 
-    def __init__(self, backend: "DockerBackend") -> None:
-        super().__init__(backend.settings.docker_runtime_pool_size, *FAIL_BACKOFF_S)
-        self.backend = backend
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        super().__init__(settings.docker_runtime_pool_size, *FAIL_BACKOFF_S)
+        self.settings = settings
+        self.engine = engine
         self.idle: collections.OrderedDict[Shape, collections.deque[str]] = collections.OrderedDict()  # LRU
         self.filling: collections.Counter[Shape] = collections.Counter()
         self._known: set[str] = set()  # idle or being created: what close() removes
@@ -119,23 +120,19 @@ class RuntimePool(Refilling):
 
     async def create(self, shape: Shape) -> str:
         """A new started container of ``shape``, for a start that found none idle."""
-        from services.deployer.backends.docker import _in_thread
-
-        client = self.backend._require()
-        container_id = await _in_thread(self._create, client, shape)
+        client = self.engine.require()
+        container_id = await in_thread(self._create, client, shape)
         with self._lock:
             self._known.discard(container_id)
         return container_id
 
     async def code_tar(self, code_dir: str) -> bytes:
         """The tar of a version's code directory (cached: the directory's path names its content)."""
-        from services.deployer.backends.docker import _in_thread
-
         data = self._tars.get(code_dir)
         if data is not None:
             self._tars.move_to_end(code_dir)
             return data
-        data = await _in_thread(shell_box.code_tar, code_dir)
+        data = await in_thread(box.code_tar, code_dir)
         self._tars[code_dir] = data
         while len(self._tars) > 1 and (len(self._tars) > TAR_CACHE_ENTRIES
                                        or sum(map(len, self._tars.values())) > TAR_CACHE_BYTES):
@@ -150,12 +147,12 @@ class RuntimePool(Refilling):
             if self._closed:
                 raise PoolClosed()
         api = client.api
-        host = shell_box.host_config(api, shape.path, shape.memory_bytes, shape.cpu or None, auto_remove=False,
+        host = box.host_config(api, shape.path, shape.memory_bytes, shape.cpu or None, auto_remove=False,
                                      code_volume=True)
-        labels = {"nuclide.namespace": self.backend.namespace, POOL_LABEL: "true"}
+        labels = {"nuclide.namespace": self.engine.namespace, POOL_LABEL: "true"}
         env = {"HOME": "/tmp", "LANG": "C.UTF-8"}
-        name = f"nuclide-{self.backend.namespace}-rtpool-{secrets.token_hex(4)}"
-        container_id = shell_box.create(api, shape.image_id, ["/bin/sh", "-c", WARM_MAIN], labels, env, "/", host,
+        name = f"nuclide-{self.engine.namespace}-rtpool-{secrets.token_hex(4)}"
+        container_id = box.create(api, shape.image_id, ["/bin/sh", "-c", box.WARM_MAIN], labels, env, "/", host,
                                         stdin_once=False, name=name)
         with self._lock:
             closed = self._closed
@@ -183,16 +180,14 @@ class RuntimePool(Refilling):
         return None
 
     async def _fill_missing(self) -> None:
-        from services.deployer.backends.docker import _in_thread
-
-        while not self._closed and self.backend._up.is_set() and not self.backoff.blocked:
+        while not self._closed and self.engine.up.is_set() and not self.backoff.blocked:
             shape = self._missing()
-            client = self.backend.client
+            client = self.engine.client
             if shape is None or client is None:
                 break
             self.filling[shape] += 1
             try:
-                container_id = await _in_thread(self._create, client, shape)
+                container_id = await in_thread(self._create, client, shape)
             except PoolClosed:
                 break
             except Exception as exc:
@@ -208,7 +203,7 @@ class RuntimePool(Refilling):
                 self._discard(container_id)
 
     def _discard(self, container_id: str) -> None:
-        client = self.backend.client
+        client = self.engine.client
         with self._lock:
             self._known.discard(container_id)
         if client is None:
@@ -226,7 +221,7 @@ class RuntimePool(Refilling):
 
     def prune(self, client: docker.DockerClient, taken: set[str]) -> None:
         """At adoption: remove every pool container no live runner took (an earlier deployer's idle ones)."""
-        filters = {"label": [f"nuclide.namespace={self.backend.namespace}", POOL_LABEL]}
+        filters = {"label": [f"nuclide.namespace={self.engine.namespace}", POOL_LABEL]}
         for c in client.api.containers(all=True, filters=filters):
             if c["Id"] not in taken:
                 _remove(client.api, c["Id"])
@@ -240,7 +235,7 @@ class RuntimePool(Refilling):
         self.idle.clear()
         if not idle:
             return
-        api = docker.APIClient(base_url=self.backend.settings.docker_host, version="auto", timeout=CLOSE_TIMEOUT_S)
+        api = docker.APIClient(base_url=self.settings.docker_host, version="auto", timeout=CLOSE_TIMEOUT_S)
         try:
             for container_id in idle:
                 _remove(api, container_id)
@@ -260,9 +255,9 @@ def _remove(api: Any, container_id: str) -> None:
 class Spares(Refilling):
     """Runner processes started ahead of need, their imports done; a start hands one its config path."""
 
-    def __init__(self, backend: "DockerBackend", runners_dir: Path) -> None:
-        super().__init__(backend.settings.docker_runtime_pool_size, *FAIL_BACKOFF_S)
-        self.docker_host = backend.settings.docker_host
+    def __init__(self, settings: Settings, runners_dir: Path) -> None:
+        super().__init__(settings.docker_runtime_pool_size, *FAIL_BACKOFF_S)
+        self.docker_host = settings.docker_host
         self.dir = runners_dir
         self.idle: collections.deque[asyncio.subprocess.Process] = collections.deque()
         self.starting = 0
@@ -270,7 +265,7 @@ class Spares(Refilling):
     async def spawn(self, argv: list[str], stdout: Any, env: dict[str, str], cwd: str,
                     stdin: Any = asyncio.subprocess.DEVNULL) -> asyncio.subprocess.Process:
         """A runner process in a session of its own (it outlives a deployer that dies)."""
-        return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.runtime.shell", *argv,
+        return await asyncio.create_subprocess_exec(sys.executable, "-m", RUNNER_MODULE, *argv,
                                                     stdin=stdin, stdout=stdout, stderr=stdout, cwd=cwd, env=env,
                                                     start_new_session=True)
 
@@ -294,17 +289,14 @@ class Spares(Refilling):
         proc.stdin.close()
 
     async def _fill_missing(self) -> None:
-        from services.deployer.sandbox import base_env
-        from services.deployer.backends.shell import ROOT
-
         while not self._closed and not self.backoff.blocked and len(self.idle) + self.starting < self.size:
             env = base_env()
-            env["PYTHONPATH"] = str(ROOT)
+            env["PYTHONPATH"] = str(SOURCE_ROOT)
             self.dir.mkdir(parents=True, exist_ok=True)
             self.starting += 1
             try:
                 with open(self.dir / SPARE_LOG, "ab") as out:
-                    proc = await self.spawn([SPARE_ARG, self.docker_host], out, env, str(ROOT),
+                    proc = await self.spawn([SPARE_ARG, self.docker_host], out, env, str(SOURCE_ROOT),
                                             stdin=asyncio.subprocess.PIPE)
             except OSError as exc:
                 log.warning("could not start a spare runner", error=str(exc)[:200], retry_in_s=self.backoff.failed())

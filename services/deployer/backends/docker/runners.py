@@ -4,22 +4,15 @@ A function without a ``dependencies`` command on the default policy (``warmStart
 needs no image of its own (:meth:`Runners.start_fast`): its containers run the runtime's image and
 get the version's code unpacked into their code volume; the first one comes started from the
 runtime pool, filled by the deployer, and the runner is a spare process with its imports done
-(``shell_pool.py``). When that cannot be done (``docker_runtime_pool_size`` 0, the engine refuses
-the archive upload, the image does not stay up), the start takes the image path below, and no
+(``runtime_pool.py``). When that cannot be done (``docker_runtime_pool_size`` 0, the engine refuses
+the archive upload, the image does not stay up), the start takes the image path, and no
 other fast start of that runtime is tried for a while (:data:`FAST_BACKOFF_S`). Functions with dependencies keep
 the image: the dependencies command runs at build time, like a Python group's requirements.
 
-Image (``nuclide-fn:<namespace>-<group>-v<version>``, like a Python group's, so the same
-collection rules apply), built in two stages without any shell of ours::
-
-    FROM <runtime image> AS build        USER 0, the code at <path>, WORKDIR <path>,
-                                         RUN <dependencies argv> (exec form: no shell)
-    FROM build                           + COPY --from=build <path>/ /nuclide/src/
-
-The copy in ``/nuclide/src`` is what a container's code directory (a tmpfs at ``<path>``: the
-root filesystem stays read-only) is filled from. The instance is a runner process on this host
-(``python -m services.runtime.shell``, which drives the engine; see that module for the
-warm-start policies), started in a session of its own so it outlives a deployer that dies; a
+Otherwise the function gets an image of its own (``images.py``: the runtime image, its code and
+what its ``dependencies`` command made). The instance is a runner process on this host
+(``python -m services.deployer.backends.docker.runner``, which drives the engine; see that
+package for the warm-start policies), started in a session of its own so it outlives a deployer that dies; a
 registry file per runner (``<var>/docker/runners/<id>.json``) lets the next deployer adopt it.
 When a runner exits, the containers it left (label ``nuclide.runner=<id>``, and the pool container
 it took, which its record names) are removed.
@@ -33,33 +26,32 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import docker.errors
 
-from shared.errors import BuildFailed, InvalidRequest, Unavailable
+from shared.config import Settings
+from shared.errors import InvalidRequest, Unavailable
 from shared.logs import get_logger
 from shared.procs import alive, start_time
-from services.deployer.backends.base import InstanceHandle, InstanceSpec
+from services.deployer.backends.base import ExitCallback, InstanceHandle, InstanceSpec
+from services.deployer.backends.docker.engine import Engine, EngineLost
+from services.deployer.backends.docker.images import Images
+from services.deployer.backends.docker.runtime_pool import SOURCE_ROOT, RuntimePool, Shape, Spares
 from services.deployer.backends.refill import Backoff
-from services.deployer.backends.shell_pool import RuntimePool, Shape, Spares
-from services.runtime import shell_box
-
-if TYPE_CHECKING:
-    from services.deployer.backends.docker import DockerBackend
+from services.deployer.sandbox import base_env
+from services.deployer.backends.docker.runner import box
+from services.deployer.backends.docker.runner.box import PY_WORK_DIR
 
 log = get_logger(__name__)
 
-ROOT = Path(__file__).resolve().parents[3]  # the directory that holds the services package
-SRC_DIR = "/nuclide/src"
-CA_PATH = "/nuclide/ca.pem"
 ADOPTED_POLL_S = 0.5  # how often an adopted runner (not our child) is checked for its exit
 KILL_GRACE_S = 5.0
-PY_WORK_DIR = "/nuclide/work"  # a Python function's fresh code directory per call (warmStart runtime), a tmpfs
 FAST_BACKOFF_S = (5.0, 300.0)  # after a failed fast start: that runtime's images are built this long (doubling)
 
 
-def is_shell(spec: InstanceSpec) -> bool:
+def is_registered(spec: InstanceSpec) -> bool:
+    """A function on a registered runtime (its spec names the runtime's image, path and run command)."""
     return any(fc.get("shell") for fc in spec.functions)
 
 
@@ -76,28 +68,20 @@ def is_per_call(spec: InstanceSpec) -> bool:
     return any((fc.get("warm_start") or "function") != "function" and not fc.get("shell") for fc in spec.functions)
 
 
-def dockerfile(base: str, path: str, dependencies: list[str], labels_line: str, with_ca: bool) -> str:
-    """The two-stage build of a runtime function's image; user input only as JSON strings and checked paths."""
-    lines = [f"FROM {base} AS build", labels_line, "USER 0:0", f"COPY code/ {path}/", f"WORKDIR {path}"]
-    if with_ca:  # build arguments: in the RUN's environment, not in the image's
-        lines += [f"COPY ca.pem {CA_PATH}"] + [f"ARG {key}={CA_PATH}" for key in
-                                               ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")]
-    if dependencies:
-        lines.append("RUN " + json.dumps(dependencies))
-    lines += ["FROM build", f"COPY --from=build {path}/ {SRC_DIR}/"]
-    return "\n".join(lines) + "\n"
-
-
 class Runners:
-    """Starts, stops and adopts runner processes for a :class:`DockerBackend`."""
+    """Starts, stops and adopts runner processes for the docker backend."""
 
-    def __init__(self, backend: "DockerBackend") -> None:
-        self.backend = backend
-        self.dir = backend.var / "docker" / "runners"
+    def __init__(self, settings: Settings, var: Path, engine: Engine, images: Images, on_exit: ExitCallback) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.images = images
+        self.on_exit = on_exit
+        self.dir = var / "docker" / "runners"
+        self.handles: dict[str, InstanceHandle] = {}
         self.exits: dict[str, asyncio.Future] = {}  # instance id -> its exit code, once it exited
         self.taken: dict[str, list[str]] = {}  # instance id -> the pool containers its runner took
-        self.pool = RuntimePool(backend)
-        self.spares = Spares(backend, self.dir)
+        self.pool = RuntimePool(settings, engine)
+        self.spares = Spares(settings, self.dir)
         self._fast_failed: dict[str, Backoff] = {}  # runtime image -> how long its functions build images
 
     def owns(self, instance_id: str) -> bool:
@@ -107,13 +91,12 @@ class Runners:
 
     async def check_image(self, image: str) -> dict[str, Any]:
         """The id of a local image, for registering a runtime: 400 when it is missing, 503 without an engine."""
-        b = self.backend
-        client = b.client
+        client = self.engine.client
         if client is None:
-            raise Unavailable(f"the Docker Engine at {b.settings.docker_host} is not reachable; start dockerd (or fix"
-                              " docker_host) and retry")
+            raise Unavailable(f"the Docker Engine at {self.settings.docker_host} is not reachable; start dockerd"
+                              " (or fix docker_host) and retry")
         try:
-            info = await b._api(client.api.inspect_image, image)
+            info = await self.engine.api(client.api.inspect_image, image)
         except docker.errors.ImageNotFound:
             raise InvalidRequest(f"image '{image}' is not in the local Docker Engine; build or load it first"
                                  f" (docker build -t {image} ..., docker load): nuclide never pulls images",
@@ -123,50 +106,15 @@ class Runners:
         self.spares.refill_soon(0)  # a runtime is being registered: runners will be wanted
         return {"image_id": str(info["Id"])}
 
-    async def image(self, spec: InstanceSpec) -> str:
-        """The version's image, built when missing (a failed build is a BuildFailed with the log's tail)."""
-        from services.deployer.backends.docker import GROUP_REPO, _digest, _label_line, _tree_hash
-
-        b = self.backend
-        client = b._require()
-        fc = spec.functions[0]
-        shell = fc["shell"]
-        labels = await b._api(b._image_labels, client, shell["image"])
-        if labels is None:
-            raise BuildFailed(f"the image '{shell['image']}' of runtime '{fc.get('runtime')}' is not in the local"
-                              " Docker Engine any more; build or load it, then deploy again")
-        runtime_id = str((await b._api(client.api.inspect_image, shell["image"]))["Id"])
-        inputs = _digest(runtime_id, shell["path"], shell.get("dependencies") or [],
-                         await asyncio.to_thread(_tree_hash, Path(fc["code_dir"])))[:24]
-        tag = f"{GROUP_REPO}:{b.namespace}-{spec.group_id}-v{spec.group_version}"
-        async with b._lock(tag):
-            current = await b._api(b._image_labels, client, tag)
-            if current is not None and current.get("nuclide.inputs") == inputs:
-                return tag
-            ca = b._ca_bundle()
-            image_labels = {"nuclide.kind": "group", "nuclide.namespace": b.namespace, "nuclide.group": spec.group_id,
-                            "nuclide.group_version": str(spec.group_version), "nuclide.envs": "",
-                            "nuclide.inputs": inputs, "nuclide.env": "", "nuclide.runtime": runtime_id}
-            text = dockerfile(shell["image"], shell["path"], list(shell.get("dependencies") or []),
-                              _label_line(image_labels), ca is not None)
-            started = time.monotonic()
-            try:
-                await b._api(b._build, client, tag, text, {"ca.pem": ca} if ca else {}, {"code": Path(fc["code_dir"])})
-            except docker.errors.APIError as exc:
-                raise BuildFailed(f"image build failed: {exc.explanation or exc}") from None
-            log.info("runtime function image built", image=tag, took_s=round(time.monotonic() - started, 2))
-        return tag
-
     async def _remove_containers(self, instance_id: str | None, taken: list[str] | None = None) -> None:
         """A runner's containers (by its label) and the pool containers it took (``taken``)."""
-        b = self.backend
-        client = b.client
+        client = self.engine.client
         if client is None:
             return
 
         def remove() -> None:
             labelled = [] if instance_id is None else client.api.containers(all=True, filters={"label": [
-                f"nuclide.namespace={b.namespace}", f"nuclide.runner={instance_id}"]})
+                f"nuclide.namespace={self.engine.namespace}", f"nuclide.runner={instance_id}"]})
             for container_id in [c["Id"] for c in labelled] + list(taken or ()):
                 try:
                     client.api.remove_container(container_id, force=True, v=True)
@@ -174,13 +122,13 @@ class Runners:
                     pass  # gone, or its removal is in progress already
 
         try:
-            await b._api(remove)
+            await self.engine.api(remove)
         except Unavailable as exc:
             log.warning("could not remove a runner's containers", instance=instance_id, error=str(exc)[:200])
 
     # ----- without an image ------------------------------------------------------------------
 
-    async def start_shell(self, spec: InstanceSpec) -> InstanceHandle:
+    async def start_registered(self, spec: InstanceSpec) -> InstanceHandle:
         """A registered runtime's function: without an image build when it can be, else with its image."""
         image = spec.functions[0]["shell"]["image"]
         failed = self._fast_failed.get(image)
@@ -188,17 +136,14 @@ class Runners:
             handle = await self.start_fast(spec)
             if handle is not None:
                 return handle
-        return await self.start(spec, await self.image(spec))
+        return await self.start(spec, await self.images.registered_image(spec))
 
     async def start_fast(self, spec: InstanceSpec) -> InstanceHandle | None:
         """A runner whose first warm container is ready (started, the code in); None when that failed."""
-        from services.deployer.backends.docker import EngineLost
-
-        b = self.backend
         fc = spec.functions[0]
         try:
-            client = b._require()
-            image_id = str((await b._api(client.api.inspect_image, fc["shell"]["image"]))["Id"])
+            client = self.engine.require()
+            image_id = str((await self.engine.api(client.api.inspect_image, fc["shell"]["image"]))["Id"])
             shape = Shape(image_id, fc["shell"]["path"], int(spec.memory_bytes), str(spec.extra.get("cpu") or ""))
             code = await self.pool.code_tar(fc["code_dir"])
             container_id = await self._ready_container(shape, code)
@@ -216,12 +161,11 @@ class Runners:
 
     async def _ready_container(self, shape: Shape, code: bytes) -> str:
         """A started container of ``shape`` with the code in: an idle pool one, else a new one."""
-        b = self.backend
-        api = b._require().api
+        api = self.engine.require().api
         taken = self.pool.take(shape)
         if taken is not None:
             try:
-                await b._api(_fill, api, taken, shape.path, code)
+                await self.engine.api(_fill, api, taken, shape.path, code)
                 return taken
             except (docker.errors.DockerException, Unavailable, RuntimeError) as exc:
                 log.info("a runtime pool container could not take the code; creating one", container=taken[:12],
@@ -229,7 +173,7 @@ class Runners:
                 await self._remove_containers(None, [taken])
         container_id = await self.pool.create(shape)
         try:
-            await b._api(_fill, api, container_id, shape.path, code)
+            await self.engine.api(_fill, api, container_id, shape.path, code)
         except BaseException:
             await self._remove_containers(None, [container_id])
             raise
@@ -257,14 +201,11 @@ class Runners:
         """A runner for a registered runtime's function, or with ``python`` (the instance config of the group
         image's one function) for a Python function's per-call containers. ``container``: a started one of
         ``shape`` with the code in (no image of the function's: ``image`` is the runtime's)."""
-        from services.deployer.sandbox import base_env
-
-        b = self.backend
         fc = spec.functions[0]
         config = {
             "instance_id": spec.id, "group": spec.group_id, "group_version": spec.group_version,
-            "gateways": [b.settings.gateway_router], "docker_host": b.settings.docker_host,
-            "namespace": b.namespace, "image": image,
+            "gateways": [self.settings.gateway_router], "docker_host": self.settings.docker_host,
+            "namespace": self.engine.namespace, "image": image,
             "warm_start": fc.get("warm_start") or "function", "memory_bytes": spec.memory_bytes,
             "cpu": spec.extra.get("cpu"), "max_concurrency": int(fc.get("max_concurrency") or 1),
             "function": {"name": fc["name"], "version": fc["version"], "timeout_s": fc.get("timeout_s", 30.0),
@@ -293,9 +234,9 @@ class Runners:
                 proc = None
         if proc is None:
             env = base_env()
-            env["PYTHONPATH"] = str(ROOT)
+            env["PYTHONPATH"] = str(SOURCE_ROOT)
             with open(spec.log_path, "ab") as out:
-                proc = await self.spares.spawn([str(config_path)], out, env, str(ROOT))
+                proc = await self.spares.spawn([str(config_path)], out, env, str(SOURCE_ROOT))
             self._write_record(spec, proc.pid, taken, shape)
         handle = InstanceHandle(spec.id, spec.group_id, spec.group_version, proc.pid, spec.log_path, time.time(),
                                 (fc["name"],))
@@ -315,7 +256,7 @@ class Runners:
     def _watch(self, handle: InstanceHandle, waiting: Any) -> None:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self.exits[handle.id] = fut
-        self.backend.handles[handle.id] = handle
+        self.handles[handle.id] = handle
 
         async def watch() -> None:
             code = await waiting
@@ -325,8 +266,8 @@ class Runners:
             self.exits.pop(handle.id, None)
             if not fut.done():
                 fut.set_result(code)
-            self.backend.handles.pop(handle.id, None)
-            self.backend.on_exit(handle, code)
+            self.handles.pop(handle.id, None)
+            self.on_exit(handle, code)
 
         asyncio.ensure_future(watch())
 
@@ -393,6 +334,6 @@ class Runners:
 
 def _fill(api: Any, container_id: str, path: str, code: bytes) -> None:
     """The code into a started container's code volume; RuntimeError when the container is not running."""
-    shell_box.put_code(api, container_id, path, code)
+    box.put_code(api, container_id, path, code)
     if not api.inspect_container(container_id)["State"].get("Running"):
         raise RuntimeError(f"container {container_id[:12]} is not running any more")

@@ -1,0 +1,1 @@
+"""The docker backend: containers through the Docker Engine API (``backend.py`` maps its modules)."""

@@ -1,0 +1,280 @@
+"""The runner's instance loop: READY, INVOKE -> a worker thread runs the call -> RESULT; HEARTBEAT; BYE.
+
+What the gateway sees of a runner is what it sees of a warm Python instance; the calls run on
+worker threads (one per concurrent call), which hand their results back through a wake-up pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from shared.oncewire import CHECK_ARG, decode_result, encode_invoke
+from shared.wakepipe import finished_calls
+from services.deployer.backends.docker.runner.driver import API_TIMEOUT_S, CallContainers
+from services.deployer.backends.docker.runner.results import (
+    STDERR_TAIL_CHARS, error_result, input_json, parse_driver_output, python_result, stderr_tail, to_result,
+)
+
+PY_TIMEOUT_GRACE_S = 1.0  # a Python call's own timeout answers first; the runner kills the container this much later
+
+
+class Runner:
+    """The instance loop: READY, INVOKE -> a worker thread runs the call -> RESULT; HEARTBEAT; BYE."""
+
+    def __init__(self, config: dict[str, Any], containers: CallContainers) -> None:
+        import zmq
+
+        from shared import protocol
+
+        self.zmq, self.protocol = zmq, protocol
+        self.config = config
+        self.fn = config["function"]
+        self.containers = containers
+        self.instance_id = config["instance_id"]
+        self.concurrency = max(1, int(config["max_concurrency"]))
+        self.timeout_s = float(self.fn.get("timeout_s") or 30.0)
+        self.policy = config["warm_start"]
+        self.idle: queue.SimpleQueue[str] = queue.SimpleQueue()  # warm containers free for a call
+        self.warm: set[str] = set()
+        self._warm_lock = threading.Lock()
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.ROUTING_ID, self.instance_id.encode())
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        for endpoint in config["gateways"]:
+            self.sock.connect(endpoint)
+        self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="call")
+        self.done: queue.SimpleQueue[tuple[dict[str, Any], bytes]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self.inflight = 0
+        self.stopping = False
+
+    def log(self, message: str, **fields: Any) -> None:
+        line = {"ts": round(time.time(), 3), "level": fields.pop("level", "info"), "function": self.fn["name"],
+                "message": message, **fields}
+        print(json.dumps(line), file=sys.stderr, flush=True)
+
+    def prepare(self) -> None:
+        """Warm policies start their first container before READY: a deploy waits for it, calls do not.
+        The deployer may hand over one it made ready (``container``: started, the code in place)."""
+        given = self.config.get("container")
+        if given:
+            self.containers.adopt(given)
+            with self._warm_lock:
+                self.warm.add(given)
+            self.idle.put(given)
+        elif self.policy != "none":
+            self._add_warm()
+        if self.containers.python:
+            self._check_python()
+
+    def _check_python(self) -> None:
+        """Load the Python function once (``once --check``), so a deploy fails as a warm instance's would."""
+        argv = (self.containers.fresh_argv if self.policy == "none" else self.containers.warm_argv) + [CHECK_ARG]
+        out, err, timed_out = self._run(b"", API_TIMEOUT_S, argv)
+        sys.stderr.buffer.write(err)
+        sys.stderr.flush()
+        result, body = python_result(self.fn["name"], out, err, timed_out, API_TIMEOUT_S, self.containers.memory)
+        if result["status"] != 200:
+            raise RuntimeError(json.loads(body)["error"]["message"])
+
+    def _add_warm(self) -> None:
+        cid = self.containers.start_warm()
+        with self._warm_lock:
+            self.warm.add(cid)
+        self.idle.put(cid)
+
+    def _take_warm(self) -> str:
+        try:
+            return self.idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._warm_lock:
+            grow = len(self.warm) < self.concurrency
+        if grow:
+            self._add_warm()
+        return self.idle.get(timeout=API_TIMEOUT_S)
+
+    def _drop_warm(self, cid: str) -> None:
+        with self._warm_lock:
+            self.warm.discard(cid)
+        self.containers.remove(cid)
+
+    def _replace_warm(self, cid: str) -> None:
+        self._drop_warm(cid)
+        if not self.stopping:
+            try:
+                self._add_warm()
+            except Exception as exc:
+                self.log("could not start a replacement container", level="error", error=str(exc))
+
+    def ready_header(self) -> dict[str, Any]:
+        return {"instance_id": self.instance_id, "group": self.config["group"],
+                "group_version": int(self.config["group_version"]),
+                "functions": {self.fn["name"]: int(self.fn["version"])},
+                "credit": self.concurrency, "concurrency": self.concurrency, "pid": os.getpid()}
+
+    def execute(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        """One call, on a worker thread; never raises."""
+        started = time.perf_counter()
+        call_id = header.get("call_id", "")
+        deadline_ms = int(header.get("deadline_ms") or 0)
+        timeout_s = self.timeout_s
+        if deadline_ms:
+            timeout_s = max(0.001, min(timeout_s, deadline_ms / 1000 - time.time()))
+        if header.get("function") != self.fn["name"]:
+            status, ctype, out = error_result(404, "not_found", f"function '{header.get('function')}' is not served here")
+        elif self.containers.python:
+            return self._execute_python(header, body, timeout_s, started)
+        else:
+            try:
+                outcome = parse_driver_output(*self._run(input_json(body), timeout_s))
+                status, ctype, out = to_result(self.fn["name"], self.containers.run[0], outcome, self.timeout_s,
+                                               self.containers.memory)
+                if outcome.stderr.strip():
+                    self.log("stderr", call_id=call_id, stderr=stderr_tail(outcome.stderr))
+            except Exception as exc:  # the engine refused or went away: this call fails, the instance lives
+                status, ctype, out = self._engine_failed(exc)
+        took_ms = round((time.perf_counter() - started) * 1000, 3)
+        if status >= 400:
+            self.log("call failed", level="error", call_id=call_id, status=status, error=out[:STDERR_TAIL_CHARS].decode(
+                "utf-8", "replace"))
+        return {"call_id": call_id, "status": status, "headers": [], "content_type": ctype, "took_ms": took_ms}, out
+
+    def _engine_failed(self, exc: Exception) -> tuple[int, str, bytes]:
+        return error_result(503, "unavailable", f"function '{self.fn['name']}': the Docker Engine could not run the call:"
+                      f" {type(exc).__name__}: {exc}")
+
+    def _execute_python(self, header: dict[str, Any], body: bytes, timeout_s: float,
+                        started: float) -> tuple[dict[str, Any], bytes]:
+        """A Python function's call: the once process answers as a warm instance would, its logs go to ours."""
+        call_id = header.get("call_id", "")
+        try:
+            # the process's own alarm answers a timeout (the container lives on); ours is the backstop
+            out, err, timed_out = self._run(encode_invoke(header, body), timeout_s + PY_TIMEOUT_GRACE_S)
+            sys.stderr.buffer.write(err)
+            sys.stderr.flush()
+            result, out = python_result(self.fn["name"], out, err, timed_out, self.timeout_s, self.containers.memory)
+        except Exception as exc:
+            status, ctype, out = self._engine_failed(exc)
+            result = {"status": status, "headers": [], "content_type": ctype}
+        if "call_id" not in result:  # nothing from the process: the runner's error
+            self.log("call failed", level="error", call_id=call_id, status=result["status"],
+                     error=out[:STDERR_TAIL_CHARS].decode("utf-8", "replace"))
+        return {**result, "call_id": call_id, "took_ms": round((time.perf_counter() - started) * 1000, 3)}, out
+
+    def _answered(self, out: bytes) -> bool:
+        """Whether the command reported (else it died or hangs, and a warm container is replaced)."""
+        if self.containers.python:
+            try:
+                decode_result(out)
+                return True
+            except ValueError:
+                return False
+        return parse_driver_output(out, b"").exit_code is not None
+
+    def _run(self, data: bytes, timeout_s: float, argv: list[str] | None = None) -> tuple[bytes, bytes, bool]:
+        if self.policy == "none":
+            return self.containers.fresh_call(data, timeout_s, argv)
+        cid = self._take_warm()
+        try:
+            out, err, timed_out = self.containers.warm_call(cid, data, timeout_s, argv)
+        except BaseException:
+            self._drop_warm(cid)
+            raise
+        if timed_out or not self._answered(out):
+            # the command may still run (docker has no exec kill): the container goes, a new one replaces it,
+            # off this call's path so its 504 is not late
+            threading.Thread(target=self._replace_warm, args=(cid,), daemon=True).start()
+        else:
+            self.idle.put(cid)
+        return out, err, timed_out
+
+    def _submit(self, header: dict[str, Any], body: bytes) -> None:
+        def run() -> None:
+            self.done.put(self.execute(header, body))
+            os.write(self._wake_w, b"x")
+
+        self.inflight += 1
+        self.pool.submit(run)
+
+    def _send(self, command: bytes, header: dict[str, Any], body: bytes | None = None) -> None:
+        frames = self.protocol.encode(command, header) + ([body] if body is not None else [])
+        self.sock.send_multipart(frames)
+
+    def run(self) -> int:
+        from shared.liveness import BYE_ACK_TIMEOUT_S, DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+
+        zmq, protocol = self.zmq, self.protocol
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        self._send(protocol.READY, self.ready_header())
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        last_heard = last_sent = time.monotonic()
+        bye_sent_at = 0.0
+        bye_acked = False
+        while True:
+            if self.stopping and not bye_sent_at:
+                self._send(protocol.BYE, {"instance_id": self.instance_id})
+                bye_sent_at = time.monotonic()
+            if bye_sent_at:
+                waited = time.monotonic() - bye_sent_at
+                if (self.inflight == 0 and (bye_acked or waited > BYE_ACK_TIMEOUT_S)) or waited > DRAIN_TIMEOUT_S:
+                    return 0
+            events = dict(poller.poll(100 if bye_sent_at else int(HEARTBEAT_INTERVAL_S * 1000)))
+            now = time.monotonic()
+            if self._wake_r in events:
+                for result, out in finished_calls(self._wake_r, self.done):
+                    self.inflight -= 1
+                    self._send(protocol.RESULT, result, out)
+                    last_sent = now
+            if self.sock in events:
+                last_heard = now
+                while True:
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        msg = protocol.decode(frames)
+                    except Exception as exc:
+                        self.log("dropped a malformed message", level="warning", error=str(exc))
+                        continue
+                    if msg.command == protocol.INVOKE:
+                        self._submit(msg.header, msg.body)
+                    elif msg.command == protocol.BYE:
+                        bye_acked = True
+            if now - last_sent >= HEARTBEAT_INTERVAL_S and not self.stopping:
+                if now - last_heard > HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS:
+                    self._send(protocol.READY, self.ready_header())  # the gateway went quiet: announce again
+                    last_heard = now
+                else:
+                    self._send(protocol.HEARTBEAT, self.ready_header())
+                last_sent = now
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        with self._warm_lock:
+            warm = list(self.warm)
+            self.warm.clear()
+        for cid in warm:
+            self.containers.remove(cid)
+        self.containers.close()
+        self.sock.close(linger=1000)
+        self.ctx.term()
