@@ -19,7 +19,7 @@ that view for one instance before any user code is imported:
    starts a session, empties the capability bounding set, sets RLIMIT_NPROC (the
    process limit: it counts per uid, and the uid is the instance's own) and
    RLIMIT_DATA, switches to the instance's uid and gid (which clears every
-   capability), sets no_new_privs and loads the seccomp filter (``syscalls.py``);
+   capability), sets no_new_privs and loads the seccomp filter (``shared/seccomp.py``);
    the zygote then forks the runtime from it and keeps PID 1 as the namespace's init.
 
 """
@@ -204,7 +204,7 @@ def finish(memory_bytes: int, cap_last: int, uid: int = 0, pids: int = 0, seccom
         # the address space of shared libraries, which RLIMIT_AS would count
         resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
     if seccomp_program:
-        from services.runtime.syscalls import install
+        from shared.seccomp import install
 
         install(seccomp_program)  # last: it denies mount, which /proc needed
 

@@ -249,7 +249,7 @@ class Limits(NamedTuple):
     uid: int
     pids: int
     keep_fd: int  # the "net exit" pipe: slirp4netns lives as long as it is open; -1 for none
-    seccomp: bytes  # the compiled filter (services/runtime/syscalls.py), loaded last
+    seccomp: bytes  # the compiled filter (shared/seccomp.py), loaded last
 
 
 def _init(runtime: int, keep_fd: int = -1) -> None:  # pragma: no cover (PID 1 of the instance's namespace)

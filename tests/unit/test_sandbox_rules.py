@@ -46,7 +46,7 @@ def test_a_state_directory_too_deep_for_the_instances_socket_is_refused() -> Non
 
 def test_the_seccomp_program_is_bpf_for_this_machine() -> None:
     pytest.importorskip("pyseccomp")
-    from services.runtime.syscalls import BPF_INSTRUCTION_BYTES, compile_filter
+    from shared.seccomp import BPF_INSTRUCTION_BYTES, compile_filter
 
     program = compile_filter()
     assert program and len(program) % BPF_INSTRUCTION_BYTES == 0

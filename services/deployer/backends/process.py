@@ -93,7 +93,7 @@ class ProcessBackend(Backend):
         # another interpreter need not have libseccomp's binding
         self.seccomp_program = b""
         if not self.sandbox_problem and settings.sandbox != "none":
-            from services.runtime.syscalls import compile_filter
+            from shared.seccomp import compile_filter
 
             self.seccomp_program = compile_filter()
         if self.sandbox_problem:

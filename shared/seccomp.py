@@ -1,4 +1,4 @@
-"""The seccomp filter of an instance: the system calls a function never needs fail with EPERM.
+"""An instance's seccomp filter: the calls a function never needs fail with EPERM (built by the deployer).
 
 The filter is a deny list, as Docker's and systemd's defaults are: a Python function
 and its C extensions use a wide and growing set of calls (io_uring aside), so an allow
