@@ -116,10 +116,7 @@ def _view(bwrap: str, settings: Settings, mounts: Mounts) -> list[str]:
         elif path.is_dir():
             system += ["--ro-bind", str(path), str(path)]
     readonly = [Path("/etc") / name for name in ETC_FILES if (Path("/etc") / name).exists()]
-    for key in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "SSL_CERT_DIR"):
-        bundle = os.environ.get(key)  # the operator's CA bundle (a TLS-intercepting proxy's, say)
-        if bundle and Path(bundle).exists() and not _under_any(Path(bundle), (Path("/usr"), Path("/etc"))):
-            readonly.append(Path(bundle))
+    readonly += operator_paths()
     readonly += install_paths()
     var = settings.var_dir.resolve()
     shown = (*readonly, *mounts.readonly, *mounts.writable)
@@ -154,6 +151,24 @@ def _parents(targets: list[Path]) -> list[str]:
             made.add(parent)
             cmd += ["--perms", "0755", "--dir", str(parent)]
     return cmd
+
+
+# settings of the operator's that name local files builds read: a CA bundle (a TLS-intercepting
+# proxy's, say), a wheel directory or a constraints file (PIP_FIND_LINKS may list several)
+OPERATOR_PATH_KEYS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "SSL_CERT_DIR", "PIP_FIND_LINKS",
+                      "PIP_CONSTRAINT")
+
+
+def operator_paths() -> list[Path]:
+    """The local files and directories the operator's settings name, for the view (read-only)."""
+    found: list[Path] = []
+    for key in OPERATOR_PATH_KEYS:
+        for value in os.environ.get(key, "").split():
+            path = Path(value[len("file://"):] if value.startswith("file://") else value)
+            if path.is_absolute() and path.exists() and not _under_any(path, (Path("/usr"), Path("/etc"))) \
+                    and path not in found:
+                found.append(path)
+    return found
 
 
 def _under_any(path: Path, parents: tuple[Path, ...]) -> bool:

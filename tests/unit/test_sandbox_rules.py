@@ -51,3 +51,19 @@ def test_the_seccomp_program_is_bpf_for_this_machine() -> None:
     program = compile_filter()
     assert program and len(program) % BPF_INSTRUCTION_BYTES == 0
     assert len(program) // BPF_INSTRUCTION_BYTES > 40, "one check at least per denied call"
+
+
+def test_the_operators_wheel_directories_and_ca_bundle_are_in_the_view(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.deployer.sandbox import OPERATOR_PATH_KEYS, operator_paths
+
+    for key in OPERATOR_PATH_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    wheels, more, bundle = tmp_path / "wheels", tmp_path / "more", tmp_path / "ca.pem"
+    wheels.mkdir()
+    more.mkdir()
+    bundle.write_text("pem")
+    monkeypatch.setenv("PIP_FIND_LINKS", f"{wheels} file://{more} https://mirror.invalid/simple relative/dir")
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")  # in the view already
+    assert operator_paths() == [bundle, wheels, more]
