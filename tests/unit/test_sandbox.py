@@ -21,7 +21,7 @@ def with_bwrap(monkeypatch: pytest.MonkeyPatch) -> None:
     # the host's part of the view, pinned: /usr (a directory everywhere) and two files of /etc
     monkeypatch.setattr(sandbox, "SYSTEM_DIRS", ("usr",))
     monkeypatch.setattr(sandbox, "ETC_FILES", ("hosts", "ssl/certs"))
-    for key in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "SSL_CERT_DIR"):
+    for key in sandbox.OPERATOR_PATH_KEYS:
         monkeypatch.delenv(key, raising=False)
 
 
