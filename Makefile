@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test test-unit test-integration install bench load clean images up down mutate
+.PHONY: run sandbox-tools test test-unit test-integration install bench load clean images up down mutate
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nuclide needs Python 3.11 or newer")'
@@ -15,7 +15,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: $(STAMP)
+# what the process backend's sandbox needs (services/deployer/sandbox.py): installed when we are root on
+# Debian, else named; `nuclide up` refuses to start instances without it (unless NUCLIDE_SANDBOX=none)
+SANDBOX_PACKAGES := bubblewrap slirp4netns
+
+sandbox-tools:
+	@command -v bwrap >/dev/null && command -v slirp4netns >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing the sandbox's tools: $(SANDBOX_PACKAGES)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SANDBOX_PACKAGES) >/dev/null \
+	      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SANDBOX_PACKAGES) >/dev/null; }; \
+	  else \
+	    echo "the sandbox needs $(SANDBOX_PACKAGES); run: sudo apt-get install $(SANDBOX_PACKAGES)"; \
+	  fi; }
+
+run: $(STAMP) sandbox-tools
 	$(VENV)/bin/nuclide up
 
 test: $(STAMP)

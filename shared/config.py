@@ -49,6 +49,7 @@ MAX_DOCKER_RUNTIME_POOL_SIZE = 16  # per registered runtime: idle containers (a 
 PORT_KEYS = ("http_port", "store_rpc", "store_pub", "deployer_rpc", "gateway_router", "gateway_pull", "gateway_sub",
              "gateway_pub")
 MAX_PORT_BASE = 65535 - (len(PORT_KEYS) - 1)
+MAX_IPC_PATH_BYTES = 107  # sun_path of a unix socket address, less its terminating NUL
 PORT_BASE_HOW = "NUCLIDE_PORT_BASE=N or `nuclide up --port-base N`"
 
 
@@ -87,6 +88,8 @@ class Settings:
     database_url: Secret = Secret("")
     # deployer
     backend: str = "process"
+    # the process backend's sandbox: auto and bwrap both mean bubblewrap, refusing to start instances
+    # where it cannot be set up; none runs functions unsandboxed, an explicit choice that is warned about
     sandbox: str = "auto"
     zygote: bool = True  # fork process-backend instances from a warm interpreter per environment (needs bwrap, root)
     build_timeout_s: float = 900.0
@@ -145,6 +148,18 @@ class Settings:
         return max(self.max_zip_bytes, self.max_body_bytes, self.max_body_ceiling_bytes, MAX_HEADER_BYTES) + 64 * 1024
 
     @property
+    def instance_link(self) -> str:
+        """The gateway's ROUTER as sandboxed instances reach it: a unix socket, bound into each instance."""
+        return f"ipc://{self.var_dir.resolve() / 'run' / 'link' / 'gateway.sock'}"
+
+    def sandbox_warning(self) -> str | None:
+        """What /healthz, the deployer's start and every deploy response say when functions run unsandboxed."""
+        if self.backend == "process" and self.sandbox == "none":
+            return ("sandbox is 'none': functions run unsandboxed, as the deployer's user, with the host's file"
+                    " system and network; set NUCLIDE_SANDBOX=auto (the default) on a host you share with them")
+        return None
+
+    @property
     def advertised_host(self) -> str:
         return self.public_host or self.http_host
 
@@ -181,6 +196,11 @@ class Settings:
             raise ConfigError("metrics_token has spaces in it; an Authorization header cannot carry them: use a"
                               " token without spaces, e.g. one from `python3 -c 'import secrets;"
                               " print(secrets.token_urlsafe(32))'`")
+        link = self.instance_link[len("ipc://"):]
+        if self.backend == "process" and len(link.encode()) > MAX_IPC_PATH_BYTES:
+            raise ConfigError(f"var_dir {str(self.var_dir)!r} is too deep: the instances' socket {link} would be"
+                              f" longer than {MAX_IPC_PATH_BYTES} bytes, the limit of a unix socket's path;"
+                              " choose a shorter var_dir")
         if not 0 < self.http_port < 65536:
             raise ConfigError(f"http_port {self.http_port} is out of range 1-65535")
         if self.fusionizer_mode and not is_loopback(self.http_host):

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from shared.errors import Conflict, InvalidRequest
-from shared.spec import HOST_RUNTIME, other_python
+from shared.spec import DEFAULT_PIDS, DEFAULT_SCRATCH_BYTES, HOST_RUNTIME, other_python
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*)$")
 
@@ -84,11 +84,17 @@ def merge_specs(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 commands.append(command)
     memories = [int(specs[n]["memory_bytes"]) for n in names if specs[n].get("memory_bytes")]
     cpus = [float(specs[n]["cpu"]) for n in names if specs[n].get("cpu")]
+    pids = [int(specs[n].get("pids") or DEFAULT_PIDS) for n in names]
+    scratch = [int(specs[n].get("scratch_bytes") or DEFAULT_SCRATCH_BYTES) for n in names]
     return {
         "requirements": merge_requirements({n: specs[n].get("requirements") or "" for n in names}),
         "build_commands": commands,
         "memory_bytes": sum(memories) if memories else None,
         "cpu": sum(cpus) if cpus else None,
+        # one process holds every member: the sum of their limits, host networking if any member needs it
+        "pids": sum(pids) if len(names) > 1 else pids[0],
+        "scratch_bytes": sum(scratch) if len(names) > 1 else scratch[0],
+        "network": "host" if any(specs[n].get("network") == "host" for n in names) else "isolated",
         "timeout_s": max(float(specs[n].get("timeout_s") or 30.0) for n in names),
         "max_concurrency": min(int(specs[n].get("max_concurrency") or 1) for n in names),
         "min_replicas": max(max(int(specs[n].get("min_replicas", 1) or 0), 1) for n in names),

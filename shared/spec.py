@@ -25,6 +25,15 @@ HOST_RUNTIME = f"python:{sys.version_info.major}.{sys.version_info.minor}"
 SPEC_FILES = ("function.yaml", "function.yml")
 MAX_REQUIREMENTS_BYTES = 64 * 1024
 MIN_MEMORY_BYTES = 16 * MiB
+# an instance's process limit (processes and threads, spec.resources.limits.pids): a Python instance
+# runs about 10 threads; 256 leaves room for worker pools and subprocesses, not for a fork bomb
+DEFAULT_PIDS = 256
+MAX_PIDS = 32768
+# an instance's scratch space (spec.resources.limits.ephemeral-storage): its /tmp, /dev/shm and what it
+# writes into its code directory, together, in memory (a tmpfs)
+DEFAULT_SCRATCH_BYTES = 256 * MiB
+MIN_SCRATCH_BYTES = 1 * MiB
+NETWORKS = ("isolated", "host")  # spec.network: the instance's own user-mode network, or the host's
 MAX_REPLICAS = 64
 MAX_TIMEOUT_S = 3600.0
 MAX_IDLE_TIMEOUT_S = 7 * 24 * 3600.0
@@ -75,6 +84,9 @@ class FunctionSpec:
     max_concurrency: int = 1
     memory_bytes: int | None = None
     cpu: float | None = None
+    pids: int | None = None  # None: DEFAULT_PIDS
+    scratch_bytes: int | None = None  # None: DEFAULT_SCRATCH_BYTES
+    network: str = "isolated"
     private: bool = False
     idle_timeout_s: float = 300.0
     triggers: tuple[dict, ...] = ()
@@ -457,7 +469,8 @@ def _parse_resources(spec: dict, kw: dict[str, Any], warnings: list[str]) -> Non
     resources = _sub(spec, "resources", "spec.resources")
     _warn_unknown(resources, "spec.resources.", {"limits"}, {"requests", "claims"}, warnings)
     limits = _sub(resources, "limits", "spec.resources.limits")
-    _warn_unknown(limits, "spec.resources.limits.", {"memory", "cpu"}, set(limits) - {"memory", "cpu"}, warnings)
+    known = {"memory", "cpu", "pids", "ephemeral-storage"}
+    _warn_unknown(limits, "spec.resources.limits.", known, set(limits) - known, warnings)
     if limits.get("memory") is not None:
         where = "function.yaml: spec.resources.limits.memory"
         kw["memory_bytes"] = parse_memory_bytes(limits["memory"], where)
@@ -465,11 +478,18 @@ def _parse_resources(spec: dict, kw: dict[str, Any], warnings: list[str]) -> Non
             raise InvalidRequest(f"{where} must be at least 16Mi, got {limits['memory']!r}")
     if limits.get("cpu") is not None:
         kw["cpu"] = _parse_cpu(limits["cpu"], "spec.resources.limits.cpu")
+    if limits.get("pids") is not None:
+        kw["pids"] = _int_in(limits["pids"], "spec.resources.limits.pids", 16, MAX_PIDS)
+    if limits.get("ephemeral-storage") is not None:
+        where = "function.yaml: spec.resources.limits.ephemeral-storage"
+        kw["scratch_bytes"] = parse_memory_bytes(limits["ephemeral-storage"], where)
+        if kw["scratch_bytes"] < MIN_SCRATCH_BYTES:
+            raise InvalidRequest(f"{where} must be at least 1Mi, got {limits['ephemeral-storage']!r}")
 
 
 _SPEC_KNOWN = {"handler", "runtime", "env", "build", "minReplicas", "maxReplicas", "replicas", "description",
                "timeout", "timeoutSeconds", "eventTimeout", "maxConcurrency", "resources", "private",
-               "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart", "lambdaEvent"}
+               "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart", "lambdaEvent", "network"}
 LAMBDA_EVENT_SHAPES = ("auto", "payload", "apigateway")
 
 
@@ -549,6 +569,11 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
         kw["description"] = _expect(spec["description"], str, "spec.description", "a string")
     if spec.get("private") is not None:
         kw["private"] = _expect(spec["private"], bool, "spec.private", "true or false")
+    if spec.get("network") is not None:
+        if spec["network"] not in NETWORKS:
+            raise _err("spec.network", f"must be one of {', '.join(NETWORKS)} (isolated, the default: outbound"
+                       f" connections only, nothing on the host; host: the host's network), got {spec['network']!r:.60}")
+        kw["network"] = spec["network"]
     _parse_scaling(spec, kw, warnings)
     _parse_resources(spec, kw, warnings)
     if spec.get("triggers") is not None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
-from tests.stack import Stack
+from tests.stack import Stack, sandbox_problem
 
 if TYPE_CHECKING:
     from tests.pg_util import PgCluster
@@ -50,18 +48,13 @@ def callback_stack(tmp_path: Path) -> Iterator[Stack]:
         s.stop()
 
 
-def has_bwrap() -> bool:
-    if not shutil.which("bwrap"):
-        return False
-    return subprocess.run(["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "true"], capture_output=True).returncode == 0
-
-
 @pytest.fixture
 def require_bwrap() -> None:
-    if not has_bwrap():
+    problem = sandbox_problem()
+    if problem:
         if os.environ.get("NUCLIDE_REQUIRE_BWRAP") == "1":
-            pytest.fail("bubblewrap is required here (NUCLIDE_REQUIRE_BWRAP=1) but bwrap is missing or cannot run")
-        pytest.skip("bubblewrap (bwrap) is not installed or cannot create a sandbox here: apt-get install bubblewrap")
+            pytest.fail(f"the sandbox is required here (NUCLIDE_REQUIRE_BWRAP=1) but {problem}")
+        pytest.skip(problem)
 
 
 @pytest.fixture(scope="session")

@@ -108,6 +108,20 @@ def function_yaml(name: str, handler: str = "main:handler", **spec: Any) -> str:
     return yaml.safe_dump({"metadata": {"name": name}, "spec": {"handler": handler, "runtime": "python", **spec}})
 
 
+def sandbox_problem() -> str | None:
+    """Why the process backend's sandbox cannot run here (what to install), or None."""
+    import shutil
+
+    missing = [tool for tool in ("bwrap", "slirp4netns") if shutil.which(tool) is None]
+    if missing:
+        return f"the sandbox's tools are not installed ({', '.join(missing)}): apt-get install bubblewrap slirp4netns"
+    if os.geteuid() != 0:
+        return "the sandbox needs root (instances run as uids of their own)"
+    if subprocess.run(["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "true"], capture_output=True).returncode:
+        return "bubblewrap cannot create a sandbox here"
+    return None
+
+
 class Stack:
     def __init__(self, var_dir: Path, env: dict[str, str] | None = None) -> None:
         self.var_dir = var_dir
@@ -125,6 +139,11 @@ class Stack:
             "PYTHONFAULTHANDLER": "1",  # a service that dies by a signal leaves its Python stacks in its log
             **{f"NUCLIDE_{k.upper()}": f"tcp://127.0.0.1:{p}" for k, p in ports.items()},
         })
+        if "NUCLIDE_SANDBOX" not in (env or {}) and os.environ.get("NUCLIDE_REQUIRE_BWRAP") != "1" \
+                and sandbox_problem():
+            # a developer's machine without the sandbox: the functional tests run unsandboxed (the
+            # sandbox's own tests skip, and CI requires it)
+            self.env["NUCLIDE_SANDBOX"] = "none"
         self.env.update(env or {})
         self.endpoints = {k: f"tcp://127.0.0.1:{p}" for k, p in ports.items()}
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -199,11 +218,19 @@ class Stack:
         return self.anon.post(f"/{name}", content=body or b"", **kw)
 
     def instance_pids(self) -> list[int]:
-        pids = []
-        for meta in (self.var_dir / "instances").glob("*/instance.json"):
-            import json
+        return self.instance_pids_of("*")
 
-            pids.append(int(json.loads(meta.read_text())["pid"]))
+    def instance_pids_of(self, name: str) -> list[int]:
+        """The pids of the instances of group ``g-<name>`` (``*``: of every group)."""
+        import json
+
+        pids = []
+        pattern = "*" if name == "*" else f"g-{name}-v*"
+        for meta in (self.var_dir / "instances").glob(f"{pattern}/instance.json"):
+            try:
+                pids.append(int(json.loads(meta.read_text())["pid"]))
+            except (OSError, ValueError, KeyError):
+                continue  # being written or removed
         return pids
 
     def metrics(self) -> dict[str, float]:

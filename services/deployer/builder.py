@@ -29,7 +29,7 @@ from shared.errors import BuildFailed
 from shared.logs import get_logger
 from services.deployer import pythons
 from services.deployer.children import Children
-from services.deployer.sandbox import Mounts, base_env, hidden_paths, wrap
+from services.deployer.sandbox import Mounts, base_env, hidden_paths, interpreter_paths, wrap
 
 log = get_logger(__name__)
 
@@ -152,7 +152,8 @@ class Builder:
         env.update({"PIP_TARGET": str(site), "PIP_CACHE_DIR": str(cache), "PYTHONPATH": str(site),
                     "PATH": f"{tools}:{site / 'bin'}:{env['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
                     "PIP_NO_INPUT": "1"})
-        mounts = Mounts(writable=(work, cache), hidden=hidden_paths())
+        extra = interpreter_paths(python) if python != sys.executable else ()
+        mounts = Mounts(writable=(work, cache), readonly=extra, hidden=hidden_paths())
         steps: list[tuple[str, list[str]]] = []
         requirements = (spec.get("requirements") or "").strip()
         if requirements:

@@ -269,7 +269,9 @@ class Reconciler:
                 inst_id = f"{group['id']}-v{group['version']}-{secrets.token_hex(3)}"
                 log_path = self.settings.var_dir.resolve() / "logs" / group["id"] / f"{inst_id}.log"
                 spec = InstanceSpec(inst_id, group["id"], int(group["version"]), functions, memory, log_path,
-                                    extra={"cpu": cpu or None})
+                                    extra={"cpu": cpu or None, "pids": merged.get("pids"),
+                                           "scratch_bytes": merged.get("scratch_bytes"),
+                                           "network": merged.get("network") or "isolated"})
                 # its READY may reach the store before the backend has its handle: not "gone" meanwhile
                 self.launching.add(inst_id)
                 try:

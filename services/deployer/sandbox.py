@@ -1,14 +1,24 @@
-"""Sandboxing of user code (builds and instances) with bubblewrap, when it is available.
+"""Sandboxing of user code (builds and instances) with bubblewrap, and what the sandbox needs.
 
-The sandbox sees the host's system read-only, a private /tmp, a private PID
-namespace, no capabilities, and none of nuclide's state directory except the
-paths bound in explicitly (the function's own directory writable, its
-dependencies read-only). The network is shared: instances reach the gateway on
-127.0.0.1 and builds reach the package index.
+Everything user code runs in sees a minimal file system built on an empty root:
+the interpreter and its libraries (``/usr``, the Python installation, nuclide's
+source), CA certificates and the few files of ``/etc`` that name resolution and TLS
+read, a private ``/dev``, ``/proc`` and ``/tmp``, and of nuclide's state directory
+only the paths bound in explicitly. Not there: the rest of ``/etc`` (``shadow``,
+``ssl/private``), ``/root``, ``/home``, ``/var`` and ``/run`` (the Docker socket),
+every other function's code. Builds run in that view as a bwrap command (``wrap``)
+with the host's network (they fetch packages). Instances are forked by a zygote
+(``zygote_argv``, ``services/runtime/confine.py``), which narrows the view further
+per instance and drops to a uid of the instance's own (:func:`instance_uid`).
+
+The process backend refuses to start instances when the sandbox cannot be had
+(:func:`problem`), unless the operator turned it off with ``sandbox: none``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -16,6 +26,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import Settings
+from shared.errors import BuildFailed
+
+# what /etc the sandbox shows: name resolution, TLS trust, time zone, the dynamic linker;
+# never /etc/ssl/private, shadow or anything else
+ETC_FILES = ("resolv.conf", "hosts", "nsswitch.conf", "host.conf", "gai.conf", "localtime", "mime.types",
+             "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl/certs", "ssl/openssl.cnf", "ca-certificates",
+             "pki/tls/certs", "pki/ca-trust", "alternatives", "protocols", "services")
+# top-level directories that hold programs and libraries (symlinks into /usr on merged-/usr systems)
+SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# an instance's uid: fixed per instance id, from a range no login user or subordinate-id range of
+# a distribution's defaults uses, so that its process limit (RLIMIT_NPROC counts per uid) and its
+# files are its own
+INSTANCE_UID_BASE = 1 << 30
+INSTANCE_UID_SPAN = 1 << 28
+
+
+class SandboxUnavailable(BuildFailed):
+    """The process backend's sandbox cannot be set up here; says what to install or set (a failed deploy)."""
 
 
 @dataclass(frozen=True)
@@ -26,17 +54,43 @@ class Mounts:
 
 
 def bwrap_path(settings: Settings) -> str | None:
-    """The bwrap binary to use, None to run unsandboxed; raises when bwrap is required but missing."""
+    """The bwrap binary to use, None when the operator turned the sandbox off; raises when it is missing."""
     if settings.sandbox == "none":
         return None
     path = shutil.which("bwrap")
-    if path is None and settings.sandbox == "bwrap":
-        raise RuntimeError("sandbox is 'bwrap' but bwrap is not installed; apt-get install bubblewrap")
+    if path is None:
+        raise SandboxUnavailable(f"the process backend's sandbox needs bubblewrap, which is not installed: {INSTALL_HOW}")
     return path
 
 
+INSTALL_HOW = ("apt-get install bubblewrap slirp4netns (or run `make run` as root, which installs them), or set"
+               " NUCLIDE_SANDBOX=none to run functions unsandboxed on a host you trust them with")
+
+
+def problem(settings: Settings) -> str | None:
+    """Why instances cannot be sandboxed here (what to do about it), or None; None too with ``sandbox: none``."""
+    if settings.sandbox == "none":
+        return None
+    missing = [tool for tool in ("bwrap", "slirp4netns") if shutil.which(tool) is None]
+    if missing:
+        return f"the process backend's sandbox needs {' and '.join(missing)}, not installed here: {INSTALL_HOW}"
+    if importlib.util.find_spec("pyseccomp") is None:
+        return ("the process backend's sandbox needs the Python package pyseccomp (its seccomp filter), missing"
+                " from nuclide's environment: `make install`, or set NUCLIDE_SANDBOX=none")
+    if os.geteuid() != 0:
+        return ("the process backend's sandbox runs each instance as a uid of its own, which needs the deployer to"
+                " run as root (`sudo nuclide up`), or set NUCLIDE_SANDBOX=none to run functions unsandboxed")
+    return None
+
+
+def instance_uid(instance_id: str) -> int:
+    """The uid an instance runs as: the same for the same id, distinct between instances (a 28-bit hash)."""
+    digest = hashlib.sha256(instance_id.encode()).digest()
+    return INSTANCE_UID_BASE + int.from_bytes(digest[:4], "big") % INSTANCE_UID_SPAN
+
+
 def wrap(settings: Settings, argv: list[str], mounts: Mounts, cwd: Path) -> list[str]:
-    """The argv that runs ``argv`` inside the sandbox (or ``argv`` itself without bwrap)."""
+    """The argv that runs ``argv`` (a build step) inside the sandbox, or ``argv`` itself with ``sandbox: none``."""
     bwrap = bwrap_path(settings)
     if bwrap is None:
         return argv
@@ -53,22 +107,28 @@ def wrap(settings: Settings, argv: list[str], mounts: Mounts, cwd: Path) -> list
 
 
 def _view(bwrap: str, settings: Settings, mounts: Mounts) -> list[str]:
-    """bwrap's file system arguments: the host read-only, private /tmp, the state directory hidden."""
-    cmd = [
-        bwrap,
-        "--ro-bind", "/", "/",
-        "--dev", "/dev",
-        "--proc", "/proc",
-        "--tmpfs", "/tmp",
-    ]
-    # the private /tmp would hide an interpreter or checkout that lives below /tmp;
-    # bind them back (read-only) before the state directory is hidden again below
-    for path in install_paths():
+    """bwrap's file system arguments: the minimal view, a private /tmp, the state directory hidden."""
+    system: list[str] = []
+    for name in SYSTEM_DIRS:
+        path = Path("/") / name
+        if path.is_symlink():
+            system += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            system += ["--ro-bind", str(path), str(path)]
+    readonly = [Path("/etc") / name for name in ETC_FILES if (Path("/etc") / name).exists()]
+    readonly += operator_paths()
+    readonly += install_paths()
+    var = settings.var_dir.resolve()
+    shown = (*readonly, *mounts.readonly, *mounts.writable)
+    # a secret's place needs covering only where a bound directory would show it (a home under /tmp)
+    hidden = [p for p in mounts.hidden if p.exists() and _under_any(p, shown)]
+    cmd = [bwrap, *system, "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    cmd += _parents([*readonly, var, *hidden, *mounts.readonly, *mounts.writable])
+    for path in readonly:
         cmd += ["--ro-bind", str(path), str(path)]
-    cmd += ["--tmpfs", str(settings.var_dir.resolve())]
-    for hidden in mounts.hidden:
-        if hidden.exists():
-            cmd += ["--tmpfs", str(hidden)]
+    cmd += ["--tmpfs", str(var)]
+    for path in hidden:
+        cmd += ["--tmpfs", str(path)]
     for path in mounts.readonly:
         cmd += ["--ro-bind", str(path), str(path)]
     for path in mounts.writable:
@@ -76,9 +136,52 @@ def _view(bwrap: str, settings: Settings, mounts: Mounts) -> list[str]:
     return cmd
 
 
+def _parents(targets: list[Path]) -> list[str]:
+    """Directories leading to ``targets`` made traversable: bwrap would create them mode 0700 (``/root``,
+    ``/etc``), which only uid 0 could pass, and instances run as a uid of their own."""
+    mounted = (Path("/dev"), Path("/proc"), *(Path("/") / name for name in SYSTEM_DIRS))
+    # (below /tmp, a fresh tmpfs, parents are made like anywhere else)
+    made = {Path("/"), Path("/tmp")}
+    cmd: list[str] = []
+    for target in targets:
+        for parent in reversed(target.parents):
+            # a parent that is itself a target, or lies in one or in a system directory, is there already
+            if parent in made or _under_any(parent, (*mounted, *targets)):
+                continue
+            made.add(parent)
+            cmd += ["--perms", "0755", "--dir", str(parent)]
+    return cmd
+
+
+# settings of the operator's that name local files builds read: a CA bundle (a TLS-intercepting
+# proxy's, say), a wheel directory or a constraints file (PIP_FIND_LINKS may list several)
+OPERATOR_PATH_KEYS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "SSL_CERT_DIR", "PIP_FIND_LINKS",
+                      "PIP_CONSTRAINT")
+
+
+def operator_paths() -> list[Path]:
+    """The local files and directories the operator's settings name, for the view (read-only)."""
+    found: list[Path] = []
+    for key in OPERATOR_PATH_KEYS:
+        for value in os.environ.get(key, "").split():
+            path = Path(value[len("file://"):] if value.startswith("file://") else value)
+            if path.is_absolute() and path.exists() and not _under_any(path, (Path("/usr"), Path("/etc"))) \
+                    and path not in found:
+                found.append(path)
+    return found
+
+
+def _under_any(path: Path, parents: tuple[Path, ...]) -> bool:
+    return any(path == p or p in path.parents for p in parents)
+
+
 # what a zygote keeps of root's capabilities: building namespaces and mounts (SYS_ADMIN), emptying a
-# forked instance's bounding set (SETPCAP); instances drop both before user code runs
-ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_SETPCAP")
+# forked instance's bounding set (SETPCAP), switching it to its own uid (SETUID, SETGID), giving its
+# code directory's writable layer to that uid (CHOWN); an overlay acts with its mounter's credentials,
+# so writing the instance's files into that layer needs DAC_OVERRIDE and FOWNER. Instances drop them
+# all before user code runs
+ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_SETPCAP", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_DAC_OVERRIDE",
+               "CAP_FOWNER")
 
 
 def zygote_stage(settings: Settings) -> tuple[Path, Path]:
@@ -87,7 +190,7 @@ def zygote_stage(settings: Settings) -> tuple[Path, Path]:
     return var / "functions", var / "envs"
 
 
-def zygote_argv(settings: Settings, argv: list[str]) -> list[str] | None:
+def zygote_argv(settings: Settings, argv: list[str], readonly: tuple[Path, ...] = ()) -> list[str] | None:
     """The argv of a zygote under bwrap (see services/runtime/zygote.py), or None when bwrap is unavailable.
 
     The zygote itself runs no user code; what it forks confines itself further
@@ -96,15 +199,32 @@ def zygote_argv(settings: Settings, argv: list[str]) -> list[str] | None:
     bwrap = bwrap_path(settings)
     if bwrap is None or os.geteuid() != 0:
         return None  # without root, bwrap cannot hand the zygote the capabilities it needs
+    link_dir(settings).mkdir(parents=True, exist_ok=True)
     functions, envs = zygote_stage(settings)
     for path in (functions, envs):
         path.mkdir(parents=True, exist_ok=True)
-    cmd = _view(bwrap, settings, Mounts(writable=(functions,), readonly=(envs,), hidden=hidden_paths()))
+    cmd = _view(bwrap, settings, Mounts(writable=(functions,), readonly=(envs, link_dir(settings), *readonly),
+                                        hidden=hidden_paths()))
     cmd += ["--unshare-ipc", "--unshare-uts", "--cap-drop", "ALL"]
     for cap in ZYGOTE_CAPS:
         cmd += ["--cap-add", cap]
     cmd += ["--new-session", "--die-with-parent", "--chdir", "/", "--", *argv]
     return cmd
+
+
+def interpreter_paths(python: str) -> tuple[Path, ...]:
+    """What the view needs besides itself for another interpreter (``spec.runtime: python:3.X``): the
+    directory it is named in and, for an installation outside the system's, its prefix."""
+    named = Path(python).parent
+    real = Path(os.path.realpath(python)).parent.parent
+    found = {named} | ({real} if (real / "lib").is_dir() else set())
+    system = tuple(Path("/") / name for name in SYSTEM_DIRS)
+    return tuple(sorted(p for p in found if p != Path("/") and not _under_any(p, system)))
+
+
+def link_dir(settings: Settings) -> Path:
+    """The directory of the gateway's instance socket (``Settings.instance_link``), bound into instances."""
+    return Path(settings.instance_link[len("ipc://"):]).parent
 
 
 def install_paths() -> tuple[Path, ...]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable
 
 import zmq
@@ -104,12 +105,23 @@ class Call:
         self.cold = False  # it had to wait for an instance to start
 
 
+def bind_link(sock: zmq.Socket, link: str) -> None:
+    """Bind an ``ipc://`` endpoint any local uid may connect to (instances each run as a uid of their own)."""
+    path = Path(link[len("ipc://"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o755)
+    sock.bind(link)
+    path.chmod(0o666)
+
+
 class Broker:
     def __init__(self, ctx: zmq.Context, endpoint: str, queue_limit: int,
                  on_ready: Callable[[Instance], None], on_gone: Callable[[Instance, str], None],
                  on_call: Callable[[bytes, protocol.Message], None] | None = None,
                  on_stuck: Callable[[Instance, Call], None] | None = None,
-                 on_reports: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_reports: Callable[[dict[str, Any]], None] | None = None, link: str = "") -> None:
+        """``link``: a second, ``ipc://`` endpoint of the same ROUTER, for sandboxed instances, which have no
+        route to the host's loopback; its socket file is made connectable by their uids."""
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished instance raises, so we notice
@@ -120,6 +132,8 @@ class Broker:
         # than the protocol allows disconnects the instance (its calls then fail at their deadline)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         sock.bind(endpoint)
+        if link:
+            bind_link(sock, link)
         self.endpoint = endpoint
         self.queue_limit = queue_limit
         self.instances: dict[bytes, Instance] = {}

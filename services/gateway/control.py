@@ -139,6 +139,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
         wanted = other_python(spec.runtime)
         if wanted is not None:
             spec = await choose_python(name, spec, wanted, warnings)
+        if gw.settings.sandbox_warning():
+            warnings.append(gw.settings.sandbox_warning())
         if spec.name and spec.name != name:
             warnings.append(f"metadata.name '{spec.name}' differs from the deployed name '{name}'; using '{name}'")
         result = await gw.store.call("function.put", {"name": name, "spec": spec.to_dict(), "warnings": warnings}, data)
@@ -172,6 +174,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
         if gw.settings.fusionizer_mode:
             parts["fusionizer_mode"] = True
             parts["warning"] = FUSIONIZER_MODE_WARNING
+        if gw.settings.sandbox_warning():
+            parts["warnings"] = [gw.settings.sandbox_warning()]
         return JSONResponse(parts, status_code=200 if ok else 503)
 
     @app.get("/metrics", dependencies=[Depends(require_scrape_token)], tags=["system"])

@@ -176,7 +176,8 @@ class Gateway:
         self.store = RpcClient(self.ctx, s.store_rpc, "store")
         self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer")
         self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone,
-                             self._on_task_call, self._on_stuck, self.add_reports)
+                             self._on_task_call, self._on_stuck, self.add_reports,
+                             link=s.instance_link if s.backend == "process" else "")
         self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event)
         self.feed.start()
         self.pub = self.ctx.socket(zmq.PUB)

@@ -13,7 +13,9 @@ packet, file descriptors beside it), one request at a time::
 
     zygote -> deployer, once:  {"ready": true, "pid": P, "warm_ms": T}  or  {"ready": false, "error": "..."}
     deployer -> zygote:        {"op": "spawn", "id": ID, "config": {...}, "writable": [dirs], "readonly": [dirs],
-                                "cwd": DIR, "memory_bytes": N}   + SCM_RIGHTS [log file]
+                                "cwd": DIR, "memory_bytes": N, "uid": U, "pids": N, "scratch_bytes": N,
+                                "network": "isolated" | "host", "resolv_conf": TEXT, "seccomp": BPF}
+                               + SCM_RIGHTS [log file] (+ [network namespace, net exit] when isolated)
     zygote -> deployer:        {"id": ID, "pid": PID, "fork_ms": T, "steps_ms": {...}}
                                or  {"id": ID, "error": "...", "pid": PID or 0 (killed; the deployer reaps it)}
 
@@ -25,6 +27,13 @@ reports "ok" and only then loads the function, while PID 1 stays a small init
 ``_init``). The first child exits at once, so the instance's init is reparented
 to the deployer (a child subreaper), which reaps it and reads its exit code as
 for a cold instance. The zygote exits when the deployer's end of the socket closes.
+
+An isolated instance enters the network namespace the deployer prepared
+(``services/deployer/netns.py``: slirp4netns is up in it already); its init holds
+"net exit" open for the instance's life (slirp4netns exits when it closes).
+
+``--once`` serves one spawn and exits: the cold start, when no warm zygote can
+fork the instance, confines it exactly like a forked one.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -47,6 +56,7 @@ from shared.zygotewire import receive, send
 from services.runtime import confine
 
 SPAWN_TIMEOUT_S = 10.0  # fork to "ok" (namespaces, mounts, privileges dropped); milliseconds normally
+PROBE_UID = 65534  # the self-test's instance runs as nobody
 
 
 class SpawnFailed(RuntimeError):
@@ -66,18 +76,19 @@ class Zygote:
         self.cap_last = confine.cap_last()
         self.steps_ms: dict[str, float] = {}  # of the last spawn: when each step in the children was done
         self.pending_first = 0  # the last spawn's first child, not reaped yet
+        self.once = False  # serve one spawn, then exit
 
-    def plan(self, writable: tuple[str, ...] = (), readonly: tuple[str, ...] = ()) -> confine.Plan:
-        return confine.Plan(self.var_dir, writable, readonly, self.staged, self.install)
+    def plan(self, writable: tuple[str, ...] = (), readonly: tuple[str, ...] = (), **limits: Any) -> confine.Plan:
+        return confine.Plan(self.var_dir, writable, readonly, self.staged, self.install, **limits)
 
-    def spawn(self, plan: confine.Plan, memory_bytes: int, run: Any) -> tuple[int, float]:
+    def spawn(self, plan: confine.Plan, limits: "Limits", run: Any) -> tuple[int, float]:
         """Fork a confined instance that calls ``run()`` once confined; returns its pid and the ms it took."""
         started = time.perf_counter()
         r, w = os.pipe()
         first = os.fork()
         if first == 0:  # pragma: no cover (runs in the child)
             os.close(r)
-            self._first_child(plan, memory_bytes, run, w)
+            self._first_child(plan, limits, run, w)
         os.close(w)
         try:
             report = _read_all(r, SPAWN_TIMEOUT_S, until=("ok", "error"))
@@ -100,7 +111,7 @@ class Zygote:
                               f" {SPAWN_TIMEOUT_S:g} s; see its log)", _kill(pid))
         return pid, (time.perf_counter() - started) * 1000
 
-    def _first_child(self, plan: confine.Plan, memory_bytes: int, run: Any, w: int) -> None:  # pragma: no cover
+    def _first_child(self, plan: confine.Plan, limits: "Limits", run: Any, w: int) -> None:  # pragma: no cover
         try:
             _stamp(w, "forked")
             self.sock.close()
@@ -108,17 +119,17 @@ class Zygote:
             _stamp(w, "mounts")
             second = os.fork()
             if second == 0:
-                self._instance(memory_bytes, run, w)
+                self._instance(limits, run, w)
             os.write(w, f"pid {second}\n".encode())
             os._exit(0)
         except BaseException as exc:
             _report_error(w, exc)
             os._exit(1)
 
-    def _instance(self, memory_bytes: int, run: Any, w: int) -> None:  # pragma: no cover
+    def _instance(self, limits: "Limits", run: Any, w: int) -> None:  # pragma: no cover
         try:
             _stamp(w, "pid_namespace")
-            confine.finish(memory_bytes, self.cap_last)
+            confine.finish(limits.memory_bytes, self.cap_last, limits.uid, limits.pids, limits.seccomp)
             _stamp(w, "privileges_dropped")
         except BaseException as exc:
             _report_error(w, exc)
@@ -126,7 +137,7 @@ class Zygote:
         runtime = os.fork()
         if runtime:
             os.close(w)
-            _init(runtime)
+            _init(runtime, limits.keep_fd)
         try:
             code = run(w)  # closes w once it said "ok": from here on errors go to the instance's log
         except BaseException:
@@ -144,7 +155,7 @@ class Zygote:
 
         while True:
             try:
-                message, fds = receive(self.sock)
+                message, fds = receive(self.sock, 3)
             except (ValueError, msgpack.UnpackException) as exc:
                 print(f"nuclide zygote: dropped a malformed request: {exc}", file=sys.stderr)
                 continue
@@ -152,13 +163,24 @@ class Zygote:
                 return 0  # the deployer closed its end (stopped, or died): instances live on without us
             inst_id = str(message.get("id", ""))
             try:
-                if message.get("op") != "spawn" or len(fds) != 1:
-                    raise ValueError("expected a spawn request with one log file descriptor")
+                isolated = message.get("network", "host") == "isolated"
+                if message.get("op") != "spawn" or len(fds) != (3 if isolated else 1):
+                    raise ValueError("expected a spawn request with a log file descriptor (and a network namespace"
+                                     " and a pipe for an isolated instance)")
                 config = message["config"]
                 cwd = str(message["cwd"])
+                uid = int(message.get("uid") or 0)
+                seccomp = bytes(message.get("seccomp") or b"")
+                if uid <= 0 or not seccomp:
+                    raise ValueError("a spawn request needs the instance's own uid (not root) and its seccomp filter")
                 plan = self.plan(tuple(map(str, message.get("writable") or ())),
-                                 tuple(map(str, message.get("readonly") or ())))
+                                 tuple(map(str, message.get("readonly") or ())), uid=uid,
+                                 scratch_bytes=int(message.get("scratch_bytes") or 0),
+                                 netns_fd=fds[1] if isolated else -1,
+                                 resolv_conf=str(message.get("resolv_conf") or "") if isolated else "")
                 log_fd = fds[0]
+                limits = Limits(int(message.get("memory_bytes") or 0), uid, int(message.get("pids") or 0),
+                                fds[2] if isolated else -1, seccomp)
 
                 def run(w: int) -> int:
                     _become_instance(log_fd, w, cwd)
@@ -167,7 +189,7 @@ class Zygote:
                     finally:
                         atexit._run_exitfuncs()  # what interpreter teardown would run, without the teardown
 
-                pid, took_ms = self.spawn(plan, int(message.get("memory_bytes") or 0), run)
+                pid, took_ms = self.spawn(plan, limits, run)
                 send(self.sock, {"id": inst_id, "pid": pid, "fork_ms": round(took_ms, 3), "steps_ms": self.steps_ms})
             except SpawnFailed as exc:
                 # its instance process, if it got that far, is the deployer's to reap
@@ -180,6 +202,8 @@ class Zygote:
                 if self.pending_first:
                     os.waitpid(self.pending_first, 0)
                     self.pending_first = 0
+            if self.once:
+                return 0
 
     def probe(self) -> None:
         """Fork a confined no-op once, so a missing privilege shows now and not at the first instance."""
@@ -194,10 +218,10 @@ class Zygote:
             os.close(r)
             try:
                 self.sock.close()
-                confine.enter(self.plan())
+                confine.enter(self.plan(uid=PROBE_UID, scratch_bytes=1 << 20))
                 second = os.fork()
                 if second == 0:
-                    self._instance(0, run, w)
+                    self._instance(Limits(0, PROBE_UID, 16, -1, b""), run, w)
                 os.write(w, f"pid {second}\n".encode())
                 _, status = os.waitpid(second, 0)  # ours to reap: a probe must not reach the deployer
                 os._exit(os.waitstatus_to_exitcode(status))
@@ -218,7 +242,17 @@ class Zygote:
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _init(runtime: int) -> None:  # pragma: no cover (PID 1 of the instance's namespace)
+class Limits(NamedTuple):
+    """What ``confine.finish`` applies to one instance, and the descriptor its init keeps open."""
+
+    memory_bytes: int
+    uid: int
+    pids: int
+    keep_fd: int  # the "net exit" pipe: slirp4netns lives as long as it is open; -1 for none
+    seccomp: bytes  # the compiled filter (shared/seccomp.py), loaded last
+
+
+def _init(runtime: int, keep_fd: int = -1) -> None:  # pragma: no cover (PID 1 of the instance's namespace)
     """What bwrap's init does for a cold instance: reap orphans, pass signals on, exit as the runtime did.
 
     Processes a handler starts and leaves behind are re-parented to PID 1 of the
@@ -231,7 +265,11 @@ def _init(runtime: int) -> None:  # pragma: no cover (PID 1 of the instance's na
     devnull = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    if keep_fd >= 3:
+        os.closerange(3, keep_fd)
+        os.closerange(keep_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    else:
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
 
     def forward(signum: int, frame: Any) -> None:
         try:
@@ -316,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--var", required=True, help="the state directory, as instances see it")
     parser.add_argument("--stage", action="append", default=[], help="a staged directory detached in instances")
     parser.add_argument("--install", action="append", default=[], help="nuclide's own files, bound back under /tmp")
+    parser.add_argument("--once", action="store_true", help="serve one spawn request, then exit (a cold start)")
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.control_fd)
     started = time.perf_counter()
@@ -325,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         import services.runtime.loop  # noqa: F401 (the point of a zygote: imported once, shared by every fork)
 
         zygote = Zygote(sock, args.var, tuple(args.stage), tuple(args.install))
-        zygote.probe()
+        zygote.once = args.once
+        if not args.once:  # a cold start's spawn is its own test
+            zygote.probe()
     except Exception as exc:
         traceback.print_exc()
         send(sock, {"ready": False, "error": f"{type(exc).__name__}: {exc}"})

@@ -128,7 +128,9 @@ def runtime_to_ready(bench: Bench, sock: zmq.Socket, endpoint: str, var_dir: Pat
 async def zygote_to_ready(bench: Bench, sock: zmq.Socket, endpoint: str, var_dir: Path, n: int) -> dict[str, Any]:
     """Start a zygote the way the deployer does, then fork ``n`` no-op instances from it, each to READY."""
     from shared.config import Settings
+    from services.deployer.sandbox import instance_uid
     from services.deployer.zygotes import Zygotes, ZygoteUnavailable, wait_child
+    from shared.spec import DEFAULT_PIDS, DEFAULT_SCRATCH_BYTES
 
     zygotes = Zygotes(Settings(var_dir=var_dir))
     out: dict[str, Any] = {"fork_to_ready_ms": [], "fork_ms": [], "steps_ms": []}
@@ -145,11 +147,14 @@ async def zygote_to_ready(bench: Bench, sock: zmq.Socket, endpoint: str, var_dir
                 bench.procs.record_tree(pid, "zygote (bench)")
         for _ in range(n):
             inst_id, code_dir, cfg = _noop_instance(var_dir, endpoint)
+            # the deployer's confinement, on the host's network (this ROUTER is on tcp loopback): the
+            # network namespace's cost shows in scale-from-zero, through the whole stack
             request = {"op": "spawn", "id": inst_id, "config": cfg, "writable": [str(code_dir)], "readonly": [],
-                       "cwd": str(code_dir), "memory_bytes": cfg["memory_bytes"]}
+                       "cwd": str(code_dir), "memory_bytes": cfg["memory_bytes"], "uid": instance_uid(inst_id),
+                       "pids": DEFAULT_PIDS, "scratch_bytes": DEFAULT_SCRATCH_BYTES, "network": "host"}
             with open(bench.work_dir / "forked.log", "ab") as log_file:
                 t0 = time.perf_counter()
-                reply = await zygotes.spawn("", "g-noop", request, log_file.fileno())
+                reply = await zygotes.spawn("", "g-noop", request, [log_file.fileno()])
             pid = int(reply["pid"])
             bench.procs.record(pid, "forked instance (bench)")
             waiter = asyncio.ensure_future(wait_child(pid))

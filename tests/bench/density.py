@@ -38,6 +38,12 @@ def _instance_trees(stack: Stack) -> dict[int, list[int]]:
     return {pid: [pid, *descendants(pid)] for pid in stack.instance_pids()}
 
 
+def _network_pids(stack: Stack) -> list[int]:
+    """The isolated instances' slirp4netns processes (one each, children of the deployer): part of their cost."""
+    deployer = stack.procs["deployer"].pid
+    return [p for p in descendants(deployer) if memory.comm(p) == "slirp4netns"]
+
+
 def _zygote_pids(stack: Stack, instance_pids: set[int]) -> list[int]:
     """The zygotes' processes (bwrap and the python inside): what runs below the deployer but no instance."""
     deployer = stack.procs["deployer"].pid
@@ -85,10 +91,12 @@ def run(bench: Bench, result: ScenarioResult) -> None:
 
             trees = _instance_trees(stack)
             runtime_pids = [p for tree in trees.values() for p in tree if memory.comm(p).startswith("python")]
-            other_pids = [p for tree in trees.values() for p in tree if p not in runtime_pids]
+            network_pids = _network_pids(stack)
+            other_pids = [p for tree in trees.values() for p in tree if p not in runtime_pids] + network_pids
             runtime = memory.total(runtime_pids)
             wrappers = memory.total(other_pids)
-            zygotes = memory.total(_zygote_pids(stack, {p for tree in trees.values() for p in tree}))
+            network = memory.total(network_pids)
+            zygotes = memory.total(_zygote_pids(stack, {p for tree in trees.values() for p in tree} | set(network_pids)))
             forked = sum(1 for meta in (stack.var_dir / "instances").glob("*/instance.json")
                          if '"forked": true' in meta.read_text())
             services = {svc: memory.rollup(proc.pid) or {} for svc, proc in stack.procs.items()}
@@ -107,14 +115,16 @@ def run(bench: Bench, result: ScenarioResult) -> None:
         "per_instance_mb": {k: round(v, 3) for k, v in per.items()},
         "services_mb": {svc: {k: round(v / MB, 2) for k, v in r.items()} for svc, r in services.items()},
         "zygotes_mb": {k: round(zygotes[k] / MB, 2) for k in memory.FIELDS},
+        "network_total_mb": {k: round(network[k] / MB, 2) for k in memory.FIELDS},
         "zygote_processes": zygotes["processes"],
         "forked_instances": forked,
     })
     services_pss = sum(r.get("Pss", 0) for r in services.values()) / MB
     result.rows.append(Row(
         NAME, f"density: PSS per warm no-op instance ({n} functions)", "MB", per["Pss"], None, "", PSS_TARGET,
-        f"{forked} of {n} forked by a zygote; runtime python {runtime['Pss'] / n / MB:.1f} MB + bwrap/init"
-        f" {wrappers['Pss'] / n / MB:.1f} MB ({raw['processes_per_instance']:g} processes per instance); all {n}:"
+        f"{forked} of {n} forked by a zygote; runtime python {runtime['Pss'] / n / MB:.1f} MB + init and network"
+        f" {wrappers['Pss'] / n / MB:.1f} MB (of which slirp4netns {network['Pss'] / n / MB:.2f} MB;"
+        f" {raw['processes_per_instance']:g} processes per instance); all {n}:"
         f" {(runtime['Pss'] + wrappers['Pss']) / MB:.0f} MB; with the zygote's share"
         f" ({zygotes['processes']} processes, {zygotes['Pss'] / MB:.1f} MB) {per['Pss'] + zygotes['Pss'] / n / MB:.1f} MB"
         f" per instance; private {(per['Private_Clean'] + per['Private_Dirty']):.1f} MB, RSS {per['Rss']:.1f} MB"

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 TOOLS = ("python", "python3", "pip", "pip3")
 # what the sandboxed build and the deployer need from PATH when no Python tool may be on it
-BASICS = ("sh", "bwrap", "mkdir", "cat", "echo", "ls", "rm", "cp", "env", "id")
+BASICS = ("sh", "bwrap", "slirp4netns", "mkdir", "cat", "echo", "ls", "rm", "cp", "env", "id")
 
 # a build step that records what each tool name runs; the handler reads the record back
 WHICH = ("for t in python python3; do echo \"$t $($t -c 'import sys; print(sys.executable)')\"; done"

@@ -209,20 +209,26 @@ TINY = "import nuclidetiny\n\ndef handler(context, event):\n    return nuclideti
 
 
 def test_requirements_installed_from_the_operators_wheel_directory(tmp_path: Path, wheels: Path) -> None:
-    # an upload may not name where packages come from (no direct URLs); the operator's pip settings may
+    # an upload may not name where packages come from (no direct URLs); the operator's pip settings may,
+    # and the directories they name are in the builds' view
     stack = Stack(tmp_path / "var", {"PIP_FIND_LINKS": str(wheels), "PIP_NO_INDEX": "1"}).start()
     try:
         stack.deploy("tinyreq", {"function.yaml": function_yaml("tinyreq"), "main.py": TINY,
                                  "requirements.txt": "nuclidetiny==1.0\n"})
         assert stack.invoke("tinyreq").text == "1.0"
+        build = {"commands": [f"pip install --no-index --find-links {wheels} nuclidetiny==2.0"]}
+        stack.deploy("tinybuild", {"function.yaml": function_yaml("tinybuild", build=build), "main.py": TINY})
+        assert stack.invoke("tinybuild").text == "2.0"
     finally:
         stack.stop()
 
 
-def test_build_commands_install_from_a_local_wheel_directory(stack: Stack, wheels: Path) -> None:
+def test_a_build_sees_no_host_directory_the_operator_did_not_name(stack: Stack, wheels: Path,
+                                                                   require_bwrap: None) -> None:
     build = {"commands": [f"pip install --no-index --find-links {wheels} nuclidetiny==2.0"]}
-    stack.deploy("tinybuild", {"function.yaml": function_yaml("tinybuild", build=build), "main.py": TINY})
-    assert stack.invoke("tinybuild").text == "2.0"
+    resp = stack.deploy("tinyhost", {"function.yaml": function_yaml("tinyhost", build=build), "main.py": TINY},
+                        expect=422)
+    assert "is either a non-existing path" in resp.json()["error"]["details"]["log_tail"], resp.text[:2000]
 
 
 def test_fusionizer_task_pair_through_the_gateway(stack: Stack) -> None:
@@ -470,7 +476,9 @@ def test_handler_tracebacks_hold_the_users_frames_only_on_a_forked_instance(stac
 
 
 def test_handler_tracebacks_hold_the_users_frames_only_on_a_cold_instance(tmp_path: Path) -> None:
-    s = Stack(tmp_path / "var", env={"NUCLIDE_ZYGOTE": "false"})
+    # the one way left to a fresh `python -m services.runtime`: sandboxed instances are all forked by a
+    # zygote (a one-shot one when zygotes are off)
+    s = Stack(tmp_path / "var", env={"NUCLIDE_ZYGOTE": "false", "NUCLIDE_SANDBOX": "none"})
     try:
         s.start()
         check_user_frames_only(s, "traced-cold")

@@ -31,6 +31,16 @@ def test_resources_combine() -> None:
     assert merge_specs({"a": {}})["memory_bytes"] is None
 
 
+def test_sandbox_limits_of_a_fused_group_add_up_and_host_network_is_shared() -> None:
+    from shared.spec import DEFAULT_PIDS, DEFAULT_SCRATCH_BYTES
+
+    alone = merge_specs({"a": {}})
+    assert (alone["pids"], alone["scratch_bytes"], alone["network"]) == (DEFAULT_PIDS, DEFAULT_SCRATCH_BYTES, "isolated")
+    fused = merge_specs({"a": {"pids": 64, "scratch_bytes": 100}, "b": {"network": "host"}})
+    assert fused["pids"] == 64 + DEFAULT_PIDS and fused["scratch_bytes"] == 100 + DEFAULT_SCRATCH_BYTES
+    assert fused["network"] == "host", "one process runs both: host networking if any member asked for it"
+
+
 def test_a_failed_build_step_of_a_fused_group_is_put_down_to_the_tasks_it_came_from() -> None:
     from services.deployer.builder import REQUIREMENTS_STEP, members_of_step
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.deployer import sandbox
-from services.deployer.sandbox import Mounts, base_env, wrap, zygote_argv
+from services.deployer.sandbox import ZYGOTE_CAPS, Mounts, base_env, wrap, zygote_argv
 from shared.config import Settings
 
 BWRAP = "/usr/bin/bwrap"
@@ -18,6 +18,11 @@ BWRAP = "/usr/bin/bwrap"
 def with_bwrap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: BWRAP if name == "bwrap" else None)
     monkeypatch.setattr(sandbox, "install_paths", lambda: (Path("/opt/py"),))
+    # the host's part of the view, pinned: /usr (a directory everywhere) and two files of /etc
+    monkeypatch.setattr(sandbox, "SYSTEM_DIRS", ("usr",))
+    monkeypatch.setattr(sandbox, "ETC_FILES", ("hosts", "ssl/certs"))
+    for key in sandbox.OPERATOR_PATH_KEYS:
+        monkeypatch.delenv(key, raising=False)
 
 
 def _pairs(cmd: list[str], option: str) -> list[tuple[str, str]]:
@@ -31,9 +36,10 @@ def test_wrap_hides_state_binds_back_the_function_and_drops_privileges(tmp_path:
     cmd = wrap(Settings(var_dir=var), ["python", "-m", "services.runtime", "cfg.json"],
                Mounts(writable=(code,), readonly=(deps,), hidden=(secret, tmp_path / "absent")), code)
     assert cmd[0] == BWRAP and cmd[-5:] == ["--", "python", "-m", "services.runtime", "cfg.json"]
-    assert cmd[cmd.index("--ro-bind"):cmd.index("--ro-bind") + 3] == ["--ro-bind", "/", "/"]
+    binds = [src for src, _ in _pairs(cmd, "--ro-bind")]
+    assert "/" not in binds and "/etc" not in binds and "/usr" in binds, "a minimal view, not the host's /"
     tmpfs = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--tmpfs"]
-    assert tmpfs == ["/tmp", str(var.resolve()), str(secret)], "a hidden path that does not exist is not mounted"
+    assert tmpfs == ["/tmp", str(var.resolve())], "a secret outside every bound directory is simply not there"
     assert ("/opt/py", "/opt/py") in _pairs(cmd, "--ro-bind") and (str(deps), str(deps)) in _pairs(cmd, "--ro-bind")
     assert _pairs(cmd, "--bind") == [(str(code), str(code))]
     # order matters: the state directory is hidden first, then its allowed parts are bound back over it
@@ -45,13 +51,14 @@ def test_wrap_hides_state_binds_back_the_function_and_drops_privileges(tmp_path:
     assert cmd.count("--") == 1
 
 
-def test_without_bwrap_or_with_sandbox_none_the_argv_runs_as_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sandbox_none_runs_the_argv_as_is_and_without_bwrap_nothing_runs(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     argv = ["python", "x.py"]
     assert wrap(Settings(var_dir=tmp_path, sandbox="none"), argv, Mounts(), tmp_path) == argv
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
-    assert wrap(Settings(var_dir=tmp_path), argv, Mounts(), tmp_path) == argv
-    with pytest.raises(RuntimeError, match="apt-get install bubblewrap"):
-        wrap(Settings(var_dir=tmp_path, sandbox="bwrap"), argv, Mounts(), tmp_path)
+    for mode in ("auto", "bwrap"):  # no silent fallback: auto needs bwrap too
+        with pytest.raises(sandbox.SandboxUnavailable, match="apt-get install bubblewrap slirp4netns"):
+            wrap(Settings(var_dir=tmp_path, sandbox=mode), argv, Mounts(), tmp_path)
 
 
 def test_zygote_keeps_only_the_capabilities_it_needs(tmp_path: Path, with_bwrap: None,
@@ -60,7 +67,7 @@ def test_zygote_keeps_only_the_capabilities_it_needs(tmp_path: Path, with_bwrap:
     var = tmp_path / "var"
     cmd = zygote_argv(Settings(var_dir=var), ["python", "-m", "services.runtime.zygote"])
     assert cmd is not None and cmd[-4:] == ["--", "python", "-m", "services.runtime.zygote"]
-    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--cap-add"] == ["CAP_SYS_ADMIN", "CAP_SETPCAP"]
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--cap-add"] == list(ZYGOTE_CAPS)
     assert cmd[cmd.index("--cap-drop") + 1] == "ALL" and cmd.index("--cap-drop") < cmd.index("--cap-add")
     assert "--die-with-parent" in cmd and "--unshare-pid" not in cmd  # it makes PID namespaces for its children
     functions, envs = var.resolve() / "functions", var.resolve() / "envs"
@@ -98,16 +105,25 @@ def config_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cfg"
 
 
-def _view(var: Path, secret: Path) -> list[str]:
-    return [BWRAP, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-            "--ro-bind", "/opt/py", "/opt/py", "--tmpfs", str(var.resolve()), "--tmpfs", str(secret)]
+def _view(var: Path) -> list[str]:
+    """The minimal view of the with_bwrap fixture's host, for a state directory ``var`` (below /tmp); what is
+    bound below ``var`` needs no parents made (the zygote and builds pass them as uid 0)."""
+    var = var.resolve()
+    cmd = [BWRAP, "--ro-bind", "/usr", "/usr", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    made = [Path("/etc"), Path("/etc/ssl"), Path("/opt")]
+    made += [p for p in reversed(var.parents) if p not in (Path("/"), Path("/tmp"))]
+    for path in made:
+        cmd += ["--perms", "0755", "--dir", str(path)]
+    for path in ("/etc/hosts", "/etc/ssl/certs", "/opt/py"):
+        cmd += ["--ro-bind", path, path]
+    return cmd + ["--tmpfs", str(var)]
 
 
 def test_wrap_golden(tmp_path: Path, with_bwrap: None, config_home: Path) -> None:
     var = tmp_path / "var"
     code, deps = var / "functions" / "f" / "code", var / "envs" / "e"
     cmd = wrap(Settings(var_dir=var), ["python", "main.py"], Mounts((code,), (deps,), sandbox.hidden_paths()), code)
-    assert cmd == _view(var, config_home / "nuclide") + [
+    assert cmd == _view(var) + [
         "--ro-bind", str(deps), str(deps), "--bind", str(code), str(code),
         "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--cap-drop", "ALL", "--new-session",
         "--chdir", str(code), "--", "python", "main.py"]
@@ -117,9 +133,11 @@ def test_zygote_argv_golden(tmp_path: Path, with_bwrap: None, config_home: Path,
     monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
     var = tmp_path / "var"
     functions, envs = var.resolve() / "functions", var.resolve() / "envs"
-    expected = _view(var, config_home / "nuclide") + [
-        "--ro-bind", str(envs), str(envs), "--bind", str(functions), str(functions),
-        "--unshare-ipc", "--unshare-uts", "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETPCAP",
+    link = var.resolve() / "run" / "link"
+    caps = [arg for cap in ZYGOTE_CAPS for arg in ("--cap-add", cap)]
+    expected = _view(var) + [
+        "--ro-bind", str(envs), str(envs), "--ro-bind", str(link), str(link), "--bind", str(functions), str(functions),
+        "--unshare-ipc", "--unshare-uts", "--cap-drop", "ALL", *caps,
         "--new-session", "--die-with-parent", "--chdir", "/", "--", "python", "-m", "z"]
     assert zygote_argv(Settings(var_dir=var), ["python", "-m", "z"]) == expected
     assert functions.is_dir() and envs.is_dir()
@@ -149,9 +167,10 @@ def test_base_env_golden(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bwrap_required_but_missing_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(sandbox.SandboxUnavailable) as info:
         sandbox.bwrap_path(Settings(var_dir=tmp_path, sandbox="bwrap"))
-    assert str(info.value) == "sandbox is 'bwrap' but bwrap is not installed; apt-get install bubblewrap"
+    assert str(info.value) == ("the process backend's sandbox needs bubblewrap, which is not installed: "
+                               + sandbox.INSTALL_HOW)
 
 
 def test_install_paths_are_the_interpreter_and_the_checkout() -> None:
@@ -172,3 +191,13 @@ def test_an_interpreter_installed_at_the_root_binds_nothing_over_it(monkeypatch:
 
     monkeypatch.setattr(sandbox, "sys", SimpleNamespace(prefix="/", base_prefix="/"))
     assert sandbox.install_paths() == (Path(services.__file__).resolve().parent.parent,)
+
+
+def test_a_secret_inside_a_bound_directory_is_covered(tmp_path: Path, with_bwrap: None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # a home below the interpreter's prefix (an unusual layout): its config folder is covered by a tmpfs
+    monkeypatch.setattr(sandbox, "install_paths", lambda: (tmp_path,))
+    secret = tmp_path / "home" / ".config" / "nuclide"
+    secret.mkdir(parents=True)
+    cmd = wrap(Settings(var_dir=tmp_path / "var"), ["true"], Mounts(hidden=(secret,)), tmp_path)
+    assert [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--tmpfs"][-1] == str(secret)

@@ -142,7 +142,8 @@ def test_to_dict_and_from_dict_round_trip() -> None:
     data = spec.to_dict()
     assert list(data) == [
         "name", "handler", "runtime", "env", "build_commands", "requirements", "min_replicas", "max_replicas",
-        "description", "timeout_s", "max_concurrency", "memory_bytes", "cpu", "private", "idle_timeout_s",
+        "description", "timeout_s", "max_concurrency", "memory_bytes", "cpu", "pids", "scratch_bytes", "network",
+        "private", "idle_timeout_s",
         "triggers",
         "retry", "warm_start", "shell", "lambda_event",
     ]
@@ -752,3 +753,30 @@ def test_oversized_function_yaml_is_refused_before_parsing() -> None:
     text = "spec:\n  handler: main:handler\n  description: " + "x" * (300 * 1024) + "\n"
     message = yaml_error(text)
     assert f"function.yaml is {len(text)} bytes, over the 262144 byte limit" in message
+
+
+def test_sandbox_limits_and_network() -> None:
+    spec, warnings = parse_yaml("""
+        spec:
+          handler: main:handler
+          network: host
+          resources: {limits: {pids: 64, ephemeral-storage: 32Mi}}
+    """)
+    assert (spec.pids, spec.scratch_bytes, spec.network, warnings) == (64, 32 << 20, "host", [])
+    default, _ = parse_yaml("spec: {handler: main:handler}")
+    assert (default.pids, default.scratch_bytes, default.network) == (None, None, "isolated")
+
+
+@pytest.mark.parametrize("limits, field", [
+    ("{pids: 8}", "spec.resources.limits.pids"), ("{pids: many}", "spec.resources.limits.pids"),
+    ("{pids: 100000}", "spec.resources.limits.pids"),
+    ("{ephemeral-storage: 1Ki}", "spec.resources.limits.ephemeral-storage"),
+    ("{ephemeral-storage: lots}", "spec.resources.limits.ephemeral-storage"),
+])
+def test_bad_sandbox_limits_name_the_field(limits: str, field: str) -> None:
+    assert field in yaml_error(f"spec: {{handler: main:handler, resources: {{limits: {limits}}}}}")
+
+
+def test_an_unknown_network_is_refused_with_the_choices() -> None:
+    message = yaml_error("spec: {handler: main:handler, network: bridge}")
+    assert "spec.network" in message and "isolated" in message and "host" in message

@@ -6,13 +6,23 @@ Instances are started in their own session so they outlive a deployer that dies
 duplicate. bubblewrap does not forward signals, so stop() signals the runtime
 process inside the sandbox directly, then kills the whole tree after a timeout.
 
-Where it can, an instance is forked from the warm zygote of its environment
-(``services/deployer/zygotes.py``): the instance is a PID namespace whose PID 1
-is a small init (it reaps orphans, forwards signals to the runtime and exits with
-the runtime's status) and, as the deployer is a child subreaper, that init is the
-deployer's own child once the zygote's intermediate process exits, so it is
-reaped and its exit code read like a cold instance's. Otherwise (no bwrap, no root, a zygote that
-fails) it starts cold: ``python -m services.runtime`` under bwrap.
+Every instance is forked by a zygote (``services/deployer/zygotes.py``): the warm
+one of its environment, or, when that cannot run or zygotes are off, one started
+for this instance alone (a cold start), so that all instances are confined by the
+same code (``services/runtime/confine.py``): namespaces of their own, a uid of their
+own, seccomp, a process limit and a size-limited scratch tmpfs. The instance is a
+PID namespace whose PID 1 is a small init (it reaps orphans, forwards signals to
+the runtime and exits with the runtime's status) and, as the deployer is a child
+subreaper, that init is the deployer's own child once the zygote's intermediate
+process exits, so it is reaped and its exit code read here.
+
+An instance's network (``spec.network``): "isolated" by default, a network
+namespace with slirp4netns (outbound connections; no host loopback, so none of the
+platform's sockets; ``services/deployer/netns.py`` keeps a few ready) and the
+gateway reached over a unix socket bound in; "host"
+shares the host's network. Without bubblewrap, slirp4netns, pyseccomp or root, no
+instance starts (the deploy fails saying what to install), unless the operator set
+``sandbox: none``: then instances are plain ``python -m services.runtime`` processes.
 """
 
 from __future__ import annotations
@@ -34,10 +44,22 @@ from shared.logs import get_logger
 from services.deployer import pythons
 from services.deployer.backends.base import Backend, ExitCallback, InstanceHandle, InstanceSpec
 from services.deployer.children import Children
-from services.deployer.sandbox import Mounts, base_env, hidden_paths, wrap
+from services.deployer.netns import RESOLV_CONF, NetPool, NetUnavailable
+from services.deployer.sandbox import SandboxUnavailable, base_env, instance_uid, link_dir, problem
 from services.deployer.zygotes import ZygoteUnavailable, Zygotes, env_key, wait_child
+from shared.spec import DEFAULT_PIDS, DEFAULT_SCRATCH_BYTES
 
 log = get_logger(__name__)
+
+
+def _tail(path: Path, max_bytes: int = 4096) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _signal(pids: list[int], sig: int) -> None:
@@ -64,19 +86,38 @@ class ProcessBackend(Backend):
         self.zygotes = Zygotes(settings, self.children)
         self.subreaper = self.children.become_subreaper()
         self._said_cold = False
+        self.networks: dict[str, asyncio.subprocess.Process] = {}  # instance id -> its slirp4netns
+        self.nets = NetPool(self.children, self.var / "logs" / "slirp4netns.log")
+        self.sandbox_problem = problem(settings)
+        # the seccomp filter, compiled once for this machine and sent with every spawn: a zygote on
+        # another interpreter need not have libseccomp's binding
+        self.seccomp_program = b""
+        if not self.sandbox_problem and settings.sandbox != "none":
+            from shared.seccomp import compile_filter
+
+            self.seccomp_program = compile_filter()
+        if self.sandbox_problem:
+            log.error("the process backend will refuse to start instances", reason=self.sandbox_problem)
+        elif settings.sandbox_warning():
+            log.warning(settings.sandbox_warning())
 
     async def python_check(self, version: str) -> dict[str, Any]:
         path, detail = await pythons.find(version, self.children.exec)
         return {"available": path is not None, "detail": detail}
 
     async def start(self, spec: InstanceSpec) -> InstanceHandle:
+        if self.sandbox_problem:
+            raise SandboxUnavailable(self.sandbox_problem)
         inst_dir = self.registry / spec.id
         inst_dir.mkdir(parents=True, exist_ok=True)
+        sandboxed = self.settings.sandbox != "none"
+        isolated = sandboxed and spec.extra.get("network", "isolated") != "host"
         config = {
             "instance_id": spec.id,
             "group": spec.group_id,
             "group_version": spec.group_version,
-            "gateways": [self.settings.gateway_router],
+            # an isolated instance has no route to the host: its link is the gateway's unix socket
+            "gateways": [self.settings.instance_link if isolated else self.settings.gateway_router],
             "gateway_url": self.settings.http_url,
             "fusionizer_host": self.settings.advertised_host,
             "memory_bytes": spec.memory_bytes,
@@ -88,8 +129,8 @@ class ProcessBackend(Backend):
         deps = tuple(sorted({Path(f["deps_dir"]).parent for f in spec.functions if f.get("deps_dir")}))
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         key = env_key([f["deps_dir"] for f in spec.functions if f.get("deps_dir")])
-        # a function on another Python 3 (spec.runtime python:3.X) starts cold on that interpreter: the
-        # zygotes are the platform's interpreter
+        # a function on another Python 3 (spec.runtime python:3.X) runs on that interpreter: confined by a
+        # zygote of its own on it (the warm zygotes are the platform's interpreter)
         version = next((f["python"] for f in spec.functions if f.get("python")), None)
         python, env = sys.executable, base_env()
         if version is not None:
@@ -97,16 +138,10 @@ class ProcessBackend(Backend):
             if found is None:
                 raise BuildFailed(f"Python {version} is gone from this host: {detail}; deploy again")
             python, env = found, pythons.child_env(env)
-        elif self.subreaper and not self.zygotes.unavailable:
-            handle = await self._fork(spec, config, code_dirs, deps, key)
-            if handle is not None:
-                return handle
-        if version is None and not self._said_cold and not (self.subreaper and not self.zygotes.unavailable):
-            self._said_cold = True
-            log.warning("no zygotes: instances start as fresh interpreters (about 100 ms slower to wake)",
-                        reason=self.zygotes.unavailable or "the deployer cannot become a child subreaper")
-        mounts = Mounts(writable=code_dirs, readonly=(*deps, config_path), hidden=hidden_paths())
-        argv = wrap(self.settings, [python, "-m", "services.runtime", str(config_path)], mounts, code_dirs[0])
+        if sandboxed:
+            return await self._fork(spec, config, code_dirs, deps, key, isolated, None if version is None else python)
+        # sandbox 'none', the operator's explicit choice (warned about at start, in /healthz and on deploy)
+        argv = [python, "-m", "services.runtime", str(config_path)]
         memory = spec.memory_bytes
 
         def limits() -> None:
@@ -125,22 +160,55 @@ class ProcessBackend(Backend):
         return handle
 
     async def _fork(self, spec: InstanceSpec, config: dict, code_dirs: tuple[Path, ...], deps: tuple[Path, ...],
-                    key: str) -> InstanceHandle | None:
-        """An instance forked from its environment's zygote, or None (logged) to start it cold."""
+                    key: str, isolated: bool, python: str | None) -> InstanceHandle:
+        """A confined instance, forked from its environment's zygote or, failing that (or on another
+        interpreter, ``python``), from a zygote of its own."""
+        readonly = [str(p) for p in deps] + ([str(link_dir(self.settings))] if isolated else [])
         request = {"op": "spawn", "id": spec.id, "config": config, "writable": [str(p) for p in code_dirs],
-                   "readonly": [str(p) for p in deps], "cwd": str(code_dirs[0]), "memory_bytes": spec.memory_bytes}
-        with open(spec.log_path, "ab") as out, self.children.starting():
+                   "readonly": readonly, "cwd": str(code_dirs[0]), "memory_bytes": spec.memory_bytes,
+                   "uid": instance_uid(spec.id), "pids": int(spec.extra.get("pids") or DEFAULT_PIDS),
+                   "scratch_bytes": int(spec.extra.get("scratch_bytes") or DEFAULT_SCRATCH_BYTES),
+                   "network": "isolated" if isolated else "host", "resolv_conf": RESOLV_CONF,
+                   "seccomp": self.seccomp_program}
+        net = None
+        if isolated:
             try:
-                reply = await self.zygotes.spawn(key, spec.group_id, request, out.fileno())
-            except ZygoteUnavailable as exc:
-                log.info("starting the instance cold", instance=spec.id, reason=str(exc))
-                return None
-            pid = int(reply["pid"])
-            self.children.own(pid)  # it becomes our child as the zygote's first child exits; _watch_pid reaps it
+                net = await self.nets.take()
+            except NetUnavailable as exc:
+                raise BuildFailed(f"the instance {spec.id} could not get its network: {exc}") from None
+        try:
+            with open(spec.log_path, "ab") as out, self.children.starting():
+                fds = [out.fileno()] + ([net.netns_fd, net.exit_w] if net else [])
+                reply = None
+                if python is None and self.subreaper and not self.zygotes.unavailable:
+                    try:
+                        reply = await self.zygotes.spawn(key, spec.group_id, request, fds)
+                    except ZygoteUnavailable as exc:
+                        log.info("starting the instance cold", instance=spec.id, reason=str(exc))
+                elif python is None and not self._said_cold:
+                    self._said_cold = True
+                    log.warning("no zygotes: every instance starts a zygote of its own (about 0.2 s slower to wake)",
+                                reason=self.zygotes.unavailable or "the deployer cannot become a child subreaper")
+                if reply is None:
+                    try:
+                        reply = await self.zygotes.spawn_once(request, fds, python)
+                    except ZygoteUnavailable as exc:
+                        raise BuildFailed(f"the instance {spec.id} could not be started in its sandbox: {exc}",
+                                          {"log_tail": _tail(spec.log_path)}) from None
+                pid = int(reply["pid"])
+                self.children.own(pid)  # it becomes our child as the zygote's first child exits; _watch_pid reaps it
+        except BaseException:
+            if net is not None:
+                net.discard()
+            raise
+        if net is not None:
+            net.handed_over()  # the instance's init holds the exit pipe: slirp4netns lives as long as it does
+            self.networks[spec.id] = net.proc
         log.info("instance forked", instance=spec.id, pid=pid, env=key or "base", fork_ms=reply.get("fork_ms"),
                  steps_ms=reply.get("steps_ms"))
         handle = self._register(spec, pid, {"env": key, "forked": True, "zygote_pid": reply.get("zygote_pid"),
-                                            "fork_ms": reply.get("fork_ms")})
+                                            "fork_ms": reply.get("fork_ms"), "network": "isolated" if isolated else "host",
+                                            "slirp4netns_pid": net.proc.pid if net else None})
         self.forked.add(spec.id)
         self._watchers[spec.id] = asyncio.ensure_future(self._watch_pid(handle, reap=True))
         return handle
@@ -176,6 +244,9 @@ class ProcessBackend(Backend):
         self._exited(handle, code)
 
     def _exited(self, handle: InstanceHandle, code: int | None) -> None:
+        net = self.networks.pop(handle.id, None)
+        if net is not None and net.returncode is None:
+            net.kill()  # it exits by itself once the instance's init is gone; this is for a stray one
         self.handles.pop(handle.id, None)
         self._watchers.pop(handle.id, None)
         self.forked.discard(handle.id)
@@ -241,4 +312,5 @@ class ProcessBackend(Backend):
 
     def close(self) -> None:
         self.zygotes.close()
+        self.nets.close()
 

@@ -149,8 +149,9 @@ class Containers:
         spec.log_path.touch()
 
         def create() -> tuple[str, int | None]:
-            size = min(memory, TMPFS_MAX_BYTES)
-            host = host_config(client, memory, spec.extra.get("cpu"), extra_tmpfs={
+            size = int(spec.extra.get("scratch_bytes") or min(memory, TMPFS_MAX_BYTES))
+            host = host_config(client, memory, spec.extra.get("cpu"), pids=spec.extra.get("pids"),
+                               scratch_bytes=spec.extra.get("scratch_bytes"), extra_tmpfs={
                 PY_WORK_DIR: f"rw,exec,nosuid,nodev,uid={UID},gid={UID},mode=0700,size={size}"})
             created = client.api.create_container(
                 image, name=f"nuclide-{self.engine.namespace}-{spec.id}", labels=labels, user=USER,

@@ -67,14 +67,20 @@ def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> "asyncio.Futur
 
 
 def host_config(client: docker.DockerClient, memory: int, cpu: Any, data_limit: bool = True,
-                extra_tmpfs: dict[str, str] | None = None) -> dict[str, Any]:
-    """An instance's lockdown and limits (a pool container's too: it sets its data limit itself)."""
+                extra_tmpfs: dict[str, str] | None = None, pids: int | None = None,
+                scratch_bytes: int | None = None) -> dict[str, Any]:
+    """An instance's lockdown and limits (a pool container's too: it sets its data limit itself).
+
+    ``pids`` and ``scratch_bytes`` are the function's spec.resources.limits.pids and
+    ephemeral-storage: its process limit, and the size of its /tmp and of its /dev/shm
+    (private to the container: ipc mode private, never shareable)."""
+    scratch = scratch_bytes or min(memory, TMPFS_MAX_BYTES)
     return client.api.create_host_config(
         network_mode="host", read_only=True, cap_drop=["ALL"], security_opt=["no-new-privileges"],
-        tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,mode=1777,size={min(memory, TMPFS_MAX_BYTES)}",
-               **(extra_tmpfs or {})},
+        tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,mode=1777,size={scratch}", **(extra_tmpfs or {})},
+        ipc_mode="private", shm_size=scratch,
         mem_limit=memory, memswap_limit=memory, nano_cpus=int(float(cpu) * 1e9) if cpu else None,
-        pids_limit=PIDS_LIMIT,
+        pids_limit=pids or PIDS_LIMIT,
         ulimits=[docker.types.Ulimit(name="data", soft=memory, hard=memory)] if data_limit else None,
         log_config=docker.types.LogConfig(type="json-file", config={"max-size": LOG_MAX_SIZE,
                                                                     "max-file": LOG_MAX_FILES}),
