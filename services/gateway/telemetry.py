@@ -28,7 +28,6 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
     from services.gateway.broker import Call
-    from services.gateway.core import Gateway
 
 # upper bounds of gateway_functions_seconds, in seconds: Prometheus' default buckets (what OpenFaaS uses,
 # so its dashboards' quantiles read the same), with finer ones below 5 ms where a warm call lands (~0.4 ms)
@@ -159,14 +158,14 @@ def _counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> CounterMetric
     return CounterMetricFamily(name, doc, labels=list(labels))
 
 
-class GatewayCollector(Collector):
+class GatewayCollector(Collector):  # reads the gateway it is given (Any: core imports this module)
     """Builds every family from the gateway's state at scrape time.
 
     It reads many parts of the gateway (catalogue, groups, broker, async calls, ingress, counters), so it is
     handed the gateway rather than each of them.
     """
 
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: Any) -> None:
         self.gw = gw
 
     def collect(self) -> Iterator[Metric]:
@@ -179,7 +178,7 @@ class GatewayCollector(Collector):
         yield from self._gateway_totals(gw)
 
     @staticmethod
-    def _openfaas(gw: "Gateway", tel: Telemetry, deployed: list[str]) -> Iterator[Metric]:
+    def _openfaas(gw: Any, tel: Telemetry, deployed: list[str]) -> Iterator[Metric]:
         total = _counter("gateway_function_invocation", "calls of a function answered, by HTTP status"
                          " (sync invocations and async attempts)", ("function_name", "code"))
         # OpenFaaS's Go client names this counter without "_total", which prometheus_client always appends
@@ -203,7 +202,7 @@ class GatewayCollector(Collector):
         yield from (total, started, seconds, service)
 
     @staticmethod
-    def _per_function(gw: "Gateway", tel: Telemetry, deployed: list[str]) -> Iterator[Metric]:
+    def _per_function(gw: Any, tel: Telemetry, deployed: list[str]) -> Iterator[Metric]:
         cold = _counter("nuclide_function_cold_starts", "calls that waited for an instance to start",
                         ("function_name",))
         cold_s = HistogramMetricFamily("nuclide_function_cold_start_seconds",
@@ -240,7 +239,7 @@ class GatewayCollector(Collector):
         yield from (cold, cold_s, async_calls, dead, retries, queue, deploy, tasks)
 
     @staticmethod
-    def _gateway_totals(gw: "Gateway") -> Iterator[Metric]:
+    def _gateway_totals(gw: Any) -> Iterator[Metric]:
         """The unlabelled families nuclide has always exported (dashboards and tests name them)."""
         for key, doc in (("invocations", "HTTP invocations through this gateway"),
                          ("cold_starts", "invocations that waited for an instance to start"),
@@ -266,7 +265,7 @@ class GatewayCollector(Collector):
                                     value=sum(len(q) for q in gw.broker.queues.values()))
 
 
-def registry_for(gw: "Gateway") -> CollectorRegistry:
+def registry_for(gw: Any) -> CollectorRegistry:
     """A registry of its own (not prometheus_client's global one, which would add this process's metrics
     and could hold collectors of another gateway started in the same process by a test)."""
     registry = CollectorRegistry(auto_describe=False)
