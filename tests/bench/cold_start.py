@@ -145,13 +145,17 @@ async def zygote_to_ready(bench: Bench, sock: zmq.Socket, endpoint: str, var_dir
         for pid in (zygotes.pids().get(""), ):
             if pid:
                 bench.procs.record_tree(pid, "zygote (bench)")
+        from shared.seccomp import compile_filter
+
+        seccomp = compile_filter()  # as the process backend does: once, sent with every spawn
         for _ in range(n):
             inst_id, code_dir, cfg = _noop_instance(var_dir, endpoint)
             # the deployer's confinement, on the host's network (this ROUTER is on tcp loopback): the
             # network namespace's cost shows in scale-from-zero, through the whole stack
             request = {"op": "spawn", "id": inst_id, "config": cfg, "writable": [str(code_dir)], "readonly": [],
                        "cwd": str(code_dir), "memory_bytes": cfg["memory_bytes"], "uid": instance_uid(inst_id),
-                       "pids": DEFAULT_PIDS, "scratch_bytes": DEFAULT_SCRATCH_BYTES, "network": "host"}
+                       "pids": DEFAULT_PIDS, "scratch_bytes": DEFAULT_SCRATCH_BYTES, "network": "host",
+                       "seccomp": seccomp}
             with open(bench.work_dir / "forked.log", "ab") as log_file:
                 t0 = time.perf_counter()
                 reply = await zygotes.spawn("", "g-noop", request, [log_file.fileno()])

@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -25,6 +28,17 @@ from tests.bench import async_throughput, wrk
 from tests.bench.registry import load_all
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A short temporary directory in place of pytest's deep one: the stacks run below it bind a unix socket
+    under their state directory, and a socket's path holds at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="nt-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 180  # docker_cold_start adds about 25 s where a Docker Engine runs

@@ -1,7 +1,7 @@
 """The load generator (python -m tests.load) keeps working: self-contained runs finish with nothing lost.
 
 Timing is not asserted (the load generator reports speed, the tests do not judge it).
-Each run gets TMPDIR below the test's tmp_path, so a process it left behind would be
+Each run gets TMPDIR below a short temporary directory of its own, so a process it left behind would be
 found by its command line.
 """
 
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -23,6 +25,17 @@ from tests.load.report import Sent, Tracked, percentile, render, summarise
 from tests.load.send import Plan
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A short temporary directory in place of pytest's deep one: the stacks run below it bind a unix socket
+    under their state directory, and a socket's path holds at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="nt-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 60
