@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -36,6 +38,16 @@ def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
         yield s.start()
     finally:
         s.stop()
+
+
+@pytest.fixture
+def short_tmp_path() -> Iterator[Path]:
+    """A fresh directory with a short path (pytest's are deep): a unix socket's path holds at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="nt-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -28,14 +26,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def tmp_path() -> Iterator[Path]:
-    """A short temporary directory in place of pytest's deep one: the stacks run below it bind a unix socket
-    under their state directory, and a socket's path holds at most 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="nt-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def tmp_path(short_tmp_path: Path) -> Path:
+    """The stacks these runs start bind a unix socket below their state directory: keep the path short."""
+    return short_tmp_path
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 60
