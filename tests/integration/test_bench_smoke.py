@@ -37,7 +37,8 @@ RUN_TIMEOUT_S = 180  # docker_cold_start adds about 25 s where a Docker Engine r
 REQUIRED = os.environ.get("NUCLIDE_REQUIRE_BENCH") == "1"  # CI: a missing tool or baseline fails, never skips
 # the scenarios whose rows must carry figures (or, for a baseline missing here, say why they were skipped)
 NEW_ROWS = {
-    "async_throughput": ["async: calls durable and done per second"],
+    "async_throughput": ["async: calls durable and done per second",
+                         "async on PostgreSQL: calls durable and done per second"],
     "fusion_chain": [f"fusion: {kind} 5-task chain, {pct} latency" for kind in ("fused", "unfused")
                      for pct in ("p50", "p99")],
 }
