@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import zipfile
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shared import protocol
@@ -94,6 +94,7 @@ names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters
 
 @FAST
 @given(st.dictionaries(names, st.binary(max_size=64), min_size=1, max_size=6))
+@example({"0/0\\0": b""})  # found by CI: a folder in a folder, unwrapped once per read
 def test_any_zip_reads_or_raises_invalid_request(files: dict[str, bytes]) -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -103,9 +104,15 @@ def test_any_zip_reads_or_raises_invalid_request(files: dict[str, bytes]) -> Non
         archive = read_archive(buf.getvalue(), ArchiveLimits(max_entries=4))
     except InvalidRequest:
         return
-    # what is accepted is kept byte for byte and packs to a zip that reads back the same
+    # what is accepted is kept byte for byte and packs to a zip that reads back the same, except that
+    # a read unwraps one folder holding everything (a zipped folder): files still all in one folder
+    # after that lose it again on the next read
     assert all(data in files.values() for data in archive.files.values())
-    assert read_archive(make_zip(archive.files)).files == archive.files
+    again = read_archive(make_zip(archive.files)).files
+    if any("/" not in path for path in archive.files):
+        assert again == archive.files
+    else:
+        assert again == {path.split("/", 1)[1]: data for path, data in archive.files.items()}
 
 
 @FAST
