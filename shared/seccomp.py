@@ -75,6 +75,40 @@ def compile_filter() -> bytes:
         return fh.read()
 
 
+IO_URING_CALLS = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+
+
+def deny_io_uring() -> None:
+    """Make io_uring unavailable to this process and every process it starts (ENOSYS, "not supported").
+
+    For the platform's own services, which run on uvloop: its libuv sends every epoll
+    change through an io_uring ring when the kernel has one, and aborts the whole
+    process (SIGABRT, no message) when the kernel takes fewer of the queued changes
+    than it was given. That happened about once in a thousand service starts on a
+    loaded 2-core machine (a core dump showed ``uv__epoll_ctl_flush`` with 4 changes
+    queued). Without io_uring, libuv makes the same changes with plain ``epoll_ctl``
+    calls, which report errors instead. The services use io_uring for nothing else.
+
+    Loaded without no_new_privs when the process may (root with CAP_SYS_ADMIN), so
+    set-user-ID programs the services start keep working; otherwise no_new_privs is
+    set, as the kernel requires. Raises OSError (or ImportError without libseccomp).
+    """
+    import pyseccomp as seccomp
+
+    def build(nnp: bool) -> "seccomp.SyscallFilter":
+        filt = seccomp.SyscallFilter(seccomp.ALLOW)
+        filt.set_attr(seccomp.Attr.CTL_NNP, int(nnp))
+        filt.set_attr(seccomp.Attr.CTL_TSYNC, 1)
+        for name in IO_URING_CALLS:
+            filt.add_rule(seccomp.ERRNO(errno.ENOSYS), name)
+        return filt
+
+    try:
+        build(nnp=False).load()
+    except OSError:  # EACCES: only CAP_SYS_ADMIN may load a filter without no_new_privs
+        build(nnp=True).load()
+
+
 def install(program: bytes) -> None:
     """Load a compiled filter into this thread (and every process it starts); needs no_new_privs first."""
     if not program or len(program) % BPF_INSTRUCTION_BYTES:

@@ -13,13 +13,25 @@ from shared.logs import get_logger
 log = get_logger(__name__)
 
 
-def install_uvloop() -> None:
+def install_event_loop() -> str:
+    """Use uvloop when it can run without io_uring (see :func:`shared.seccomp.deny_io_uring`), else asyncio's loop.
+
+    Returns the loop's name. asyncio's own loop works the same, only slower; it is
+    used when uvloop is missing or io_uring cannot be turned off for this process.
+    """
     try:
         import uvloop
+    except ImportError:
+        return "asyncio"
+    try:
+        from shared.seccomp import deny_io_uring
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:  # uvloop is optional; asyncio's loop works, only slower
-        pass
+        deny_io_uring()
+    except (ImportError, OSError, RuntimeError, ValueError) as exc:
+        log.warning("using asyncio's event loop: uvloop needs io_uring turned off, which failed", error=str(exc))
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
 
 
 def settle_gc() -> None:
@@ -43,7 +55,7 @@ def run(main: Callable[[asyncio.Event], Awaitable[int | None]], name: str) -> in
     up to its own timeout, close its sockets and return. An exception escaping it
     is fatal: logged, and the process exits 1 so a supervisor restarts it.
     """
-    install_uvloop()
+    install_event_loop()
 
     async def runner() -> int:
         stop = asyncio.Event()
