@@ -122,6 +122,17 @@ def sandbox_problem() -> str | None:
     return None
 
 
+def io_uring_rings(pid: int) -> int:
+    """How many io_uring rings process ``pid`` holds open (see shared.seccomp.deny_io_uring)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[io_uring]"
+        except OSError:  # closed meanwhile (the listing's own descriptor among them)
+            pass
+    return count
+
+
 class Stack:
     def __init__(self, var_dir: Path, env: dict[str, str] | None = None) -> None:
         self.var_dir = var_dir

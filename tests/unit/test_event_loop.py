@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = textwrap.dedent("""
     import asyncio, ctypes, errno, json, os, socket, sys
     from shared.service import install_event_loop
+    from tests.stack import io_uring_rings
     name = install_event_loop() if sys.argv[1] == "service" else "plain"
     if name == "plain":
         import uvloop
@@ -34,13 +35,7 @@ PROBE = textwrap.dedent("""
         b.send(b"x")
         await got
         loop.remove_reader(a.fileno())
-        rings = 0
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                rings += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[io_uring]"
-            except OSError:  # the directory's own fd, closed by now
-                pass
-        return type(loop).__module__, rings
+        return type(loop).__module__, io_uring_rings(os.getpid())
 
     loop_module, rings = asyncio.run(main())
     libc = ctypes.CDLL(None, use_errno=True)
