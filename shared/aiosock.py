@@ -31,6 +31,25 @@ _LAST = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
+# Every AsyncSocket not yet closed. A socket's FD must leave the loop (remove_reader)
+# before the socket is closed: libuv registers a watched FD with epoll only at its next
+# poll, and aborts the process (assertion `errno == EEXIST` in uv__io_poll) when that FD
+# was closed meanwhile. Context.destroy() closes sockets without telling the loop, so a
+# service closes these first (close_all) whatever way its main coroutine ended.
+_open: set["AsyncSocket"] = set()
+
+
+def close_all() -> int:
+    """Close every AsyncSocket still open, each FD off the loop first; returns how many.
+
+    Call it on the loop's thread before ``Context.destroy()``/``term()``: a service whose
+    start failed half-way (a port taken) has sockets its own ``stop()`` never saw.
+    """
+    left = list(_open)
+    for asock in left:
+        asock.close()
+    return len(left)
+
 
 class AsyncSocket:
     """A socket whose incoming messages are passed to ``on_message(frames)``."""
@@ -44,6 +63,7 @@ class AsyncSocket:
         self._paused = False
         self._fd = sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._drain)
+        _open.add(self)
         self._schedule_drain()
 
     def send(self, frames: Sequence[bytes]) -> None:
@@ -103,6 +123,7 @@ class AsyncSocket:
         if self._closed:
             return
         self._closed = True
+        _open.discard(self)
         try:
             self._loop.remove_reader(self._fd)
         except Exception:

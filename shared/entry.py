@@ -9,7 +9,7 @@ from typing import Awaitable, Callable
 
 import zmq
 
-from shared import service
+from shared import aiosock, service
 from shared.config import ConfigError, Settings, load_settings
 from shared.logs import configure
 
@@ -33,14 +33,21 @@ def main(name: str, serve: Callable[[Settings, zmq.Context, asyncio.Event], Awai
         sys.exit(0)
     configure(name, settings.log_format, settings.log_level)
 
-    async def run(stop: asyncio.Event) -> int | None:
-        ctx = zmq.Context.instance()
-        # every socket this service opens drops a peer that sends a frame over the documented limits,
-        # before any memory is taken for it (libzmq reads the size first)
-        ctx.setsockopt(zmq.MAXMSGSIZE, settings.max_frame_bytes)
-        try:
-            return await serve(settings, ctx, stop)
-        finally:
-            ctx.destroy(linger=0)
+    service.exit_with(service.run(lambda stop: serve_with_context(settings, serve, stop), name))
 
-    service.exit_with(service.run(run, name))
+
+async def serve_with_context(settings: Settings, serve: Callable[[Settings, zmq.Context, asyncio.Event], Awaitable[int | None]],
+                             stop: asyncio.Event) -> int | None:
+    """``serve`` with the process's ZeroMQ context, closed after it however ``serve`` ended."""
+    ctx = zmq.Context.instance()
+    # every socket this service opens drops a peer that sends a frame over the documented limits,
+    # before any memory is taken for it (libzmq reads the size first)
+    ctx.setsockopt(zmq.MAXMSGSIZE, settings.max_frame_bytes)
+    try:
+        return await serve(settings, ctx, stop)
+    finally:
+        # a start that failed half-way (a port taken) leaves sockets the loop watches and no
+        # stop() closed: they leave the loop before the context closes them, else uvloop aborts
+        # the process on its next poll (see aiosock.close_all)
+        aiosock.close_all()
+        ctx.destroy(linger=0)

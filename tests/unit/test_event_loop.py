@@ -63,3 +63,53 @@ def test_services_run_uvloop_without_an_io_uring_ring() -> None:
     assert service["loop"] == "uvloop" and service["module"].startswith("uvloop")
     assert service["rings"] == 0
     assert service["setup_errno"] == 38  # ENOSYS: "not supported", so libraries fall back
+
+
+# a service whose start fails half-way: two sockets the loop watches (added, not yet polled),
+# then a port that is taken; "service" ends it the services' way (shared.entry), "plain"
+# destroys the context the way the services did before (close_all missing)
+FAILED_START = textwrap.dedent("""
+    import asyncio, socket, sys, types
+    import zmq
+    from shared import entry, service
+    from shared.aiosock import RpcClient
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+
+    async def serve(settings, ctx, stop):
+        RpcClient(ctx, "tcp://127.0.0.1:9", "store")
+        RpcClient(ctx, "tcp://127.0.0.1:9", "deployer")
+        ctx.socket(zmq.ROUTER).bind(busy)
+
+    async def without_close_all(settings, serve, stop):
+        ctx = zmq.Context.instance()
+        try:
+            return await serve(settings, ctx, stop)
+        finally:
+            ctx.destroy(linger=0)
+
+    wrap = entry.serve_with_context if sys.argv[1] == "service" else without_close_all
+    assert service.install_event_loop() == "uvloop"
+    settings = types.SimpleNamespace(max_frame_bytes=1 << 20)
+    sys.exit(service.run(lambda stop: wrap(settings, serve, stop), "probe"))
+""")
+
+
+def failed_start(mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", FAILED_START, mode], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_a_start_that_fails_half_way_exits_with_its_error_not_a_libuv_abort() -> None:
+    # libuv registers a watched FD with epoll at its next poll; Context.destroy() closed the
+    # watched sockets before that poll, and the poll's EPOLL_CTL_ADD met EBADF: SIGABRT on
+    # uv__io_poll's assertion `errno == EEXIST`, the error that made the start fail never logged
+    plain = failed_start("plain")
+    assert plain.returncode == -6 and "errno == EEXIST" in plain.stderr, \
+        f"the unguarded sequence should abort here; the probe is broken: {plain.returncode} {plain.stderr[-2000:]}"
+    guarded = failed_start("service")
+    out = guarded.stdout + guarded.stderr
+    assert guarded.returncode == 1, out[-3000:]
+    assert "Address already in use" in out and "fatal error" in out
