@@ -172,6 +172,14 @@ class Gateway:
         self.trace_calls: list[list[Any]] = []  # [function, took_ms, status] of entry calls
 
     async def start(self) -> None:
+        """Open the sockets and start the background work; a failure (a port taken) closes what was opened."""
+        try:
+            self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _start(self) -> None:
         s = self.settings
         self.store = RpcClient(self.ctx, s.store_rpc, "store")
         self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer")
