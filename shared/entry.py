@@ -13,9 +13,11 @@ from shared import aiosock, service
 from shared.config import ConfigError, Settings, load_settings
 from shared.logs import configure
 
+# a service's main coroutine: its settings, the process's ZeroMQ context, the event set when it should stop
+Serve = Callable[[Settings, zmq.Context, asyncio.Event], Awaitable[int | None]]
 
-def main(name: str, serve: Callable[[Settings, zmq.Context, asyncio.Event], Awaitable[int | None]],
-         check: Callable[[Settings], str]) -> None:
+
+def main(name: str, serve: Serve, check: Callable[[Settings], str]) -> None:
     parser = argparse.ArgumentParser(prog=f"python -m services.{name}")
     parser.add_argument("--check", action="store_true", help="ask the running service if it is healthy; exit 0 if so")
     opts = parser.parse_args()
@@ -36,8 +38,7 @@ def main(name: str, serve: Callable[[Settings, zmq.Context, asyncio.Event], Awai
     service.exit_with(service.run(lambda stop: serve_with_context(settings, serve, stop), name))
 
 
-async def serve_with_context(settings: Settings, serve: Callable[[Settings, zmq.Context, asyncio.Event], Awaitable[int | None]],
-                             stop: asyncio.Event) -> int | None:
+async def serve_with_context(settings: Settings, serve: Serve, stop: asyncio.Event) -> int | None:
     """``serve`` with the process's ZeroMQ context, closed after it however ``serve`` ended."""
     ctx = zmq.Context.instance()
     # every socket this service opens drops a peer that sends a frame over the documented limits,

@@ -99,7 +99,8 @@ FAILED_START = textwrap.dedent("""
 
 
 def failed_start(mode: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", FAILED_START, mode], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", FAILED_START, mode], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
 
 
 def test_a_start_that_fails_half_way_exits_with_its_error_not_a_libuv_abort() -> None:
