@@ -43,7 +43,7 @@ def test_ready_promotes_and_redeploy_keeps_serving_version(st: StoreState) -> No
     events = st.instance_ready("i1", "g-f", 1, {"f": 1})
     assert "function.changed" in kinds(events)
     fn = st.get_function("f")
-    assert fn["state"] == "ready" and fn["version"] == 1 and fn["replicas"] == {"desired": 1, "ready": 1}
+    assert fn["state"] == "ready" and fn["version"] == 1 and fn["replicas"] == {"desired": 1, "ready": 1, "min": 1, "max": 1, "override": None}
     st.put_function("f", SPEC, [], b"v2")
     fn = st.get_function("f")
     assert fn["version"] == 1 and fn["latest_version"] == 2 and fn["state"] == "deploying"
@@ -384,3 +384,35 @@ def test_a_claim_fits_in_one_reply_and_claims_continue_until_none_is_left(open_s
         assert len(msg.bodies) == len(metas) <= protocol.MAX_BATCH
         claimed += [m["id"] for m in metas]
     assert sorted(claimed) == sorted(f"c{i}" for i in range(n))
+
+
+def test_a_replica_override_holds_within_the_functions_bounds_until_given_back(st: StoreState) -> None:
+    st.put_function("f", {**SPEC, "max_replicas": 4}, [], b"v1")
+    st.instance_ready("i1", "g-f", 1, {"f": 1})
+    result, events = st.set_replicas_override("f", 3)
+    assert result == {"function": "f", "group_id": "g-f", "override": 3, "replicas": 3}
+    assert "group.changed" in kinds(events)
+    fn = st.get_function("f")
+    assert fn["replicas"]["desired"] == 3 and fn["replicas"]["override"] == 3
+    assert st.list_groups()["groups"][0]["replicas"]["override"] == 3
+    for bad in (0, 5):
+        with pytest.raises(InvalidRequest, match=r"out of range for function 'f': use 1-4"):
+            st.set_replicas_override("f", bad)
+    assert st.get_function("f")["replicas"]["override"] == 3  # a refused override changes nothing
+    with pytest.raises(NotFound, match="function 'nope' not found"):
+        st.set_replicas_override("nope", 1)
+    result, _ = st.set_replicas_override("f", None)
+    assert result["override"] is None and st.get_function("f")["replicas"]["override"] is None
+    assert st.get_function("f")["replicas"]["desired"] == 3  # the autoscaler takes it from here
+    st.set_replicas_override("f", 2)
+    st.delete_function("f")
+    assert st.replicas_overrides() == {}
+
+
+def test_scaling_a_group_stays_within_its_maxreplicas(st: StoreState) -> None:
+    st.put_function("f", {**SPEC, "max_replicas": 3}, [], b"v1")
+    result, _ = st.scale_group("g-f", 10)
+    assert result["replicas"] == 3
+    group = st.list_groups()["groups"][0]
+    assert group["replicas"]["max_replicas"] == 3 and group["replicas"]["min"] == 1
+    assert group["replicas"]["target_concurrency"] == 1
