@@ -132,8 +132,11 @@ class StoreState:
             "replicas": {
                 "desired": grec["replicas_desired"] if grec else 0,
                 "ready": grec["replicas_ready"] if grec else 0,
-                "min": int(spec.get("min_replicas", 1)),
-                "max": int(spec.get("max_replicas") or max(int(spec.get("min_replicas", 1)), 1)),
+            },
+            "scaling": {
+                "min_replicas": int(spec.get("min_replicas", 1)),
+                "max_replicas": int(spec.get("max_replicas") or max(int(spec.get("min_replicas", 1)), 1)),
+                "target_concurrency": int(spec.get("target_concurrency") or spec.get("max_concurrency") or 1),
                 "override": self.replicas_overrides().get(row["name"]),  # PUT /functions/{name}/replicas
             },
             "warnings": json.loads(ver["warnings"]) if ver else [],
@@ -530,9 +533,9 @@ class StoreState:
         held = [overrides[n] for n in g["tasks"] if n in overrides]
         return {"id": g["id"], "tasks": g["tasks"], "version": g["version"], "ready_version": g["ready_version"],
                 "state": g["state"], "error": g["error"],
-                "replicas": {"desired": g["replicas_desired"], "ready": g["replicas_ready"],
-                             "min": self._group_replicas(g["members"]), **bounds,
-                             "override": max(held) if held else None}}
+                "replicas": {"desired": g["replicas_desired"], "ready": g["replicas_ready"]},
+                "scaling": {"min_replicas": self._group_replicas(g["members"]), **bounds,
+                            "override": max(held) if held else None}}
 
     def list_groups(self) -> dict[str, Any]:
         """The setup in force, its groups, and the latest regroup (under way, done, failed, ...)."""

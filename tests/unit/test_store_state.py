@@ -43,7 +43,7 @@ def test_ready_promotes_and_redeploy_keeps_serving_version(st: StoreState) -> No
     events = st.instance_ready("i1", "g-f", 1, {"f": 1})
     assert "function.changed" in kinds(events)
     fn = st.get_function("f")
-    assert fn["state"] == "ready" and fn["version"] == 1 and fn["replicas"] == {"desired": 1, "ready": 1, "min": 1, "max": 1, "override": None}
+    assert fn["state"] == "ready" and fn["version"] == 1 and fn["replicas"] == {"desired": 1, "ready": 1}
     st.put_function("f", SPEC, [], b"v2")
     fn = st.get_function("f")
     assert fn["version"] == 1 and fn["latest_version"] == 2 and fn["state"] == "deploying"
@@ -393,16 +393,17 @@ def test_a_replica_override_holds_within_the_functions_bounds_until_given_back(s
     assert result == {"function": "f", "group_id": "g-f", "override": 3, "replicas": 3}
     assert "group.changed" in kinds(events)
     fn = st.get_function("f")
-    assert fn["replicas"]["desired"] == 3 and fn["replicas"]["override"] == 3
-    assert st.list_groups()["groups"][0]["replicas"]["override"] == 3
+    assert fn["replicas"]["desired"] == 3 and fn["scaling"]["override"] == 3
+    assert fn["scaling"] == {"min_replicas": 1, "max_replicas": 4, "target_concurrency": 1, "override": 3}
+    assert st.list_groups()["groups"][0]["scaling"]["override"] == 3
     for bad in (0, 5):
         with pytest.raises(InvalidRequest, match=r"out of range for function 'f': use 1-4"):
             st.set_replicas_override("f", bad)
-    assert st.get_function("f")["replicas"]["override"] == 3  # a refused override changes nothing
+    assert st.get_function("f")["scaling"]["override"] == 3  # a refused override changes nothing
     with pytest.raises(NotFound, match="function 'nope' not found"):
         st.set_replicas_override("nope", 1)
     result, _ = st.set_replicas_override("f", None)
-    assert result["override"] is None and st.get_function("f")["replicas"]["override"] is None
+    assert result["override"] is None and st.get_function("f")["scaling"]["override"] is None
     assert st.get_function("f")["replicas"]["desired"] == 3  # the autoscaler takes it from here
     st.set_replicas_override("f", 2)
     st.delete_function("f")
@@ -414,5 +415,4 @@ def test_scaling_a_group_stays_within_its_maxreplicas(st: StoreState) -> None:
     result, _ = st.scale_group("g-f", 10)
     assert result["replicas"] == 3
     group = st.list_groups()["groups"][0]
-    assert group["replicas"]["max_replicas"] == 3 and group["replicas"]["min"] == 1
-    assert group["replicas"]["target_concurrency"] == 1
+    assert group["scaling"] == {"min_replicas": 1, "max_replicas": 3, "target_concurrency": 1, "override": None}
