@@ -198,7 +198,7 @@ class GatewayCollector(Collector):  # reads the gateway it is given (Any: core i
                 continue
             d = decisions[gid]
             for key, _ in families:
-                value = d.get(key)
+                value = d.get("desired" if key == "desired_replicas" else key)
                 if isinstance(value, bool):
                     value = int(value)
                 if isinstance(value, (int, float)):
