@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from typing import Any
 
@@ -628,13 +629,26 @@ class StoreState:
                     " replicas_desired, error, regroup, created_at, updated_at) VALUES (?, ?, ?, ?, 0, '{}',"
                     " 'deploying', ?, NULL, ?, ?, ?)",
                     (group_id, json.dumps(versions(members)), version, version,
-                     self._group_replicas(versions(members)), regroup_id, now, now))
+                     self._inherited_replicas(versions(members), rows), regroup_id, now, now))
                 events.append(("group.changed", {"group": self.group_record(self._group_row(group_id))}))
             if regroup_id is not None:
                 events.append(("regroup.changed", {"regroup": self.get_regroup(regroup_id)}))
                 events += self._commit_if_ready(regroup_id, now)  # kept groups may all serve already
             self._sequenced(events)
             return {**self.list_groups(), "regroup": self.get_regroup(regroup_id) if regroup_id else None}, events
+
+    def _inherited_replicas(self, members: dict[str, int], rows: dict[str, Any]) -> int:
+        """A proposed group's first replica count: the share of the replicas its members' groups run now
+        (a group's replicas split evenly among its members), so a regroup under load starts at what the
+        load needs instead of at the minimum; within the new group's bounds."""
+        share = 0.0
+        for name in members:
+            old = self._group_row(rows[name]["group_id"]) if name in rows else None
+            if old is not None:
+                share += int(old["replicas_desired"]) / max(len(json.loads(old["members"])), 1)
+        low = self._group_replicas(members)
+        high = scale_bounds(self._member_specs(members))["max_replicas"]
+        return max(low, min(high, math.ceil(share - 1e-9)))
 
     def _commit_if_ready(self, regroup_id: int, now: float) -> list[Event]:
         """Put a regroup in force once every group it proposed serves: its tasks move in, the groups they left go."""

@@ -416,3 +416,19 @@ def test_scaling_a_group_stays_within_its_maxreplicas(st: StoreState) -> None:
     assert result["replicas"] == 3
     group = st.list_groups()["groups"][0]
     assert group["scaling"] == {"min_replicas": 1, "max_replicas": 3, "target_concurrency": 1, "override": None}
+
+
+def test_a_regroup_starts_its_groups_at_the_replicas_their_members_run_now(st: StoreState) -> None:
+    for n in ("a", "b", "c"):
+        _deploy_ready(st, n, {**SPEC, "max_replicas": 4})
+    st.scale_group("g-a", 3)
+    st.scale_group("g-b", 2)
+    result, _ = st.set_groups([["a", "b"]])
+    [fused] = _proposed(st, result["regroup"])
+    assert fused["replicas_desired"] == 4  # 3 + 2 wanted, within the members' maxReplicas
+    _serve(st, fused)
+    result, _ = st.set_groups([["a"], ["b"]])
+    split = {tuple(g["tasks"]): g["replicas_desired"] for g in _proposed(st, result["regroup"])}
+    assert split == {("a",): 2, ("b",): 2}  # each takes its half of the fused group's 4
+    result, _ = st.set_groups([["c"]])
+    assert result["regroup"] is None  # c alone already: nothing to start
