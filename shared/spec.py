@@ -491,8 +491,8 @@ def _parse_resources(spec: dict, kw: dict[str, Any], warnings: list[str]) -> Non
 
 
 _SPEC_KNOWN = {"handler", "runtime", "env", "build", "minReplicas", "maxReplicas", "replicas", "description",
-               "timeout", "timeoutSeconds", "eventTimeout", "maxConcurrency", "targetConcurrency", "resources", "private",
-               "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart", "lambdaEvent", "network"}
+               "timeout", "timeoutSeconds", "eventTimeout", "maxConcurrency", "targetConcurrency", "resources",
+               "private", "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart", "lambdaEvent", "network"}
 LAMBDA_EVENT_SHAPES = ("auto", "payload", "apigateway")
 
 
