@@ -246,7 +246,7 @@ class StoreState:
                     "UPDATE groups SET members=?, version=?, version_counter=?, state='deploying', replicas_desired=?,"
                     " updated_at=? WHERE id=?",
                     (json.dumps(members), group_version, group_version,
-                     self._group_replicas(members, {name: spec}), now, group_id),
+                     self._redeploy_replicas(group, members, {name: spec}), now, group_id),
                 )
             events: list[Event] = [("function.changed", {"function": self.get_function(name)}),
                                    ("group.changed", {"group": self.group_record(self._group_row(group_id))})]
@@ -636,6 +636,13 @@ class StoreState:
                 events += self._commit_if_ready(regroup_id, now)  # kept groups may all serve already
             self._sequenced(events)
             return {**self.list_groups(), "regroup": self.get_regroup(regroup_id) if regroup_id else None}, events
+
+    def _redeploy_replicas(self, group: Any, members: dict[str, int], overrides: dict[str, dict[str, Any]]) -> int:
+        """A redeployed group keeps the replicas it runs (what its load needs), within the new version's bounds;
+        a group at zero starts at its minimum, as a deploy always did."""
+        low = self._group_replicas(members, overrides)
+        high = scale_bounds(self._member_specs(members, overrides))["max_replicas"]
+        return max(low, min(high, int(group["replicas_desired"])))
 
     def _inherited_replicas(self, members: dict[str, int], rows: dict[str, Any]) -> int:
         """A proposed group's first replica count: the share of the replicas its members' groups run now

@@ -432,3 +432,14 @@ def test_a_regroup_starts_its_groups_at_the_replicas_their_members_run_now(st: S
     assert split == {("a",): 2, ("b",): 2}  # each takes its half of the fused group's 4
     result, _ = st.set_groups([["c"]])
     assert result["regroup"] is None  # c alone already: nothing to start
+
+
+def test_a_redeploy_keeps_the_replicas_its_load_needs_within_the_new_bounds(st: StoreState) -> None:
+    _deploy_ready(st, "f", {**SPEC, "max_replicas": 4})
+    st.scale_group("g-f", 3)
+    st.put_function("f", {**SPEC, "max_replicas": 4}, [], b"v2")
+    assert st.get_function("f")["replicas"]["desired"] == 3  # not back to 1 under load
+    st.put_function("f", {**SPEC, "max_replicas": 2}, [], b"v3")
+    assert st.get_function("f")["replicas"]["desired"] == 2  # the new maxReplicas
+    st.put_function("f", {**SPEC, "min_replicas": 3, "max_replicas": 5}, [], b"v4")
+    assert st.get_function("f")["replicas"]["desired"] == 3  # the new minReplicas
