@@ -2,8 +2,8 @@
 
 A service runs the group version's image (built by the docker backend's ``images.py``), one task
 per replica, locked down as the docker backend's containers are: read-only root, a tmpfs ``/tmp``
-that holds the code directory too (``WORK_DIR``), no capabilities, no-new-privileges, user 65534, memory, CPU, pids and data
-limits, the host network, no published ports, no mounts of the host. Engine 20.10's service API
+that holds the code directory too (``WORK_DIR``), no capabilities, no-new-privileges, user 65534,
+memory, CPU, pids and data limits, the host network, no published ports, no mounts of the host. Engine 20.10's service API
 has no no-new-privileges field, so the task's first process sets it (``prctl``) before it runs
 anything else, and every process after inherits it.
 
@@ -111,8 +111,8 @@ def service_spec(*, name: str, labels: dict[str, str], image: str, command: list
         },
         "Mode": {"Replicated": {"Replicas": int(replicas)}},
         # a new version's task starts (and runs) before an old one is stopped; one at a time
-        "UpdateConfig": {"Parallelism": 1, "Delay": 0, "FailureAction": "rollback", "Monitor": int(UPDATE_MONITOR_S * ns),
-                         "MaxFailureRatio": 0, "Order": "start-first"},
+        "UpdateConfig": {"Parallelism": 1, "Delay": 0, "FailureAction": "rollback",
+                         "Monitor": int(UPDATE_MONITOR_S * ns), "MaxFailureRatio": 0, "Order": "start-first"},
         "RollbackConfig": {"Parallelism": 1, "Delay": 0, "FailureAction": "pause",
                            "Monitor": int(UPDATE_MONITOR_S * ns), "MaxFailureRatio": 0, "Order": "start-first"},
         # no virtual IP, no published port: instances connect out to the gateways, nothing connects in
