@@ -5,8 +5,7 @@ per replica, locked down as the docker backend's containers are: read-only root,
 that holds the code directory too (``WORK_DIR``), no capabilities, no-new-privileges, user 65534,
 memory, CPU, pids and data limits, the host network, no published ports, no mounts of the host.
 Engine 20.10's service API has no no-new-privileges field, so the task's first process sets it
-(``prctl``) before it runs
-anything else, and every process after inherits it.
+(``prctl``) before it runs anything else, and every process after inherits it.
 
 Each task's instance id is the group version and the task's id, filled in by Swarm itself
 (templates in the environment), so the id an instance says in its READY is one the backend
