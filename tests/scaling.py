@@ -111,9 +111,10 @@ def scale_up_and_back_down(s: Stack) -> None:
           f" {[(c['from'], c['to'], c['reason']) for c in changes]}")
 
 
-def drain_on_scale_down(s: Stack, removal_started: Callable[[], bool]) -> None:
+def drain_on_scale_down(s: Stack, watch_removal: Callable[[], Callable[[], bool]]) -> None:
     """An instance removed by a scale-down (a manual override from 2 to 1) answers the call it runs; the
-    override holds, then gives the replicas back. ``removal_started``: true once the backend began removing one."""
+    override holds, then gives the replicas back. ``watch_removal()``, called just before the scale-down, gives
+    a predicate that is true once the backend began removing an instance."""
     s.deploy("slow", {"function.yaml": function_yaml("slow", minReplicas=1, maxReplicas=2), "main.py": SLOW})
     held = s.client.put("/functions/slow/replicas", json={"replicas": 2})
     assert held.status_code == 200, held.text
@@ -135,6 +136,7 @@ def drain_on_scale_down(s: Stack, removal_started: Callable[[], bool]) -> None:
     for t in callers:
         t.start()
     wait_for(lambda: inflight(s, "slow") == 2, 10, what="both calls in flight")
+    removal_started = watch_removal()
     assert s.client.put("/functions/slow/replicas", json={"replicas": 1}).status_code == 200
     wait_for(removal_started, 10, what="the backend to remove the extra instance")
     assert len(results) == 0, "the scale-down came while both calls ran"

@@ -38,7 +38,7 @@ def test_load_scales_a_function_up_and_back_to_its_minimum_without_a_failed_call
 
 def test_a_removed_instance_finishes_its_calls_and_replicas_can_be_held_by_hand(scaling_stack: Stack) -> None:
     s = scaling_stack
-    drain_on_scale_down(s, lambda: "more replicas than desired" in s.service_log("deployer"))
+    drain_on_scale_down(s, lambda: lambda: "more replicas than desired" in s.service_log("deployer"))
 
 
 @pytest.mark.parametrize("body, status, needle", [
