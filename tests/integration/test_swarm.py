@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import httpx
 import pytest
 
 from tests.docker_util import (
@@ -159,17 +161,46 @@ def test_redeploy_under_a_steady_stream_of_calls_fails_none(sstack: Stack) -> No
     redeploy_under_steady_calls(sstack, lambda: len(running_tasks(namespace(sstack), "g-steady")))
 
 
-def test_a_killed_task_is_replaced_and_the_function_keeps_serving(sstack: Stack) -> None:
-    sstack.deploy("phoenix", {"function.yaml": function_yaml("phoenix"), "main.py": HELLO})
+HOLDER = """
+import time
+
+def handler(context, event):
+    body = event.body.decode()
+    if body.startswith("hold:"):
+        print(f"holding {body}", flush=True)
+        time.sleep(5)
+        return "held"
+    return "hello"
+"""
+
+
+def test_a_killed_task_is_replaced_and_its_calls_are_retried_or_fail_cleanly(sstack: Stack) -> None:
+    spec = {"retry": {"maxAttempts": 3, "backoff": {"initial": "100ms"}}, "maxConcurrency": 2}  # both calls at once
+    sstack.deploy("phoenix", {"function.yaml": function_yaml("phoenix", **spec), "main.py": HOLDER})
     ns = namespace(sstack)
     [task] = wait_for(lambda: running_tasks(ns, "g-phoenix"), 60, what="a running task")
+    held = f"hold:async:{time.time_ns()}"
+    call_id = sstack.anon.post("/phoenix", content=held.encode(), headers={"X-Nuclide-Async": "true"}).json()["call_id"]
+    wait_for(lambda: f"holding {held}" in sstack.client.get("/functions/phoenix/logs").text, 30,
+             what="the async call to run in the task")
+    sync: list[httpx.Response] = []
+    body = f"hold:sync:{time.time_ns()}".encode()
+    caller = threading.Thread(target=lambda: sync.append(sstack.invoke("phoenix", body)))
+    caller.start()
+    wait_for(lambda: sstack.client.get("/functions/phoenix/logs").text.count("holding hold:sync:") == 1, 30,
+             what="the sync call to run in the task")
     docker_client().containers.get(task["Status"]["ContainerStatus"]["ContainerID"]).kill()
+    caller.join(60)
+    # the sync call in flight fails with an error that names the function, not a hang or a dropped connection
+    [r] = sync
+    assert r.status_code >= 500 and "phoenix" in r.json()["error"]["message"], r.text
     wait_for(lambda: [t for t in running_tasks(ns, "g-phoenix") if t["ID"] != task["ID"]], 60,
              what="Swarm's replacement task")
-    wait_for(lambda: sstack.invoke("phoenix").text == "hello", 60, what="the replacement to serve")
-    # the deployer saw the crash: the instance that died is counted as a restart of the function
-    wait_for(lambda: sstack.client.get("/functions/phoenix").json()["replicas"]["ready"] == 1, 30,
-             what="one ready instance again")
+    # the async call the kill hit runs again in the replacement and finishes
+    rec = wait_for(lambda: (c := sstack.client.get(f"/calls/{call_id}").json())["status"] in ("DONE", "DEAD") and c,
+                   90, what="the async call to finish")
+    assert (rec["status"], rec["result"]) == ("DONE", "held") and rec["attempts"] >= 2, rec
+    assert sstack.invoke("phoenix").text == "hello"
 
 
 def test_a_service_scaled_behind_the_deployers_back_is_converged_back(sstack: Stack) -> None:
