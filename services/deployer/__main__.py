@@ -32,24 +32,22 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     store = RpcClient(ctx, settings.store_rpc, "store")
     children = Children()  # every child process of the deployer, and a sweep that reaps orphans
     backend: Backend
-    if settings.backend == "docker":
+    if settings.backend in ("docker", "swarm"):  # both build the group's image on the engine
         from services.deployer.backends.docker.backend import DockerBackend
-        from services.deployer.backends.docker.images import DockerBuilder
-
-        reconciler = Reconciler(settings, store, DockerBuilder(settings, store))
-        backend = docker_backend = DockerBackend(settings, reconciler.on_exit)
-        docker_backend.wanted_versions = lambda: (
-            None if not reconciler.synced else {} if reconciler.closing
-            else {g["id"]: int(g["version"]) for g in reconciler.groups.values()})
-    elif settings.backend == "swarm":
         from services.deployer.backends.docker.images import DockerBuilder
         from services.deployer.backends.swarm.backend import SwarmBackend
 
         reconciler = Reconciler(settings, store, DockerBuilder(settings, store))
-        backend = swarm_backend = SwarmBackend(settings, reconciler.on_exit)
-        swarm_backend.wanted_versions = lambda: (
+        engine_backend: DockerBackend | SwarmBackend
+        if settings.backend == "docker":
+            engine_backend = DockerBackend(settings, reconciler.on_exit)
+        else:
+            engine_backend = SwarmBackend(settings, reconciler.on_exit)
+        # the versions whose images stay cached: none known before the first sync, none at all when closing
+        engine_backend.wanted_versions = lambda: (
             None if not reconciler.synced else {} if reconciler.closing
             else {g["id"]: int(g["version"]) for g in reconciler.groups.values()})
+        backend = engine_backend
     else:
         reconciler = Reconciler(settings, store, Builder(settings, store, children))
         backend = ProcessBackend(settings, reconciler.on_exit, children)

@@ -226,10 +226,7 @@ class Reconciler:
                                 memory, log_path, extra=extra)
             await backend.converge(spec, replicas)
         except BuildFailed as exc:
-            self.failed_versions.add(key)
-            log.warning("build failed", group=group["id"], version=group["version"], error=exc.message)
-            await self._report_failed(key, exc.message, str(exc.details.get("log_tail", "")),
-                                      exc.details.get("tasks"))
+            await self._build_failed(key, exc)
         except NuclideError as exc:
             log.warning("service update failed, will retry", group=group["id"], error=str(exc))
             self._backoff(group["id"])
@@ -357,10 +354,7 @@ class Reconciler:
                 finally:
                     self.launching.discard(inst_id)
         except BuildFailed as exc:
-            self.failed_versions.add(key)
-            log.warning("build failed", group=group["id"], version=group["version"], error=exc.message)
-            await self._report_failed(key, exc.message, str(exc.details.get("log_tail", "")),
-                                      exc.details.get("tasks"))
+            await self._build_failed(key, exc)
         except NuclideError as exc:
             log.warning("start failed, will retry", group=group["id"], error=str(exc))
             self._backoff(group["id"])
@@ -370,6 +364,12 @@ class Reconciler:
         finally:
             self.starting.pop(key, None)
             self.kick()
+
+    async def _build_failed(self, key: tuple[str, int], exc: BuildFailed) -> None:
+        """A group version that cannot run: not tried again, and the store is told why (and whose step failed)."""
+        self.failed_versions.add(key)
+        log.warning("build failed", group=key[0], version=key[1], error=exc.message)
+        await self._report_failed(key, exc.message, str(exc.details.get("log_tail", "")), exc.details.get("tasks"))
 
     def _backoff(self, group_id: str) -> None:
         current = self.backoff_until.get(group_id, 0) - time.monotonic()
