@@ -65,16 +65,21 @@ def swarm() -> Iterator[None]:
         if swarm_state(client) != "active":
             client.swarm.init(advertise_addr="127.0.0.1", listen_addr="127.0.0.1:2377")
             made = True
-        for name in ("ingress", "docker_gwbridge"):  # overlay plumbing on private ranges: nothing here uses it
-            for net in client.networks.list(names=[name]):
-                if net.name == name:
-                    with contextlib.suppress(Exception):
-                        net.remove()
+        remove_overlay_plumbing(client)
         yield
     finally:
         if made:
             client.swarm.leave(force=True)
+            remove_overlay_plumbing(client)  # the engine may make docker_gwbridge again while in the swarm
         client.close()
+
+
+def remove_overlay_plumbing(client: Any) -> None:
+    for name in ("ingress", "docker_gwbridge"):  # overlay plumbing on private ranges: nothing here uses it
+        for net in client.networks.list(names=[name]):
+            if net.name == name:
+                with contextlib.suppress(Exception):
+                    net.remove()
 
 
 @pytest.mark.timeout(900)
