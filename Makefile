@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run sandbox-tools test test-unit test-integration install bench load clean images up down mutate
+.PHONY: run sandbox-tools test test-unit test-integration install bench load clean images up down swarm-up swarm-down mutate
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nuclide needs Python 3.11 or newer")'
@@ -61,6 +61,13 @@ up: images
 
 down:
 	deploy/compose.sh down
+
+# the stack on Docker Swarm (deploy/swarm/stack.yml): `make swarm-up` prints the URL and token, `make swarm-down` removes it
+swarm-up: $(STAMP)
+	PYTHON=$(PY) deploy/swarm.sh up
+
+swarm-down:
+	deploy/swarm.sh down
 
 LOAD_ARGS ?= --self-contained
 load: $(STAMP)

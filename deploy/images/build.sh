@@ -6,6 +6,8 @@
 #   nuclide-runtime:<tag>    base + shared/ and services/runtime/: what function containers run
 #   nuclide-services:<tag>   base + the services' Python dependencies (installed on the host with
 #                            `pip install --target` for CPython 3.11, copied in) + all of nuclide's code
+#   nuclide-postgres:<tag>   Debian minbase + postgresql-15 (debootstrap, `docker import`) + deploy/images/postgres-entrypoint.sh:
+#                            the store's database for the stack on Docker Swarm (deploy/swarm/stack.yml)
 #
 # Incremental: each image carries the hash of its inputs in the label nuclide.inputs and is only
 # rebuilt when that hash changes; the debootstrap root filesystem and the services' dependencies are
@@ -218,4 +220,43 @@ WORKDIR /var/lib/nuclide
 CMD ["python3", "-m", "services.cli.main", "--help"]
 EOF
 build "nuclide-services:$TAG" "$(printf '%s %s %s' "$BASE_KEY" "$SITE_KEY" "$(tree_hash "$ctx/opt")" | sha)" "$ctx"
-say "done: nuclide-runtime:$TAG nuclide-services:$TAG"
+# ---- postgres: the store's database for the stack on Docker Swarm ------------------------------
+PG_PACKAGES="postgresql-15,ca-certificates"
+PG_MIRROR="$(mirror "$SUITE")"
+PG_KEY="$(printf 'v1 %s %s minbase %s' "$SUITE" "$PG_MIRROR" "$PG_PACKAGES" | sha)"
+PG_BASE="nuclide-pgbase:$PG_KEY"
+if ! docker image inspect "$PG_BASE" >/dev/null 2>&1; then
+    command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
+    [ "$(id -u)" = 0 ] || die "debootstrap needs root; run 'make images' as root once"
+    dir="$CACHE/pgroot-$PG_KEY.tmp"
+    rm -rf "$dir"
+    say "debootstrap $SUITE with $PG_PACKAGES (about a minute, once; log: $CACHE/debootstrap-pg.log)"
+    if ! debootstrap --variant=minbase --include="$PG_PACKAGES" "$SUITE" "$dir" "$PG_MIRROR" \
+            >"$CACHE/debootstrap-pg.log" 2>&1; then
+        tail -n 20 "$CACHE/debootstrap-pg.log" >&2
+        rm -rf "$dir"
+        die "debootstrap $SUITE ($PG_PACKAGES) failed (log above)"
+    fi
+    # the package's own cluster is not used: the entrypoint makes one in the data volume
+    rm -rf "$dir"/var/lib/postgresql/15/main "$dir"/etc/postgresql/15/main \
+        "$dir"/var/lib/apt/lists/* "$dir"/var/cache/apt/archives/*.deb "$dir"/var/cache/apt/*.bin \
+        "$dir"/usr/share/man/* "$dir"/usr/share/info/* "$dir"/var/log/* "$dir"/tmp/*
+    say "importing $PG_BASE"
+    tar -C "$dir" --numeric-owner -c . \
+        | docker import --message "nuclide postgres base: debootstrap $SUITE ($PG_PACKAGES)" - "$PG_BASE" >/dev/null
+    rm -rf "$dir"
+fi
+ctx="$CACHE/ctx-postgres"
+rm -rf "$ctx"
+mkdir -p "$ctx"
+install -m 0755 "$ROOT/deploy/images/postgres-entrypoint.sh" "$ctx/entrypoint.sh"
+cat >"$ctx/Dockerfile" <<EOF
+FROM $PG_BASE
+ENV LANG=C.UTF-8 PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+COPY entrypoint.sh /usr/local/bin/nuclide-postgres
+RUN mkdir -p /var/lib/nuclide-postgres /run/postgresql \\
+    && chown postgres:postgres /var/lib/nuclide-postgres /run/postgresql && postgres --version
+ENTRYPOINT ["/usr/local/bin/nuclide-postgres"]
+EOF
+build "nuclide-postgres:$TAG" "$(printf '%s %s' "$PG_KEY" "$(tree_hash "$ctx")" | sha)" "$ctx"
+say "done: nuclide-runtime:$TAG nuclide-services:$TAG nuclide-postgres:$TAG"
