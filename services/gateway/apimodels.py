@@ -186,6 +186,8 @@ class OptimizerStatus(_Open):
     best_setup: list[list[str]] | None
     best_median_ms: float | None
     updated_at: float | None = None
+    traced: dict[str, Any] | None = Field(None, description="entry calls and call edges heard since the optimizer"
+                                          " started, and the PUB endpoints of the gateways it follows")
 
 
 # ----- system ---------------------------------------------------------------------------
@@ -197,6 +199,8 @@ class Health(_Open):
     deployer: bool
     status: Literal["ok", "degraded"]
     error: str | None = None
+    gateway_id: str = Field("", description="the boot id of the gateway that answered")
+    gateways: int = Field(1, description="live gateways this one knows of, itself included")
 
 
 class RootInfo(_Open):

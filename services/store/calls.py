@@ -3,9 +3,10 @@
 Status moves PENDING -> RUNNING -> DONE | FAILED, with failed attempts going back
 to PENDING (``next_attempt_at`` set by the retry policy) until they are exhausted
 and become DEAD. Each non-final call has an ``owner``: the boot id of the gateway
-dispatching it; a gateway that starts claims every non-final call not owned by its
-own boot, so calls RUNNING on a gateway (or instance) that died are retried, and
-the retry shows in ``attempts``. Writes come in batches: one transaction each.
+dispatching it; a gateway claims the non-final calls no live gateway owns (one that
+said BYE or stopped beating, see shared/gateways.py, or none), so calls RUNNING on a
+gateway (or instance) that died are retried by another, and the retry shows in
+``attempts``, while the calls of the other live gateways stay theirs. Writes come in batches: one transaction each.
 """
 
 from __future__ import annotations
@@ -207,15 +208,18 @@ class CallStore:
                 " (?, ?, ?, 'sync', ?, 1, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
         return len(rows)
 
-    def claim(self, owner: str, limit: int) -> tuple[list[dict[str, Any]], list[bytes]]:
-        """Take non-final async calls not owned by ``owner`` (a gateway boot); the caller honours next_attempt_at.
+    def claim(self, owner: str, limit: int, gateway_ttl_s: float = 0.0) -> tuple[list[dict[str, Any]], list[bytes]]:
+        """Take non-final async calls that no live gateway owns (unowned ones, and those of a gateway boot that
+        said BYE or was silent for ``gateway_ttl_s``), for ``owner``; the caller honours next_attempt_at.
 
         At most MAX_CLAIM at a time, whatever ``limit`` asks: the caller claims again while it gets full batches."""
         limit = max(0, min(limit, MAX_CLAIM))
+        cutoff = time.time() - gateway_ttl_s
         with self.db.tx():
             rows = self.db.all(
                 "SELECT * FROM calls WHERE status IN ('PENDING', 'RUNNING') AND kind='async' AND"
-                " (owner IS NULL OR owner != ?) ORDER BY queued_at LIMIT ?", (owner, limit))
+                " (owner IS NULL OR (owner != ? AND owner NOT IN (SELECT id FROM gateways WHERE seen_at >= ?)))"
+                " ORDER BY queued_at LIMIT ?", (owner, cutoff, limit))
             if rows:  # one statement per call, sent in one go (PostgreSQL pipelines executemany)
                 self.db.executemany("UPDATE calls SET owner=?, status='PENDING' WHERE id=?",
                                     [(owner, row["id"]) for row in rows])
