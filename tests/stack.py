@@ -133,9 +133,30 @@ def io_uring_rings(pid: int) -> int:
     return count
 
 
+class Gateway:
+    """One gateway of a stack as a test reaches it: its name (its process's key in Stack.procs), HTTP URL and
+    ZeroMQ endpoints, and HTTP clients (with and without the token)."""
+
+    def __init__(self, key: str, http_port: int, endpoints: dict[str, str], token: str) -> None:
+        self.key = key
+        self.http_port = http_port
+        self.endpoints = endpoints
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.client = httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {token}"})
+        self.anon = httpx.Client(base_url=self.url, timeout=120)
+
+    def close(self) -> None:
+        self.client.close()
+        self.anon.close()
+
+
 class Stack:
-    def __init__(self, var_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, var_dir: Path, env: dict[str, str] | None = None, gateways: int = 1) -> None:
+        """``gateways``: how many gateways :meth:`start` starts; the first is ``gateway`` (``self.url``,
+        ``self.client``, ``self.endpoints``), the others ``gateway-1``... on ports of their own, all in
+        ``self.gateways``. More can be started later with :meth:`start_gateway`."""
         self.var_dir = var_dir
+        self.gateway_count = gateways
         self.http_port = free_port()
         self.token = "test-token-" + os.urandom(6).hex()
         ports = {k: free_port() for k in ("store_rpc", "store_pub", "deployer_rpc", "gateway_router",
@@ -162,6 +183,11 @@ class Stack:
         self.logs: dict[str, Path] = {}
         self.client = httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {self.token}"})
         self.anon = httpx.Client(base_url=self.url, timeout=120)
+        first = Gateway("gateway", self.http_port, self.endpoints, self.token)
+        first.client.close()
+        first.anon.close()
+        first.client, first.anon = self.client, self.anon
+        self.gateways: list[Gateway] = [first]
 
     # ----- lifecycle --------------------------------------------------------------
 
@@ -180,8 +206,26 @@ class Stack:
         """Start every service and wait until the stack is healthy; a service that dies meanwhile fails the test."""
         for name in SERVICES:
             self.start_service(name)
+        for _ in range(1, self.gateway_count):
+            self.start_gateway(wait=False)
         self.wait_healthy()
         return self
+
+    def start_gateway(self, wait: bool = True) -> Gateway:
+        """Start one more gateway (``gateway-<i>``): ports of its own, the same store, deployer and var_dir;
+        with ``wait``, return once it answers /healthz."""
+        key = f"gateway-{len(self.gateways)}"
+        ports = {k: free_port() for k in ("gateway_router", "gateway_pull", "gateway_sub", "gateway_pub")}
+        endpoints = {**self.endpoints, **{k: f"tcp://127.0.0.1:{p}" for k, p in ports.items()}}
+        gw = Gateway(key, free_port(), endpoints, self.token)
+        self.gateways.append(gw)
+        self.start_service("gateway", {"NUCLIDE_GATEWAY_GATEWAY_NAME": key.replace("gateway-", "gw"),
+                                       "NUCLIDE_GATEWAY_HTTP_PORT": str(gw.http_port),
+                                       **{f"NUCLIDE_GATEWAY_{k.upper()}": v for k, v in gw.endpoints.items()
+                                          if k in ports}}, key=key)
+        if wait:
+            self.wait_healthy()
+        return gw
 
     def wait_healthy(self, timeout_s: float = 30.0) -> None:
         def healthy() -> bool:
@@ -191,7 +235,8 @@ class Stack:
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
                     log = self.service_log(name)[-6000:]
                     raise ServiceDied(f"{name} {how} while the stack started; its log:\n{log}")
-            return self.anon.get("/healthz", timeout=2).status_code == 200
+            return all(gw.anon.get("/healthz", timeout=2).status_code == 200 for gw in self.gateways
+                       if gw.key in self.procs and self.procs[gw.key].poll() is None)
 
         wait_for(healthy, timeout_s, what="a healthy stack")
 
@@ -209,8 +254,8 @@ class Stack:
     def stop(self) -> None:
         for name in ("optimizer", "deployer", "gateway", *(k for k in self.procs if k not in SERVICES), "store"):
             self.stop_service(name)
-        self.client.close()
-        self.anon.close()
+        for gw in self.gateways:
+            gw.close()
 
     def service_log(self, name: str) -> str:
         path = self.logs.get(name)
