@@ -228,7 +228,16 @@ class Settings:
                               " the gateway's socket file)")
         if not 1 <= self.gateways <= MAX_GATEWAYS:
             raise ConfigError(f"gateways {self.gateways} is out of range 1-{MAX_GATEWAYS} (how many gateways"
-                              " `nuclide up` starts on this machine)")
+                              " `nuclide up` starts on this machine); set it with NUCLIDE_GATEWAYS=N or"
+                              " `nuclide up --gateways N`")
+        if self.gateways > 1:
+            ports = [self.http_port] + [int(e.rpartition(":")[2]) for e in (self.gateway_router, self.gateway_pull,
+                                        self.gateway_sub, self.gateway_pub) if e.rpartition(":")[2].isdigit()]
+            top = max(ports) + GATEWAY_PORT_STRIDE * (self.gateways - 1)
+            if top > 65535:
+                raise ConfigError(f"gateways {self.gateways} would need port {top}, past 65535 (gateway i takes the"
+                                  f" first one's ports plus {GATEWAY_PORT_STRIDE}*i); start fewer gateways or give"
+                                  " the stack lower ports (`nuclide up --port-base N`)")
         for key in ("gateway_router_advertise", "gateway_pub_advertise"):
             value = getattr(self, key)
             if value and (not value.startswith("tcp://") or wildcard(value)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import signal
 import threading
 import time
@@ -14,7 +15,9 @@ import pytest
 
 from services.gateway.calls import CLAIM_INTERVAL_S
 from shared.gateways import GATEWAY_TTL_S
-from tests.stack import Gateway, Stack, free_port, function_yaml, never, parse_metrics, wait_for
+from tests.stack import (
+    Gateway, NuclideUp, Stack, free_port, free_port_base, function_yaml, make_zip, never, parse_metrics, wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -273,3 +276,34 @@ def test_kill_one_gateway_under_mixed_load(two_gateways: Stack) -> None:
         return not pending
 
     wait_for(all_done, 60, interval_s=0.5, what=f"every accepted async call to finish ({len(pending)} left)")
+
+
+@pytest.mark.timeout(300)
+def test_nuclide_up_starts_n_gateways_on_ports_of_their_own(tmp_path: Path) -> None:
+    from tests.integration.test_stacks import user_env
+
+    env = user_env(tmp_path)
+    if os.environ.get("NUCLIDE_SANDBOX"):
+        env["NUCLIDE_SANDBOX"] = os.environ["NUCLIDE_SANDBOX"]
+    base = free_port_base(28)  # gateway i takes the first one's ports plus 10*i
+    up = NuclideUp(tmp_path / "up", env, "--port-base", str(base), "--gateways", "3")
+    try:
+        urls = [f"http://127.0.0.1:{base + 10 * i}" for i in range(3)]
+        assert up.url == urls[0]
+        assert f"  gateway 1: {urls[1]}\n" in up.banner and f"  gateway 2: {urls[2]}\n" in up.banner
+        ids = {httpx.get(f"{url}/healthz", timeout=5).json()["gateway_id"] for url in urls}
+        assert len(ids) == 3, "three gateway processes answer"
+        headers = {"Authorization": f"Bearer {up.token}"}
+        r = httpx.put(f"{urls[2]}/gup", headers=headers, timeout=120, files={
+            "zip_file": ("t.zip", make_zip({"function.yaml": function_yaml("gup"), "main.py": ECHO}), "application/zip")})
+        assert r.status_code == 200, r.text
+        for i, url in enumerate(urls):
+            got = wait_for(lambda: (r := httpx.post(f"{url}/gup", content=f"via {i}", timeout=30)).status_code == 200
+                           and r, 30, what=f"a call through gateway {i}")
+            assert got.json() == {"got": f"via {i}"}
+    finally:
+        up.stop()
+    assert up.proc.returncode == 0
+    for url in urls:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=2)
