@@ -23,18 +23,22 @@ pytestmark = pytest.mark.integration
 
 ECHO = "def handler(context, event):\n    body = event.body\n    return {'got': body if not isinstance(body, bytes) else body.decode()}\n"
 HELLO = "def handler(context, event):\n    return 'awake'\n"
-# Appends each body it runs to a file in its code directory; the body "runs" lists them (one instance).
+# Appends each body it runs to a file in its code directory; the body "runs" lists them (one instance). A body
+# "slow-..." runs for longer than the gateways' claim interval first.
 RUNS = """
 import os
+import time
 
 def handler(context, event):
     body = event.body.decode() if isinstance(event.body, bytes) else str(event.body)
     if body == "runs":
         return open("runs.txt").read().split() if os.path.exists("runs.txt") else []
+    if body.startswith("slow-"):
+        time.sleep(%s)
     with open("runs.txt", "a") as fh:
         fh.write(body + "\\n")
     return body
-"""
+""" % (CLAIM_INTERVAL_S + 1.5)
 SLOW = "import time\n\ndef handler(context, event):\n    time.sleep(0.05)\n    return event.body\n"
 
 
@@ -109,7 +113,8 @@ def test_each_gateway_serves_sync_and_an_async_call_runs_once(two_gateways: Stac
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        key = f"job-{time.time_ns()}"
+        # it runs past the other gateway's claim pass: that gateway must leave it to A
+        key = f"slow-{time.time_ns()}"
         r = a.anon.post("/gruns", content=key, headers={"X-Nuclide-Async": "true",
                                                         "X-Callback-Url": f"http://127.0.0.1:{port}/hook"})
         assert r.status_code == 202, r.text
