@@ -96,6 +96,10 @@ def test_each_gateway_serves_sync_and_an_async_call_runs_once(two_gateways: Stac
     assert health[0]["gateway_id"] != health[1]["gateway_id"]
     wait_for(lambda: all(gw.anon.get("/healthz").json()["gateways"] == 2 for gw in (a, b)), 10,
              what="each gateway to know of both")
+    for gw, id_ in zip((a, b), (health[0]["gateway_id"], health[1]["gateway_id"])):
+        m = metrics_of(gw)
+        name = "" if gw is a else "gw1"
+        assert m[f'nuclide_gateway_info{{gateway_id="{id_}",gateway_name="{name}"}}'] == 1 and m["nuclide_gateways"] == 2
 
     s.deploy("gecho", {"function.yaml": function_yaml("gecho"), "main.py": ECHO})
     wait_instances(s)
