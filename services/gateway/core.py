@@ -26,7 +26,7 @@ from shared.errors import (
     DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unavailable,
 )
 from shared.failures import bounded, result_error
-from shared.gateways import GATEWAY_BEAT_S, gateway_record
+from shared.gateways import GATEWAY_BEAT_S, GATEWAY_TTL_S, gateway_record
 from shared.logs import get_logger
 from shared.names import invoke_target
 from shared.statefeed import StateFeed
@@ -158,6 +158,7 @@ class Gateway:
         self.boot_id = self._prefix  # owner of the async calls this gateway process dispatches
         self.record = gateway_record(settings, self.boot_id)  # what the store's feed tells of this gateway
         self.gateways: dict[str, dict[str, Any]] = {self.boot_id: self.record}  # live gateways, this one too
+        self.beat_ok_at = time.monotonic()  # when the store last took this gateway's beat
         self._counter = itertools.count(1)
         self.started_at = time.time()
         self.store: RpcClient | None = None
@@ -241,10 +242,15 @@ class Gateway:
         the async calls it owns stay its own."""
         assert self.store is not None
         while True:
+            if time.monotonic() - self.beat_ok_at > GATEWAY_TTL_S and self.calls is not None:
+                self.calls.hold()  # others may have taken our calls meanwhile (services/gateway/calls.py)
             try:
                 live = await self.store.call("gateway.announce", {"gateway": self.record}, timeout_s=GATEWAY_BEAT_S * 2)
+                self.beat_ok_at = time.monotonic()
                 self.gateways = {g["id"]: g for g in live["gateways"]}
                 self.gateways[self.boot_id] = self.record
+                if self.calls is not None and self.calls.holding:
+                    await self.calls.resume_after_stall()
             except NuclideError as exc:
                 log.warning("could not announce this gateway to the store", error=exc.message)
             await asyncio.sleep(GATEWAY_BEAT_S)

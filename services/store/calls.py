@@ -186,6 +186,11 @@ class CallStore:
                 if "status" in u:
                     # a finished call is never reopened by a late, stale update (redrive is explicit)
                     sql += " AND status NOT IN ('DONE', 'FAILED', 'DEAD')"
+                if "if_owner" in u:
+                    # a gateway writes only the calls it still owns: one that stalled past its liveness lost them
+                    # to another gateway, whose attempt is the one recorded
+                    sql += " AND owner=?"
+                    values.append(u["if_owner"])
                 changed += self.db.execute(sql, tuple(values)).rowcount
         return changed
 
@@ -230,6 +235,23 @@ class CallStore:
                   "next_attempt_at": r["next_attempt_at"], "parent_id": r["parent_id"], "source": r["source"]}
                  for r in rows]
         return calls, [bytes(r["payload"] or b"") for r in rows]
+
+    def owned(self, owner: str, ids: list[str]) -> list[str]:
+        """Which of ``ids`` are unfinished calls ``owner`` still owns (a gateway back from a stall asks)."""
+        if not ids:
+            return []
+        marks = ", ".join("?" * len(ids))
+        rows = self.db.all(f"SELECT id FROM calls WHERE owner=? AND status IN ('PENDING', 'RUNNING') AND id IN ({marks})",
+                           (owner, *ids))
+        return [r["id"] for r in rows]
+
+    def take_callback(self, call_id: str, owner: str) -> bool:
+        """Whether ``owner`` (a gateway boot) is the one to POST the call's callback: only the call's owner, and
+        once, whatever happens after (its state is 'sending' durably before the POST)."""
+        with self.db.tx():
+            taken = self.db.execute("UPDATE calls SET callback_state='sending' WHERE id=? AND owner=? AND"
+                                    " callback_state='pending'", (call_id, owner)).rowcount
+        return bool(taken)
 
     def pending_callbacks(self, owner: str, limit: int) -> list[dict[str, Any]]:
         rows = self.db.all("SELECT * FROM calls WHERE callback_state='pending' AND status IN ('DONE', 'FAILED', 'DEAD')"

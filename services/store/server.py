@@ -222,6 +222,13 @@ class StoreServer:
             return calls.redrive(required(args, "id", str))
         if method == "calls.purge":
             return {"purged": calls.purge(required(args, "status", str), optional(args, "function", str))}
+        if method == "calls.owned":
+            ids = strings(args, "ids")
+            if len(ids) > 1000:
+                raise InvalidRequest(f"calls.owned takes at most 1000 ids, not {len(ids)}")
+            return calls.owned(required(args, "owner", str), ids)
+        if method == "calls.take_callback":
+            return {"taken": calls.take_callback(required(args, "id", str), required(args, "owner", str))}
         if method == "calls.pending_callbacks":
             pending = calls.pending_callbacks(required(args, "owner", str), optional(args, "limit", int, 100))
             bodies_out = [p.pop("result_b") for p in pending]

@@ -135,6 +135,39 @@ def test_each_gateway_serves_sync_and_an_async_call_runs_once(two_gateways: Stac
     assert a.client.get(f"/calls/{call_id}/result").text == key
 
 
+def test_a_stalled_gateway_leaves_the_result_and_the_callback_to_the_one_that_took_its_call(two_gateways: Stack) -> None:
+    """Gateway A stops (SIGSTOP) with an async call running, past its liveness: B claims the call and runs it again.
+    When A resumes, its late result is not recorded and it posts no callback: one result, one callback."""
+    s = two_gateways
+    a, b = s.gateways
+    s.deploy("gstall", {"function.yaml": function_yaml("gstall", maxConcurrency=2), "main.py": RUNS})
+    wait_instances(s)
+    _Hook.received.clear()
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stalled = s.procs["gateway"]
+    try:
+        key = f"slow-{time.time_ns()}"
+        call_id = a.anon.post("/gstall", content=key, headers={
+            "X-Nuclide-Async": "true", "X-Callback-Url": f"http://127.0.0.1:{port}/hook"}).json()["call_id"]
+        wait_for(lambda: call_of(b, call_id)["status"] == "RUNNING", 10, what="A to run the call")
+        stalled.send_signal(signal.SIGSTOP)
+        wait_for(lambda: call_of(b, call_id)["attempts"] == 2, 30, what="B to claim and run A's call")
+        stalled.send_signal(signal.SIGCONT)
+        rec = wait_final(b, call_id)
+        assert (rec["status"], rec["attempts"], rec["result"]) == ("DONE", 2, key)
+        wait_for(lambda: _Hook.received, 20, what="the callback")
+        # A's result reaches A after it resumes: it must not post it (nor record it) as well
+        never(lambda: _Hook.received[1:], max(2 * CLAIM_INTERVAL_S, GATEWAY_TTL_S + 1), what="a second callback")
+        assert a.anon.get("/healthz").status_code == 200, "A serves again"
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+        server.shutdown()
+    # the stalled gateway had handed the call to an instance before it stopped: it ran twice (at least once)
+    assert b.anon.post("/gstall", content=b"runs").json() == [key, key]
+
+
 def test_scale_to_zero_wakes_through_the_other_gateway(two_gateways: Stack) -> None:
     s = two_gateways
     a, b = s.gateways

@@ -106,3 +106,38 @@ def test_finished_calls_are_never_claimed(st: StoreState, db) -> None:
                  (b"", b""))
     calls.update([{"id": "done", "status": "DONE"}, {"id": "dead", "status": "DEAD"}], ())
     assert _claimed(calls, "b") == []
+
+
+def test_a_gateway_writes_and_calls_back_only_calls_it_still_owns(st: StoreState, db) -> None:
+    """A stalled gateway whose call another one claimed: its late result is not recorded, its callback not taken."""
+    calls = CallStore(db)
+    st.announce_gateway(record("a"), TTL_S)
+    calls.submit([{"id": "x", "function": "f", "owner": "a", "callback_url": "http://cb.example/hook"}], (b"p",))
+    assert calls.update([{"id": "x", "status": "RUNNING", "attempts": 1, "if_owner": "a"}], ()) == 1
+    silence(db, "a", TTL_S + 1)
+    st.announce_gateway(record("b"), TTL_S)
+    assert _claimed(calls, "b") == ["x"]
+    assert calls.update([{"id": "x", "status": "RUNNING", "attempts": 2, "if_owner": "b"}], ()) == 1
+
+    # a resumes and reports its attempt: refused, the call stays b's
+    stale = [{"id": "x", "status": "DONE", "attempts": 1, "result_status": 200, "has_result": True, "if_owner": "a"}]
+    assert calls.update(stale, (b"a's result",)) == 0
+    assert calls.take_callback("x", "a") is False
+    assert (calls.get("x")["status"], calls.get("x")["attempts"]) == ("RUNNING", 2)
+
+    done = [{"id": "x", "status": "DONE", "attempts": 2, "result_status": 200, "has_result": True, "if_owner": "b"}]
+    assert calls.update(done, (b"b's result",)) == 1
+    assert calls.take_callback("x", "b") is True
+    assert calls.take_callback("x", "b") is False, "a callback is taken once"
+    assert calls.take_callback("x", "a") is False
+    rec, body = calls.result("x")
+    assert (rec["status"], body, rec["callback"]["state"]) == ("DONE", b"b's result", "sending")
+
+
+def test_a_gateway_back_from_a_stall_learns_which_calls_are_still_its_own(st: StoreState, db) -> None:
+    calls = CallStore(db)
+    calls.submit([{"id": i, "function": "f", "owner": "a"} for i in ("kept", "taken", "done")], (b"",) * 3)
+    calls.update([{"id": "done", "status": "DONE"}], ())
+    calls.update([{"id": "taken", "owner": "b"}], ())
+    assert calls.owned("a", ["kept", "taken", "done", "unknown"]) == ["kept"]
+    assert calls.owned("a", []) == []
