@@ -171,13 +171,18 @@ class Gateway:
     """One gateway of a stack as a test reaches it: its name (its process's key in Stack.procs), HTTP URL and
     ZeroMQ endpoints, and HTTP clients (with and without the token)."""
 
-    def __init__(self, key: str, http_port: int, endpoints: dict[str, str], token: str) -> None:
+    def __init__(self, key: str, url: str, endpoints: dict[str, str], client: httpx.Client, anon: httpx.Client) -> None:
         self.key = key
-        self.http_port = http_port
+        self.url = url
         self.endpoints = endpoints
-        self.url = f"http://127.0.0.1:{http_port}"
-        self.client = httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {token}"})
-        self.anon = httpx.Client(base_url=self.url, timeout=120)
+        self.client = client
+        self.anon = anon
+
+    @classmethod
+    def at(cls, key: str, http_port: int, endpoints: dict[str, str], token: str) -> "Gateway":
+        url = f"http://127.0.0.1:{http_port}"
+        return cls(key, url, endpoints, httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"}),
+                   httpx.Client(base_url=url, timeout=120))
 
     def close(self) -> None:
         self.client.close()
@@ -217,11 +222,12 @@ class Stack:
         self.logs: dict[str, Path] = {}
         self.client = httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {self.token}"})
         self.anon = httpx.Client(base_url=self.url, timeout=120)
-        first = Gateway("gateway", self.http_port, self.endpoints, self.token)
-        first.client.close()
-        first.anon.close()
-        first.client, first.anon = self.client, self.anon
-        self.gateways: list[Gateway] = [first]
+        self.more_gateways: list[Gateway] = []  # after the first, whose URL, endpoints and clients are the stack's
+
+    @property
+    def gateways(self) -> list[Gateway]:
+        """Every gateway, the first (``gateway``: this stack's own url, endpoints and clients) first."""
+        return [Gateway("gateway", self.url, self.endpoints, self.client, self.anon), *self.more_gateways]
 
     # ----- lifecycle --------------------------------------------------------------
 
@@ -248,13 +254,14 @@ class Stack:
     def start_gateway(self, wait: bool = True) -> Gateway:
         """Start one more gateway (``gateway-<i>``): ports of its own, the same store, deployer and var_dir;
         with ``wait``, return once it answers /healthz."""
-        key = f"gateway-{len(self.gateways)}"
+        key = f"gateway-{len(self.more_gateways) + 1}"
         ports = {k: free_port() for k in ("gateway_router", "gateway_pull", "gateway_sub", "gateway_pub")}
         endpoints = {**self.endpoints, **{k: f"tcp://127.0.0.1:{p}" for k, p in ports.items()}}
-        gw = Gateway(key, free_port(), endpoints, self.token)
-        self.gateways.append(gw)
+        http_port = free_port()
+        gw = Gateway.at(key, http_port, endpoints, self.token)
+        self.more_gateways.append(gw)
         self.start_service("gateway", {"NUCLIDE_GATEWAY_GATEWAY_NAME": key.replace("gateway-", "gw"),
-                                       "NUCLIDE_GATEWAY_HTTP_PORT": str(gw.http_port),
+                                       "NUCLIDE_GATEWAY_HTTP_PORT": str(http_port),
                                        **{f"NUCLIDE_GATEWAY_{k.upper()}": v for k, v in gw.endpoints.items()
                                           if k in ports}}, key=key)
         if wait:
@@ -269,8 +276,9 @@ class Stack:
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
                     log = self.service_log(name)[-6000:]
                     raise ServiceDied(f"{name} {how} while the stack started; its log:\n{log}")
-            return all(gw.anon.get("/healthz", timeout=2).status_code == 200 for gw in self.gateways
-                       if gw.key in self.procs and self.procs[gw.key].poll() is None)
+            # the first gateway, and the others still running (a test may have killed one)
+            running = [gw for gw in self.more_gateways if gw.key in self.procs and self.procs[gw.key].poll() is None]
+            return all(gw.anon.get("/healthz", timeout=2).status_code == 200 for gw in [self.gateways[0], *running])
 
         wait_for(healthy, timeout_s, what="a healthy stack")
 
