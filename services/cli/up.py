@@ -77,8 +77,8 @@ class Supervisor:
 
     def urls(self) -> list[str]:
         """Every gateway's base URL, the first one's first."""
-        return [self.settings.http_url] + [self.settings.replace(http_port=int(c.env["NUCLIDE_GATEWAY_HTTP_PORT"])).http_url
-                                           for c in self.children.values() if c.env]
+        more = [int(c.env["NUCLIDE_GATEWAY_HTTP_PORT"]) for c in self.children.values() if c.env]
+        return [self.settings.http_url] + [self.settings.replace(http_port=port).http_url for port in more]
 
     def poll(self) -> None:
         now = time.monotonic()

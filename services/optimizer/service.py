@@ -1,4 +1,4 @@
-"""The optimizer service: follows the gateway's call traces and applies a strategy's setups."""
+"""The optimizer service: follows the gateway's call traces and load, applies a strategy's setups, scales groups."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from shared.config import Settings
 from shared.errors import BuildFailed, Conflict, DeadlineExceeded, NuclideError, ProtocolError
 from shared.gateways import GATEWAY_BEAT_S
 from shared.logs import get_logger
+from services.optimizer.scaling import Autoscaling
 from services.optimizer.strategies.base import Strategy
 
 log = get_logger(__name__)
@@ -33,6 +34,7 @@ class Optimizer:
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"trace")
+        sub.setsockopt(zmq.SUBSCRIBE, b"load")  # per-function concurrency, for the autoscaler
         sub.connect(settings.gateway_pub)
         # every gateway's traces: the call graph is the sum of what each gateway routed (shared/gateways.py)
         self._pubs = {settings.gateway_pub}
@@ -45,12 +47,16 @@ class Optimizer:
         self.traced = {"calls": 0, "edges": 0}
         self.status: dict[str, Any] = {"strategy": strategy.name, "state": "starting", "rounds": [],
                                        "current_setup": [], "best_setup": None, "best_median_ms": None}
+        self.autoscaling = Autoscaling(settings, self.store)
 
     def _on_trace(self, frames: list[bytes]) -> None:
         try:
-            _, msg = protocol.decode_event(frames)
+            topic, msg = protocol.decode_event(frames)
         except ProtocolError as exc:
             log.warning("dropped malformed trace", error=str(exc))
+            return
+        if topic == b"load":
+            self.autoscaling.on_load(msg.header)
             return
         now = time.monotonic()
         self.traced["calls"] += len(msg.header.get("calls") or ())
@@ -100,6 +106,7 @@ class Optimizer:
                 self.status["current_setup"] = await self.current_setup()
                 self.status["updated_at"] = time.time()
                 self.status["traced"] = {**self.traced, "gateways": sorted(self._pubs)}
+                self.status["scaling"] = self.autoscaling.status()
                 await self.store.call("kv.put", {"key": "optimizer", "value": self.status}, timeout_s=2.0)
             except Exception as exc:  # the store may be restarting; report again next time
                 log.warning("status not reported", error=repr(exc))
@@ -136,9 +143,10 @@ class Optimizer:
         reporter = asyncio.ensure_future(self._report())
         runner = asyncio.ensure_future(self.strategy.run(self))
         runner.add_done_callback(self._strategy_done)
+        scaler = asyncio.ensure_future(self.autoscaling.run())
         log.info("optimizer ready", strategy=self.strategy.name)
         await stop.wait()  # a strategy that finishes (a schedule played out) leaves the status reported
-        for task in (watcher, reporter, runner):
+        for task in (watcher, reporter, runner, scaler):
             task.cancel()
         self._sub.close()
         self.store.close()

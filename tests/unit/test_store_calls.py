@@ -52,6 +52,14 @@ def test_a_call_of_the_wrong_shape_is_named(call, needle: str) -> None:
     assert problem is not None and needle in problem
 
 
+def test_the_whole_message_of_a_refusal() -> None:
+    assert call_problem({"id": "c", "function": "fn", "status": "LOST"}) == (
+        "call status must be one of PENDING, RUNNING, DONE, FAILED, DEAD")
+    assert call_problem({"id": "c", "function": "fn", "error": 5}) == "call field 'error' must be a string"
+    assert call_problem({"id": "c", "function": "fn", "headers": 1}) == (
+        "call field 'headers' must be a list of [name, value] string pairs")
+
+
 @pytest.mark.parametrize("call", [
     {"id": "c", "function": "fn"},
     {"id": "c", "function": "fn", "owner": "x" * MAX_TEXT_FIELD, "max_attempts": 3, "queued_at": 1.5,
@@ -77,13 +85,24 @@ def test_submit_stores_every_field_and_a_new_call_is_pending(calls: CallStore) -
     assert payloads == [b"body"]
     assert (metas[0]["content_type"], metas[0]["headers"], metas[0]["callback_url"], metas[0]["source"]) == (
         "text/plain", [["x-a", "1"]], "https://example.com/cb", "push")
+    assert (metas[0]["callback_state"], metas[0]["parent_id"], metas[0]["max_attempts"]) == ("pending", "p1", 3)
 
 
 def test_submit_defaults(calls: CallStore) -> None:
-    submit_one(calls, queued_at=1234.5)
+    submit_one(calls, b"", queued_at=1234.5)
     got = calls.get("c1")
     assert (got["kind"], got["source"], got["max_attempts"], got["queued_ts"]) == ("async", "http", 1, 1234.5)
+    assert got["timings"]["queued"] == "1970-01-01T00:20:34.500Z"
     assert "idempotency_key" not in got and "callback" not in got
+    (meta,), payloads = calls.claim("g", 1)
+    assert payloads == [b""] and meta["content_type"] == "" and meta["headers"] == []
+
+
+def test_submit_keeps_kind_and_next_attempt(calls: CallStore) -> None:
+    submit_one(calls, kind="cron", next_attempt_at=86400.25)
+    got = calls.get("c1")
+    assert got["kind"] == "cron" and got["timings"]["next_attempt"] == "1970-01-02T00:00:00.250Z"
+    assert calls.claim("g", 1) == ([], [])  # only async calls are claimed
 
 
 def test_a_call_stored_final_is_finished_at_once(calls: CallStore) -> None:
@@ -104,6 +123,9 @@ def test_a_repeated_id_or_idempotency_key_returns_the_first_call(calls: CallStor
                      {"id": "c", "duplicate": False, "status": "PENDING"}]
     with pytest.raises(NotFound):
         calls.get("b")
+    # the same id again under another key is still the first call
+    assert calls.submit([{"id": "a", "function": "fn", "idempotency_key": "k2"}], (b"5",)) == [
+        {"id": "a", "duplicate": True, "status": "RUNNING"}]
     assert calls.result("a")[1] == b""  # the first payload stays; nothing of the repeat was written
     assert sorted(m["id"] for m in calls.claim("other-boot", 10)[0]) == ["a", "c"]
 
@@ -113,6 +135,7 @@ def test_a_bad_call_is_refused_alone_and_its_batch_is_stored(calls: CallStore) -
                         "junk", {"id": "g2", "function": "fn"}], (b"a", b"b", b"c", b"d"))
     assert [o["status"] for o in out] == ["PENDING", "REFUSED", "REFUSED", "PENDING"]
     assert out[1]["id"] == "bad" and "status must be one of" in out[1]["error"] and out[2]["id"] is None
+    assert out[1]["duplicate"] is False and out[2]["duplicate"] is False
     assert calls.counts() == {"PENDING": 2}
 
 
@@ -125,11 +148,11 @@ def test_payloads_must_match_calls(calls: CallStore) -> None:
 def test_update_sets_each_field_and_results_in_order(calls: CallStore) -> None:
     calls.submit([{"id": i, "function": "fn"} for i in ("a", "b", "c")], (b"", b"", b""))
     changed = calls.update([
+        {"id": "a"},  # nothing to change: skipped, not counted, and the rest still applies
         {"id": "a", "status": "DONE", "attempts": 2, "started_at": 10.0, "finished_at": 10.25, "result_status": 201,
          "result_content_type": "application/json", "owner": "boot-9", "cold_start": 1, "has_result": True},
         {"id": "b", "status": "FAILED", "error": "boom", "finished_at": 11.0, "started_at": 10.5},
         {"id": "c", "has_result": True, "result_content_type": "text/plain"},
-        {"id": "a"},  # nothing to change: skipped, not counted
     ], (b'{"ok": 1}', b"second body"))
     assert changed == 3
     a = calls.get("a")
@@ -138,6 +161,23 @@ def test_update_sets_each_field_and_results_in_order(calls: CallStore) -> None:
     b = calls.get("b")
     assert (b["status"], b["error"], b["duration_s"], "result" in b) == ("FAILED", "boom", 0.5, False)
     assert calls.result("c")[1] == b"second body" and calls.get("c")["status"] == "PENDING"
+    assert a["timings"]["started"] == "1970-01-01T00:00:10.000Z" and a["timings"]["finished"] == (
+        "1970-01-01T00:00:10.250Z")
+
+
+def test_update_moves_owner_and_next_attempt_and_a_missing_body_is_empty(calls: CallStore) -> None:
+    submit_one(calls, owner="boot-1")
+    assert calls.update([{"id": "c1", "owner": "boot-2", "next_attempt_at": 7.5, "has_result": True}], ()) == 1
+    assert calls.claim("boot-2", 10) == ([], [])  # boot-2 owns it now: not its to claim again
+    (meta,), _ = calls.claim("boot-3", 10)
+    assert meta["next_attempt_at"] == 7.5
+    assert calls.result("c1")[1] == b"" and calls.get("c1")["result"] == ""
+
+
+def test_a_duration_keeps_microseconds(calls: CallStore) -> None:
+    submit_one(calls)
+    calls.update([{"id": "c1", "status": "DONE", "started_at": 100.0, "finished_at": 100.12345678}], ())
+    assert calls.get("c1")["duration_s"] == 0.123457
 
 
 def test_a_finished_call_is_never_reopened_by_a_late_update(calls: CallStore) -> None:
@@ -165,6 +205,8 @@ def test_claim_takes_unfinished_async_calls_of_other_boots_oldest_first(calls: C
     assert [m["id"] for m in metas] == ["old", "new"]
     assert metas[0]["was_running"] is True and metas[1]["was_running"] is False
     assert metas[0]["attempts"] == 1 and metas[0]["queued_at"] == 2.0
+    assert {k: metas[0][k] for k in ("function", "max_attempts", "callback_state", "parent_id", "source")} == {
+        "function": "fn", "max_attempts": 1, "callback_state": None, "parent_id": None, "source": "http"}
     assert calls.get("old")["status"] == "PENDING"  # a claimed call waits for its new owner to run it
     assert [m["id"] for m in calls.claim("me", 10)[0]] == ["free"]
     assert calls.claim("me", 10) == ([], [])
@@ -204,6 +246,8 @@ def test_get_and_result_of_an_unknown_call(calls: CallStore) -> None:
     ("application/json; charset=utf-8", b"[1, 2]", [1, 2]),
     ("application/json", b"not json", "not json"),
     ("text/plain", "h\u00e9".encode(), "h\u00e9"),
+    ("text/plain", b"a\xffb", "a\ufffdb"),
+    ("application/json", b"\xff{", "\ufffd{"),
     ("", b"raw", "raw"),
     ("image/png", b"\x89PNG....", {"content_type": "image/png", "size": 8}),
 ])
@@ -220,6 +264,8 @@ def test_list_is_newest_first_and_filters(calls: CallStore) -> None:
     calls.submit([{"id": "a", "function": "f", "queued_at": 1.0, "source": "http"},
                   {"id": "b", "function": "g", "queued_at": 2.0, "source": "push"},
                   {"id": "c", "function": "f", "queued_at": 3.0, "source": "push", "status": "DEAD"}], (b"",) * 3)
+    calls.update([{"id": "a", "has_result": True, "result_content_type": "text/plain"}], (b"kept back",))
+    assert all("result" not in r for r in calls.list(None, None, 10))  # a listing never carries results
     ids = lambda rows: [r["id"] for r in rows]  # noqa: E731
     assert ids(calls.list(None, None, 10)) == ["c", "b", "a"]
     assert ids(calls.list("f", None, 10)) == ["c", "a"]
@@ -229,7 +275,7 @@ def test_list_is_newest_first_and_filters(calls: CallStore) -> None:
     assert ids(calls.list("f", "DEAD", 10, source="push", before=4)) == ["c"]
     assert ids(calls.list(None, None, 2)) == ["c", "b"]
     assert ids(calls.list(None, None, 0)) == ["c"]  # at least one
-    with pytest.raises(InvalidRequest, match="'SOMETIMES' is not one of PENDING"):
+    with pytest.raises(InvalidRequest, match="'SOMETIMES' is not one of PENDING, RUNNING, DONE, FAILED, DEAD$"):
         calls.list(None, "SOMETIMES", 10)
 
 
@@ -262,7 +308,7 @@ def test_only_a_dead_call_is_redriven(calls: CallStore, status: str) -> None:
     with pytest.raises(Conflict, match=f"call 'c1' is {status}, not DEAD"):
         calls.redrive("c1")
     assert calls.get("c1")["status"] == status
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound, match="call 'nope' not found"):
         calls.redrive("nope")
 
 
@@ -301,6 +347,18 @@ def test_record_sync_keeps_no_payload(calls: CallStore) -> None:
     # a sync record arriving twice (a resent batch) is kept once
     assert calls.record_sync([{"id": "s", "function": "f", "status": "FAILED", "queued_at": 1.0}]) == 1
     assert calls.get("s")["status"] == "DONE"
+    calls.record_sync([{"id": "s2", "function": "f", "status": "FAILED", "queued_at": 1.0, "result_status": 500,
+                        "error": "boom"}])
+    got = calls.get("s2")
+    assert (got["source"], got["result_status"], got["error"], got["cold_start"]) == ("http", 500, "boom", False)
+
+
+def test_a_sync_row_of_eight_fields_is_an_http_entry_call(calls: CallStore) -> None:
+    calls.record_sync_rows([["e", "f", "DONE", 1.0, 2.0, 200, None, False]])
+    got = calls.get("e")
+    assert (got["source"], got["parent_id"]) == ("http", None)
+    with pytest.raises(InvalidRequest, match=r"a sync call row must be \[id, function, status, queued_at,"):
+        calls.record_sync_rows(["abcdefgh"])  # a string of the right length is not a row
 
 
 def test_counts_by_status(calls: CallStore) -> None:
