@@ -181,8 +181,8 @@ class Gateway:
     @classmethod
     def at(cls, key: str, http_port: int, endpoints: dict[str, str], token: str) -> "Gateway":
         url = f"http://127.0.0.1:{http_port}"
-        return cls(key, url, endpoints, httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"}),
-                   httpx.Client(base_url=url, timeout=120))
+        client = httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"})
+        return cls(key, url, endpoints, client, httpx.Client(base_url=url, timeout=120))
 
     def close(self) -> None:
         self.client.close()

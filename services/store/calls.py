@@ -241,8 +241,8 @@ class CallStore:
         if not ids:
             return []
         marks = ", ".join("?" * len(ids))
-        rows = self.db.all(f"SELECT id FROM calls WHERE owner=? AND status IN ('PENDING', 'RUNNING') AND id IN ({marks})",
-                           (owner, *ids))
+        rows = self.db.all("SELECT id FROM calls WHERE owner=? AND status IN ('PENDING', 'RUNNING') AND"
+                           f" id IN ({marks})", (owner, *ids))
         return [r["id"] for r in rows]
 
     def take_callback(self, call_id: str, owner: str) -> bool:

@@ -1,4 +1,5 @@
-"""Several gateways on one store: real services and instances, each gateway its own process, on SQLite and PostgreSQL."""
+"""Several gateways on one store: real services and instances, each gateway its own process, on SQLite and
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from tests.stack import (
 
 pytestmark = pytest.mark.integration
 
-ECHO = "def handler(context, event):\n    body = event.body\n    return {'got': body if not isinstance(body, bytes) else body.decode()}\n"
+ECHO = ("def handler(context, event):\n    body = event.body\n"
+        "    return {'got': body if not isinstance(body, bytes) else body.decode()}\n")
 HELLO = "def handler(context, event):\n    return 'awake'\n"
 # Appends each body it runs to a file in its code directory; the body "runs" lists them (one instance). A body
 # "slow-..." runs for longer than the gateways' claim interval first.
@@ -99,7 +101,8 @@ def test_each_gateway_serves_sync_and_an_async_call_runs_once(two_gateways: Stac
     for gw, id_ in zip((a, b), (health[0]["gateway_id"], health[1]["gateway_id"])):
         m = metrics_of(gw)
         name = "" if gw is a else "gw1"
-        assert m[f'nuclide_gateway_info{{gateway_id="{id_}",gateway_name="{name}"}}'] == 1 and m["nuclide_gateways"] == 2
+        assert m[f'nuclide_gateway_info{{gateway_id="{id_}",gateway_name="{name}"}}'] == 1
+        assert m["nuclide_gateways"] == 2
 
     s.deploy("gecho", {"function.yaml": function_yaml("gecho"), "main.py": ECHO})
     wait_instances(s)
@@ -135,7 +138,8 @@ def test_each_gateway_serves_sync_and_an_async_call_runs_once(two_gateways: Stac
     assert a.client.get(f"/calls/{call_id}/result").text == key
 
 
-def test_a_stalled_gateway_leaves_the_result_and_the_callback_to_the_one_that_took_its_call(two_gateways: Stack) -> None:
+def test_a_stalled_gateway_leaves_the_result_and_the_callback_to_the_one_that_took_its_call(
+        two_gateways: Stack) -> None:
     """Gateway A stops (SIGSTOP) with an async call running, past its liveness: B claims the call and runs it again.
     When A resumes, its late result is not recorded and it posts no callback: one result, one callback."""
     s = two_gateways
@@ -336,8 +340,9 @@ def test_nuclide_up_starts_n_gateways_on_ports_of_their_own(tmp_path: Path) -> N
         ids = {httpx.get(f"{url}/healthz", timeout=5).json()["gateway_id"] for url in urls}
         assert len(ids) == 3, "three gateway processes answer"
         headers = {"Authorization": f"Bearer {up.token}"}
-        r = httpx.put(f"{urls[2]}/gup", headers=headers, timeout=120, files={
-            "zip_file": ("t.zip", make_zip({"function.yaml": function_yaml("gup"), "main.py": ECHO}), "application/zip")})
+        archive = make_zip({"function.yaml": function_yaml("gup"), "main.py": ECHO})
+        r = httpx.put(f"{urls[2]}/gup", headers=headers, timeout=120,
+                      files={"zip_file": ("t.zip", archive, "application/zip")})
         assert r.status_code == 200, r.text
         for i, url in enumerate(urls):
             got = wait_for(lambda: (r := httpx.post(f"{url}/gup", content=f"via {i}", timeout=30)).status_code == 200

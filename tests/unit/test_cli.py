@@ -1025,7 +1025,8 @@ def test_up_gateways_refuses_a_count_that_is_not_positive(capsys: pytest.Capture
     assert needle in captured.err and captured.out == "", "nothing starts and no port is printed"
 
 
-def test_up_gateways_each_on_ports_of_its_own(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_up_gateways_each_on_ports_of_its_own(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NUCLIDE_CONFIG", raising=False)
     for key in ("PORT_BASE", "HTTP_PORT", "STORE_RPC", "STORE_PUB", "DEPLOYER_RPC", "GATEWAY_ROUTER", "GATEWAY_PULL",
                 "GATEWAY_SUB", "GATEWAY_PUB", "GATEWAYS", "GATEWAY_NAME"):

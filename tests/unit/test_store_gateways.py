@@ -59,7 +59,8 @@ def test_a_silent_gateway_is_gone_and_a_bye_removes_one_at_once(st: StoreState, 
     assert [(k, d["id"]) for k, d in events] == [("gateway.gone", "a")]
     assert [g["id"] for g in result["gateways"]] == ["b"]
     result, events = st.gateway_bye("b")
-    assert result == {"removed": True} and [(k, d["id"], d["reason"]) for k, d in events] == [("gateway.gone", "b", "stopped")]
+    assert result == {"removed": True}
+    assert [(k, d["id"], d["reason"]) for k, d in events] == [("gateway.gone", "b", "stopped")]
     assert st.gateway_bye("b") == ({"removed": False}, [])
     assert st.live_gateways(TTL_S) == []
 
