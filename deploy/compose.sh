@@ -5,7 +5,8 @@
 #   deploy/compose.sh down   stop and remove the containers (function containers included); the state
 #                            volume stays (`docker-compose down -v` removes it too)
 # Ports: NUCLIDE_PORT_BASE=N gives the stack ports N to N+7 as it does for `nuclide up`; a NUCLIDE_<NAME>_PORT
-# of docker-compose.yml set on its own still wins. PYTHON is nuclide's interpreter (the Makefile's .venv).
+# of docker-compose.yml set on its own still wins. NUCLIDE_GATEWAYS=2 starts a second gateway (the compose profile
+# `gateways`) at the first one's ports plus 10. PYTHON is nuclide's interpreter (the Makefile's .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v docker-compose >/dev/null; then COMPOSE=(docker-compose)
@@ -17,8 +18,16 @@ PY=${PYTHON:-.venv/bin/python}
 case "${1:-}" in
 up)
     command -v "$PY" >/dev/null || { echo "$PY not found: run make install, or set PYTHON" >&2; exit 1; }
-    # The ports as `nuclide up` derives and checks them (a bad NUCLIDE_PORT_BASE stops here, with its name).
+    # The ports as `nuclide up` derives and checks them (a bad NUCLIDE_PORT_BASE or NUCLIDE_GATEWAYS stops here,
+    # with its name); docker-compose.yml has one further gateway at most.
     ports="$("$PY" -m services.cli.main up --print-ports)"
+    gateways=${NUCLIDE_GATEWAYS:-1}
+    if [ "$gateways" -gt 2 ]; then
+        echo "NUCLIDE_GATEWAYS=$gateways: docker-compose.yml runs 2 gateways at most (\`nuclide up --gateways N\` runs" \
+             "up to 16)" >&2
+        exit 2
+    fi
+    [ "$gateways" -lt 2 ] || export COMPOSE_PROFILES=gateways
     while read -r key port; do
         var=NUCLIDE_${key^^}
         [ "$key" = http_port ] || var=${var}_PORT
@@ -36,6 +45,19 @@ up)
              "Is another stack on its ports ($(tr '\n' ' ' <<< "$ports"))? NUCLIDE_PORT_BASE=N moves this one" >&2
         exit 1
     fi
+    if [ "$gateways" -ge 2 ]; then
+        second="$("${COMPOSE[@]}" ps -q gateway-1)"
+        for _ in $(seq "$HEALTH_TIMEOUT_S"); do
+            status="$(docker inspect --format '{{.State.Health.Status}}' "$second" 2>/dev/null || echo gone)"
+            [ "$status" = healthy ] && break
+            sleep 1
+        done
+        if [ "$status" != healthy ]; then
+            echo "gateway-1 is not healthy after ${HEALTH_TIMEOUT_S} s ($status); see: ${COMPOSE[*]} logs gateway-1" >&2
+            exit 1
+        fi
+        printf 'gateway-1: http://127.0.0.1:%s\n' "$NUCLIDE_GATEWAY1_HTTP_PORT"
+    fi
     url="http://127.0.0.1:$NUCLIDE_HTTP_PORT"
     project="$(docker inspect --format '{{index .Config.Labels "com.docker.compose.project"}}' "$gateway")"
     again="${COMPOSE[*]} -f $PWD/docker-compose.yml -p $project exec -T gateway cat /var/lib/nuclide/token"
@@ -50,7 +72,7 @@ up)
     fi
     ;;
 down)
-    "${COMPOSE[@]}" down
+    COMPOSE_PROFILES=gateways "${COMPOSE[@]}" down  # the second gateway too, if it runs
     ;;
 *)
     echo "usage: $0 up|down" >&2

@@ -17,6 +17,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import socket
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -71,6 +72,14 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     public_host: str = ""  # host tasks use to reach the gateway; defaults to http_host
+    # several gateways: each is a full HTTP API and broker with its own ports; gateways sharing a var_dir (one
+    # machine) need distinct names, which name their instance-link sockets; `nuclide up` starts ``gateways``
+    gateway_name: str = ""
+    gateways: int = 1
+    # where services and instances on other machines reach this gateway's ROUTER and PUB; empty: the bound
+    # endpoint, with a wildcard host (0.0.0.0, *, ::) replaced by public_host (else this machine's name)
+    gateway_router_advertise: str = ""
+    gateway_pub_advertise: str = ""
     # the Nuclio Fusionizer's scripts unchanged: no token on the control API (loopback only), and plain-text
     # answers for curl's default Accept: */*
     fusionizer_mode: bool = False
@@ -160,8 +169,20 @@ class Settings:
 
     @property
     def instance_link(self) -> str:
-        """The gateway's ROUTER as sandboxed instances reach it: a unix socket, bound into each instance."""
-        return f"ipc://{self.var_dir.resolve() / 'run' / 'link' / 'gateway.sock'}"
+        """The gateway's ROUTER as sandboxed instances reach it: a unix socket, bound into each instance (the
+        whole link directory is, so a gateway started later on this machine is reachable too)."""
+        sock = f"gateway-{self.gateway_name}.sock" if self.gateway_name else "gateway.sock"
+        return f"ipc://{self.var_dir.resolve() / 'run' / 'link' / sock}"
+
+    @property
+    def router_advertised(self) -> str:
+        """The gateway's ROUTER as instances on another machine reach it."""
+        return self.gateway_router_advertise or advertise(self.gateway_router, self.public_host)
+
+    @property
+    def pub_advertised(self) -> str:
+        """The gateway's PUB of call traces as the optimizer reaches it."""
+        return self.gateway_pub_advertise or advertise(self.gateway_pub, self.public_host)
 
     def sandbox_warning(self) -> str | None:
         """What /healthz, the deployer's start and every deploy response say when functions run unsandboxed."""
@@ -212,6 +233,26 @@ class Settings:
             raise ConfigError(f"var_dir {str(self.var_dir)!r} is too deep: the instances' socket {link} would be"
                               f" longer than {MAX_IPC_PATH_BYTES} bytes, the limit of a unix socket's path;"
                               " choose a shorter var_dir")
+        if self.gateway_name and not GATEWAY_NAME.match(self.gateway_name):
+            raise ConfigError(f"gateway_name {self.gateway_name!r} must be 1-32 letters, digits, '-' or '_' (it names"
+                              " the gateway's socket file)")
+        if not 1 <= self.gateways <= MAX_GATEWAYS:
+            raise ConfigError(f"gateways {self.gateways} is out of range 1-{MAX_GATEWAYS} (how many gateways"
+                              " `nuclide up` starts on this machine); set it with NUCLIDE_GATEWAYS=N or"
+                              " `nuclide up --gateways N`")
+        if self.gateways > 1:
+            ports = [self.http_port] + [int(e.rpartition(":")[2]) for e in (self.gateway_router, self.gateway_pull,
+                                        self.gateway_sub, self.gateway_pub) if e.rpartition(":")[2].isdigit()]
+            top = max(ports) + GATEWAY_PORT_STRIDE * (self.gateways - 1)
+            if top > 65535:
+                raise ConfigError(f"gateways {self.gateways} would need port {top}, past 65535 (gateway i takes the"
+                                  f" first one's ports plus {GATEWAY_PORT_STRIDE}*i); start fewer gateways or give"
+                                  " the stack lower ports (`nuclide up --port-base N`)")
+        for key in ("gateway_router_advertise", "gateway_pub_advertise"):
+            value = getattr(self, key)
+            if value and (not value.startswith("tcp://") or wildcard(value)):
+                raise ConfigError(f"{key} {value!r} must be a tcp:// endpoint with a host others can reach (not"
+                                  " 0.0.0.0, * or ::), such as tcp://gw1.example:5560")
         if not 0 < self.http_port < 65536:
             raise ConfigError(f"http_port {self.http_port} is out of range 1-65535")
         if self.fusionizer_mode and not is_loopback(self.http_host):
@@ -269,6 +310,43 @@ class Settings:
                 value = "true" if value else "false"
             env[f"NUCLIDE_{f.name.upper()}"] = str(value)
         return env
+
+
+GATEWAY_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+MAX_GATEWAYS = 16  # gateways `nuclide up` starts on one machine; each takes GATEWAY_PORT_STRIDE ports further on
+GATEWAY_PORT_STRIDE = 10  # gateway i (from 0) of `nuclide up` takes its ports at this offset times i
+_WILDCARDS = ("0.0.0.0", "*", "::", "[::]")
+
+
+def wildcard(endpoint: str) -> bool:
+    """True when a tcp:// endpoint binds every address, so it says nothing about where to reach it."""
+    host = endpoint[len("tcp://"):].rpartition(":")[0]
+    return host in _WILDCARDS
+
+
+def advertise(endpoint: str, public_host: str) -> str:
+    """Where others reach a bound endpoint: the same, unless it binds a wildcard, then public_host (else the
+    machine's name)."""
+    if not endpoint.startswith("tcp://") or not wildcard(endpoint):
+        return endpoint
+    port = endpoint.rpartition(":")[2]
+    return f"tcp://{public_host or socket.gethostname()}:{port}"
+
+
+def gateway_settings(settings: "Settings", index: int) -> dict[str, str]:
+    """The environment that makes gateway ``index`` (from 0) of `nuclide up` distinct from the others on one
+    machine: its name and its ports, GATEWAY_PORT_STRIDE * index further on (gateway 0 keeps the settings)."""
+    if index == 0:
+        return {}
+    shift = GATEWAY_PORT_STRIDE * index
+    env = {"NUCLIDE_GATEWAY_GATEWAY_NAME": f"{settings.gateway_name or 'gw'}{index}",
+           "NUCLIDE_GATEWAY_HTTP_PORT": str(settings.http_port + shift)}
+    for key in ("gateway_router", "gateway_pull", "gateway_sub", "gateway_pub"):
+        endpoint = getattr(settings, key)
+        head, _, port = endpoint.rpartition(":")
+        if port.isdigit():
+            env[f"NUCLIDE_GATEWAY_{key.upper()}"] = f"{head}:{int(port) + shift}"
+    return env
 
 
 def is_loopback(host: str) -> bool:

@@ -167,9 +167,35 @@ def io_uring_rings(pid: int) -> int:
     return count
 
 
+class Gateway:
+    """One gateway of a stack as a test reaches it: its name (its process's key in Stack.procs), HTTP URL and
+    ZeroMQ endpoints, and HTTP clients (with and without the token)."""
+
+    def __init__(self, key: str, url: str, endpoints: dict[str, str], client: httpx.Client, anon: httpx.Client) -> None:
+        self.key = key
+        self.url = url
+        self.endpoints = endpoints
+        self.client = client
+        self.anon = anon
+
+    @classmethod
+    def at(cls, key: str, http_port: int, endpoints: dict[str, str], token: str) -> "Gateway":
+        url = f"http://127.0.0.1:{http_port}"
+        client = httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"})
+        return cls(key, url, endpoints, client, httpx.Client(base_url=url, timeout=120))
+
+    def close(self) -> None:
+        self.client.close()
+        self.anon.close()
+
+
 class Stack:
-    def __init__(self, var_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, var_dir: Path, env: dict[str, str] | None = None, gateways: int = 1) -> None:
+        """``gateways``: how many gateways :meth:`start` starts; the first is ``gateway`` (``self.url``,
+        ``self.client``, ``self.endpoints``), the others ``gateway-1``... on ports of their own, all in
+        ``self.gateways``. More can be started later with :meth:`start_gateway`."""
         self.var_dir = var_dir
+        self.gateway_count = gateways
         self.http_port = free_port()
         self.token = "test-token-" + os.urandom(6).hex()
         ports = {k: free_port() for k in ("store_rpc", "store_pub", "deployer_rpc", "gateway_router",
@@ -196,6 +222,12 @@ class Stack:
         self.logs: dict[str, Path] = {}
         self.client = httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {self.token}"})
         self.anon = httpx.Client(base_url=self.url, timeout=120)
+        self.more_gateways: list[Gateway] = []  # after the first, whose URL, endpoints and clients are the stack's
+
+    @property
+    def gateways(self) -> list[Gateway]:
+        """Every gateway, the first (``gateway``: this stack's own url, endpoints and clients) first."""
+        return [Gateway("gateway", self.url, self.endpoints, self.client, self.anon), *self.more_gateways]
 
     # ----- lifecycle --------------------------------------------------------------
 
@@ -214,8 +246,27 @@ class Stack:
         """Start every service and wait until the stack is healthy; a service that dies meanwhile fails the test."""
         for name in SERVICES:
             self.start_service(name)
+        for _ in range(1, self.gateway_count):
+            self.start_gateway(wait=False)
         self.wait_healthy()
         return self
+
+    def start_gateway(self, wait: bool = True) -> Gateway:
+        """Start one more gateway (``gateway-<i>``): ports of its own, the same store, deployer and var_dir;
+        with ``wait``, return once it answers /healthz."""
+        key = f"gateway-{len(self.more_gateways) + 1}"
+        ports = {k: free_port() for k in ("gateway_router", "gateway_pull", "gateway_sub", "gateway_pub")}
+        endpoints = {**self.endpoints, **{k: f"tcp://127.0.0.1:{p}" for k, p in ports.items()}}
+        http_port = free_port()
+        gw = Gateway.at(key, http_port, endpoints, self.token)
+        self.more_gateways.append(gw)
+        self.start_service("gateway", {"NUCLIDE_GATEWAY_GATEWAY_NAME": key.replace("gateway-", "gw"),
+                                       "NUCLIDE_GATEWAY_HTTP_PORT": str(http_port),
+                                       **{f"NUCLIDE_GATEWAY_{k.upper()}": v for k, v in gw.endpoints.items()
+                                          if k in ports}}, key=key)
+        if wait:
+            self.wait_healthy()
+        return gw
 
     def wait_healthy(self, timeout_s: float = 30.0) -> None:
         def healthy() -> bool:
@@ -225,7 +276,9 @@ class Stack:
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
                     log = self.service_log(name)[-6000:]
                     raise ServiceDied(f"{name} {how} while the stack started; its log:\n{log}")
-            return self.anon.get("/healthz", timeout=2).status_code == 200
+            # the first gateway, and the others still running (a test may have killed one)
+            running = [gw for gw in self.more_gateways if gw.key in self.procs and self.procs[gw.key].poll() is None]
+            return all(gw.anon.get("/healthz", timeout=2).status_code == 200 for gw in [self.gateways[0], *running])
 
         wait_for(healthy, timeout_s, what="a healthy stack")
 
@@ -243,8 +296,8 @@ class Stack:
     def stop(self) -> None:
         for name in ("optimizer", "deployer", "gateway", *(k for k in self.procs if k not in SERVICES), "store"):
             self.stop_service(name)
-        self.client.close()
-        self.anon.close()
+        for gw in self.gateways:
+            gw.close()
 
     def service_log(self, name: str) -> str:
         path = self.logs.get(name)

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-base", type=_port_base, metavar="N",
                    help="ports N to N+7 for HTTP and the ZeroMQ endpoints (env NUCLIDE_PORT_BASE); a port set on its"
                    " own wins")
+    p.add_argument("--gateways", type=_positive_int, metavar="N",
+                   help="start N gateways, each a full HTTP API with ports of its own: gateway i (from 0) at the"
+                   " first one's ports plus 10*i (env NUCLIDE_GATEWAYS; default 1)")
     p.add_argument("--print-ports", action="store_true",
                    help="print the stack's ports (one `setting port` line each) and exit, starting nothing")
 
@@ -178,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.cli.up import print_ports, run
 
         try:
-            settings = load_settings("up", **({"port_base": opts.port_base} if opts.port_base is not None else {}))
+            overrides: dict = {"port_base": opts.port_base} if opts.port_base is not None else {}
+            if opts.gateways is not None:
+                overrides["gateways"] = opts.gateways
+            settings = load_settings("up", **overrides)
         except ConfigError as exc:
             print(f"nuclide: {exc}", file=sys.stderr)
             return 2

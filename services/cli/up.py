@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from services.cli.client import CliError
 from services.cli.stacks import StackEntry, record_stack
 from shared.auth import load_or_create_token, token_path
-from shared.config import PORT_BASE_HOW, PORT_KEYS, Settings
+from shared.config import PORT_BASE_HOW, PORT_KEYS, Settings, gateway_settings
 
 SERVICES = ("store", "deployer", "gateway", "optimizer")
 STOP_ORDER = ("optimizer", "deployer", "gateway", "store")  # instances drain against a live gateway
@@ -44,6 +44,8 @@ def record_for_cli(settings: Settings, token: str) -> str:
 @dataclass
 class Child:
     name: str
+    service: str = ""  # the program (services.<service>); the name when empty
+    env: dict[str, str] = field(default_factory=dict)  # what sets this one apart (a second gateway's ports)
     proc: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
     next_start: float = 0.0
@@ -54,6 +56,9 @@ class Supervisor:
         self.settings = settings
         self.token = token
         self.children = {name: Child(name) for name in SERVICES}
+        # gateways after the first: a name and ports of their own (shared.config.gateway_settings)
+        for index in range(1, settings.gateways):
+            self.children[f"gateway-{index}"] = Child(f"gateway-{index}", "gateway", gateway_settings(settings, index))
         self.stopping = False
         env = dict(os.environ)
         env.update(settings.child_env())
@@ -63,12 +68,17 @@ class Supervisor:
         self.env = env
 
     def start(self, child: Child) -> None:
-        child.proc = subprocess.Popen([sys.executable, "-m", f"services.{child.name}"], env=self.env,
-                                      stdin=subprocess.DEVNULL, process_group=0)
+        child.proc = subprocess.Popen([sys.executable, "-m", f"services.{child.service or child.name}"],
+                                      env={**self.env, **child.env}, stdin=subprocess.DEVNULL, process_group=0)
 
     def start_all(self) -> None:
-        for name in SERVICES:
-            self.start(self.children[name])
+        for child in self.children.values():
+            self.start(child)
+
+    def urls(self) -> list[str]:
+        """Every gateway's base URL, the first one's first."""
+        more = [int(c.env["NUCLIDE_GATEWAY_HTTP_PORT"]) for c in self.children.values() if c.env]
+        return [self.settings.http_url] + [self.settings.replace(http_port=port).http_url for port in more]
 
     def poll(self) -> None:
         now = time.monotonic()
@@ -88,19 +98,25 @@ class Supervisor:
 
     def wait_healthy(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
+        waiting = self.urls()
         while time.monotonic() < deadline and not self.stopping:
             self.poll()
-            try:
-                with urllib.request.urlopen(self.settings.http_url + "/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return True
-            except (urllib.error.URLError, OSError):
-                pass
+            for url in list(waiting):
+                try:
+                    with urllib.request.urlopen(url + "/healthz", timeout=1) as resp:
+                        if resp.status == 200:
+                            waiting.remove(url)
+                except (urllib.error.URLError, OSError):
+                    pass
+            if not waiting:
+                return True
             time.sleep(0.1)
         return False
 
     def stop_all(self) -> None:
-        for name in STOP_ORDER:
+        extra = [name for name in self.children if name not in SERVICES]
+        order = [n for name in STOP_ORDER for n in ([name, *extra] if name == "gateway" else [name])]
+        for name in order:
             child = self.children[name]
             if child.proc is None or child.proc.poll() is not None:
                 continue
@@ -118,7 +134,14 @@ def busy_ports(settings: Settings) -> list[str]:
     import socket
 
     busy = []
-    for key, host, port in settings.ports():
+    ports = settings.ports()
+    for index in range(1, settings.gateways):
+        for key, value in gateway_settings(settings, index).items():
+            port = value.rpartition(":")[2]
+            if port.isdigit():
+                ports.append((f"{key} of gateway {index}", settings.http_host if key.endswith("HTTP_PORT") else
+                              value[len("tcp://"):].rpartition(":")[0], int(port)))
+    for key, host, port in ports:
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -136,9 +159,17 @@ def busy_message(busy: list[str], settings: Settings) -> str:
 
 
 def print_ports(settings: Settings) -> int:
-    """`nuclide up --print-ports`: one "setting port" line per TCP port, what `make up` hands to compose."""
+    """`nuclide up --print-ports`: one "setting port" line per TCP port, what `make up` hands to compose; with
+    several gateways, each further one's as ``gateway<i>_http``, ``gateway<i>_router``, ... (compose's
+    NUCLIDE_GATEWAY<i>_HTTP_PORT, ...)."""
     for key, _host, port in settings.ports():
         print(key, port)
+    for index in range(1, settings.gateways):
+        for key, value in gateway_settings(settings, index).items():
+            port = value.rpartition(":")[2]
+            if port.isdigit():
+                short = key[len("NUCLIDE_GATEWAY_"):].lower().replace("gateway_", "").replace("_port", "")
+                print(f"gateway{index}_{short}", port)
     return 0
 
 
@@ -166,9 +197,11 @@ def run(settings: Settings) -> int:
                 return 1
             return 0
         recorded = record_for_cli(settings, token)
+        more = "".join(f"  gateway {i}: {url}\n" for i, url in enumerate(sup.urls()[1:], start=1))
         print(
             "\nnuclide is up\n"
             f"  URL:    {settings.http_url}\n"
+            f"{more}"
             f"  token:  {token}\n"
             f"  state:  {settings.var_dir}\n"
             f"  CLI:    {recorded}\n"

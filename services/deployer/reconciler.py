@@ -68,12 +68,14 @@ class Reconciler:
         self._kick_pending = False
         self.synced = False
         self.closing = False  # set on shutdown: nothing new is started after it
+        self.gateways: dict[str, dict[str, Any]] = {}  # live gateways: a new instance connects to each
 
     # ----- state from the store -------------------------------------------------------
 
     def on_snapshot(self, snap: dict[str, Any]) -> None:
         self.groups = {g["id"]: g for g in snap.get("groups", [])}
         self.function_groups = {f["name"]: f["group"]["id"] for f in snap.get("functions", [])}
+        self.gateways = {g["id"]: g for g in snap.get("gateways", [])}
         for inst in snap.get("instances", []):
             if inst.get("state") == "ready":
                 self.ever_ready.add(inst["id"])
@@ -117,6 +119,12 @@ class Reconciler:
             inst = data["instance"]
             if inst.get("state") == "ready":
                 self.ever_ready.add(inst["id"])
+        elif kind == "gateway.changed":
+            self.gateways[data["gateway"]["id"]] = data["gateway"]
+            return  # nothing to reconcile: running instances learn of it from the gateways' heartbeats
+        elif kind == "gateway.gone":
+            self.gateways.pop(data["id"], None)
+            return
         self.kick()
 
     # ----- the loop -------------------------------------------------------------------
@@ -341,7 +349,7 @@ class Reconciler:
                 inst_id = f"{group['id']}-v{group['version']}-{secrets.token_hex(3)}"
                 log_path = self.settings.var_dir.resolve() / "logs" / group["id"] / f"{inst_id}.log"
                 spec = InstanceSpec(inst_id, group["id"], int(group["version"]), functions, memory, log_path,
-                                    extra=dict(extra))
+                                    extra={**extra, "gateways": list(self.gateways.values())})
                 # its READY may reach the store before the backend has its handle: not "gone" meanwhile
                 self.launching.add(inst_id)
                 try:

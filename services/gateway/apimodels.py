@@ -207,6 +207,8 @@ class OptimizerStatus(_Open):
     best_setup: list[list[str]] | None
     best_median_ms: float | None
     updated_at: float | None = None
+    traced: dict[str, Any] | None = Field(None, description="entry calls and call edges heard since the optimizer"
+                                          " started, and the PUB endpoints of the gateways it follows")
     scaling: dict[str, Any] | None = Field(None, description="the autoscaler: its windows, per group the decision"
                                            " and its evidence (observed, stable and panic concurrency, panic, desired,"
                                            " current, ready, reason), and the latest replica changes")
@@ -221,6 +223,8 @@ class Health(_Open):
     deployer: bool
     status: Literal["ok", "degraded"]
     error: str | None = None
+    gateway_id: str = Field("", description="the boot id of the gateway that answered")
+    gateways: int = Field(1, description="live gateways this one knows of, itself included")
 
 
 class RootInfo(_Open):

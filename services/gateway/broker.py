@@ -47,7 +47,7 @@ STUCK_GRACE_S = 1.0
 
 class Instance:
     __slots__ = ("id", "group", "group_version", "functions", "credit", "concurrency", "inflight", "last_seen",
-                 "pid", "draining", "avg_s", "batch", "outbox")
+                 "pid", "draining", "avg_s", "batch", "outbox", "last_call_at")
 
     def __init__(self, ident: bytes, header: dict[str, Any]) -> None:
         self.id = ident
@@ -66,6 +66,14 @@ class Instance:
         self.inflight: dict[str, Call] = {}
         self.last_seen = time.monotonic()
         self.draining = False
+        self.last_call_at = 0.0
+        self.note_idle(header)
+
+    def note_idle(self, header: dict[str, Any]) -> None:
+        """When the instance last finished a call, through any gateway (its READY's and HEARTBEAT's idle_s)."""
+        idle_s = header.get("idle_s")
+        if isinstance(idle_s, (int, float)) and not isinstance(idle_s, bool) and idle_s >= 0:
+            self.last_call_at = max(self.last_call_at, time.monotonic() - idle_s)
 
     def room(self, now: float) -> int:
         """How many more calls to send now: the full credit while calls are fast, else the concurrency."""
@@ -119,9 +127,11 @@ class Broker:
                  on_ready: Callable[[Instance], None], on_gone: Callable[[Instance, str], None],
                  on_call: Callable[[bytes, protocol.Message], None] | None = None,
                  on_stuck: Callable[[Instance, Call], None] | None = None,
-                 on_reports: Callable[[dict[str, Any]], None] | None = None, link: str = "") -> None:
+                 on_reports: Callable[[dict[str, Any]], None] | None = None, link: str = "",
+                 peers: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         """``link``: a second, ``ipc://`` endpoint of the same ROUTER, for sandboxed instances, which have no
-        route to the host's loopback; its socket file is made connectable by their uids."""
+        route to the host's loopback; its socket file is made connectable by their uids. ``peers``: the live
+        gateways (shared/gateways.py), told to every instance in HEARTBEATs so it connects to each of them."""
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished instance raises, so we notice
@@ -149,6 +159,7 @@ class Broker:
         # the task calls an instance served in-process: a RESULT's or HEARTBEAT's "edges" and "failed_calls"
         self._on_reports = on_reports
         self._on_stuck = on_stuck
+        self._peers = peers
         self._loop = asyncio.get_running_loop()
         self._asock = AsyncSocket(sock, self._on_message)
         self._send = self._asock.send
@@ -334,6 +345,8 @@ class Broker:
         elif cmd == protocol.HEARTBEAT or cmd == protocol.READY:
             if inst is None or cmd == protocol.READY:
                 self._register(ident, msg.header, inst)
+            else:
+                inst.note_idle(msg.header)
         elif cmd == protocol.BYE:
             self._on_bye(ident, inst)
         elif cmd == protocol.CALL and self._on_call is not None:
@@ -375,6 +388,10 @@ class Broker:
         log.info("instance ready", **inst.describe())
         if old is None:
             self._on_ready(inst)
+            try:  # the other gateways at once, not a heartbeat later: it registers with them too
+                self._send([ident, *self._beat()])
+            except zmq.ZMQError:
+                pass
         for waiter in list(self.ready_waiters):
             match, fut = waiter
             if not fut.done() and match(inst):
@@ -477,10 +494,16 @@ class Broker:
 
     # ----- liveness ----------------------------------------------------------------
 
+    def _beat(self) -> list[bytes]:
+        """A HEARTBEAT to an instance, naming the live gateways (what an instance needs to connect to each)."""
+        peers = self._peers() if self._peers is not None else []
+        return protocol.encode(protocol.HEARTBEAT, {"gateways": [
+            {k: p.get(k, "") for k in ("id", "host", "router", "link")} for p in peers]})
+
     async def _sweep(self) -> None:
-        beat = protocol.encode(protocol.HEARTBEAT, {})
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            beat = self._beat()
             now = time.monotonic()
             limit = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
             for inst in list(self.instances.values()):

@@ -14,7 +14,10 @@ gateway's boot id; at start, and every few seconds, the gateway claims the
 non-final calls nobody alive owns (a previous boot's, redriven ones), so calls
 that were RUNNING when a gateway, store or instance died run again, counted in
 ``attempts``. A callback is marked ``sending`` durably before it is POSTed, so a
-crash never reports one attempt's result twice.
+crash never reports one attempt's result twice. Every write to a call is fenced by
+ownership, and only the owner takes its callback: a gateway that stalled past its
+liveness (its calls claimed by another) records and posts nothing late, holds its
+dispatches until the store says which calls are still its own, and forgets the rest.
 
 The gateway keeps at most ASYNC_INFLIGHT_MAX calls in memory; beyond that new
 calls are stored unowned and claimed as room frees up, so async calls wait in
@@ -34,6 +37,7 @@ import httpx
 from shared import protocol
 from shared.errors import DeadlineExceeded, InvalidRequest, NotFound, NuclideError, Unavailable
 from shared.failures import bounded, result_error
+from shared.gateways import GATEWAY_TTL_S
 from shared.logs import get_logger
 from shared.netpolicy import CallbackPolicy
 from shared.triggers import DEFAULT_RETRY, backoff_s
@@ -54,6 +58,7 @@ UPDATE_FLUSH_S = 0.02
 RECORD_FLUSH_S = 0.1
 CLAIM_INTERVAL_S = 2.0
 STORE_RETRY_S = 0.5
+OWNED_BATCH = 500  # call ids per ownership check after a stall
 SUBMIT_TIMEOUT_S = 15.0  # an async submission not stored by then is refused (503), never half-accepted
 CALLBACK_TIMEOUT_S = 10.0
 _CALL_ID = re.compile(r"^[A-Za-z0-9._:-]{1,80}$")
@@ -86,6 +91,7 @@ class CallsHost(Protocol):
 
     settings: Settings
     boot_id: str
+    beat_ok_at: float  # monotonic time of this gateway's last beat the store took (shared/gateways.py)
     functions: dict[str, Any]
     store: RpcClient | None
     broker: Broker | None
@@ -112,6 +118,9 @@ class AsyncCalls:
         self._tasks: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
         self.counters = {"submitted": 0, "done": 0, "dead": 0, "failed": 0, "retried": 0, "ingress_dropped": 0}
+        # after a stall past GATEWAY_TTL_S (see hold()): calls not dispatched until the store says they are still ours
+        self.holding = False
+        self.held: dict[str, AsyncCall] = {}
 
     def start(self) -> None:
         self._http = httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S, trust_env=False)
@@ -225,7 +234,45 @@ class AsyncCalls:
 
     # ----- dispatch -------------------------------------------------------------------
 
+    # ----- ownership after a stall ----------------------------------------------------------
+
+    def hold(self) -> None:
+        """This gateway's beats stopped reaching the store for longer than GATEWAY_TTL_S (it was stopped, starved or
+        cut off): other gateways may have claimed its calls and run them. Dispatch nothing until
+        :meth:`resume_after_stall` has asked the store which calls are still this gateway's."""
+        if not self.holding:
+            log.warning("this gateway was not heard by the store for too long; holding async calls until the store"
+                        " says which are still ours")
+        self.holding = True
+
+    def stalled(self) -> bool:
+        return self.holding or time.monotonic() - self.gw.beat_ok_at > GATEWAY_TTL_S
+
+    async def resume_after_stall(self) -> None:
+        """Forget the calls another gateway took meanwhile (their late results are fenced off by the store), then
+        dispatch the held ones that are still ours."""
+        assert self.gw.store is not None
+        ids = list(self.inflight)
+        owned: set[str] = set()
+        for i in range(0, len(ids), OWNED_BATCH):
+            owned.update(await self.gw.store.call("calls.owned", {"owner": self.boot, "ids": ids[i:i + OWNED_BATCH]},
+                                                  timeout_s=5.0))
+        lost = [call_id for call_id in ids if call_id not in owned]
+        for call_id in lost:
+            self.inflight.pop(call_id, None)
+            self.held.pop(call_id, None)
+        if lost:
+            log.warning("async calls taken over by another gateway while this one stalled", count=len(lost))
+        self.holding = False
+        held, self.held = self.held, {}
+        for ac in held.values():
+            if ac.id in self.inflight:
+                self._dispatch(ac)
+
     def _dispatch(self, ac: AsyncCall) -> None:
+        if self.stalled():
+            self.held[ac.id] = ac
+            return
         gw = self.gw
         info = gw.functions.get(ac.function)
         now = time.time()
@@ -319,10 +366,13 @@ class AsyncCalls:
 
     async def _callback(self, ac: AsyncCall, status: str, code: int | None, content_type: str, body: bytes,
                         error: str | None) -> None:
-        # durable 'sending' first: after a crash this attempt's result is never posted again
+        # durable 'sending' first, and only by the call's owner: after a crash this attempt's result is never
+        # posted again, and a gateway that stalled past its liveness (its call claimed and run by another) posts
+        # nothing
         await self._flush_updates_now()
-        self._update({"id": ac.id, "callback_state": "sending"})
-        await self._flush_updates_now()
+        if not await self._take_callback(ac.id):
+            log.info("callback left to the gateway that owns the call now", call_id=ac.id)
+            return
         duration = time.time() - ac.queued_at
         headers = {"X-Call-Id": ac.id, "X-Function-Status": str(code if code is not None else 500),
                    "X-Call-Status": status, "X-Duration-Seconds": f"{duration:.6f}",
@@ -340,6 +390,17 @@ class AsyncCalls:
         except httpx.HTTPError as exc:
             log.warning("callback failed", call_id=ac.id, url=ac.callback_url, error=str(exc))
         self._update({"id": ac.id, "callback_state": state})
+
+    async def _take_callback(self, call_id: str) -> bool:
+        assert self.gw.store is not None
+        while True:
+            try:
+                reply = await self.gw.store.call("calls.take_callback", {"id": call_id, "owner": self.boot},
+                                                 timeout_s=5.0)
+                return bool(reply["taken"])
+            except NuclideError as exc:
+                log.warning("store unavailable to take a callback; will retry", call_id=call_id, error=exc.message)
+                await asyncio.sleep(STORE_RETRY_S)
 
     # ----- batched writes -------------------------------------------------------------
 
@@ -363,7 +424,8 @@ class AsyncCalls:
         while self._updates:
             ids = list(self._updates)[:512]
             batch = [self._updates.pop(i) for i in ids]
-            updates = [u for u, _ in batch]
+            # each write is fenced by this gateway's ownership (services/store/calls.py)
+            updates = [{**u, "if_owner": self.boot} for u, _ in batch]
             bodies = [b or b"" for u, b in batch if u.get("has_result")]
             try:
                 assert self.gw.store is not None

@@ -171,6 +171,9 @@ def build_control_app(gw: Gateway) -> FastAPI:
             parts["error"] = str(exc)
         ok = parts["store"] and parts["deployer"] and gw.feed is not None and gw.feed.synced.is_set()
         parts["status"] = "ok" if ok else "degraded"
+        # which gateway answered (its boot id) and how many are live: with several, each answers for itself
+        parts["gateway_id"] = gw.boot_id
+        parts["gateways"] = len(gw.gateways)
         if gw.settings.fusionizer_mode:
             parts["fusionizer_mode"] = True
             parts["warning"] = FUSIONIZER_MODE_WARNING

@@ -26,6 +26,7 @@ from shared.errors import (
     DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unavailable,
 )
 from shared.failures import bounded, result_error
+from shared.gateways import GATEWAY_BEAT_S, GATEWAY_TTL_S, gateway_record
 from shared.logs import get_logger
 from shared.names import invoke_target
 from shared.statefeed import StateFeed
@@ -157,6 +158,9 @@ class Gateway:
         self.regroup_waiters: dict[int, asyncio.Future] = {}  # regroup id -> its record once it ended
         self._prefix = os.urandom(4).hex()
         self.boot_id = self._prefix  # owner of the async calls this gateway process dispatches
+        self.record = gateway_record(settings, self.boot_id)  # what the store's feed tells of this gateway
+        self.gateways: dict[str, dict[str, Any]] = {self.boot_id: self.record}  # live gateways, this one too
+        self.beat_ok_at = time.monotonic()  # when the store last took this gateway's beat
         self._counter = itertools.count(1)
         self.started_at = time.time()
         self.store: RpcClient | None = None
@@ -187,9 +191,10 @@ class Gateway:
         self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer")
         self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone,
                              self._on_task_call, self._on_stuck, self.add_reports,
-                             link=s.instance_link if s.backend == "process" else "")
+                             link=s.instance_link if s.backend == "process" else "", peers=self.peer_records)
         self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event)
         self.feed.start()
+        self._background(self._announce())
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
@@ -212,6 +217,11 @@ class Gateway:
                 pass
         for task in self._bg:
             task.cancel()
+        if self.store is not None:
+            try:  # gone at once: its async calls (flushed above) go to the other gateways without a wait
+                await self.store.call("gateway.bye", {"id": self.boot_id}, timeout_s=2.0)
+            except NuclideError as exc:
+                log.warning("could not say BYE to the store", error=exc.message)
         for closer in (self.broker, self.feed, self.store, self.deployer):
             if closer is not None:
                 closer.close()
@@ -223,6 +233,30 @@ class Gateway:
     def _on_snapshot(self, snap: dict[str, Any]) -> None:
         self.functions = {rec["name"]: FunctionInfo(rec) for rec in snap.get("functions", [])}
         self.groups = {g["id"]: g for g in snap.get("groups", [])}
+        self.gateways = {g["id"]: g for g in snap.get("gateways", [])}
+        self.gateways[self.boot_id] = self.record
+
+    def peer_records(self) -> list[dict[str, Any]]:
+        """The live gateways, this one included: what the broker tells instances to connect to."""
+        return list(self.gateways.values())
+
+    async def _announce(self) -> None:
+        """Beat to the store every GATEWAY_BEAT_S: the other gateways and the deployer learn of this one, and
+        the async calls it owns stay its own."""
+        assert self.store is not None
+        while True:
+            if time.monotonic() - self.beat_ok_at > GATEWAY_TTL_S and self.calls is not None:
+                self.calls.hold()  # others may have taken our calls meanwhile (services/gateway/calls.py)
+            try:
+                live = await self.store.call("gateway.announce", {"gateway": self.record}, timeout_s=GATEWAY_BEAT_S * 2)
+                self.beat_ok_at = time.monotonic()
+                self.gateways = {g["id"]: g for g in live["gateways"]}
+                self.gateways[self.boot_id] = self.record
+                if self.calls is not None and self.calls.holding:
+                    await self.calls.resume_after_stall()
+            except NuclideError as exc:
+                log.warning("could not announce this gateway to the store", error=exc.message)
+            await asyncio.sleep(GATEWAY_BEAT_S)
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "function.changed":
@@ -239,6 +273,11 @@ class Gateway:
                 self._wake_if_waiting(group)
         elif kind == "group.deleted":
             self.groups.pop(data["group_id"], None)
+        elif kind == "gateway.changed":
+            self.gateways[data["gateway"]["id"]] = data["gateway"]
+        elif kind == "gateway.gone":
+            if data["id"] != self.boot_id:
+                self.gateways.pop(data["id"], None)
         elif kind == "regroup.changed":
             regroup = data["regroup"]
             fut = self.regroup_waiters.get(int(regroup["id"]))
@@ -327,7 +366,10 @@ class Gateway:
                 if group["state"] != "ready" or not members or any(m is None or m.min_replicas > 0 for m in members):
                     continue
                 idle_s = max(m.idle_timeout_s for m in members if m is not None)
-                if now - self.last_used.get(gid, self._started_mono) < idle_s:
+                # calls through the other gateways count too: the instances say when they last ran one
+                used = max([self.last_used.get(gid, self._started_mono), *(
+                    inst.last_call_at for inst in self.broker.instances.values() if inst.group == gid)])
+                if now - used < idle_s:
                     continue
                 busy = any(self.broker.queues.get(name) for name in group["members"]) or any(
                     inst.inflight for inst in self.broker.instances.values() if inst.group == gid)

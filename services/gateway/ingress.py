@@ -20,12 +20,16 @@ trigger for that topic gets the payload as an async call. Best effort, like core
 NATS: a message published while nobody listens is gone.
 
 Cron: ``kind: cron`` triggers (``interval`` or ``schedule``, in ``attributes.timezone``) submit
-an async call with the trigger's body and headers (nuclio's ``attributes.event``) on time.
+an async call with the trigger's body and headers (nuclio's ``attributes.event``) on time. Every
+gateway keeps the same clock of ticks and submits each one under the idempotency key
+``cron:<trigger>:<tick ms>``, so with several gateways the store keeps one call per tick and a
+gateway that dies leaves the ticks to the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -214,9 +218,11 @@ class Ingress:
                         continue
                     if due <= now:
                         self.counters["cron_calls"] += 1
+                        # every gateway fires each tick; the key makes the store keep one call per tick
                         self._spawn(self._submit_quietly(
                             info.name, trig["body"], trig["content_type"], "cron",
-                            [*trig["headers"], ["x-nuclide-trigger", trig["name"]]]))
+                            [*trig["headers"], ["x-nuclide-trigger", trig["name"]]],
+                            f"cron:{trig['name'][:100]}:{int(due * 1000)}"))
                         self._cron_next[key] = self._next(trig, max(now, due))
             for key in set(self._cron_next) - live:
                 del self._cron_next[key]
@@ -224,8 +230,10 @@ class Ingress:
 
     @staticmethod
     def _next(trig: dict[str, Any], after: float) -> float:
+        """The next tick after ``after``: intervals count from the epoch, so every gateway has the same ticks."""
         if trig.get("interval_s"):
-            return after + float(trig["interval_s"])
+            interval = float(trig["interval_s"])
+            return (math.floor(after / interval) + 1) * interval
         return parse_cron(trig["schedule"], tz=trig["timezone"]).next_after(after)
 
     def close(self) -> None:

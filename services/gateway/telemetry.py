@@ -286,6 +286,13 @@ class GatewayCollector(Collector):  # reads the gateway it is given (Any: core i
                 family = _counter(f"nuclide_ingress_{key}", f"ZeroMQ ingress: {key}")
                 family.add_metric([], value)
                 yield family
+        # several gateways: which one this is (each is scraped on its own), and how many it knows are live
+        info = GaugeMetricFamily("nuclide_gateway_info", "this gateway: its boot id and name (value 1)",
+                                 labels=["gateway_id", "gateway_name"])
+        info.add_metric([gw.boot_id, gw.settings.gateway_name], 1)
+        yield info
+        yield GaugeMetricFamily("nuclide_gateways", "live gateways this one knows of, itself included",
+                                value=len(gw.gateways))
         if gw.broker is not None:
             yield GaugeMetricFamily("nuclide_instances", "instances connected to this gateway",
                                     value=len(gw.broker.instances))

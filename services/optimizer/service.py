@@ -12,7 +12,8 @@ import zmq
 from shared import protocol
 from shared.aiosock import AsyncSocket, RpcClient
 from shared.config import Settings
-from shared.errors import BuildFailed, Conflict, DeadlineExceeded, ProtocolError
+from shared.errors import BuildFailed, Conflict, DeadlineExceeded, NuclideError, ProtocolError
+from shared.gateways import GATEWAY_BEAT_S
 from shared.logs import get_logger
 from services.optimizer.scaling import Autoscaling
 from services.optimizer.strategies.base import Strategy
@@ -35,10 +36,15 @@ class Optimizer:
         sub.setsockopt(zmq.SUBSCRIBE, b"trace")
         sub.setsockopt(zmq.SUBSCRIBE, b"load")  # per-function concurrency, for the autoscaler
         sub.connect(settings.gateway_pub)
+        # every gateway's traces: the call graph is the sum of what each gateway routed (shared/gateways.py)
+        self._pubs = {settings.gateway_pub}
+        self._sub_sock = sub
         self._sub = AsyncSocket(sub, self._on_trace)
         # (monotonic time, caller, callee, sync, local, mean took_ms, calls) and (time, function, took_ms, status)
         self.edges: deque[tuple[float, Any, str, bool, bool, float, int]] = deque(maxlen=TRACE_KEEP)
         self.calls: deque[tuple[float, str, float, int]] = deque(maxlen=TRACE_KEEP)
+        # entry calls and edges heard since the start, and from which gateways' PUBs (GET /optimizer's "traced")
+        self.traced = {"calls": 0, "edges": 0}
         self.status: dict[str, Any] = {"strategy": strategy.name, "state": "starting", "rounds": [],
                                        "current_setup": [], "best_setup": None, "best_median_ms": None}
         self.autoscaling = Autoscaling(settings, self.store)
@@ -53,6 +59,8 @@ class Optimizer:
             self.autoscaling.on_load(msg.header)
             return
         now = time.monotonic()
+        self.traced["calls"] += len(msg.header.get("calls") or ())
+        self.traced["edges"] += len(msg.header.get("edges") or ())
         for e in msg.header.get("edges") or []:
             # [caller, callee, sync, local, mean took_ms, calls]; calls is 1 when absent
             if isinstance(e, list) and len(e) in (5, 6):
@@ -97,6 +105,7 @@ class Optimizer:
             try:
                 self.status["current_setup"] = await self.current_setup()
                 self.status["updated_at"] = time.time()
+                self.status["traced"] = {**self.traced, "gateways": sorted(self._pubs)}
                 self.status["scaling"] = self.autoscaling.status()
                 await self.store.call("kv.put", {"key": "optimizer", "value": self.status}, timeout_s=2.0)
             except Exception as exc:  # the store may be restarting; report again next time
@@ -108,14 +117,36 @@ class Optimizer:
             self.status["state"] = f"failed: {task.exception()!r}"
             log.error("strategy failed", error=repr(task.exception()))
 
+    def follow_gateways(self, gateways: list[dict[str, Any]]) -> None:
+        """Subscribe to the traces of every live gateway, each once (the configured one until any is known)."""
+        wanted = {str(g["pub"]) for g in gateways if isinstance(g, dict) and g.get("pub")}
+        if not wanted:
+            return
+        for endpoint in sorted(wanted - self._pubs):
+            self._sub_sock.connect(endpoint)
+            self._pubs.add(endpoint)
+            log.info("following a gateway's traces", endpoint=endpoint)
+        for endpoint in sorted(self._pubs - wanted):
+            self._sub_sock.disconnect(endpoint)
+            self._pubs.discard(endpoint)
+
+    async def _watch_gateways(self) -> None:
+        while True:
+            try:
+                self.follow_gateways(await self.store.call("gateways.list"))
+            except NuclideError as exc:
+                log.info("could not list the gateways; will retry", error=exc.message)
+            await asyncio.sleep(GATEWAY_BEAT_S)
+
     async def serve(self, stop: asyncio.Event) -> None:
+        watcher = asyncio.ensure_future(self._watch_gateways())
         reporter = asyncio.ensure_future(self._report())
         runner = asyncio.ensure_future(self.strategy.run(self))
         runner.add_done_callback(self._strategy_done)
         scaler = asyncio.ensure_future(self.autoscaling.run())
         log.info("optimizer ready", strategy=self.strategy.name)
         await stop.wait()  # a strategy that finishes (a schedule played out) leaves the status reported
-        for task in (reporter, runner, scaler):
+        for task in (watcher, reporter, runner, scaler):
             task.cancel()
         self._sub.close()
         self.store.close()

@@ -23,6 +23,7 @@ import zmq
 from shared import protocol
 from shared.errors import ProtocolError
 from shared.exits import EXIT_INIT_FAILED
+from shared.instancelinks import InstanceLinks, Link
 from shared.liveness import BYE_ACK_TIMEOUT_S, DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 from shared.wakepipe import finished_calls
 from services.runtime.executor import (  # noqa: F401 (CallTimeout, Executor, Function, load_functions: re-exported)
@@ -50,15 +51,12 @@ class Runtime(Executor):
         super().__init__(config, functions)
         # how many INVOKEs may wait here; the gateway only fills it while calls are fast
         self.credit = self.max_concurrency + PREFETCH
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.setsockopt(zmq.ROUTING_ID, self.instance_id.encode())
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        for endpoint in config["gateways"]:
-            self.sock.connect(endpoint)
+        # one DEALER per gateway (shared/instancelinks.py); a call's RESULT goes back on the link it came in on
+        self.links = InstanceLinks(self.ctx, self.instance_id, config)
+        self.poller = zmq.Poller()
+        for link in self.links:
+            self.poller.register(link.sock, zmq.POLLIN)
+        self.last_call_at = time.monotonic()  # when a call last finished, whichever gateway sent it
         self.stopping = False
         self.bye_acked = False
         self.inflight = 0
@@ -77,13 +75,17 @@ class Runtime(Executor):
             "concurrency": self.max_concurrency,
             "pid": os.getpid(),
             "batch": True,  # INVOKEs may come batched (see shared/protocol.py)
+            # seconds since a call last finished here, through any gateway: a gateway that sent none lately
+            # does not scale this instance's group to zero while another keeps it busy
+            "idle_s": round(time.monotonic() - self.last_call_at, 3),
         }
 
-    def _finish_later(self, header: dict[str, Any], body: bytes) -> None:
+    def _finish_later(self, header: dict[str, Any], body: bytes, link: Link) -> None:
         assert self._pool is not None
 
         def run() -> None:
-            self._done.put(self.execute(header, body, None))
+            result, out = self.execute(header, body, None)
+            self._done.put((result, (link, out)))
             os.write(self._wake_w, b"x")
 
         self._pool.submit(run)
@@ -104,22 +106,23 @@ class Runtime(Executor):
         if reports:
             header.update(reports)
 
-    def send_result(self, result: dict[str, Any], body: bytes) -> None:
+    def send_result(self, sock: zmq.Socket, result: dict[str, Any], body: bytes) -> None:
         self.attach_reports(result)
-        send = self.sock.send
+        send = sock.send
         send(_SIG, _MORE)
         send(_RESULT, _MORE)
         send(_packb(result), _MORE)
         send(body, 0)
 
-    def send_results(self, results: list[dict[str, Any]], bodies: list[bytes]) -> None:
+    def send_results(self, sock: zmq.Socket, results: list[dict[str, Any]], bodies: list[bytes]) -> None:
         """Send finished calls, several in one batched RESULT (one ZeroMQ message instead of n)."""
+        self.last_call_at = time.monotonic()
         if len(results) == 1:
-            self.send_result(results[0], bodies[0])
+            self.send_result(sock, results[0], bodies[0])
         else:
             outer: dict[str, Any] = {"batch": results}
             self.attach_reports(outer)
-            send = self.sock.send
+            send = sock.send
             send(_SIG, _MORE)
             send(_RESULT, _MORE)
             send(_packb(outer), _MORE)
@@ -131,28 +134,42 @@ class Runtime(Executor):
 
     # ----- the loop ----------------------------------------------------------------------
 
+    def _add_link_sockets(self, opened: list[Link], closed: list[Link]) -> None:
+        """Gateways learnt from a HEARTBEAT: poll and greet the new ones; stop polling the closed ones."""
+        for link in closed:
+            try:
+                self.poller.unregister(link.sock)
+            except KeyError:
+                pass
+        for link in opened:
+            self.poller.register(link.sock, zmq.POLLIN)
+            link.sock.send_multipart(protocol.encode(protocol.READY, self.ready_header()))
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGALRM, on_alarm)
-        sock = self.sock
-        sock.send_multipart(protocol.encode(protocol.READY, self.ready_header()))
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        links = self.links
+        for link in links:
+            link.sock.send_multipart(protocol.encode(protocol.READY, self.ready_header()))
+        poller = self.poller
         poller.register(self._wake_r, zmq.POLLIN)
         interval_ms = int(HEARTBEAT_INTERVAL_S * 1000)
-        last_heard = last_sent = time.monotonic()
         bye_sent_at = 0.0
         inline = self._pool is None
         results: list[dict[str, Any]] = []
         bodies: list[bytes] = []
+        by_socket = links.by_socket
         while True:
             if self.stopping and not bye_sent_at:
-                sock.send_multipart(protocol.encode(protocol.BYE, {"instance_id": self.instance_id}))
+                for link in links:  # every gateway stops sending calls before this instance goes
+                    link.sock.send_multipart(protocol.encode(protocol.BYE, {"instance_id": self.instance_id}))
                 bye_sent_at = time.monotonic()
             if bye_sent_at:
                 waited = time.monotonic() - bye_sent_at
-                if self.inflight == 0 and (self.bye_acked or waited > BYE_ACK_TIMEOUT_S):
+                quiet = time.monotonic() - HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
+                acked = all(link.bye_acked or link.last_heard < quiet for link in links)  # a dead gateway acks nothing
+                if self.inflight == 0 and (acked or waited > BYE_ACK_TIMEOUT_S):
                     return 0
                 if waited > DRAIN_TIMEOUT_S:
                     return 0
@@ -163,17 +180,28 @@ class Runtime(Executor):
             events = dict(poller.poll(timeout_ms))
             now = time.monotonic()
             if self._wake_r in events:
-                for result, out in finished_calls(self._wake_r, self._done):
+                # results go back to the gateway that sent each call, batched per gateway
+                per_link: dict[Link, tuple[list[dict[str, Any]], list[bytes]]] = {}
+                for result, (link, out) in finished_calls(self._wake_r, self._done):
                     self.inflight -= 1
-                    results.append(result)
-                    bodies.append(out)
-                    if len(results) >= protocol.MAX_BATCH:
-                        self.send_results(results, bodies)
-                if results:
-                    self.send_results(results, bodies)
-                    last_sent = now
-            if sock in events:
-                last_heard = now
+                    if link.endpoint not in links.links:
+                        continue  # its gateway is gone; that gateway's caller saw the call fail already
+                    rs, bs = per_link.setdefault(link, ([], []))
+                    rs.append(result)
+                    bs.append(out)
+                    if len(rs) >= protocol.MAX_BATCH:
+                        self.send_results(link.sock, rs, bs)
+                        link.last_sent = now
+                for link, (rs, bs) in per_link.items():
+                    if rs:
+                        self.send_results(link.sock, rs, bs)
+                        link.last_sent = now
+            for sock in events:
+                link = by_socket.get(sock)  # type: ignore[call-overload]
+                if link is None:
+                    continue
+                link.last_heard = now
+                learnt: Any = None
                 # drain what is queued; results of a burst of fast calls leave together in one
                 # message, but none waits more than FLUSH_AFTER_S for the calls run after it
                 first_done = 0.0
@@ -198,36 +226,45 @@ class Runtime(Executor):
                                 if not first_done:
                                     first_done = done
                                 if done - first_done > FLUSH_AFTER_S or len(results) >= protocol.MAX_BATCH:
-                                    self.send_results(results, bodies)
+                                    self.send_results(sock, results, bodies)
                                     first_done = 0.0
                             else:
                                 self.inflight += 1
-                                self._finish_later(header, body)
-                        last_sent = time.monotonic()
+                                self._finish_later(header, body, link)
+                        link.last_sent = time.monotonic()
                     elif msg.command == protocol.BYE:
-                        self.bye_acked = True
-                    # HEARTBEAT from the gateway only refreshes last_heard
+                        link.bye_acked = True
+                    elif msg.command == protocol.HEARTBEAT and "gateways" in msg.header:
+                        learnt = msg.header["gateways"]
                 if results:
-                    self.send_results(results, bodies)
+                    self.send_results(sock, results, bodies)
+                if learnt is not None and not self.stopping:
+                    self._add_link_sockets(*links.learn(learnt))
             now = time.monotonic()
             reports = self.due_reports() if self.caller.edges_pending else None
-            if reports:  # no RESULT took them: a HEARTBEAT does
-                sock.send_multipart(protocol.encode(protocol.HEARTBEAT, {**self.ready_header(), **reports}))
-                last_sent = now
-            if now - last_sent >= HEARTBEAT_INTERVAL_S and not self.stopping:
-                if now - last_heard > HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS:
+            if reports:  # no RESULT took them: a HEARTBEAT does (to one gateway: each edge is counted once)
+                link = next(iter(links), None)
+                if link is not None:
+                    link.sock.send_multipart(protocol.encode(protocol.HEARTBEAT, {**self.ready_header(), **reports}))
+                    link.last_sent = now
+            if self.stopping:
+                continue
+            for link in links:
+                if now - link.last_sent < HEARTBEAT_INTERVAL_S:
+                    continue
+                if now - link.last_heard > HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS:
                     # the gateway went quiet (restarted?): announce ourselves again
-                    sock.send_multipart(protocol.encode(protocol.READY, self.ready_header()))
-                    last_heard = now
+                    link.sock.send_multipart(protocol.encode(protocol.READY, self.ready_header()))
+                    link.last_heard = now
                 else:
-                    sock.send_multipart(protocol.encode(protocol.HEARTBEAT, self.ready_header()))
-                last_sent = now
+                    link.sock.send_multipart(protocol.encode(protocol.HEARTBEAT, self.ready_header()))
+                link.last_sent = now
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
 
     def close(self) -> None:
-        self.sock.close(linger=1000)
+        self.links.close(linger_ms=1000)
         super().close()
 
 

@@ -3,9 +3,10 @@
 Status moves PENDING -> RUNNING -> DONE | FAILED, with failed attempts going back
 to PENDING (``next_attempt_at`` set by the retry policy) until they are exhausted
 and become DEAD. Each non-final call has an ``owner``: the boot id of the gateway
-dispatching it; a gateway that starts claims every non-final call not owned by its
-own boot, so calls RUNNING on a gateway (or instance) that died are retried, and
-the retry shows in ``attempts``. Writes come in batches: one transaction each.
+dispatching it; a gateway claims the non-final calls no live gateway owns (one that
+said BYE or stopped beating, see shared/gateways.py, or none), so calls RUNNING on a
+gateway (or instance) that died are retried by another, and the retry shows in
+``attempts``, while the calls of the other live gateways stay theirs. Writes come in batches: one transaction each.
 """
 
 from __future__ import annotations
@@ -185,6 +186,11 @@ class CallStore:
                 if "status" in u:
                     # a finished call is never reopened by a late, stale update (redrive is explicit)
                     sql += " AND status NOT IN ('DONE', 'FAILED', 'DEAD')"
+                if "if_owner" in u:
+                    # a gateway writes only the calls it still owns: one that stalled past its liveness lost them
+                    # to another gateway, whose attempt is the one recorded
+                    sql += " AND owner=?"
+                    values.append(u["if_owner"])
                 changed += self.db.execute(sql, tuple(values)).rowcount
         return changed
 
@@ -207,15 +213,18 @@ class CallStore:
                 " (?, ?, ?, 'sync', ?, 1, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
         return len(rows)
 
-    def claim(self, owner: str, limit: int) -> tuple[list[dict[str, Any]], list[bytes]]:
-        """Take non-final async calls not owned by ``owner`` (a gateway boot); the caller honours next_attempt_at.
+    def claim(self, owner: str, limit: int, gateway_ttl_s: float = 0.0) -> tuple[list[dict[str, Any]], list[bytes]]:
+        """Take non-final async calls that no live gateway owns (unowned ones, and those of a gateway boot that
+        said BYE or was silent for ``gateway_ttl_s``), for ``owner``; the caller honours next_attempt_at.
 
         At most MAX_CLAIM at a time, whatever ``limit`` asks: the caller claims again while it gets full batches."""
         limit = max(0, min(limit, MAX_CLAIM))
+        cutoff = time.time() - gateway_ttl_s
         with self.db.tx():
             rows = self.db.all(
                 "SELECT * FROM calls WHERE status IN ('PENDING', 'RUNNING') AND kind='async' AND"
-                " (owner IS NULL OR owner != ?) ORDER BY queued_at LIMIT ?", (owner, limit))
+                " (owner IS NULL OR (owner != ? AND owner NOT IN (SELECT id FROM gateways WHERE seen_at >= ?)))"
+                " ORDER BY queued_at LIMIT ?", (owner, cutoff, limit))
             if rows:  # one statement per call, sent in one go (PostgreSQL pipelines executemany)
                 self.db.executemany("UPDATE calls SET owner=?, status='PENDING' WHERE id=?",
                                     [(owner, row["id"]) for row in rows])
@@ -226,6 +235,23 @@ class CallStore:
                   "next_attempt_at": r["next_attempt_at"], "parent_id": r["parent_id"], "source": r["source"]}
                  for r in rows]
         return calls, [bytes(r["payload"] or b"") for r in rows]
+
+    def owned(self, owner: str, ids: list[str]) -> list[str]:
+        """Which of ``ids`` are unfinished calls ``owner`` still owns (a gateway back from a stall asks)."""
+        if not ids:
+            return []
+        marks = ", ".join("?" * len(ids))
+        rows = self.db.all("SELECT id FROM calls WHERE owner=? AND status IN ('PENDING', 'RUNNING') AND"
+                           f" id IN ({marks})", (owner, *ids))
+        return [r["id"] for r in rows]
+
+    def take_callback(self, call_id: str, owner: str) -> bool:
+        """Whether ``owner`` (a gateway boot) is the one to POST the call's callback: only the call's owner, and
+        once, whatever happens after (its state is 'sending' durably before the POST)."""
+        with self.db.tx():
+            taken = self.db.execute("UPDATE calls SET callback_state='sending' WHERE id=? AND owner=? AND"
+                                    " callback_state='pending'", (call_id, owner)).rowcount
+        return bool(taken)
 
     def pending_callbacks(self, owner: str, limit: int) -> list[dict[str, Any]]:
         rows = self.db.all("SELECT * FROM calls WHERE callback_state='pending' AND status IN ('DONE', 'FAILED', 'DEAD')"

@@ -141,6 +141,11 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE blob_data (digest TEXT PRIMARY KEY, data BLOB NOT NULL);
     """,
+    # live gateways (shared/gateways.py): a row per gateway boot, its record as JSON, refreshed by its beats
+    """
+    CREATE TABLE gateways (id TEXT PRIMARY KEY, record TEXT NOT NULL, started_at REAL NOT NULL,
+                           seen_at REAL NOT NULL);
+    """,
 ]
 
 

@@ -12,6 +12,7 @@ from shared import protocol
 from shared.aiosock import AsyncRpcServer
 from shared.config import Settings
 from shared.errors import InvalidRequest, Unavailable
+from shared.gateways import GATEWAY_TTL_S
 from shared.rpcargs import optional, required, strings
 from shared.liveness import DEPLOYER_REPORT_INTERVAL_S, HEARTBEAT_LIVENESS
 from shared.logs import get_logger
@@ -130,6 +131,8 @@ class StoreServer:
             return st.instances_of(optional(args, "group_id", str))
         if method.startswith("calls."):
             return self.handle_calls(method, args, bodies)
+        if method == "gateways.list":
+            return st.live_gateways(GATEWAY_TTL_S)
         if method == "groups.list":
             return st.list_groups()
         if method == "regroup.get":
@@ -182,6 +185,10 @@ class StoreServer:
             result = {"ok": True}
         elif method == "instances.gone":
             result, events = st.instances_gone(strings(args, "ids"), optional(args, "reason", str, "gone"))
+        elif method == "gateway.announce":
+            result, events = st.announce_gateway(required(args, "gateway", dict), GATEWAY_TTL_S)
+        elif method == "gateway.bye":
+            result, events = st.gateway_bye(required(args, "id", str))
         elif method == "deploy.failed":
             events = st.deploy_failed(
                 required(args, "group_id", str), required(args, "group_version", int),
@@ -205,7 +212,8 @@ class StoreServer:
                 return {"recorded": calls.record_sync_rows(list(required(args, "rows", list)))}
             return {"recorded": calls.record_sync(list(required(args, "calls", list)))}
         if method == "calls.claim":
-            claimed, payloads = calls.claim(required(args, "owner", str), optional(args, "limit", int, 1000))
+            claimed, payloads = calls.claim(required(args, "owner", str), optional(args, "limit", int, 1000),
+                                            GATEWAY_TTL_S)
             return claimed, payloads
         if method == "calls.get":
             return calls.get(required(args, "id", str))
@@ -219,6 +227,13 @@ class StoreServer:
             return calls.redrive(required(args, "id", str))
         if method == "calls.purge":
             return {"purged": calls.purge(required(args, "status", str), optional(args, "function", str))}
+        if method == "calls.owned":
+            ids = strings(args, "ids")
+            if len(ids) > 1000:
+                raise InvalidRequest(f"calls.owned takes at most 1000 ids, not {len(ids)}")
+            return calls.owned(required(args, "owner", str), ids)
+        if method == "calls.take_callback":
+            return {"taken": calls.take_callback(required(args, "id", str), required(args, "owner", str))}
         if method == "calls.pending_callbacks":
             pending = calls.pending_callbacks(required(args, "owner", str), optional(args, "limit", int, 100))
             bodies_out = [p.pop("result_b") for p in pending]

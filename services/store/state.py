@@ -36,6 +36,7 @@ from typing import Any
 
 from shared.errors import Conflict, InvalidRequest, NotFound, NuclideError
 from shared.fusion import merge_specs, scale_bounds, validate_setup
+from shared.gateways import GATEWAY_TTL_S
 from shared.names import validate_function_name
 from shared.runtimes import FIELDS as RUNTIME_FIELDS, parse_runtime
 from services.store.blobs import Blobs, BlobStore  # noqa: F401 (BlobStore: re-exported)
@@ -177,6 +178,7 @@ class StoreState:
             "groups": [self.group_record(r) for r in self.db.all("SELECT * FROM groups ORDER BY id")],
             "instances": [self.instance_record(r) for r in self.db.all("SELECT * FROM instances WHERE state!='exited'")],
             "runtimes": self.list_runtimes(),
+            "gateways": self.live_gateways(GATEWAY_TTL_S),
         }
 
     # ----- changes ------------------------------------------------------------
@@ -797,3 +799,43 @@ class StoreState:
         for i, (_, data) in enumerate(payloads):
             data["seq"] = first + i
         return {"group_id": group_id, "replicas": replicas, "reason": reason}, payloads
+
+    # ----- gateways (shared/gateways.py) ---------------------------------------------------
+
+    def live_gateways(self, ttl_s: float, now: float | None = None) -> list[dict[str, Any]]:
+        cutoff = (time.time() if now is None else now) - ttl_s
+        rows = self.db.all("SELECT record FROM gateways WHERE seen_at >= ? ORDER BY started_at, id", (cutoff,))
+        return [json.loads(r["record"]) for r in rows]
+
+    def announce_gateway(self, record: dict[str, Any], ttl_s: float) -> tuple[dict[str, Any], list[Event]]:
+        """A gateway's beat: its row refreshed (``gateway.changed`` when it is new), the silent ones dropped
+        (``gateway.gone``); answers the live gateways."""
+        gid = record.get("id")
+        if not isinstance(gid, str) or not gid or not all(isinstance(record.get(k, ""), str) for k in record):
+            raise InvalidRequest("a gateway record needs an 'id' and string fields (shared/gateways.py)")
+        now = time.time()
+        payloads: list[Event] = []
+        with self.db.tx():
+            for row in self.db.all("SELECT id FROM gateways WHERE seen_at < ? AND id != ?", (now - ttl_s, gid)):
+                self.db.execute("DELETE FROM gateways WHERE id=?", (row["id"],))
+                payloads.append(("gateway.gone", {"id": row["id"], "reason": f"silent for over {ttl_s:g} s"}))
+            text = json.dumps(record, sort_keys=True)
+            row = self.db.one("SELECT record FROM gateways WHERE id=?", (gid,))
+            if row is None or row["record"] != text:
+                self.db.execute("INSERT INTO gateways (id, record, started_at, seen_at) VALUES (?, ?, ?, ?) ON"
+                                " CONFLICT(id) DO UPDATE SET record=excluded.record, seen_at=excluded.seen_at",
+                                (gid, text, now, now))
+                payloads.append(("gateway.changed", {"gateway": record}))
+            else:
+                self.db.execute("UPDATE gateways SET seen_at=? WHERE id=?", (now, gid))
+            live = self.live_gateways(ttl_s, now)
+            self._sequenced(payloads)
+        return {"gateways": live}, payloads
+
+    def gateway_bye(self, gateway_id: str) -> tuple[dict[str, Any], list[Event]]:
+        """A gateway stopping in order: gone at once, so its async calls are claimed without waiting out its TTL."""
+        with self.db.tx():
+            removed = self.db.execute("DELETE FROM gateways WHERE id=?", (gateway_id,)).rowcount
+            payloads: list[Event] = [("gateway.gone", {"id": gateway_id, "reason": "stopped"})] if removed else []
+            self._sequenced(payloads)
+        return {"removed": bool(removed)}, payloads

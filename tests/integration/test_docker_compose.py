@@ -99,3 +99,56 @@ def test_compose_up_deploy_invoke_down(require_compose: None, tmp_path: Path) ->
         compose("down", "-v", "--remove-orphans")
         if namespace:
             remove_namespace(namespace)
+
+
+@pytest.mark.timeout(300)
+def test_compose_runs_a_second_gateway(require_compose: None, tmp_path: Path) -> None:
+    """`NUCLIDE_GATEWAYS=2 make up`: a second gateway container on the first one's ports plus 10, serving the
+    same functions; `make down` stops it too; a third is refused."""
+    project = "nuclidetest" + os.urandom(4).hex()
+    base = free_port_base(18)
+    urls = [f"http://127.0.0.1:{base}", f"http://127.0.0.1:{base + 10}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUCLIDE_", "COMPOSE_"))}
+    env.update({"NUCLIDE_PORT_BASE": str(base), "NUCLIDE_IMAGE_TAG": IMAGE_TAG, "COMPOSE_PROJECT_NAME": project,
+                "NUCLIDE_CLI_CONFIG": str(tmp_path / "cli.json"), "PYTHON": sys.executable, "NUCLIDE_GATEWAYS": "2"})
+
+    def script(command: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / "deploy" / "compose.sh"), command], env={**env, **extra},
+                              capture_output=True, text=True, timeout=200)
+
+    refused = script("up", NUCLIDE_GATEWAYS="3")
+    assert refused.returncode == 2 and "docker-compose.yml runs 2 gateways at most" in refused.stderr
+    namespace = ""
+    try:
+        up = script("up")
+        assert up.returncode == 0, up.stderr
+        assert f"gateway-1: {urls[1]}\n" in up.stdout
+        ids = {httpx.get(f"{url}/healthz", timeout=5).json()["gateway_id"] for url in urls}
+        assert len(ids) == 2
+        token = subprocess.run(["docker-compose", "-f", str(COMPOSE_FILE), "-p", project, "exec", "-T", "gateway-1",
+                                "cat", "/var/lib/nuclide/token"], env=env, capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+        namespace = subprocess.run(["docker-compose", "-f", str(COMPOSE_FILE), "-p", project, "exec", "-T",
+                                    "deployer", "cat", "/var/lib/nuclide/docker-namespace"], env=env,
+                                   capture_output=True, text=True, timeout=60).stdout.strip()
+        headers = {"Authorization": f"Bearer {token}"}
+        code = "def handler(context, event):\n    return {'hi': event.body}\n"
+        r = httpx.put(f"{urls[1]}/twogw", content=make_zip({"function.yaml": function_yaml("twogw"), "main.py": code}),
+                      headers={**headers, "content-type": "application/zip"}, timeout=120)
+        assert r.status_code == 200 and r.json()["state"] == "ready", r.text
+        for i, url in enumerate(urls):
+            got = wait_for(lambda: (r := httpx.post(f"{url}/twogw", json={"via": i}, timeout=30)).status_code == 200
+                           and r, 30, what=f"a call through gateway {i}")
+            assert got.json() == {"hi": {"via": i}}
+        down = script("down")
+        assert down.returncode == 0, down.stderr
+        client = docker_client()
+        try:
+            assert not client.containers.list(all=True, filters={"label": f"com.docker.compose.project={project}"})
+        finally:
+            client.close()
+    finally:
+        subprocess.run(["docker-compose", "-f", str(COMPOSE_FILE), "-p", project, "down", "-v", "--remove-orphans"],
+                       env={**env, "COMPOSE_PROFILES": "gateways"}, capture_output=True, timeout=120)
+        if namespace:
+            remove_namespace(namespace)

@@ -1008,3 +1008,43 @@ def test_wait_final_gives_up_after_the_timeout() -> None:
     with pytest.raises(CliError, match=r"call c7 is still RUNNING after 3 s; check `nuclide calls get c7`"):
         commands.wait_final(client, "c7", 3.0, clock, clock.sleep)  # type: ignore[arg-type]
     assert clock.now >= 3.0
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("0", "--gateways: '0' must be at least 1"),
+    ("-2", "--gateways: '-2' must be at least 1"),
+    ("two", "--gateways: 'two' is not a whole number"),
+    ("1.5", "--gateways: '1.5' is not a whole number"),
+])
+def test_up_gateways_refuses_a_count_that_is_not_positive(capsys: pytest.CaptureFixture[str], value: str,
+                                                          needle: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["up", f"--gateways={value}", "--print-ports"])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert needle in captured.err and captured.out == "", "nothing starts and no port is printed"
+
+
+def test_up_gateways_each_on_ports_of_its_own(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NUCLIDE_CONFIG", raising=False)
+    for key in ("PORT_BASE", "HTTP_PORT", "STORE_RPC", "STORE_PUB", "DEPLOYER_RPC", "GATEWAY_ROUTER", "GATEWAY_PULL",
+                "GATEWAY_SUB", "GATEWAY_PUB", "GATEWAYS", "GATEWAY_NAME"):
+        monkeypatch.delenv(f"NUCLIDE_{key}", raising=False)
+        monkeypatch.delenv(f"NUCLIDE_UP_{key}", raising=False)
+    assert main(["up", "--port-base", "9000", "--gateways", "3", "--print-ports"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    ports = {name: int(port) for name, port in lines}
+    assert len(ports) == len(lines) == 8 + 2 * 5, "each further gateway: HTTP, ROUTER, PULL, SUB, PUB"
+    assert len(set(ports.values())) == len(ports), "no port is shared"
+    assert [ports[f"gateway{i}_{k}"] for i in (1, 2) for k in ("http", "router", "pull", "sub", "pub")] == [
+        9010, 9014, 9015, 9016, 9017, 9020, 9024, 9025, 9026, 9027]
+    assert main(["up", "--port-base", "65500", "--gateways", "16", "--print-ports"]) == 2
+    err = capsys.readouterr().err
+    assert "gateways 16 would need port 65657, past 65535" in err and "--port-base N" in err
+    assert main(["up", "--gateways", "17", "--print-ports"]) == 2
+    assert "gateways 17 is out of range 1-16" in capsys.readouterr().err
+    monkeypatch.setenv("NUCLIDE_GATEWAYS", "0")
+    assert main(["up", "--print-ports"]) == 2
+    err = capsys.readouterr().err
+    assert "gateways 0 is out of range 1-16" in err and "NUCLIDE_GATEWAYS=N" in err

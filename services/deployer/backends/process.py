@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.gateways import instance_endpoints, this_host
 from shared.config import Settings
 from shared.errors import BuildFailed
 from shared.procs import descendants as _descendants, start_time as _start_time
@@ -116,8 +117,11 @@ class ProcessBackend(Backend):
             "instance_id": spec.id,
             "group": spec.group_id,
             "group_version": spec.group_version,
-            # an isolated instance has no route to the host: its link is the gateway's unix socket
-            "gateways": [self.settings.instance_link if isolated else self.settings.gateway_router],
+            # an isolated instance has no route to the host: it reaches the gateways of this machine by their
+            # unix sockets (shared/gateways.py); every live gateway, and those it learns of later
+            "gateways": instance_endpoints(spec.extra.get("gateways") or [], isolated, this_host(),
+                                           self.settings.instance_link if isolated else self.settings.gateway_router),
+            "link": isolated, "host": this_host(),
             "gateway_url": self.settings.http_url,
             "fusionizer_host": self.settings.advertised_host,
             "memory_bytes": spec.memory_bytes,

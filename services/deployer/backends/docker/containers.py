@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import docker
 import docker.errors
 
+from shared.gateways import instance_endpoints
 from shared.config import Settings
 from shared.errors import BuildFailed, Unavailable
 from shared.logs import get_logger
@@ -108,7 +109,7 @@ class Containers:
             "instance_id": spec.id,
             "group": spec.group_id,
             "group_version": spec.group_version,
-            "gateways": [self.settings.gateway_router],
+            "gateways": instance_endpoints(spec.extra.get("gateways") or [], False, "", self.settings.gateway_router),
             "gateway_url": self.settings.http_url,
             "fusionizer_host": self.settings.advertised_host,
             "memory_bytes": spec.memory_bytes,

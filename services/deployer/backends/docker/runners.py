@@ -30,6 +30,7 @@ from typing import Any
 
 import docker.errors
 
+from shared.gateways import instance_endpoints
 from shared.config import Settings
 from shared.errors import InvalidRequest, Unavailable
 from shared.logs import get_logger
@@ -204,7 +205,8 @@ class Runners:
         fc = spec.functions[0]
         config = {
             "instance_id": spec.id, "group": spec.group_id, "group_version": spec.group_version,
-            "gateways": [self.settings.gateway_router], "docker_host": self.settings.docker_host,
+            "gateways": instance_endpoints(spec.extra.get("gateways") or [], False, "", self.settings.gateway_router),
+            "docker_host": self.settings.docker_host,
             "namespace": self.engine.namespace, "image": image,
             "warm_start": fc.get("warm_start") or "function", "memory_bytes": spec.memory_bytes,
             "cpu": spec.extra.get("cpu"), "max_concurrency": int(fc.get("max_concurrency") or 1),

@@ -46,18 +46,16 @@ class Runner:
         self.warm: set[str] = set()
         self._warm_lock = threading.Lock()
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.setsockopt(zmq.ROUTING_ID, self.instance_id.encode())
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        for endpoint in config["gateways"]:
-            self.sock.connect(endpoint)
+        from shared.instancelinks import InstanceLinks
+
+        # one DEALER per gateway; a call's RESULT goes back on the link it came in on
+        self.links = InstanceLinks(self.ctx, self.instance_id, config)
         self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="call")
         self.done: queue.SimpleQueue[tuple[dict[str, Any], bytes]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.inflight = 0
+        self.last_call_at = time.monotonic()
         self.stopping = False
 
     def log(self, message: str, **fields: Any) -> None:
@@ -123,7 +121,9 @@ class Runner:
         return {"instance_id": self.instance_id, "group": self.config["group"],
                 "group_version": int(self.config["group_version"]),
                 "functions": {self.fn["name"]: int(self.fn["version"])},
-                "credit": self.concurrency, "concurrency": self.concurrency, "pid": os.getpid()}
+                "credit": self.concurrency, "concurrency": self.concurrency, "pid": os.getpid(),
+                # seconds since a call last finished here, through any gateway (see services/runtime/loop.py)
+                "idle_s": round(time.monotonic() - self.last_call_at, 3)}
 
     def execute(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
         """One call, on a worker thread; never raises."""
@@ -201,17 +201,19 @@ class Runner:
             self.idle.put(cid)
         return out, err, timed_out
 
-    def _submit(self, header: dict[str, Any], body: bytes) -> None:
+    def _submit(self, header: dict[str, Any], body: bytes, link: Any) -> None:
         def run() -> None:
-            self.done.put(self.execute(header, body))
+            result, out = self.execute(header, body)
+            self.done.put((result, (link, out)))
             os.write(self._wake_w, b"x")
 
         self.inflight += 1
         self.pool.submit(run)
 
-    def _send(self, command: bytes, header: dict[str, Any], body: bytes | None = None) -> None:
+    def _send(self, link: Any, command: bytes, header: dict[str, Any], body: bytes | None = None) -> None:
         frames = self.protocol.encode(command, header) + ([body] if body is not None else [])
-        self.sock.send_multipart(frames)
+        link.sock.send_multipart(frames)
+        link.last_sent = time.monotonic()
 
     def run(self) -> int:
         from shared.liveness import BYE_ACK_TIMEOUT_S, DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
@@ -219,33 +221,42 @@ class Runner:
         zmq, protocol = self.zmq, self.protocol
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        self._send(protocol.READY, self.ready_header())
+        links = self.links
         poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        for link in links:
+            self._send(link, protocol.READY, self.ready_header())
+            poller.register(link.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        last_heard = last_sent = time.monotonic()
+        limit = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
         bye_sent_at = 0.0
-        bye_acked = False
         while True:
             if self.stopping and not bye_sent_at:
-                self._send(protocol.BYE, {"instance_id": self.instance_id})
+                for link in links:
+                    self._send(link, protocol.BYE, {"instance_id": self.instance_id})
                 bye_sent_at = time.monotonic()
             if bye_sent_at:
                 waited = time.monotonic() - bye_sent_at
-                if (self.inflight == 0 and (bye_acked or waited > BYE_ACK_TIMEOUT_S)) or waited > DRAIN_TIMEOUT_S:
+                quiet = time.monotonic() - limit
+                acked = all(link.bye_acked or link.last_heard < quiet for link in links)
+                if (self.inflight == 0 and (acked or waited > BYE_ACK_TIMEOUT_S)) or waited > DRAIN_TIMEOUT_S:
                     return 0
             events = dict(poller.poll(100 if bye_sent_at else int(HEARTBEAT_INTERVAL_S * 1000)))
             now = time.monotonic()
             if self._wake_r in events:
-                for result, out in finished_calls(self._wake_r, self.done):
+                for result, (link, out) in finished_calls(self._wake_r, self.done):
                     self.inflight -= 1
-                    self._send(protocol.RESULT, result, out)
-                    last_sent = now
-            if self.sock in events:
-                last_heard = now
+                    self.last_call_at = now
+                    if link.endpoint in links.links:  # else its gateway is gone, and its caller with it
+                        self._send(link, protocol.RESULT, result, out)
+            for sock in events:
+                link = links.by_socket.get(sock)  # type: ignore[call-overload]
+                if link is None:
+                    continue
+                link.last_heard = now
+                learnt: Any = None
                 while True:
                     try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     try:
@@ -254,16 +265,28 @@ class Runner:
                         self.log("dropped a malformed message", level="warning", error=str(exc))
                         continue
                     if msg.command == protocol.INVOKE:
-                        self._submit(msg.header, msg.body)
+                        self._submit(msg.header, msg.body, link)
                     elif msg.command == protocol.BYE:
-                        bye_acked = True
-            if now - last_sent >= HEARTBEAT_INTERVAL_S and not self.stopping:
-                if now - last_heard > HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS:
-                    self._send(protocol.READY, self.ready_header())  # the gateway went quiet: announce again
-                    last_heard = now
+                        link.bye_acked = True
+                    elif msg.command == protocol.HEARTBEAT and "gateways" in msg.header:
+                        learnt = msg.header["gateways"]
+                if learnt is not None and not self.stopping:
+                    opened, closed = links.learn(learnt)
+                    for gone in closed:
+                        poller.unregister(gone.sock)
+                    for new in opened:
+                        poller.register(new.sock, zmq.POLLIN)
+                        self._send(new, protocol.READY, self.ready_header())
+            if self.stopping:
+                continue
+            for link in links:
+                if now - link.last_sent < HEARTBEAT_INTERVAL_S:
+                    continue
+                if now - link.last_heard > limit:
+                    self._send(link, protocol.READY, self.ready_header())  # the gateway went quiet: announce again
+                    link.last_heard = now
                 else:
-                    self._send(protocol.HEARTBEAT, self.ready_header())
-                last_sent = now
+                    self._send(link, protocol.HEARTBEAT, self.ready_header())
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -276,5 +299,5 @@ class Runner:
         for cid in warm:
             self.containers.remove(cid)
         self.containers.close()
-        self.sock.close(linger=1000)
+        self.links.close(linger_ms=1000)
         self.ctx.term()
