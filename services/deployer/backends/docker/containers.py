@@ -1,13 +1,14 @@
 """The docker backend's image-built instances: a container each, run, followed, stopped and adopted.
 
 Containers carry ``nuclide.*`` labels (namespace, group, version, instance, functions; a pool
-container generic ones, and the deployer records what it became), use the host network, a
-read-only root filesystem with a tmpfs ``/tmp`` (and the code directory a writable copy in a tmpfs,
+container generic ones, and the deployer records what it became), a network of their own
+(``runner/usernet.py``: outbound only, the gateway over the instance link; the host's with
+``spec.network: host``), a read-only root filesystem with a tmpfs ``/tmp`` (and the code directory a writable copy in a tmpfs,
 ``/nuclide/work/<name>/<version>``, as writable as on the process backend), no capabilities,
 no-new-privileges, user 65534,
-memory, CPU and pids limits, and no mounts at all: the instance config travels in the environment
-(or a pool container's stdin), so nothing depends on host paths and the deployer works the
-same when it runs in a container itself. The memory limit is also the instance's RLIMIT_DATA (as
+memory, CPU and pids limits, and no mount but the instance link's directory (read-only): the
+instance config travels in the environment (or a pool container's stdin); a deployer that runs
+in a container itself names the link's volume (``docker_link_source``). The memory limit is also the instance's RLIMIT_DATA (as
 with the process backend), so a handler that allocates too much gets a MemoryError the runtime
 answers with the limit's name; only what escapes it (shared memory, /tmp) meets the kernel's OOM
 killer, which the exit report then names.
@@ -37,7 +38,8 @@ from shared.errors import BuildFailed, Unavailable
 from shared.logs import get_logger
 from services.deployer.backends.base import ExitCallback, InstanceHandle, InstanceSpec
 from services.deployer.backends.docker.engine import (
-    API_TIMEOUT_S, ENGINE_ERRORS, PING_INTERVAL_S, TMPFS_MAX_BYTES, USER, Engine, container_env, host_config,
+    API_TIMEOUT_S, ENGINE_ERRORS, PING_INTERVAL_S, TMPFS_MAX_BYTES, USER, Engine, attach_network, container_env,
+    host_config, instance_gateways,
 )
 from services.deployer.backends.docker.runner.box import PY_WORK_DIR, UID
 
@@ -68,6 +70,11 @@ class PoolRecords(Protocol):
     def record(self, container_id: str) -> dict[str, Any] | None: ...
 
     def forget(self, container_id: str) -> None: ...
+
+
+def is_isolated(spec: InstanceSpec) -> bool:
+    """Whether an instance gets a network of its own (the default) rather than the host's (``spec.network: host``)."""
+    return spec.extra.get("network", "isolated") != "host"
 
 
 def parse_timestamp(text: str) -> float | None:
@@ -108,7 +115,7 @@ class Containers:
             "instance_id": spec.id,
             "group": spec.group_id,
             "group_version": spec.group_version,
-            "gateways": [self.settings.gateway_router],
+            "gateways": instance_gateways(self.settings, is_isolated(spec)),
             "gateway_url": self.settings.http_url,
             "fusionizer_host": self.settings.advertised_host,
             "memory_bytes": spec.memory_bytes,
@@ -152,7 +159,8 @@ class Containers:
             size = int(spec.extra.get("scratch_bytes") or min(memory, TMPFS_MAX_BYTES))
             host = host_config(client, memory, spec.extra.get("cpu"), pids=spec.extra.get("pids"),
                                scratch_bytes=spec.extra.get("scratch_bytes"), extra_tmpfs={
-                PY_WORK_DIR: f"rw,exec,nosuid,nodev,uid={UID},gid={UID},mode=0700,size={size}"})
+                PY_WORK_DIR: f"rw,exec,nosuid,nodev,uid={UID},gid={UID},mode=0700,size={size}"},
+                               settings=self.settings, isolated=is_isolated(spec))
             created = client.api.create_container(
                 image, name=f"nuclide-{self.engine.namespace}-{spec.id}", labels=labels, user=USER,
                 working_dir=PY_WORK_DIR, host_config=host, use_config_proxy=False,
@@ -162,6 +170,8 @@ class Containers:
             try:
                 client.api.start(created["Id"])
                 pid = client.api.inspect_container(created["Id"])["State"].get("Pid") or None
+                if is_isolated(spec):
+                    attach_network(pid, self.settings, spec.id)
             except BaseException:
                 client.api.remove_container(created["Id"], force=True)
                 raise
