@@ -597,6 +597,9 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
         kw["private"] = _expect(spec["private"], bool, "spec.private", "true or false")
     if spec.get("allowCallsFrom") is not None:
         kw["allow_calls_from"] = parse_allow_calls_from(spec["allowCallsFrom"])
+        if kw["allow_calls_from"] and not kw.get("private"):
+            warnings.append("spec.allowCallsFrom has no effect: the function is not private, so any function may"
+                            " call it; set spec.private: true to limit its callers")
     if spec.get("network") is not None:
         if spec["network"] not in NETWORKS:
             raise _err("spec.network", f"must be one of {', '.join(NETWORKS)} (isolated, the default: outbound"
