@@ -174,6 +174,8 @@ def handler(context, event):
     sock.connect({link!r})
     header = dict({header!r}, call_id=uuid.uuid4().hex, function={function!r},
                   deadline_ms=int(time.time() * 1000) + 10000)
+    if header.get("instance") == "self":  # its own instance id, which it can learn (Lambda's log stream name)
+        header["instance"] = context.log_stream_name
     sock.send_multipart(protocol.encode(protocol.CALL, header, b"forged"))
     if not sock.poll(10000):
         return {{"answer": None}}
@@ -192,7 +194,8 @@ def test_a_forged_call_claiming_a_listed_caller_is_refused(private_stack: Stack)
     base = {"method": "POST", "path": "/", "mode": "http", "depth": 1, "chain": ["forger"]}
     forgeries = {
         "claims-friend": {**base, "caller": "ffriend"},  # its own instance does not serve ffriend
-        "claims-friend-and-no-instance": {**base, "caller": "ffriend", "instance": "g-ffriend-v1-000000"},
+        "claims-friend-from-itself": {**base, "caller": "ffriend", "instance": "self"},  # a real, other instance
+        "claims-friend-and-its-instance": {**base, "caller": "ffriend", "instance": "g-ffriend-v1-000000"},
     }
     for name, header in forgeries.items():
         s.deploy(name, {"function.yaml": function_yaml(name), "main.py": forged_call(link, "fvault", header)})
