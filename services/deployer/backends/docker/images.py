@@ -251,7 +251,19 @@ class Images:
                 pass  # gone already; the adoption scan removes what is left of this namespace
 
     def _network_holder(self, client: docker.DockerClient) -> str:
-        """A started container that only holds a network namespace with slirp4netns on it, for a build's steps."""
+        """A started container that only holds a network namespace with slirp4netns on it, for a build's steps.
+
+        A holder removed before it started (a ``docker container prune`` on the host takes containers that are
+        only created) is made once more."""
+        for attempt in (1, 2):
+            try:
+                return self._start_holder(client)
+            except docker.errors.NotFound:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_holder(self, client: docker.DockerClient) -> str:
         # removed by the engine once it exits: after the build, or on its own after the longest build can take
         host = client.api.create_host_config(
             network_mode="none", dns=[usernet.DNS], read_only=True, cap_drop=["ALL"], auto_remove=True,
@@ -265,7 +277,10 @@ class Images:
             pid = client.api.inspect_container(created["Id"])["State"].get("Pid")
             usernet.attach(int(pid or 0), self.settings.var_dir.resolve() / "logs" / "slirp4netns.log")
         except BaseException as exc:
-            client.api.remove_container(created["Id"], force=True)
+            try:
+                client.api.remove_container(created["Id"], force=True)
+            except docker.errors.APIError:
+                pass  # gone already
             if isinstance(exc, usernet.NoUserNet):
                 raise BuildFailed(f"the build could not get its network: {exc}") from None
             raise
