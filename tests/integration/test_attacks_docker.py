@@ -147,3 +147,4 @@ def docker_build_holders(ns: str) -> list:
         return client.containers.list(all=True, filters={"label": f"nuclide.build-network={ns}"})
     finally:
         client.close()
+

@@ -161,3 +161,14 @@ def test_process_backend_refuses_per_call_policies(stack: Stack) -> None:
     deploy(stack, "py-proc", "function")  # the default still deploys there
     assert stack.invoke("py-proc", b"", headers={"X-Kind": "str"}).text == "hello POST"
     assert stack.client.delete("/py-proc").status_code == 204
+
+
+@pytest.mark.parametrize("policy", ["none", "runtime"])
+def test_a_per_call_container_makes_task_calls(pstack: Stack, policy: str) -> None:
+    """Its container has the host's network (not the instance link): its calls reach the gateway there."""
+    callee = "def handler(context, event):\n    return {'callee got': event.body}\n"
+    pstack.deploy("pw-callee", {"function.yaml": function_yaml("pw-callee"), "main.py": callee})
+    caller = "def handler(context, event):\n    return context.call('pw-callee', {'n': 1})\n"
+    deploy(pstack, f"pw-caller-{policy}", policy, source=caller)
+    r = pstack.invoke(f"pw-caller-{policy}", {})
+    assert r.status_code == 200 and r.json() == {"callee got": {"n": 1}}, r.text

@@ -109,13 +109,15 @@ class Containers:
         self.containers: dict[str, str] = {}  # instance id -> container id
         self._reported: dict[str, asyncio.Future] = {}  # instance id -> set once its exit is reported
 
-    def instance_config(self, spec: InstanceSpec, functions: list[dict[str, Any]]) -> dict[str, Any]:
-        """What services.runtime (and services.runtime.once) read: the functions as they are in the image."""
+    def instance_config(self, spec: InstanceSpec, functions: list[dict[str, Any]],
+                        isolated: bool | None = None) -> dict[str, Any]:
+        """What services.runtime (and services.runtime.once) read: the functions as they are in the image.
+        ``isolated``: whether its container has a network of its own (default: as the spec asks)."""
         return {
             "instance_id": spec.id,
             "group": spec.group_id,
             "group_version": spec.group_version,
-            "gateways": instance_gateways(self.settings, is_isolated(spec)),
+            "gateways": instance_gateways(self.settings, is_isolated(spec) if isolated is None else isolated),
             "gateway_url": self.settings.http_url,
             "fusionizer_host": self.settings.advertised_host,
             "memory_bytes": spec.memory_bytes,
