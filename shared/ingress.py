@@ -7,7 +7,8 @@
 
 ``invoke`` blocks when the gateway's queue is full (ZeroMQ's high-water mark)
 rather than dropping. ``token`` (the gateway's ``ingress_token`` setting, or its API
-token) goes with every message: private functions take messages only with it. The frame layout is in services/gateway/ingress.py.
+token) goes with every message: private functions take messages only with it. The frame
+layout is in services/gateway/ingress.py.
 """
 
 from __future__ import annotations

@@ -3,12 +3,12 @@
 Containers carry ``nuclide.*`` labels (namespace, group, version, instance, functions; a pool
 container generic ones, and the deployer records what it became), a network of their own
 (``runner/usernet.py``: outbound only, the gateway over the instance link; the host's with
-``spec.network: host``), a read-only root filesystem with a tmpfs ``/tmp`` (and the code directory a writable copy in a tmpfs,
-``/nuclide/work/<name>/<version>``, as writable as on the process backend), no capabilities,
-no-new-privileges, user 65534,
-memory, CPU and pids limits, and no mount but the instance link's directory (read-only): the
-instance config travels in the environment (or a pool container's stdin); a deployer that runs
-in a container itself names the link's volume (``docker_link_source``). The memory limit is also the instance's RLIMIT_DATA (as
+``spec.network: host``), a read-only root filesystem with a tmpfs ``/tmp`` (and the code
+directory a writable copy in a tmpfs, ``/nuclide/work/<name>/<version>``, as writable as on the
+process backend), no capabilities, no-new-privileges, user 65534, memory, CPU and pids limits,
+and no mount but the instance link's directory (read-only): the instance config travels in the
+environment (or a pool container's stdin); a deployer that runs in a container itself names the
+link's volume (``docker_link_source``). The memory limit is also the instance's RLIMIT_DATA (as
 with the process backend), so a handler that allocates too much gets a MemoryError the runtime
 answers with the limit's name; only what escapes it (shared memory, /tmp) meets the kernel's OOM
 killer, which the exit report then names.

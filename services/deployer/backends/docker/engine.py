@@ -100,7 +100,8 @@ def host_config(client: docker.DockerClient, memory: int, cpu: Any, data_limit: 
     network (``runner/usernet.py``) and the instance link; else the host's (``spec.network: host``)."""
     scratch = scratch_bytes or min(memory, TMPFS_MAX_BYTES)
     return client.api.create_host_config(
-        **usernet.network_options(isolated, link_source(settings)), read_only=True, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+        **usernet.network_options(isolated, link_source(settings)), read_only=True, cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
         tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,mode=1777,size={scratch}", **(extra_tmpfs or {})},
         ipc_mode="private", shm_size=scratch,
         mem_limit=memory, memswap_limit=memory, nano_cpus=int(float(cpu) * 1e9) if cpu else None,
