@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -38,7 +39,7 @@ class Secret(str):
         return "Secret('***')" if self else "Secret('')"
 
 
-BACKENDS = ("process", "docker")
+BACKENDS = ("process", "docker", "swarm")
 SANDBOX_MODES = ("auto", "bwrap", "none")
 STRATEGIES = ("none", "static", "feedback")
 DATABASE_SCHEMES = ("postgresql://", "postgres://")
@@ -112,6 +113,10 @@ class Settings:
     # containers wait per runtime, and as many runner processes wait already imported; 0 disables all
     # that (every function's image is built, each runner process is started on demand)
     docker_runtime_pool_size: int = 2
+    # swarm backend (it uses the docker_* settings above too): a registry every node of the swarm pulls
+    # from, host[:port][/path]; the deployer pushes each function image there. Empty: one node, whose own
+    # engine holds the images (nothing is pushed or pulled)
+    swarm_registry: str = ""
     # CA bundle handed to image builds, for pip behind a TLS-intercepting proxy:
     # auto (the system bundle, when present), none, or a path
     build_ca_bundle: str = "auto"
@@ -236,6 +241,9 @@ class Settings:
             raise ConfigError(f"docker_runtime_pool_size {self.docker_runtime_pool_size} is out of range"
                               f" 0-{MAX_DOCKER_RUNTIME_POOL_SIZE} (idle containers per registered runtime and spare"
                               " runner processes; 0 disables them and builds every runtime function's image)")
+        if self.swarm_registry and not re.fullmatch(r"[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)*", self.swarm_registry):
+            raise ConfigError(f"swarm_registry {self.swarm_registry!r} is not a registry address: write host[:port]"
+                              "[/path] without a scheme or a tag, e.g. registry.example.com:5000/nuclide")
         if self.optimizer_strategy not in STRATEGIES:
             raise ConfigError(f"optimizer_strategy {self.optimizer_strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
         if self.optimizer_strategy == "static" and not self.optimizer_schedule:

@@ -25,17 +25,50 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("store", "deployer", "gateway", "optimizer")
 
 
+def _test_port_range() -> range:
+    """Ports the kernel never hands out as the local end of an outgoing connection.
+
+    A port free when a test picks it can be taken before the service binds it; with ports from the
+    ephemeral range any connection made meanwhile (a client, a ZeroMQ reconnect) may take it, and the
+    service then fails to start. Below (or above) that range only another bind can take it.
+    """
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    if low - 10_000 >= 4096:
+        return range(10_000, low)
+    if 65535 - high >= 4096:
+        return range(high + 1, 65536)
+    raise AssertionError(f"the ephemeral port range ({low}-{high}) leaves no room for test ports")
+
+
+_PORTS = _test_port_range()
+# each test process walks the range from its own offset, so processes running side by side rarely meet
+_next_port = _PORTS.start + (os.getpid() * 7919) % len(_PORTS)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port outside the ephemeral range, free now and not handed out before by this process."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _next_port
+        _next_port = _PORTS.start + (_next_port + 1 - _PORTS.start) % len(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def free_port_base(count: int = 8) -> int:
     """A port N such that N to N+count-1 are all free now, for a stack started with a port base."""
+    global _next_port
     for _ in range(100):
         base = free_port()
-        if base + count - 1 > 65535:
+        if base + count > _PORTS.stop:
             continue
         with contextlib.ExitStack() as held:
             try:
@@ -43,6 +76,7 @@ def free_port_base(count: int = 8) -> int:
                     held.enter_context(socket.socket()).bind(("127.0.0.1", port))
             except OSError:
                 continue
+        _next_port = _PORTS.start + (base + count - _PORTS.start) % len(_PORTS)  # the block is the stack's
         return base
     raise AssertionError(f"found no {count} free ports in a row")
 

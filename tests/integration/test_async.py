@@ -290,19 +290,30 @@ def test_backpressure_sync_gets_429_async_waits(tmp_path, any_database_url: str)
     s = Stack(tmp_path / "var", env={"NUCLIDE_QUEUE_LIMIT": "2", "NUCLIDE_DATABASE_URL": any_database_url})
     s.start()
     try:
-        code = "import time\n\ndef handler(context, event):\n    time.sleep(0.3)\n    return 'done'\n"
-        s.deploy("narrow", {"function.yaml": function_yaml("narrow"), "main.py": code})
+        # one call at a time, each held for 2 s: ten callers released together find one in flight and more
+        # than two waiting however slowly a loaded machine starts their threads
+        code = "import time\n\ndef handler(context, event):\n    time.sleep(2)\n    return 'done'\n"
+        s.deploy("narrow", {"function.yaml": function_yaml("narrow", maxConcurrency=1), "main.py": code})
+        # the broker pipelines calls to an instance whose speed it does not know yet: one call teaches it
+        # this one is slow, so from then on it holds one call at a time and queues the rest
+        assert s.invoke("narrow", b"").text == "done"
         results: list[httpx.Response] = []
+        clients = [httpx.Client(base_url=s.url, timeout=60) for _ in range(10)]
+        for c in clients:
+            assert c.get("/healthz").status_code == 200  # connected before the race starts
+        start = threading.Barrier(len(clients))
 
-        def one() -> None:
-            with httpx.Client(base_url=s.url, timeout=30) as c:
-                results.append(c.post("/narrow"))
+        def one(c: httpx.Client) -> None:
+            start.wait()
+            results.append(c.post("/narrow"))
 
-        threads = [threading.Thread(target=one) for _ in range(10)]
+        threads = [threading.Thread(target=one, args=(c,)) for c in clients]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        for c in clients:
+            c.close()
         refused = [r for r in results if r.status_code == 429]
         assert refused and all(r.headers.get("retry-after") for r in refused)
         assert "queue" in refused[0].json()["error"]["message"]
