@@ -62,8 +62,11 @@ def attach(pid: int, log_path: Path) -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
+                # seccomp, not --enable-sandbox: the sandbox's mount namespace, a copy of the host's, stops the
+                # Engine's archive API (how a runtime pool container gets its code) from reaching the code
+                # volume of any container that ran when it started (the upload succeeds, the files are not there)
                 [slirp, "--configure", f"--mtu={MTU}", f"--cidr={CIDR}", "--disable-host-loopback",
-                 "--enable-sandbox", "--enable-seccomp", "--ready-fd", str(ready_w), "--exit-fd", str(exit_r),
+                 "--enable-seccomp", "--ready-fd", str(ready_w), "--exit-fd", str(exit_r),
                  str(pid), "tap0"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(ready_w, exit_r), start_new_session=True)
             # the exit pipe's write end lives in tail alone, which exits with the container's first process
