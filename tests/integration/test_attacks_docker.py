@@ -20,6 +20,7 @@ from tests.docker_util import (  # noqa: F401 (require_docker: a fixture)
 from tests.integration.test_attacks import (  # noqa: F401 (outside: a fixture)
     ATTACK_HELPERS, BUILD_PROBE_HANDLER, FILL, FORK_BOMB, SHM, build_probe, loopback_targets, outside,
 )
+from tests.integration.test_private import CALLER, KEEPER
 from tests.stack import Stack, function_yaml, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("require_docker")]
@@ -148,3 +149,18 @@ def docker_build_holders(ns: str) -> list:
     finally:
         client.close()
 
+
+
+def test_task_calls_from_containers_reach_a_private_function_only_when_listed(docker_attacked: Stack) -> None:
+    """The gateway ties a call to the container's instance over the link, as for a process-backend instance."""
+    s = docker_attacked
+    s.deploy("dvault", {"function.yaml": function_yaml("dvault", private=True, allowCallsFrom=["dfriend"]),
+                        "main.py": KEEPER})
+    for name in ("dfriend", "dstranger"):
+        s.deploy(name, {"function.yaml": function_yaml(name),
+                        "main.py": CALLER.replace('"vault"', '"dvault"').replace("NAME", name)})
+    assert s.invoke("dfriend").json() == {"result": "ran dfriend"}
+    out = s.invoke("dstranger").json()
+    assert out["status"] == 403 and "function 'dvault' is private: function 'dstranger' may not call it" \
+        in out["message"], out
+    assert s.client.post("/dvault", content=b"ran?").json() == ["dfriend"], "the refused call never ran"
