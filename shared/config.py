@@ -145,6 +145,12 @@ class Settings:
     optimizer_round_s: float = 5.0  # feedback: how long each setup is measured
     optimizer_min_samples: int = 30  # feedback: entry calls needed before a round is judged
     optimizer_tolerance: float = 0.05  # feedback: a change is kept unless latency grows more than this
+    # autoscaling (services/optimizer/autoscale.py): Knative KPA's defaults
+    autoscale: bool = True  # false: groups keep minReplicas (or a manual override) whatever their load
+    autoscale_stable_window_s: float = 60.0  # load averaged over this; scale-down only after it
+    autoscale_panic_window_s: float = 6.0  # short window that scales up on bursts
+    autoscale_panic_threshold: float = 2.0  # panic when the panic window wants this many times the ready replicas
+    autoscale_tick_s: float = 1.0  # how often the optimizer decides
     # logging
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
@@ -250,6 +256,13 @@ class Settings:
             raise ConfigError("optimizer_strategy 'static' needs optimizer_schedule (a JSON or YAML file)")
         if self.optimizer_round_s <= 0 or self.optimizer_min_samples < 1 or self.optimizer_tolerance < 0:
             raise ConfigError("optimizer_round_s and optimizer_min_samples must be positive, optimizer_tolerance >= 0")
+        if not 0 < self.autoscale_tick_s <= self.autoscale_panic_window_s <= self.autoscale_stable_window_s:
+            raise ConfigError(f"autoscale windows must satisfy 0 < autoscale_tick_s ({self.autoscale_tick_s:g})"
+                              f" <= autoscale_panic_window_s ({self.autoscale_panic_window_s:g})"
+                              f" <= autoscale_stable_window_s ({self.autoscale_stable_window_s:g})")
+        if self.autoscale_panic_threshold < 1:
+            raise ConfigError(f"autoscale_panic_threshold {self.autoscale_panic_threshold:g} must be at least 1"
+                              " (the ratio of wanted to ready replicas that starts a panic; Knative uses 2)")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("log_format must be auto, json or console")
         return self

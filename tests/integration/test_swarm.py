@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -21,6 +21,7 @@ from tests.docker_util import (
     DOCKER_HOST, RUNTIME_IMAGE, containers, docker_client, docker_problem, namespace, need, redeploy_under_steady_calls,
     remove_namespace,
 )
+from tests.scaling import FAST_WINDOWS, drain_on_scale_down, scale_up_and_back_down
 from tests.stack import Stack, function_yaml, wait_for
 
 pytestmark = pytest.mark.integration
@@ -101,9 +102,9 @@ def remove_services(ns: str) -> None:
 
 
 @contextlib.contextmanager
-def swarm_stack(var_dir: Path) -> Iterator[Stack]:
+def swarm_stack(var_dir: Path, env: dict[str, str] | None = None) -> Iterator[Stack]:
     s = Stack(var_dir, env={"NUCLIDE_BACKEND": "swarm", "NUCLIDE_DOCKER_HOST": DOCKER_HOST,
-                            "NUCLIDE_RUNTIME_IMAGE": RUNTIME_IMAGE, "NUCLIDE_DOCKER_POOL_SIZE": "0"})
+                            "NUCLIDE_RUNTIME_IMAGE": RUNTIME_IMAGE, "NUCLIDE_DOCKER_POOL_SIZE": "0", **(env or {})})
     try:
         yield s.start()
     finally:
@@ -242,3 +243,21 @@ def test_a_deployer_restart_adopts_the_services(swarm: None, tmp_path: Path) -> 
         assert s.invoke("adoptee").text == "hello"
         assert s.client.delete("/adoptee").status_code == 204
         wait_for(lambda: not services(ns, "nuclide.group=g-adoptee"), 60, what="the adopted service to go")
+
+
+def _convergences(s: Stack, replicas: int) -> int:
+    """How often the deployer has converged a service to ``replicas`` (its log says so each time)."""
+    return sum(1 for line in s.service_log("deployer").splitlines()
+               if '"service converging"' in line and f'"replicas": {replicas}' in line)
+
+
+def _watch_scale_to_one(s: Stack) -> Callable[[], bool]:
+    before = _convergences(s, 1)
+    return lambda: _convergences(s, 1) > before
+
+
+def test_autoscaling_sets_the_services_replicas_and_fails_no_call(swarm: None, short_tmp_path: Path) -> None:
+    """The autoscaler's decisions reach Swarm as the service's replicas; tasks Swarm removes drain first."""
+    with swarm_stack(short_tmp_path / "var", FAST_WINDOWS) as s:
+        scale_up_and_back_down(s)
+        drain_on_scale_down(s, lambda: _watch_scale_to_one(s))
