@@ -287,3 +287,15 @@ def assert_probe_container_locked_down(container: Any) -> None:
     # one mount: the instance link's directory, read-only (no Docker socket, nothing else of the host)
     assert [(m["Destination"], m["RW"]) for m in container.attrs["Mounts"]] == [("/run/nuclide/link", False)]
     assert container.attrs["Config"]["User"] == "65534:65534"
+
+
+LINK_DIR = "/run/nuclide/link"  # where a function container finds the instance link (runner/usernet.py)
+
+
+def mounts_besides_link(container: Any) -> list[dict[str, Any]]:
+    """A container's mounts other than the instance link's directory, which must be read-only."""
+    mounts = container.attrs["Mounts"]
+    for m in mounts:
+        if m["Destination"] == LINK_DIR:
+            assert m["RW"] is False, f"the link's directory is bound read-only: {m}"
+    return [m for m in mounts if m["Destination"] != LINK_DIR]

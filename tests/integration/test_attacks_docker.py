@@ -9,13 +9,15 @@ platform's sockets included, is in reach unless the function opts in (``spec.net
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 
 from tests.docker_util import (  # noqa: F401 (require_docker: a fixture)
-    docker_client, function_containers, namespace, own_docker_stack, require_docker,
+    RUNTIME_IMAGE, docker_client, function_containers, namespace, own_docker_stack, require_docker,
 )
 from tests.integration.test_attacks import (  # noqa: F401 (outside: a fixture)
     ATTACK_HELPERS, BUILD_PROBE_HANDLER, FILL, FORK_BOMB, SHM, build_probe, loopback_targets, outside,
@@ -164,3 +166,44 @@ def test_task_calls_from_containers_reach_a_private_function_only_when_listed(do
     assert out["status"] == 403 and "function 'dvault' is private: function 'dstranger' may not call it" \
         in out["message"], out
     assert s.client.post("/dvault", content=b"ran?").json() == ["dfriend"], "the refused call never ran"
+
+
+# a registered runtime's program (python3 main.py in the runtime image): the network attacks, as JSON on stdout
+RUNTIME_PROGRAM = """
+import errno, json, socket, sys
+json.load(sys.stdin)
+out = {}
+for name, endpoint in TARGETS.items():
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        out[name] = "ok"
+    except OSError as exc:
+        out[name] = errno.errorcode.get(exc.errno, str(exc))
+out["routes"] = [line.split()[0] for line in open("/proc/net/route").read().splitlines()[1:]
+                 if line.split()[1] == "00000000"]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("warm_start", ["function", "none"])
+def test_a_registered_runtimes_containers_reach_nothing_on_the_hosts_loopback(docker_attacked: Stack,
+                                                                             outside: tuple[str, int],
+                                                                             warm_start: str) -> None:
+    """A warm container (from the runtime pool) and a container per call; the opt-in reaches the host."""
+    s = docker_attacked
+    runtime = {"image": RUNTIME_IMAGE, "path": "/ws", "run": ["python3", "main.py"]}
+    assert s.client.put("/runtimes/attackrt", json=runtime).status_code in (200, 201)
+    targets = loopback_targets(s, outside)
+    program = f"TARGETS = {targets!r}\n" + RUNTIME_PROGRAM
+    for name, network, reached in ((f"drt-{warm_start}", "isolated", "ECONNREFUSED"),
+                                   (f"drt-{warm_start}-host", "host", "ok")):
+        spec = {"runtime": "attackrt", "warmStart": warm_start, "network": network}
+        s.deploy(name, {"function.yaml": yaml.safe_dump({"metadata": {"name": name}, "spec": spec}),
+                        "main.py": program})
+        r = s.invoke(name, {})
+        assert r.status_code == 200, r.text
+        out = json.loads(r.text)
+        assert {k: out[k] for k in targets} == {k: reached for k in targets}, f"{name}: {out}"
+        if network == "isolated":
+            assert out["routes"] == ["tap0"], "outbound connections leave through slirp4netns"

@@ -184,10 +184,8 @@ class DockerBackend(Backend):
                         if handle is not None:
                             return handle
                     image, functions = await self.images.group_image(spec)
-                    if is_per_call(spec):  # warmStart none/runtime: the runner drives per-call containers,
-                        # which have the host's network (runner/box.py), not the instance link
-                        config = self.containers.instance_config(spec, functions, isolated=False)
-                        return await self.runners.start(spec, image, config)
+                    if is_per_call(spec):  # warmStart none/runtime: the runner drives per-call containers
+                        return await self.runners.start(spec, image, self.containers.instance_config(spec, functions))
                     return await self.containers.run(spec, image, functions)
                 except EngineLost:
                     continue
