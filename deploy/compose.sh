@@ -13,6 +13,9 @@ if command -v docker-compose >/dev/null; then COMPOSE=(docker-compose)
 elif docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose)
 else echo "docker-compose is not installed (apt-get install docker-compose)" >&2; exit 1; fi
 HEALTH_TIMEOUT_S=${NUCLIDE_UP_TIMEOUT_S:-120}
+# the project's name as docker-compose derives it, for docker-compose.yml's link volume name
+COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-$(basename "$PWD" | tr '[:upper:]' '[:lower:]' | tr -cd 'a-z0-9_-')}
+export COMPOSE_PROJECT_NAME
 PY=${PYTHON:-.venv/bin/python}
 
 case "${1:-}" in

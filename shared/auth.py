@@ -52,3 +52,14 @@ def check_bearer(authorization: str | bytes | None, token: bytes) -> None:
         raise Unauthorized("missing token: send 'Authorization: Bearer <token>' (nuclide up prints it)")
     if not bearer_is(authorization, token):
         raise Unauthorized("invalid token: send 'Authorization: Bearer <token>' with the token nuclide up printed")
+
+
+def may_call_private(callee_group: str | None, allow_calls_from: frozenset[str] | tuple[str, ...],
+                     caller_group: str | None, caller_function: str | None) -> bool:
+    """Whether a task call may reach a private function: from its own fusion group, or from a function its
+    ``spec.allowCallsFrom`` names (``"*"``: any function). A caller the gateway cannot tie to a running
+    function of the platform (no registered instance, or a function that instance does not serve) gets no
+    more than the group check; with neither, the call is refused."""
+    if caller_group is not None and callee_group is not None and caller_group == callee_group:
+        return True
+    return caller_function is not None and ("*" in allow_calls_from or caller_function in allow_calls_from)

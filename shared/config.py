@@ -109,6 +109,10 @@ class Settings:
     docker_host: str = "unix:///var/run/docker.sock"
     runtime_image: str = "nuclide-runtime:latest"  # what `make images` builds; function images start FROM it
     docker_namespace: str = ""  # labels this deployer's containers; empty: generated into <var_dir>/docker-namespace
+    # where docker containers' instance link comes from (the directory of the gateway's unix socket, bound
+    # read-only into isolated containers): empty, that directory on this host (Settings.instance_link);
+    # a Docker volume's name when the deployer runs in a container and the directory lives in that volume
+    docker_link_source: str = ""
     docker_image_cache: int = 8  # dependency images kept for reuse once no function uses them
     # started runtime containers waiting to become an instance of a Python function without
     # dependencies (no image build, no interpreter start on the deploy path); 0 disables the pool
@@ -138,6 +142,9 @@ class Settings:
     # networks (CIDR) and host names that callback URLs may point into besides the public internet;
     # empty: loopback, link-local and private addresses are refused (shared/netpolicy.py)
     callback_allow: str = ""
+    # what a producer on the PUSH or topic ingress presents (header "token") to reach a private function,
+    # besides the API token; empty: only the API token opens private functions there
+    ingress_token: Secret = Secret("")
     # calls
     call_retention_s: float = 24 * 3600.0  # finished calls are kept this long
     async_batch_max: int = 256  # async calls stored per store transaction
@@ -228,8 +235,11 @@ class Settings:
             raise ConfigError("metrics_token has spaces in it; an Authorization header cannot carry them: use a"
                               " token without spaces, e.g. one from `python3 -c 'import secrets;"
                               " print(secrets.token_urlsafe(32))'`")
+        if self.ingress_token != self.ingress_token.strip() or " " in self.ingress_token:
+            raise ConfigError("ingress_token has spaces in it; use a token without spaces, e.g. one from"
+                              " `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`")
         link = self.instance_link[len("ipc://"):]
-        if self.backend == "process" and len(link.encode()) > MAX_IPC_PATH_BYTES:
+        if self.backend in ("process", "docker") and len(link.encode()) > MAX_IPC_PATH_BYTES:
             raise ConfigError(f"var_dir {str(self.var_dir)!r} is too deep: the instances' socket {link} would be"
                               f" longer than {MAX_IPC_PATH_BYTES} bytes, the limit of a unix socket's path;"
                               " choose a shorter var_dir")

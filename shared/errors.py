@@ -38,6 +38,13 @@ class Unauthorized(NuclideError):
     http_status = 401
 
 
+class Forbidden(NuclideError):
+    """The caller is known, and not allowed this (a task call to a private function it may not call)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class NotFound(NuclideError):
     code = "not_found"
     http_status = 404
@@ -94,6 +101,7 @@ _BY_CODE: dict[str, type[NuclideError]] = {
     for cls in (
         InvalidRequest,
         Unauthorized,
+        Forbidden,
         NotFound,
         Conflict,
         PayloadTooLarge,

@@ -36,22 +36,25 @@ def gateway_record(settings: Any, boot_id: str) -> dict[str, str]:
     return {
         "id": boot_id, "name": settings.gateway_name, "host": this_host(),
         "router": settings.router_advertised,
-        "link": settings.instance_link if settings.backend == "process" else "",
+        "link": settings.instance_link if settings.backend in ("process", "docker") else "",
         "pub": settings.pub_advertised,
         "http": f"http://{settings.advertised_host}:{settings.http_port}",
     }
 
 
-def endpoint_for(record: dict[str, Any], link: bool, host: str) -> str:
+def endpoint_for(record: dict[str, Any], link: bool, host: str, link_dir: str = "") -> str:
     """The endpoint an instance connects to for one gateway: its link socket for a sandboxed instance on the
-    gateway's machine (no route to the host's network there), else its advertised ROUTER."""
+    gateway's machine (no route to the host's network there), else its advertised ROUTER. ``link_dir``: where
+    the instance sees the host's link directory (a container binds it elsewhere), empty when at the same path."""
     if link and record.get("link") and record.get("host") == host:
-        return str(record["link"])
+        path = str(record["link"])
+        return f"ipc://{link_dir}/{path.rsplit('/', 1)[-1]}" if link_dir else path
     return str(record.get("router") or "")
 
 
-def instance_endpoints(records: list[dict[str, Any]], link: bool, host: str, fallback: str) -> list[str]:
+def instance_endpoints(records: list[dict[str, Any]], link: bool, host: str, fallback: str,
+                       link_dir: str = "") -> list[str]:
     """Every known gateway's endpoint for a new instance (``fallback``, the deployer's own setting, when none
     is known yet); sorted, so a config is the same for the same gateways."""
-    found = sorted({e for e in (endpoint_for(r, link, host) for r in records) if e})
+    found = sorted({e for e in (endpoint_for(r, link, host, link_dir) for r in records) if e})
     return found or [fallback]

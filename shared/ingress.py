@@ -6,7 +6,9 @@
         p.publish("orders", b'{"id": 7}')
 
 ``invoke`` blocks when the gateway's queue is full (ZeroMQ's high-water mark)
-rather than dropping. The frame layout is in services/gateway/ingress.py.
+rather than dropping. ``token`` (the gateway's ``ingress_token`` setting, or its API
+token) goes with every message: private functions take messages only with it. The frame
+layout is in services/gateway/ingress.py.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from shared import protocol
 
 class Producer:
     def __init__(self, pull_endpoint: str | None = None, sub_endpoint: str | None = None,
-                 ctx: zmq.Context | None = None, sndhwm: int = 1000) -> None:
+                 ctx: zmq.Context | None = None, sndhwm: int = 1000, token: str = "") -> None:
         self._ctx = ctx or zmq.Context.instance()
+        self._token = token
         self._push = self._pub = None
         if pull_endpoint:
             self._push = self._ctx.socket(zmq.PUSH)
@@ -39,6 +42,8 @@ class Producer:
         if self._push is None:
             raise RuntimeError("this Producer has no PULL endpoint to invoke through")
         header: dict[str, Any] = {"function": function}
+        if self._token:
+            header["token"] = self._token
         for key, value in (("content_type", content_type), ("call_id", call_id), ("idempotency_key", idempotency_key),
                            ("callback_url", callback_url), ("headers", headers)):
             if value:
@@ -49,7 +54,8 @@ class Producer:
                 idempotency_key: str | None = None) -> None:
         if self._pub is None:
             raise RuntimeError("this Producer has no SUB endpoint to publish to")
-        header = {k: v for k, v in (("content_type", content_type), ("idempotency_key", idempotency_key)) if v}
+        header = {k: v for k, v in (("content_type", content_type), ("idempotency_key", idempotency_key),
+                                    ("token", self._token)) if v}
         if header:
             self._pub.send_multipart([topic.encode(), *protocol.encode(protocol.INVOKE, header, payload)])
         else:

@@ -43,6 +43,7 @@ class InstanceLinks:
         self.ctx = ctx
         self.identity = identity.encode()
         self.use_link = bool(config.get("link"))
+        self.link_dir = str(config.get("link_dir") or "")  # where a container sees the link directory
         self.host = str(config.get("host") or "")
         self.links: dict[str, Link] = {}
         self.by_socket: dict[zmq.Socket, Link] = {}
@@ -67,7 +68,7 @@ class InstanceLinks:
         """Follow a HEARTBEAT's list of live gateways: (links opened, links closed). A bad list is ignored."""
         if not isinstance(gateways, list):
             return [], []
-        named = {endpoint_for(g, self.use_link, self.host) for g in gateways if isinstance(g, dict)}
+        named = {endpoint_for(g, self.use_link, self.host, self.link_dir) for g in gateways if isinstance(g, dict)}
         named.discard("")
         opened = [self.open(e) for e in sorted(named) if e not in self.links]
         closed = []

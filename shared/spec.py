@@ -89,6 +89,8 @@ class FunctionSpec:
     scratch_bytes: int | None = None  # None: DEFAULT_SCRATCH_BYTES
     network: str = "isolated"
     private: bool = False
+    # functions outside its fusion group that may call it (context.call) while it is private; "*": any
+    allow_calls_from: tuple[str, ...] = ()
     idle_timeout_s: float = 300.0
     triggers: tuple[dict, ...] = ()
     retry: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RETRY))
@@ -115,7 +117,7 @@ class FunctionSpec:
         kwargs: dict[str, Any] = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         if "env" in kwargs:
             kwargs["env"] = {str(k): str(v) for k, v in (kwargs["env"] or {}).items()}
-        for key in ("build_commands", "triggers"):
+        for key in ("build_commands", "triggers", "allow_calls_from"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key] or ())
         return cls(**kwargs)
@@ -492,7 +494,8 @@ def _parse_resources(spec: dict, kw: dict[str, Any], warnings: list[str]) -> Non
 
 _SPEC_KNOWN = {"handler", "runtime", "env", "build", "minReplicas", "maxReplicas", "replicas", "description",
                "timeout", "timeoutSeconds", "eventTimeout", "maxConcurrency", "targetConcurrency", "resources",
-               "private", "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart", "lambdaEvent", "network"}
+               "private", "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart", "lambdaEvent", "network",
+               "allowCallsFrom"}
 LAMBDA_EVENT_SHAPES = ("auto", "payload", "apigateway")
 
 
@@ -505,6 +508,29 @@ def _parse_shell(spec: dict, kw: dict[str, Any], definition: dict[str, Any], war
         if spec.get(key) is not None:
             warnings.append(f"function.yaml: spec.{key} is ignored: runtime '{kw['runtime']}' runs its own"
                             " `run` and `dependencies` commands")
+
+
+MAX_ALLOW_CALLS_FROM = 256
+
+
+def parse_allow_calls_from(value: Any) -> tuple[str, ...]:
+    """spec.allowCallsFrom: function names (or "*", any function) that may call a private function."""
+    where = "spec.allowCallsFrom"
+    names = _expect(value, list, where, 'a list of function names (or ["*"] for any function)')
+    if len(names) > MAX_ALLOW_CALLS_FROM:
+        raise _err(where, f"names {len(names)} functions, over the limit of {MAX_ALLOW_CALLS_FROM}; use [\"*\"]"
+                          " to let any function call it")
+    out: list[str] = []
+    for i, name in enumerate(names):
+        name = _expect(name, str, f"{where}[{i}]", 'a function name or "*"')
+        if name != "*":
+            try:
+                validate_function_name(name)
+            except InvalidRequest as exc:
+                raise _err(f"{where}[{i}]", f"is not a function name: {exc.message}") from None
+        if name not in out:
+            out.append(name)
+    return tuple(out)
 
 
 def parse_function(archive: Archive, *, fallback_handler_module: str | None = None,
@@ -572,6 +598,11 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
         kw["description"] = _expect(spec["description"], str, "spec.description", "a string")
     if spec.get("private") is not None:
         kw["private"] = _expect(spec["private"], bool, "spec.private", "true or false")
+    if spec.get("allowCallsFrom") is not None:
+        kw["allow_calls_from"] = parse_allow_calls_from(spec["allowCallsFrom"])
+        if kw["allow_calls_from"] and not kw.get("private"):
+            warnings.append("spec.allowCallsFrom has no effect: the function is not private, so any function may"
+                            " call it; set spec.private: true to limit its callers")
     if spec.get("network") is not None:
         if spec["network"] not in NETWORKS:
             raise _err("spec.network", f"must be one of {', '.join(NETWORKS)} (isolated, the default: outbound"

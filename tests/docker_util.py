@@ -280,8 +280,22 @@ def handler(context, event):
 def assert_probe_container_locked_down(container: Any) -> None:
     """What the engine says of a :func:`lockdown_probe` instance's container (PROBE_SPEC's limits)."""
     host = container.attrs["HostConfig"]
-    assert host["NetworkMode"] == "host" and host["ReadonlyRootfs"] is True
+    assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True, "a network of its own (slirp4netns)"
     assert host["CapDrop"] == ["ALL"] and any("no-new-privileges" in o for o in host["SecurityOpt"])
     assert host["Memory"] == 96 * 1024 * 1024 and host["NanoCpus"] == 500_000_000, "the function's limits"
-    assert "/tmp" in host["Tmpfs"] and not container.attrs["Mounts"], "no mounts at all: no Docker socket"
+    assert "/tmp" in host["Tmpfs"]
+    # one mount: the instance link's directory, read-only (no Docker socket, nothing else of the host)
+    assert [(m["Destination"], m["RW"]) for m in container.attrs["Mounts"]] == [("/run/nuclide/link", False)]
     assert container.attrs["Config"]["User"] == "65534:65534"
+
+
+LINK_DIR = "/run/nuclide/link"  # where a function container finds the instance link (runner/usernet.py)
+
+
+def mounts_besides_link(container: Any) -> list[dict[str, Any]]:
+    """A container's mounts other than the instance link's directory, which must be read-only."""
+    mounts = container.attrs["Mounts"]
+    for m in mounts:
+        if m["Destination"] == LINK_DIR:
+            assert m["RW"] is False, f"the link's directory is bound read-only: {m}"
+    return [m for m in mounts if m["Destination"] != LINK_DIR]

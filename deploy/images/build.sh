@@ -209,13 +209,17 @@ cat >"$ctx/Dockerfile" <<EOF
 FROM $BASE
 ENV PYTHONPATH=/opt/nuclide:/opt/nuclide/site PATH=/opt/nuclide/site/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
     LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 NUCLIDE_VAR_DIR=/var/lib/nuclide
+# the deployer attaches slirp4netns to function containers (services/deployer/backends/docker/runner/usernet.py),
+# from the mirror debootstrap used (the image build runs on the host's network); first, so the layer is cached
+RUN apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends slirp4netns >/dev/null \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /var/cache/apt/*.bin && slirp4netns --version >/dev/null
 # dependencies first, so a code change rebuilds only the small layer below
 COPY site/ /opt/nuclide/site/
 RUN python3 -m compileall -q -j 0 /opt/nuclide/site >/dev/null 2>&1; true
 COPY opt/ /opt/
 RUN python3 -m compileall -q /opt/nuclide/services /opt/nuclide/shared \\
     && python3 -c "import services.store.server, services.gateway.core, services.gateway.http, services.deployer.backends.docker.backend, httptools, uvloop, docker" \\
-    && mkdir -p /var/lib/nuclide && chown 65534:65534 /var/lib/nuclide
+    && mkdir -p /var/lib/nuclide/run/link && chown -R 65534:65534 /var/lib/nuclide
 WORKDIR /var/lib/nuclide
 CMD ["python3", "-m", "services.cli.main", "--help"]
 EOF

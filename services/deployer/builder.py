@@ -7,6 +7,12 @@ hash of (Python version, requirements.txt, build commands) at
 across restarts; built in a temporary directory and renamed into place, so a
 half-built environment is never used. Builds run as sandboxed subprocesses and
 never block the deployer's loop; builds of the same hash wait for each other.
+
+Each sandboxed build step runs in a network namespace of its own whose only way out is
+slirp4netns with host loopback disabled (``services/deployer/netns.py``), as an isolated
+instance does: it reaches a package index outside, or a mirror on one of the host's other
+addresses, but nothing listening on the host's loopback (the platform's sockets among
+them). A group whose spec asks for ``network: host`` builds with the host's network.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from shared.errors import BuildFailed
 from shared.logs import get_logger
 from services.deployer import pythons
 from services.deployer.children import Children
-from services.deployer.sandbox import Mounts, base_env, hidden_paths, interpreter_paths, wrap
+from services.deployer.netns import RESOLV_CONF, Net, NetPool, NetUnavailable
+from services.deployer.sandbox import Mounts, base_env, bwrap_path, hidden_paths, interpreter_paths, wrap
 
 log = get_logger(__name__)
 
@@ -47,6 +54,8 @@ def env_key(spec: dict[str, Any]) -> str | None:
     h.update(requirements.encode() + b"\0")
     for command in commands:
         h.update(command.encode() + b"\0")
+    if spec.get("network") == "host":  # built with the host's network: not the same build as an isolated one
+        h.update(b"network=host\0")
     return h.hexdigest()[:24]
 
 
@@ -88,6 +97,8 @@ class Builder:
         self.children = children or Children()
         self.var = settings.var_dir.resolve()
         self._locks: dict[str, asyncio.Lock] = {}
+        # a namespace per build step, made when it starts: builds are rare, so none is kept ready
+        self.nets = NetPool(self.children, self.var / "logs" / "slirp4netns.log", size=0)
 
     def _lock(self, key: str) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -166,21 +177,42 @@ class Builder:
             # build commands are the user's own shell lines (nuclio's spec.build.commands),
             # run as one argv in the sandbox; nothing of ours is interpolated into them
             steps.append((str(command), ["/bin/sh", "-c", str(command)]))
+        isolated = bwrap_path(self.settings) is not None and spec.get("network", "isolated") != "host"
+        resolv_conf = None
+        if isolated:
+            resolv_conf = tools / "resolv.conf"
+            resolv_conf.write_text(RESOLV_CONF)
         with open(log_path, "wb") as out:
             for title, argv in steps:
                 out.write(f"$ {title}\n".encode())
                 out.flush()
-                proc = await self.children.exec(
-                    *wrap(self.settings, argv, mounts, work), cwd=str(work), env=env,
-                    stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+                net: Net | None = None
+                cmd = wrap(self.settings, argv, mounts, work, resolv_conf)
+                if isolated:
+                    try:
+                        net = await self.nets.make()
+                    except NetUnavailable as exc:
+                        shutil.rmtree(work, ignore_errors=True)
+                        raise BuildFailed(f"build step '{title}' could not get its network: {exc}",
+                                          {"step": title}) from None
+                    # the sandbox starts inside the step's namespace: nsenter joins it, then runs bwrap
+                    cmd = [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net=/proc/self/fd/{net.netns_fd}",
+                           "--", *cmd]
                 try:
-                    code = await asyncio.wait_for(proc.wait(), self.settings.build_timeout_s)
-                except asyncio.TimeoutError:
-                    proc.kill()
-                    await proc.wait()
-                    code = None
+                    proc = await self.children.exec(
+                        *cmd, cwd=str(work), env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                        stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+                        pass_fds=(net.netns_fd,) if net is not None else (),
+                    )
+                    try:
+                        code = await asyncio.wait_for(proc.wait(), self.settings.build_timeout_s)
+                    except asyncio.TimeoutError:
+                        proc.kill()
+                        await proc.wait()
+                        code = None
+                finally:
+                    if net is not None:
+                        net.discard()  # slirp4netns goes with the step
                 if code != 0:
                     out.flush()
                     text = log_path.read_text(errors="replace")

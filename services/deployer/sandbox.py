@@ -89,12 +89,15 @@ def instance_uid(instance_id: str) -> int:
     return INSTANCE_UID_BASE + int.from_bytes(digest[:4], "big") % INSTANCE_UID_SPAN
 
 
-def wrap(settings: Settings, argv: list[str], mounts: Mounts, cwd: Path) -> list[str]:
-    """The argv that runs ``argv`` (a build step) inside the sandbox, or ``argv`` itself with ``sandbox: none``."""
+def wrap(settings: Settings, argv: list[str], mounts: Mounts, cwd: Path, resolv_conf: Path | None = None) -> list[str]:
+    """The argv that runs ``argv`` (a build step) inside the sandbox, or ``argv`` itself with ``sandbox: none``;
+    ``resolv_conf`` replaces the host's (a build in a network namespace of its own asks slirp4netns's DNS)."""
     bwrap = bwrap_path(settings)
     if bwrap is None:
         return argv
     cmd = _view(bwrap, settings, mounts)
+    if resolv_conf is not None:
+        cmd += ["--ro-bind", str(resolv_conf), "/etc/resolv.conf"]
     cmd += [
         "--unshare-pid", "--unshare-ipc", "--unshare-uts",
         "--cap-drop", "ALL",

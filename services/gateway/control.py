@@ -143,6 +143,10 @@ def build_control_app(gw: Gateway) -> FastAPI:
             warnings.append(gw.settings.sandbox_warning())
         if spec.name and spec.name != name:
             warnings.append(f"metadata.name '{spec.name}' differs from the deployed name '{name}'; using '{name}'")
+        unknown = [n for n in spec.allow_calls_from if n != "*" and n != name and n not in gw.functions]
+        if unknown:  # not refused: the caller may be deployed next
+            warnings.append(f"spec.allowCallsFrom names {', '.join(repr(n) for n in unknown)}, not deployed here: a"
+                            " function of that name may call it once deployed; check the spelling")
         result = await gw.store.call("function.put", {"name": name, "spec": spec.to_dict(), "warnings": warnings}, data)
         gw.apply_function(result["function"])
         if not wait:

@@ -20,10 +20,11 @@ from prometheus_client import generate_latest
 
 from shared import protocol
 from shared.aiosock import RpcClient
-from shared.auth import check_bearer
+from shared.auth import check_bearer, may_call_private
 from shared.config import Settings
 from shared.errors import (
-    DeadlineExceeded, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests, Unavailable,
+    DeadlineExceeded, Forbidden, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests,
+    Unavailable,
 )
 from shared.failures import bounded, result_error
 from shared.gateways import GATEWAY_BEAT_S, GATEWAY_TTL_S, gateway_record
@@ -51,7 +52,7 @@ class FunctionInfo:
     """What the invoke path needs to know about a function, kept from store events."""
 
     __slots__ = ("name", "private", "timeout_s", "state", "version", "group_id", "last_error", "retry", "cron",
-                 "topics", "min_replicas", "idle_timeout_s", "max_body")
+                 "topics", "min_replicas", "idle_timeout_s", "max_body", "allow_calls_from")
 
     def __init__(self, record: dict[str, Any]) -> None:
         self.name = record["name"]
@@ -65,6 +66,7 @@ class FunctionInfo:
         self.min_replicas = int(spec.get("min_replicas", 1))
         self.idle_timeout_s = float(spec.get("idle_timeout_s") or 300.0)
         self.retry = {**DEFAULT_RETRY, **(spec.get("retry") or {})}
+        self.allow_calls_from = frozenset(str(n) for n in spec.get("allow_calls_from") or ())
         try:
             triggers = validate_triggers(tuple(spec.get("triggers") or ()))
         except NuclideError:
@@ -191,7 +193,7 @@ class Gateway:
         self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer")
         self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone,
                              self._on_task_call, self._on_stuck, self.add_reports,
-                             link=s.instance_link if s.backend == "process" else "", peers=self.peer_records)
+                             link=s.instance_link if s.backend in ("process", "docker") else "", peers=self.peer_records)
         self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event)
         self.feed.start()
         self._background(self._announce())
@@ -549,6 +551,8 @@ class Gateway:
             info = self.functions.get(name)
             if info is None:
                 raise NotFound(f"function '{name}' not found")
+            if info.private:
+                self._check_task_caller(info, header)
             deadline_ms = int(time.time() * 1000 + info.timeout_s * 1000)
             if sync and isinstance(header.get("deadline_ms"), int):
                 deadline_ms = min(deadline_ms, header["deadline_ms"])
@@ -590,6 +594,22 @@ class Gateway:
                                           out_header["status"], error, now - took_ms / 1000, now)
         if sync:
             self.broker.reply(ident, out_header, rbody)
+
+    def _check_task_caller(self, callee: FunctionInfo, header: dict[str, Any]) -> None:
+        """Raise Forbidden unless the instance behind a task call may call this private function.
+
+        The caller is the instance the CALL names, as the broker knows it (its group and the functions it
+        serves, from its registration), and the function it is running, when that is one of those."""
+        assert self.broker is not None
+        inst_id = header.get("instance")
+        inst = self.broker.instances.get(inst_id.encode()) if isinstance(inst_id, str) else None
+        caller = header.get("caller")
+        group = inst.group if inst is not None else None
+        caller_fn = caller if inst is not None and isinstance(caller, str) and caller in inst.functions else None
+        if not may_call_private(callee.group_id, callee.allow_calls_from, group, caller_fn):
+            who = f"function '{caller_fn}'" if caller_fn else "a caller outside any function of this platform"
+            raise Forbidden(f"function '{callee.name}' is private: {who} may not call it (only functions of its"
+                            f" fusion group and those its spec.allowCallsFrom names may)")
 
     # ----- auth -----------------------------------------------------------------
 

@@ -5,30 +5,36 @@ PULL (``gateway_pull``, any producer connects a PUSH)::
     frame 0  b"NUC1"
     frame 1  b"INVOKE"
     frame 2  msgpack map: {"function": str, optional "call_id", "content_type",
-             "headers" ([[name, value], ...]), "idempotency_key", "callback_url"}
+             "headers" ([[name, value], ...]), "idempotency_key", "callback_url", "token"}
     frame 3  the payload (raw bytes)
 
 Each accepted message becomes a durable call (``shared/ingress.py`` has a helper).
 While stored-but-unacknowledged submissions pile up the gateway stops reading, so
 the producer's queue fills and its send blocks at its high-water mark instead of
 messages being dropped. A message for an unknown function is recorded FAILED with
-"function 'x' not found"; a malformed one is logged, counted and dropped.
+"function 'x' not found"; a malformed one is logged, counted and dropped. A message for a
+private function needs a ``token``: the ``ingress_token`` setting or the API token; without
+one it is recorded FAILED (never run) and counted as ``refused``.
 
 SUB (``gateway_sub``, bound; producers connect a PUB): ``[topic, payload]`` or
 ``[topic, NUC1, INVOKE, header, payload]``. Every function with a ``kind: topic``
 trigger for that topic gets the payload as an async call. Best effort, like core
-NATS: a message published while nobody listens is gone.
+NATS: a message published while nobody listens is gone. A private subscriber gets only
+messages of the second form whose header carries the token, as on PULL; the others
+skip it and are counted as ``topic_refused``.
 
 Cron: ``kind: cron`` triggers (``interval`` or ``schedule``, in ``attributes.timezone``) submit
 an async call with the trigger's body and headers (nuclio's ``attributes.event``) on time. Every
 gateway keeps the same clock of ticks and submits each one under the idempotency key
 ``cron:<trigger>:<tick ms>``, so with several gateways the store keeps one call per tick and a
-gateway that dies leaves the ticks to the others.
+gateway that dies leaves the ticks to the others. A private function's cron triggers run without
+a token: the platform itself fires them, on the schedule its owner deployed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import math
 import time
 from typing import TYPE_CHECKING, Any, Protocol
@@ -53,15 +59,21 @@ RESUME_BELOW = 1024
 CRON_TICK_S = 0.25
 
 
+def private_refusal(function: str) -> str:
+    return (f"function '{function}' is private: an ingress message for it needs a 'token' in its header (the"
+            " gateway's ingress_token setting or the API token); see shared/ingress.py's Producer(token=...)")
+
+
 def _text(value: str | bytes) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
 class IngressHost(Protocol):
     """What the ingress uses of the gateway: settings, the ZeroMQ context, the function catalogue,
-    the state feed and the async calls (the last two set once the gateway started)."""
+    the state feed and the async calls (the last two set once the gateway started), the API token."""
 
     settings: Settings
+    token: bytes
     ctx: zmq.Context
     functions: dict[str, Any]
     feed: StateFeed | None
@@ -72,7 +84,8 @@ class Ingress:
     def __init__(self, gw: IngressHost) -> None:
         self.gw = gw
         self.pending = 0
-        self.counters = {"accepted": 0, "malformed": 0, "topic_messages": 0, "topic_calls": 0, "cron_calls": 0}
+        self.counters = {"accepted": 0, "malformed": 0, "refused": 0, "topic_messages": 0, "topic_calls": 0,
+                         "topic_refused": 0, "cron_calls": 0}
         self._pull: AsyncSocket | None = None
         self._sub: AsyncSocket | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -91,6 +104,14 @@ class Ingress:
         sub.bind(s.gateway_sub)
         self._sub = AsyncSocket(sub, self._on_topic)
         self._spawn(self._cron_loop())
+
+    def may_reach(self, token: Any) -> bool:
+        """Whether a message's ``token`` opens private functions: the ingress token or the API token."""
+        if not isinstance(token, (str, bytes)) or not token:
+            return False
+        given = token.encode() if isinstance(token, str) else token
+        wanted = [self.gw.token, self.gw.settings.ingress_token.encode()]
+        return any(w and hmac.compare_digest(given, w) for w in wanted)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -115,6 +136,14 @@ class Ingress:
         except ProtocolError as exc:
             self.counters["malformed"] += 1
             log.warning("dropped malformed ingress message", error=str(exc), dropped=self.counters["malformed"])
+            return
+        info = self.gw.functions.get(function)
+        if info is not None and info.private and not self.may_reach(msg.header.get("token")):
+            # recorded, never run: the producer can look the call up and see why
+            self.counters["refused"] += 1
+            log.warning("refused an ingress message for a private function without its token", function=function,
+                        refused=self.counters["refused"])
+            self._spawn(self._refuse(function, msg.header.get("call_id"), private_refusal(function)))
             return
         if len(msg.body) > self.gw.body_limit(function):
             # recorded, not silently dropped: the producer can look the call up and see why
@@ -166,6 +195,7 @@ class Ingress:
         topic = frames[0].decode("utf-8", "replace")
         content_type = ""
         idempotency_key = None
+        token: Any = None
         if len(frames) == 2:
             payload = frames[1]
         else:
@@ -183,9 +213,19 @@ class Ingress:
                             error="content_type and idempotency_key must be strings")
                 return
             idempotency_key = key
+            token = msg.header.get("token")
         self.counters["topic_messages"] += 1
+        opens_private: bool | None = None  # checked once, for the first private subscriber
         for info in list(self.gw.functions.values()):
             if topic in info.topics:
+                if info.private:
+                    if opens_private is None:
+                        opens_private = self.may_reach(token)
+                    if not opens_private:
+                        self.counters["topic_refused"] += 1
+                        log.warning("topic message skips a private subscriber: it carries no token",
+                                    topic=topic[:80], function=info.name, refused=self.counters["topic_refused"])
+                        continue
                 self.counters["topic_calls"] += 1
                 self._spawn(self._submit_quietly(info.name, payload, content_type, "topic",
                                                  [["x-nuclide-topic", topic]], idempotency_key))

@@ -96,10 +96,12 @@ def _as_is_or_result(value: Any) -> Any:
 
 
 class LocalRunner(Protocol):
-    """What task calls use of the executor: the group's functions, in-process calls, the ZeroMQ context."""
+    """What task calls use of the executor: the group's functions, in-process calls, the ZeroMQ context,
+    the instance's id (sent with each remote call)."""
 
     functions: dict[str, Any]
     ctx: zmq.Context
+    instance_id: str
 
     def execute_local(self, fn: Any, frame: Frame, event: Event, mapper: Any) -> Any: ...
 
@@ -196,6 +198,8 @@ class TaskCaller:
                 "path": path or "/", "query": query, "headers": headers, "content_type": content_type,
                 "deadline_ms": deadline_ms, "mode": "http", "depth": depth, "chain": chain,
                 "caller": caller, "async": not sync,
+                # the gateway ties the call to this instance's group: a private callee outside it refuses
+                "instance": self.runtime.instance_id,
             }
             result, out = self._remote(header, body)
             status, rctype = int(result.get("status", 200)), str(result.get("content_type") or "")

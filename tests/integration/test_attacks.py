@@ -168,6 +168,50 @@ def handler(context, event):
              what="the instance and its slirp4netns to exit")
 
 
+def build_probe(targets: dict[str, str]) -> str:
+    """A build command (a shell line) that tries to connect to each ``tcp://`` target and leaves what happened in
+    the environment it builds, as module ``buildprobe`` (its RESULT), for the function to return."""
+    code = (
+        "import errno, json, os, socket\n"
+        f"targets = json.loads({json.dumps(json.dumps(targets))})\n"
+        "out = {}\n"
+        "for name, endpoint in targets.items():\n"
+        "    host, _, port = endpoint[len(\"tcp://\"):].rpartition(\":\")\n"
+        "    try:\n"
+        "        socket.create_connection((host, int(port)), timeout=3).close()\n"
+        "        out[name] = \"ok\"\n"
+        "    except OSError as exc:\n"
+        "        out[name] = errno.errorcode.get(exc.errno, str(exc))\n"
+        "with open(os.path.join(os.environ[\"PIP_TARGET\"], \"buildprobe.py\"), \"w\") as fh:\n"
+        "    fh.write(\"RESULT = \" + repr(out) + \"\\n\")\n"
+    )
+    assert "'" not in code
+    return f"python3 -c '{code}'"
+
+
+BUILD_PROBE_HANDLER = "import buildprobe\n\ndef handler(context, event):\n    return buildprobe.RESULT\n"
+
+
+def loopback_targets(s: Stack, outside: tuple[str, int]) -> dict[str, str]:
+    """The platform's loopback sockets (store, deployer, gateway PULL and ROUTER, HTTP) and an outside server."""
+    targets = {k: s.endpoints[k] for k in ("store_rpc", "deployer_rpc", "gateway_pull", "gateway_router")}
+    targets["http"] = s.url.replace("http://", "tcp://")
+    targets["outside"] = f"tcp://{outside[0]}:{outside[1]}"
+    return targets
+
+
+def test_a_build_step_reaches_nothing_on_the_hosts_loopback(stack: Stack, outside: tuple[str, int]) -> None:
+    targets = loopback_targets(stack, outside)
+    spec = {"build": {"commands": [build_probe(targets)]}}
+    stack.deploy("buildprobe", {"function.yaml": function_yaml("buildprobe", **spec), "main.py": BUILD_PROBE_HANDLER})
+    assert stack.invoke("buildprobe").json() == {k: "ECONNREFUSED" for k in targets}
+    # the opt-in builds with the host's network, as every build did before: the same probe connects
+    host = {"build": {"commands": [build_probe(targets)]}, "network": "host"}
+    stack.deploy("buildprobe-host", {"function.yaml": function_yaml("buildprobe-host", **host),
+                                     "main.py": BUILD_PROBE_HANDLER})
+    assert stack.invoke("buildprobe-host").json() == {k: "ok" for k in targets}
+
+
 FORK_BOMB = """
 import os, time
 

@@ -59,18 +59,22 @@ def test_compose_up_deploy_invoke_down(require_compose: None, tmp_path: Path) ->
         namespace = compose("exec", "-T", "deployer", "cat", "/var/lib/nuclide/docker-namespace").stdout.strip()
         with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"}) as client:
             code = ("def handler(context, event):\n    print('composed call', flush=True)\n"
-                    "    return {'hi': event.body}\n")
+                    "    routes = [line.split()[0] for line in open('/proc/net/route').read().splitlines()[1:]\n"
+                    "              if line.split()[1] == '00000000']\n"
+                    "    return {'hi': event.body, 'routes': routes}\n")
             r = client.put("/composed", content=make_zip({"function.yaml": function_yaml("composed"), "main.py": code}),
                            headers={"content-type": "application/zip"})
             assert r.status_code == 200 and r.json()["state"] == "ready", r.text
-            assert client.post("/composed", json={"x": 1}).json() == {"hi": {"x": 1}}
+            # served over the link volume; outbound through the slirp4netns the deployer attached from its container
+            assert client.post("/composed", json={"x": 1}).json() == {"hi": {"x": 1}, "routes": ["tap0"]}
             # the deployer copies a container's output to the log as it comes: a moment after the call
             wait_for(lambda: "composed call" in client.get("/functions/composed/logs").text, 10,
                      what="the call's print in the function's log")
         # a warm pool container (the compose stack's default) or an image-built one
         [function] = wait_for(lambda: function_containers(namespace, "composed", all_states=False), 15,
                               what="the function's container under its instance name")
-        assert function.attrs["HostConfig"]["NetworkMode"] == "host"
+        assert function.attrs["HostConfig"]["NetworkMode"] == "none"
+        assert [m.get("Name") for m in function.attrs["Mounts"]] == [f"{project}_link"], "only the link's volume"
         assert function.labels.get("nuclide.pool") == "true", "a deployer in a container specialises pool containers"
         client = docker_client()
         try:

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from tests.docker_util import (  # noqa: F401 (fixtures)
-    RUNTIME_IMAGE, containers, docker_client, group_images, json_records, namespace, own_docker_stack,
-    require_docker, shared_docker_stack,
+    RUNTIME_IMAGE, containers, docker_client, group_images, json_records, mounts_besides_link, namespace,
+    own_docker_stack, require_docker, shared_docker_stack,
 )
 from tests.stack import ROOT, Stack, wait_for
 
@@ -152,14 +152,14 @@ def test_lockdown_is_the_same(fstack: Stack) -> None:
     assert body["root"] == "OSError" and body["tmp_write"] == "ok"
     [container] = pool_instances(fstack, "locked")  # a shape of its own: created at once, still no image
     host = container.attrs["HostConfig"]
-    assert host["NetworkMode"] == "host" and host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
+    assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
     assert any("no-new-privileges" in o for o in host["SecurityOpt"]) and host["PidsLimit"] == 512
     assert host["Memory"] == 96 * 1024 * 1024 and host["NanoCpus"] == 500_000_000
     assert [u for u in host["Ulimits"] if u["Name"] == "data"][0]["Hard"] == 96 * 1024 * 1024
     assert container.attrs["Config"]["User"] == "65534:65534" and "/tmp" in host["Tmpfs"]
-    assert not host.get("Binds"), "no host directory"
+    assert all(b.endswith(":/run/nuclide/link:ro") for b in host.get("Binds") or []), "no host directory but the link"
     # the code directory: one anonymous volume of memory (tmpfs), no host path, no Docker socket
-    [mount] = container.attrs["Mounts"]
+    [mount] = mounts_besides_link(container)
     assert mount["Type"] == "volume" and mount["Destination"] == "/ws" and mount["Driver"] == "local"
     options = docker_client().volumes.get(mount["Name"]).attrs["Options"]
     assert options["type"] == "tmpfs" and options["device"] == "tmpfs" and "uid=65534" in options["o"]
@@ -215,7 +215,7 @@ def test_more_containers_get_the_code_too(fstack: Stack) -> None:
                      what="a replacement container")
     assert after["me"] == "slowpoke" and after["calls"] == 1 and "sub" in after["files"]
     replacements = runner_containers(fstack, "slowpoke")
-    assert replacements and all(c.attrs["Mounts"][0]["Type"] == "volume" for c in replacements)
+    assert replacements and all(mounts_besides_link(c)[0]["Type"] == "volume" for c in replacements)
     assert not group_images(namespace(fstack), "nuclide.group=g-slowpoke")
     assert fstack.client.delete("/slowpoke").status_code == 204
 
@@ -225,7 +225,7 @@ def test_functions_with_dependencies_keep_the_image_path(fstack: Stack) -> None:
     body = fstack.invoke("withdeps", {"n": 1}).json()
     assert body["deps"] == "built" and body["me"] == "withdeps"
     [container] = runner_containers(fstack, "withdeps")
-    assert not container.attrs["Mounts"] and not pool_instances(fstack, "withdeps")
+    assert not mounts_besides_link(container) and not pool_instances(fstack, "withdeps")
     assert group_images(namespace(fstack), "nuclide.group=g-withdeps"), "its image is built"
     assert fstack.client.delete("/withdeps").status_code == 204
 
@@ -258,7 +258,7 @@ def test_a_failing_fast_path_falls_back_to_the_image(require_docker: None, tmp_p
         ns = namespace(s)
         assert group_images(ns, "nuclide.group=g-fallback"), "the image path built its image"
         [container] = runner_containers(s, "fallback")
-        assert not container.attrs["Mounts"]
+        assert not mounts_besides_link(container)
         assert not taken(s), "no pool container is held after the failed attempt"
 
 
@@ -308,7 +308,7 @@ def test_pool_size_zero_builds_the_image(require_docker: None, tmp_path: Path) -
         ns = namespace(s)
         assert group_images(ns, "nuclide.group=g-nopool")
         [container] = runner_containers(s, "nopool")
-        assert not container.attrs["Mounts"]
+        assert not mounts_besides_link(container)
         assert not containers(ns, POOL_LABEL), "no runtime pool container with docker_runtime_pool_size 0"
 
 

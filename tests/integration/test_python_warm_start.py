@@ -6,7 +6,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.docker_util import containers, namespace, require_docker, shared_docker_stack  # noqa: F401 (fixtures)
+from tests.docker_util import (  # noqa: F401 (fixtures)
+    containers, mounts_besides_link, namespace, require_docker, shared_docker_stack,
+)
 from tests.stack import Stack, function_yaml, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -116,7 +118,7 @@ def test_what_a_call_leaves_for_the_next(pstack: Stack, policy: str, kept: bool,
     assert len(running) == warm, [c.name for c in running]
     for c in running:  # the runner's lockdown
         host = c.attrs["HostConfig"]
-        assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"] and not c.attrs["Mounts"]
+        assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"] and not mounts_besides_link(c)
         assert c.attrs["Config"]["User"] == "65534:65534"
 
 
@@ -161,3 +163,14 @@ def test_process_backend_refuses_per_call_policies(stack: Stack) -> None:
     deploy(stack, "py-proc", "function")  # the default still deploys there
     assert stack.invoke("py-proc", b"", headers={"X-Kind": "str"}).text == "hello POST"
     assert stack.client.delete("/py-proc").status_code == 204
+
+
+@pytest.mark.parametrize("policy", ["none", "runtime"])
+def test_a_per_call_container_makes_task_calls(pstack: Stack, policy: str) -> None:
+    """Its container has a network of its own: its calls reach the gateway over the instance link."""
+    callee = "def handler(context, event):\n    return {'callee got': event.body}\n"
+    pstack.deploy("pw-callee", {"function.yaml": function_yaml("pw-callee"), "main.py": callee})
+    caller = "def handler(context, event):\n    return context.call('pw-callee', {'n': 1})\n"
+    deploy(pstack, f"pw-caller-{policy}", policy, source=caller)
+    r = pstack.invoke(f"pw-caller-{policy}", {})
+    assert r.status_code == 200 and r.json() == {"callee got": {"n": 1}}, r.text

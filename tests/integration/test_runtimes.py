@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from tests.docker_util import (  # noqa: F401 (fixtures)
-    RUNTIME_IMAGE, containers, docker_client, docker_problem, docker_stack_at, fresh_docker_stack, namespace, need,
-    require_docker, shared_docker_stack,
+    RUNTIME_IMAGE, containers, docker_client, docker_problem, docker_stack_at, fresh_docker_stack,
+    mounts_besides_link, namespace, need, require_docker, shared_docker_stack,
 )
 from tests.stack import Stack, wait_for
 
@@ -191,7 +191,7 @@ def test_each_warm_start_policy(rstack: Stack, policy: str, second_call_sees: in
     assert len(warm) == (0 if policy == "none" else 1), [c.name for c in warm]
     if warm:
         host = warm[0].attrs["HostConfig"]
-        assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"] and not warm[0].attrs["Mounts"]
+        assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"] and not mounts_besides_link(warm[0])
         assert warm[0].attrs["Config"]["User"] == "65534:65534"
     assert rstack.client.delete(f"/{name}").status_code == 204
     wait_for(lambda: not containers(ns, "nuclide.runner_function=" + name), 30, what="its containers to go")

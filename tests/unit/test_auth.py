@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.auth import check_bearer, load_or_create_token, token_path
+from shared.auth import check_bearer, load_or_create_token, may_call_private, token_path
 from shared.config import Secret, Settings
 from shared.errors import Unauthorized
 
@@ -64,3 +64,18 @@ def test_a_configured_token_wins_and_writes_no_file(tmp_path: Path) -> None:
 def test_a_token_file_is_made_in_an_existing_state_directory(tmp_path: Path) -> None:
     (tmp_path / "var").mkdir()
     assert load_or_create_token(Settings(var_dir=tmp_path / "var")) == (tmp_path / "var" / "token").read_text().strip()
+
+
+@pytest.mark.parametrize("callee_group, allowed, caller_group, caller_function, may", [
+    ("g-vault", (), "g-vault", "vault-helper", True),  # its own fusion group
+    ("g-vault", (), "g-other", "other", False),
+    ("g-vault", ("friend",), "g-friend", "friend", True),
+    ("g-vault", ("friend",), "g-stranger", "stranger", False),
+    ("g-vault", ("*",), "g-stranger", "stranger", True),
+    ("g-vault", ("*",), None, None, False),  # a caller not tied to a running function: not even "*" lets it in
+    ("g-vault", ("friend",), "g-friend", None, False),
+    (None, (), None, None, False),  # neither group known: no match by two Nones
+])
+def test_who_may_call_a_private_function(callee_group: str | None, allowed: tuple[str, ...],
+                                         caller_group: str | None, caller_function: str | None, may: bool) -> None:
+    assert may_call_private(callee_group, frozenset(allowed), caller_group, caller_function) is may

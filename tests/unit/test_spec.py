@@ -144,7 +144,7 @@ def test_to_dict_and_from_dict_round_trip() -> None:
         "name", "handler", "runtime", "env", "build_commands", "requirements", "min_replicas", "max_replicas",
         "description", "timeout_s", "max_concurrency", "target_concurrency", "memory_bytes", "cpu", "pids",
         "scratch_bytes", "network",
-        "private", "idle_timeout_s",
+        "private", "allow_calls_from", "idle_timeout_s",
         "triggers",
         "retry", "warm_start", "shell", "lambda_event",
     ]
@@ -224,6 +224,13 @@ def test_yaml_must_be_a_mapping(text: str, kind: str) -> None:
         ("spec: {handler: main:handler, description: 3}", "spec.description", "a string"),
         ("spec: {handler: main:handler, maxConcurrency: x}", "spec.maxConcurrency", "an integer"),
         ("spec: {handler: main:handler, private: 'yes'}", "spec.private", "true or false"),
+        ("spec: {handler: main:handler, private: 1}", "spec.private", "true or false"),
+        ("spec: {handler: main:handler, allowCallsFrom: friend}", "spec.allowCallsFrom", "a list of function names"),
+        ("spec: {handler: main:handler, allowCallsFrom: {friend: 1}}", "spec.allowCallsFrom",
+         "a list of function names"),
+        ("spec: {handler: main:handler, allowCallsFrom: [3]}", "spec.allowCallsFrom[0]", 'a function name or "*"'),
+        ("spec: {handler: main:handler, allowCallsFrom: [ok, [x]]}", "spec.allowCallsFrom[1]",
+         'a function name or "*"'),
         ("spec: {handler: main:handler, resources: []}", "spec.resources", "a mapping"),
         ("spec: {handler: main:handler, resources: {limits: 1}}", "spec.resources.limits", "a mapping"),
         ("spec: {handler: main:handler, triggers: 3}", "spec.triggers", "a mapping"),
@@ -783,3 +790,32 @@ def test_bad_sandbox_limits_name_the_field(limits: str, field: str) -> None:
 def test_an_unknown_network_is_refused_with_the_choices() -> None:
     message = yaml_error("spec: {handler: main:handler, network: bridge}")
     assert "spec.network" in message and "isolated" in message and "host" in message
+
+
+def test_allow_calls_from_keeps_names_once_and_takes_a_star() -> None:
+    spec, warnings = parse_yaml("spec: {handler: main:handler, private: true, allowCallsFrom: [b, a, b, '*']}")
+    assert (spec.private, spec.allow_calls_from, warnings) == (True, ("b", "a", "*"), [])
+    assert FunctionSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("name, says", [
+    ("bad name!", "use 1-63 letters, digits, '-' or '_'"), ("functions", "reserved for the API; choose another name"),
+    ("x" * 64, "use 1-63 letters"), ("", "use 1-63 letters"),
+])
+def test_allow_calls_from_refuses_what_is_not_a_function_name(name: str, says: str) -> None:
+    message = yaml_error(f"spec: {{handler: main:handler, private: true, allowCallsFrom: [ok, '{name}']}}")
+    assert message.startswith("function.yaml: spec.allowCallsFrom[1] is not a function name: "), message
+    assert says in message
+
+
+def test_allow_calls_from_has_a_limit_and_says_to_use_the_star() -> None:
+    names = ", ".join(f"f{i}" for i in range(257))
+    message = yaml_error(f"spec: {{handler: main:handler, private: true, allowCallsFrom: [{names}]}}")
+    assert "spec.allowCallsFrom names 257 functions, over the limit of 256" in message and '["*"]' in message
+
+
+def test_allow_calls_from_on_a_public_function_is_warned_about() -> None:
+    spec, warnings = parse_yaml("spec: {handler: main:handler, allowCallsFrom: [friend]}")
+    assert spec.allow_calls_from == ("friend",)
+    assert warnings == ["spec.allowCallsFrom has no effect: the function is not private, so any function may call"
+                        " it; set spec.private: true to limit its callers"]

@@ -1,13 +1,14 @@
 """The docker backend's image-built instances: a container each, run, followed, stopped and adopted.
 
 Containers carry ``nuclide.*`` labels (namespace, group, version, instance, functions; a pool
-container generic ones, and the deployer records what it became), use the host network, a
-read-only root filesystem with a tmpfs ``/tmp`` (and the code directory a writable copy in a tmpfs,
-``/nuclide/work/<name>/<version>``, as writable as on the process backend), no capabilities,
-no-new-privileges, user 65534,
-memory, CPU and pids limits, and no mounts at all: the instance config travels in the environment
-(or a pool container's stdin), so nothing depends on host paths and the deployer works the
-same when it runs in a container itself. The memory limit is also the instance's RLIMIT_DATA (as
+container generic ones, and the deployer records what it became), a network of their own
+(``runner/usernet.py``: outbound only, the gateway over the instance link; the host's with
+``spec.network: host``), a read-only root filesystem with a tmpfs ``/tmp`` (and the code
+directory a writable copy in a tmpfs, ``/nuclide/work/<name>/<version>``, as writable as on the
+process backend), no capabilities, no-new-privileges, user 65534, memory, CPU and pids limits,
+and no mount but the instance link's directory (read-only): the instance config travels in the
+environment (or a pool container's stdin); a deployer that runs in a container itself names the
+link's volume (``docker_link_source``). The memory limit is also the instance's RLIMIT_DATA (as
 with the process backend), so a handler that allocates too much gets a MemoryError the runtime
 answers with the limit's name; only what escapes it (shared memory, /tmp) meets the kernel's OOM
 killer, which the exit report then names.
@@ -32,14 +33,16 @@ from typing import Any, Protocol
 import docker
 import docker.errors
 
-from shared.gateways import instance_endpoints
+from shared.gateways import instance_endpoints, this_host
 from shared.config import Settings
 from shared.errors import BuildFailed, Unavailable
 from shared.logs import get_logger
 from services.deployer.backends.base import ExitCallback, InstanceHandle, InstanceSpec
 from services.deployer.backends.docker.engine import (
-    API_TIMEOUT_S, ENGINE_ERRORS, PING_INTERVAL_S, TMPFS_MAX_BYTES, USER, Engine, container_env, host_config,
+    API_TIMEOUT_S, ENGINE_ERRORS, PING_INTERVAL_S, TMPFS_MAX_BYTES, USER, Engine, attach_network, container_env,
+    host_config, instance_gateways,
 )
+from services.deployer.backends.docker.runner import usernet
 from services.deployer.backends.docker.runner.box import PY_WORK_DIR, UID
 
 log = get_logger(__name__)
@@ -69,6 +72,11 @@ class PoolRecords(Protocol):
     def record(self, container_id: str) -> dict[str, Any] | None: ...
 
     def forget(self, container_id: str) -> None: ...
+
+
+def is_isolated(spec: InstanceSpec) -> bool:
+    """Whether an instance gets a network of its own (the default) rather than the host's (``spec.network: host``)."""
+    return spec.extra.get("network", "isolated") != "host"
 
 
 def parse_timestamp(text: str) -> float | None:
@@ -103,13 +111,22 @@ class Containers:
         self.containers: dict[str, str] = {}  # instance id -> container id
         self._reported: dict[str, asyncio.Future] = {}  # instance id -> set once its exit is reported
 
-    def instance_config(self, spec: InstanceSpec, functions: list[dict[str, Any]]) -> dict[str, Any]:
-        """What services.runtime (and services.runtime.once) read: the functions as they are in the image."""
+    def instance_config(self, spec: InstanceSpec, functions: list[dict[str, Any]],
+                        isolated: bool | None = None) -> dict[str, Any]:
+        """What services.runtime (and services.runtime.once) read: the functions as they are in the image.
+        ``isolated``: whether its container has a network of its own (default: as the spec asks)."""
+        isolated = is_isolated(spec) if isolated is None else isolated
+        fallback = instance_gateways(self.settings, isolated)[0]
+        link_dir = usernet.LINK_DIR if isolated else ""
         return {
             "instance_id": spec.id,
             "group": spec.group_id,
             "group_version": spec.group_version,
-            "gateways": instance_endpoints(spec.extra.get("gateways") or [], False, "", self.settings.gateway_router),
+            # every gateway known: an isolated container reaches those of this machine through the link
+            # directory bound into it, which it sees at link_dir (a gateway's HEARTBEAT names the others)
+            "gateways": instance_endpoints(spec.extra.get("gateways") or [], isolated, this_host(), fallback,
+                                           link_dir),
+            "link": isolated, "host": this_host(), "link_dir": link_dir,
             "gateway_url": self.settings.http_url,
             "fusionizer_host": self.settings.advertised_host,
             "memory_bytes": spec.memory_bytes,
@@ -153,7 +170,8 @@ class Containers:
             size = int(spec.extra.get("scratch_bytes") or min(memory, TMPFS_MAX_BYTES))
             host = host_config(client, memory, spec.extra.get("cpu"), pids=spec.extra.get("pids"),
                                scratch_bytes=spec.extra.get("scratch_bytes"), extra_tmpfs={
-                PY_WORK_DIR: f"rw,exec,nosuid,nodev,uid={UID},gid={UID},mode=0700,size={size}"})
+                PY_WORK_DIR: f"rw,exec,nosuid,nodev,uid={UID},gid={UID},mode=0700,size={size}"},
+                               settings=self.settings, isolated=is_isolated(spec))
             created = client.api.create_container(
                 image, name=f"nuclide-{self.engine.namespace}-{spec.id}", labels=labels, user=USER,
                 working_dir=PY_WORK_DIR, host_config=host, use_config_proxy=False,
@@ -163,6 +181,8 @@ class Containers:
             try:
                 client.api.start(created["Id"])
                 pid = client.api.inspect_container(created["Id"])["State"].get("Pid") or None
+                if is_isolated(spec):
+                    attach_network(pid, self.settings, spec.id)
             except BaseException:
                 client.api.remove_container(created["Id"], force=True)
                 raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 import docker
@@ -24,6 +25,7 @@ import requests
 from shared.config import Settings
 from shared.errors import Unavailable
 from shared.logs import get_logger
+from services.deployer.backends.docker.runner import usernet
 
 log = get_logger(__name__)
 
@@ -66,17 +68,40 @@ def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> "asyncio.Futur
     return fut
 
 
+def link_source(settings: Settings) -> str:
+    """What isolated containers bind at the instance link's place: a host directory, or a volume's name."""
+    return settings.docker_link_source or str(Path(settings.instance_link[len("ipc://"):]).parent)
+
+
+def instance_gateways(settings: Settings, isolated: bool) -> list[str]:
+    """The gateway endpoints an instance's runtime connects to: the link in an isolated container."""
+    return [usernet.link_endpoint(settings.instance_link)] if isolated else [settings.gateway_router]
+
+
+def attach_network(pid: int | None, settings: Settings, what: str) -> None:
+    """Give an isolated container its way out (blocking); without it the container still serves, with no
+    outbound connections, and the log says why."""
+    if not pid:
+        return
+    try:
+        usernet.attach(pid, settings.var_dir.resolve() / "logs" / "slirp4netns.log")
+    except usernet.NoUserNet as exc:
+        log.warning("a container has no outbound network", container=what, error=str(exc))
+
+
 def host_config(client: docker.DockerClient, memory: int, cpu: Any, data_limit: bool = True,
                 extra_tmpfs: dict[str, str] | None = None, pids: int | None = None,
-                scratch_bytes: int | None = None) -> dict[str, Any]:
+                scratch_bytes: int | None = None, *, settings: Settings, isolated: bool = True) -> dict[str, Any]:
     """An instance's lockdown and limits (a pool container's too: it sets its data limit itself).
 
     ``pids`` and ``scratch_bytes`` are the function's spec.resources.limits.pids and
     ephemeral-storage: its process limit, and the size of its /tmp and of its /dev/shm
-    (private to the container: ipc mode private, never shareable)."""
+    (private to the container: ipc mode private, never shareable). ``isolated``: the container's own
+    network (``runner/usernet.py``) and the instance link; else the host's (``spec.network: host``)."""
     scratch = scratch_bytes or min(memory, TMPFS_MAX_BYTES)
     return client.api.create_host_config(
-        network_mode="host", read_only=True, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+        **usernet.network_options(isolated, link_source(settings)), read_only=True, cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
         tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,mode=1777,size={scratch}", **(extra_tmpfs or {})},
         ipc_mode="private", shm_size=scratch,
         mem_limit=memory, memswap_limit=memory, nano_cpus=int(float(cpu) * 1e9) if cpu else None,

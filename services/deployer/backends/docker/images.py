@@ -48,6 +48,7 @@ from shared.errors import BuildFailed
 from shared.logs import get_logger
 from services.deployer.backends.base import InstanceSpec
 from services.deployer.backends.docker.engine import ENGINE_ERRORS, USER, Engine, EngineLost, in_thread
+from services.deployer.backends.docker.runner import usernet
 from services.deployer.backends.docker.runner.box import SRC_DIR
 from services.deployer.builder import Builder, env_key, tail
 
@@ -120,6 +121,8 @@ class DockerBuilder(Builder):
         if requirements:
             (tmp / "requirements.txt").write_text(requirements + "\n")
         (tmp / "commands.json").write_text(json.dumps([str(c) for c in spec.get("build_commands") or []]))
+        if spec.get("network") == "host":  # its build steps get the host's network too (env_key tells them apart)
+            (tmp / "network-host").write_text("")
         try:
             os.replace(tmp, recipe)
         except OSError:  # built concurrently: theirs is the same
@@ -229,8 +232,62 @@ class Images:
             return None
 
     def build(self, client: docker.DockerClient, tag: str, dockerfile: str, files: dict[str, bytes],
-               dirs: dict[str, Path]) -> str:
-        """Build an image from a Dockerfile, files and directories; returns the build output (noise removed)."""
+               dirs: dict[str, Path], network: str = "none") -> str:
+        """Build an image from a Dockerfile, files and directories; returns the build output (noise removed).
+
+        ``network``: what its RUN steps reach. ``isolated`` (steps that run the user's commands): the network
+        namespace of a holder container of their own, network mode none with slirp4netns attached
+        (``runner/usernet.py``): outbound connections, nothing on the host's loopback; ``host``: the host's
+        (``spec.network: host``); ``none``: nothing (a build that only copies files)."""
+        if network != "isolated":
+            return self._build(client, tag, dockerfile, files, dirs, network)
+        holder = self._network_holder(client)
+        try:
+            return self._build(client, tag, dockerfile, files, dirs, f"container:{holder}")
+        finally:
+            try:
+                client.api.remove_container(holder, force=True)
+            except docker.errors.APIError:
+                pass  # gone already; the adoption scan removes what is left of this namespace
+
+    def _network_holder(self, client: docker.DockerClient) -> str:
+        """A started container that only holds a network namespace with slirp4netns on it, for a build's steps.
+
+        A holder removed before it started (a ``docker container prune`` on the host takes containers that are
+        only created) is made once more."""
+        for attempt in (1, 2):
+            try:
+                return self._start_holder(client)
+            except docker.errors.NotFound:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_holder(self, client: docker.DockerClient) -> str:
+        # removed by the engine once it exits: after the build, or on its own after the longest build can take
+        host = client.api.create_host_config(
+            network_mode="none", dns=[usernet.DNS], read_only=True, cap_drop=["ALL"], auto_remove=True,
+            security_opt=["no-new-privileges"], pids_limit=8, mem_limit=32 * 1024 * 1024)
+        created = client.api.create_container(
+            self.settings.runtime_image, command=["sleep", str(int(self.settings.build_timeout_s) + 60)],
+            entrypoint=[], user=USER, host_config=host, use_config_proxy=False,
+            labels={"nuclide.build-network": self.namespace})  # not a namespace label: no scan removes it
+        try:
+            client.api.start(created["Id"])
+            pid = client.api.inspect_container(created["Id"])["State"].get("Pid")
+            usernet.attach(int(pid or 0), self.settings.var_dir.resolve() / "logs" / "slirp4netns.log")
+        except BaseException as exc:
+            try:
+                client.api.remove_container(created["Id"], force=True)
+            except docker.errors.APIError:
+                pass  # gone already
+            if isinstance(exc, usernet.NoUserNet):
+                raise BuildFailed(f"the build could not get its network: {exc}") from None
+            raise
+        return str(created["Id"])
+
+    def _build(self, client: docker.DockerClient, tag: str, dockerfile: str, files: dict[str, bytes],
+               dirs: dict[str, Path], network_mode: str) -> str:
         deadline = time.monotonic() + self.settings.build_timeout_s
         lines: list[str] = []
         layers: list[str] = []  # image ids of the steps, to remove what a failed build leaves
@@ -246,7 +303,7 @@ class Images:
                     tar.add(str(path), arcname=name, filter=normalize)
             ctx.seek(0)
             stream = client.api.build(fileobj=ctx, custom_context=True, tag=tag, rm=True, forcerm=True, pull=False,
-                                      network_mode="host", decode=True,
+                                      network_mode=network_mode, decode=True,
                                       timeout=self.settings.build_timeout_s)
             try:
                 # a build quiet for build_timeout_s ends in a read timeout: that is the build, not the engine
@@ -320,7 +377,9 @@ class Images:
         client = self.engine.require()
         requirements = (recipe / "requirements.txt").read_text() if (recipe / "requirements.txt").exists() else ""
         commands = (recipe / "commands.json").read_text()
-        key = digest("env", runtime_id, requirements, commands, BUILD_SCRIPT)[:24]  # a new script is a new image
+        network = "host" if (recipe / "network-host").exists() else "isolated"  # see DockerBuilder.ensure_env
+        key = digest("env", runtime_id, requirements, commands, BUILD_SCRIPT,  # a new script is a new image
+                     *(["network=host"] if network == "host" else []))[:24]
         tag = f"{ENV_REPO}:{key}"
         async with self.lock(tag):
             if await self.engine.api(self.image_labels, client, tag) is not None:
@@ -343,7 +402,7 @@ class Images:
                           f'RUN ["python3", "{target}/.recipe/build.py"]\n')
             log.info("building dependencies image", image=tag)
             try:
-                await self.engine.api(self.build, client, tag, dockerfile, files, {})
+                await self.engine.api(self.build, client, tag, dockerfile, files, {}, network)
             except docker.errors.APIError as exc:
                 raise BuildFailed(f"image build failed: {exc.explanation or exc}") from None
             log.info("dependencies image built", image=tag, took_s=round(time.monotonic() - started, 2))
@@ -462,7 +521,8 @@ class Images:
             started = time.monotonic()
             try:
                 await self.engine.api(self.build, client, tag, text, {"ca.pem": ca} if ca else {},
-                                      {"code": Path(fc["code_dir"])})
+                                      {"code": Path(fc["code_dir"])},
+                                      "host" if spec.extra.get("network") == "host" else "isolated")
             except docker.errors.APIError as exc:
                 raise BuildFailed(f"image build failed: {exc.explanation or exc}") from None
             log.info("runtime function image built", image=tag, took_s=round(time.monotonic() - started, 2))

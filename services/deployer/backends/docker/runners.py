@@ -36,7 +36,7 @@ from shared.errors import InvalidRequest, Unavailable
 from shared.logs import get_logger
 from shared.procs import alive, start_time
 from services.deployer.backends.base import ExitCallback, InstanceHandle, InstanceSpec
-from services.deployer.backends.docker.engine import Engine, EngineLost
+from services.deployer.backends.docker.engine import Engine, EngineLost, link_source
 from services.deployer.backends.docker.images import Images
 from services.deployer.backends.docker.runtime_pool import SOURCE_ROOT, RuntimePool, Shape, Spares
 from services.deployer.backends.refill import Backoff
@@ -61,7 +61,8 @@ def fast_eligible(spec: InstanceSpec) -> bool:
     function policy (the others copy the code afresh per call or start a container per call)."""
     fc = spec.functions[0]
     return (len(spec.functions) == 1 and bool(fc.get("shell")) and not fc["shell"].get("dependencies")
-            and (fc.get("warm_start") or "function") == "function")
+            and (fc.get("warm_start") or "function") == "function"
+            and spec.extra.get("network", "isolated") != "host")  # pool containers are made isolated
 
 
 def is_per_call(spec: InstanceSpec) -> bool:
@@ -213,6 +214,9 @@ class Runners:
             "function": {"name": fc["name"], "version": fc["version"], "timeout_s": fc.get("timeout_s", 30.0),
                          "env": fc.get("env") or {}},
             "log_path": str(spec.log_path),
+            "network": "host" if spec.extra.get("network") == "host" else "isolated",
+            "link_source": link_source(self.settings),
+            "slirp_log": str(self.settings.var_dir.resolve() / "logs" / "slirp4netns.log"),
         }
         if python is None:
             config.update(path=fc["shell"]["path"], run=list(fc["shell"]["run"]))

@@ -42,7 +42,7 @@ import docker.errors
 
 from shared.config import Settings
 from shared.logs import get_logger
-from services.deployer.backends.docker.engine import Engine, in_thread
+from services.deployer.backends.docker.engine import Engine, in_thread, link_source
 from services.deployer.backends.refill import Refilling
 from services.deployer.sandbox import base_env
 from services.deployer.backends.docker.runner import MODULE as RUNNER_MODULE, SPARE_ARG, box
@@ -147,8 +147,9 @@ class RuntimePool(Refilling):
             if self._closed:
                 raise PoolClosed()
         api = client.api
+        # isolated: a function with spec.network: host never takes a pool container (runners.fast_eligible)
         host = box.host_config(api, shape.path, shape.memory_bytes, shape.cpu or None, auto_remove=False,
-                                     code_volume=True)
+                               code_volume=True, isolated=True, link_source=link_source(self.settings))
         labels = {"nuclide.namespace": self.engine.namespace, POOL_LABEL: "true"}
         env = {"HOME": "/tmp", "LANG": "C.UTF-8"}
         name = f"nuclide-{self.engine.namespace}-rtpool-{secrets.token_hex(4)}"
@@ -166,6 +167,10 @@ class RuntimePool(Refilling):
                 logs = api.logs(container_id).decode("utf-8", "replace").strip()[-500:]
                 raise RuntimeError(f"a container of image {shape.image_id[:19]} exited at start: {logs or 'no output'}"
                                    " (the image needs sh)")
+            slirp_log = str(self.settings.var_dir.resolve() / "logs" / "slirp4netns.log")
+            why = box.attach_network(api, container_id, slirp_log)
+            if why is not None:
+                log.warning("a runtime pool container has no outbound network", container=container_id[:12], error=why)
         except BaseException:
             _remove(api, container_id)
             with self._lock:

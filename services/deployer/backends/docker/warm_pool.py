@@ -53,7 +53,7 @@ from shared.poolframe import CODE_ROOT, encode
 from services.deployer.backends.base import InstanceHandle, InstanceSpec
 from services.deployer.backends.docker.containers import Containers
 from services.deployer.backends.docker.engine import (
-    TMPFS_MAX_BYTES, USER, Engine, container_env, host_config, in_thread,
+    TMPFS_MAX_BYTES, USER, Engine, attach_network, container_env, host_config, in_thread,
 )
 from services.deployer.backends.docker.images import Images, normalize
 from services.deployer.backends.refill import Refilling
@@ -109,7 +109,8 @@ class WarmPool(Refilling):
     def eligible(self, spec: InstanceSpec) -> bool:
         """A Python group none of whose members needs an environment image or another Python's runtime image
         (the caller excludes registered runtimes and per-call warm starts)."""
-        return self.size > 0 and not any(fc.get("deps_dir") or fc.get("python") for fc in spec.functions)
+        return (self.size > 0 and spec.extra.get("network", "isolated") != "host"
+                and not any(fc.get("deps_dir") or fc.get("python") for fc in spec.functions))
 
     # ----- records --------------------------------------------------------------------------
 
@@ -324,7 +325,8 @@ class WarmPool(Refilling):
         api = client.api
         host = host_config(
             client, self.memory_bytes, None, data_limit=False,
-            extra_tmpfs={CODE_ROOT: f"rw,noexec,nosuid,nodev,mode=0755,uid=65534,gid=65534,size={TMPFS_MAX_BYTES}"})
+            extra_tmpfs={CODE_ROOT: f"rw,noexec,nosuid,nodev,mode=0755,uid=65534,gid=65534,size={TMPFS_MAX_BYTES}"},
+            settings=self.settings)  # isolated: eligible() leaves the host network's functions to the image path
         labels = {"nuclide.managed": "true", "nuclide.namespace": self.engine.namespace, POOL_LABEL: "true"}
         created = api.create_container(
             self.settings.runtime_image, name=f"nuclide-{self.engine.namespace}-pool-{secrets.token_hex(4)}",
@@ -339,6 +341,7 @@ class WarmPool(Refilling):
         try:
             api.start(container_id)
             info = api.inspect_container(container_id)
+            attach_network(info["State"].get("Pid"), self.settings, container_id[:12])
         except BaseException:
             api.remove_container(container_id, force=True)
             with self._lock:

@@ -228,7 +228,7 @@ class SwarmBackend(ReplicatedBackend):
             here = f"{WORK_DIR}/{fc['name']}/{fc['version']}"
             copies += [fc["code_dir"], here]
             running.append(dict(fc, code_dir=here))
-        config = self._config.instance_config(spec, running)
+        config = self._config.instance_config(spec, running, isolated=False)  # a task has the host's network
         names = [f["name"] for f in functions]
         labels = {k: v for k, v in self._config.instance_labels(spec, names).items()
                   if k not in ("nuclide.instance", "nuclide.log_path")}

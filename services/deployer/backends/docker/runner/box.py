@@ -2,7 +2,9 @@
 
 One place for what the runner (``driver.py``) and the deployer's runtime pool
 (``services/deployer/backends/docker/runtime_pool.py``) both create, so a container is locked down the same
-whoever made it: host network, read-only root, tmpfs ``/tmp``, no capabilities, no-new-privileges,
+whoever made it: a network of its own (``usernet.py``: network mode ``none``, slirp4netns attached once it
+runs, the instance link's directory read-only; the host's network with ``spec.network: host``), read-only
+root, tmpfs ``/tmp``, no capabilities, no-new-privileges,
 user 65534, memory (also RLIMIT_DATA), CPU and pids limits, log rotation, the image's entrypoint
 replaced by an idle sh loop (:data:`WARM_MAIN`).
 
@@ -24,7 +26,10 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from pathlib import Path
 from typing import Any
+
+from services.deployer.backends.docker.runner import usernet
 
 USER = "65534:65534"
 UID = 65534
@@ -51,8 +56,10 @@ def code_mount(path: str, memory_bytes: int) -> Any:
         "local", {"type": "tmpfs", "device": "tmpfs", "o": options}))
 
 
-def host_config(api: Any, path: str, memory_bytes: int, cpu: Any, auto_remove: bool, code_volume: bool) -> Any:
-    """The lockdown and limits of a registered runtime's container (``api``: a docker.APIClient)."""
+def host_config(api: Any, path: str, memory_bytes: int, cpu: Any, auto_remove: bool, code_volume: bool, *,
+                isolated: bool, link_source: str) -> Any:
+    """The lockdown and limits of a registered runtime's container (``api``: a docker.APIClient). ``isolated``:
+    a network of its own and the instance link from ``link_source`` (see :func:`attach_network`)."""
     import docker.types
 
     memory = int(memory_bytes)
@@ -61,7 +68,8 @@ def host_config(api: Any, path: str, memory_bytes: int, cpu: Any, auto_remove: b
     if not code_volume:
         tmpfs[path] = f"rw,exec,nosuid,nodev,uid={UID},gid={UID},mode=0700,size={size}"
     return api.create_host_config(
-        network_mode="host", read_only=True, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+        **usernet.network_options(isolated, link_source), read_only=True, cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
         tmpfs=tmpfs, mounts=[code_mount(path, memory)] if code_volume else None,
         mem_limit=memory, memswap_limit=memory, nano_cpus=int(float(cpu) * 1e9) if cpu else None,
         pids_limit=PIDS_LIMIT, auto_remove=auto_remove,
@@ -108,3 +116,16 @@ def put_code(api: Any, container_id: str, path: str, data: bytes) -> None:
     """Unpack a :func:`code_tar` into a container's code volume (the Engine does it: nothing runs inside)."""
     if not api.put_archive(container_id, path, data):
         raise RuntimeError(f"the Docker Engine did not unpack the code into {path} of container {container_id[:12]}")
+
+
+def attach_network(api: Any, container_id: str, log_path: str) -> str | None:
+    """Give a started isolated container its way out (slirp4netns, blocking); None, or why it has none (it still
+    runs, without outbound connections)."""
+    pid = api.inspect_container(container_id)["State"].get("Pid")
+    if not pid:
+        return f"container {container_id[:12]} is not running"
+    try:
+        usernet.attach(int(pid), Path(log_path))
+    except usernet.NoUserNet as exc:
+        return str(exc)
+    return None

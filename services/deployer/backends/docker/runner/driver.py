@@ -119,6 +119,10 @@ class CallContainers:
         self.code_volume = bool(config.get("code_volume"))
         self._code: bytes | None = None
         self.workdir = "/"
+        # a network of its own for each container (runner/usernet.py) unless the function asks for the host's
+        self.isolated = config.get("network", "isolated") != "host"
+        self.link_source = str(config.get("link_source") or "")
+        self.slirp_log = str(config.get("slirp_log") or "slirp4netns.log")
         if self.python:
             # the image's code directory is the source; each call runs in a fresh, writable copy at path
             # (the code directory is scratch on every backend)
@@ -139,7 +143,7 @@ class CallContainers:
     def _create(self, argv: list[str], auto_remove: bool, stdin_once: bool) -> str:
         """A container running one of our sh scripts or the once runner (the image's own entrypoint is replaced)."""
         host = box.host_config(self.api, self.path, self.memory, self.config.get("cpu"), auto_remove,
-                                     self.code_volume)
+                               self.code_volume, isolated=self.isolated, link_source=self.link_source)
         return box.create(self.api, self.image, argv, self.labels, self.env, self.workdir, host, stdin_once)
 
     def fresh_call(self, data: bytes, timeout_s: float, argv: list[str] | None = None) -> tuple[bytes, bytes, bool]:
@@ -150,6 +154,8 @@ class CallContainers:
         try:
             sock = self.api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
             self.api.start(cid)
+            # the command reads its input first: sent once the network is there, it never runs without it
+            self._attach(cid)
             out, err, timed_out = exchange(sock, data, deadline)
         finally:
             if timed_out:  # it may still run, or never started: the engine removes the others itself
@@ -162,6 +168,7 @@ class CallContainers:
         cid = self._create(["/bin/sh", "-c", WARM_MAIN], auto_remove=False, stdin_once=False)
         try:
             self.api.start(cid)
+            self._attach(cid)
             output = b""
             code: int | None = None
             if self.code_volume:
@@ -193,6 +200,13 @@ class CallContainers:
         ex = self.api.exec_create(cid, argv or self.warm_argv, stdin=True, user=USER, environment=self.env)
         sock = self.api.exec_start(ex["Id"], socket=True)
         return exchange(sock, data, deadline)
+
+    def _attach(self, cid: str) -> None:
+        if not self.isolated:
+            return
+        why = box.attach_network(self.api, cid, self.slirp_log)
+        if why is not None:
+            print(f"nuclide: container {cid[:12]} has no outbound network: {why}", file=sys.stderr, flush=True)
 
     def adopt(self, cid: str) -> None:
         """A warm container the deployer made ready (code in place) becomes one of ours; renamed for ``docker
