@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import quote
 
 import httpx
@@ -163,8 +163,25 @@ class Client:
     def delete_function(self, name: str) -> None:
         self._checked(self.request("DELETE", f"/functions/{_path(name)}"))
 
-    def logs(self, name: str, tail: int = 200) -> str:
-        return self._checked(self.request("GET", f"/functions/{_path(name)}/logs", params={"tail": tail})).text
+    def logs(self, name: str, tail: int = 200, since: str | None = None) -> str:
+        params: dict[str, Any] = {"tail": tail, **({"since": since} if since else {})}
+        return self._checked(self.request("GET", f"/functions/{_path(name)}/logs", params=params)).text
+
+    def follow_logs(self, name: str, tail: int = 200, since: str | None = None) -> Iterator[str]:
+        """The recent lines, then each new one as the server streams it, until the caller stops iterating."""
+        params: dict[str, Any] = {"tail": tail, "follow": "true", **({"since": since} if since else {})}
+        try:
+            # no read timeout: a quiet function sends nothing for as long as it is quiet
+            with self._http.stream("GET", f"/functions/{_path(name)}/logs", params=params, headers=self._auth,
+                                   timeout=httpx.Timeout(None, connect=_CONNECT_TIMEOUT_S)) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise error_from_response(resp, self.target)
+                yield from resp.iter_text()
+        except httpx.ConnectError:
+            raise CliError(f"cannot reach nuclide at {self.url}: is `nuclide up` running?") from None
+        except httpx.RemoteProtocolError:
+            raise CliError(f"nuclide at {self.url} closed the log stream (did it stop?)") from None
 
     def invoke(self, name: str, body: bytes = b"", *, method: str = "POST", headers: Mapping[str, str] | None = None,
                timeout_s: float | None = None) -> httpx.Response:

@@ -591,7 +591,15 @@ def cmd_delete(client: Client, opts: argparse.Namespace, streams: Streams) -> in
 
 
 def cmd_logs(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
-    text = client.logs(opts.name, opts.tail)
+    if opts.follow:
+        try:
+            for chunk in client.follow_logs(opts.name, opts.tail, opts.since):
+                streams.out.write(chunk)
+                streams.out.flush()
+        except KeyboardInterrupt:
+            pass  # the way to stop following
+        return 0
+    text = client.logs(opts.name, opts.tail, opts.since)
     if text:
         streams.out.write(text if text.endswith("\n") else text + "\n")
         streams.out.flush()

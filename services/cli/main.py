@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", parents=[common], help="print a function's recent log lines")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--tail", type=_positive_int, default=200, metavar="N", help="last N lines (default 200)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until interrupted")
+    p.add_argument("--since", metavar="WHEN", help="only lines since a duration ago (30s, 5m, 1h30m) or an RFC 3339"
+                   " time (2026-01-02T15:04:05Z)")
 
     _calls_parser(sub, common)
     return parser
