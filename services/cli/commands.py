@@ -259,29 +259,63 @@ def _poll_until_settled(client: Client, name: str, target: int, timeout_s: float
         sleep(POLL_INTERVAL_S)
 
 
-def cmd_deploy(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
-    zip_bytes, path_name = package(Path(opts.path))
-    name = function_name(opts.name, zip_bytes, path_name)
+def deploy_one(client: Client, name: str, zip_bytes: bytes, opts: argparse.Namespace, streams: Streams) -> dict[str, Any]:
+    """Deploy one package and wait for it as the options say; its description once settled."""
     timeout_s = opts.timeout or DEFAULT_DEPLOY_TIMEOUT_S
     progress = Progress(streams)
     if opts.async_:
         accepted = client.deploy(name, zip_bytes, wait=False)
         target = int(accepted.get("latest_version") or accepted.get("version") or 0)
         with progress.status(f"{name}: {accepted.get('state', 'deploying')} (version {target})..."):
-            fn = _poll_until_settled(client, name, target, timeout_s, progress)
-    else:
+            return _poll_until_settled(client, name, target, timeout_s, progress)
+    try:
+        with progress.status(f"building {name}..."):
+            # Slack so that, at the default timeout, the server's own 504 (with its message) arrives first.
+            return client.deploy(name, zip_bytes, wait=True, timeout_s=timeout_s + 10)
+    except CliError as exc:
+        if exc.status == 422:
+            raise _build_failed(exc, name) from None
+        if exc.code == "client_timeout":
+            raise CliError(f"'{name}' was not ready after {timeout_s:g} s; the deploy continues in the background:"
+                           f" check `nuclide get {name}`") from None
+        raise
+
+
+def cmd_deploy(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    if opts.file is not None:
+        return deploy_file(client, opts, streams)
+    zip_bytes, path_name = package(Path(opts.path))
+    name = function_name(opts.name, zip_bytes, path_name)
+    print_summary(deploy_one(client, name, zip_bytes, opts, streams), streams)
+    return 0
+
+
+def deploy_file(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    """Every function of a deploy file, in its order; all are packaged first, so a bad entry deploys nothing."""
+    from services.cli import deployfile
+
+    path = Path(opts.file)
+    entries, warnings = deployfile.read(path)
+    for warning in warnings:
+        print(f"warning: {warning}", file=streams.err)
+    packages = []
+    for entry in entries:
         try:
-            with progress.status(f"building {name}..."):
-                # Slack so that, at the default timeout, the server's own 504 (with its message) arrives first.
-                fn = client.deploy(name, zip_bytes, wait=True, timeout_s=timeout_s + 10)
+            packages.append((entry.name, package(entry.handler)[0]))
         except CliError as exc:
-            if exc.status == 422:
-                raise _build_failed(exc, name) from None
-            if exc.code == "client_timeout":
-                raise CliError(f"'{name}' was not ready after {timeout_s:g} s; the deploy continues in the background:"
-                               f" check `nuclide get {name}`") from None
-            raise
-    print_summary(fn, streams)
+            raise CliError(f"{path} line {entry.line}: functions.{entry.name}.handler: {exc.message}") from None
+    failed: list[str] = []
+    for i, (name, zip_bytes) in enumerate(packages):
+        if i:
+            streams.out.write("\n")
+        try:
+            print_summary(deploy_one(client, name, zip_bytes, opts, streams), streams)
+        except CliError as exc:
+            failed.append(name)
+            print(f"error: {exc.message}", file=streams.err)
+    if failed:
+        raise CliError(f"deployed {len(packages) - len(failed)} of {len(packages)} functions from {path};"
+                       f" failed: {', '.join(failed)}")
     return 0
 
 
@@ -574,6 +608,10 @@ def cmd_get(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
 
 def cmd_list(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
     functions = client.list_functions()
+    if getattr(opts, "quiet", False):
+        for fn in functions:
+            print(fn["name"], file=streams.out)
+        return 0
     if opts.output == "json":
         print(dump(functions, "json"), file=streams.out)
     elif not functions:
@@ -608,7 +646,29 @@ def cmd_logs(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
     return 0
 
 
+def client_version() -> str:
+    from shared.version import VERSION
+
+    return VERSION
+
+
+def cmd_version(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    """The CLI's version, then the gateway's (from its public `GET /`, no token needed)."""
+    print(f"nuclide {client_version()}", file=streams.out)
+    streams.out.flush()
+    resp = client.request("GET", "/", send_token=False)
+    try:
+        server = resp.json().get("version") if resp.status_code == 200 else None
+    except ValueError:
+        server = None
+    if not isinstance(server, str):
+        raise CliError(f"{client.url} did not say its version (HTTP {resp.status_code}); is --url pointing at nuclide?")
+    print(f"gateway {server} at {client.url}", file=streams.out)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Streams], int]] = {
+    "version": cmd_version,
     "deploy": cmd_deploy,
     "invoke": cmd_invoke,
     "get": cmd_get,

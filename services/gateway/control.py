@@ -27,6 +27,7 @@ from shared.config import FUSIONIZER_MODE_WARNING
 from shared.errors import BuildFailed, Conflict, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, Unavailable
 from shared.logtime import SINCE_FORMS, parse_since
 from shared.names import validate_function_name
+from shared.version import VERSION
 from shared.runtimes import DEFAULT_WARM_START, parse_runtime
 from shared.spec import HOST_RUNTIME, FunctionSpec, other_python, read_function
 from services.gateway import fusionizer
@@ -62,7 +63,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
         title="nuclide",
         description="Self-hosted serverless platform for Python functions. Invoke routes (tag `invoke`) are served"
         " by the lean invoke path; services/gateway/openapi.py documents them and every body.",
-        version="0.1.0",
+        version=VERSION,
     )
     mount_dashboard(app)  # before the routes: GET /{name} would take /ui
 
@@ -482,6 +483,6 @@ def build_control_app(gw: Gateway) -> FastAPI:
 
     @app.get("/", tags=["system"])
     async def root() -> dict[str, Any]:
-        return {"name": "nuclide", "docs": "/docs", "health": "/healthz", "ui": UI_URL + "/"}
+        return {"name": "nuclide", "version": VERSION, "docs": "/docs", "health": "/healthz", "ui": UI_URL + "/"}
 
     return app
