@@ -282,7 +282,7 @@ def deploy_one(client: Client, name: str, zip_bytes: bytes, opts: argparse.Names
 
 
 def cmd_deploy(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
-    if opts.file is not None:
+    if getattr(opts, "file", None) is not None:
         return deploy_file(client, opts, streams)
     zip_bytes, path_name = package(Path(opts.path))
     name = function_name(opts.name, zip_bytes, path_name)
