@@ -7,7 +7,9 @@ import contextlib
 import json
 import keyword
 import re
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,10 +261,73 @@ def _poll_until_settled(client: Client, name: str, target: int, timeout_s: float
         sleep(POLL_INTERVAL_S)
 
 
+class DeployOutput:
+    """While a deploy runs: the function's log lines from the deploy's start (its build's output first, then
+    its new instances' start) copied to stderr as they are written, by a thread following its logs."""
+
+    RETRY_S = 0.2  # a first deploy's function exists a moment after the upload: ask again this often
+
+    def __init__(self, client: Client, name: str, streams: Streams) -> None:
+        self.client, self.name, self.streams = client, name, streams
+        self._stop = threading.Event()
+        self._sock: Any = None
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"deploy-output-{name}")
+
+    def __enter__(self) -> "DeployOutput":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        with self._lock:
+            self._shutdown()
+        self._thread.join(5)
+
+    def _shutdown(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _opened(self, sock: Any) -> None:
+        with self._lock:
+            self._sock = sock
+            if self._stop.is_set():
+                self._shutdown()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            # since as a duration, measured on the server's clock: a client clock that is off loses nothing
+            since = f"{int(time.monotonic() - self._started) + 2}s"
+            try:
+                for chunk in self.client.follow_logs(self.name, tail=10_000, since=since, on_open=self._opened):
+                    if self._stop.is_set():
+                        return
+                    self.streams.err.write(chunk)
+                    self.streams.err.flush()
+                return
+            except CliError as exc:
+                if exc.status != 404:
+                    return  # nothing to show; the deploy's own answer says what went wrong
+            except Exception:  # the output is a courtesy: it never fails the deploy
+                return
+            self._stop.wait(self.RETRY_S)
+
+
 def deploy_one(client: Client, name: str, zip_bytes: bytes, opts: argparse.Namespace, streams: Streams) -> dict[str, Any]:
     """Deploy one package and wait for it as the options say; its description once settled."""
     timeout_s = opts.timeout or DEFAULT_DEPLOY_TIMEOUT_S
-    progress = Progress(streams)
+    if getattr(opts, "quiet", False):
+        return _deploy_one(client, name, zip_bytes, opts, streams, timeout_s, Progress(streams))
+    with DeployOutput(client, name, streams):
+        progress = Progress(streams)
+        progress.live = False  # a spinner would be torn by the lines the build writes meanwhile
+        return _deploy_one(client, name, zip_bytes, opts, streams, timeout_s, progress)
+
+
+def _deploy_one(client: Client, name: str, zip_bytes: bytes, opts: argparse.Namespace, streams: Streams,
+                timeout_s: float, progress: "Progress") -> dict[str, Any]:
     if opts.async_:
         accepted = client.deploy(name, zip_bytes, wait=False)
         target = int(accepted.get("latest_version") or accepted.get("version") or 0)

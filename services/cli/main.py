@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--async", dest="async_", action="store_true",
                    help="return once accepted and poll the state instead of holding the request open")
     p.add_argument("--timeout", type=_positive_float, metavar="S", help="give up waiting after S seconds (default 600)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the build's output and the function's"
+                   " log lines while the deploy runs")
 
     p = sub.add_parser("invoke", parents=[common], help="call a function and print its response body")
     p.add_argument("name", metavar="NAME")

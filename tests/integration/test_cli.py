@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -469,3 +470,32 @@ def test_bash_completion_offers_the_stacks_function_names(deployed: str, stack: 
             ' printf "%s\\n" "${COMPREPLY[@]}"')
     out = subprocess.run(["bash", "-c", code], input=script, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == [deployed], out.stderr
+
+
+def test_deploy_prints_the_build_output_as_it_runs(stack: Stack, tmp_path: Path) -> None:
+    marker = f"build-step-{time.monotonic_ns()}"
+    folder = make_function_dir(tmp_path, "cli-build-out")
+    # the step prints, then waits for a file only this test writes once it saw the line: so the line came
+    # while the deploy still ran, not with its answer
+    gate = stack.var_dir.resolve() / "cache" / "pip" / f"{marker}.gate"  # a folder a build step may see
+    (folder / "function.yaml").write_text(function_yaml("cli-build-out", build={"commands": [
+        f"echo {marker}; i=0; while [ ! -e {gate} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"]}))
+    env = {k: v for k, v in stack.env.items() if k != "NUCLIDE_CLI_CONFIG"}
+    env.update({"NUCLIDE_URL": stack.url, "NUCLIDE_TOKEN": stack.token})
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "deploy", str(folder)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(marker in ln for ln in err), 60, what="the build step's line while the deploy runs")
+        assert proc.poll() is None, "the deploy was still waiting for its build"
+    finally:
+        gate.touch()  # the build finishes (or the test's failure does not leave it hanging)
+    out = proc.communicate(timeout=120)[0]
+    reader.join(10)
+    assert proc.returncode == 0, "".join(err)
+    assert "state:    ready" in out
+    assert sum(marker in ln and "echo" not in ln for ln in err) == 1, "the line is printed once"
+    quiet = cli(stack, "deploy", "-q", str(folder))
+    assert quiet.returncode == 0 and marker not in quiet.stderr
