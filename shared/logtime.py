@@ -28,7 +28,7 @@ _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]
 
 def utc_iso(epoch_s: float) -> str:
     """``epoch_s`` as the log timestamp: UTC, RFC 3339, milliseconds, ``Z``."""
-    ms = int(epoch_s * 1000)
+    ms = round(epoch_s * 1000)
     secs, millis = divmod(ms, 1000)
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(secs))}.{millis:03d}Z"
 

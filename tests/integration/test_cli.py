@@ -466,7 +466,7 @@ def test_bash_completion_offers_the_stacks_function_names(deployed: str, stack: 
     program.chmod(0o755)
     script = cli(stack, "completion", "bash").stdout
     env_prefix = f"export NUCLIDE_URL={stack.url} NUCLIDE_TOKEN={stack.token}; cd {ROOT};"
-    code = (f"{env_prefix} source /dev/stdin; COMP_WORDS=({program} logs cli-b); COMP_CWORD=2; _nuclide;"
+    code = (f"{env_prefix} source /dev/stdin; COMP_WORDS=({program} logs cli-bas); COMP_CWORD=2; _nuclide;"
             ' printf "%s\\n" "${COMPREPLY[@]}"')
     out = subprocess.run(["bash", "-c", code], input=script, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == [deployed], out.stderr
