@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -38,7 +39,7 @@ class Secret(str):
         return "Secret('***')" if self else "Secret('')"
 
 
-BACKENDS = ("process", "docker")
+BACKENDS = ("process", "docker", "swarm")
 SANDBOX_MODES = ("auto", "bwrap", "none")
 STRATEGIES = ("none", "static", "feedback")
 DATABASE_SCHEMES = ("postgresql://", "postgres://")
@@ -108,6 +109,10 @@ class Settings:
     # containers wait per runtime, and as many runner processes wait already imported; 0 disables all
     # that (every function's image is built, each runner process is started on demand)
     docker_runtime_pool_size: int = 2
+    # swarm backend (it uses the docker_* settings above too): a registry every node of the swarm pulls
+    # from, host[:port][/path]; the deployer pushes each function image there. Empty: one node, whose own
+    # engine holds the images (nothing is pushed or pulled)
+    swarm_registry: str = ""
     # CA bundle handed to image builds, for pip behind a TLS-intercepting proxy:
     # auto (the system bundle, when present), none, or a path
     build_ca_bundle: str = "auto"
@@ -133,6 +138,12 @@ class Settings:
     optimizer_round_s: float = 5.0  # feedback: how long each setup is measured
     optimizer_min_samples: int = 30  # feedback: entry calls needed before a round is judged
     optimizer_tolerance: float = 0.05  # feedback: a change is kept unless latency grows more than this
+    # autoscaling (services/optimizer/autoscale.py): Knative KPA's defaults
+    autoscale: bool = True  # false: groups keep minReplicas (or a manual override) whatever their load
+    autoscale_stable_window_s: float = 60.0  # load averaged over this; scale-down only after it
+    autoscale_panic_window_s: float = 6.0  # short window that scales up on bursts
+    autoscale_panic_threshold: float = 2.0  # panic when the panic window wants this many times the ready replicas
+    autoscale_tick_s: float = 1.0  # how often the optimizer decides
     # logging
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
@@ -226,12 +237,22 @@ class Settings:
             raise ConfigError(f"docker_runtime_pool_size {self.docker_runtime_pool_size} is out of range"
                               f" 0-{MAX_DOCKER_RUNTIME_POOL_SIZE} (idle containers per registered runtime and spare"
                               " runner processes; 0 disables them and builds every runtime function's image)")
+        if self.swarm_registry and not re.fullmatch(r"[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)*", self.swarm_registry):
+            raise ConfigError(f"swarm_registry {self.swarm_registry!r} is not a registry address: write host[:port]"
+                              "[/path] without a scheme or a tag, e.g. registry.example.com:5000/nuclide")
         if self.optimizer_strategy not in STRATEGIES:
             raise ConfigError(f"optimizer_strategy {self.optimizer_strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
         if self.optimizer_strategy == "static" and not self.optimizer_schedule:
             raise ConfigError("optimizer_strategy 'static' needs optimizer_schedule (a JSON or YAML file)")
         if self.optimizer_round_s <= 0 or self.optimizer_min_samples < 1 or self.optimizer_tolerance < 0:
             raise ConfigError("optimizer_round_s and optimizer_min_samples must be positive, optimizer_tolerance >= 0")
+        if not 0 < self.autoscale_tick_s <= self.autoscale_panic_window_s <= self.autoscale_stable_window_s:
+            raise ConfigError(f"autoscale windows must satisfy 0 < autoscale_tick_s ({self.autoscale_tick_s:g})"
+                              f" <= autoscale_panic_window_s ({self.autoscale_panic_window_s:g})"
+                              f" <= autoscale_stable_window_s ({self.autoscale_stable_window_s:g})")
+        if self.autoscale_panic_threshold < 1:
+            raise ConfigError(f"autoscale_panic_threshold {self.autoscale_panic_threshold:g} must be at least 1"
+                              " (the ratio of wanted to ready replicas that starts a panic; Knative uses 2)")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("log_format must be auto, json or console")
         return self

@@ -55,6 +55,20 @@ def merge_requirements(requirements: dict[str, str]) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def scale_bounds(specs: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """A group's autoscaling limits from its members' specs (each a FunctionSpec.to_dict()).
+
+    The group runs as one deployment, so it gets the most any member needs at least (its minimum) and
+    no more than any member allows (a member's maxReplicas is a promise to it, e.g. a singleton), and
+    one instance carries the least concurrency any member asks for, as ``max_concurrency`` does.
+    """
+    names = sorted(specs)
+    low = max(int(specs[n].get("min_replicas", 1) or 0) for n in names)
+    high = min(int(specs[n].get("max_replicas") or max(int(specs[n].get("min_replicas", 1) or 0), 1)) for n in names)
+    targets = [int(specs[n].get("target_concurrency") or specs[n].get("max_concurrency") or 1) for n in names]
+    return {"max_replicas": max(high, low, 1), "target_concurrency": min(targets)}
+
+
 def merge_specs(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The group-level settings for members' spec dicts (FunctionSpec.to_dict())."""
     if not specs:
@@ -98,6 +112,7 @@ def merge_specs(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "timeout_s": max(float(specs[n].get("timeout_s") or 30.0) for n in names),
         "max_concurrency": min(int(specs[n].get("max_concurrency") or 1) for n in names),
         "min_replicas": max(max(int(specs[n].get("min_replicas", 1) or 0), 1) for n in names),
+        **scale_bounds(specs),
         "python": pythons.pop(),  # "3.X" for another Python 3 than the platform's, else None
     }
 

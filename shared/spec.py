@@ -82,6 +82,7 @@ class FunctionSpec:
     description: str = ""
     timeout_s: float = 30.0
     max_concurrency: int = 1
+    target_concurrency: int | None = None  # calls in flight per instance the autoscaler aims at; None: max_concurrency
     memory_bytes: int | None = None
     cpu: float | None = None
     pids: int | None = None  # None: DEFAULT_PIDS
@@ -456,6 +457,8 @@ def _parse_scaling(spec: dict, kw: dict[str, Any], warnings: list[str]) -> None:
             warnings.append(f"function.yaml: spec.{other} is ignored because spec.{timeouts[0]} is set")
     if spec.get("maxConcurrency") is not None:
         kw["max_concurrency"] = _int_in(spec["maxConcurrency"], "spec.maxConcurrency", 1, 1024)
+    if spec.get("targetConcurrency") is not None:
+        kw["target_concurrency"] = _int_in(spec["targetConcurrency"], "spec.targetConcurrency", 1, 1024)
     scale_to_zero = _sub(spec, "scaleToZero", "spec.scaleToZero")
     _warn_unknown(scale_to_zero, "spec.scaleToZero.", {"idleTimeout"}, set(scale_to_zero) - {"idleTimeout"}, warnings)
     for where, value in (("spec.scaleToZero.idleTimeout", scale_to_zero.get("idleTimeout")),
@@ -488,8 +491,8 @@ def _parse_resources(spec: dict, kw: dict[str, Any], warnings: list[str]) -> Non
 
 
 _SPEC_KNOWN = {"handler", "runtime", "env", "build", "minReplicas", "maxReplicas", "replicas", "description",
-               "timeout", "timeoutSeconds", "eventTimeout", "maxConcurrency", "resources", "private",
-               "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart", "lambdaEvent", "network"}
+               "timeout", "timeoutSeconds", "eventTimeout", "maxConcurrency", "targetConcurrency", "resources",
+               "private", "scaleToZero", "idleTimeout", "triggers", "retry", "warmStart", "lambdaEvent", "network"}
 LAMBDA_EVENT_SHAPES = ("auto", "payload", "apigateway")
 
 

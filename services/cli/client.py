@@ -164,6 +164,10 @@ class Client:
     def delete_function(self, name: str) -> None:
         self._checked(self.request("DELETE", f"/functions/{_path(name)}"))
 
+    def scale(self, name: str, replicas: int | None) -> dict[str, Any]:
+        """Hold the function's replicas at ``replicas``; None gives them back to the autoscaler."""
+        return self._json(self.request("PUT", f"/functions/{_path(name)}/replicas", json={"replicas": replicas}))
+
     def logs(self, name: str, tail: int = 200, since: str | None = None) -> str:
         params: dict[str, Any] = {"tail": tail, **({"since": since} if since else {})}
         return self._checked(self.request("GET", f"/functions/{_path(name)}/logs", params=params)).text

@@ -693,6 +693,17 @@ def cmd_delete(client: Client, opts: argparse.Namespace, streams: Streams) -> in
     return 0
 
 
+def cmd_scale(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    replicas = None if opts.replicas == "auto" else int(opts.replicas)
+    result = client.scale(opts.name, replicas)
+    if result.get("override") is None:
+        print(f"{opts.name}: replicas back to the autoscaler", file=streams.out)
+    else:
+        print(f"{opts.name}: held at {result['override']} replicas (group {result['group_id']}); "
+              f"`nuclide scale {opts.name} auto` gives them back to the autoscaler", file=streams.out)
+    return 0
+
+
 def cmd_logs(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
     if opts.follow:
         try:
@@ -741,4 +752,5 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Streams], int]] = {
     "delete": cmd_delete,
     "logs": cmd_logs,
     "calls": cmd_calls,
+    "scale": cmd_scale,
 }

@@ -11,7 +11,7 @@ import argparse
 import shlex
 
 # commands whose positional argument is a function's name
-NAME_COMMANDS = ("get", "describe", "delete", "rm", "remove", "invoke", "logs")
+NAME_COMMANDS = ("get", "describe", "delete", "rm", "remove", "invoke", "logs", "scale")
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -8,7 +8,7 @@ import sys
 
 from shared.config import ConfigError, load_settings
 
-API_COMMANDS = ("deploy", "invoke", "get", "list", "delete", "logs", "calls", "version")
+API_COMMANDS = ("deploy", "invoke", "get", "list", "delete", "logs", "calls", "version", "scale")
 # faas-cli's names for the same commands
 ALIASES = {"describe": "get", "ls": "list", "rm": "delete", "remove": "delete"}
 CALL_STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DEAD")
@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", parents=[common], aliases=["rm", "remove"], help="delete a function")
     p.add_argument("name", metavar="NAME")
 
+    p = sub.add_parser("scale", parents=[common], help="hold a function's replicas at N (within its minReplicas and"
+                       " maxReplicas), or give them back to the autoscaler with `auto`")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("replicas", metavar="N", type=_replicas_arg, help="a whole number, or auto")
+
     p = sub.add_parser("logs", parents=[common], help="print a function's recent log lines")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--tail", type=_positive_int, default=200, metavar="N", help="last N lines (default 200)")
@@ -151,6 +156,12 @@ def _calls_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help=f"the status to purge ({', '.join(FINAL_STATUSES)}); DEAD purges the dead letters")
     # SUPPRESS: `nuclide calls --function F purge ...` must keep F, not reset it to "every function"
     a.add_argument("--function", metavar="F", default=argparse.SUPPRESS, help="only calls of function F")
+
+
+def _replicas_arg(text: str) -> str:
+    if text == "auto" or (text.isdigit() and len(text) < 6):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a replica count: give a whole number, or auto")
 
 
 def run_api_command(opts: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from shared.entry import main
 
 async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> int:
     from shared.aiosock import AsyncRpcServer, RpcClient
+    from shared.config import ConfigError
     from shared.errors import InvalidRequest, NuclideError
     from shared.liveness import DEPLOYER_REPORT_INTERVAL_S
     from shared.logs import get_logger
@@ -40,11 +41,25 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
         docker_backend.wanted_versions = lambda: (
             None if not reconciler.synced else {} if reconciler.closing
             else {g["id"]: int(g["version"]) for g in reconciler.groups.values()})
+    elif settings.backend == "swarm":
+        from services.deployer.backends.docker.images import DockerBuilder
+        from services.deployer.backends.swarm.backend import SwarmBackend
+
+        reconciler = Reconciler(settings, store, DockerBuilder(settings, store))
+        backend = swarm_backend = SwarmBackend(settings, reconciler.on_exit)
+        swarm_backend.wanted_versions = lambda: (
+            None if not reconciler.synced else {} if reconciler.closing
+            else {g["id"]: int(g["version"]) for g in reconciler.groups.values()})
     else:
         reconciler = Reconciler(settings, store, Builder(settings, store, children))
         backend = ProcessBackend(settings, reconciler.on_exit, children)
     reconciler.backend = backend
-    adopted = backend.adopt()
+    try:
+        adopted = backend.adopt()
+    except ConfigError as exc:  # the platform cannot run this backend (a swarm backend on no swarm): say the fix
+        log.error(f"the {backend.name} backend cannot run here: {exc}")
+        store.close()
+        return 2  # as a setting that cannot be used: a supervisor restarting it would not help
     if adopted:
         log.info("adopted running instances", count=len(adopted))
 

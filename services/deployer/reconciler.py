@@ -36,7 +36,7 @@ from shared.fusion import merge_specs
 from shared.liveness import DRAIN_TIMEOUT_S
 from shared.logs import get_logger
 from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
-from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec
+from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec, ReplicatedBackend
 from services.deployer.builder import Builder, members_of_step, tail
 
 log = get_logger(__name__)
@@ -140,6 +140,9 @@ class Reconciler:
         if self._unchecked is not None and self.backend.knows_all():
             self._report_gone(self._unchecked)
         self.backend.groups_changed(set(self.groups))
+        if isinstance(self.backend, ReplicatedBackend):
+            self._reconcile_services(self.backend, now)
+            return
         handles = [h for h in self.backend.list() if h.id not in self.stopping]
         current = [h for h in handles if self._is_current(h)]
         for h in handles:
@@ -168,6 +171,71 @@ class Reconciler:
                 extras = sorted(running, key=lambda h: (h.id in self.ever_ready, h.started_at))[:-missing]
                 for h in extras:
                     self._stop(h, "more replicas than desired")
+
+    def _reconcile_services(self, backend: ReplicatedBackend, now: float) -> None:
+        """A backend that runs replicas itself: one service per group at the group's version and desired
+        count; the platform places, restarts and rolls the replicas (start-first), so the rules above
+        become: a service whose group is gone goes once each task it serves is ready elsewhere; a
+        version that failed before any version of its group served loses its service, one that failed
+        on a redeploy is left as the platform rolled it back (to the version that serves)."""
+        handles = [h for h in backend.list() if h.id not in self.stopping]
+        current = [h for h in handles if self._is_current(h)]
+        for group_id in backend.services() - set(self.groups):
+            if group_id in self.stopping:
+                continue
+            if all(self._safe_to_stop(h, current) for h in handles if h.group_id == group_id):
+                self._remove_service(backend, group_id, "its group is gone")
+        for group in self.groups.values():
+            key = (group["id"], group["version"])
+            if key in self.starting or group["id"] in self.stopping:
+                continue
+            if key in self.failed_versions or (group["state"] == "failed"
+                                               and group["ready_version"] != group["version"]):
+                if not group["ready_version"] and group["id"] in backend.services():
+                    self._remove_service(backend, group["id"], "its only version failed")
+                continue
+            if now < self.backoff_until.get(group["id"], 0):
+                asyncio.get_running_loop().call_later(self.backoff_until[group["id"]] - now + 0.01, self.kick)
+                continue
+            replicas = int(group["replicas_desired"])
+            if not backend.converged(group["id"], int(group["version"]), replicas):
+                self.starting[key] = self._spawn(self._converge(backend, group, replicas))
+
+    def _remove_service(self, backend: ReplicatedBackend, group_id: str, reason: str) -> None:
+        self.stopping.add(group_id)
+        log.info("removing service", group=group_id, reason=reason)
+
+        async def remove() -> None:
+            try:
+                await backend.remove(group_id)
+            except NuclideError as exc:
+                log.warning("could not remove a service, will retry", group=group_id, error=str(exc))
+            finally:
+                self.stopping.discard(group_id)
+
+        self._spawn(remove())
+
+    async def _converge(self, backend: ReplicatedBackend, group: dict[str, Any], replicas: int) -> None:
+        key = (group["id"], group["version"])
+        try:
+            if self.closing:
+                return
+            functions, memory, extra = await self._group_spec(group)
+            log_path = self.settings.var_dir.resolve() / "logs" / group["id"] / f"{group['id']}.log"
+            spec = InstanceSpec(f"{group['id']}-v{group['version']}", group["id"], int(group["version"]), functions,
+                                memory, log_path, extra=extra)
+            await backend.converge(spec, replicas)
+        except BuildFailed as exc:
+            self.failed_versions.add(key)
+            log.warning("build failed", group=group["id"], version=group["version"], error=exc.message)
+            await self._report_failed(key, exc.message, str(exc.details.get("log_tail", "")),
+                                      exc.details.get("tasks"))
+        except NuclideError as exc:
+            log.warning("service update failed, will retry", group=group["id"], error=str(exc))
+            self._backoff(group["id"])
+        finally:
+            self.starting.pop(key, None)
+            self.kick()
 
     def _is_current(self, h: InstanceHandle) -> bool:
         group = self.groups.get(h.group_id)
@@ -216,63 +284,68 @@ class Reconciler:
             rec = self._versions[key] = await self.store.call("version.get", {"name": name, "version": version})
         return rec
 
+    async def _group_spec(self, group: dict[str, Any]) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
+        """The group version's functions (code and environment built), memory and limits; BuildFailed
+        names what will not run."""
+        functions = []
+        specs: dict[str, dict[str, Any]] = {}
+        codes: dict[str, Path] = {}
+        for name, version in sorted(group["members"].items()):
+            rec = await self._version(name, int(version))
+            specs[name] = rec["spec"]
+            codes[name] = await self.builder.ensure_code(name, int(version), rec["digest"])
+        try:
+            merged = merge_specs(specs)  # one environment for the whole group
+        except Conflict as exc:
+            raise BuildFailed(exc.message, {"tasks": list(exc.details.get("tasks") or [])}) from None
+        try:
+            build_log = self.settings.var_dir.resolve() / "logs" / group["id"] / f"build-v{group['version']}.log"
+            deps = await self.builder.ensure_env(merged, build_log)
+        except BuildFailed as exc:  # a fused group's build: say whose step failed
+            if "step" in exc.details:
+                exc.details["tasks"] = members_of_step(specs, str(exc.details["step"]))
+            raise
+        for name, version in sorted(group["members"].items()):
+            spec = specs[name]
+            functions.append({
+                "name": name, "version": int(version), "handler": spec["handler"], "code_dir": str(codes[name]),
+                "deps_dir": str(deps) if deps else None, "env": spec.get("env") or {},
+                "max_concurrency": int(merged["max_concurrency"]), "timeout_s": spec.get("timeout_s", 30.0),
+                "lambda_event": spec.get("lambda_event") or "auto",
+            })
+            if merged.get("python"):  # another Python 3 than the platform's: the backend starts it there
+                functions[-1]["python"] = merged["python"]
+            if spec.get("shell"):  # a registered runtime's function: its definition and warm-start policy
+                if self.backend.name != "docker":
+                    raise BuildFailed(f"'{name}' runs on the registered runtime '{spec.get('runtime')}', which"
+                                      f" needs the docker backend (this deployer uses '{self.backend.name}')",
+                                      {"tasks": [name]})
+                functions[-1].update(shell=spec["shell"], runtime=spec.get("runtime"),
+                                     warm_start=spec.get("warm_start") or "function")
+            elif (spec.get("warm_start") or DEFAULT_WARM_START) != DEFAULT_WARM_START:
+                # deployed before the backend changed: the gateway refuses it up front otherwise
+                problem = warm_start_problem(self.backend.name, spec["warm_start"])
+                if problem:
+                    raise BuildFailed(f"'{name}': {problem}", {"tasks": [name]})
+                functions[-1]["warm_start"] = spec["warm_start"]
+        memory = int(merged["memory_bytes"] or 0) or self.settings.default_memory_bytes
+        extra = {"cpu": merged["cpu"] or None, "pids": merged.get("pids"),
+                 "scratch_bytes": merged.get("scratch_bytes"), "network": merged.get("network") or "isolated"}
+        return functions, memory, extra
+
     async def _start(self, group: dict[str, Any], count: int) -> None:
         key = (group["id"], group["version"])
         try:
             if self.closing:
                 return
-            functions = []
-            specs: dict[str, dict[str, Any]] = {}
-            codes: dict[str, Path] = {}
-            for name, version in sorted(group["members"].items()):
-                rec = await self._version(name, int(version))
-                specs[name] = rec["spec"]
-                codes[name] = await self.builder.ensure_code(name, int(version), rec["digest"])
-            try:
-                merged = merge_specs(specs)  # one environment for the whole group
-            except Conflict as exc:
-                raise BuildFailed(exc.message, {"tasks": list(exc.details.get("tasks") or [])}) from None
-            try:
-                build_log = self.settings.var_dir.resolve() / "logs" / group["id"] / f"build-v{group['version']}.log"
-                deps = await self.builder.ensure_env(merged, build_log)
-            except BuildFailed as exc:  # a fused group's build: say whose step failed
-                if "step" in exc.details:
-                    exc.details["tasks"] = members_of_step(specs, str(exc.details["step"]))
-                raise
-            for name, version in sorted(group["members"].items()):
-                spec = specs[name]
-                functions.append({
-                    "name": name, "version": int(version), "handler": spec["handler"], "code_dir": str(codes[name]),
-                    "deps_dir": str(deps) if deps else None, "env": spec.get("env") or {},
-                    "max_concurrency": int(merged["max_concurrency"]), "timeout_s": spec.get("timeout_s", 30.0),
-                    "lambda_event": spec.get("lambda_event") or "auto",
-                })
-                if merged.get("python"):  # another Python 3 than the platform's: the backend starts it there
-                    functions[-1]["python"] = merged["python"]
-                if spec.get("shell"):  # a registered runtime's function: its definition and warm-start policy
-                    if self.backend.name != "docker":
-                        raise BuildFailed(f"'{name}' runs on the registered runtime '{spec.get('runtime')}', which"
-                                          f" needs the docker backend (this deployer uses '{self.backend.name}')",
-                                          {"tasks": [name]})
-                    functions[-1].update(shell=spec["shell"], runtime=spec.get("runtime"),
-                                         warm_start=spec.get("warm_start") or "function")
-                elif (spec.get("warm_start") or DEFAULT_WARM_START) != DEFAULT_WARM_START:
-                    # deployed before the backend changed: the gateway refuses it up front otherwise
-                    problem = warm_start_problem(self.backend.name, spec["warm_start"])
-                    if problem:
-                        raise BuildFailed(f"'{name}': {problem}", {"tasks": [name]})
-                    functions[-1]["warm_start"] = spec["warm_start"]
-            memory = int(merged["memory_bytes"] or 0) or self.settings.default_memory_bytes
-            cpu = merged["cpu"]
+            functions, memory, extra = await self._group_spec(group)
             for _ in range(count):
                 if self.closing:
                     return
                 inst_id = f"{group['id']}-v{group['version']}-{secrets.token_hex(3)}"
                 log_path = self.settings.var_dir.resolve() / "logs" / group["id"] / f"{inst_id}.log"
                 spec = InstanceSpec(inst_id, group["id"], int(group["version"]), functions, memory, log_path,
-                                    extra={"cpu": cpu or None, "pids": merged.get("pids"),
-                                           "scratch_bytes": merged.get("scratch_bytes"),
-                                           "network": merged.get("network") or "isolated"})
+                                    extra=dict(extra))
                 # its READY may reach the store before the backend has its handle: not "gone" meanwhile
                 self.launching.add(inst_id)
                 try:
@@ -363,6 +436,8 @@ class Reconciler:
 
     async def stop_all(self) -> None:
         self.closing = True
+        if isinstance(self.backend, ReplicatedBackend):
+            await self.backend.stop_all()
         await asyncio.gather(*(self.backend.stop(h, DRAIN_TIMEOUT_S) for h in self.backend.list()),
                              return_exceptions=True)
         # each exit is reported to the store by a task of its own (on_exit): let those reports

@@ -44,6 +44,26 @@ class Replicas(_Open):
     ready: int
 
 
+class Scaling(_Open):
+    min_replicas: int = Field(description="spec.minReplicas (0: scaled to zero after spec.scaleToZero.idleTimeout)")
+    max_replicas: int = Field(description="spec.maxReplicas: the autoscaler's ceiling")
+    target_concurrency: int = Field(description="calls in flight per instance the autoscaler aims at"
+                                    " (spec.targetConcurrency, default spec.maxConcurrency)")
+    override: int | None = Field(description="replicas held by PUT /functions/{name}/replicas; null: autoscaled")
+
+
+class ReplicasBody(_Open):
+    replicas: int | None = Field(description="within spec.minReplicas (at least 1) and spec.maxReplicas; null gives"
+                                 " the replicas back to the autoscaler", json_schema_extra={"example": 3})
+
+
+class ReplicasResult(_Open):
+    function: str
+    group_id: str = Field(description="the group that scaled (a function scales with its fusion group)")
+    override: int | None = Field(description="the count now held, or null: the autoscaler decides")
+    replicas: int | None = Field(description="the group's replicas desired now (null when the override was cleared)")
+
+
 class FunctionDescription(_Open):
     name: str
     id: str
@@ -58,6 +78,7 @@ class FunctionDescription(_Open):
     timeout_s: float
     group: GroupRef
     replicas: Replicas
+    scaling: Scaling | None = None
     warnings: list[str]
     last_error: str | None
     created_at: str | None
@@ -186,6 +207,9 @@ class OptimizerStatus(_Open):
     best_setup: list[list[str]] | None
     best_median_ms: float | None
     updated_at: float | None = None
+    scaling: dict[str, Any] | None = Field(None, description="the autoscaler: its windows, per group the decision"
+                                           " and its evidence (observed, stable and panic concurrency, panic, desired,"
+                                           " current, ready, reason), and the latest replica changes")
 
 
 # ----- system ---------------------------------------------------------------------------

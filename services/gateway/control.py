@@ -197,6 +197,11 @@ def build_control_app(gw: Gateway) -> FastAPI:
     @app.get("/metrics", dependencies=[Depends(require_scrape_token)], tags=["system"])
     async def metrics() -> Response:
         """Prometheus' text format: OpenFaaS's gateway_* families per function, nuclide_* ones (README "Metrics")."""
+        assert gw.store is not None
+        try:  # the autoscaler's families: what the optimizer last reported (nothing if the store is slow)
+            gw.optimizer_status = await gw.store.call("kv.get", {"key": "optimizer"}, timeout_s=1.0)
+        except NuclideError:
+            gw.optimizer_status = None
         return Response(gw.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/functions", dependencies=auth, tags=["functions"])
@@ -466,6 +471,25 @@ def build_control_app(gw: Gateway) -> FastAPI:
         if status is None:
             raise Unavailable("the optimizer has not reported yet (is it running?)")
         return JSONResponse(status)
+
+    @app.put("/functions/{name}/replicas", dependencies=auth, tags=["functions"])
+    async def put_replicas(name: str, request: Request) -> JSONResponse:
+        """Hold a function's replicas (its group's) at a count within its minReplicas-maxReplicas, whatever
+        its load, until {"replicas": null} gives them back to the autoscaler."""
+        validate_function_name(name)
+        how = ('send {"replicas": N} with N within the function\'s spec.minReplicas (at least 1) and'
+               ' spec.maxReplicas, or {"replicas": null} to give its replicas back to the autoscaler')
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidRequest(f"PUT /functions/{name}/replicas needs a JSON body: {how}") from None
+        if not isinstance(body, dict) or "replicas" not in body:
+            raise InvalidRequest(f"PUT /functions/{name}/replicas needs a JSON object with 'replicas': {how}")
+        replicas = body["replicas"]
+        if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool)):
+            raise InvalidRequest(f"replicas {json.dumps(replicas)[:40]} is not a whole number: {how}")
+        assert gw.store is not None
+        return JSONResponse(await gw.store.call("function.replicas", {"name": name, "replicas": replicas}))
 
     for prefix in ("/functions", ""):
         app.add_api_route(prefix + "/{name}", put_function, methods=["PUT"], dependencies=auth, tags=["functions"])

@@ -34,6 +34,7 @@ from services.gateway.broker import Broker, Call, Instance
 from services.gateway.calls import AsyncCalls
 from services.gateway.http import valid_header
 from services.gateway.ingress import Ingress
+from services.gateway.load import LOAD_PUBLISH_S, LOAD_SAMPLE_S, LoadMeter
 from services.gateway.telemetry import Telemetry, registry_for
 from shared.triggers import DEFAULT_RETRY, max_body_bytes, validate_triggers
 
@@ -150,6 +151,7 @@ class Gateway:
         self.counters = {"invocations": 0, "cold_starts": 0, "scaled_to_zero": 0, "woken": 0}
         self.telemetry = Telemetry()  # per-function counters, rendered by GET /metrics (telemetry.py)
         self._metrics_registry = registry_for(self)
+        self.optimizer_status: dict[str, Any] | None = None  # read from the store by GET /metrics
         self._started_mono = time.monotonic()
         self.deploy_waiters: dict[tuple[str, int], asyncio.Future] = {}
         self.regroup_waiters: dict[int, asyncio.Future] = {}  # regroup id -> its record once it ended
@@ -195,6 +197,7 @@ class Gateway:
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
         self.pub.bind(s.gateway_pub)
         self._background(self._flush_traces())
+        self._background(self._publish_load())
         self.calls = AsyncCalls(self)
         self.calls.start()
         self._background(self._idle_sweeper())
@@ -427,6 +430,25 @@ class Gateway:
                 self.pub.send_multipart(protocol.encode_event(b"trace", {"edges": edges, "calls": calls}), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # traces are best effort: subscribers see a gap in the sample, nothing else
+
+    async def _publish_load(self) -> None:
+        """Publish each function's mean concurrency (in flight plus queued) for the autoscaler (topic "load")."""
+        meter = LoadMeter()
+        per_report = max(1, round(LOAD_PUBLISH_S / LOAD_SAMPLE_S))
+        while True:
+            await asyncio.sleep(LOAD_SAMPLE_S)
+            broker = self.broker
+            if broker is None:
+                continue
+            meter.sample((call.function for call in broker.pending.values()), broker.queues)
+            if meter.samples < per_report:
+                continue
+            report = {"gateway": self.boot_id, "interval_s": LOAD_PUBLISH_S, "functions": meter.take()}
+            try:
+                assert self.pub is not None
+                self.pub.send_multipart(protocol.encode_event(b"load", report), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # best effort, like traces: the optimizer holds its decisions through a gap
 
     def add_edge(self, caller: Any, callee: Any, sync: bool, local: bool, took_ms: float, n: int = 1) -> None:
         key = (caller, callee, sync, local)

@@ -162,6 +162,11 @@ CONTROL_DOCS: dict[tuple[str, str], dict[str, Any]] = {
                       content=TEXT),
         "400": error("follow or since has a value it does not take (the message names it and the accepted forms)"),
         "404": NOT_FOUND, "503": UNAVAILABLE}},
+    ("put", "/functions/{name}/replicas"): {
+        "requestBody": {"required": True, "content": json_content(ref(m.ReplicasBody))},
+        "responses": {"200": answer("held (or given back to the autoscaler with null)", ref(m.ReplicasResult)),
+                      "400": error("not a whole number, or out of the function's minReplicas-maxReplicas (the"
+                                   " message names the range)"), "404": NOT_FOUND}},
     ("get", "/runtimes"): {"responses": {"200": answer("registered runtimes", many(m.Runtime))}},
     ("put", "/runtimes/{name}"): {
         "requestBody": {"required": True, "content": json_content(ref(m.RuntimeBody))},

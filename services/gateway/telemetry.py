@@ -176,6 +176,34 @@ class GatewayCollector(Collector):  # reads the gateway it is given (Any: core i
         yield from self._openfaas(gw, tel, deployed)
         yield from self._per_function(gw, tel, deployed)
         yield from self._gateway_totals(gw)
+        yield from self._autoscaler(gw)
+
+    @staticmethod
+    def _autoscaler(gw: Any) -> Iterator[Metric]:
+        """The optimizer's latest decision per group, as it reported it to the store (GET /optimizer's "scaling");
+        nothing when it has not reported. Only groups this gateway knows become label values."""
+        scaling = (getattr(gw, "optimizer_status", None) or {}).get("scaling") or {}
+        decisions = scaling.get("groups") or {}
+        families = [
+            ("observed_concurrency", "calls in flight plus queued, the group's members together, newest sample"),
+            ("stable_concurrency", "mean concurrency over the stable window"),
+            ("panic_concurrency", "mean concurrency over the panic window"),
+            ("target_concurrency", "calls in flight per instance the autoscaler aims at"),
+            ("desired_replicas", "replicas the autoscaler (or a manual override) wants"),
+            ("panic", "1 while the group is in panic mode (a burst: scaling up, never down)"),
+        ]
+        out = {key: GaugeMetricFamily(f"nuclide_autoscaler_{key}", doc, labels=["group"]) for key, doc in families}
+        for gid in sorted(decisions):
+            if gid not in gw.groups:
+                continue
+            d = decisions[gid]
+            for key, _ in families:
+                value = d.get("desired" if key == "desired_replicas" else key)
+                if isinstance(value, bool):
+                    value = int(value)
+                if isinstance(value, (int, float)):
+                    out[key].add_metric([gid], value)
+        yield from out.values()
 
     @staticmethod
     def _openfaas(gw: Any, tel: Telemetry, deployed: list[str]) -> Iterator[Metric]:

@@ -1,4 +1,4 @@
-"""The optimizer service: follows the gateway's call traces and applies a strategy's setups."""
+"""The optimizer service: follows the gateway's call traces and load, applies a strategy's setups, scales groups."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from shared.aiosock import AsyncSocket, RpcClient
 from shared.config import Settings
 from shared.errors import BuildFailed, Conflict, DeadlineExceeded, ProtocolError
 from shared.logs import get_logger
+from services.optimizer.scaling import Autoscaling
 from services.optimizer.strategies.base import Strategy
 
 log = get_logger(__name__)
@@ -32,6 +33,7 @@ class Optimizer:
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"trace")
+        sub.setsockopt(zmq.SUBSCRIBE, b"load")  # per-function concurrency, for the autoscaler
         sub.connect(settings.gateway_pub)
         self._sub = AsyncSocket(sub, self._on_trace)
         # (monotonic time, caller, callee, sync, local, mean took_ms, calls) and (time, function, took_ms, status)
@@ -39,12 +41,16 @@ class Optimizer:
         self.calls: deque[tuple[float, str, float, int]] = deque(maxlen=TRACE_KEEP)
         self.status: dict[str, Any] = {"strategy": strategy.name, "state": "starting", "rounds": [],
                                        "current_setup": [], "best_setup": None, "best_median_ms": None}
+        self.autoscaling = Autoscaling(settings, self.store)
 
     def _on_trace(self, frames: list[bytes]) -> None:
         try:
-            _, msg = protocol.decode_event(frames)
+            topic, msg = protocol.decode_event(frames)
         except ProtocolError as exc:
             log.warning("dropped malformed trace", error=str(exc))
+            return
+        if topic == b"load":
+            self.autoscaling.on_load(msg.header)
             return
         now = time.monotonic()
         for e in msg.header.get("edges") or []:
@@ -91,6 +97,7 @@ class Optimizer:
             try:
                 self.status["current_setup"] = await self.current_setup()
                 self.status["updated_at"] = time.time()
+                self.status["scaling"] = self.autoscaling.status()
                 await self.store.call("kv.put", {"key": "optimizer", "value": self.status}, timeout_s=2.0)
             except Exception as exc:  # the store may be restarting; report again next time
                 log.warning("status not reported", error=repr(exc))
@@ -105,9 +112,10 @@ class Optimizer:
         reporter = asyncio.ensure_future(self._report())
         runner = asyncio.ensure_future(self.strategy.run(self))
         runner.add_done_callback(self._strategy_done)
+        scaler = asyncio.ensure_future(self.autoscaling.run())
         log.info("optimizer ready", strategy=self.strategy.name)
         await stop.wait()  # a strategy that finishes (a schedule played out) leaves the status reported
-        for task in (reporter, runner):
+        for task in (reporter, runner, scaler):
             task.cancel()
         self._sub.close()
         self.store.close()

@@ -158,6 +158,11 @@ class StoreServer:
         elif method == "group.scale":
             result, events = st.scale_group(required(args, "group_id", str), required(args, "replicas", int),
                                             optional(args, "reason", str, ""))
+        elif method == "function.replicas":
+            replicas = args.get("replicas")
+            if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool)):
+                raise InvalidRequest("replicas must be an integer, or null to give replicas back to the autoscaler")
+            result, events = st.set_replicas_override(required(args, "name", str), replicas)
         elif method == "function.delete":
             result, events = st.delete_function(required(args, "name", str))
         elif method == "instance.started":

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from typing import Any
 
-from shared.errors import Conflict, InvalidRequest, NotFound
-from shared.fusion import merge_specs, validate_setup
+from shared.errors import Conflict, InvalidRequest, NotFound, NuclideError
+from shared.fusion import merge_specs, scale_bounds, validate_setup
 from shared.names import validate_function_name
 from shared.runtimes import FIELDS as RUNTIME_FIELDS, parse_runtime
 from services.store.blobs import Blobs, BlobStore  # noqa: F401 (BlobStore: re-exported)
@@ -44,6 +45,7 @@ Event = tuple[str, dict[str, Any]]
 
 INSTANCE_HISTORY = 20  # exited instance rows kept per group, for logs and diagnosis
 REGROUP_HISTORY = 20  # finished regroups kept, for GET /groups and the optimizer
+REPLICAS_OVERRIDES_KEY = "replicas.overrides"  # kv: {function: replicas} held by PUT /functions/{name}/replicas
 
 
 def _iso(ts: float | None) -> str | None:
@@ -131,6 +133,12 @@ class StoreState:
             "replicas": {
                 "desired": grec["replicas_desired"] if grec else 0,
                 "ready": grec["replicas_ready"] if grec else 0,
+            },
+            "scaling": {
+                "min_replicas": int(spec.get("min_replicas", 1)),
+                "max_replicas": int(spec.get("max_replicas") or max(int(spec.get("min_replicas", 1)), 1)),
+                "target_concurrency": int(spec.get("target_concurrency") or spec.get("max_concurrency") or 1),
+                "override": self.replicas_overrides().get(row["name"]),  # PUT /functions/{name}/replicas
             },
             "warnings": json.loads(ver["warnings"]) if ver else [],
             "last_error": row["last_error"],
@@ -238,7 +246,7 @@ class StoreState:
                     "UPDATE groups SET members=?, version=?, version_counter=?, state='deploying', replicas_desired=?,"
                     " updated_at=? WHERE id=?",
                     (json.dumps(members), group_version, group_version,
-                     self._group_replicas(members, {name: spec}), now, group_id),
+                     self._redeploy_replicas(group, members, {name: spec}), now, group_id),
                 )
             events: list[Event] = [("function.changed", {"function": self.get_function(name)}),
                                    ("group.changed", {"group": self.group_record(self._group_row(group_id))})]
@@ -309,6 +317,9 @@ class StoreState:
             group = self._group_row(row["group_id"])
             self.db.execute("DELETE FROM functions WHERE name=?", (name,))
             self.db.execute("DELETE FROM function_versions WHERE name=?", (name,))
+            overrides = self.replicas_overrides()
+            if overrides.pop(name, None) is not None:
+                self._kv_write(REPLICAS_OVERRIDES_KEY, overrides)
             events: list[Event] = [("function.deleted", {"name": name, "group_id": row["group_id"]})]
             if group is not None:
                 members = json.loads(group["members"])
@@ -515,19 +526,26 @@ class StoreState:
             raise NotFound(f"group '{group_id}' not found")
         return merge_specs(self._member_specs(json.loads(row["members"])))
 
-    @staticmethod
-    def _group_summary(g: dict[str, Any]) -> dict[str, Any]:
+    def _group_summary(self, g: dict[str, Any], overrides: dict[str, int]) -> dict[str, Any]:
+        try:
+            bounds = scale_bounds(self._member_specs(g["members"]))
+        except NuclideError:
+            bounds = {"max_replicas": None, "target_concurrency": None}
+        held = [overrides[n] for n in g["tasks"] if n in overrides]
         return {"id": g["id"], "tasks": g["tasks"], "version": g["version"], "ready_version": g["ready_version"],
                 "state": g["state"], "error": g["error"],
-                "replicas": {"desired": g["replicas_desired"], "ready": g["replicas_ready"]}}
+                "replicas": {"desired": g["replicas_desired"], "ready": g["replicas_ready"]},
+                "scaling": {"min_replicas": self._group_replicas(g["members"]), **bounds,
+                            "override": max(held) if held else None}}
 
     def list_groups(self) -> dict[str, Any]:
         """The setup in force, its groups, and the latest regroup (under way, done, failed, ...)."""
         groups = [self.group_record(r) for r in self.db.all("SELECT * FROM groups WHERE regroup IS NULL ORDER BY id")]
+        overrides = self.replicas_overrides()
         latest = self.db.one("SELECT * FROM regroups ORDER BY id DESC LIMIT 1")
         return {
             "setup": [g["tasks"] for g in groups],
-            "groups": [self._group_summary(g) for g in groups],
+            "groups": [self._group_summary(g, overrides) for g in groups],
             "regroup": self.regroup_record(latest) if latest else None,
         }
 
@@ -540,7 +558,7 @@ class StoreState:
             "error": row["error"],
             "failed_tasks": json.loads(row["failed_tasks"]),
             "log_tail": row["log_tail"] or "",
-            "groups": [self._group_summary(self.group_record(r)) for r in proposed],  # while deploying
+            "groups": [self._group_summary(self.group_record(r), {}) for r in proposed],  # while deploying
             "created_at": _iso(row["created_at"]),
             "updated_at": _iso(row["updated_at"]),
         }
@@ -611,13 +629,33 @@ class StoreState:
                     " replicas_desired, error, regroup, created_at, updated_at) VALUES (?, ?, ?, ?, 0, '{}',"
                     " 'deploying', ?, NULL, ?, ?, ?)",
                     (group_id, json.dumps(versions(members)), version, version,
-                     self._group_replicas(versions(members)), regroup_id, now, now))
+                     self._inherited_replicas(versions(members), rows), regroup_id, now, now))
                 events.append(("group.changed", {"group": self.group_record(self._group_row(group_id))}))
             if regroup_id is not None:
                 events.append(("regroup.changed", {"regroup": self.get_regroup(regroup_id)}))
                 events += self._commit_if_ready(regroup_id, now)  # kept groups may all serve already
             self._sequenced(events)
             return {**self.list_groups(), "regroup": self.get_regroup(regroup_id) if regroup_id else None}, events
+
+    def _redeploy_replicas(self, group: Any, members: dict[str, int], overrides: dict[str, dict[str, Any]]) -> int:
+        """A redeployed group keeps the replicas it runs (what its load needs), within the new version's bounds;
+        a group at zero starts at its minimum, as a deploy always did."""
+        low = self._group_replicas(members, overrides)
+        high = scale_bounds(self._member_specs(members, overrides))["max_replicas"]
+        return max(low, min(high, int(group["replicas_desired"])))
+
+    def _inherited_replicas(self, members: dict[str, int], rows: dict[str, Any]) -> int:
+        """A proposed group's first replica count: the share of the replicas its members' groups run now
+        (a group's replicas split evenly among its members), so a regroup under load starts at what the
+        load needs instead of at the minimum; within the new group's bounds."""
+        share = 0.0
+        for name in members:
+            old = self._group_row(rows[name]["group_id"]) if name in rows else None
+            if old is not None:
+                share += int(old["replicas_desired"]) / max(len(json.loads(old["members"])), 1)
+        low = self._group_replicas(members)
+        high = scale_bounds(self._member_specs(members))["max_replicas"]
+        return max(low, min(high, math.ceil(share - 1e-9)))
 
     def _commit_if_ready(self, regroup_id: int, now: float) -> list[Event]:
         """Put a regroup in force once every group it proposed serves: its tasks move in, the groups they left go."""
@@ -684,14 +722,49 @@ class StoreState:
 
     def kv_put(self, key: str, value: Any) -> None:
         with self.db.tx():
-            self.db.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET"
-                            " value=excluded.value, updated_at=excluded.updated_at", (key, json.dumps(value), time.time()))
+            self._kv_write(key, value)
+
+    def _kv_write(self, key: str, value: Any) -> None:
+        """Within a transaction already open."""
+        self.db.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET"
+                        " value=excluded.value, updated_at=excluded.updated_at", (key, json.dumps(value), time.time()))
 
     def kv_get(self, key: str) -> Any:
         row = self.db.one("SELECT value FROM kv WHERE key=?", (key,))
         return json.loads(row["value"]) if row else None
 
     # ----- scaling ------------------------------------------------------------------------
+
+    def replicas_overrides(self) -> dict[str, int]:
+        """Functions held at a replica count by PUT /functions/{name}/replicas, until it is given back."""
+        return self.kv_get(REPLICAS_OVERRIDES_KEY) or {}
+
+    def set_replicas_override(self, name: str, replicas: int | None) -> tuple[dict[str, Any], list[Event]]:
+        """Hold a function's group at ``replicas`` (within the function's minReplicas-maxReplicas, at least 1),
+        or give it back to the autoscaler (None)."""
+        row = self._function_row(name)
+        shown = row["version"] or row["latest_version"]
+        ver = self.db.one("SELECT spec FROM function_versions WHERE name=? AND version=?", (name, shown))
+        spec = json.loads(ver["spec"]) if ver else {}
+        low = max(int(spec.get("min_replicas", 1)), 1)
+        high = max(int(spec.get("max_replicas") or low), low)
+        overrides = self.replicas_overrides()
+        if replicas is not None and not low <= replicas <= high:
+            raise InvalidRequest(
+                f"replicas {replicas} is out of range for function '{name}': use {low}-{high} (its spec.minReplicas,"
+                f" at least 1, to spec.maxReplicas), or null to give its replicas back to the autoscaler",
+                {"function": name, "min": low, "max": high})
+        if replicas is None:
+            overrides.pop(name, None)
+        else:
+            overrides[name] = replicas
+        self.kv_put(REPLICAS_OVERRIDES_KEY, overrides)
+        events: list[Event] = []
+        scaled = None
+        if replicas is not None:
+            result, events = self.scale_group(row["group_id"], replicas, f"manual override of '{name}'")
+            scaled = result["replicas"]
+        return {"function": name, "group_id": row["group_id"], "override": replicas, "replicas": scaled}, events
 
     def scale_group(self, group_id: str, replicas: int, reason: str = "") -> tuple[dict[str, Any], list[Event]]:
         """Set a group's replica target: 0 scales it to zero, waking it gives it its minimum back (at least 1)."""
@@ -704,7 +777,9 @@ class StoreState:
                 raise NotFound(f"group '{group_id}' not found")
             members = json.loads(row["members"])
             if replicas > 0:
-                replicas = max(replicas, self._group_replicas(members))
+                # within the group's bounds: its minimum (at least 1) and the least maxReplicas of its members
+                replicas = max(min(replicas, scale_bounds(self._member_specs(members))["max_replicas"]),
+                               self._group_replicas(members))
             self.db.execute("UPDATE groups SET replicas_desired=?, updated_at=? WHERE id=?", (replicas, now, group_id))
             for name in members:
                 fn = self.db.one("SELECT state, version FROM functions WHERE name=?", (name,))

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # imported in this order; the report lists scenarios in registration order
 SCENARIO_MODULES = ("tests.bench.sync_invoke", "tests.bench.scraped_invoke", "tests.bench.cold_start",
                     "tests.bench.density", "tests.bench.async_throughput", "tests.bench.fusion_chain",
-                    "tests.bench.docker_cold_start", "tests.bench.pending")
+                    "tests.bench.docker_cold_start", "tests.bench.autoscale_step", "tests.bench.pending")
 
 RunFn = Callable[["Bench", ScenarioResult], None]
 

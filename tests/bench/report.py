@@ -18,7 +18,7 @@ TRIED_START = "<!-- what-we-tried:start (kept when BENCHMARKS.md is regenerated;
 TRIED_END = "<!-- what-we-tried:end -->"
 
 TRIED_DEFAULT = """\
-- Measured before choosing the gateway design (figures in `/work/shared/DESIGN.md`, same
+- Measured before choosing the gateway design (on the same
   machine): `zmq.asyncio` DEALER -> ROUTER round trips gave about 10.9k req/s; watching the
   DEALER's FD with `loop.add_reader` and draining with `NOBLOCK` (what `shared/aiosock.py`
   does) about 14.8k req/s, 0.47x bare ASGI in the same run. FastAPI (about 7.4k req/s)

@@ -33,7 +33,7 @@ def tmp_path(short_tmp_path: Path) -> Path:
     return short_tmp_path
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_TIMEOUT_S = 180  # docker_cold_start adds about 25 s where a Docker Engine runs
+RUN_TIMEOUT_S = 220  # docker_cold_start adds about 25 s where a Docker Engine runs, autoscale_step about 30 s
 REQUIRED = os.environ.get("NUCLIDE_REQUIRE_BENCH") == "1"  # CI: a missing tool or baseline fails, never skips
 # the scenarios whose rows must carry figures (or, for a baseline missing here, say why they were skipped)
 NEW_ROWS = {

@@ -499,3 +499,20 @@ def test_deploy_prints_the_build_output_as_it_runs(stack: Stack, tmp_path: Path)
     assert sum(marker in ln and "echo" not in ln for ln in err) == 1, "the line is printed once"
     quiet = cli(stack, "deploy", "-q", str(folder))
     assert quiet.returncode == 0 and marker not in quiet.stderr
+
+
+def test_scale_holds_replicas_and_auto_gives_them_back(stack: Stack) -> None:
+    stack.deploy("cliscale", {"function.yaml": function_yaml("cliscale", minReplicas=1, maxReplicas=2),
+                              "main.py": "def handler(context, event):\n    return 'ok'\n"})
+    held = cli(stack, "scale", "cliscale", "2")
+    no_traceback(held)
+    assert held.returncode == 0 and "held at 2 replicas" in held.stdout, held.stdout + held.stderr
+    wait_for(lambda: stack.client.get("/functions/cliscale").json()["replicas"] == {"desired": 2, "ready": 2}, 30,
+             what="two ready replicas")
+    refused = cli(stack, "scale", "cliscale", "3")
+    assert refused.returncode == 1 and "use 1-2" in refused.stderr, refused.stderr
+    back = cli(stack, "scale", "cliscale", "auto")
+    assert back.returncode == 0 and "back to the autoscaler" in back.stdout
+    assert stack.client.get("/functions/cliscale").json()["scaling"]["override"] is None
+    missing = cli(stack, "scale", "nosuchfn", "1")
+    assert missing.returncode == 1 and "function 'nosuchfn' not found" in missing.stderr

@@ -43,6 +43,10 @@ def test_service_specific_env_wins_over_common_then_file(tmp_path: Path) -> None
     ({"NUCLIDE_PORT_BASE": "-8"}, "port_base -8 is out of range 1-65528"),
     ({"NUCLIDE_TOKEN": "same", "NUCLIDE_METRICS_TOKEN": "same"}, "metrics_token is the API token"),
     ({"NUCLIDE_METRICS_TOKEN": "two words"}, "metrics_token has spaces in it"),
+    ({"NUCLIDE_AUTOSCALE_PANIC_WINDOW_S": "90"}, "autoscale_panic_window_s (90) <= autoscale_stable_window_s (60)"),
+    ({"NUCLIDE_AUTOSCALE_TICK_S": "0"}, "0 < autoscale_tick_s (0)"),
+    ({"NUCLIDE_AUTOSCALE_STABLE_WINDOW_S": "a minute"}, "NUCLIDE_AUTOSCALE_STABLE_WINDOW_S"),
+    ({"NUCLIDE_AUTOSCALE_PANIC_THRESHOLD": "0.5"}, "autoscale_panic_threshold 0.5 must be at least 1"),
 ])
 def test_bad_values_fail_fast_naming_the_setting(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -52,3 +52,18 @@ def test_a_failed_build_step_of_a_fused_group_is_put_down_to_the_tasks_it_came_f
     assert members_of_step(specs, "make assets") == ["badreq", "pinned"]
     assert members_of_step(specs, "not a step of theirs") == ["badreq", "hello", "pinned"]
     assert members_of_step({"hello": {}}, REQUIREMENTS_STEP) == ["hello"]
+
+
+def test_a_group_scales_within_what_every_member_allows() -> None:
+    from shared.fusion import scale_bounds
+    alone = scale_bounds({"a": {"min_replicas": 1, "max_replicas": 4, "max_concurrency": 8}})
+    assert alone == {"max_replicas": 4, "target_concurrency": 8}  # the target defaults to maxConcurrency
+    fused = scale_bounds({
+        "a": {"min_replicas": 1, "max_replicas": 4, "max_concurrency": 8, "target_concurrency": 6},
+        "b": {"min_replicas": 2, "max_replicas": 10, "max_concurrency": 2},
+    })
+    # no more instances than a member allows, no less than one needs; the least target per instance
+    assert fused == {"max_replicas": 4, "target_concurrency": 2}
+    # a member whose minimum exceeds another's maximum: the minimum wins (it is what a redeploy starts)
+    assert scale_bounds({"a": {"min_replicas": 3, "max_replicas": 3}, "b": {"max_replicas": 1}})["max_replicas"] == 3
+    assert scale_bounds({"a": {}})["max_replicas"] == 1  # bare spec: min 1, max min

@@ -142,7 +142,8 @@ def test_to_dict_and_from_dict_round_trip() -> None:
     data = spec.to_dict()
     assert list(data) == [
         "name", "handler", "runtime", "env", "build_commands", "requirements", "min_replicas", "max_replicas",
-        "description", "timeout_s", "max_concurrency", "memory_bytes", "cpu", "pids", "scratch_bytes", "network",
+        "description", "timeout_s", "max_concurrency", "target_concurrency", "memory_bytes", "cpu", "pids",
+        "scratch_bytes", "network",
         "private", "idle_timeout_s",
         "triggers",
         "retry", "warm_start", "shell", "lambda_event",
@@ -319,6 +320,8 @@ def test_replicas() -> None:
         ("minReplicas: 3, maxReplicas: 2", "spec.minReplicas"),
         ("maxConcurrency: 0", "spec.maxConcurrency"),
         ("maxConcurrency: 1025", "spec.maxConcurrency"),
+        ("targetConcurrency: 0", "spec.targetConcurrency"),
+        ("targetConcurrency: 1025", "spec.targetConcurrency"),
     ],
 )
 def test_out_of_range_numbers_name_the_field(body: str, field: str) -> None:

@@ -384,3 +384,62 @@ def test_a_claim_fits_in_one_reply_and_claims_continue_until_none_is_left(open_s
         assert len(msg.bodies) == len(metas) <= protocol.MAX_BATCH
         claimed += [m["id"] for m in metas]
     assert sorted(claimed) == sorted(f"c{i}" for i in range(n))
+
+
+def test_a_replica_override_holds_within_the_functions_bounds_until_given_back(st: StoreState) -> None:
+    st.put_function("f", {**SPEC, "max_replicas": 4}, [], b"v1")
+    st.instance_ready("i1", "g-f", 1, {"f": 1})
+    result, events = st.set_replicas_override("f", 3)
+    assert result == {"function": "f", "group_id": "g-f", "override": 3, "replicas": 3}
+    assert "group.changed" in kinds(events)
+    fn = st.get_function("f")
+    assert fn["replicas"]["desired"] == 3 and fn["scaling"]["override"] == 3
+    assert fn["scaling"] == {"min_replicas": 1, "max_replicas": 4, "target_concurrency": 1, "override": 3}
+    assert st.list_groups()["groups"][0]["scaling"]["override"] == 3
+    for bad in (0, 5):
+        with pytest.raises(InvalidRequest, match=r"out of range for function 'f': use 1-4"):
+            st.set_replicas_override("f", bad)
+    assert st.get_function("f")["scaling"]["override"] == 3  # a refused override changes nothing
+    with pytest.raises(NotFound, match="function 'nope' not found"):
+        st.set_replicas_override("nope", 1)
+    result, _ = st.set_replicas_override("f", None)
+    assert result["override"] is None and st.get_function("f")["scaling"]["override"] is None
+    assert st.get_function("f")["replicas"]["desired"] == 3  # the autoscaler takes it from here
+    st.set_replicas_override("f", 2)
+    st.delete_function("f")
+    assert st.replicas_overrides() == {}
+
+
+def test_scaling_a_group_stays_within_its_maxreplicas(st: StoreState) -> None:
+    st.put_function("f", {**SPEC, "max_replicas": 3}, [], b"v1")
+    result, _ = st.scale_group("g-f", 10)
+    assert result["replicas"] == 3
+    group = st.list_groups()["groups"][0]
+    assert group["scaling"] == {"min_replicas": 1, "max_replicas": 3, "target_concurrency": 1, "override": None}
+
+
+def test_a_regroup_starts_its_groups_at_the_replicas_their_members_run_now(st: StoreState) -> None:
+    for n in ("a", "b", "c"):
+        _deploy_ready(st, n, {**SPEC, "max_replicas": 4})
+    st.scale_group("g-a", 3)
+    st.scale_group("g-b", 2)
+    result, _ = st.set_groups([["a", "b"]])
+    [fused] = _proposed(st, result["regroup"])
+    assert fused["replicas_desired"] == 4  # 3 + 2 wanted, within the members' maxReplicas
+    _serve(st, fused)
+    result, _ = st.set_groups([["a"], ["b"]])
+    split = {tuple(g["tasks"]): g["replicas_desired"] for g in _proposed(st, result["regroup"])}
+    assert split == {("a",): 2, ("b",): 2}  # each takes its half of the fused group's 4
+    result, _ = st.set_groups([["c"]])
+    assert result["regroup"] is None  # c alone already: nothing to start
+
+
+def test_a_redeploy_keeps_the_replicas_its_load_needs_within_the_new_bounds(st: StoreState) -> None:
+    _deploy_ready(st, "f", {**SPEC, "max_replicas": 4})
+    st.scale_group("g-f", 3)
+    st.put_function("f", {**SPEC, "max_replicas": 4}, [], b"v2")
+    assert st.get_function("f")["replicas"]["desired"] == 3  # not back to 1 under load
+    st.put_function("f", {**SPEC, "max_replicas": 2}, [], b"v3")
+    assert st.get_function("f")["replicas"]["desired"] == 2  # the new maxReplicas
+    st.put_function("f", {**SPEC, "min_replicas": 3, "max_replicas": 5}, [], b"v4")
+    assert st.get_function("f")["replicas"]["desired"] == 3  # the new minReplicas

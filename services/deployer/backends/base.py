@@ -85,3 +85,39 @@ class Backend(abc.ABC):
         if cursor is None:
             return logread.tail(paths, tail_lines, since_s)
         return logread.after(paths, cursor, since_s)
+
+
+class ReplicatedBackend(Backend):
+    """A backend whose platform runs a group's replicas itself (a Docker Swarm service; a Kubernetes
+    Deployment would be one too): the reconciler hands it the group version and the replica count it
+    wants (:meth:`converge`), and the platform schedules, restarts and rolls the instances.
+
+    Its instances (the platform's tasks) show in :meth:`list`, with ids the instances say in their
+    READY, and their exits reach ``on_exit`` like any backend's, so the store counts them and crash
+    reports work the same. ``start`` is not used: the platform starts each replica.
+    """
+
+    async def start(self, spec: InstanceSpec) -> InstanceHandle:
+        raise NotImplementedError(f"the {self.name} backend starts replicas itself: converge() a group instead")
+
+    @abc.abstractmethod
+    def converged(self, group_id: str, version: int, replicas: int) -> bool:
+        """True when the group's service already runs (or is rolling to) this version at this count."""
+
+    @abc.abstractmethod
+    async def converge(self, spec: InstanceSpec, replicas: int) -> None:
+        """Make the group's service run ``spec``'s version at ``replicas`` (a rolling update when the version
+        changes); returns once the platform has the change, not when every replica serves."""
+
+    @abc.abstractmethod
+    async def remove(self, group_id: str) -> None:
+        """Remove the group's service (its instances drain and stop)."""
+
+    @abc.abstractmethod
+    def services(self) -> set[str]:
+        """The groups that have a service."""
+
+    async def stop_all(self) -> None:
+        """Remove every service (a deployer stopping with stop_instances_on_exit)."""
+        for group_id in sorted(self.services()):
+            await self.remove(group_id)
