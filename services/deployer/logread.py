@@ -19,6 +19,9 @@ from pathlib import Path
 from shared.logtime import line_time
 
 TAIL_WINDOW_BYTES = 256 * 1024  # how far back from a file's end a tail reads
+# a file's mtime is the kernel's coarse clock (a tick, up to ~10 ms, behind the line's own stamp): a file is
+# skipped by its mtime only when that is well before `since`; its stamped lines decide the rest
+MTIME_SLACK_S = 1.0
 READ_BYTES = 256 * 1024  # at most this much of one file per follow read; the rest comes with the next one
 
 
@@ -69,7 +72,7 @@ def tail(paths: list[Path], tail_lines: int, since_s: float | None = None) -> tu
         except OSError:
             continue
         cursor[key_of(path)] = start + len(data)
-        if remaining <= 0 or (since_s is not None and mtime < since_s):
+        if remaining <= 0 or (since_s is not None and mtime < since_s - MTIME_SLACK_S):
             continue
         lines = data.decode(errors="replace").splitlines()
         if start > 0:
