@@ -1,11 +1,31 @@
-"""Logging setup, called once by each entry point; modules only call get_logger()."""
+"""Logging setup, called once by each entry point; modules only call get_logger().
+
+One JSON layout for every log line nuclide writes, services and functions alike (a function's
+``context.logger`` writes the same keys, ``services/runtime/context.py``)::
+
+    {"ts": "2026-12-05T23:56:08.123Z", "level": "info", "msg": "deployer ready", "service": "deployer", ...}
+
+``ts`` is UTC in RFC 3339 with milliseconds (``shared/logtime.py``), ``level`` one of debug, info,
+warning (``warn`` from a function), error; ``msg`` the message; then ``service`` (or ``function``
+and ``call_id``) and the line's own fields.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
+
+from shared.logtime import utc_iso_now
+
+
+def _layout(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog's ``event``/``timestamp`` become ``msg``/``ts``, first in the line as in a function's."""
+    record = {"ts": utc_iso_now(), "level": event_dict.pop("level", "info"), "msg": event_dict.pop("event", "")}
+    record.update(event_dict)
+    return record
 
 
 def configure(service: str, fmt: str = "auto", level: str = "info") -> None:
@@ -15,12 +35,12 @@ def configure(service: str, fmt: str = "auto", level: str = "info") -> None:
     processors: list = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if use_json:
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        processors += [structlog.processors.format_exc_info, _layout, structlog.processors.JSONRenderer()]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=False)]
+        processors += [structlog.processors.TimeStamper(fmt="iso", utc=True),
+                       structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

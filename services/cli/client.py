@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import quote
 
 import httpx
@@ -167,8 +168,32 @@ class Client:
         """Hold the function's replicas at ``replicas``; None gives them back to the autoscaler."""
         return self._json(self.request("PUT", f"/functions/{_path(name)}/replicas", json={"replicas": replicas}))
 
-    def logs(self, name: str, tail: int = 200) -> str:
-        return self._checked(self.request("GET", f"/functions/{_path(name)}/logs", params={"tail": tail})).text
+    def logs(self, name: str, tail: int = 200, since: str | None = None) -> str:
+        params: dict[str, Any] = {"tail": tail, **({"since": since} if since else {})}
+        return self._checked(self.request("GET", f"/functions/{_path(name)}/logs", params=params)).text
+
+    def follow_logs(self, name: str, tail: int = 200, since: str | None = None,
+                    on_open: Callable[[socket.socket | None], None] | None = None) -> Iterator[str]:
+        """The recent lines, then each new one as the server streams it, until the caller stops iterating.
+
+        ``on_open`` gets the stream's socket once the response starts: shutting it down from another thread
+        ends the iteration at once, however long the function stays quiet."""
+        params: dict[str, Any] = {"tail": tail, "follow": "true", **({"since": since} if since else {})}
+        try:
+            # no read timeout: a quiet function sends nothing for as long as it is quiet
+            with self._http.stream("GET", f"/functions/{_path(name)}/logs", params=params, headers=self._auth,
+                                   timeout=httpx.Timeout(None, connect=_CONNECT_TIMEOUT_S)) as resp:
+                if on_open is not None:
+                    stream = resp.extensions.get("network_stream")
+                    on_open(stream.get_extra_info("socket") if stream is not None else None)
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise error_from_response(resp, self.target)
+                yield from resp.iter_text()
+        except httpx.ConnectError:
+            raise CliError(f"cannot reach nuclide at {self.url}: is `nuclide up` running?") from None
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            raise CliError(f"nuclide at {self.url} closed the log stream (did it stop?)") from None
 
     def invoke(self, name: str, body: bytes = b"", *, method: str = "POST", headers: Mapping[str, str] | None = None,
                timeout_s: float | None = None) -> httpx.Response:

@@ -7,7 +7,9 @@ import contextlib
 import json
 import keyword
 import re
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,29 +261,126 @@ def _poll_until_settled(client: Client, name: str, target: int, timeout_s: float
         sleep(POLL_INTERVAL_S)
 
 
-def cmd_deploy(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
-    zip_bytes, path_name = package(Path(opts.path))
-    name = function_name(opts.name, zip_bytes, path_name)
+class DeployOutput:
+    """While a deploy runs: the function's log lines from the deploy's start (its build's output first, then
+    its new instances' start) copied to stderr as they are written, by a thread following its logs."""
+
+    RETRY_S = 0.2  # a first deploy's function exists a moment after the upload: ask again this often
+
+    def __init__(self, client: Client, name: str, streams: Streams) -> None:
+        self.client, self.name, self.streams = client, name, streams
+        self._stop = threading.Event()
+        self._sock: Any = None
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"deploy-output-{name}")
+
+    def __enter__(self) -> "DeployOutput":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        with self._lock:
+            self._shutdown()
+        self._thread.join(5)
+
+    def _shutdown(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _opened(self, sock: Any) -> None:
+        with self._lock:
+            self._sock = sock
+            if self._stop.is_set():
+                self._shutdown()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            # since as a duration, measured on the server's clock: a client clock that is off loses nothing
+            since = f"{int(time.monotonic() - self._started) + 2}s"
+            try:
+                for chunk in self.client.follow_logs(self.name, tail=10_000, since=since, on_open=self._opened):
+                    if self._stop.is_set():
+                        return
+                    self.streams.err.write(chunk)
+                    self.streams.err.flush()
+                return
+            except CliError as exc:
+                if exc.status != 404:
+                    return  # nothing to show; the deploy's own answer says what went wrong
+            except Exception:  # the output is a courtesy: it never fails the deploy
+                return
+            self._stop.wait(self.RETRY_S)
+
+
+def deploy_one(client: Client, name: str, zip_bytes: bytes, opts: argparse.Namespace, streams: Streams) -> dict[str, Any]:
+    """Deploy one package and wait for it as the options say; its description once settled."""
     timeout_s = opts.timeout or DEFAULT_DEPLOY_TIMEOUT_S
-    progress = Progress(streams)
+    if getattr(opts, "quiet", False):
+        return _deploy_one(client, name, zip_bytes, opts, streams, timeout_s, Progress(streams))
+    with DeployOutput(client, name, streams):
+        progress = Progress(streams)
+        progress.live = False  # a spinner would be torn by the lines the build writes meanwhile
+        return _deploy_one(client, name, zip_bytes, opts, streams, timeout_s, progress)
+
+
+def _deploy_one(client: Client, name: str, zip_bytes: bytes, opts: argparse.Namespace, streams: Streams,
+                timeout_s: float, progress: "Progress") -> dict[str, Any]:
     if opts.async_:
         accepted = client.deploy(name, zip_bytes, wait=False)
         target = int(accepted.get("latest_version") or accepted.get("version") or 0)
         with progress.status(f"{name}: {accepted.get('state', 'deploying')} (version {target})..."):
-            fn = _poll_until_settled(client, name, target, timeout_s, progress)
-    else:
+            return _poll_until_settled(client, name, target, timeout_s, progress)
+    try:
+        with progress.status(f"building {name}..."):
+            # Slack so that, at the default timeout, the server's own 504 (with its message) arrives first.
+            return client.deploy(name, zip_bytes, wait=True, timeout_s=timeout_s + 10)
+    except CliError as exc:
+        if exc.status == 422:
+            raise _build_failed(exc, name) from None
+        if exc.code == "client_timeout":
+            raise CliError(f"'{name}' was not ready after {timeout_s:g} s; the deploy continues in the background:"
+                           f" check `nuclide get {name}`") from None
+        raise
+
+
+def cmd_deploy(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    if getattr(opts, "file", None) is not None:
+        return deploy_file(client, opts, streams)
+    zip_bytes, path_name = package(Path(opts.path))
+    name = function_name(opts.name, zip_bytes, path_name)
+    print_summary(deploy_one(client, name, zip_bytes, opts, streams), streams)
+    return 0
+
+
+def deploy_file(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    """Every function of a deploy file, in its order; all are packaged first, so a bad entry deploys nothing."""
+    from services.cli import deployfile
+
+    path = Path(opts.file)
+    entries, warnings = deployfile.read(path)
+    for warning in warnings:
+        print(f"warning: {warning}", file=streams.err)
+    packages = []
+    for entry in entries:
         try:
-            with progress.status(f"building {name}..."):
-                # Slack so that, at the default timeout, the server's own 504 (with its message) arrives first.
-                fn = client.deploy(name, zip_bytes, wait=True, timeout_s=timeout_s + 10)
+            packages.append((entry.name, package(entry.handler)[0]))
         except CliError as exc:
-            if exc.status == 422:
-                raise _build_failed(exc, name) from None
-            if exc.code == "client_timeout":
-                raise CliError(f"'{name}' was not ready after {timeout_s:g} s; the deploy continues in the background:"
-                               f" check `nuclide get {name}`") from None
-            raise
-    print_summary(fn, streams)
+            raise CliError(f"{path} line {entry.line}: functions.{entry.name}.handler: {exc.message}") from None
+    failed: list[str] = []
+    for i, (name, zip_bytes) in enumerate(packages):
+        if i:
+            streams.out.write("\n")
+        try:
+            print_summary(deploy_one(client, name, zip_bytes, opts, streams), streams)
+        except CliError as exc:
+            failed.append(name)
+            print(f"error: {exc.message}", file=streams.err)
+    if failed:
+        raise CliError(f"deployed {len(packages) - len(failed)} of {len(packages)} functions from {path};"
+                       f" failed: {', '.join(failed)}")
     return 0
 
 
@@ -574,6 +673,10 @@ def cmd_get(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
 
 def cmd_list(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
     functions = client.list_functions()
+    if getattr(opts, "quiet", False):
+        for fn in functions:
+            print(fn["name"], file=streams.out)
+        return 0
     if opts.output == "json":
         print(dump(functions, "json"), file=streams.out)
     elif not functions:
@@ -602,7 +705,15 @@ def cmd_scale(client: Client, opts: argparse.Namespace, streams: Streams) -> int
 
 
 def cmd_logs(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
-    text = client.logs(opts.name, opts.tail)
+    if opts.follow:
+        try:
+            for chunk in client.follow_logs(opts.name, opts.tail, opts.since):
+                streams.out.write(chunk)
+                streams.out.flush()
+        except KeyboardInterrupt:
+            pass  # the way to stop following
+        return 0
+    text = client.logs(opts.name, opts.tail, opts.since)
     if text:
         streams.out.write(text if text.endswith("\n") else text + "\n")
         streams.out.flush()
@@ -611,7 +722,29 @@ def cmd_logs(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
     return 0
 
 
+def client_version() -> str:
+    from shared.version import VERSION
+
+    return VERSION
+
+
+def cmd_version(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    """The CLI's version, then the gateway's (from its public `GET /`, no token needed)."""
+    print(f"nuclide {client_version()}", file=streams.out)
+    streams.out.flush()
+    resp = client.request("GET", "/", send_token=False)
+    try:
+        server = resp.json().get("version") if resp.status_code == 200 else None
+    except ValueError:
+        server = None
+    if not isinstance(server, str):
+        raise CliError(f"{client.url} did not say its version (HTTP {resp.status_code}); is --url pointing at nuclide?")
+    print(f"gateway {server} at {client.url}", file=streams.out)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Streams], int]] = {
+    "version": cmd_version,
     "deploy": cmd_deploy,
     "invoke": cmd_invoke,
     "get": cmd_get,

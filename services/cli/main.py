@@ -8,7 +8,9 @@ import sys
 
 from shared.config import ConfigError, load_settings
 
-API_COMMANDS = ("deploy", "invoke", "get", "list", "delete", "logs", "calls", "scale")
+API_COMMANDS = ("deploy", "invoke", "get", "list", "delete", "logs", "calls", "version", "scale")
+# faas-cli's names for the same commands
+ALIASES = {"describe": "get", "ls": "list", "rm": "delete", "remove": "delete"}
 CALL_STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DEAD")
 FINAL_STATUSES = ("DONE", "FAILED", "DEAD")
 
@@ -72,12 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-hint", metavar="TEXT", help="a command that prints the stack's token (said then too)")
     sub.add_parser("stacks", help="list the stacks the CLI has tokens for, and which one is current")
 
-    p = sub.add_parser("deploy", parents=[common], help="deploy a function folder, .zip or .py file")
-    p.add_argument("path", metavar="PATH", help="function folder, .zip package, or a single .py file")
+    p = sub.add_parser("deploy", parents=[common], help="deploy a function folder, .zip or .py file, or the functions"
+                       " of a deploy file (-f)")
+    p.add_argument("path", metavar="PATH", nargs="?", help="function folder, .zip package, or a single .py file")
+    p.add_argument("-f", "--file", metavar="FILE", help="a deploy file (YAML) listing functions and their handler"
+                   " folders, .zip or .py files, like faas-cli's stack.yml")
     p.add_argument("--name", help="function name (default: metadata.name in function.yaml, else the file name)")
     p.add_argument("--async", dest="async_", action="store_true",
                    help="return once accepted and poll the state instead of holding the request open")
     p.add_argument("--timeout", type=_positive_float, metavar="S", help="give up waiting after S seconds (default 600)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the build's output and the function's"
+                   " log lines while the deploy runs")
 
     p = sub.add_parser("invoke", parents=[common], help="call a function and print its response body")
     p.add_argument("name", metavar="NAME")
@@ -96,14 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="with --async: poll until the call is final, then print its result (--timeout bounds it)")
 
-    p = sub.add_parser("get", parents=[common], help="show one function")
+    p = sub.add_parser("get", parents=[common], aliases=["describe"], help="show one function")
     p.add_argument("name", metavar="NAME")
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
 
-    p = sub.add_parser("list", parents=[common], help="list functions")
+    p = sub.add_parser("list", parents=[common], aliases=["ls"], help="list functions")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("-q", "--quiet", action="store_true", help="print the names only, one a line")
 
-    p = sub.add_parser("delete", parents=[common], help="delete a function")
+    p = sub.add_parser("delete", parents=[common], aliases=["rm", "remove"], help="delete a function")
     p.add_argument("name", metavar="NAME")
 
     p = sub.add_parser("scale", parents=[common], help="hold a function's replicas at N (within its minReplicas and"
@@ -114,8 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", parents=[common], help="print a function's recent log lines")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--tail", type=_positive_int, default=200, metavar="N", help="last N lines (default 200)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until interrupted")
+    p.add_argument("--since", metavar="WHEN", help="only lines since a duration ago (30s, 5m, 1h30m) or an RFC 3339"
+                   " time (2026-01-02T15:04:05Z)")
 
     _calls_parser(sub, common)
+
+    p = sub.add_parser("version", parents=[common], help="print the CLI's version and the gateway's")
+    p.add_argument("--client", action="store_true", help="the CLI's version only (no request)")
+    p = sub.add_parser("completion", help="print a shell completion script",
+                       description="bash: `source <(nuclide completion bash)`, or save it as"
+                       " /etc/bash_completion.d/nuclide")
+    p.add_argument("shell", choices=("bash",))
     return parser
 
 
@@ -177,6 +195,19 @@ def run_api_command(opts: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
+    opts.command = ALIASES.get(opts.command, opts.command)
+    if opts.command == "deploy" and (opts.path is None) == (opts.file is None):
+        parser.error("deploy takes a PATH or -f FILE (one of them)")
+    if opts.command == "completion":
+        from services.cli.completion import bash_script
+
+        sys.stdout.write(bash_script(parser))
+        return 0
+    if opts.command == "version" and opts.client:
+        from services.cli.commands import client_version
+
+        print(f"nuclide {client_version()}")
+        return 0
     if opts.command == "up":
         from services.cli.up import print_ports, run
 

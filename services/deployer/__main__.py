@@ -92,12 +92,17 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
         if method == "logs":
             name = required(args, "function", str)
             tail = optional(args, "tail", int, 200)
+            since_s = optional(args, "since_s", (int, float))
+            cursor = optional(args, "cursor", dict)
+            if cursor is not None and not all(isinstance(k, str) and type(v) is int for k, v in cursor.items()):
+                raise InvalidRequest("argument 'cursor' must map log file keys to byte offsets")
             group = reconciler.function_groups.get(name)
             if group is None:
-                return {"text": ""}
+                return {"text": "", "cursor": cursor or {}}
             logs_dir = settings.var_dir.resolve() / "logs" / group
             paths = list(logs_dir.glob("*.log")) if logs_dir.is_dir() else []
-            return {"text": backend.logs(paths, tail)}
+            text, moved = backend.logs(paths, tail, since_s, cursor)
+            return {"text": text, "cursor": moved}
         raise InvalidRequest(f"unknown deployer method {method!r}")
 
     rpc = AsyncRpcServer(ctx, settings.deployer_rpc, handle, name="deployer")

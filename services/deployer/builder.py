@@ -130,8 +130,11 @@ class Builder:
     def env_dir(self, key: str) -> Path:
         return self.var / "envs" / key
 
-    async def ensure_env(self, spec: dict[str, Any]) -> Path | None:
-        """The dependency directory for a spec (to put on sys.path), or None when it needs none."""
+    async def ensure_env(self, spec: dict[str, Any], log_path: Path | None = None) -> Path | None:
+        """The dependency directory for a spec (to put on sys.path), or None when it needs none.
+
+        A build writes its output to ``log_path`` as it runs (the group's log folder, so `logs -f` and a
+        deploy follow it); without one, to ``build.log`` in the environment it builds."""
         key = env_key(spec)
         if key is None:
             return None
@@ -141,10 +144,10 @@ class Builder:
         async with self._lock(f"env:{key}"):
             if (target / "site").is_dir():
                 return target / "site"
-            await self._build_env(key, spec, target)
+            await self._build_env(key, spec, target, log_path)
             return target / "site"
 
-    async def _build_env(self, key: str, spec: dict[str, Any], target: Path) -> None:
+    async def _build_env(self, key: str, spec: dict[str, Any], target: Path, log_path: Path | None) -> None:
         started = time.monotonic()
         python = sys.executable
         if spec.get("python"):  # another Python 3 (spec.runtime python:3.X): its own pip builds for it
@@ -157,7 +160,9 @@ class Builder:
         site.mkdir(parents=True)
         cache = self.var / "cache" / "pip"
         cache.mkdir(parents=True, exist_ok=True)
-        log_path = work / "build.log"
+        if log_path is None:
+            log_path = work / "build.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         tools = write_tool_shims(work / ".tools", python)
         env = base_env(home=str(work))
         env.update({"PIP_TARGET": str(site), "PIP_CACHE_DIR": str(cache), "PYTHONPATH": str(site),
@@ -182,7 +187,7 @@ class Builder:
         if isolated:
             resolv_conf = tools / "resolv.conf"
             resolv_conf.write_text(RESOLV_CONF)
-        with open(log_path, "wb") as out:
+        with open(log_path, "ab") as out:
             for title, argv in steps:
                 out.write(f"$ {title}\n".encode())
                 out.flush()

@@ -304,7 +304,8 @@ class Reconciler:
         except Conflict as exc:
             raise BuildFailed(exc.message, {"tasks": list(exc.details.get("tasks") or [])}) from None
         try:
-            deps = await self.builder.ensure_env(merged)
+            build_log = self.settings.var_dir.resolve() / "logs" / group["id"] / f"build-v{group['version']}.log"
+            deps = await self.builder.ensure_env(merged, build_log)
         except BuildFailed as exc:  # a fused group's build: say whose step failed
             if "step" in exc.details:
                 exc.details["tasks"] = members_of_step(specs, str(exc.details["step"]))

@@ -229,6 +229,7 @@ class Health(_Open):
 
 class RootInfo(_Open):
     name: str
+    version: str = Field(description="the gateway's nuclide version")
     docs: str
     health: str
     ui: str = Field(description="the web dashboard")

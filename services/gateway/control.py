@@ -13,11 +13,11 @@ import math
 import re
 import secrets
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import yaml
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import UploadFile
 
@@ -25,7 +25,9 @@ from shared.archive import make_zip
 from shared.auth import bearer_is
 from shared.config import FUSIONIZER_MODE_WARNING
 from shared.errors import BuildFailed, Conflict, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, Unavailable
+from shared.logtime import SINCE_FORMS, parse_since
 from shared.names import validate_function_name
+from shared.version import VERSION
 from shared.runtimes import DEFAULT_WARM_START, parse_runtime
 from shared.spec import HOST_RUNTIME, FunctionSpec, other_python, read_function
 from services.gateway import fusionizer
@@ -35,6 +37,8 @@ from services.gateway.ui import UI_URL, mount_dashboard
 
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
 MAX_CALLS_PAGE = 1000  # GET /calls: calls per page
+# a log follower asks the deployer for new lines this often: a line shows within it (1 RPC per follower per tick)
+LOG_FOLLOW_POLL_S = 0.25
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -42,12 +46,24 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def parse_flag(param: str, value: str | None) -> bool:
+    """A query flag: absent, true/false, 1/0, yes/no, on/off; anything else is a 400 naming it."""
+    if value is None:
+        return False
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on", ""):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise InvalidRequest(f"{param}: {value[:32]!r} is not a flag; use {param}=true or {param}=false")
+
+
 def build_control_app(gw: Gateway) -> FastAPI:
     app = make_control_app(
         title="nuclide",
         description="Self-hosted serverless platform for Python functions. Invoke routes (tag `invoke`) are served"
         " by the lean invoke path; services/gateway/openapi.py documents them and every body.",
-        version="0.1.0",
+        version=VERSION,
     )
     mount_dashboard(app)  # before the routes: GET /{name} would take /ui
 
@@ -273,14 +289,49 @@ def build_control_app(gw: Gateway) -> FastAPI:
             return PlainTextResponse(fusionizer.deleted(name))
         return Response(status_code=204)
 
-    async def function_logs(name: str, tail: int = 200) -> PlainTextResponse:
-        await describe(name)  # 404 for unknown functions
+    async def read_logs(name: str, tail: int, since_s: float | None, cursor: dict[str, int] | None) -> dict[str, Any]:
         assert gw.deployer is not None
+        args: dict[str, Any] = {"function": name, "tail": tail, "since_s": since_s, "cursor": cursor}
         try:
-            result = await gw.deployer.call("logs", {"function": name, "tail": max(1, min(tail, 10_000))}, timeout_s=5.0)
+            return await gw.deployer.call("logs", args, timeout_s=5.0)
         except NuclideError as exc:
             raise Unavailable(f"logs are kept by the deployer, which did not answer: {exc}") from None
-        return PlainTextResponse(result.get("text", ""))
+
+    async def follow_logs(name: str, since_s: float | None, first: dict[str, Any]) -> AsyncIterator[bytes]:
+        """What is logged from now on, until the client leaves (Starlette cancels this then), the function is
+        deleted, or the gateway stops. A deployer that does not answer for a while only delays the lines."""
+        gw.log_followers += 1
+        try:
+            yield b""  # the HTTP server writes the status and headers with the first body message: send them now
+            if first.get("text"):
+                yield first["text"].encode()
+            cursor = first.get("cursor") or {}
+            while name in gw.functions and not gw.stopping:
+                await asyncio.sleep(LOG_FOLLOW_POLL_S)
+                try:
+                    got = await read_logs(name, 1, since_s, cursor)
+                except Unavailable:
+                    continue
+                cursor = got.get("cursor") or {}
+                if got.get("text"):
+                    yield got["text"].encode()
+        finally:
+            gw.log_followers -= 1
+
+    async def function_logs(name: str, tail: int = Query(200, description="the last N lines (1-10000)"),
+                            follow: str | None = Query(None, description="true: keep the response open and stream"
+                                                       " each new line until the client leaves"),
+                            since: str | None = Query(None, description=f"only lines since then: {SINCE_FORMS}"),
+                            ) -> Response:
+        following = parse_flag("follow", follow)
+        since_s = parse_since(since) if since is not None else None
+        await describe(name)  # 404 for unknown functions
+        first = await read_logs(name, max(1, min(tail, 10_000)), since_s, None)
+        if not following:
+            return PlainTextResponse(first.get("text", ""))
+        # no Content-Length: the HTTP server sends it chunked, each read as it comes
+        return StreamingResponse(follow_logs(name, since_s, first), media_type="text/plain; charset=utf-8",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     @app.get("/runtimes", dependencies=auth, tags=["runtimes"])
     async def list_runtimes() -> JSONResponse:
@@ -463,6 +514,6 @@ def build_control_app(gw: Gateway) -> FastAPI:
 
     @app.get("/", tags=["system"])
     async def root() -> dict[str, Any]:
-        return {"name": "nuclide", "docs": "/docs", "health": "/healthz", "ui": UI_URL + "/"}
+        return {"name": "nuclide", "version": VERSION, "docs": "/docs", "health": "/healthz", "ui": UI_URL + "/"}
 
     return app

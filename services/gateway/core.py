@@ -178,6 +178,8 @@ class Gateway:
         # repeat on every call, so they are summed here instead of kept (and published) one by one
         self.trace_edges: dict[tuple[Any, Any, bool, bool], list[float]] = {}
         self.trace_calls: list[list[Any]] = []  # [function, took_ms, status] of entry calls
+        self.log_followers = 0  # open GET /functions/{name}/logs?follow=true responses (nuclide_log_followers)
+        self.stopping = False
 
     async def start(self) -> None:
         """Open the sockets and start the background work; a failure (a port taken) closes what was opened."""
@@ -210,6 +212,7 @@ class Gateway:
         self.ingress.start()
 
     async def stop(self) -> None:
+        self.stopping = True
         if self.ingress is not None:
             self.ingress.close()
         if self.calls is not None:

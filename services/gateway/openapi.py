@@ -157,8 +157,11 @@ CONTROL_DOCS: dict[tuple[str, str], dict[str, Any]] = {
     ("get", "/{name}"): DESCRIBE, ("get", "/functions/{name}"): DESCRIBE,
     ("delete", "/{name}"): DELETE, ("delete", "/functions/{name}"): DELETE,
     ("get", "/functions/{name}/logs"): {"responses": {
-        "200": answer("the instances' output and log lines, oldest first", content=TEXT), "404": NOT_FOUND,
-        "503": UNAVAILABLE}},
+        "200": answer("the instances' output and log lines, oldest first; with follow=true the response stays open"
+                      " (chunked) and each new line follows as it is written, until the client leaves",
+                      content=TEXT),
+        "400": error("follow or since has a value it does not take (the message names it and the accepted forms)"),
+        "404": NOT_FOUND, "503": UNAVAILABLE}},
     ("put", "/functions/{name}/replicas"): {
         "requestBody": {"required": True, "content": json_content(ref(m.ReplicasBody))},
         "responses": {"200": answer("held (or given back to the autoscaler with null)", ref(m.ReplicasResult)),

@@ -298,6 +298,8 @@ class GatewayCollector(Collector):  # reads the gateway it is given (Any: core i
                                     value=len(gw.broker.instances))
             yield GaugeMetricFamily("nuclide_queued_calls", "calls waiting for a free instance, all functions",
                                     value=sum(len(q) for q in gw.broker.queues.values()))
+        yield GaugeMetricFamily("nuclide_log_followers", "open log-following responses (GET /functions/{name}/logs"
+                                "?follow=true)", value=gw.log_followers)
 
 
 def registry_for(gw: Any) -> CollectorRegistry:

@@ -188,10 +188,10 @@ def _log_events(stack: Stack, service: str, event: str, since: float) -> list[di
             continue
         try:
             rec = json.loads(line)
-            at = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
+            at = datetime.fromisoformat(rec["ts"].replace("Z", "+00:00")).timestamp()
         except (ValueError, KeyError):
             continue
-        if rec.get("event") == event and at >= since:
+        if rec.get("msg") == event and at >= since:
             rec["at"] = at
             found.append(rec)
     return found

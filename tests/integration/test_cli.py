@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -405,6 +406,99 @@ def test_dead_call_result_redrive_and_purge(async_fns: tuple[str, str], stack: S
     assert n >= 1 and purged.stdout == f"purged {n} DEAD call{'' if n == 1 else 's'} of {dead_fn}\n"
     assert stack.client.get(f"/calls/{call_id}").status_code == 404
     assert cli(stack, "calls", "--status", "DEAD", "--function", dead_fn, "-o", "json").stdout.strip() == "[]"
+
+
+def test_describe_and_rm_are_get_and_delete(stack: Stack, tmp_path: Path) -> None:
+    folder = make_function_dir(tmp_path, "cli-alias")
+    assert cli(stack, "deploy", str(folder)).returncode == 0
+    described = cli(stack, "describe", "cli-alias", "-o", "json")
+    assert described.returncode == 0, described.stderr
+    assert json.loads(described.stdout)["name"] == "cli-alias"
+    removed = cli(stack, "rm", "cli-alias")
+    assert removed.returncode == 0 and removed.stdout.strip() == "deleted cli-alias", removed.stderr
+    assert stack.client.get("/functions/cli-alias").status_code == 404
+    assert cli(stack, "describe", "cli-alias").returncode == 1
+
+
+def test_version_names_the_cli_and_the_gateway(stack: Stack) -> None:
+    from shared.version import VERSION
+
+    result = cli(stack, "version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"nuclide {VERSION}", f"gateway {VERSION} at {stack.url}"]
+    down = cli(stack, "version", env={"NUCLIDE_URL": "http://127.0.0.1:9"})
+    assert down.returncode == 1 and "cannot reach nuclide at http://127.0.0.1:9" in down.stderr
+    assert down.stdout == f"nuclide {VERSION}\n"
+
+
+def test_deploy_file_deploys_each_function(stack: Stack, tmp_path: Path) -> None:
+    make_function_dir(tmp_path, "cli-stack-a")
+    (tmp_path / "b.py").write_text("def handle(payload):\n    return 'b:' + payload\n")
+    stack_file = tmp_path / "stack.yml"
+    stack_file.write_text("version: 1.0\nprovider:\n  name: openfaas\nfunctions:\n"
+                          "  cli-stack-a:\n    lang: python3\n    handler: ./src/cli-stack-a\n"
+                          "  cli-stack-b:\n    handler: b.py\n")
+    result = cli(stack, "deploy", "-f", str(stack_file))
+    assert result.returncode == 0, result.stderr
+    assert [ln for ln in result.stdout.splitlines() if ln.startswith("name:")] == \
+        ["name:     cli-stack-a", "name:     cli-stack-b"]
+    assert f"warning: {stack_file} line 6: functions.cli-stack-a.lang is ignored" in result.stderr
+    for name in ("cli-stack-a", "cli-stack-b"):
+        assert stack.client.get(f"/functions/{name}").json()["state"] == "ready"
+    assert json.loads(cli(stack, "invoke", "cli-stack-a", "-d", "x").stdout) == {"echo": "x"}
+
+
+def test_a_bad_deploy_file_deploys_nothing(stack: Stack, tmp_path: Path) -> None:
+    make_function_dir(tmp_path, "cli-stack-ok")
+    stack_file = tmp_path / "stack.yml"
+    stack_file.write_text("functions:\n  cli-stack-ok:\n    handler: ./src/cli-stack-ok\n"
+                          "  cli-stack-bad:\n    handler: ./src/missing\n")
+    result = cli(stack, "deploy", "-f", str(stack_file))
+    assert result.returncode == 1
+    assert f"error: {stack_file} line 5: functions.cli-stack-bad.handler: ./src/missing does not exist" in result.stderr
+    no_traceback(result)
+    assert stack.client.get("/functions/cli-stack-ok").status_code == 404, "nothing was deployed"
+
+
+def test_bash_completion_offers_the_stacks_function_names(deployed: str, stack: Stack, tmp_path: Path) -> None:
+    program = tmp_path / "nuclide"  # what the user typed: the completion asks it for the names
+    program.write_text(f"#!/bin/sh\nexec {sys.executable} -m services.cli.main \"$@\"\n")
+    program.chmod(0o755)
+    script = cli(stack, "completion", "bash").stdout
+    env_prefix = f"export NUCLIDE_URL={stack.url} NUCLIDE_TOKEN={stack.token}; cd {ROOT};"
+    code = (f"{env_prefix} source /dev/stdin; COMP_WORDS=({program} logs cli-bas); COMP_CWORD=2; _nuclide;"
+            ' printf "%s\\n" "${COMPREPLY[@]}"')
+    out = subprocess.run(["bash", "-c", code], input=script, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == [deployed], out.stderr
+
+
+def test_deploy_prints_the_build_output_as_it_runs(stack: Stack, tmp_path: Path) -> None:
+    marker = f"build-step-{time.monotonic_ns()}"
+    folder = make_function_dir(tmp_path, "cli-build-out")
+    # the step prints, then waits for a file only this test writes once it saw the line: so the line came
+    # while the deploy still ran, not with its answer
+    gate = stack.var_dir.resolve() / "cache" / "pip" / f"{marker}.gate"  # a folder a build step may see
+    (folder / "function.yaml").write_text(function_yaml("cli-build-out", build={"commands": [
+        f"echo {marker}; i=0; while [ ! -e {gate} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"]}))
+    env = {k: v for k, v in stack.env.items() if k != "NUCLIDE_CLI_CONFIG"}
+    env.update({"NUCLIDE_URL": stack.url, "NUCLIDE_TOKEN": stack.token})
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "deploy", str(folder)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(marker in ln for ln in err), 60, what="the build step's line while the deploy runs")
+        assert proc.poll() is None, "the deploy was still waiting for its build"
+    finally:
+        gate.touch()  # the build finishes (or the test's failure does not leave it hanging)
+    out = proc.communicate(timeout=120)[0]
+    reader.join(10)
+    assert proc.returncode == 0, "".join(err)
+    assert "state:    ready" in out
+    assert sum(marker in ln and "echo" not in ln for ln in err) == 1, "the line is printed once"
+    quiet = cli(stack, "deploy", "-q", str(folder))
+    assert quiet.returncode == 0 and marker not in quiet.stderr
 
 
 def test_scale_holds_replicas_and_auto_gives_them_back(stack: Stack) -> None:

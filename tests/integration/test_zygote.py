@@ -52,7 +52,7 @@ def deployer_events(s: Stack, event: str) -> list[dict[str, Any]]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("event") == event:
+            if rec.get("msg") == event:
                 found.append(rec)
     return found
 

@@ -1048,3 +1048,107 @@ def test_up_gateways_each_on_ports_of_its_own(capsys: pytest.CaptureFixture[str]
     assert main(["up", "--print-ports"]) == 2
     err = capsys.readouterr().err
     assert "gateways 0 is out of range 1-16" in err and "NUCLIDE_GATEWAYS=N" in err
+
+
+# ----- deploy file, aliases, completion ------------------------------------------------------------
+
+
+def deploy_file(tmp_path: Path, text: str, folders: tuple[str, ...] = ("hello",)) -> Path:
+    for folder in folders:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / "main.py").write_text("def handler(context, event):\n    return 'hi'\n")
+    path = tmp_path / "stack.yml"
+    path.write_text(text)
+    return path
+
+
+def test_a_deploy_file_lists_functions_in_order_and_warns_of_what_it_ignores(tmp_path: Path) -> None:
+    from services.cli import deployfile
+
+    path = deploy_file(tmp_path, "version: 1.0\nprovider:\n  name: openfaas\nfunctions:\n  hello:\n"
+                                 "    lang: python3\n    handler: ./hello\n  second:\n    handler: hello\n")
+    entries, warnings = deployfile.read(path)
+    assert [(e.name, e.handler, e.line) for e in entries] == [("hello", tmp_path / "hello", 7),
+                                                              ("second", tmp_path / "hello", 9)]
+    assert warnings == [f"{path} line 2: 'provider' is ignored (the CLI's --url picks the stack)",
+                        f"{path} line 6: functions.hello.lang is ignored"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("functions:\n  hello:\n    handler: [./hello\n", "line 4: not valid YAML"),
+    ("- hello\n", "a deploy file is a mapping with a 'functions' key"),
+    ("version: 1\n", "no 'functions' key"),
+    ("functions: []\n", "line 1: 'functions' must map each function's name"),
+    ("functions:\n  Bad Name:\n    handler: ./hello\n", "line 2: functions.Bad Name: function name 'Bad Name' is invalid"),
+    ("functions:\n  docs:\n    handler: ./hello\n", "line 2: functions.docs: function name 'docs' is reserved"),
+    ("functions:\n  hello: ./hello\n", "line 2: functions.hello must be a mapping with a 'handler'"),
+    ("functions:\n  hello:\n    lang: python3\n", "line 3: functions.hello.handler is missing"),
+    ("functions:\n  hello:\n    handler: 3\n", "line 3: functions.hello.handler must be a path"),
+    ("functions:\n  hello:\n    handler: ./nope\n", "line 3: functions.hello.handler: ./nope does not exist"),
+    ("functions:\n  hello:\n    handler: ./hello\n  hello:\n    handler: ./hello\n",
+     "line 4: functions.hello is listed twice"),
+])
+def test_a_bad_deploy_file_names_the_line_and_the_field(tmp_path: Path, text: str, expected: str) -> None:
+    from services.cli import deployfile
+
+    path = deploy_file(tmp_path, text)
+    with pytest.raises(CliError) as info:
+        deployfile.read(path)
+    assert expected in info.value.message and str(path) in info.value.message
+
+
+def test_a_missing_deploy_file_says_so(tmp_path: Path) -> None:
+    from services.cli import deployfile
+
+    with pytest.raises(CliError, match="cannot read the deploy file .*nope.yml"):
+        deployfile.read(tmp_path / "nope.yml")
+
+
+@pytest.mark.parametrize("alias, command", [("describe", "get"), ("rm", "delete"), ("remove", "delete"),
+                                            ("ls", "list")])
+def test_faas_cli_aliases_parse_as_their_command(alias: str, command: str) -> None:
+    args = [alias] if alias == "ls" else [alias, "fn"]
+    opts = build_parser().parse_args(args)
+    from services.cli.main import ALIASES
+
+    assert ALIASES[opts.command] == command
+
+
+def test_deploy_takes_a_path_or_a_file_not_both(capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["deploy"], ["deploy", "x", "-f", "stack.yml"]):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == 2
+        assert "deploy takes a PATH or -f FILE" in capsys.readouterr().err
+
+
+def test_version_client_only(capsys: pytest.CaptureFixture[str]) -> None:
+    from shared.version import VERSION
+
+    assert main(["version", "--client"]) == 0
+    assert capsys.readouterr().out == f"nuclide {VERSION}\n"
+
+
+def complete(script: str, words: list[str], program: str = "nuclide") -> list[str]:
+    """What bash completes for ``words`` (the last one being typed) with the script sourced."""
+    import shlex
+    import subprocess
+
+    line = " ".join(shlex.quote(w) for w in [program, *words])
+    code = (f"source /dev/stdin; COMP_WORDS=({line}); COMP_CWORD={len(words)}; _nuclide;"
+            ' printf "%s\\n" "${COMPREPLY[@]}"')
+    out = subprocess.run(["bash", "-c", code], input=script, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return [w for w in out.stdout.splitlines() if w]
+
+
+def test_bash_completion_of_commands_flags_and_choices(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    assert complete(script, ["de"]) == ["deploy", "describe", "delete"]
+    assert complete(script, ["--url", "http://x", "ver"]) == ["version"]
+    assert "--follow" in complete(script, ["logs", "--"]) and "--since" in complete(script, ["logs", "--"])
+    assert complete(script, ["get", "fn", "-o", ""]) == ["table", "json", "yaml"]
+    assert complete(script, ["logs", "--since", ""]) == []  # a value to type, not a name
+    (tmp_path / "stack.yml").write_text("")
+    assert complete(script, ["deploy", str(tmp_path / "sta")]) == [str(tmp_path / "stack.yml")]

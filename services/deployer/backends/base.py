@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from services.deployer import logread
+
 
 @dataclass(frozen=True)
 class InstanceSpec:
@@ -76,22 +78,13 @@ class Backend(abc.ABC):
     def groups_changed(self, group_ids: set[str]) -> None:
         """The groups that exist now (scaled to zero or not); a backend may free what only others used."""
 
-    def logs(self, paths: list[Path], tail_lines: int) -> str:
-        """The last lines across the given instance log files, oldest first."""
-        chunks: list[str] = []
-        remaining = tail_lines
-        for path in sorted((p for p in paths if p.exists()), key=lambda p: p.stat().st_mtime, reverse=True):
-            with open(path, "rb") as fh:
-                fh.seek(0, 2)
-                size = fh.tell()
-                fh.seek(max(0, size - 256 * 1024))
-                lines = fh.read().decode(errors="replace").splitlines()
-            take = lines[-remaining:]
-            chunks.insert(0, "\n".join(take))
-            remaining -= len(take)
-            if remaining <= 0:
-                break
-        return "\n".join(c for c in chunks if c) + ("\n" if chunks else "")
+    def logs(self, paths: list[Path], tail_lines: int, since_s: float | None = None,
+             cursor: dict[str, int] | None = None) -> tuple[str, dict[str, int]]:
+        """The last lines across the given instance log files, oldest first, or (given the cursor an earlier
+        read returned) the lines written since; either way with the cursor to follow from (logread.py)."""
+        if cursor is None:
+            return logread.tail(paths, tail_lines, since_s)
+        return logread.after(paths, cursor, since_s)
 
 
 class ReplicatedBackend(Backend):

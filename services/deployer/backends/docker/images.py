@@ -108,7 +108,8 @@ class DockerBuilder(Builder):
     ``deps_dir``) holds requirements.txt and commands.json for the env image's build.
     """
 
-    async def ensure_env(self, spec: dict[str, Any]) -> Path | None:
+    async def ensure_env(self, spec: dict[str, Any], log_path: Path | None = None) -> Path | None:
+        # log_path is the process builder's: nothing is built here (the image build, later, logs its own steps)
         key = env_key(spec)
         if key is None:
             return None
