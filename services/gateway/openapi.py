@@ -47,7 +47,7 @@ INVOKE_ROUTES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 MODELS: tuple[type[BaseModel], ...] = (
     m.ErrorBody, m.FunctionDescription, m.ServiceFaasCreated, m.ZipUpload, m.PythonFileUpload, m.AsyncAccepted,
     m.ExecuteRequest, m.Call, m.PurgeResult, m.RuntimeBody, m.Runtime, m.GroupsState, m.OptimizerStatus, m.Health,
-    m.RootInfo,
+    m.RootInfo, m.ReplicasBody, m.ReplicasResult,
 )
 BEARER = [{"bearer": []}]
 PUBLIC: list[dict[str, list[str]]] = []

@@ -104,6 +104,25 @@ def test_every_control_operation_documents_its_bodies() -> None:
                     assert op["responses"][code].get("content"), f"{method} {path} {code} has no body schema"
 
 
+def test_every_reference_in_the_schema_resolves() -> None:
+    schema = control_app().openapi()
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                found.append(node["$ref"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    defined = {f"#/components/schemas/{name}" for name in schema["components"]["schemas"]}
+    assert found and set(found) - defined == set(), "add these models to MODELS in services/gateway/openapi.py"
+
+
 def validate(model: Any, value: Any) -> None:
     TypeAdapter(model).validate_python(value, strict=False)
 
