@@ -299,3 +299,38 @@ def mounts_besides_link(container: Any) -> list[dict[str, Any]]:
         if m["Destination"] == LINK_DIR:
             assert m["RW"] is False, f"the link's directory is bound read-only: {m}"
     return [m for m in mounts if m["Destination"] != LINK_DIR]
+
+
+def remove_overlay_plumbing(client: Any) -> None:
+    """Remove the networks swarm mode makes (``ingress``, ``docker_gwbridge``): overlay plumbing on private
+    ranges that nothing of nuclide uses (its services and tasks run on the host network)."""
+    for name in ("ingress", "docker_gwbridge"):
+        for net in client.networks.list(names=[name]):
+            if net.name == name:
+                with contextlib.suppress(Exception):
+                    net.remove()
+
+
+def swarm_state(client: Any) -> str:
+    return (client.info().get("Swarm") or {}).get("LocalNodeState") or "inactive"
+
+
+@contextlib.contextmanager
+def one_node_swarm() -> Iterator[None]:
+    """This engine as a one-node swarm manager for the block: made (and left afterwards) only when it is not
+    one already; the overlay networks go at once and again after leaving (the engine may remake them)."""
+    need(docker_problem())
+    client = docker_client()
+    made = False
+    try:
+        if swarm_state(client) != "active":
+            client.swarm.init(advertise_addr="127.0.0.1", listen_addr="127.0.0.1:2377")
+            made = True
+        remove_overlay_plumbing(client)
+        yield
+    finally:
+        if made:
+            client.swarm.leave(force=True)
+            remove_overlay_plumbing(client)
+        client.close()
+

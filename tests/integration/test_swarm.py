@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from tests.docker_util import (
-    DOCKER_HOST, RUNTIME_IMAGE, containers, docker_client, docker_problem, namespace, need, redeploy_under_steady_calls,
-    remove_namespace,
+    DOCKER_HOST, RUNTIME_IMAGE, containers, docker_client, docker_problem, namespace, need, one_node_swarm,
+    redeploy_under_steady_calls, remove_namespace,
 )
 from tests.scaling import FAST_WINDOWS, drain_on_scale_down, scale_up_and_back_down
 from tests.stack import Stack, function_yaml, wait_for
@@ -60,23 +60,8 @@ def test_the_swarm_backend_on_an_engine_that_is_no_manager_exits_with_the_fix(tm
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[None]:
-    need(docker_problem())
-    client = docker_client()
-    made = False
-    try:
-        if (client.info().get("Swarm") or {}).get("LocalNodeState") != "active":
-            client.swarm.init(advertise_addr="127.0.0.1", listen_addr="127.0.0.1:2377")
-            made = True
-        for name in ("ingress", "docker_gwbridge"):  # overlay plumbing on private ranges: nothing here uses it
-            for net in client.networks.list(names=[name]):
-                if net.name == name:
-                    with contextlib.suppress(Exception):
-                        net.remove()
+    with one_node_swarm():
         yield
-    finally:
-        if made:
-            client.swarm.leave(force=True)
-        client.close()
 
 
 def services(ns: str, *labels: str) -> list[Any]:

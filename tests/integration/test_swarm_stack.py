@@ -13,12 +13,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import httpx
 import pytest
 
-from tests.docker_util import IMAGE_TAG, docker_client, docker_problem, need
+from tests.docker_util import IMAGE_TAG, docker_client, docker_problem, need, one_node_swarm, swarm_state
 from tests.stack import ROOT, free_port_base, function_yaml, make_zip, wait_for
 
 pytestmark = pytest.mark.integration
@@ -31,10 +31,6 @@ def swarm_env(tmp_path: Path, stack: str, base: int) -> dict[str, str]:
                 "NUCLIDE_SWARM_DIR": str(tmp_path / "swarm"), "NUCLIDE_CLI_CONFIG": str(tmp_path / "cli.json"),
                 "PYTHON": sys.executable})
     return env
-
-
-def swarm_state(client: Any) -> str:
-    return (client.info().get("Swarm") or {}).get("LocalNodeState") or ""
 
 
 def test_swarm_up_on_an_engine_that_is_no_swarm_manager_prints_the_fix(tmp_path: Path) -> None:
@@ -58,28 +54,8 @@ def test_swarm_up_on_an_engine_that_is_no_swarm_manager_prints_the_fix(tmp_path:
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[None]:
-    need(docker_problem())
-    client = docker_client()
-    made = False
-    try:
-        if swarm_state(client) != "active":
-            client.swarm.init(advertise_addr="127.0.0.1", listen_addr="127.0.0.1:2377")
-            made = True
-        remove_overlay_plumbing(client)
+    with one_node_swarm():
         yield
-    finally:
-        if made:
-            client.swarm.leave(force=True)
-            remove_overlay_plumbing(client)  # the engine may make docker_gwbridge again while in the swarm
-        client.close()
-
-
-def remove_overlay_plumbing(client: Any) -> None:
-    for name in ("ingress", "docker_gwbridge"):  # overlay plumbing on private ranges: nothing here uses it
-        for net in client.networks.list(names=[name]):
-            if net.name == name:
-                with contextlib.suppress(Exception):
-                    net.remove()
 
 
 @pytest.mark.timeout(900)
