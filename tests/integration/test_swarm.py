@@ -22,7 +22,7 @@ from tests.docker_util import (
     redeploy_under_steady_calls, remove_namespace,
 )
 from tests.scaling import FAST_WINDOWS, drain_on_scale_down, scale_up_and_back_down
-from tests.stack import Stack, function_yaml, wait_for
+from tests.stack import Stack, function_yaml, make_zip, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -246,3 +246,23 @@ def test_autoscaling_sets_the_services_replicas_and_fails_no_call(swarm: None, s
     with swarm_stack(short_tmp_path / "var", FAST_WINDOWS) as s:
         scale_up_and_back_down(s)
         drain_on_scale_down(s, lambda: _watch_scale_to_one(s))
+
+
+def test_a_runtime_image_missing_on_the_node_fails_the_deploy_with_the_fix_and_makes_no_service(
+        swarm: None, tmp_path: Path) -> None:
+    s = Stack(tmp_path / "var", env={"NUCLIDE_BACKEND": "swarm", "NUCLIDE_DOCKER_HOST": DOCKER_HOST,
+                                     "NUCLIDE_RUNTIME_IMAGE": "nuclide-runtime:not-built-here",
+                                     "NUCLIDE_DOCKER_POOL_SIZE": "0"})
+    s.start()
+    try:
+        r = s.client.put("/nowhere", files={"z": ("f.zip", make_zip({"function.yaml": function_yaml("nowhere"),
+                                                                     "main.py": HELLO}))})
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert "nuclide-runtime:not-built-here" in message and "make images" in message, message
+        assert not services(namespace(s)), "nothing half-deployed: no service"
+    finally:
+        s.stop()
+        if (s.var_dir / "docker-namespace").exists():
+            remove_services(namespace(s))
+            remove_namespace(namespace(s))
