@@ -50,15 +50,20 @@ def _filter(lines: list[str], since_s: float | None, keep: bool) -> list[str]:
     return out
 
 
-def tail(paths: list[Path], tail_lines: int, since_s: float | None = None) -> tuple[str, dict[str, int]]:
-    """The last ``tail_lines`` lines across the files (newest file last), and a cursor at their ends."""
+def _by_mtime(paths: list[Path]) -> list[tuple[float, Path]]:
+    """The files that exist, oldest modified first, with their modification times."""
     existing = []
     for path in paths:
         try:
             existing.append((path.stat().st_mtime, path))
         except OSError:
             continue
-    existing.sort()
+    return sorted(existing)
+
+
+def tail(paths: list[Path], tail_lines: int, since_s: float | None = None) -> tuple[str, dict[str, int]]:
+    """The last ``tail_lines`` lines across the files (newest file last), and a cursor at their ends."""
+    existing = _by_mtime(paths)
     cursor: dict[str, int] = {}
     chunks: list[list[str]] = []
     remaining = tail_lines
@@ -86,13 +91,7 @@ def tail(paths: list[Path], tail_lines: int, since_s: float | None = None) -> tu
 
 def after(paths: list[Path], cursor: dict[str, int], since_s: float | None = None) -> tuple[str, dict[str, int]]:
     """What the files hold past the cursor (oldest file first), and the cursor moved past it."""
-    existing = []
-    for path in paths:
-        try:
-            existing.append((path.stat().st_mtime, path))
-        except OSError:
-            continue
-    existing.sort()
+    existing = _by_mtime(paths)
     moved: dict[str, int] = {}
     out: list[str] = []
     for _mtime, path in existing:

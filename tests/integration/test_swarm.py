@@ -250,19 +250,10 @@ def test_autoscaling_sets_the_services_replicas_and_fails_no_call(swarm: None, s
 
 def test_a_runtime_image_missing_on_the_node_fails_the_deploy_with_the_fix_and_makes_no_service(
         swarm: None, tmp_path: Path) -> None:
-    s = Stack(tmp_path / "var", env={"NUCLIDE_BACKEND": "swarm", "NUCLIDE_DOCKER_HOST": DOCKER_HOST,
-                                     "NUCLIDE_RUNTIME_IMAGE": "nuclide-runtime:not-built-here",
-                                     "NUCLIDE_DOCKER_POOL_SIZE": "0"})
-    s.start()
-    try:
+    with swarm_stack(tmp_path / "var", {"NUCLIDE_RUNTIME_IMAGE": "nuclide-runtime:not-built-here"}) as s:
         r = s.client.put("/nowhere", files={"z": ("f.zip", make_zip({"function.yaml": function_yaml("nowhere"),
                                                                      "main.py": HELLO}))})
         assert r.status_code == 422, r.text
         message = r.json()["error"]["message"]
         assert "nuclide-runtime:not-built-here" in message and "make images" in message, message
         assert not services(namespace(s)), "nothing half-deployed: no service"
-    finally:
-        s.stop()
-        if (s.var_dir / "docker-namespace").exists():
-            remove_services(namespace(s))
-            remove_namespace(namespace(s))
