@@ -92,6 +92,19 @@ class Settings:
     store_rpc: str = "tcp://127.0.0.1:5550"
     store_pub: str = "tcp://127.0.0.1:5551"
     deployer_rpc: str = "tcp://127.0.0.1:5552"
+    # CURVE keys (shared/curve.py): each service's own keypair is <var_dir>/keys/<service>.key, created on first
+    # start; a service on another machine is named here by its public key (z85, the 'public = ...' line of its
+    # key file); empty: read (or create) the key file in this var_dir
+    store_public_key: str = ""
+    deployer_public_key: str = ""
+    gateway_public_key: str = ""
+    optimizer_public_key: str = ""
+    # what instance keys are derived from (hex, at least 16 bytes); the deployer and every gateway must share
+    # it; empty: <var_dir>/keys/instance-seed, created on first start
+    instance_key_seed: Secret = Secret("")
+    # comma-separated public keys of producers allowed on the PUSH/PUB ingress; empty: the ingress stays plain
+    # (no CURVE) and every message is judged by its credential alone
+    producer_public_keys: str = ""
     # state
     # empty: SQLite at <var_dir>/state.db; postgresql://user:password@host:port/database: PostgreSQL (a Secret:
     # the password stays out of repr and logs)
@@ -224,6 +237,15 @@ class Settings:
             scheme = self.database_url.partition(":")[0][:20]
             raise ConfigError(f"database_url starts with {scheme!r}: leave it empty for SQLite in var_dir, or write"
                               " postgresql://user:password@host:port/database for PostgreSQL")
+        if self.instance_key_seed:
+            try:
+                seed = bytes.fromhex(self.instance_key_seed)
+            except ValueError:
+                seed = b""
+            if len(seed) < 16:
+                raise ConfigError("instance_key_seed must be at least 16 bytes in hex (32 hex digits), e.g. from"
+                                  " `python3 -c 'import secrets; print(secrets.token_hex(32))'`; or leave it empty"
+                                  " for a seed file in var_dir")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if self.sandbox not in SANDBOX_MODES:

@@ -11,6 +11,7 @@ import zmq
 
 from shared import aiosock, service
 from shared.config import ConfigError, Settings, load_settings
+from shared.curve import Keys, ZapHandler
 from shared.logs import configure
 
 # a service's main coroutine: its settings, the process's ZeroMQ context, the event set when it should stop
@@ -23,6 +24,7 @@ def main(name: str, serve: Serve, check: Callable[[Settings], str]) -> None:
     opts = parser.parse_args()
     try:
         settings = load_settings(name)
+        Keys.load(settings, name)  # a damaged or leaked key file stops the start here, with what to do
     except ConfigError as exc:
         print(f"nuclide {name}: {exc}", file=sys.stderr)
         sys.exit(2)

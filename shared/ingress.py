@@ -9,6 +9,11 @@
 rather than dropping. ``token`` (the gateway's ``ingress_token`` setting, or its API
 token) goes with every message: private functions take messages only with it. The frame
 layout is in services/gateway/ingress.py.
+
+``curve=(public, secret, gateway_public)`` (z85 bytes): for a gateway whose
+``producer_public_keys`` lists this producer's public key (the ingress then takes CURVE
+connections from those keys only); without it the connection is plain, as the
+ingress is by default, and each message is judged by its token alone.
 """
 
 from __future__ import annotations
@@ -18,21 +23,28 @@ from typing import Any
 import zmq
 
 from shared import protocol
+from shared.linkkeys import curve_client
 
 
 class Producer:
     def __init__(self, pull_endpoint: str | None = None, sub_endpoint: str | None = None,
-                 ctx: zmq.Context | None = None, sndhwm: int = 1000, token: str = "") -> None:
+                 ctx: zmq.Context | None = None, sndhwm: int = 1000, token: str = "",
+                 curve: tuple[bytes, bytes, bytes] | None = None) -> None:
         self._ctx = ctx or zmq.Context.instance()
         self._token = token
         self._push = self._pub = None
+
+        def socket(kind: int) -> zmq.Socket:
+            sock = self._ctx.socket(kind)
+            return curve_client(sock, *curve) if curve else sock
+
         if pull_endpoint:
-            self._push = self._ctx.socket(zmq.PUSH)
+            self._push = socket(zmq.PUSH)
             self._push.setsockopt(zmq.SNDHWM, sndhwm)
             self._push.setsockopt(zmq.LINGER, 10_000)  # messages still queued at close get 10 s to leave
             self._push.connect(pull_endpoint)
         if sub_endpoint:
-            self._pub = self._ctx.socket(zmq.PUB)
+            self._pub = socket(zmq.PUB)
             self._pub.setsockopt(zmq.LINGER, 1000)
             self._pub.connect(sub_endpoint)
 

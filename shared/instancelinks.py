@@ -5,7 +5,8 @@ round-robin them).
 Every instance-side socket to a gateway is made here (:meth:`InstanceLinks.open`), for the runtime's loop
 and the Docker runner alike. The links start from the instance config's ``gateways``; a gateway's
 HEARTBEAT names the live gateways (shared/gateways.py), and :meth:`InstanceLinks.learn` opens a link to
-each new one, so a gateway started after the instance is reached without a restart. A link whose gateway
+each new one, so a gateway started after the instance is reached without a restart. Every link is a CURVE
+client with the keypair the deployer issued for this instance (its config's ``curve``). A link whose gateway
 is no longer named and has been silent for the liveness period is closed.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 import zmq
 
 from shared.gateways import endpoint_for
+from shared.linkkeys import instance_socket
 from shared.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 
 # a restarted gateway is found again within RECONNECT_IVL_MAX_MS; sane range 100-5000 ms
@@ -45,6 +47,7 @@ class InstanceLinks:
         self.use_link = bool(config.get("link"))
         self.link_dir = str(config.get("link_dir") or "")  # where a container sees the link directory
         self.host = str(config.get("host") or "")
+        self.config = config  # its "curve" keys every link (shared/linkkeys.py)
         self.links: dict[str, Link] = {}
         self.by_socket: dict[zmq.Socket, Link] = {}
         for endpoint in config["gateways"]:
@@ -52,7 +55,7 @@ class InstanceLinks:
 
     def open(self, endpoint: str) -> Link:
         """A DEALER to one gateway: the only place an instance's gateway socket is set up."""
-        sock = self.ctx.socket(zmq.DEALER)
+        sock = instance_socket(self.ctx.socket(zmq.DEALER), self.config)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)

@@ -13,6 +13,7 @@ import zmq
 
 from shared import protocol
 from shared.aiosock import AsyncSocket, RpcClient
+from shared.curve import Keys
 from shared.errors import NuclideError, ProtocolError
 from shared.logs import get_logger
 
@@ -35,8 +36,9 @@ class StateFeed:
         store: RpcClient,
         on_snapshot: Callable[[dict[str, Any]], None],
         on_event: Callable[[str, dict[str, Any]], None],
+        keys: Keys,
     ) -> None:
-        sock = ctx.socket(zmq.SUB)
+        sock = keys.client(ctx.socket(zmq.SUB), "store")
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SUBSCRIBE, b"")

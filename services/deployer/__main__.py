@@ -9,6 +9,7 @@ import zmq
 
 from shared.aiosock import sync_call
 from shared.config import Settings
+from shared.curve import Keys
 from shared.rpcargs import optional, required
 from shared.entry import main
 
@@ -29,7 +30,8 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     from services.deployer.reconciler import Reconciler
 
     log = get_logger("deployer")
-    store = RpcClient(ctx, settings.store_rpc, "store")
+    keys = Keys.load(settings, "deployer")
+    store = RpcClient(ctx, settings.store_rpc, "store", keys)
     children = Children()  # every child process of the deployer, and a sweep that reaps orphans
     backend: Backend
     if settings.backend in ("docker", "swarm"):  # both build the group's image on the engine
@@ -37,7 +39,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
         from services.deployer.backends.docker.images import DockerBuilder
         from services.deployer.backends.swarm.backend import SwarmBackend
 
-        reconciler = Reconciler(settings, store, DockerBuilder(settings, store))
+        reconciler = Reconciler(settings, store, DockerBuilder(settings, store), keys)
         engine_backend: DockerBackend | SwarmBackend
         if settings.backend == "docker":
             engine_backend = DockerBackend(settings, reconciler.on_exit)
@@ -49,7 +51,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
             else {g["id"]: int(g["version"]) for g in reconciler.groups.values()})
         backend = engine_backend
     else:
-        reconciler = Reconciler(settings, store, Builder(settings, store, children))
+        reconciler = Reconciler(settings, store, Builder(settings, store, children), keys)
         backend = ProcessBackend(settings, reconciler.on_exit, children)
     reconciler.backend = backend
     try:
@@ -105,8 +107,8 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
             return {"text": text, "cursor": moved}
         raise InvalidRequest(f"unknown deployer method {method!r}")
 
-    rpc = AsyncRpcServer(ctx, settings.deployer_rpc, handle, name="deployer")
-    feed = StateFeed(ctx, settings.store_pub, store, reconciler.on_snapshot, reconciler.on_event)
+    rpc = AsyncRpcServer(ctx, settings.deployer_rpc, handle, "deployer", keys)
+    feed = StateFeed(ctx, settings.store_pub, store, reconciler.on_snapshot, reconciler.on_event, keys)
     feed.start()
 
     async def report() -> None:
@@ -142,7 +144,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
 
 
 def check(settings: Settings) -> str:
-    result = sync_call(settings.deployer_rpc, "ping")
+    result = sync_call(settings.deployer_rpc, "ping", keys=Keys.load(settings, "deployer"), server="deployer")
     return f"deployer ok, {result['instances']} instances"
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from shared.aiosock import RpcClient
 from shared.config import Settings
+from shared.curve import GROUP_WIDE, Keys
 from shared.errors import BuildFailed, Conflict, NuclideError
 from shared.exits import EXIT_INIT_FAILED
 from shared.fusion import merge_specs
@@ -48,8 +49,9 @@ EXIT_REPORTS_TIMEOUT_S = 5.0  # on shutdown, how long the stopped instances' exi
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, store: RpcClient, builder: Builder) -> None:
+    def __init__(self, settings: Settings, store: RpcClient, builder: Builder, keys: Keys) -> None:
         self.settings = settings
+        self.keys = keys  # issues each instance its keypair, bound to its id, group and version
         self.store = store
         self.builder = builder
         self.backend: Backend  # set by the service once it exists
@@ -230,8 +232,10 @@ class Reconciler:
                 return
             functions, memory, extra = await self._group_spec(group)
             log_path = self.settings.var_dir.resolve() / "logs" / group["id"] / f"{group['id']}.log"
+            # Swarm names its tasks itself: the tasks of one group version share a key bound to it
             spec = InstanceSpec(f"{group['id']}-v{group['version']}", group["id"], int(group["version"]), functions,
-                                memory, log_path, extra=extra)
+                                memory, log_path, extra=extra,
+                                curve=self.keys.instance_config(GROUP_WIDE, group["id"], int(group["version"])))
             await backend.converge(spec, replicas)
         except BuildFailed as exc:
             await self._build_failed(key, exc)
@@ -350,7 +354,8 @@ class Reconciler:
                 inst_id = f"{group['id']}-v{group['version']}-{secrets.token_hex(3)}"
                 log_path = self.settings.var_dir.resolve() / "logs" / group["id"] / f"{inst_id}.log"
                 spec = InstanceSpec(inst_id, group["id"], int(group["version"]), functions, memory, log_path,
-                                    extra={**extra, "gateways": list(self.gateways.values())})
+                                    extra={**extra, "gateways": list(self.gateways.values())},
+                                    curve=self.keys.instance_config(inst_id, group["id"], int(group["version"])))
                 # its READY may reach the store before the backend has its handle: not "gone" meanwhile
                 self.launching.add(inst_id)
                 try:

@@ -9,6 +9,7 @@ import urllib.request
 import zmq
 
 from shared.config import Settings
+from shared.curve import Keys
 from shared.entry import main
 
 
@@ -21,7 +22,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     from shared.service import settle_gc
 
     log = get_logger("gateway")
-    gateway = Gateway(settings, ctx, load_or_create_token(settings))
+    gateway = Gateway(settings, ctx, load_or_create_token(settings), Keys.load(settings, "gateway"))
     await gateway.start()
     app = make_asgi(gateway, build_control_app(gateway))
     server = HttpServer(gateway, app, settings.http_host, settings.http_port,

@@ -10,6 +10,13 @@ another instance could take it. A call for a function goes to the instance of
 that function's newest version with the most room; when none has room it waits
 in that function's bounded queue until a RESULT frees one, or until its deadline. Older-version instances
 keep serving their in-flight calls while a redeploy or regroup drains them.
+
+Every message is judged by the CURVE key that sent it (the socket tells it, see
+shared/curve.py), never by what it claims: a READY registers an instance only when its
+key is the one the deployer issued for that instance id, group and group version; every
+later message on that identity must come with the same key; a RESULT settles a call only
+when it comes from the instance the call was sent to; a CALL only from a registered
+instance's key. Anything else is dropped unanswered and counted in ``refused``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import zmq
 
 from shared import protocol
 from shared.aiosock import AsyncSocket
+from shared.curve import INSTANCE_DOMAIN, Keys
 from shared.errors import DeadlineExceeded, InstanceFailed, NotFound, ProtocolError, TooManyRequests
 from shared.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 from shared.logs import get_logger
@@ -47,10 +55,11 @@ STUCK_GRACE_S = 1.0
 
 class Instance:
     __slots__ = ("id", "group", "group_version", "functions", "credit", "concurrency", "inflight", "last_seen",
-                 "pid", "draining", "avg_s", "batch", "outbox", "last_call_at")
+                 "pid", "draining", "avg_s", "batch", "outbox", "last_call_at", "key")
 
-    def __init__(self, ident: bytes, header: dict[str, Any]) -> None:
+    def __init__(self, ident: bytes, header: dict[str, Any], key: str | None = None) -> None:
         self.id = ident
+        self.key = key  # the CURVE public key (z85) it registered with: every message must come with it
         self.group = str(header.get("group", ""))
         self.group_version = int(header.get("group_version", 0))
         functions = header.get("functions") or {}
@@ -128,14 +137,20 @@ class Broker:
                  on_call: Callable[[bytes, protocol.Message], None] | None = None,
                  on_stuck: Callable[[Instance, Call], None] | None = None,
                  on_reports: Callable[[dict[str, Any]], None] | None = None, link: str = "",
-                 peers: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+                 peers: Callable[[], list[dict[str, Any]]] | None = None, *,
+                 keys: Keys, admits: Callable[[Instance], str | None] | None = None) -> None:
         """``link``: a second, ``ipc://`` endpoint of the same ROUTER, for sandboxed instances, which have no
         route to the host's loopback; its socket file is made connectable by their uids. ``peers``: the live
-        gateways (shared/gateways.py), told to every instance in HEARTBEATs so it connects to each of them."""
-        sock = ctx.socket(zmq.ROUTER)
+        gateways (shared/gateways.py), told to every instance in HEARTBEATs so it connects to each of them. ``keys``: the
+        gateway's keys; instance keys are checked against the ones ``keys.instance`` derives. ``admits``: why
+        a READY whose key is right still may not register (its functions are not its group's), or None."""
+        sock = keys.server(ctx.socket(zmq.ROUTER), INSTANCE_DOMAIN)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished instance raises, so we notice
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting instance takes its identity back
+        # no handover: a second connection naming an identity in use would take it, and with it the
+        # INVOKEs meant for that instance, before the broker could judge it by its key; it stays unheard
+        # until the first one is gone (a dead connection on loopback or ipc is noticed at once)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         # results are not capped by the upload limits the service's other sockets use; a bigger frame
@@ -146,7 +161,11 @@ class Broker:
             bind_link(sock, link)
         self.endpoint = endpoint
         self.queue_limit = queue_limit
+        self._keys = keys
+        self._admits = admits
+        self.refused = 0  # messages dropped because of the key they came with (see the module docstring)
         self.instances: dict[bytes, Instance] = {}
+        self.by_key: dict[str, Instance] = {}
         self.routes: dict[str, list[Instance]] = {}  # function -> instances of its newest version
         self.queues: dict[str, deque[Call]] = {}
         self.pending: dict[str, Call] = {}
@@ -161,7 +180,7 @@ class Broker:
         self._on_stuck = on_stuck
         self._peers = peers
         self._loop = asyncio.get_running_loop()
-        self._asock = AsyncSocket(sock, self._on_message)
+        self._asock = AsyncSocket(sock, self._on_message, keyed=True)
         self._send = self._asock.send
         self._sweeper = asyncio.ensure_future(self._sweep())
 
@@ -311,7 +330,11 @@ class Broker:
 
     # ----- messages from instances -------------------------------------------
 
-    def _on_message(self, frames: list[bytes]) -> None:
+    def _refuse(self, why: str, ident: bytes, key: str | None, **extra: Any) -> None:
+        self.refused += 1
+        log.warning(why, peer=ident[:40], key=key, refused=self.refused, **extra)
+
+    def _on_message(self, frames: list[bytes], key: str | None = None) -> None:
         if len(frames) < 4:
             log.warning("dropped short message on the instance socket", frames=len(frames))
             return
@@ -324,7 +347,18 @@ class Broker:
         cmd = msg.command
         inst = self.instances.get(ident)
         if inst is not None:
+            if key != inst.key:
+                self._refuse("dropped a message on an instance's identity sent with another key", ident, key,
+                             command=cmd)
+                return
             inst.last_seen = time.monotonic()
+        elif cmd == protocol.CALL:
+            if key not in self.by_key:
+                self._refuse("dropped a CALL from a key no registered instance holds", ident, key)
+                return
+        elif cmd != protocol.READY and cmd != protocol.HEARTBEAT:
+            self._refuse("dropped a message from an unregistered peer", ident, key, command=cmd)
+            return
         # failed calls come with edges (services/runtime/calls.py take_reports): one lookup per message
         if "edges" in msg.header and self._on_reports is not None:
             self._on_reports(msg.header)
@@ -336,7 +370,7 @@ class Broker:
                 return
             owners = set()
             for header, body in results:
-                owner = self._on_result(header, body)
+                owner = self._on_result(header, body, ident)
                 if owner is not None:
                     owners.add(owner)
             for owner in owners:
@@ -354,11 +388,20 @@ class Broker:
         else:
             log.warning("unexpected command from instance", command=cmd, peer=ident[:40])
 
-    def _on_result(self, header: dict[str, Any], body: bytes) -> Instance | None:
+    def _on_result(self, header: dict[str, Any], body: bytes, ident: bytes) -> Instance | None:
         """Settle one call; returns the instance that ran it (to be given more work)."""
-        call = self.pending.pop(header.get("call_id"), None)
+        call_id = header.get("call_id")
+        call = self.pending.get(call_id)  # type: ignore[arg-type]
         if call is None:
             return None  # late result of a call that timed out
+        if call.instance is None or call.instance.id != ident:
+            # only the instance the call was sent to answers it: a result from any other is dropped
+            # and the call waits for its own
+            self._refuse("dropped a RESULT for a call sent to another instance", ident,
+                         self.instances[ident].key if ident in self.instances else None,
+                         function=call.function)
+            return None
+        del self.pending[call_id]
         if call.timer:
             call.timer.cancel()
         owner = call.instance
@@ -371,11 +414,22 @@ class Broker:
             call.future.set_result((header, body))
         return owner
 
-    def _register(self, ident: bytes, header: dict[str, Any], old: Instance | None) -> None:
+    def _register(self, ident: bytes, header: dict[str, Any], old: Instance | None, key: str | None) -> None:
         try:
-            inst = Instance(ident, header)
-        except (ProtocolError, TypeError, ValueError) as exc:
+            inst = Instance(ident, header, key)
+            issued = self._keys.issued(key, ident.decode(), inst.group, inst.group_version)
+        except (ProtocolError, TypeError, ValueError, UnicodeDecodeError) as exc:
             log.warning("dropped bad READY", peer=ident[:40], error=str(exc))
+            return
+        if not issued:
+            # the deployer issued this instance's key for one group and version: a READY for any other
+            # (or for another instance's identity) is not this key's to send
+            self._refuse("refused a READY whose key was not issued for that instance, group and version", ident,
+                         key, group=inst.group, group_version=inst.group_version)
+            return
+        problem = self._admits(inst) if self._admits is not None else None
+        if problem is not None:
+            self._refuse("refused a READY for functions that are not its group's", ident, key, problem=problem)
             return
         if old is not None:
             inst.inflight = old.inflight
@@ -383,6 +437,9 @@ class Broker:
                 call.instance = inst
             self._unroute(old)
         self.instances[ident] = inst
+        if old is not None and self.by_key.get(old.key or "") is old:
+            del self.by_key[old.key or ""]
+        self.by_key[key] = inst
         for fn in inst.functions:
             self._reroute(fn)
         log.info("instance ready", **inst.describe())
@@ -446,6 +503,8 @@ class Broker:
         inst.outbox.clear()
         if self.instances.get(inst.id) is inst:
             del self.instances[inst.id]
+        if self.by_key.get(inst.key or "") is inst:
+            del self.by_key[inst.key or ""]
         self._unroute(inst)
         log.info("instance gone", instance=inst.id.decode(errors="replace"), reason=reason)
         self._on_gone(inst, reason)

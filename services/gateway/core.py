@@ -9,7 +9,6 @@ control plane in ``control.py``.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import time
@@ -22,6 +21,7 @@ from shared import protocol
 from shared.aiosock import RpcClient
 from shared.auth import check_bearer, may_call_private
 from shared.config import Settings
+from shared.curve import Keys
 from shared.errors import (
     DeadlineExceeded, Forbidden, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, TooManyRequests,
     Unavailable,
@@ -143,8 +143,9 @@ def error_payload(exc: NuclideError) -> dict[str, Any]:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, ctx: zmq.Context, token: str) -> None:
+    def __init__(self, settings: Settings, ctx: zmq.Context, token: str, keys: Keys) -> None:
         self.settings = settings
+        self.keys = keys
         self.token = token.encode()
         self.ctx = ctx
         self.functions: dict[str, FunctionInfo] = {}
@@ -163,7 +164,6 @@ class Gateway:
         self.record = gateway_record(settings, self.boot_id)  # what the store's feed tells of this gateway
         self.gateways: dict[str, dict[str, Any]] = {self.boot_id: self.record}  # live gateways, this one too
         self.beat_ok_at = time.monotonic()  # when the store last took this gateway's beat
-        self._counter = itertools.count(1)
         self.started_at = time.time()
         self.store: RpcClient | None = None
         self.deployer: RpcClient | None = None
@@ -191,15 +191,16 @@ class Gateway:
 
     def _start(self) -> None:
         s = self.settings
-        self.store = RpcClient(self.ctx, s.store_rpc, "store")
-        self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer")
+        self.store = RpcClient(self.ctx, s.store_rpc, "store", self.keys)
+        self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer", self.keys)
         self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone,
                              self._on_task_call, self._on_stuck, self.add_reports,
-                             link=s.instance_link if s.backend in ("process", "docker") else "", peers=self.peer_records)
-        self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event)
+                             link=s.instance_link if s.backend in ("process", "docker") else "", peers=self.peer_records,
+                             keys=self.keys, admits=self._admits)
+        self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event, self.keys)
         self.feed.start()
         self._background(self._announce())
-        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub = self.keys.server(self.ctx.socket(zmq.PUB))  # traces and results: services only
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
         self.pub.bind(s.gateway_pub)
@@ -302,6 +303,18 @@ class Gateway:
 
     def apply_function(self, record: dict[str, Any]) -> None:
         self.functions[record["name"]] = FunctionInfo(record)
+
+    def _admits(self, inst: Instance) -> str | None:
+        """Why an instance (its key checked) may not serve what its READY lists: only its group's members."""
+        group = self.groups.get(inst.group)
+        if group is None:
+            # not seen yet (this gateway just started, or its feed lags): its next heartbeat asks again
+            return f"group '{inst.group}' is not known (yet)"
+        members = set(group.get("members") or ()) | set(group.get("ready_members") or ())
+        strangers = sorted(set(inst.functions) - members)
+        if strangers:
+            return f"{', '.join(strangers)} not in group '{inst.group}'"
+        return None
 
     def _instance_ready(self, inst: Instance) -> None:
         self._background(self._report_ready(inst))
@@ -545,7 +558,10 @@ class Gateway:
 
     async def _task_call(self, ident: bytes, header: dict[str, Any], body: bytes) -> None:
         assert self.broker is not None
-        call_id = str(header.get("call_id") or self.new_call_id())
+        # the caller's id only names the reply (its runtime matches replies by it); the call itself gets an
+        # id of the gateway's, so an instance cannot make its call take the id of someone else's
+        reply_id = str(header.get("call_id") or "")
+        call_id = self.new_call_id()
         name = str(header.get("function", ""))
         sync = not header.get("async")
         started = time.perf_counter()
@@ -568,7 +584,7 @@ class Gateway:
                                                     headers=list(header.get("headers") or []), source="call",
                                                     parent_id=header.get("parent_id"), call_id=call_id)
                 # the RESULT answers the caller's request id; the body names the durable call
-                self.broker.reply(ident, {"call_id": call_id, "status": 202, "content_type": "application/json"},
+                self.broker.reply(ident, {"call_id": reply_id, "status": 202, "content_type": "application/json"},
                                   json.dumps({"call_id": new_id}).encode())
                 self.add_edge(header.get("caller"), name, False, False, 0.0)
                 return
@@ -577,12 +593,12 @@ class Gateway:
             self.touch(info)
             self.broker.submit(Call(call_id, name, invoke_header, body, fut, timeout_s))
             result, rbody = await fut
-            out_header = {"call_id": call_id, "status": int(result.get("status", 200)),
+            out_header = {"call_id": reply_id, "status": int(result.get("status", 200)),
                           "content_type": result.get("content_type") or "", "headers": result.get("headers") or []}
             if out_header["status"] >= 500:
                 error = result_error(result, rbody)
         except NuclideError as exc:
-            out_header = {"call_id": call_id, "status": exc.http_status, "content_type": "application/json"}
+            out_header = {"call_id": reply_id, "status": exc.http_status, "content_type": "application/json"}
             rbody = json.dumps(error_payload(exc)).encode()
             if not sync:
                 self.broker.reply(ident, out_header, rbody)
@@ -622,7 +638,9 @@ class Gateway:
     # ----- the invoke path ----------------------------------------------------------
 
     def new_call_id(self) -> str:
-        return f"{self._prefix}{next(self._counter):010x}"
+        # 128 random bits: a call id is a capability of sorts (it names the call in URLs and fetches its
+        # result), so it must not be guessable from another one; about 1 us
+        return os.urandom(16).hex()
 
     def error_response(self, exc: NuclideError, call_id: str) -> tuple[int, list, bytes]:
         status, payload = json_body(exc.http_status, error_payload(exc))

@@ -43,6 +43,7 @@ import zmq
 
 from shared import protocol
 from shared.aiosock import AsyncSocket
+from shared.curve import PRODUCER_DOMAIN, Keys
 from shared.errors import NuclideError, ProtocolError
 from shared.logs import get_logger
 from shared.triggers import parse_cron
@@ -75,6 +76,7 @@ class IngressHost(Protocol):
     settings: Settings
     token: bytes
     ctx: zmq.Context
+    keys: Keys
     functions: dict[str, Any]
     feed: StateFeed | None
     calls: AsyncCalls | None
@@ -93,12 +95,17 @@ class Ingress:
 
     def start(self) -> None:
         s = self.gw.settings
+        keys = self.gw.keys
         pull = self.gw.ctx.socket(zmq.PULL)
+        sub = self.gw.ctx.socket(zmq.SUB)
+        if keys.producers:
+            # producer_public_keys is set: CURVE from those keys only (services' keys too)
+            keys.server(pull, PRODUCER_DOMAIN)
+            keys.server(sub, PRODUCER_DOMAIN)
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.RCVHWM, 10_000)
         pull.bind(s.gateway_pull)
         self._pull = AsyncSocket(pull, self._on_pull)
-        sub = self.gw.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.bind(s.gateway_sub)

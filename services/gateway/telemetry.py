@@ -294,6 +294,11 @@ class GatewayCollector(Collector):  # reads the gateway it is given (Any: core i
         yield GaugeMetricFamily("nuclide_gateways", "live gateways this one knows of, itself included",
                                 value=len(gw.gateways))
         if gw.broker is not None:
+            refused = _counter("nuclide_instance_messages_refused", "messages on the instance socket dropped for the"
+                               " key they came with: a READY not issued for that instance, group or functions, a"
+                               " RESULT from another instance than the call's, anything from an unregistered key")
+            refused.add_metric([], gw.broker.refused)
+            yield refused
             yield GaugeMetricFamily("nuclide_instances", "instances connected to this gateway",
                                     value=len(gw.broker.instances))
             yield GaugeMetricFamily("nuclide_queued_calls", "calls waiting for a free instance, all functions",

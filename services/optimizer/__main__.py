@@ -9,6 +9,7 @@ import zmq
 
 from shared.aiosock import sync_call
 from shared.config import ConfigError, Settings
+from shared.curve import Keys
 from shared.entry import main
 
 
@@ -26,7 +27,7 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
 
 
 def check(settings: Settings) -> str:
-    status = sync_call(settings.store_rpc, "kv.get", {"key": "optimizer"})
+    status = sync_call(settings.store_rpc, "kv.get", {"key": "optimizer"}, keys=Keys.load(settings, "optimizer"))
     if not status:
         raise RuntimeError("the optimizer has not reported to the store")
     return f"optimizer ok, strategy {status['strategy']}, state {status['state']}"

@@ -12,6 +12,7 @@ import zmq
 from shared import protocol
 from shared.aiosock import AsyncSocket, RpcClient
 from shared.config import Settings
+from shared.curve import Keys
 from shared.errors import BuildFailed, Conflict, DeadlineExceeded, NuclideError, ProtocolError
 from shared.gateways import GATEWAY_BEAT_S
 from shared.logs import get_logger
@@ -30,8 +31,9 @@ class Optimizer:
     def __init__(self, settings: Settings, ctx: zmq.Context, strategy: Strategy) -> None:
         self.settings = settings
         self.strategy = strategy
-        self.store = RpcClient(ctx, settings.store_rpc, "store")
-        sub = ctx.socket(zmq.SUB)
+        keys = Keys.load(settings, "optimizer")
+        self.store = RpcClient(ctx, settings.store_rpc, "store", keys)
+        sub = keys.client(ctx.socket(zmq.SUB), "gateway")
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"trace")
         sub.setsockopt(zmq.SUBSCRIBE, b"load")  # per-function concurrency, for the autoscaler

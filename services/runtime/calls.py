@@ -109,9 +109,10 @@ class LocalRunner(Protocol):
 class TaskCaller:
     """One per instance; handlers reach it through ``context.call``."""
 
-    def __init__(self, runtime: LocalRunner, gateways: list[str]) -> None:
+    def __init__(self, runtime: LocalRunner, gateways: list[str], curve: dict[str, str] | None = None) -> None:
         self.runtime = runtime
         self.gateways = gateways
+        self.curve = curve  # the instance's CURVE keys (shared/linkkeys.py): call sockets use them too
         self._local = threading.local()
         self._ids = itertools.count(1)  # next() is atomic: call ids need no lock
         self._ids_lock = threading.Lock()
@@ -243,7 +244,9 @@ class TaskCaller:
         if sock is None:
             import zmq  # only a remote call needs it: a per-call process that makes none never imports it
 
-            sock = self.runtime.ctx.socket(zmq.DEALER)
+            from shared.linkkeys import instance_socket
+
+            sock = instance_socket(self.runtime.ctx.socket(zmq.DEALER), {"curve": self.curve})
             sock.setsockopt(zmq.LINGER, 0)
             for endpoint in self.gateways:
                 sock.connect(endpoint)

@@ -102,7 +102,7 @@ class Executor:
         self.max_concurrency = max(1, min(int(fc.get("max_concurrency", 1)) for fc in config["functions"]))
         self._ctx: zmq.Context | None = None
         self._ctx_lock = threading.Lock()
-        self.caller = TaskCaller(self, list(config["gateways"]))
+        self.caller = TaskCaller(self, list(config["gateways"]), config.get("curve"))
         self._session: Any = None  # built on first use: importing requests costs ~45 ms of every cold start
         self.envs = {fc["name"]: dict(fc.get("env") or {}) for fc in config["functions"]}
         self.timeouts = {fc["name"]: float(fc.get("timeout_s") or 30.0) for fc in config["functions"]}

@@ -11,6 +11,7 @@ import zmq
 
 from shared.aiosock import sync_call
 from shared.config import Settings
+from shared.curve import Keys
 from shared.entry import main
 from shared.logs import get_logger
 
@@ -75,7 +76,7 @@ async def lead(db: "SqlDatabase", stop: asyncio.Event) -> bool:
 
 
 def check(settings: Settings) -> str:
-    return f"store ok, seq {sync_call(settings.store_rpc, 'ping')['seq']}"
+    return f"store ok, seq {sync_call(settings.store_rpc, 'ping', keys=Keys.load(settings, 'store'))['seq']}"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import zmq
 from shared import protocol
 from shared.aiosock import AsyncRpcServer
 from shared.config import Settings
+from shared.curve import Keys
 from shared.errors import InvalidRequest, Unavailable
 from shared.gateways import GATEWAY_TTL_S
 from shared.rpcargs import optional, required, strings
@@ -38,12 +39,13 @@ class StoreServer:
         self.storage_errors = 0  # database errors since the last write that went through
         self.lost: str | None = None  # why this store must stop serving (another store leads its database)
         self.lost_event = asyncio.Event()
-        self.pub = ctx.socket(zmq.PUB)
+        keys = Keys.load(settings, "store")
+        self.pub = keys.server(ctx.socket(zmq.PUB))  # change events: services only
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         try:
             self.pub.bind(settings.store_pub)
-            self.rpc = AsyncRpcServer(ctx, settings.store_rpc, self.handle, name="store")
+            self.rpc = AsyncRpcServer(ctx, settings.store_rpc, self.handle, "store", keys)
         except zmq.ZMQError:
             self.pub.close(linger=0)  # a standby taking over retries once the old leader's ports are free
             raise

@@ -21,6 +21,8 @@ class InstanceSpec:
     memory_bytes: int
     log_path: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    # the instance's CURVE keys for the gateways (shared/curve.py Keys.instance_config): public, secret, server
+    curve: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -126,9 +126,13 @@ class ProcessBackend(Backend):
             "fusionizer_host": self.settings.advertised_host,
             "memory_bytes": spec.memory_bytes,
             "functions": spec.functions,
+            "curve": spec.curve,
         }
         config_path = inst_dir / "config.json"
-        config_path.write_text(json.dumps(config))
+        # it holds the instance's secret key: the deployer's alone (the instance gets the config on its spawn)
+        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(config))
         code_dirs = tuple(Path(f["code_dir"]) for f in spec.functions)
         deps = tuple(sorted({Path(f["deps_dir"]).parent for f in spec.functions if f.get("deps_dir")}))
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)

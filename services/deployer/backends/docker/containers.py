@@ -131,6 +131,7 @@ class Containers:
             "fusionizer_host": self.settings.advertised_host,
             "memory_bytes": spec.memory_bytes,
             "functions": functions,
+            "curve": spec.curve,
         }
 
     def instance_labels(self, spec: InstanceSpec, names: list[str]) -> dict[str, str]:

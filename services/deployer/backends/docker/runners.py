@@ -217,6 +217,7 @@ class Runners:
             "network": "host" if spec.extra.get("network") == "host" else "isolated",
             "link_source": link_source(self.settings),
             "slirp_log": str(self.settings.var_dir.resolve() / "logs" / "slirp4netns.log"),
+            "curve": spec.curve,
         }
         if python is None:
             config.update(path=fc["shell"]["path"], run=list(fc["shell"]["run"]))
@@ -226,7 +227,10 @@ class Runners:
             config.update(code_volume=True, code_dir=fc["code_dir"], container=container)
         self.dir.mkdir(parents=True, exist_ok=True)
         config_path = self.dir / f"{spec.id}.config.json"
-        config_path.write_text(json.dumps(config))
+        # it holds the runner's secret key: the deployer's user alone reads it (the runner runs as it)
+        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out_config:
+            out_config.write(json.dumps(config))
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         taken = [container] if container is not None else []
         proc = self.spares.take() if self.spares.size > 0 else None
