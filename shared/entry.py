@@ -24,7 +24,7 @@ def main(name: str, serve: Serve, check: Callable[[Settings], str]) -> None:
     opts = parser.parse_args()
     try:
         settings = load_settings(name)
-        Keys.load(settings, name)  # a damaged or leaked key file stops the start here, with what to do
+        keys = Keys.load(settings, name)  # a damaged or leaked key file stops the start here, with what to do
     except ConfigError as exc:
         print(f"nuclide {name}: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -37,15 +37,18 @@ def main(name: str, serve: Serve, check: Callable[[Settings], str]) -> None:
         sys.exit(0)
     configure(name, settings.log_format, settings.log_level)
 
-    service.exit_with(service.run(lambda stop: serve_with_context(settings, serve, stop), name))
+    service.exit_with(service.run(lambda stop: serve_with_context(settings, serve, stop, keys), name))
 
 
-async def serve_with_context(settings: Settings, serve: Serve, stop: asyncio.Event) -> int | None:
-    """``serve`` with the process's ZeroMQ context, closed after it however ``serve`` ended."""
+async def serve_with_context(settings: Settings, serve: Serve, stop: asyncio.Event,
+                             keys: Keys | None = None) -> int | None:
+    """``serve`` with the process's ZeroMQ context, closed after it however ``serve`` ended. ``keys``: the
+    service's CURVE keys, by which its ZAP handler admits peers to its server sockets (shared/curve.py)."""
     ctx = zmq.Context.instance()
     # every socket this service opens drops a peer that sends a frame over the documented limits,
     # before any memory is taken for it (libzmq reads the size first)
     ctx.setsockopt(zmq.MAXMSGSIZE, settings.max_frame_bytes)
+    zap = ZapHandler(ctx, keys) if keys is not None else None
     try:
         return await serve(settings, ctx, stop)
     finally:
@@ -53,4 +56,6 @@ async def serve_with_context(settings: Settings, serve: Serve, stop: asyncio.Eve
         # stop() closed: they leave the loop before the context closes them, else uvloop aborts
         # the process on its next poll (see aiosock.close_all)
         aiosock.close_all()
+        if zap is not None:
+            zap.close()
         ctx.destroy(linger=0)

@@ -73,6 +73,7 @@ FAILED_START = textwrap.dedent("""
     import zmq
     from shared import entry, service
     from shared.aiosock import RpcClient
+    from shared.curve import memory_keys
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -80,8 +81,8 @@ FAILED_START = textwrap.dedent("""
     busy = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
 
     async def serve(settings, ctx, stop):
-        RpcClient(ctx, "tcp://127.0.0.1:9", "store")
-        RpcClient(ctx, "tcp://127.0.0.1:9", "deployer")
+        RpcClient(ctx, "tcp://127.0.0.1:9", "store", memory_keys())
+        RpcClient(ctx, "tcp://127.0.0.1:9", "deployer", memory_keys())
         ctx.socket(zmq.ROUTER).bind(busy)
 
     async def without_close_all(settings, serve, stop):
