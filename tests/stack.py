@@ -19,6 +19,7 @@ import httpx
 from services.gateway.core import TRACE_FLUSH_S
 
 if TYPE_CHECKING:  # pragma: no cover
+    from shared.curve import Keys
     from shared.ingress import Producer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,9 +353,17 @@ class Stack:
             wait_for(arrived, 10, what="the topic ingress to take a message")
             yield p
 
+    def keys(self) -> "Keys":
+        """The CURVE keys a test speaks to this stack's services with: the gateway's (a service key, and the
+        instance-key seed, so a test can stand in for an instance the deployer issued a key to)."""
+        from shared.config import Settings
+        from shared.curve import Keys
+
+        return Keys.load(Settings(var_dir=self.var_dir), "gateway")
+
     def traces(self, probe: Callable[[], Any] | None = None) -> "TraceListener":
         """A listener of the call graph; with ``probe`` (something that makes a call) it returns once subscribed."""
-        listener = TraceListener(self.endpoints["gateway_pub"])
+        listener = TraceListener(self.endpoints["gateway_pub"], self.keys())
         if probe is not None:
             listener.wait_subscribed(probe)
         return listener
@@ -392,7 +401,7 @@ class NuclideUp:
 class TraceListener:
     """Collects the gateway's published call graph (topic "trace") in a background thread."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, keys: "Keys") -> None:
         import threading
 
         import zmq
@@ -405,7 +414,7 @@ class TraceListener:
         ctx = zmq.Context.instance()
 
         def run() -> None:
-            sock = ctx.socket(zmq.SUB)
+            sock = keys.client(ctx.socket(zmq.SUB), "gateway")  # the gateway publishes to services only
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SUBSCRIBE, b"trace")
             sock.connect(endpoint)

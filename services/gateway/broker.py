@@ -378,7 +378,7 @@ class Broker:
                     self._pump(owner)
         elif cmd == protocol.HEARTBEAT or cmd == protocol.READY:
             if inst is None or cmd == protocol.READY:
-                self._register(ident, msg.header, inst)
+                self._register(ident, msg.header, inst, key)
             else:
                 inst.note_idle(msg.header)
         elif cmd == protocol.BYE:

@@ -23,8 +23,8 @@ ECHO = "def handler(context, event):\n    return {'got': event.body}\n"
 
 def store_rpc(stack: Stack, method: str, args: dict[str, Any], *bodies: bytes,
               service: str = "store") -> tuple[bytes, dict[str, Any]]:
-    """One raw RPC to the store (or the deployer): (command, header) of its reply."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    """One raw RPC to the store (or the deployer), as a service: (command, header) of its reply."""
+    sock = stack.keys().client(zmq.Context.instance().socket(zmq.DEALER), service)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(stack.endpoints[f"{service}_rpc"])
     try:

@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from shared.aiosock import sync_call
+from shared.config import Settings
+from shared.curve import Keys
 from shared.procs import alive, start_time
 from tests.stack import ROOT, Stack, free_port, function_yaml, make_zip, wait_for
 
@@ -46,7 +48,8 @@ def metric(client: httpx.Client, name: str) -> float:
 def mismatch(client: httpx.Client, store_rpc: str, var_dir: Path, names: list[str]) -> str:
     """What the API and the store report that the instance processes contradict; "" when they agree."""
     live = running_instances(var_dir)
-    rows = [r for r in sync_call(store_rpc, "instances.list") if r["state"] != "exited"]
+    keys = Keys.load(Settings(var_dir=var_dir), "gateway")  # the store answers services only
+    rows = [r for r in sync_call(store_rpc, "instances.list", keys=keys) if r["state"] != "exited"]
     functions = {f["name"]: f for f in client.get("/functions").json()}
     problems = []
     for name in names:
@@ -145,7 +148,7 @@ def test_a_restarted_deployer_adopts_what_runs_and_reports_what_died_meanwhile(f
     after = settled(s.client, s.endpoints["store_rpc"], s.var_dir, names)
     assert after[kept]["pid"] == before[kept]["pid"], "the running instance is adopted, not replaced"
     assert lost not in after and any(m["group_id"] == "g-lost" for m in after.values()), "the dead one is replaced"
-    rows = {r["id"]: r for r in sync_call(s.endpoints["store_rpc"], "instances.list")}
+    rows = {r["id"]: r for r in sync_call(s.endpoints["store_rpc"], "instances.list", keys=s.keys())}
     assert rows[lost]["state"] == "exited"
     assert s.invoke("kept").text == "hello" and s.invoke("lost").text == "hello"
 
@@ -156,7 +159,7 @@ def test_a_deployer_stopped_with_its_instances_reports_their_exits(fresh_stack: 
     before = settled(s.client, s.endpoints["store_rpc"], s.var_dir, ["stopped"])
     assert s.stop_service("deployer") == 0  # SIGTERM; the stack's deployer stops its instances on exit
     assert not running_instances(s.var_dir)
-    rows = {r["id"]: r for r in sync_call(s.endpoints["store_rpc"], "instances.list")}
+    rows = {r["id"]: r for r in sync_call(s.endpoints["store_rpc"], "instances.list", keys=s.keys())}
     assert all(rows[i]["state"] == "exited" for i in before), "the exits reach the store before the deployer exits"
     s.start_service("deployer")
     s.wait_healthy()

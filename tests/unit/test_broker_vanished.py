@@ -8,6 +8,7 @@ import time
 import zmq
 
 from shared import protocol
+from shared.curve import Keys, ZapHandler, memory_keys
 from services.gateway.broker import Broker, Call, Instance
 from tests.stack import free_port
 
@@ -23,8 +24,8 @@ async def until(predicate, timeout_s: float = 5.0, what: str = "condition"):
         await asyncio.sleep(0.01)
 
 
-def instance(ctx: zmq.Context, endpoint: str, ident: bytes) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
+def instance(ctx: zmq.Context, endpoint: str, ident: bytes, keys: Keys) -> zmq.Socket:
+    sock = keys.client_of_instance(ctx.socket(zmq.DEALER), ident.decode(), "g", 1)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, ident)
     sock.connect(endpoint)
@@ -39,9 +40,11 @@ async def test_a_call_sent_to_a_vanished_instance_waits_for_the_next_one() -> No
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     ready: list[Instance] = []
     gone: list[str] = []
-    broker = Broker(ctx, endpoint, 10, on_ready=ready.append, on_gone=lambda inst, why: gone.append(why))
+    keys = memory_keys()
+    zap = ZapHandler(ctx, keys)
+    broker = Broker(ctx, endpoint, 10, on_ready=ready.append, on_gone=lambda inst, why: gone.append(why), keys=keys)
     try:
-        first = instance(ctx, endpoint, b"i1")
+        first = instance(ctx, endpoint, b"i1", keys)
         await until(lambda: broker.routes.get("f"), what="the first instance's READY")
         first.close()
         beat = protocol.encode(protocol.HEARTBEAT, {})
@@ -61,7 +64,7 @@ async def test_a_call_sent_to_a_vanished_instance_waits_for_the_next_one() -> No
         assert not future.done(), "a call that never left must not fail with the vanished instance"
         assert list(broker.queues["f"]) == [call]
 
-        second = instance(ctx, endpoint, b"i2")
+        second = instance(ctx, endpoint, b"i2", keys)
         try:
             assert await asyncio.wait_for(asyncio.to_thread(second.poll, 5000), 6)
             frames = second.recv_multipart()
@@ -74,4 +77,5 @@ async def test_a_call_sent_to_a_vanished_instance_waits_for_the_next_one() -> No
             second.close()
     finally:
         broker.close()
+        zap.close()
         ctx.term()
