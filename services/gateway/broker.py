@@ -384,6 +384,8 @@ class Broker:
         elif cmd == protocol.BYE:
             self._on_bye(ident, inst)
         elif cmd == protocol.CALL and self._on_call is not None:
+            # the calling instance is the one its key belongs to, whatever the header claims
+            msg.header["instance"] = self.by_key[key].id.decode(errors="replace")
             self._on_call(ident, msg)
         else:
             log.warning("unexpected command from instance", command=cmd, peer=ident[:40])

@@ -617,8 +617,9 @@ class Gateway:
     def _check_task_caller(self, callee: FunctionInfo, header: dict[str, Any]) -> None:
         """Raise Forbidden unless the instance behind a task call may call this private function.
 
-        The caller is the instance the CALL names, as the broker knows it (its group and the functions it
-        serves, from its registration), and the function it is running, when that is one of those."""
+        The caller is the instance whose key sent the CALL (the broker puts it in the header), as the broker
+        knows it (its group and the functions it serves, from its registration), and the function it is
+        running, when that is one of those."""
         assert self.broker is not None
         inst_id = header.get("instance")
         inst = self.broker.instances.get(inst_id.encode()) if isinstance(inst_id, str) else None

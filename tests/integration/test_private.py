@@ -168,8 +168,19 @@ import time, uuid
 import zmq
 from shared import protocol
 
+def own_keys():
+    # the keypair the deployer issued to this instance is in its memory: a function can always find it
+    import gc
+    for o in gc.get_objects():
+        if isinstance(o, dict) and set(o) == {{"public", "secret", "server"}}:
+            return o
+
 def handler(context, event):
     sock = zmq.Context.instance().socket(zmq.DEALER)
+    keys = own_keys()
+    sock.setsockopt(zmq.CURVE_SERVERKEY, keys["server"].encode())
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys["public"].encode())
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys["secret"].encode())
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect({link!r})
     header = dict({header!r}, call_id=uuid.uuid4().hex, function={function!r},
