@@ -209,6 +209,8 @@ def test_oversized_frames_are_dropped_before_they_take_memory(stack: Stack, serv
     big = b"\0" * (300 * 1024 * 1024)
     for _ in range(3):
         sock = zmq.Context.instance().socket(kind)
+        if socket_name == "store_rpc":
+            stack.keys().client(sock, "store")  # a service key: the store admits nothing else
         sock.setsockopt(zmq.LINGER, 0)
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         sock.connect(stack.endpoints[socket_name])

@@ -172,8 +172,9 @@ def own_keys():
     # the keypair the deployer issued to this instance is in its memory: a function can always find it
     import gc
     for o in gc.get_objects():
-        if isinstance(o, dict) and set(o) == {{"public", "secret", "server"}}:
-            return o
+        for value in list(getattr(o, "__dict__", {{}}).values()):
+            if isinstance(value, dict) and set(value) == {{"public", "secret", "server"}}:
+                return value
 
 def handler(context, event):
     sock = zmq.Context.instance().socket(zmq.DEALER)

@@ -1,0 +1,167 @@
+"""The broker judges every message by the CURVE key that sent it (real sockets, a real ZAP handler)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterator
+
+import pytest
+import zmq
+
+from shared import protocol
+from shared.curve import Keys, ZapHandler, memory_keys
+from shared.linkkeys import curve_client
+from services.gateway.broker import Broker, Call, Instance
+from tests.stack import free_port
+from tests.unit.test_broker_vanished import until
+
+MEMBERS = {"g": {"f"}, "h": {"victim"}}
+
+
+def admits(inst: Instance) -> str | None:
+    strangers = set(inst.functions) - MEMBERS.get(inst.group, set())
+    return f"{sorted(strangers)} not in group {inst.group}" if strangers else None
+
+
+def ready(sock: zmq.Socket, ident: str, group: str = "g", version: int = 1, functions: tuple[str, ...] = ("f",)) -> None:
+    sock.send_multipart(protocol.encode(protocol.READY, {
+        "instance_id": ident, "group": group, "group_version": version, "functions": {f: 1 for f in functions},
+        "credit": 4, "concurrency": 4, "pid": 1}))
+
+
+def handshake_failed(sock: zmq.Socket, monitor: zmq.Socket, timeout_ms: int = 10_000) -> bool:
+    """Whether ``sock``'s connection is turned away in its handshake (the server closes it or says ERROR);
+    ``monitor``: its monitor socket, made before it connected."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    failed = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+              zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_DISCONNECTED}
+    try:
+        while monitor.poll(timeout_ms):
+            event = recv_monitor_message(monitor)["event"]
+            if event in failed:
+                return True
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return False
+        return False
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+
+
+def next_invoke(sock: zmq.Socket) -> protocol.Message:
+    while sock.poll(5000):
+        msg = protocol.decode(sock.recv_multipart())
+        if msg.command == protocol.INVOKE:
+            return msg
+    raise AssertionError("no INVOKE arrived")
+
+
+class Peers:
+    def __init__(self, ctx: zmq.Context, endpoint: str, keys: Keys) -> None:
+        self.ctx, self.endpoint, self.keys = ctx, endpoint, keys
+        self.socks: list[zmq.Socket] = []
+        self.monitors: dict[zmq.Socket, zmq.Socket] = {}
+
+    def open(self, ident: str, key_of: tuple[str, str, int] | None = None, made_up: bool = False,
+             plain: bool = False) -> zmq.Socket:
+        """A DEALER with routing id ``ident``, keyed as instance ``key_of`` (default: itself, in group g v1),
+        with a made-up keypair, or with no CURVE at all."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, ident.encode())
+        if made_up:
+            public, secret = zmq.curve_keypair()
+            curve_client(sock, public, secret, self.keys.public("gateway"))
+        elif not plain:
+            self.keys.client_of_instance(sock, *(key_of or (ident, "g", 1)))
+        self.monitors[sock] = sock.get_monitor_socket()
+        sock.connect(self.endpoint)
+        self.socks.append(sock)
+        return sock
+
+
+@pytest.fixture
+async def rig() -> Iterator[tuple[Broker, ZapHandler, Peers]]:
+    ctx = zmq.Context()
+    keys = memory_keys()
+    zap = ZapHandler(ctx, keys)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    broker = Broker(ctx, endpoint, 10, on_ready=lambda inst: None, on_gone=lambda inst, why: None, keys=keys,
+                    admits=admits)
+    peers = Peers(ctx, endpoint, keys)
+    try:
+        yield broker, zap, peers
+    finally:
+        for sock in peers.socks:
+            if not peers.monitors[sock].closed:
+                sock.disable_monitor()
+                peers.monitors[sock].close(linger=0)
+            sock.close(linger=0)
+        broker.close()
+        zap.close()
+        ctx.term()
+
+
+async def test_an_instance_registers_only_with_the_key_issued_for_it(rig) -> None:
+    broker, zap, peers = rig
+    plain = peers.open("plain", plain=True)
+    ready(plain, "plain")
+    assert await asyncio.to_thread(handshake_failed, plain, peers.monitors[plain]), "no CURVE: not let in"
+    attempts = [
+        (peers.open("madeup", made_up=True), "madeup", "h", 1, ("victim",)),  # a key of its own making
+        (peers.open("other", key_of=("issued", "g", 1)), "other", "g", 1, ("f",)),  # another instance's key
+        (peers.open("v2", key_of=("v2", "g", 1)), "v2", "g", 2, ("f",)),  # its key, another version
+        (peers.open("hop", key_of=("hop", "g", 1)), "hop", "h", 1, ("victim",)),  # its key, another group
+        (peers.open("greedy"), "greedy", "g", 1, ("f", "victim")),  # its key, a function not its group's
+    ]
+    for sock, ident, group, version, functions in attempts:
+        ready(sock, ident, group, version, functions)
+    await until(lambda: broker.refused >= len(attempts), what="every forged READY to be refused")
+    assert broker.instances == {} and broker.routes.get("victim") in (None, [])
+    good = peers.open("good")
+    ready(good, "good")
+    await until(lambda: broker.routes.get("f"), what="the READY with the issued key")
+    assert list(broker.instances) == [b"good"]
+
+
+async def test_a_result_counts_only_from_the_instance_the_call_was_sent_to(rig) -> None:
+    broker, zap, peers = rig
+    runner = peers.open("runner", key_of=("runner", "h", 1))
+    ready(runner, "runner", "h", 1, ("victim",))
+    await until(lambda: broker.routes.get("victim"), what="the victim's instance")
+    future = asyncio.get_running_loop().create_future()
+    broker.submit(Call("c-victim", "victim", {"call_id": "c-victim", "function": "victim"}, b"secret", future, 10.0))
+    assert (await asyncio.to_thread(next_invoke, runner)).header["call_id"] == "c-victim"
+
+    forger = peers.open("forger")  # a registered instance of another group, with its own issued key
+    ready(forger, "forger")
+    await until(lambda: b"forger" in broker.instances, what="the forger's READY")
+    forger.send_multipart(protocol.encode(protocol.RESULT, {"call_id": "c-victim", "status": 200}, b"forged"))
+    # a second connection on the victim instance's identity, with a key of its own: not heard while it lives
+    squatter = peers.open("runner", made_up=True)
+    squatter.send_multipart(protocol.encode(protocol.RESULT, {"call_id": "c-victim", "status": 200}, b"squat"))
+    await until(lambda: broker.refused >= 1, what="the forged RESULT to be refused")
+    assert not future.done(), "a RESULT from another instance must not settle the call"
+    runner.send_multipart(protocol.encode(protocol.RESULT, {"call_id": "c-victim", "status": 200}, b"real"))
+    header, body = await asyncio.wait_for(future, 5)
+    assert body == b"real"
+
+
+async def test_a_call_names_the_instance_its_key_belongs_to(rig) -> None:
+    broker, zap, peers = rig
+    calls: list[protocol.Message] = []
+    broker._on_call = lambda ident, msg: calls.append(msg)
+    caller = peers.open("caller")
+    ready(caller, "caller")
+    await until(lambda: b"caller" in broker.instances, what="the caller's READY")
+    stranger = peers.open("stranger", made_up=True)
+    stranger.send_multipart(protocol.encode(protocol.CALL, {"call_id": "1", "function": "victim",
+                                                            "instance": "caller"}, b""))
+    await until(lambda: broker.refused >= 1, what="the CALL from an unregistered key to be refused")
+    # the task caller's socket: another routing id, the instance's key; the header lies about who calls
+    task = peers.open("task-socket", key_of=("caller", "g", 1))
+    task.send_multipart(protocol.encode(protocol.CALL, {"call_id": "2", "function": "victim",
+                                                        "instance": "runner-of-victim"}, b""))
+    await until(lambda: calls, what="the instance's CALL")
+    assert [m.header["call_id"] for m in calls] == ["2"] and calls[0].header["instance"] == "caller"
