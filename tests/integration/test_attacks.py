@@ -298,3 +298,169 @@ def test_filling_tmp_or_the_code_directory_stops_at_the_size_limit(stack: Stack)
     for where in ("tmp", "code", "shm"):
         assert out[where]["errno"] == "ENOSPC" and out[where]["mb"] <= 8, f"{where}: {out[where]}"
     assert stack.invoke("filler").status_code == 200, "the space is freed once the files are gone"
+
+
+# ----- the platform's ZeroMQ sockets, spoken to with real protocol messages (CURVE, shared/curve.py) -----
+
+# a function that opted into the host's network (spec.network: host) reaches the platform's TCP sockets; what
+# it says there is judged by its CURVE key: the store and deployer take service keys only, the gateway
+# registers an instance only with the key issued for it, and a RESULT counts only from the call's instance
+MOLE = r'''
+import gc, json, os, time
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+from shared import protocol
+
+TURNED_AWAY = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+               zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_DISCONNECTED}
+HELD = {}  # sockets kept between calls: did any INVOKE reach them?
+
+def own_keys():
+    # the keypair the deployer issued to this instance is in its memory: a function can always find it
+    for o in gc.get_objects():
+        for value in list(getattr(o, "__dict__", {}).values()):
+            if isinstance(value, dict) and set(value) == {"public", "secret", "server"}:
+                return {k: v.encode() for k, v in value.items()}
+    raise RuntimeError("no keys found")
+
+def socket(kind, ident=None, key="none", server=None):
+    sock = zmq.Context.instance().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if ident:
+        sock.setsockopt(zmq.ROUTING_ID, ident.encode())
+    if key != "none":
+        public, secret = zmq.curve_keypair() if key == "made-up" else (own_keys()["public"], own_keys()["secret"])
+        sock.setsockopt(zmq.CURVE_SERVERKEY, server)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    return sock
+
+def rpc(endpoint, server, key, method, args):
+    """'answered', 'turned away' (the handshake failed), or 'silent' after 10 s."""
+    sock = socket(zmq.DEALER, key=key, server=server)
+    monitor = sock.get_monitor_socket()
+    sock.connect(endpoint)
+    sock.send_multipart(protocol.request(7, method, args))
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if sock.poll(20):
+                return "answered"
+            while monitor.poll(0):
+                if recv_monitor_message(monitor)["event"] in TURNED_AWAY:
+                    return "turned away"
+        return "silent"
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+
+def ready_header(group, version, functions):
+    return {"instance_id": "x", "group": group, "group_version": version, "functions": functions,
+            "credit": 64, "concurrency": 64, "pid": os.getpid()}
+
+def handler(context, event):
+    ask = json.loads(event.body)
+    keys = {k: v.encode() for k, v in ask["keys"].items()}
+    if ask["step"] == "rpc":
+        out = {}
+        for key in ("none", "made-up", "own"):
+            out["store function.list " + key] = rpc(ask["store"], keys["store"], key, "function.list", {})
+            out["store blob.get " + key] = rpc(ask["store"], keys["store"], key, "blob.get", {"digest": ask["digest"]})
+            out["deployer ping " + key] = rpc(ask["deployer"], keys["deployer"], key, "ping", {})
+        return out
+    if ask["step"] == "ready":
+        # READYs for the victim's group and function: with a made-up key, with its own key under another
+        # identity, and with its own key under its own identity (a second connection on an identity in use)
+        victim = ready_header(ask["group"], ask["version"], {ask["function"]: ask["function_version"]})
+        for name, ident, key in (("made-up", "g-mole-fake-1", "made-up"), ("own-key", "g-mole-fake-2", "own"),
+                                 ("own-identity", context.log_stream_name, "own")):
+            sock = HELD[name] = socket(zmq.DEALER, ident=ident, key=key, server=keys["gateway"])
+            sock.connect(ask["router"])
+            sock.send_multipart(protocol.encode(protocol.READY, victim))
+        return sorted(HELD)
+    if ask["step"] == "collect":
+        got = {}
+        for name, sock in HELD.items():
+            got[name] = []
+            while sock.poll(0):
+                got[name].append(protocol.decode(sock.recv_multipart()).command.decode())
+        return got
+    if ask["step"] == "result":
+        for key in ("made-up", "own", "none"):
+            sock = socket(zmq.DEALER, key=key, server=keys["gateway"])
+            sock.connect(ask["router"])
+            sock.send_multipart(protocol.encode(protocol.RESULT, {"call_id": ask["call_id"], "status": 200},
+                                                b"forged"))
+            HELD["result-" + key] = sock
+        return "sent"
+'''
+
+VICTIM = """
+import time
+
+def handler(context, event):
+    time.sleep(float(event.body or 0))
+    return "still here"
+"""
+
+
+def refused(s: Stack) -> float:
+    return s.metrics().get("nuclide_instance_messages_refused_total", 0.0)
+
+
+def mole_asks(s: Stack, step: str, **extra: Any) -> dict[str, Any]:
+    keys = s.keys()
+    ask = {"step": step, "keys": {k: keys.public(k).decode() for k in ("store", "deployer", "gateway")},
+           "store": s.endpoints["store_rpc"], "deployer": s.endpoints["deployer_rpc"],
+           "router": s.endpoints["gateway_router"], **extra}
+    r = s.invoke("mole", json.dumps(ask).encode())
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def zeromq_attacks(s: Stack) -> None:
+    """The attacks on the platform's ZeroMQ sockets from a deployed function, and the platform serving throughout."""
+    s.deploy("victim", {"function.yaml": function_yaml("victim"), "main.py": VICTIM})
+    s.deploy("mole", {"function.yaml": function_yaml("mole", network="host"), "main.py": MOLE})
+    victim = s.client.get("/functions/victim").json()
+
+    # the store and the deployer: nothing but service keys gets a connection, so no request is ever read
+    digest = victim.get("digest") or victim.get("blob") or "0" * 64
+    out = mole_asks(s, "rpc", digest=digest)
+    assert out == {k: "turned away" for k in out} and len(out) == 9, out
+
+    # fake READYs for the victim's function: never registered, so none of its calls reach the mole
+    before = refused(s)
+    sent = mole_asks(s, "ready", group=victim["group"]["id"], version=victim["group"]["version"],
+                     function="victim", function_version=victim["version"])
+    assert sent == ["made-up", "own-identity", "own-key"]
+    # the two that got a connection are refused by their key (the third is never read: its identity is taken)
+    wait_for(lambda: refused(s) >= before + 2, 30, what="the fake READYs to be refused")
+    for _ in range(12):
+        r = s.invoke("victim")
+        assert r.status_code == 200 and r.text == "still here"
+    assert mole_asks(s, "collect") == {"made-up": [], "own-key": [], "own-identity": []}
+
+    # a forged RESULT for a call running on the victim is dropped; the call ends with the victim's answer
+    r = s.client.post("/victim", content=b"8", headers={"X-Nuclide-Async": "true"})
+    call_id = r.json()["call_id"]
+    wait_for(lambda: s.client.get(f"/calls/{call_id}").json()["status"] == "RUNNING", 30, what="the victim's call")
+    before = refused(s)
+    assert mole_asks(s, "result", call_id=call_id) == "sent"
+    wait_for(lambda: refused(s) >= before + 2, 30, what="the forged RESULTs to be refused")
+    assert s.client.get(f"/calls/{call_id}").json()["status"] == "RUNNING", "the forgeries came while it ran"
+    final = wait_for(lambda: (c := s.client.get(f"/calls/{call_id}").json())["status"] in ("DONE", "FAILED") and c,
+                     60, what="the victim's call to finish")
+    assert final["status"] == "DONE" and final["result"] == "still here", final
+
+    # call ids are 128 random bits: nothing to learn from one about the next
+    ids = [s.invoke("victim").headers["x-call-id"] for _ in range(8)]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids) and len(set(ids)) == 8, ids
+    steps = {int(b, 16) - int(a, 16) for a, b in zip(ids, ids[1:])}
+    assert len(steps) == len(ids) - 1, f"ids in steps: {ids}"
+    assert s.anon.get("/healthz").status_code == 200 and s.invoke("victim").text == "still here"
+
+
+def test_a_function_cannot_use_the_platforms_zeromq_sockets(stack: Stack) -> None:
+    zeromq_attacks(stack)
