@@ -409,14 +409,14 @@ def refused(s: Stack) -> float:
     return s.metrics().get("nuclide_instance_messages_refused_total", 0.0)
 
 
-def mole_asks(s: Stack, step: str, **extra: Any) -> dict[str, Any]:
+def mole_asks(s: Stack, step: str, **extra: Any) -> Any:
     keys = s.keys()
     ask = {"step": step, "keys": {k: keys.public(k).decode() for k in ("store", "deployer", "gateway")},
            "store": s.endpoints["store_rpc"], "deployer": s.endpoints["deployer_rpc"],
            "router": s.endpoints["gateway_router"], **extra}
     r = s.invoke("mole", json.dumps(ask).encode())
     assert r.status_code == 200, r.text
-    return r.json()
+    return r.json() if r.headers["content-type"].startswith("application/json") else r.text
 
 
 def zeromq_attacks(s: Stack) -> None:
