@@ -431,12 +431,13 @@ def zeromq_attacks(s: Stack) -> None:
     assert out == {k: "turned away" for k in out} and len(out) == 9, out
 
     # fake READYs for the victim's function: never registered, so none of its calls reach the mole
-    before = refused(s)
+    before, instances = refused(s), s.metrics()["nuclide_instances"]
     sent = mole_asks(s, "ready", group=victim["group"]["id"], version=victim["group"]["version"],
                      function="victim", function_version=victim["version"])
     assert sent == ["made-up", "own-identity", "own-key"]
     # the two that got a connection are refused by their key (the third is never read: its identity is taken)
-    wait_for(lambda: refused(s) >= before + 2, 30, what="the fake READYs to be refused")
+    wait_for(lambda: refused(s) >= before + 2 or s.metrics()["nuclide_instances"] > instances, 30,
+             what="the fake READYs to be refused (or registered)")
     for _ in range(12):
         r = s.invoke("victim")
         assert r.status_code == 200 and r.text == "still here"
@@ -448,8 +449,8 @@ def zeromq_attacks(s: Stack) -> None:
     wait_for(lambda: s.client.get(f"/calls/{call_id}").json()["status"] == "RUNNING", 30, what="the victim's call")
     before = refused(s)
     assert mole_asks(s, "result", call_id=call_id) == "sent"
-    wait_for(lambda: refused(s) >= before + 2, 30, what="the forged RESULTs to be refused")
-    assert s.client.get(f"/calls/{call_id}").json()["status"] == "RUNNING", "the forgeries came while it ran"
+    wait_for(lambda: refused(s) >= before + 2 or s.client.get(f"/calls/{call_id}").json()["status"] != "RUNNING",
+             30, what="the forged RESULTs to be refused (or taken)")
     final = wait_for(lambda: (c := s.client.get(f"/calls/{call_id}").json())["status"] in ("DONE", "FAILED") and c,
                      60, what="the victim's call to finish")
     assert final["status"] == "DONE" and final["result"] == "still here", final
