@@ -21,6 +21,7 @@ from tests.docker_util import (  # noqa: F401 (require_docker: a fixture)
 )
 from tests.integration.test_attacks import (  # noqa: F401 (outside: a fixture)
     ATTACK_HELPERS, BUILD_PROBE_HANDLER, FILL, FORK_BOMB, SHM, build_probe, loopback_targets, outside,
+    zeromq_attacks,
 )
 from tests.integration.test_private import CALLER, KEEPER
 from tests.stack import Stack, function_yaml, wait_for
@@ -207,3 +208,8 @@ def test_a_registered_runtimes_containers_reach_nothing_on_the_hosts_loopback(do
         assert {k: out[k] for k in targets} == {k: reached for k in targets}, f"{name}: {out}"
         if network == "isolated":
             assert out["routes"] == ["tap0"], "outbound connections leave through slirp4netns"
+
+
+def test_a_function_in_a_container_cannot_use_the_platforms_zeromq_sockets(docker_attacked: Stack) -> None:
+    # a container on the host's network (the opt-in) reaches the TCP sockets; CURVE decides what it may say
+    zeromq_attacks(docker_attacked)
