@@ -32,6 +32,7 @@ from typing import Any
 
 import zmq
 
+from shared.curve import INSTANCE_DOMAIN, ZapHandler, memory_keys
 from tests.bench.apps import NOOP_SOURCE
 from tests.bench.harness import PYTHON, Bench, median
 from tests.bench.model import Row, ScenarioResult, Target
@@ -64,6 +65,10 @@ def _sandbox_wrap(var_dir: Path, argv: list[str], code_dir: Path, config: Path) 
                 code_dir)
 
 
+# the bench's stand-in gateway: a CURVE server, as a gateway's instance socket is (shared/curve.py)
+BENCH_KEYS = memory_keys()
+
+
 def _noop_instance(var_dir: Path, endpoint: str) -> tuple[str, Path, dict[str, Any]]:
     """A no-op function's code directory and an instance config for it, as the deployer writes them."""
     inst_id = f"bench-{secrets.token_hex(4)}"
@@ -75,6 +80,7 @@ def _noop_instance(var_dir: Path, endpoint: str) -> tuple[str, Path, dict[str, A
         "gateway_url": "http://127.0.0.1:9", "fusionizer_host": "127.0.0.1", "memory_bytes": 1 << 30,
         "functions": [{"name": "noop", "version": 1, "handler": "main:handler", "code_dir": str(code_dir),
                        "deps_dir": None, "env": {}, "max_concurrency": 1, "timeout_s": 30.0}],
+        "curve": BENCH_KEYS.instance_config(inst_id, "g-noop", 1),  # as the deployer issues them
     }
 
 
@@ -300,7 +306,8 @@ def run(bench: Bench, result: ScenarioResult) -> None:
     samples: dict[str, list[float]] = {key: [] for key in (*floors, "runtime_ready_ms", "runtime_ready_bwrap_ms")}
     bench.log(f"cold start: floors and fresh runtimes to READY, {nf} runs each")
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
+    zap = ZapHandler(ctx, BENCH_KEYS)
+    sock = BENCH_KEYS.server(ctx.socket(zmq.ROUTER), INSTANCE_DOMAIN)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         port = sock.bind_to_random_port("tcp://127.0.0.1")
@@ -314,6 +321,7 @@ def run(bench: Bench, result: ScenarioResult) -> None:
         zygote = asyncio.run(zygote_to_ready(bench, sock, endpoint, var_dir, nf))
     finally:
         sock.close(0)
+        zap.close()
         ctx.term()
     raw["zygote"] = zygote
     for key, values in samples.items():
