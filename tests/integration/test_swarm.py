@@ -120,7 +120,8 @@ def test_a_function_is_a_locked_down_swarm_service(sstack: Stack) -> None:
     c = spec["TaskTemplate"]["ContainerSpec"]
     assert c["User"] == "65534:65534" and c["ReadOnly"] is True and c["CapabilityDrop"] == ["ALL"]
     assert spec["EndpointSpec"]["Mode"] == "dnsrr" and not spec["EndpointSpec"].get("Ports")
-    [task] = running_tasks(ns, "g-hello")
+    # the task answers before the manager has recorded it as running: the agent reports state changes late
+    [task] = wait_for(lambda: running_tasks(ns, "g-hello"), 30, what="Swarm to report the task running")
     container = docker_client().containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
     assert container.attrs["HostConfig"]["ReadonlyRootfs"] is True
     assert "hello was called" in wait_for(
