@@ -320,12 +320,12 @@ class Reconciler:
             })
             if merged.get("python"):  # another Python 3 than the platform's: the backend starts it there
                 functions[-1]["python"] = merged["python"]
-            if spec.get("shell"):  # a registered runtime's function: its definition and warm-start policy
+            if spec.get("registered_runtime"):  # a registered runtime's function: its definition and warm-start policy
                 if self.backend.name != "docker":
                     raise BuildFailed(f"'{name}' runs on the registered runtime '{spec.get('runtime')}', which"
                                       f" needs the docker backend (this deployer uses '{self.backend.name}')",
                                       {"tasks": [name]})
-                functions[-1].update(shell=spec["shell"], runtime=spec.get("runtime"),
+                functions[-1].update(registered_runtime=spec["registered_runtime"], runtime=spec.get("runtime"),
                                      warm_start=spec.get("warm_start") or "function")
             elif (spec.get("warm_start") or DEFAULT_WARM_START) != DEFAULT_WARM_START:
                 # deployed before the backend changed: the gateway refuses it up front otherwise

@@ -500,13 +500,13 @@ class Images:
         """The version's image, built when missing (a failed build is a BuildFailed with the log's tail)."""
         client = self.engine.require()
         fc = spec.functions[0]
-        shell = fc["shell"]
-        labels = await self.engine.api(self.image_labels, client, shell["image"])
+        definition = fc["registered_runtime"]
+        labels = await self.engine.api(self.image_labels, client, definition["image"])
         if labels is None:
-            raise BuildFailed(f"the image '{shell['image']}' of runtime '{fc.get('runtime')}' is not in the local"
+            raise BuildFailed(f"the image '{definition['image']}' of runtime '{fc.get('runtime')}' is not in the local"
                               " Docker Engine any more; build or load it, then deploy again")
-        runtime_id = str((await self.engine.api(client.api.inspect_image, shell["image"]))["Id"])
-        inputs = digest(runtime_id, shell["path"], shell.get("dependencies") or [],
+        runtime_id = str((await self.engine.api(client.api.inspect_image, definition["image"]))["Id"])
+        inputs = digest(runtime_id, definition["path"], definition.get("dependencies") or [],
                         await asyncio.to_thread(tree_hash, Path(fc["code_dir"])))[:24]
         tag = f"{GROUP_REPO}:{self.namespace}-{spec.group_id}-v{spec.group_version}"
         async with self.lock(tag):
@@ -517,7 +517,7 @@ class Images:
             image_labels = {"nuclide.kind": "group", "nuclide.namespace": self.namespace, "nuclide.group": spec.group_id,
                             "nuclide.group_version": str(spec.group_version), "nuclide.envs": "",
                             "nuclide.inputs": inputs, "nuclide.env": "", "nuclide.runtime": runtime_id}
-            text = registered_dockerfile(shell["image"], shell["path"], list(shell.get("dependencies") or []),
+            text = registered_dockerfile(definition["image"], definition["path"], list(definition.get("dependencies") or []),
                                          label_line(image_labels), ca is not None)
             started = time.monotonic()
             try:
