@@ -15,6 +15,7 @@ from shared.config import Settings
 from shared.errors import BuildFailed, Conflict, DeadlineExceeded, NuclideError, ProtocolError
 from shared.gateways import GATEWAY_BEAT_S
 from shared.logs import get_logger
+from services.optimizer.callgraph import GRAPH_WINDOW_S, aggregate
 from services.optimizer.scaling import Autoscaling
 from services.optimizer.strategies.base import Strategy
 
@@ -105,6 +106,8 @@ class Optimizer:
             try:
                 self.status["current_setup"] = await self.current_setup()
                 self.status["updated_at"] = time.time()
+                self.status["graph"] = aggregate(self.edges, time.monotonic() - GRAPH_WINDOW_S)
+                self.status["graph_window_s"] = GRAPH_WINDOW_S
                 self.status["traced"] = {**self.traced, "gateways": sorted(self._pubs)}
                 self.status["scaling"] = self.autoscaling.status()
                 await self.store.call("kv.put", {"key": "optimizer", "value": self.status}, timeout_s=2.0)
