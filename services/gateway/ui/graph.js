@@ -6,7 +6,7 @@
 "use strict";
 
 const GRAPH_NS = "http://www.w3.org/2000/svg";
-const GRAPH_NODE_W = 150, GRAPH_NODE_H = 34, GRAPH_COL_W = 250, GRAPH_ROW_H = 84, GRAPH_PAD = 24;
+const GRAPH_NODE_W = 150, GRAPH_NODE_H = 34, GRAPH_COL_W = 320, GRAPH_ROW_H = 84, GRAPH_PAD = 24;
 const GRAPH_COLOURS = ["#dbe7ff", "#dafbe1", "#fff1c2", "#fde2e4", "#eadcff", "#d4f4f4", "#ffe4cc", "#e6e9ef"];
 
 function svgEl(tag, attrs, ...children) {
@@ -59,8 +59,12 @@ function callGraphSvg(edges, groupOf) {
   for (const n of names) rows.set(column.get(n), [...(rows.get(column.get(n)) || []), n]);
   const at = new Map();  // name -> {x, y} of its box's top left
   for (const [c, members] of rows) members.forEach((n, i) => at.set(n, {x: GRAPH_PAD + c * GRAPH_COL_W, y: GRAPH_PAD + i * GRAPH_ROW_H}));
-  const width = GRAPH_PAD * 2 + (Math.max(...rows.keys()) * GRAPH_COL_W) + GRAPH_NODE_W + 60;
-  const height = GRAPH_PAD * 2 + (Math.max(...[...rows.values()].map((m) => m.length)) - 1) * GRAPH_ROW_H + GRAPH_NODE_H + 60;
+  // room for the loops of self-calls on the right, and for the curves of calls back (or within a column) below
+  const loops = edges.some((e) => e.caller === e.callee);
+  const curves = edges.some((e) => e.caller !== e.callee && at.get(e.callee).x <= at.get(e.caller).x);
+  const width = GRAPH_PAD * 2 + (Math.max(...rows.keys()) * GRAPH_COL_W) + GRAPH_NODE_W + (loops ? 90 : 0);
+  const height = GRAPH_PAD * 2 + (Math.max(...[...rows.values()].map((m) => m.length)) - 1) * GRAPH_ROW_H
+                 + GRAPH_NODE_H + (curves ? 70 : loops ? 30 : 20);
 
   const svg = svgEl("svg", {viewBox: `0 0 ${width} ${height}`, width, height, class: "callgraph", role: "img",
                             "aria-label": "call graph"});
@@ -74,17 +78,17 @@ function callGraphSvg(edges, groupOf) {
     if (e.caller === e.callee) {  // a function calling itself: a loop on its right
       const x = a.x + GRAPH_NODE_W, y = a.y + GRAPH_NODE_H / 2;
       d = `M${x},${y - 8} C${x + 50},${y - 40} ${x + 50},${y + 40} ${x},${y + 8}`;
-      lx = x + 44; ly = y - 22;
+      lx = x + 40; ly = y - 34;
     } else if (b.x > a.x) {  // forward: right side to left side
       const x1 = a.x + GRAPH_NODE_W, y1 = a.y + GRAPH_NODE_H / 2, x2 = b.x, y2 = b.y + GRAPH_NODE_H / 2;
       const bend = (x2 - x1) / 2;
       d = `M${x1},${y1} C${x1 + bend},${y1} ${x2 - bend},${y2} ${x2},${y2}`;
-      lx = (x1 + x2) / 2; ly = (y1 + y2) / 2 - 8;
+      lx = (x1 + x2) / 2; ly = (y1 + y2) / 2 - 8;  // the count above the line, the split below it
     } else {  // back or within a column: bottom to bottom, curving below
       const x1 = a.x + GRAPH_NODE_W / 2 + 10, y1 = a.y + GRAPH_NODE_H, x2 = b.x + GRAPH_NODE_W / 2 - 10, y2 = b.y + GRAPH_NODE_H;
       const low = Math.max(y1, y2) + 46;
       d = `M${x1},${y1} C${x1},${low} ${x2},${low} ${x2},${y2}`;
-      lx = (x1 + x2) / 2; ly = low - 4;
+      lx = (x1 + x2) / 2; ly = low - 8;
     }
     const kind = e.fused === e.calls ? "fused" : e.remote === e.calls ? "remote" : "mixed";
     const split = kind === "mixed" ? `${e.fused} fused · ${e.remote} remote` : kind;
@@ -94,7 +98,8 @@ function callGraphSvg(edges, groupOf) {
       svgEl("title", {}, `${e.caller} → ${e.callee}: ${e.calls} calls (${e.fused} fused, ${e.remote} remote,`
                          + ` ${e.sync} synchronous${mean})`),
       svgEl("path", {d, "marker-end": "url(#arrow)"}),
-      svgEl("text", {x: lx, y: ly, "text-anchor": "middle"}, `${e.calls} · ${split}`)));
+      svgEl("text", {x: lx, y: ly, "text-anchor": "middle", class: "count"}, `${e.calls} call${e.calls === 1 ? "" : "s"}`),
+      svgEl("text", {x: lx, y: ly + 27, "text-anchor": "middle"}, split)));
   }
   for (const n of names) {
     const {x, y} = at.get(n);
