@@ -6,13 +6,13 @@
 "use strict";
 
 const GRAPH_NS = "http://www.w3.org/2000/svg";
-const GRAPH_NODE_W = 150, GRAPH_NODE_H = 34, GRAPH_COL_W = 320, GRAPH_ROW_H = 84, GRAPH_PAD = 24;
+const GRAPH_NODE_W = 150, GRAPH_NODE_H = 34, GRAPH_COL_W = 320, GRAPH_ROW_H = 104, GRAPH_PAD = 24;
 const GRAPH_COLOURS = ["#dbe7ff", "#dafbe1", "#fff1c2", "#fde2e4", "#eadcff", "#d4f4f4", "#ffe4cc", "#e6e9ef"];
 
 function svgEl(tag, attrs, ...children) {
   const el = document.createElementNS(GRAPH_NS, tag);
   for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
-  for (const c of children) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  for (const c of children) if (c !== "") el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   return el;
 }
 
@@ -74,11 +74,11 @@ function callGraphSvg(edges, groupOf) {
 
   for (const e of edges) {
     const a = at.get(e.caller), b = at.get(e.callee);
-    let d, lx, ly;
+    let d, lx, ly, oneLine = false, anchor = "middle";
     if (e.caller === e.callee) {  // a function calling itself: a loop on its right
       const x = a.x + GRAPH_NODE_W, y = a.y + GRAPH_NODE_H / 2;
       d = `M${x},${y - 8} C${x + 50},${y - 40} ${x + 50},${y + 40} ${x},${y + 8}`;
-      lx = x + 40; ly = y - 34;
+      lx = x + 36; ly = y - 26; oneLine = true; anchor = "start";  // above the loop
     } else if (b.x > a.x) {  // forward: right side to left side
       const x1 = a.x + GRAPH_NODE_W, y1 = a.y + GRAPH_NODE_H / 2, x2 = b.x, y2 = b.y + GRAPH_NODE_H / 2;
       const bend = (x2 - x1) / 2;
@@ -88,9 +88,10 @@ function callGraphSvg(edges, groupOf) {
       const x1 = a.x + GRAPH_NODE_W / 2 + 10, y1 = a.y + GRAPH_NODE_H, x2 = b.x + GRAPH_NODE_W / 2 - 10, y2 = b.y + GRAPH_NODE_H;
       const low = Math.max(y1, y2) + 46;
       d = `M${x1},${y1} C${x1},${low} ${x2},${low} ${x2},${y2}`;
-      lx = (x1 + x2) / 2; ly = low - 8;
+      lx = (x1 + x2) / 2; ly = low - 8; oneLine = true;  // a second line would reach the boxes below
     }
     const kind = e.fused === e.calls ? "fused" : e.remote === e.calls ? "remote" : "mixed";
+    const count = `${e.calls} call${e.calls === 1 ? "" : "s"}`;
     const split = kind === "mixed" ? `${e.fused} fused · ${e.remote} remote` : kind;
     const mean = e.mean_ms === null || e.mean_ms === undefined ? "" : `, mean ${e.mean_ms} ms`;
     svg.append(svgEl("g", {class: `edge ${kind}`, "data-edge": `${e.caller}->${e.callee}`, "data-calls": e.calls,
@@ -98,8 +99,9 @@ function callGraphSvg(edges, groupOf) {
       svgEl("title", {}, `${e.caller} → ${e.callee}: ${e.calls} calls (${e.fused} fused, ${e.remote} remote,`
                          + ` ${e.sync} synchronous${mean})`),
       svgEl("path", {d, "marker-end": "url(#arrow)"}),
-      svgEl("text", {x: lx, y: ly, "text-anchor": "middle", class: "count"}, `${e.calls} call${e.calls === 1 ? "" : "s"}`),
-      svgEl("text", {x: lx, y: ly + 27, "text-anchor": "middle"}, split)));
+      svgEl("text", {x: lx, y: ly, "text-anchor": anchor, class: "count"}, count,
+            oneLine ? svgEl("tspan", {class: "split"}, ` · ${split}`) : ""),
+      oneLine ? "" : svgEl("text", {x: lx, y: ly + 27, "text-anchor": "middle"}, split)));
   }
   for (const n of names) {
     const {x, y} = at.get(n);
