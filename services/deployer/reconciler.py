@@ -37,7 +37,7 @@ from shared.liveness import DRAIN_TIMEOUT_S
 from shared.logs import get_logger
 from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
 from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec, ReplicatedBackend
-from services.deployer.builder import Builder, members_of_step, tail
+from services.deployer.builder import Builder, build_log_path, members_of_step, tail
 
 log = get_logger(__name__)
 
@@ -304,7 +304,7 @@ class Reconciler:
         except Conflict as exc:
             raise BuildFailed(exc.message, {"tasks": list(exc.details.get("tasks") or [])}) from None
         try:
-            build_log = self.settings.var_dir.resolve() / "logs" / group["id"] / f"build-v{group['version']}.log"
+            build_log = build_log_path(self.settings.var_dir, group["id"], int(group["version"]))
             deps = await self.builder.ensure_env(merged, build_log)
         except BuildFailed as exc:  # a fused group's build: say whose step failed
             if "step" in exc.details:
