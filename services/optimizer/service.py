@@ -15,9 +15,9 @@ from shared.config import Settings
 from shared.errors import BuildFailed, Conflict, DeadlineExceeded, NuclideError, ProtocolError
 from shared.gateways import GATEWAY_BEAT_S
 from shared.logs import get_logger
-from services.optimizer.callgraph import GRAPH_WINDOW_S, aggregate
 from services.optimizer.scaling import Autoscaling
 from services.optimizer.strategies.base import Strategy
+from services.optimizer.callgraph import GRAPH_WINDOW_S, aggregate
 
 log = get_logger(__name__)
 
