@@ -279,6 +279,13 @@ def test_a_dropped_zip_deploys_with_its_build_output_streaming(stack: Stack, bro
     wait_for(lambda: log_followers(stack) == 0, 30, what="the deploy's log stream to close once it answered")
     screenshot(d, tmp_path, "functions")
 
+    # a dropped file that is no zip: the gateway's reason shows, and nothing is deployed
+    d.find_element("id", "deploy-name").clear()
+    d.execute_script(DROP_JS, base64.b64encode(b"just some notes").decode(), "uinotes.zip")
+    wait_until(d, shows("#deploy-state", "the upload is not a zip archive"), "the refused drop's reason")
+    assert stack.client.get("/functions/uinotes").status_code == 404
+    wait_for(lambda: log_followers(stack) == 0, 30, what="the refused deploy's log stream to close")
+
 
 def test_fusion_page_draws_the_call_graph_with_fused_and_remote_counts(fresh_stack: Stack, browser: Any,
                                                                        tmp_path: Path) -> None:
