@@ -359,7 +359,7 @@ class Broker:
         elif cmd != protocol.READY and cmd != protocol.HEARTBEAT:
             self._refuse("dropped a message from an unregistered peer", ident, key, command=cmd)
             return
-        # failed calls come with edges (services/runtime/calls.py take_reports): one lookup per message
+        # failed calls come with edges (services/runtime/context_calls.py take_reports): one lookup per message
         if "edges" in msg.header and self._on_reports is not None:
             self._on_reports(msg.header)
         if cmd == protocol.RESULT:
