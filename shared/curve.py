@@ -212,11 +212,6 @@ class Keys:
                 self._publics[name] = found
         return found
 
-    @property
-    def publics(self) -> dict[str, bytes]:
-        """Every service's public key (waits for the ones not yet written)."""
-        return {name: self.public(name) for name in SERVICES}
-
     def is_service_key(self, key: bytes) -> bool:
         """ZAP's question for the service sockets; a key not known yet sends it to look for new .pub files."""
         if key in self._publics.values():
@@ -266,7 +261,7 @@ class Keys:
 
     def client(self, sock: zmq.Socket, server: str) -> zmq.Socket:
         """Make ``sock`` a CURVE client of service ``server``; before connect."""
-        return client_socket(sock, self.own, self.public(server))
+        return curve_client(sock, self.own.public, self.own.secret, self.public(server))
 
     def instance(self, instance_id: str, group: str, group_version: int) -> KeyPair:
         if not self.seed:
@@ -295,10 +290,6 @@ class Keys:
                 "server": self.public("gateway").decode()}
 
 
-def client_socket(sock: zmq.Socket, own: KeyPair, server_public: bytes) -> zmq.Socket:
-    return curve_client(sock, own.public, own.secret, server_public)
-
-
 def memory_keys() -> Keys:
     """Keys of a stack that exists only in memory: one keypair for every service, a random seed."""
     public, secret = zmq.curve_keypair()
@@ -312,15 +303,12 @@ class ZapHandler:
     a receiver can judge a message by the key that sent it.
     """
 
-    def __init__(self, ctx: zmq.Context, keys: Keys,
-                 extra: dict[str, Callable[[bytes], bool]] | None = None) -> None:
+    def __init__(self, ctx: zmq.Context, keys: Keys) -> None:
         self._policies: dict[bytes, Callable[[bytes], bool]] = {
             SERVICE_DOMAIN.encode(): keys.is_service_key,
             INSTANCE_DOMAIN.encode(): lambda _key: True,  # the broker judges every message by its key
             PRODUCER_DOMAIN.encode(): lambda key: key in keys.producers or keys.is_service_key(key),
         }
-        for domain, policy in (extra or {}).items():
-            self._policies[domain.encode()] = policy
         self.refused = 0
         self._sock = ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)

@@ -141,9 +141,10 @@ class Broker:
                  keys: Keys, admits: Callable[[Instance], str | None] | None = None) -> None:
         """``link``: a second, ``ipc://`` endpoint of the same ROUTER, for sandboxed instances, which have no
         route to the host's loopback; its socket file is made connectable by their uids. ``peers``: the live
-        gateways (shared/gateways.py), told to every instance in HEARTBEATs so it connects to each of them. ``keys``: the
-        gateway's keys; instance keys are checked against the ones ``keys.instance`` derives. ``admits``: why
-        a READY whose key is right still may not register (its functions are not its group's), or None."""
+        gateways (shared/gateways.py), told to every instance in HEARTBEATs so it connects to each of them.
+        ``keys``: the gateway's keys; instance keys are checked against the ones ``keys.instance`` derives.
+        ``admits``: why a READY whose key is right still may not register (its functions are not its
+        group's), or None."""
         sock = keys.server(ctx.socket(zmq.ROUTER), INSTANCE_DOMAIN)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished instance raises, so we notice

@@ -195,7 +195,8 @@ class Gateway:
         self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer", self.keys)
         self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone,
                              self._on_task_call, self._on_stuck, self.add_reports,
-                             link=s.instance_link if s.backend in ("process", "docker") else "", peers=self.peer_records,
+                             link=s.instance_link if s.backend in ("process", "docker") else "",
+                             peers=self.peer_records,
                              keys=self.keys, admits=self._admits)
         self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event, self.keys)
         self.feed.start()

@@ -23,7 +23,8 @@ def admits(inst: Instance) -> str | None:
     return f"{sorted(strangers)} not in group {inst.group}" if strangers else None
 
 
-def ready(sock: zmq.Socket, ident: str, group: str = "g", version: int = 1, functions: tuple[str, ...] = ("f",)) -> None:
+def ready(sock: zmq.Socket, ident: str, group: str = "g", version: int = 1,
+          functions: tuple[str, ...] = ("f",)) -> None:
     sock.send_multipart(protocol.encode(protocol.READY, {
         "instance_id": ident, "group": group, "group_version": version, "functions": {f: 1 for f in functions},
         "credit": 4, "concurrency": 4, "pid": 1}))
