@@ -191,20 +191,22 @@ class Gateway:
 
     def _start(self) -> None:
         s = self.settings
-        self.store = RpcClient(self.ctx, s.store_rpc, "store", self.keys)
-        self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer", self.keys)
+        # the sockets it binds first: a port in use fails the start at once, before the clients below
+        # wait for the store's and deployer's public keys on a first start (shared/curve.py read_public)
         self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone,
                              self._on_task_call, self._on_stuck, self.add_reports,
                              link=s.instance_link if s.backend in ("process", "docker") else "",
                              peers=self.peer_records,
                              keys=self.keys, admits=self._admits)
-        self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event, self.keys)
-        self.feed.start()
-        self._background(self._announce())
         self.pub = self.keys.server(self.ctx.socket(zmq.PUB))  # traces and results: services only
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
         self.pub.bind(s.gateway_pub)
+        self.store = RpcClient(self.ctx, s.store_rpc, "store", self.keys)
+        self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer", self.keys)
+        self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event, self.keys)
+        self.feed.start()
+        self._background(self._announce())
         self._background(self._flush_traces())
         self._background(self._publish_load())
         self.calls = AsyncCalls(self)
