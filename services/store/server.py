@@ -1,4 +1,4 @@
-"""The store service: RPC on a ROUTER, change events on a PUB with sequence numbers."""
+"""The store service: RPC on a ROUTER (dispatched by the METHODS table), change events on a PUB with sequence numbers."""
 
 from __future__ import annotations
 
@@ -107,6 +107,7 @@ class StoreServer:
         return handler(self, args, bodies)
 
     def health(self) -> dict[str, Any]:
+        """Whether a write goes through now, and whether the deployer beat recently (GET /healthz shows both)."""
         age = time.time() - self.state.deployer_seen_at
         problem = self._writable()
         return {
@@ -117,6 +118,7 @@ class StoreServer:
         }
 
     def deployer_report(self) -> dict[str, Any]:
+        """The deployer's beat: kept in memory only, as a restarted store hears the next one within seconds."""
         self.state.deployer_seen_at = time.time()
         return {"ok": True}
 
