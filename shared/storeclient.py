@@ -4,7 +4,7 @@ Every service reaches the store through this client, so a store method's name an
 on each side: here and in ``services/store/server.py``'s ``METHODS`` table (a unit test checks that the two
 name the same methods). Each method wraps an :class:`RpcClient`; errors come back as the exceptions of
 ``shared/errors.py`` (NotFound, Conflict, InvalidRequest, Unavailable, DeadlineExceeded). Records are the maps
-the store builds in ``services/store/state.py`` and ``services/store/calls.py``; their main keys are named in
+the store builds in ``services/store/state.py`` and ``services/store/durable_calls.py``; their main keys are named in
 each method's docstring.
 """
 

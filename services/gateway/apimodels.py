@@ -3,7 +3,8 @@
 The handlers read and write these bodies themselves (a zip streams in, errors keep the
 project's own messages instead of FastAPI's 422), so these models document them and
 tests check real answers against them; they are not a validation layer. Every model
-allows extra fields, because fields are only ever added (STYLE.md, rule 2).
+allows extra fields: a field is only ever added to an answer, never renamed or removed, so a client
+written against an older schema keeps working.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class Optimizer:
 
     def _on_trace(self, frames: list[bytes]) -> None:
         try:
-            topic, msg = protocol.decode_event(frames)
+            topic, msg = protocol.decode_published(frames)
         except ProtocolError as exc:
             log.warning("dropped malformed trace", error=str(exc))
             return

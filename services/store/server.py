@@ -20,8 +20,8 @@ from shared.service import settle_gc
 from services.store.blobs import open_blobs
 from services.store.databases import open_database
 from services.store.db import LeadershipLost, SqlDatabase
-from services.store.calls import CallStore
-from services.store.state import Event, StoreState
+from services.store.durable_calls import CallStore
+from services.store.state import Change, StoreState
 
 log = get_logger(__name__)
 
@@ -48,12 +48,12 @@ class StoreServer:
             self.pub.close(linger=0)  # a standby taking over retries once the old leader's ports are free
             raise
 
-    def publish(self, events: list[Event]) -> None:
+    def publish(self, events: list[Change]) -> None:
         for topic, data in events:
             seq = data.pop("seq")
             try:
                 self.pub.send_multipart(
-                    protocol.encode_event(topic.encode(), {"seq": seq, "kind": topic, "data": data}), zmq.NOBLOCK
+                    protocol.encode_published(topic.encode(), {"seq": seq, "kind": topic, "data": data}), zmq.NOBLOCK
                 )
             except zmq.Again:  # subscribers resync from a snapshot when they see a gap
                 log.warning("event dropped: PUB queue full", topic=topic, seq=seq)
@@ -170,12 +170,12 @@ class StoreServer:
 Args = dict[str, Any]
 Bodies = tuple[bytes, ...]
 Handler = Callable[[StoreServer, Args, Bodies], Any]
-Change = Callable[[StoreState, Args, Bodies], tuple[Any, list[Event]]]
+Mutation = Callable[[StoreState, Args, Bodies], tuple[Any, list[Change]]]
 
 
-def _publishing(change: Change) -> Handler:
+def _publishing(mutate: Mutation) -> Handler:
     def handler(server: StoreServer, args: Args, bodies: Bodies) -> Any:
-        result, events = change(server.state, args, bodies)
+        result, events = mutate(server.state, args, bodies)
         server.publish(events)
         return result
     return handler
@@ -191,37 +191,37 @@ def _kv_put(s: StoreServer, a: Args, b: Bodies) -> Any:
     return {"ok": True}
 
 
-def _function_put(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Event]]:
+def _function_put(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
     spec = required(a, "spec", dict)
     warnings = strings(a, "warnings", [])
     return st.put_function(required(a, "name", str), spec, warnings, b[0] if b else b"")
 
 
-def _function_replicas(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Event]]:
+def _function_replicas(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
     replicas = a.get("replicas")
     if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool)):
         raise InvalidRequest("replicas must be an integer, or null to give replicas back to the autoscaler")
     return st.set_replicas_override(required(a, "name", str), replicas)
 
 
-def _instance_started(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Event]]:
+def _instance_started(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
     return {"ok": True}, st.instance_started(
         required(a, "id", str), required(a, "group_id", str), required(a, "group_version", int),
         optional(a, "backend", str, ""), optional(a, "pid", int))
 
 
-def _instance_ready(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Event]]:
+def _instance_ready(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
     functions = optional(a, "functions", dict, {})
     return {"ok": True}, st.instance_ready(
         required(a, "id", str), required(a, "group_id", str), required(a, "group_version", int), dict(functions))
 
 
-def _instance_exited(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Event]]:
+def _instance_exited(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
     return {"ok": True}, st.instance_exited(required(a, "id", str), optional(a, "exit_code", int),
                                             optional(a, "error", str))
 
 
-def _deploy_failed(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Event]]:
+def _deploy_failed(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
     return {"ok": True}, st.deploy_failed(
         required(a, "group_id", str), required(a, "group_version", int),
         optional(a, "error", str, "deploy failed"), optional(a, "log_tail", str, ""),

@@ -1,4 +1,4 @@
-"""Durable calls (services/store/calls.py) field by field, on a real database: SQLite and PostgreSQL.
+"""Durable calls (services/store/durable_calls.py) field by field, on a real database: SQLite and PostgreSQL.
 
 The async guarantees (stored before 202, claimed once, retried, dead letters, idempotency keys) rest on
 these statements; each test pins what a user would see change if one of them did something else.
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from services.store.calls import MAX_CLAIM, MAX_LIST, MAX_TEXT_FIELD, CallStore, _iso, call_problem
+from services.store.durable_calls import MAX_CLAIM, MAX_LIST, MAX_TEXT_FIELD, CallStore, _iso, call_problem
 from shared.errors import Conflict, InvalidRequest, NotFound
 
 
