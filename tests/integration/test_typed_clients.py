@@ -142,7 +142,7 @@ def test_every_method_of_the_typed_client_is_served_by_a_real_store(store_only: 
 
         def all_published() -> bool:
             while sub.poll(0):
-                _, msg = protocol.decode_event(sub.recv_multipart())
+                _, msg = protocol.decode_published(sub.recv_multipart())
                 events.append((msg.header["seq"], msg.header["kind"]))
             return bool(events) and events[-1][0] >= seen["last_seq"]
 
