@@ -27,9 +27,11 @@ OWNER = "boot-test"
 
 
 class Sent(RpcClient):
-    """The real RPC client, noting the store methods it sent."""
+    """The real RPC client, noting the methods it sent."""
 
-    methods: set[str]
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.methods: set[str] = set()
 
     async def call_with_bodies(self, method: str, args: dict[str, Any] | None = None, *bodies: bytes,
                                **kw: Any) -> tuple[Any, tuple[bytes, ...]]:
@@ -122,7 +124,6 @@ def test_every_method_of_the_typed_client_is_served_by_a_real_store(store_only: 
 
     async def run() -> dict[str, Any]:
         rpc = Sent(ctx, store_only.endpoints["store_rpc"], "store")
-        rpc.methods = set()
         store = StoreClient(rpc)
         try:
             # a subscription takes effect a moment after connecting: announce until its event arrives
@@ -183,7 +184,6 @@ def test_every_method_of_the_typed_deployer_client_is_served_by_a_real_deployer(
 
     async def run() -> dict[str, Any]:
         rpc = Sent(ctx, store_only.endpoints["deployer_rpc"], "deployer")
-        rpc.methods = set()
         deployer = DeployerClient(rpc)
         seen: dict[str, Any] = {}
         try:
