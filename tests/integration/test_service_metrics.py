@@ -1,0 +1,114 @@
+"""The store's, the deployer's and the optimizer's families on the gateway's GET /metrics, against a real stack."""
+
+from __future__ import annotations
+
+import signal
+from typing import Iterator
+
+import pytest
+
+from tests.stack import Stack, function_yaml, make_zip, wait_for
+
+pytestmark = pytest.mark.integration
+
+HELLO = "def handler(context, event):\n    return 'hello'\n"
+# a requirement pip itself cannot read: the build fails before asking any package index
+BAD_REQUIREMENTS = "nuclide-missing ==== 1\n"
+REPORTED_S = 30.0  # generous: reports come every second, but the machine is shared
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("svcmetrics") / "var")
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+
+
+def up(stack: Stack, service: str) -> float | None:
+    return stack.metrics().get(f'nuclide_service_up{{service="{service}"}}')
+
+
+def all_up(stack: Stack) -> dict[str, float]:
+    """A scrape in which the store answered and the deployer and optimizer reported lately."""
+    def scraped() -> dict[str, float] | None:
+        m = stack.metrics()
+        ok = all(m.get(f'nuclide_service_up{{service="{s}"}}') == 1 for s in ("store", "deployer", "optimizer"))
+        return m if ok else None
+    return wait_for(scraped, REPORTED_S, interval_s=0.2, what="every service reporting metrics")
+
+
+def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_deploy_calls_and_a_failed_build_move_each_service_s_families(stack: Stack) -> None:
+    before = all_up(stack)
+    assert before['nuclide_store_database_info{database="sqlite"}'] == 1
+    assert before["nuclide_store_leader"] == 1
+    assert delta(before, {}, "nuclide_deployer_builds_total") == 0  # nothing deployed yet (no sample either)
+
+    stack.deploy("sm-fn", {"function.yaml": function_yaml("sm-fn"), "main.py": HELLO})
+    for _ in range(3):
+        assert stack.invoke("sm-fn").text == "hello"
+    resp = stack.client.put("/sm-bad", files={"zip_file": ("task.zip", make_zip({
+        "function.yaml": function_yaml("sm-bad"), "main.py": HELLO, "requirements.txt": BAD_REQUIREMENTS}),
+        "application/zip")})
+    assert resp.status_code == 422, resp.text
+
+    def moved() -> dict[str, float] | None:
+        m = all_up(stack)
+        wanted = (delta(m, before, 'nuclide_deployer_builds_total{outcome="failed"}') == 1
+                  and delta(m, before, 'nuclide_optimizer_traced_calls_total') >= 3
+                  and delta(m, before, 'nuclide_store_calls{status="DONE"}') >= 3)
+        return m if wanted else None
+
+    after = wait_for(moved, REPORTED_S, interval_s=0.2, what="the deploys and calls in the services' families")
+    # the deployer: one group version built and started, one refused by its build
+    assert delta(after, before, 'nuclide_deployer_builds_total{outcome="ok"}') == 1
+    assert delta(after, before, 'nuclide_deployer_build_seconds_count{outcome="ok"}') == 1
+    assert delta(after, before, 'nuclide_deployer_build_seconds_count{outcome="failed"}') == 1
+    assert after['nuclide_deployer_build_seconds_bucket{le="+Inf",outcome="failed"}'] == 1
+    assert delta(after, before, "nuclide_deployer_instances_started_total") == 1
+    assert after['nuclide_deployer_instances{backend="process"}'] == 1
+    assert delta(after, before, 'nuclide_deployer_instances_exited_total{reason="crash"}') == 0
+    # the store: both versions kept, the failed build reported, the sync calls recorded
+    assert delta(after, before, 'nuclide_store_rpcs_total{method="function.put",outcome="ok"}') == 2
+    assert delta(after, before, 'nuclide_store_rpcs_total{method="deploy.failed",outcome="ok"}') == 1
+    assert delta(after, before, 'nuclide_store_calls{status="DONE"}') == 3
+    assert delta(after, before, "nuclide_store_events_published_total") >= 3
+    assert delta(after, before, 'nuclide_store_rpc_seconds_count{class="write"}') >= 4
+    assert after["nuclide_store_storage_errors_total"] == 0
+    # the optimizer: the three entry calls heard in the gateway's traces
+    assert delta(after, before, "nuclide_optimizer_traced_calls_total") == 3
+
+
+def test_a_killed_optimizer_is_reported_down_then_up_after_a_restart(stack: Stack) -> None:
+    all_up(stack)
+    stack.stop_service("optimizer", signal.SIGKILL)
+    # down within the staleness window (three report periods), and its families left out
+    wait_for(lambda: up(stack, "optimizer") == 0, REPORTED_S, interval_s=0.2, what="the optimizer reported down")
+    m = stack.metrics()
+    assert not [k for k in m if k.startswith("nuclide_optimizer_")], m
+    assert m['nuclide_service_up{service="deployer"}'] == 1 and "nuclide_deployer_restart_backoffs_total" in m
+    stack.start_service("optimizer")
+    wait_for(lambda: up(stack, "optimizer") == 1, REPORTED_S, interval_s=0.2, what="the optimizer reported up")
+    assert "nuclide_optimizer_traced_edges_total" in stack.metrics()
+
+
+def test_a_scrape_works_with_the_store_down(stack: Stack) -> None:
+    all_up(stack)
+    stack.stop_service("store", signal.SIGKILL)
+    try:
+        m = stack.metrics()
+        # the gateway's own families, the store (and what it relays) marked down and left out
+        assert m['nuclide_service_up{service="store"}'] == 0
+        assert m['nuclide_service_up{service="deployer"}'] == 0
+        assert m['nuclide_service_up{service="optimizer"}'] == 0
+        assert not [k for k in m if k.startswith(("nuclide_store_", "nuclide_deployer_", "nuclide_optimizer_"))]
+        assert m['gateway_service_count{function_name="sm-fn"}'] >= 1
+        assert "nuclide_invocations_total" in m
+    finally:
+        stack.start_service("store")
+    all_up(stack)  # the store back: its families, and the others' reports through it, return
