@@ -119,3 +119,12 @@ def test_the_store_bounds_method_labels_and_refuses_bad_reports() -> None:
     assert store.reports == {}
     store.report("optimizer", {"nuclide_optimizer_traced_calls": single(2)}, 1.0)
     assert store.services()["optimizer"]["metrics"] == {"nuclide_optimizer_traced_calls": [[2]]}
+
+
+def test_the_readme_lists_every_service_family() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name, spec in {"nuclide_service_up": None, **FAMILIES}.items():
+        rendered = name + ("_total" if spec is not None and spec.kind == "counter" else "")
+        assert f"| `{rendered}` |" in readme, f"README's Metrics table has no row for {rendered}"
