@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from typing import Iterator
 
@@ -12,6 +13,7 @@ from tests.stack import Stack, function_yaml, make_zip, wait_for
 pytestmark = pytest.mark.integration
 
 HELLO = "def handler(context, event):\n    return 'hello'\n"
+CRASH = "import os\n\ndef handler(context, event):\n    os._exit(1)\n"
 # a requirement pip itself cannot read: the build fails before asking any package index
 BAD_REQUIREMENTS = "nuclide-missing ==== 1\n"
 REPORTED_S = 30.0  # generous: reports come every second, but the machine is shared
@@ -80,11 +82,28 @@ def test_deploy_calls_and_a_failed_build_move_each_service_s_families(stack: Sta
     assert delta(after, before, "nuclide_store_events_published_total") >= 3
     assert delta(after, before, 'nuclide_store_rpc_seconds_count{class="write"}') >= 4
     assert after["nuclide_store_storage_errors_total"] == 0
+    # the one instance was forked from a zygote, or started cold when no zygote could run here
+    assert delta(after, before, "nuclide_deployer_zygote_forks_total") in (0, 1)
+    assert after["nuclide_deployer_zygote_warm_hits_total"] <= after["nuclide_deployer_zygote_forks_total"]
     # the optimizer: the three entry calls heard in the gateway's traces
     assert delta(after, before, "nuclide_optimizer_traced_calls_total") == 3
 
 
+def test_an_instance_that_dies_counts_as_a_crash_and_a_deleted_one_as_stopped(stack: Stack) -> None:
+    stack.deploy("sm-crash", {"function.yaml": function_yaml("sm-crash"), "main.py": CRASH})
+    before = all_up(stack)
+    assert stack.invoke("sm-crash").status_code != 200  # the handler ends its instance's process
+    wait_for(lambda: delta(all_up(stack), before, 'nuclide_deployer_instances_exited_total{reason="crash"}') == 1,
+             REPORTED_S, interval_s=0.2, what="the crash counted")
+    before = all_up(stack)
+    assert stack.client.delete("/sm-crash").status_code in (200, 204)
+    wait_for(lambda: delta(all_up(stack), before, 'nuclide_deployer_instances_exited_total{reason="stopped"}') >= 1,
+             REPORTED_S, interval_s=0.2, what="the deleted function's instance counted as stopped")
+    assert delta(all_up(stack), before, 'nuclide_deployer_instances_exited_total{reason="crash"}') == 0
+
+
 def test_a_killed_optimizer_is_reported_down_then_up_after_a_restart(stack: Stack) -> None:
+    stack.deploy("sm-two", {"function.yaml": function_yaml("sm-two"), "main.py": HELLO})
     all_up(stack)
     stack.stop_service("optimizer", signal.SIGKILL)
     # down within the staleness window (three report periods), and its families left out
@@ -92,9 +111,17 @@ def test_a_killed_optimizer_is_reported_down_then_up_after_a_restart(stack: Stac
     m = stack.metrics()
     assert not [k for k in m if k.startswith("nuclide_optimizer_")], m
     assert m['nuclide_service_up{service="deployer"}'] == 1 and "nuclide_deployer_restart_backoffs_total" in m
-    stack.start_service("optimizer")
+    # back with a schedule that fuses the two functions at once: its round and its regroup are counted
+    schedule = stack.var_dir.parent / "schedule.json"
+    schedule.write_text(json.dumps({"0": [["sm-fn", "sm-two"]]}))
+    stack.start_service("optimizer", {"NUCLIDE_OPTIMIZER_STRATEGY": "static",
+                                      "NUCLIDE_OPTIMIZER_SCHEDULE": str(schedule)})
     wait_for(lambda: up(stack, "optimizer") == 1, REPORTED_S, interval_s=0.2, what="the optimizer reported up")
-    assert "nuclide_optimizer_traced_edges_total" in stack.metrics()
+    m = wait_for(lambda: (m := stack.metrics()).get('nuclide_optimizer_regroups_total{result="applied"}') == 1 and m,
+                 120, interval_s=0.2, what="the scheduled regroup counted")
+    assert m['nuclide_optimizer_rounds_total{decision="applied"}'] == 1
+    assert m["nuclide_optimizer_traced_edges_total"] == 0  # a new process: its counters start at zero
+    assert stack.invoke("sm-two").text == "hello"
 
 
 def test_a_scrape_works_with_the_store_down(stack: Stack) -> None:
