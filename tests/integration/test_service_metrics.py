@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
-from typing import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
 from tests.stack import Stack, function_yaml, make_zip, wait_for
+
+if TYPE_CHECKING:
+    from tests.pg_util import PgCluster
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +143,14 @@ def test_a_scrape_works_with_the_store_down(stack: Stack) -> None:
     finally:
         stack.start_service("store")
     all_up(stack)  # the store back: its families, and the others' reports through it, return
+
+
+def test_a_store_on_postgresql_names_its_database_and_leads(tmp_path: Path, postgres_cluster: "PgCluster") -> None:
+    s = Stack(tmp_path / "var", {"NUCLIDE_DATABASE_URL": postgres_cluster.new_database()})
+    try:
+        m = all_up(s.start())
+        assert m['nuclide_store_database_info{database="postgresql"}'] == 1
+        assert 'nuclide_store_database_info{database="sqlite"}' not in m
+        assert m["nuclide_store_leader"] == 1
+    finally:
+        s.stop()
