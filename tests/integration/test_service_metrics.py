@@ -96,9 +96,13 @@ def test_deploy_calls_and_a_failed_build_move_each_service_s_families(stack: Sta
 def test_an_instance_that_dies_counts_as_a_crash_and_a_deleted_one_as_stopped(stack: Stack) -> None:
     stack.deploy("sm-crash", {"function.yaml": function_yaml("sm-crash"), "main.py": CRASH})
     before = all_up(stack)
-    assert stack.invoke("sm-crash").status_code != 200  # the handler ends its instance's process
-    wait_for(lambda: delta(all_up(stack), before, 'nuclide_deployer_instances_exited_total{reason="crash"}') == 1,
-             REPORTED_S, interval_s=0.2, what="the crash counted")
+    for crashes in (1, 2, 3):  # each call ends its instance's process; the deployer starts another
+        assert stack.invoke("sm-crash").status_code != 200
+        wait_for(lambda: delta(all_up(stack), before, 'nuclide_deployer_instances_exited_total{reason="crash"}')
+                 == crashes, REPORTED_S, interval_s=0.2, what=f"crash {crashes} counted")
+    # the third crash within a minute delays the next restart
+    wait_for(lambda: delta(all_up(stack), before, "nuclide_deployer_restart_backoffs_total") >= 1,
+             REPORTED_S, interval_s=0.2, what="the restart backoff counted")
     before = all_up(stack)
     assert stack.client.delete("/sm-crash").status_code in (200, 204)
     wait_for(lambda: delta(all_up(stack), before, 'nuclide_deployer_instances_exited_total{reason="stopped"}') >= 1,
@@ -152,5 +156,27 @@ def test_a_store_on_postgresql_names_its_database_and_leads(tmp_path: Path, post
         assert m['nuclide_store_database_info{database="postgresql"}'] == 1
         assert 'nuclide_store_database_info{database="sqlite"}' not in m
         assert m["nuclide_store_leader"] == 1
+    finally:
+        s.stop()
+
+
+def test_the_autoscaler_s_moves_are_counted_by_direction(tmp_path: Path) -> None:
+    from tests.scaling import BUSY, FAST_WINDOWS, Load, replicas
+
+    s = Stack(tmp_path / "var", FAST_WINDOWS)
+    try:
+        s.start()
+        before = all_up(s)
+        s.deploy("sm-busy", {"function.yaml": function_yaml("sm-busy", minReplicas=1, maxReplicas=2), "main.py": BUSY})
+        with Load(s.url, "sm-busy", connections=6, limit_s=60):
+            wait_for(lambda: replicas(s, "sm-busy")["desired"] == 2, 40, interval_s=0.2, what="2 replicas under load")
+        wait_for(lambda: replicas(s, "sm-busy")["desired"] == 1, 60, interval_s=0.2, what="1 replica after the load")
+        m = wait_for(lambda: (m := all_up(s)).get('nuclide_optimizer_scaler_decisions_total{direction="down"}') == 1
+                     and m, REPORTED_S, interval_s=0.2, what="the scale-down counted")
+        assert m['nuclide_optimizer_scaler_decisions_total{direction="up"}'] == 1
+        # the deploy's replica and the second one; the second stopped when the load was gone
+        assert delta(m, before, "nuclide_deployer_instances_started_total") == 2
+        wait_for(lambda: delta(all_up(s), before, 'nuclide_deployer_instances_exited_total{reason="stopped"}') == 1,
+                 REPORTED_S, interval_s=0.2, what="the removed replica counted as stopped")
     finally:
         s.stop()
