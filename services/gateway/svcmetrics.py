@@ -20,6 +20,9 @@ from shared.svcmetrics import FAMILIES, SERVICES
 
 # a snapshot this many report periods old means the service stopped reporting (as for heartbeats)
 STALE_PERIODS = HEARTBEAT_LIVENESS
+# series rendered per family at most: the services' labels are bounded (the store's methods, a few outcomes
+# and reasons), so this only stops a faulty report from growing a scrape without bound
+MAX_ROWS = 500
 
 
 def _number(value: Any) -> bool:
@@ -52,7 +55,7 @@ def _family(name: str, rows: Any) -> Metric:
         family = GaugeMetricFamily(name, spec.help, labels=list(spec.labels))
     else:
         family = HistogramMetricFamily(name, spec.help, labels=list(spec.labels))
-    for row in rows if isinstance(rows, list) else ():
+    for row in rows[:MAX_ROWS] if isinstance(rows, list) else ():
         if not isinstance(row, list) or len(row) != len(spec.labels) + 1 or not all(isinstance(v, str) for v in row[:-1]):
             continue
         labels, value = row[:-1], row[-1]

@@ -9,7 +9,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from services.gateway.svcmetrics import STALE_PERIODS, ServiceCollector
+from services.gateway.svcmetrics import MAX_ROWS, STALE_PERIODS, ServiceCollector
 from services.store.metrics import MAX_METHODS, StoreMetrics, method_class
 from shared.errors import InvalidRequest
 from shared.svcmetrics import FAMILIES, Histogram, labelled, single
@@ -102,6 +102,9 @@ def test_malformed_rows_and_unknown_families_are_dropped_not_rendered() -> None:
     assert [k for k in m if k.startswith("nuclide_store_rpcs")] == ['nuclide_store_rpcs_total{method="good",outcome="ok"}']
     assert not [k for k in m if k.startswith(("nuclide_store_rpc_seconds", "nuclide_made_up"))]
     assert m['nuclide_service_up{service="optimizer"}'] == 0 and m['nuclide_service_up{service="deployer"}'] == 0
+    # a report with more series than any service has is cut, not rendered whole
+    _, m = render({"store": {"nuclide_store_calls": [[f"S{i}", i] for i in range(MAX_ROWS * 2)]}, "services": {}})
+    assert len([k for k in m if k.startswith("nuclide_store_calls")]) == MAX_ROWS
 
 
 def test_the_store_bounds_method_labels_and_refuses_bad_reports() -> None:
