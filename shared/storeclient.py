@@ -46,9 +46,25 @@ class StoreClient:
         ``runtimes`` and ``gateways`` (live ones)."""
         return await self._call("snapshot", timeout_s=timeout_s)
 
-    async def deployer_report(self, instances: int, *, timeout_s: float = RPC_TIMEOUT_S) -> dict[str, Any]:
-        """The deployer's liveness beat (``health`` judges the deployer by its age): ``{"ok": True}``."""
-        return await self._call("deployer.report", {"instances": instances}, timeout_s=timeout_s)
+    async def deployer_report(self, instances: int, metrics: dict[str, Any] | None = None,
+                              interval_s: float | None = None, *, timeout_s: float = RPC_TIMEOUT_S) -> dict[str, Any]:
+        """The deployer's liveness beat (``health`` judges the deployer by its age), with its metrics snapshot
+        when given (``interval_s``: its report period): ``{"ok": True}``."""
+        args: dict[str, Any] = {"instances": instances}
+        if metrics is not None:
+            args.update(metrics=metrics, interval_s=interval_s)
+        return await self._call("deployer.report", args, timeout_s=timeout_s)
+
+    async def metrics_report(self, service: str, metrics: dict[str, Any], interval_s: float, *,
+                             timeout_s: float = RPC_TIMEOUT_S) -> dict[str, Any]:
+        """A service's newest metrics snapshot (``service``: deployer or optimizer; ``interval_s``: its report
+        period, after which a gateway counts it down): ``{"ok": True}``."""
+        return await self._call("metrics.report", {"service": service, "metrics": metrics, "interval_s": interval_s},
+                                timeout_s=timeout_s)
+
+    async def metrics_get(self, *, timeout_s: float = RPC_TIMEOUT_S) -> dict[str, Any]:
+        """``{"store": its own families, "services": the other services' newest snapshots}`` for GET /metrics."""
+        return await self._call("metrics.get", {}, timeout_s=timeout_s)
 
     async def kv_get(self, key: str, *, timeout_s: float = RPC_TIMEOUT_S) -> Any:
         """The value last put under ``key`` (any msgpack value), or None."""

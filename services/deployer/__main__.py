@@ -67,7 +67,8 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     async def report() -> None:
         while True:
             try:
-                await store.deployer_report(len(backend.list()), timeout_s=2.0)
+                await store.deployer_report(len(backend.list()), reconciler.metrics.snapshot(backend),
+                                            DEPLOYER_REPORT_INTERVAL_S, timeout_s=2.0)
             except NuclideError:
                 pass
             await asyncio.sleep(DEPLOYER_REPORT_INTERVAL_S)

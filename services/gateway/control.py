@@ -211,8 +211,10 @@ def build_control_app(gw: Gateway) -> FastAPI:
         """Prometheus' text format: OpenFaaS's gateway_* families per function, nuclide_* ones (README "Metrics")."""
         try:  # the autoscaler's families: what the optimizer last reported (nothing if the store is slow)
             gw.optimizer_status = await store().kv_get("optimizer", timeout_s=1.0)
-        except NuclideError:
-            gw.optimizer_status = None
+            # the store's, the deployer's and the optimizer's families (services/gateway/svcmetrics.py)
+            gw.service_metrics = await store().metrics_get(timeout_s=1.0)
+        except NuclideError:  # a store that did not answer is not asked twice: its families are left out
+            gw.optimizer_status = gw.service_metrics = None
         return Response(gw.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/functions", dependencies=auth, tags=["functions"])

@@ -56,6 +56,9 @@ async def tour(store: StoreClient) -> dict[str, Any]:
     seen["ping"] = await store.ping()
     seen["health"] = await store.health()
     await store.deployer_report(0)
+    await store.deployer_report(0, {}, 2.0)
+    await store.metrics_report("optimizer", {}, 1.0)
+    seen["metrics"] = await store.metrics_get()
     await store.kv_put("k", {"a": [1, 2]})
     seen["kv"] = await store.kv_get("k")
     assert await store.runtime_list() == []
@@ -156,6 +159,8 @@ def test_every_method_of_the_typed_client_is_served_by_a_real_store(store_only: 
 
     assert seen["sent"] == set(METHODS)  # the tour reached every method the store serves
     assert seen["kv"] == {"a": [1, 2]}
+    assert {name: m["interval_s"] for name, m in seen["metrics"]["services"].items()} == {"deployer": 2.0,
+                                                                                          "optimizer": 1.0}
     assert seen["runtime"]["image"] == "img:1" and seen["runtime"]["image_id"] == "sha"
     assert seen["blob"] == b"zip of f"
     assert [i["id"] for i in seen["instances"]] == ["i1"] and seen["function"]["state"] == "ready"
