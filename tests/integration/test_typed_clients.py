@@ -120,7 +120,7 @@ async def tour(store: StoreClient) -> dict[str, Any]:
 
 def test_every_method_of_the_typed_client_is_served_by_a_real_store(store_only: Stack) -> None:
     ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
+    sub = store_only.keys().client(ctx.socket(zmq.SUB), "store")  # the store publishes to services only
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(store_only.endpoints["store_pub"])
