@@ -84,10 +84,3 @@ class InstanceConfig:
             fusionizer_host=str(data.get("fusionizer_host") or "127.0.0.1"), memory_bytes=memory_bytes,
         )
 
-
-_FIELDS = frozenset(InstanceConfig.__dataclass_fields__)
-
-
-def extra_fields(data: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a config map that are not :class:`InstanceConfig`'s (a runner's own settings)."""
-    return {k: v for k, v in data.items() if k not in _FIELDS}
