@@ -54,7 +54,7 @@ class Runtime(Executor):
 
     def __init__(self, config: InstanceConfig, functions: dict[str, Function]) -> None:
         super().__init__(config, functions)
-        self.link = InstanceLoop(self.ctx, config, {
+        self.instance_loop = InstanceLoop(self.ctx, config, {
             "functions": {f.name: f.version for f in functions.values()},
             # how many INVOKEs may wait here; the gateway only fills it while calls are fast
             "credit": self.max_concurrency + PREFETCH,
@@ -64,10 +64,10 @@ class Runtime(Executor):
 
     def run(self) -> int:
         signal.signal(signal.SIGALRM, on_alarm)
-        return self.link.run()
+        return self.instance_loop.run()
 
     def close(self) -> None:
-        self.link.close(linger_ms=1000)
+        self.instance_loop.close(linger_ms=1000)
         super().close()
 
 

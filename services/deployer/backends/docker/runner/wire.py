@@ -46,7 +46,7 @@ class Runner:
         self._warm_lock = threading.Lock()
         self.ctx = zmq.Context()
         self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="call")
-        self.link = InstanceLoop(self.ctx, instance, {
+        self.instance_loop = InstanceLoop(self.ctx, instance, {
             "functions": {self.fn["name"]: int(self.fn["version"])},
             "credit": self.concurrency, "concurrency": self.concurrency,
         }, self.execute, self.pool, log=self.log)
@@ -104,7 +104,7 @@ class Runner:
 
     def _replace_warm(self, cid: str) -> None:
         self._drop_warm(cid)
-        if not self.link.stopping:
+        if not self.instance_loop.stopping:
             try:
                 self._add_warm()
             except Exception as exc:
@@ -187,7 +187,7 @@ class Runner:
         return out, err, timed_out
 
     def run(self) -> int:
-        return self.link.run()
+        return self.instance_loop.run()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -197,5 +197,5 @@ class Runner:
         for cid in warm:
             self.containers.remove(cid)
         self.containers.close()
-        self.link.close(linger_ms=1000)
+        self.instance_loop.close(linger_ms=1000)
         self.ctx.term()
