@@ -68,7 +68,9 @@ class Reports(Protocol):
 
 
 def _print_log(message: str, **fields: Any) -> None:
-    print(f"nuclide instance: {message}: {fields}", file=sys.stderr, flush=True)
+    """A line on stderr (the instance log), for an instance that has no logger of its own."""
+    details = " ".join(f"{key}={value}" for key, value in fields.items() if key != "level")
+    print(f"nuclide instance: {message}: {details}", file=sys.stderr, flush=True)
 
 
 def _send(sock: zmq.Socket, frames: list[bytes]) -> None:
