@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from shared.instanceconfig import InstanceConfig
 from services.runtime import responses
-from services.runtime.calls import CallFailed, Frame, TaskCaller
+from services.runtime.context_calls import CallFailed, Frame, TaskCaller
 from services.runtime.context import Context, Logger
 from services.runtime.event import Event
 from services.runtime.handlers import (
