@@ -21,7 +21,7 @@ from shared.instanceloop import InstanceLoop
 from services.runtime.executor import (  # noqa: F401 (CallTimeout, Executor, Function, load_functions: re-exported)
     CallTimeout, Executor, Function, load_functions, load_or_report, on_alarm,
 )
-from services.runtime.calls import TaskCaller
+from services.runtime.context_calls import TaskCaller
 
 PREFETCH = 32  # calls buffered beyond maxConcurrency, so the handler never waits for a round trip
 EDGES_EVERY_S = 0.1  # in-process task calls are reported (summed, and the failed ones) at most this often
