@@ -155,6 +155,7 @@ class Gateway:
         self.telemetry = Telemetry()  # per-function counters, rendered by GET /metrics (telemetry.py)
         self._metrics_registry = registry_for(self)
         self.optimizer_status: dict[str, Any] | None = None  # read from the store by GET /metrics
+        self.service_metrics: dict[str, Any] | None = None  # the store's metrics.get, read by GET /metrics
         self._started_mono = time.monotonic()
         self.deploy_waiters: dict[tuple[str, int], asyncio.Future] = {}
         self.regroup_waiters: dict[int, asyncio.Future] = {}  # regroup id -> its record once it ended
