@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 
 from shared.gateways import endpoint_for
+from shared.instanceconfig import InstanceConfig
 from shared.linkkeys import instance_socket
 from shared.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 
@@ -39,23 +40,23 @@ class Link:
 
 
 class InstanceLinks:
-    def __init__(self, ctx: zmq.Context, identity: str, config: dict[str, Any]) -> None:
+    def __init__(self, ctx: zmq.Context, identity: str, config: InstanceConfig) -> None:
         """``config``: the instance config; its ``gateways`` (endpoints), ``link`` (a sandboxed instance, which
         reaches gateways on its machine by their link sockets) and ``host`` (the machine's name)."""
         self.ctx = ctx
         self.identity = identity.encode()
-        self.use_link = bool(config.get("link"))
-        self.link_dir = str(config.get("link_dir") or "")  # where a container sees the link directory
-        self.host = str(config.get("host") or "")
-        self.config = config  # its "curve" keys every link (shared/linkkeys.py)
+        self.use_link = config.link
+        self.link_dir = config.link_dir  # where a container sees the link directory
+        self.host = config.host
+        self.curve = config.curve  # keys every link (shared/linkkeys.py)
         self.links: dict[str, Link] = {}
         self.by_socket: dict[zmq.Socket, Link] = {}
-        for endpoint in config["gateways"]:
+        for endpoint in config.gateways:
             self.open(endpoint)
 
     def open(self, endpoint: str) -> Link:
         """A DEALER to one gateway: the only place an instance's gateway socket is set up."""
-        sock = instance_socket(self.ctx.socket(zmq.DEALER), self.config)
+        sock = instance_socket(self.ctx.socket(zmq.DEALER), {"curve": self.curve})
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
