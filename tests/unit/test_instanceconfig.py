@@ -14,6 +14,7 @@ FULL = {
     "functions": [{"name": "f", "version": 2, "code_dir": "/code", "handler": "main:handler", "env": {"A": "1"}}],
     "link": True, "host": "node-1", "link_dir": "/run/nuclide-link", "gateway_url": "http://127.0.0.1:8000",
     "fusionizer_host": "127.0.0.2", "memory_bytes": 128 * 1024 * 1024,
+    "curve": {"public": "P" * 40, "secret": "S" * 40, "server": "G" * 40},
 }
 
 
@@ -39,11 +40,17 @@ def test_optional_fields_default_and_unknown_keys_are_ignored() -> None:
     ({"functions": {"name": "f"}}, "'functions' must be a list of maps"),
     ({"group_version": "three"}, "'group_version' and 'memory_bytes' must be integers"),
     ({"memory_bytes": [1]}, "'group_version' and 'memory_bytes' must be integers"),
+    ({"curve": "secret"}, "'curve' must map public, secret and server to z85 keys"),
+    ({"curve": {"secret": 5}}, "'curve' must map public, secret and server to z85 keys"),
 ])
 def test_a_bad_config_names_the_field(change: dict[str, Any], needle: str) -> None:
     data = {k: v for k, v in {**FULL, **change}.items() if v is not None}
     with pytest.raises(InvalidInstanceConfig, match=needle):
         InstanceConfig.from_dict(data)
+
+
+def test_the_instance_secret_key_stays_out_of_its_repr() -> None:
+    assert "S" * 40 not in repr(InstanceConfig.from_dict(FULL))
 
 
 def test_not_a_map_or_not_json() -> None:

@@ -12,6 +12,7 @@ import pytest
 import zmq
 
 from shared import protocol
+from shared.curve import INSTANCE_DOMAIN, Keys, ZapHandler, memory_keys
 from shared.instanceconfig import InstanceConfig
 from shared.instanceloop import InstanceLoop
 
@@ -25,8 +26,8 @@ def echo(header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
 class Gateway:
     """A ROUTER the instance connects to; the test drives it from a thread while the loop runs on the main one."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
-        self.sock = ctx.socket(zmq.ROUTER)
+    def __init__(self, ctx: zmq.Context, endpoint: str, keys: Keys) -> None:
+        self.sock = keys.server(ctx.socket(zmq.ROUTER), INSTANCE_DOMAIN)  # a CURVE server, as a gateway's is
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(endpoint)
         self.peer = b""
@@ -51,9 +52,12 @@ def serve(tmp_path: Path, script: Callable[[Gateway, InstanceLoop], None], pool:
           reports: Any = None, execute: Any = echo) -> tuple[int, list[BaseException]]:
     """Run an instance loop on this thread while ``script`` plays the gateway; (exit code, script errors)."""
     ctx = zmq.Context()
+    keys = memory_keys()
+    zap = ZapHandler(ctx, keys)
     endpoint = f"ipc://{tmp_path}/gw"
-    gateway = Gateway(ctx, endpoint)
-    config = InstanceConfig("inst-1", "grp", 4, (endpoint,), ({"name": "fn", "version": 2},))
+    gateway = Gateway(ctx, endpoint, keys)
+    config = InstanceConfig("inst-1", "grp", 4, (endpoint,), ({"name": "fn", "version": 2},),
+                            curve=keys.instance_config("inst-1", "grp", 4))
     loop = InstanceLoop(ctx, config, {"functions": {"fn": 2}, "credit": 3, "concurrency": 1, "batch": True},
                         execute, pool, reports)
     errors: list[BaseException] = []
@@ -74,6 +78,7 @@ def serve(tmp_path: Path, script: Callable[[Gateway, InstanceLoop], None], pool:
         thread.join(DEADLINE_S)
         loop.close(linger_ms=0)
         gateway.sock.close()
+        zap.close()
         ctx.term()
     return code, errors
 
