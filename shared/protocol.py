@@ -190,3 +190,28 @@ def reply(req_id: Any, result: Any, *bodies: bytes) -> list[bytes]:
 def error_reply(req_id: Any, wire_error: dict[str, Any]) -> list[bytes]:
     """An RPC error reply: header {id, error: {code, message, details}}."""
     return encode(ERR, {"id": req_id, "error": wire_error})
+
+
+def invoke_header(call_id: str, function: str, deadline_ms: int, *, parent_id: str | None = None,
+                  method: str = "POST", path: str = "/", query: str = "", headers: list[list[str]] | None = None,
+                  content_type: str = "", mode: str = "http", **extra: Any) -> dict[str, Any]:
+    """The header of an INVOKE (gateway -> instance): the call's ids, its HTTP request (method, path below the
+    function, query, ``[[name, value], ...]`` headers, content type), its deadline (ms since the epoch) and its
+    mode (``http``, ``execute``). ``extra``: fields some INVOKEs add (an async call's ``attempt``); a CALL
+    (instance -> gateway) is an INVOKE header plus the caller's ``depth``, ``chain``, ``caller``, ``async`` and
+    ``instance``, and the gateway forwards it as the callee's INVOKE."""
+    header = {
+        "call_id": call_id,
+        "parent_id": parent_id,
+        "function": function,
+        "method": method,
+        "path": path,
+        "query": query,
+        "headers": headers if headers is not None else [],
+        "content_type": content_type,
+        "deadline_ms": deadline_ms,
+        "mode": mode,
+    }
+    if extra:
+        header.update(extra)
+    return header
