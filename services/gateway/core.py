@@ -9,13 +9,14 @@ among the gateways (a beat to the store), stuck instances, the API token, and th
 invoke paths: the HTTP server (http.py) hands sync invocations to
 :meth:`Gateway.invoke_direct`; ``make_asgi`` sends the other invoke routes to
 :meth:`Gateway.invoke` and everything else to the FastAPI control plane in ``control.py``.
+What goes into an INVOKE and what comes out of a RESULT is in invocation.py. (Past 400
+lines: the two paths share each step, and the hot one reads best in one place.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import time
 from typing import Any
@@ -27,46 +28,26 @@ from shared import protocol
 from shared.aiosock import RpcClient
 from shared.auth import check_bearer
 from shared.config import Settings
-from shared.errors import InvalidRequest, NotFound, NuclideError, TooManyRequests, Unavailable
+from shared.errors import NotFound, NuclideError, Unavailable
 from shared.failures import result_error
 from shared.gateways import GATEWAY_BEAT_S, GATEWAY_TTL_S, gateway_record
 from shared.logs import get_logger
 from shared.names import invoke_target
 from shared.statefeed import StateFeed
-from services.gateway import fusionizer
 from services.gateway.broker import Broker, Call, Instance
 from services.gateway.calls import AsyncCalls
 from services.gateway.catalogue import Catalogue, Deploys, FunctionInfo
-from services.gateway.http import valid_header
 from services.gateway.ingress import Ingress
+from services.gateway.invocation import (
+    ASYNC_CONTROL, Answer, async_answer, error_answer, execute_payload, function_headers, in_text_mode, read_body,
+    result_answer, wants_async,
+)
 from services.gateway.scaler import Scaler
 from services.gateway.taskcalls import TaskCalls
 from services.gateway.telemetry import Telemetry, registry_for
 from services.gateway.traces import Publisher, Traces
 
 log = get_logger(__name__)
-
-_JSON_CT = (b"content-type", b"application/json")
-_SKIP_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
-
-_TRUE = (b"true", b"1", b"yes")
-# never handed to function code: the caller's credentials are for the gateway only
-_CREDENTIALS = frozenset({b"authorization"})
-# read by the gateway's async path (submission, callback, idempotency), not part of the call itself
-_ASYNC_CONTROL = _CREDENTIALS | {b"x-nuclide-async", b"x-callback-url", b"x-idempotency-key"}
-
-
-def function_headers(raw_headers: list, drop: frozenset[bytes] = _CREDENTIALS) -> list[list[str]]:
-    """The request's headers as the function sees them: every path that makes a call of a request uses this."""
-    # names are lowercased by every server we run under, but not by contract: compare them lowercased
-    return [[k.decode("latin-1"), v.decode("latin-1")] for k, v in raw_headers if k.lower() not in drop]
-
-
-def _wants_async(raw_headers: list) -> bool:
-    for k, v in raw_headers:
-        if k.lower() == b"x-nuclide-async" and v.strip().lower() in _TRUE:
-            return True
-    return False
 
 
 class _DirectAnswer:
@@ -86,8 +67,7 @@ class _DirectAnswer:
             answer = self.gateway._finish(self.call, value[0], value[1])
         except Exception:  # never lose the answer (nor the other results of a batch) to a bug here
             log.exception("could not build the answer of a call", call_id=self.call.call_id)
-            answer = self.gateway.error_response(NuclideError("internal error; see the gateway log"),
-                                                 self.call.call_id)
+            answer = error_answer(NuclideError("internal error; see the gateway log"), self.call.call_id)
         self.req.respond(*self.gateway.answer(self.req.headers, answer))
 
     def set_exception(self, exc: BaseException) -> None:
@@ -97,7 +77,7 @@ class _DirectAnswer:
             exc = NuclideError(str(exc))
         self.gateway._record(call.call_id, call.function, call.wall, "FAILED", exc.http_status, exc.message, call.cold)
         self.gateway.telemetry.call_done(call, exc.http_status)
-        self.req.respond(*self.gateway.answer(self.req.headers, self.gateway.error_response(exc, call.call_id)))
+        self.req.respond(*self.gateway.answer(self.req.headers, error_answer(exc, call.call_id)))
 
 
 class Gateway:
@@ -303,31 +283,24 @@ class Gateway:
     def new_call_id(self) -> str:
         return f"{self._prefix}{next(self._counter):010x}"
 
-    def error_response(self, exc: NuclideError, call_id: str) -> tuple[int, list, bytes]:
-        headers = [_JSON_CT]
-        if isinstance(exc, TooManyRequests):
-            headers.append((b"retry-after", str(exc.details.get("retry_after_s", 1)).encode()))
-        headers.append((b"x-call-id", call_id.encode()))
-        return exc.http_status, headers, exc.body()
-
     async def invoke(self, scope: dict, receive: Any, send: Any, name: str, mode: str, path: str = "/") -> None:
         """An invocation through ASGI: async ones, and sync ones when the app runs under another server."""
         call_id = self.new_call_id()
         try:
             answer = await self._invoke(scope, receive, name, mode, path, call_id)
         except NuclideError as exc:
-            answer = self.error_response(exc, call_id)
+            answer = error_answer(exc, call_id)
         status, headers, body = self.answer(scope["headers"], answer)
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def _invoke(self, scope: dict, receive: Any, name: str, mode: str, path: str,
-                      call_id: str) -> tuple[int, list, bytes]:
+                      call_id: str) -> Answer:
         raw_headers = scope["headers"]
         info = self._check_access(name, raw_headers)
         body = await self._read_body(scope, receive, name)
-        if mode == "async" or _wants_async(raw_headers):
+        if mode == "async" or wants_async(raw_headers):
             return await self._submit_async(name, body, scope.get("nuclide.headers", raw_headers), call_id)
         if self.catalogue.functions.get(name) is not info:  # redeployed or deleted while the body was read
             info = self._check_access(name, raw_headers)
@@ -348,7 +321,7 @@ class Gateway:
                       headers: list[tuple[bytes, bytes]]) -> tuple[str, str, str] | None:
         """(function, mode, path below it) when a request is a sync invocation the HTTP server answers directly."""
         target = invoke_target(method, path)
-        if target is None or target[1] == "async" or _wants_async(headers):
+        if target is None or target[1] == "async" or wants_async(headers):
             return None
         return target
 
@@ -361,7 +334,7 @@ class Gateway:
             call.future = _DirectAnswer(self, req, call)
             self._submit(call)
         except NuclideError as exc:
-            req.respond(*self.answer(req.headers, self.error_response(exc, call_id)))
+            req.respond(*self.answer(req.headers, error_answer(exc, call_id)))
 
     def _submit(self, call: Call) -> None:
         """Hand a sync call to the broker; one it refuses (its queue is full) is answered, so counted, here."""
@@ -373,21 +346,12 @@ class Gateway:
             raise
 
     def refuse_direct(self, req: Any) -> None:
-        req.respond(*self.answer(req.headers, self.error_response(
-            self.catalogue.body_too_large(req.name, req.refused), self.new_call_id())))
+        req.respond(*self.answer(req.headers, error_answer(self.catalogue.body_too_large(req.name, req.refused),
+                                                           self.new_call_id())))
 
-    def answer(self, raw_headers: list, answer: tuple[int, list, bytes]) -> tuple[int, list, bytes]:
-        """An invocation's answer; a failed one in text mode is the Fusionizer's (services/gateway/fusionizer.py)."""
-        status = answer[0]
-        if status < 400 or not fusionizer.is_task_failure(status):
-            return answer  # the success path pays one comparison
-        accept = next((v.decode("latin-1") for k, v in raw_headers if k.lower() == b"accept"), None)
-        if not fusionizer.wants_text(accept, self.settings.fusionizer_mode):
-            return answer
-        content_type = next((v.decode("latin-1") for k, v in answer[1] if k == b"content-type"), "")
-        headers = [(k, v) for k, v in answer[1] if k != b"content-type"]
-        headers.append((b"content-type", fusionizer.TEXT.encode()))
-        return fusionizer.FAILED_STATUS, headers, fusionizer.failure_text(content_type, answer[2])
+    def answer(self, raw_headers: list, answer: Answer) -> Answer:
+        """An invocation's answer, the Fusionizer's text when the caller wants it (services/gateway/fusionizer.py)."""
+        return in_text_mode(raw_headers, answer, self.settings.fusionizer_mode)
 
     def _check_access(self, name: str, raw_headers: list) -> FunctionInfo:
         """The function's info, once the caller may invoke it (a private one needs the token)."""
@@ -412,7 +376,7 @@ class Gateway:
         headers.append(["fusionizer-server-address", self._fusionizer_host])
         content_type = content_type or ""
         if mode == "execute":
-            body, content_type = self._execute_payload(body)
+            body, content_type = execute_payload(body)
         assert self.broker is not None and self.scaler is not None
         if info.state == "failed" and not self.broker.routes.get(name):
             first = info.last_error.strip().splitlines()[0] if info.last_error.strip() else "see its logs"
@@ -432,7 +396,7 @@ class Gateway:
         self.telemetry.started(name, call.cold)
         return call
 
-    def _finish(self, call: Call, result: dict[str, Any], rbody: bytes) -> tuple[int, list, bytes]:
+    def _finish(self, call: Call, result: dict[str, Any], rbody: bytes) -> Answer:
         """The HTTP answer for a call's RESULT; records the call and its trace."""
         name = call.function
         status = int(result.get("status", 200))
@@ -443,78 +407,27 @@ class Gateway:
             self._record(call.call_id, name, call.wall, "DONE", status, None, call.cold)
         else:
             self._record(call.call_id, name, call.wall, "FAILED", status, result_error(result, rbody), call.cold)
-        out_headers = []
-        for k, v in result.get("headers") or ():
-            key = k.lower()
-            if key in _SKIP_RESPONSE_HEADERS or key == "content-type":
-                continue
-            name_b, value_b = k.encode("latin-1", "replace"), str(v).encode("latin-1", "replace")
-            if valid_header(name_b, value_b):
-                out_headers.append((name_b, value_b))
-        out_headers.append((b"content-type", (result.get("content_type") or "application/octet-stream").encode(
-            "latin-1", "replace")))
-        if call.cold:
-            out_headers.append((b"x-nuclide-cold-start", b"true"))
-        out_headers.append((b"x-call-id", call.call_id.encode()))
-        return status, out_headers, rbody
+        return result_answer(call.call_id, call.cold, status, result, rbody)
 
     def _record(self, call_id: str, name: str, queued_at: float, status: str, code: int, error: str | None,
                 cold: bool = False) -> None:
         if self.calls is not None:
             self.calls.record_sync((call_id, name, status, queued_at, time.time(), code, error, cold))
 
-    async def _submit_async(self, name: str, body: bytes, raw_headers: list, call_id: str) -> tuple[int, list, bytes]:
+    async def _submit_async(self, name: str, body: bytes, raw_headers: list, call_id: str) -> Answer:
         """202 once the call is durable; its result is kept (GET /calls/{id}) and may be called back."""
         assert self.calls is not None
         hdrs = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
-        forwarded = function_headers(raw_headers, _ASYNC_CONTROL)
+        forwarded = function_headers(raw_headers, ASYNC_CONTROL)
         call_id, duplicate = await self.calls.submit(
             name, body, content_type=hdrs.get("content-type", ""), headers=forwarded, source="http", call_id=call_id,
             idempotency_key=hdrs.get("x-idempotency-key") or None,
             callback_url=hdrs.get("x-callback-url"))
-        payload = json.dumps({"call_id": call_id, "status_url": f"/calls/{call_id}", "duplicate": duplicate}).encode()
-        return 202, [_JSON_CT, (b"x-call-id", call_id.encode())], payload
+        return async_answer(call_id, duplicate)
 
     async def _read_body(self, scope: dict, receive: Any, name: str) -> bytes:
-        limit = self.catalogue.body_limit(name)
-        for k, v in scope["headers"]:
-            if k == b"content-length":
-                try:
-                    declared = int(v)
-                except ValueError:
-                    raise InvalidRequest("Content-Length is not a number") from None
-                if declared > limit:
-                    raise self.catalogue.body_too_large(name, declared)
-                break
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise InvalidRequest("client disconnected before sending the whole body")
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    raise self.catalogue.body_too_large(name, None)
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    @staticmethod
-    def _execute_payload(body: bytes) -> tuple[bytes, str]:
-        """The Service FaaS execute route: body {"payload": "<string>"} -> the payload string."""
-        try:
-            doc = json.loads(body or b"null")
-        except ValueError:
-            raise InvalidRequest('execute needs a JSON body like {"payload": "<string>"}') from None
-        if not isinstance(doc, dict) or "payload" not in doc:
-            raise InvalidRequest('execute needs a JSON body like {"payload": "<string>"}')
-        payload = doc["payload"]
-        if not isinstance(payload, str):
-            payload = json.dumps(payload)
-        return payload.encode(), "text/plain; charset=utf-8"
+        return await read_body(scope, receive, self.catalogue.body_limit(name),
+                               lambda size: self.catalogue.body_too_large(name, size))
 
 
 def make_asgi(gateway: Gateway, control: Any) -> Any:

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from services.gateway.broker import FAST_CALL_S, SLOW_INFLIGHT_S, Call, Instance
-from services.gateway.core import function_headers
+from services.gateway.invocation import function_headers
 from shared.names import invoke_target
 
 
