@@ -100,7 +100,7 @@ class StateFeed:
 
     def _on_message(self, frames: list[bytes]) -> None:
         try:
-            _topic, msg = protocol.decode_event(frames)
+            _topic, msg = protocol.decode_published(frames)
             seq = int(msg.header["seq"])
             kind = str(msg.header["kind"])
             data = msg.header.get("data") or {}

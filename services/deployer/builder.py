@@ -90,6 +90,12 @@ def tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+
+def build_log_path(var_dir: Path, group_id: str, group_version: int) -> Path:
+    """Where a group version's build writes its output as it runs: in the group's log folder, beside its
+    instances' logs, so `logs -f` and a deploy that follows the function's log show the build too."""
+    return var_dir.resolve() / "logs" / group_id / f"build-v{group_version}.log"
+
 class Builder:
     def __init__(self, settings: Settings, store: RpcClient, children: Children | None = None) -> None:
         self.settings = settings

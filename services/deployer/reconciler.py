@@ -37,7 +37,7 @@ from shared.liveness import DRAIN_TIMEOUT_S
 from shared.logs import get_logger
 from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
 from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec, ReplicatedBackend
-from services.deployer.builder import Builder, members_of_step, tail
+from services.deployer.builder import Builder, build_log_path, members_of_step, tail
 
 log = get_logger(__name__)
 
@@ -304,7 +304,7 @@ class Reconciler:
         except Conflict as exc:
             raise BuildFailed(exc.message, {"tasks": list(exc.details.get("tasks") or [])}) from None
         try:
-            build_log = self.settings.var_dir.resolve() / "logs" / group["id"] / f"build-v{group['version']}.log"
+            build_log = build_log_path(self.settings.var_dir, group["id"], int(group["version"]))
             deps = await self.builder.ensure_env(merged, build_log)
         except BuildFailed as exc:  # a fused group's build: say whose step failed
             if "step" in exc.details:
@@ -320,12 +320,12 @@ class Reconciler:
             })
             if merged.get("python"):  # another Python 3 than the platform's: the backend starts it there
                 functions[-1]["python"] = merged["python"]
-            if spec.get("shell"):  # a registered runtime's function: its definition and warm-start policy
+            if spec.get("registered_runtime"):  # a registered runtime's function: its definition and warm-start policy
                 if self.backend.name != "docker":
                     raise BuildFailed(f"'{name}' runs on the registered runtime '{spec.get('runtime')}', which"
                                       f" needs the docker backend (this deployer uses '{self.backend.name}')",
                                       {"tasks": [name]})
-                functions[-1].update(shell=spec["shell"], runtime=spec.get("runtime"),
+                functions[-1].update(registered_runtime=spec["registered_runtime"], runtime=spec.get("runtime"),
                                      warm_start=spec.get("warm_start") or "function")
             elif (spec.get("warm_start") or DEFAULT_WARM_START) != DEFAULT_WARM_START:
                 # deployed before the backend changed: the gateway refuses it up front otherwise

@@ -148,7 +148,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
         # reading a zip and parsing YAML of a user's are bounded, but can take a while: off the event loop
         spec, warnings = await asyncio.to_thread(read_function, data, runtimes, gw.settings.max_zip_bytes,
                                                  gw.settings.max_body_ceiling_bytes)
-        if spec.shell is None and spec.warm_start != DEFAULT_WARM_START:  # per-call containers: docker backend only
+        if spec.registered_runtime is None and spec.warm_start != DEFAULT_WARM_START:  # per-call containers: docker backend only
             assert gw.deployer is not None
             try:
                 await gw.deployer.call("warm_start.check", {"policy": spec.warm_start}, timeout_s=10.0)

@@ -35,7 +35,7 @@ from shared.logs import get_logger
 from shared.names import invoke_target
 from shared.statefeed import StateFeed
 from services.gateway.broker import Broker, Call, Instance
-from services.gateway.calls import AsyncCalls
+from services.gateway.async_calls import AsyncCalls
 from services.gateway.catalogue import Catalogue, Deploys, FunctionInfo
 from services.gateway.ingress import Ingress
 from services.gateway.invocation import (
@@ -183,7 +183,7 @@ class Gateway:
         assert self.store is not None
         while True:
             if time.monotonic() - self.beat_ok_at > GATEWAY_TTL_S and self.calls is not None:
-                self.calls.hold()  # others may have taken our calls meanwhile (services/gateway/calls.py)
+                self.calls.hold()  # others may have taken our calls meanwhile (services/gateway/async_calls.py)
             try:
                 live = await self.store.call("gateway.announce", {"gateway": self.record}, timeout_s=GATEWAY_BEAT_S * 2)
                 self.beat_ok_at = time.monotonic()

@@ -49,7 +49,7 @@ from shared.triggers import parse_cron
 
 if TYPE_CHECKING:  # pragma: no cover
     from shared.config import Settings
-    from services.gateway.calls import AsyncCalls
+    from services.gateway.async_calls import AsyncCalls
     from services.gateway.catalogue import Catalogue
 
 log = get_logger(__name__)

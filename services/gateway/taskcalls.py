@@ -2,7 +2,7 @@
 
 A sync CALL is submitted to the broker under the callee's timeout (or the caller's deadline,
 when sooner) and answered with a RESULT on the caller's request id; an async one becomes a
-durable call (services/gateway/calls.py) and the RESULT names it. A private callee takes calls
+durable call (services/gateway/async_calls.py) and the RESULT names it. A private callee takes calls
 only from its own fusion group and the functions its ``spec.allowCallsFrom`` names, judged by
 the instance the broker knows sent the CALL. Every call adds an edge to the call graph; a failed
 one is recorded as a sync call of its own under its caller's, as the in-process ones an
@@ -23,7 +23,7 @@ from services.gateway.broker import Call
 
 if TYPE_CHECKING:  # pragma: no cover
     from services.gateway.broker import Broker
-    from services.gateway.calls import AsyncCalls
+    from services.gateway.async_calls import AsyncCalls
     from services.gateway.catalogue import Catalogue, FunctionInfo
     from services.gateway.traces import Traces
 

@@ -94,7 +94,7 @@ class Publisher:
             # [caller, callee, sync, local, mean ms, calls]
             edges = [[*key, round(total / n, 3), int(n)] for key, (n, total) in summed.items()]
             try:
-                self.sock.send_multipart(protocol.encode_event(b"trace", {"edges": edges, "calls": calls}),
+                self.sock.send_multipart(protocol.encode_published(b"trace", {"edges": edges, "calls": calls}),
                                          zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # traces are best effort: subscribers see a gap in the sample, nothing else
@@ -111,7 +111,7 @@ class Publisher:
                 continue
             report = {"gateway": self.gateway_id, "interval_s": LOAD_PUBLISH_S, "functions": meter.take()}
             try:
-                self.sock.send_multipart(protocol.encode_event(b"load", report), zmq.NOBLOCK)
+                self.sock.send_multipart(protocol.encode_published(b"load", report), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # best effort, like traces: the optimizer holds its decisions through a gap
 

@@ -17,6 +17,7 @@ from shared.gateways import GATEWAY_BEAT_S
 from shared.logs import get_logger
 from services.optimizer.scaling import Autoscaling
 from services.optimizer.strategies.base import Strategy
+from services.optimizer.callgraph import GRAPH_WINDOW_S, EdgeBuckets, aggregate
 
 log = get_logger(__name__)
 
@@ -43,6 +44,7 @@ class Optimizer:
         # (monotonic time, caller, callee, sync, local, mean took_ms, calls) and (time, function, took_ms, status)
         self.edges: deque[tuple[float, Any, str, bool, bool, float, int]] = deque(maxlen=TRACE_KEEP)
         self.calls: deque[tuple[float, str, float, int]] = deque(maxlen=TRACE_KEEP)
+        self.graph = EdgeBuckets()  # the same edges summed over GRAPH_WINDOW_S, for the status's "graph"
         # entry calls and edges heard since the start, and from which gateways' PUBs (GET /optimizer's "traced")
         self.traced = {"calls": 0, "edges": 0}
         self.status: dict[str, Any] = {"strategy": strategy.name, "state": "starting", "rounds": [],
@@ -51,7 +53,7 @@ class Optimizer:
 
     def _on_trace(self, frames: list[bytes]) -> None:
         try:
-            topic, msg = protocol.decode_event(frames)
+            topic, msg = protocol.decode_published(frames)
         except ProtocolError as exc:
             log.warning("dropped malformed trace", error=str(exc))
             return
@@ -65,10 +67,11 @@ class Optimizer:
             # [caller, callee, sync, local, mean took_ms, calls]; calls is 1 when absent
             if isinstance(e, list) and len(e) in (5, 6):
                 try:
-                    self.edges.append((now, e[0], str(e[1]), bool(e[2]), bool(e[3]), float(e[4]),
-                                       int(e[5]) if len(e) == 6 else 1))
+                    edge = (now, e[0], str(e[1]), bool(e[2]), bool(e[3]), float(e[4]), int(e[5]) if len(e) == 6 else 1)
                 except (TypeError, ValueError):
                     continue
+                self.edges.append(edge)
+                self.graph.add(*edge)
         for c in msg.header.get("calls") or []:
             if isinstance(c, list) and len(c) == 3:
                 self.calls.append((now, str(c[0]), float(c[1]), int(c[2])))
@@ -105,6 +108,8 @@ class Optimizer:
             try:
                 self.status["current_setup"] = await self.current_setup()
                 self.status["updated_at"] = time.time()
+                self.status["graph"] = aggregate(self.graph.edges(), time.monotonic() - GRAPH_WINDOW_S)
+                self.status["graph_window_s"] = GRAPH_WINDOW_S
                 self.status["traced"] = {**self.traced, "gateways": sorted(self._pubs)}
                 self.status["scaling"] = self.autoscaling.status()
                 await self.store.call("kv.put", {"key": "optimizer", "value": self.status}, timeout_s=2.0)

@@ -20,8 +20,8 @@ from shared.service import settle_gc
 from services.store.blobs import open_blobs
 from services.store.databases import open_database
 from services.store.db import LeadershipLost, SqlDatabase
-from services.store.calls import CallStore
-from services.store.state import Event, StoreState
+from services.store.durable_calls import CallStore
+from services.store.state import Change, StoreState
 
 log = get_logger(__name__)
 
@@ -48,12 +48,12 @@ class StoreServer:
             self.pub.close(linger=0)  # a standby taking over retries once the old leader's ports are free
             raise
 
-    def publish(self, events: list[Event]) -> None:
+    def publish(self, events: list[Change]) -> None:
         for topic, data in events:
             seq = data.pop("seq")
             try:
                 self.pub.send_multipart(
-                    protocol.encode_event(topic.encode(), {"seq": seq, "kind": topic, "data": data}), zmq.NOBLOCK
+                    protocol.encode_published(topic.encode(), {"seq": seq, "kind": topic, "data": data}), zmq.NOBLOCK
                 )
             except zmq.Again:  # subscribers resync from a snapshot when they see a gap
                 log.warning("event dropped: PUB queue full", topic=topic, seq=seq)

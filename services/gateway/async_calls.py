@@ -412,7 +412,7 @@ class AsyncCalls:
         while self._updates:
             ids = list(self._updates)[:512]
             batch = [self._updates.pop(i) for i in ids]
-            # each write is fenced by this gateway's ownership (services/store/calls.py)
+            # each write is fenced by this gateway's ownership (services/store/durable_calls.py)
             updates = [{**u, "if_owner": self.boot} for u, _ in batch]
             bodies = [b or b"" for u, b in batch if u.get("has_result")]
             try:
@@ -440,7 +440,7 @@ class AsyncCalls:
             return
         batch, self._records = self._records[:5000], self._records[5000:]
         try:
-                # the tuples as they are (services/store/calls.py SYNC_ROW_FIELDS): no dict per call
+            # the tuples as they are (services/store/durable_calls.py SYNC_ROW_FIELDS): no dict per call
             await self.store.call("calls.record_sync", {"rows": batch}, timeout_s=5.0)
         except NuclideError:
             if len(self._records) < 100_000:  # records of sync calls are not worth unbounded memory
