@@ -250,7 +250,7 @@ class AsyncCalls:
         owned: set[str] = set()
         for i in range(0, len(ids), OWNED_BATCH):
             owned.update(await self.store.call("calls.owned", {"owner": self.boot, "ids": ids[i:i + OWNED_BATCH]},
-                                                  timeout_s=5.0))
+                                               timeout_s=5.0))
         lost = [call_id for call_id in ids if call_id not in owned]
         for call_id in lost:
             self.inflight.pop(call_id, None)
@@ -384,7 +384,7 @@ class AsyncCalls:
         while True:
             try:
                 reply = await self.store.call("calls.take_callback", {"id": call_id, "owner": self.boot},
-                                                 timeout_s=5.0)
+                                              timeout_s=5.0)
                 return bool(reply["taken"])
             except NuclideError as exc:
                 log.warning("store unavailable to take a callback; will retry", call_id=call_id, error=exc.message)
@@ -416,7 +416,7 @@ class AsyncCalls:
             updates = [{**u, "if_owner": self.boot} for u, _ in batch]
             bodies = [b or b"" for u, b in batch if u.get("has_result")]
             try:
-                        await self.store.call("calls.update", {"updates": updates}, *bodies, timeout_s=5.0)
+                await self.store.call("calls.update", {"updates": updates}, *bodies, timeout_s=5.0)
             except NuclideError as exc:
                 log.warning("store unavailable for call updates; keeping them", pending=len(batch), error=exc.message)
                 for u, b in batch:  # newer updates of the same calls merge over these on the next _update
@@ -470,7 +470,7 @@ class AsyncCalls:
             return
         limit = min(room, protocol.MAX_BATCH)  # the store hands out no more: each payload is a frame of its reply
         metas, payloads = await self.store.call_with_bodies("calls.claim", {"owner": self.boot, "limit": limit},
-                                                               timeout_s=10.0)
+                                                            timeout_s=10.0)
         now = time.time()
         for meta, payload in zip(metas, payloads):
             if meta["id"] in self.inflight:
