@@ -112,7 +112,9 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     async def report() -> None:
         while True:
             try:
-                await store.call("deployer.report", {"instances": len(backend.list())}, timeout_s=2.0)
+                await store.call("deployer.report", {"instances": len(backend.list()),
+                                                     "metrics": reconciler.metrics.snapshot(backend),
+                                                     "interval_s": DEPLOYER_REPORT_INTERVAL_S}, timeout_s=2.0)
             except NuclideError:
                 pass
             await asyncio.sleep(DEPLOYER_REPORT_INTERVAL_S)

@@ -38,6 +38,7 @@ from shared.logs import get_logger
 from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
 from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec, ReplicatedBackend
 from services.deployer.builder import Builder, build_log_path, members_of_step, tail
+from services.deployer.metrics import DeployerMetrics
 
 log = get_logger(__name__)
 
@@ -69,6 +70,7 @@ class Reconciler:
         self.synced = False
         self.closing = False  # set on shutdown: nothing new is started after it
         self.gateways: dict[str, dict[str, Any]] = {}  # live gateways: a new instance connects to each
+        self.metrics = DeployerMetrics()  # sent with every deployer.report
 
     # ----- state from the store -------------------------------------------------------
 
@@ -90,6 +92,7 @@ class Reconciler:
         gone = [inst_id for inst_id in counted if inst_id not in running]
         if not gone:
             return
+        self.metrics.ended("gone", len(gone))
         log.info("the store counts instances that no longer run; reporting them gone", instances=gone)
 
         async def report() -> None:
@@ -343,7 +346,13 @@ class Reconciler:
         try:
             if self.closing:
                 return
-            functions, memory, extra = await self._group_spec(group)
+            build_started = time.monotonic()
+            try:
+                functions, memory, extra = await self._group_spec(group)
+            except BuildFailed:
+                self.metrics.built(False, time.monotonic() - build_started)
+                raise
+            self.metrics.built(True, time.monotonic() - build_started)
             for _ in range(count):
                 if self.closing:
                     return
@@ -355,6 +364,7 @@ class Reconciler:
                 self.launching.add(inst_id)
                 try:
                     handle = await self.backend.start(spec)
+                    self.metrics.started += 1
                     log.info("instance started", instance=inst_id, pid=handle.pid)
                     await self.store.call("instance.started", {
                         "id": inst_id, "group_id": group["id"], "group_version": int(group["version"]),
@@ -381,6 +391,7 @@ class Reconciler:
         await self._report_failed(key, exc.message, str(exc.details.get("log_tail", "")), exc.details.get("tasks"))
 
     def _backoff(self, group_id: str) -> None:
+        self.metrics.backoffs += 1
         current = self.backoff_until.get(group_id, 0) - time.monotonic()
         delay = min(BACKOFF_MAX_S, max(0.5, current * 2 if current > 0 else 0.5))
         self.backoff_until[group_id] = time.monotonic() + delay
@@ -403,6 +414,7 @@ class Reconciler:
 
     async def _exited(self, handle: InstanceHandle, code: int | None) -> None:
         expected = handle.stopping or handle.id in self.stopping
+        self.metrics.ended("stopped" if expected else "crash")
         last_lines = ""
         try:
             last_lines = tail(Path(handle.log_path).read_text(errors="replace"), 30)

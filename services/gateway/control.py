@@ -214,8 +214,10 @@ def build_control_app(gw: Gateway) -> FastAPI:
         assert gw.store is not None
         try:  # the autoscaler's families: what the optimizer last reported (nothing if the store is slow)
             gw.optimizer_status = await gw.store.call("kv.get", {"key": "optimizer"}, timeout_s=1.0)
-        except NuclideError:
-            gw.optimizer_status = None
+            # the store's, the deployer's and the optimizer's families (services/gateway/svcmetrics.py)
+            gw.service_metrics = await gw.store.call("metrics.get", {}, timeout_s=1.0)
+        except NuclideError:  # a store that did not answer is not asked twice: its families are left out
+            gw.optimizer_status = gw.service_metrics = None
         return Response(gw.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/functions", dependencies=auth, tags=["functions"])

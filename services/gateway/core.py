@@ -90,6 +90,7 @@ class Gateway:
         self.telemetry = Telemetry()  # per-function counters, rendered by GET /metrics (telemetry.py)
         self._metrics_registry = registry_for(self)
         self.optimizer_status: dict[str, Any] | None = None  # read from the store by GET /metrics
+        self.service_metrics: dict[str, Any] | None = None  # the store's metrics.get, read by GET /metrics
         self.traces = Traces()  # the call graph, published by self.publisher
         self._prefix = os.urandom(4).hex()
         self.boot_id = self._prefix  # owner of the async calls this gateway process dispatches

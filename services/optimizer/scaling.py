@@ -38,6 +38,7 @@ class Autoscaling:
         self.scalers: dict[str, GroupScaler] = {}
         self.groups: dict[str, dict[str, Any]] = {}  # group id -> its latest decision and evidence
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_KEEP)
+        self.scaled = {"up": 0, "down": 0}  # replica changes applied, for GET /metrics
 
     def on_load(self, header: dict[str, Any]) -> None:
         """A gateway's report: {"gateway": id, "functions": {name: [mean, peak]}}; malformed entries are skipped."""
@@ -135,4 +136,5 @@ class Autoscaling:
                   "panic": entry["panic"], "observed_concurrency": entry["observed_concurrency"],
                   "reason": entry["reason"]}
         self.history.append(change)
+        self.scaled["up" if desired > current else "down"] += 1
         log.info("scaled", **change)

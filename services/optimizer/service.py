@@ -15,6 +15,7 @@ from shared.config import Settings
 from shared.errors import BuildFailed, Conflict, DeadlineExceeded, NuclideError, ProtocolError
 from shared.gateways import GATEWAY_BEAT_S
 from shared.logs import get_logger
+from services.optimizer.metrics import OptimizerMetrics
 from services.optimizer.scaling import Autoscaling
 from services.optimizer.strategies.base import Strategy
 from services.optimizer.callgraph import GRAPH_WINDOW_S, EdgeBuckets, aggregate
@@ -50,6 +51,7 @@ class Optimizer:
         self.status: dict[str, Any] = {"strategy": strategy.name, "state": "starting", "rounds": [],
                                        "current_setup": [], "best_setup": None, "best_median_ms": None}
         self.autoscaling = Autoscaling(settings, self.store)
+        self.metrics = OptimizerMetrics()  # what a gateway's GET /metrics shows of the optimizer
 
     def _on_trace(self, frames: list[bytes]) -> None:
         try:
@@ -87,24 +89,35 @@ class Optimizer:
         deadline = time.monotonic() + APPLY_TIMEOUT_S
         while regroup is not None and regroup["state"] == "deploying":
             if time.monotonic() > deadline:
+                self.metrics.regroup("failed")
                 raise DeadlineExceeded(f"setup {setup} did not take over within {APPLY_TIMEOUT_S:g} s")
             await asyncio.sleep(APPLY_POLL_S)
             regroup = await self.store.call("regroup.get", {"id": regroup["id"]})
         if regroup is not None and regroup["state"] == "failed":
+            self.metrics.regroup("failed")
             raise BuildFailed(f"setup {setup} failed: {regroup['error']}")
         if regroup is not None and regroup["state"] != "done":
+            self.metrics.regroup("failed")
             raise Conflict(f"setup {setup} was {regroup['state']}: {regroup['error']}")
+        self.metrics.regroup("applied")
         self.status["current_setup"] = await self.current_setup()
 
     def decide(self, setup: list[list[str]], decision: str, reason: str, **evidence: Any) -> None:
         entry = {"round": len(self.status["rounds"]) + 1, "at": time.time(), "setup": setup,
                  "decision": decision, "reason": reason, **evidence}
         self.status["rounds"].append(entry)
+        self.metrics.decided(decision)
         del self.status["rounds"][:-200]
         log.info("optimizer decision", **entry)
 
     async def _report(self) -> None:
         while True:
+            try:  # first, and on its own: a gateway counts the optimizer down when these stop
+                await self.store.call("metrics.report", {
+                    "service": "optimizer", "interval_s": STATUS_INTERVAL_S,
+                    "metrics": self.metrics.snapshot(self.traced, self.autoscaling.scaled)}, timeout_s=2.0)
+            except NuclideError as exc:
+                log.warning("metrics not reported", error=exc.message)
             try:
                 self.status["current_setup"] = await self.current_setup()
                 self.status["updated_at"] = time.time()

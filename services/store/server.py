@@ -11,7 +11,7 @@ import zmq
 from shared import protocol
 from shared.aiosock import AsyncRpcServer
 from shared.config import Settings
-from shared.errors import InvalidRequest, Unavailable
+from shared.errors import InvalidRequest, NuclideError, Unavailable
 from shared.gateways import GATEWAY_TTL_S
 from shared.rpcargs import optional, required, strings
 from shared.liveness import DEPLOYER_REPORT_INTERVAL_S, HEARTBEAT_LIVENESS
@@ -21,6 +21,7 @@ from services.store.blobs import open_blobs
 from services.store.databases import open_database
 from services.store.db import LeadershipLost, SqlDatabase
 from services.store.durable_calls import CallStore
+from services.store.metrics import StoreMetrics
 from services.store.state import Change, StoreState
 
 log = get_logger(__name__)
@@ -36,6 +37,7 @@ class StoreServer:
         self.state = StoreState(self.db, open_blobs(self.db, settings.var_dir))
         self.calls = CallStore(self.db)
         self.storage_errors = 0  # database errors since the last write that went through
+        self.metrics = StoreMetrics()  # what GET /metrics on a gateway shows of the store and the other services
         self.lost: str | None = None  # why this store must stop serving (another store leads its database)
         self.lost_event = asyncio.Event()
         self.pub = ctx.socket(zmq.PUB)
@@ -49,6 +51,7 @@ class StoreServer:
             raise
 
     def publish(self, events: list[Change]) -> None:
+        self.metrics.events_published += len(events)
         for topic, data in events:
             seq = data.pop("seq")
             try:
@@ -59,6 +62,19 @@ class StoreServer:
                 log.warning("event dropped: PUB queue full", topic=topic, seq=seq)
 
     def handle(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
+        started = time.perf_counter()
+        outcome = "internal"
+        try:
+            result = self._guarded(method, args, bodies)
+            outcome = "ok"
+            return result
+        except NuclideError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            self.metrics.served(method, outcome, time.perf_counter() - started)
+
+    def _guarded(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
         try:
             return self._handle(method, args, bodies)
         except self.db.integrity_errors:
@@ -72,6 +88,7 @@ class StoreServer:
 
     def _storage_failed(self, exc: BaseException) -> None:
         self.storage_errors += 1
+        self.metrics.storage_errors += 1
         if self.storage_errors == 1 or self.storage_errors % 100 == 0:  # one line, not a traceback per request
             log.error("database error", error=f"{type(exc).__name__}: {exc}", errors=self.storage_errors)
         try:
@@ -115,7 +132,14 @@ class StoreServer:
             }
         if method == "deployer.report":
             st.deployer_seen_at = time.time()
+            if "metrics" in args:
+                self.metrics.report("deployer", args["metrics"], args.get("interval_s", DEPLOYER_REPORT_INTERVAL_S))
             return {"ok": True}
+        if method == "metrics.report":
+            self.metrics.report(args.get("service"), args.get("metrics"), args.get("interval_s"))
+            return {"ok": True}
+        if method == "metrics.get":
+            return self.metrics_snapshot()
         if method == "snapshot":
             return st.snapshot()
         if method == "function.get":
@@ -200,6 +224,16 @@ class StoreServer:
             raise InvalidRequest(f"unknown store method {method!r}")
         self.publish(events)
         return result
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The store's own families and the other services' newest snapshots, for a gateway's GET /metrics."""
+        leader = bool(getattr(self.db, "leading", True)) and self.lost is None
+        try:
+            calls = self.calls.counts()
+        except (*self.db.errors, OSError):  # the families without the call counts, rather than no families
+            calls = {}
+        own = self.metrics.snapshot(self.db.dialect, leader, calls)
+        return {"store": own, "services": self.metrics.services()}
 
     def handle_calls(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
         calls = self.calls
