@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.aiosock import RpcClient
 from shared.archive import extract_archive, read_archive
 from shared.config import Settings
 from shared.errors import BuildFailed
 from shared.logs import get_logger
+from shared.storeclient import StoreClient
 from services.deployer import pythons
 from services.deployer.children import Children
 from services.deployer.netns import RESOLV_CONF, Net, NetPool, NetUnavailable
@@ -97,7 +97,7 @@ def build_log_path(var_dir: Path, group_id: str, group_version: int) -> Path:
     return var_dir.resolve() / "logs" / group_id / f"build-v{group_version}.log"
 
 class Builder:
-    def __init__(self, settings: Settings, store: RpcClient, children: Children | None = None) -> None:
+    def __init__(self, settings: Settings, store: StoreClient, children: Children | None = None) -> None:
         self.settings = settings
         self.store = store
         self.children = children or Children()
@@ -123,8 +123,7 @@ class Builder:
         async with self._lock(f"code:{name}:{version}"):
             if target.exists():
                 return target
-            _, bodies = await self.store.call_with_bodies("blob.get", {"digest": digest}, timeout_s=60)
-            data = bodies[0]
+            data = await self.store.blob_get(digest)
             if hashlib.sha256(data).hexdigest() != digest:
                 raise BuildFailed(f"the stored archive of '{name}' v{version} is corrupt (digest mismatch)",
                                   {"tasks": [name]})

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.aiosock import RpcClient
 from shared.config import Settings
 from shared.errors import BuildFailed, Conflict, NuclideError
 from shared.exits import EXIT_INIT_FAILED
@@ -36,6 +35,7 @@ from shared.fusion import merge_specs
 from shared.liveness import DRAIN_TIMEOUT_S
 from shared.logs import get_logger
 from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
+from shared.storeclient import StoreClient
 from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec, ReplicatedBackend
 from services.deployer.builder import Builder, build_log_path, members_of_step, tail
 from services.deployer.metrics import DeployerMetrics
@@ -49,7 +49,7 @@ EXIT_REPORTS_TIMEOUT_S = 5.0  # on shutdown, how long the stopped instances' exi
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, store: RpcClient, builder: Builder) -> None:
+    def __init__(self, settings: Settings, store: StoreClient, builder: Builder) -> None:
         self.settings = settings
         self.store = store
         self.builder = builder
@@ -97,8 +97,7 @@ class Reconciler:
 
         async def report() -> None:
             try:
-                await self.store.call("instances.gone", {"ids": gone, "reason": "no longer running (found when the"
-                                                                                  " deployer synced with the store)"})
+                await self.store.instances_gone(gone, "no longer running (found when the deployer synced with the store)")
             except NuclideError as exc:  # the next snapshot tries again
                 log.warning("could not report gone instances", error=str(exc))
 
@@ -289,7 +288,7 @@ class Reconciler:
         key = (name, version)
         rec = self._versions.get(key)
         if rec is None:
-            rec = self._versions[key] = await self.store.call("version.get", {"name": name, "version": version})
+            rec = self._versions[key] = await self.store.version_get(name, version)
         return rec
 
     async def _group_spec(self, group: dict[str, Any]) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
@@ -366,10 +365,8 @@ class Reconciler:
                     handle = await self.backend.start(spec)
                     self.metrics.started += 1
                     log.info("instance started", instance=inst_id, pid=handle.pid)
-                    await self.store.call("instance.started", {
-                        "id": inst_id, "group_id": group["id"], "group_version": int(group["version"]),
-                        "backend": self.backend.name, "pid": handle.pid,
-                    })
+                    await self.store.instance_started(inst_id, group["id"], int(group["version"]), self.backend.name,
+                                                      handle.pid)
                 finally:
                     self.launching.discard(inst_id)
         except BuildFailed as exc:
@@ -399,11 +396,8 @@ class Reconciler:
     async def _report_failed(self, key: tuple[str, int], error: str, log_tail: str,
                              tasks: list[str] | None = None) -> None:
         """``tasks``: the members the failure is theirs, when known (a fused group's build step, a spec)."""
-        report = {"group_id": key[0], "group_version": key[1], "error": error, "log_tail": log_tail}
-        if tasks:
-            report["tasks"] = list(tasks)
         try:
-            await self.store.call("deploy.failed", report)
+            await self.store.deploy_failed(key[0], key[1], error, log_tail, tasks)
         except NuclideError as exc:
             log.error("could not report a failed deploy", group=key[0], error=str(exc))
 
@@ -440,8 +434,7 @@ class Reconciler:
                         self.failed_versions.add(key)
                     self._backoff(handle.group_id)
         try:
-            await self.store.call("instance.exited", {"id": handle.id, "exit_code": code,
-                                                      "error": None if expected else last_lines})
+            await self.store.instance_exited(handle.id, code, None if expected else last_lines)
         except NuclideError as exc:
             log.warning("could not report an exit", instance=handle.id, error=str(exc))
         if expected:

@@ -44,8 +44,8 @@ from shared.triggers import DEFAULT_RETRY, backoff_s
 from services.gateway.broker import Call
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shared.aiosock import RpcClient
     from shared.config import Settings
+    from shared.storeclient import StoreClient
     from services.gateway.broker import Broker
     from services.gateway.catalogue import Catalogue, FunctionInfo
     from services.gateway.telemetry import Telemetry
@@ -90,7 +90,7 @@ class AsyncCalls:
     feed is in sync (functions and their retry policies known); ``heard_at``: the monotonic time of this gateway's
     last beat the store took (shared/gateways.py)."""
 
-    def __init__(self, settings: Settings, boot_id: str, catalogue: Catalogue, store: RpcClient, broker: Broker,
+    def __init__(self, settings: Settings, boot_id: str, catalogue: Catalogue, store: StoreClient, broker: Broker,
                  telemetry: Telemetry, touch: Callable[[FunctionInfo], bool], synced: asyncio.Event,
                  new_call_id: Callable[[], str], heard_at: Callable[[], float]) -> None:
         self.settings = settings
@@ -202,7 +202,7 @@ class AsyncCalls:
         deadline = time.monotonic() + SUBMIT_TIMEOUT_S
         while True:
             try:
-                results = await self.store.call("calls.submit", {"calls": metas}, *payloads, timeout_s=5.0)
+                results = await self.store.calls_submit(metas, payloads, timeout_s=5.0)
                 break
             except NuclideError as exc:
                 if time.monotonic() > deadline or isinstance(exc, InvalidRequest):
@@ -249,8 +249,7 @@ class AsyncCalls:
         ids = list(self.inflight)
         owned: set[str] = set()
         for i in range(0, len(ids), OWNED_BATCH):
-            owned.update(await self.store.call("calls.owned", {"owner": self.boot, "ids": ids[i:i + OWNED_BATCH]},
-                                               timeout_s=5.0))
+            owned.update(await self.store.calls_owned(self.boot, ids[i:i + OWNED_BATCH], timeout_s=5.0))
         lost = [call_id for call_id in ids if call_id not in owned]
         for call_id in lost:
             self.inflight.pop(call_id, None)
@@ -383,8 +382,7 @@ class AsyncCalls:
     async def _take_callback(self, call_id: str) -> bool:
         while True:
             try:
-                reply = await self.store.call("calls.take_callback", {"id": call_id, "owner": self.boot},
-                                              timeout_s=5.0)
+                reply = await self.store.calls_take_callback(call_id, self.boot, timeout_s=5.0)
                 return bool(reply["taken"])
             except NuclideError as exc:
                 log.warning("store unavailable to take a callback; will retry", call_id=call_id, error=exc.message)
@@ -416,7 +414,7 @@ class AsyncCalls:
             updates = [{**u, "if_owner": self.boot} for u, _ in batch]
             bodies = [b or b"" for u, b in batch if u.get("has_result")]
             try:
-                await self.store.call("calls.update", {"updates": updates}, *bodies, timeout_s=5.0)
+                await self.store.calls_update(updates, bodies, timeout_s=5.0)
             except NuclideError as exc:
                 log.warning("store unavailable for call updates; keeping them", pending=len(batch), error=exc.message)
                 for u, b in batch:  # newer updates of the same calls merge over these on the next _update
@@ -441,7 +439,7 @@ class AsyncCalls:
         batch, self._records = self._records[:5000], self._records[5000:]
         try:
             # the tuples as they are (services/store/durable_calls.py SYNC_ROW_FIELDS): no dict per call
-            await self.store.call("calls.record_sync", {"rows": batch}, timeout_s=5.0)
+            await self.store.calls_record_sync(batch, timeout_s=5.0)
         except NuclideError:
             if len(self._records) < 100_000:  # records of sync calls are not worth unbounded memory
                 self._records[:0] = batch
@@ -469,8 +467,7 @@ class AsyncCalls:
         if room <= 0:
             return
         limit = min(room, protocol.MAX_BATCH)  # the store hands out no more: each payload is a frame of its reply
-        metas, payloads = await self.store.call_with_bodies("calls.claim", {"owner": self.boot, "limit": limit},
-                                                            timeout_s=10.0)
+        metas, payloads = await self.store.calls_claim(self.boot, limit, timeout_s=10.0)
         now = time.time()
         for meta, payload in zip(metas, payloads):
             if meta["id"] in self.inflight:

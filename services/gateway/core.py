@@ -34,6 +34,7 @@ from shared.gateways import GATEWAY_BEAT_S, GATEWAY_TTL_S, gateway_record
 from shared.logs import get_logger
 from shared.names import invoke_target
 from shared.statefeed import StateFeed
+from shared.storeclient import StoreClient
 from services.gateway.broker import Broker, Call, Instance
 from services.gateway.async_calls import AsyncCalls
 from services.gateway.catalogue import Catalogue, Deploys, FunctionInfo
@@ -134,7 +135,7 @@ class Gateway:
         self.deploys = Deploys(self.store, self.broker)
         self.scaler = Scaler(self.catalogue, self.broker, self.store, self.counters, self._background)
         self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event)
-        self.calls = AsyncCalls(s, self.boot_id, self.catalogue, self.store, self.broker, self.telemetry,
+        self.calls = AsyncCalls(s, self.boot_id, self.catalogue, StoreClient(self.store), self.broker, self.telemetry,
                                 self.scaler.touch, self.feed.synced, self.new_call_id, lambda: self.beat_ok_at)
         self.taskcalls = TaskCalls(self.catalogue, self.broker, self.calls, self.traces, self.scaler.touch,
                                    self.new_call_id, self._fusionizer_host)

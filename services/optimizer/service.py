@@ -15,6 +15,7 @@ from shared.config import Settings
 from shared.errors import BuildFailed, Conflict, DeadlineExceeded, NuclideError, ProtocolError
 from shared.gateways import GATEWAY_BEAT_S
 from shared.logs import get_logger
+from shared.storeclient import StoreClient
 from services.optimizer.metrics import OptimizerMetrics
 from services.optimizer.scaling import Autoscaling
 from services.optimizer.strategies.base import Strategy
@@ -32,7 +33,7 @@ class Optimizer:
     def __init__(self, settings: Settings, ctx: zmq.Context, strategy: Strategy) -> None:
         self.settings = settings
         self.strategy = strategy
-        self.store = RpcClient(ctx, settings.store_rpc, "store")
+        self.store = StoreClient(RpcClient(ctx, settings.store_rpc, "store"))
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"trace")
@@ -79,12 +80,12 @@ class Optimizer:
                 self.calls.append((now, str(c[0]), float(c[1]), int(c[2])))
 
     async def current_setup(self) -> list[list[str]]:
-        groups = await self.store.call("groups.list")
+        groups = await self.store.groups_list()
         return [sorted(g) for g in groups["setup"]]
 
     async def apply(self, setup: list[list[str]]) -> None:
         """Set a setup and wait until it is in force; raises when it fails (the setup in force stays)."""
-        result = await self.store.call("groups.set", {"setup": setup})
+        result = await self.store.groups_set(setup)
         regroup = result.get("regroup")
         deadline = time.monotonic() + APPLY_TIMEOUT_S
         while regroup is not None and regroup["state"] == "deploying":
@@ -92,7 +93,7 @@ class Optimizer:
                 self.metrics.regroup("failed")
                 raise DeadlineExceeded(f"setup {setup} did not take over within {APPLY_TIMEOUT_S:g} s")
             await asyncio.sleep(APPLY_POLL_S)
-            regroup = await self.store.call("regroup.get", {"id": regroup["id"]})
+            regroup = await self.store.regroup_get(regroup["id"])
         if regroup is not None and regroup["state"] == "failed":
             self.metrics.regroup("failed")
             raise BuildFailed(f"setup {setup} failed: {regroup['error']}")
@@ -113,9 +114,8 @@ class Optimizer:
     async def _report(self) -> None:
         while True:
             try:  # first, and on its own: a gateway counts the optimizer down when these stop
-                await self.store.call("metrics.report", {
-                    "service": "optimizer", "interval_s": STATUS_INTERVAL_S,
-                    "metrics": self.metrics.snapshot(self.traced, self.autoscaling.scaled)}, timeout_s=2.0)
+                await self.store.metrics_report("optimizer", self.metrics.snapshot(self.traced, self.autoscaling.scaled),
+                                                STATUS_INTERVAL_S, timeout_s=2.0)
             except NuclideError as exc:
                 log.warning("metrics not reported", error=exc.message)
             try:
@@ -125,7 +125,7 @@ class Optimizer:
                 self.status["graph_window_s"] = GRAPH_WINDOW_S
                 self.status["traced"] = {**self.traced, "gateways": sorted(self._pubs)}
                 self.status["scaling"] = self.autoscaling.status()
-                await self.store.call("kv.put", {"key": "optimizer", "value": self.status}, timeout_s=2.0)
+                await self.store.kv_put("optimizer", self.status, timeout_s=2.0)
             except Exception as exc:  # the store may be restarting; report again next time
                 log.warning("status not reported", error=repr(exc))
             await asyncio.sleep(STATUS_INTERVAL_S)
@@ -151,7 +151,7 @@ class Optimizer:
     async def _watch_gateways(self) -> None:
         while True:
             try:
-                self.follow_gateways(await self.store.call("gateways.list"))
+                self.follow_gateways(await self.store.gateways_list())
             except NuclideError as exc:
                 log.info("could not list the gateways; will retry", error=exc.message)
             await asyncio.sleep(GATEWAY_BEAT_S)
