@@ -15,7 +15,7 @@ from shared.logs import get_logger
 from shared.triggers import DEFAULT_RETRY, max_body_bytes, validate_triggers
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shared.aiosock import RpcClient
+    from shared.storeclient import StoreClient
     from shared.config import Settings
     from services.gateway.broker import Broker, Instance
 
@@ -105,7 +105,7 @@ class DeployOutcome:
 class Deploys:
     """Deploy and regroup requests waiting for their instances; reports READY instances to the store."""
 
-    def __init__(self, store: RpcClient, broker: Broker) -> None:
+    def __init__(self, store: StoreClient, broker: Broker) -> None:
         self.store = store
         self.broker = broker
         self.deploy_waiters: dict[tuple[str, int], asyncio.Future] = {}
@@ -113,10 +113,8 @@ class Deploys:
 
     async def instance_ready(self, inst: Instance) -> None:
         try:
-            await self.store.call("instance.ready", {
-                "id": inst.id.decode(errors="replace"), "group_id": inst.group,
-                "group_version": inst.group_version, "functions": inst.functions,
-            })
+            await self.store.instance_ready(inst.id.decode(errors="replace"), inst.group, inst.group_version,
+                                            inst.functions)
         except NuclideError as exc:
             log.warning("could not report instance ready", error=str(exc))
         self._settle(inst.group, inst.group_version, DeployOutcome(True))
@@ -164,7 +162,7 @@ class Deploys:
         regroup: dict[str, Any] = {}
         try:
             # it may have ended before this waiter was there to see the event
-            regroup = await self.store.call("regroup.get", {"id": regroup_id})
+            regroup = await self.store.regroup_get(regroup_id)
             if regroup["state"] == "deploying":
                 regroup = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
             return regroup

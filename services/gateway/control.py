@@ -76,11 +76,11 @@ def build_control_app(gw: Gateway) -> FastAPI:
 
     def store() -> StoreClient:
         assert gw.store is not None  # connected when the gateway starts, before it serves a request
-        return StoreClient(gw.store)
+        return gw.store
 
     def deployer() -> DeployerClient:
         assert gw.deployer is not None
-        return DeployerClient(gw.deployer)
+        return gw.deployer
 
     def text_mode(request: Request) -> bool:
         return fusionizer.wants_text(request.headers.get("accept"), gw.settings.fusionizer_mode)

@@ -34,6 +34,7 @@ from shared.gateways import GATEWAY_BEAT_S, GATEWAY_TTL_S, gateway_record
 from shared.logs import get_logger
 from shared.names import invoke_target
 from shared.statefeed import StateFeed
+from shared.deployerclient import DeployerClient
 from shared.storeclient import StoreClient
 from services.gateway.broker import Broker, Call, Instance
 from services.gateway.async_calls import AsyncCalls
@@ -101,8 +102,8 @@ class Gateway:
         self._counter = itertools.count(1)
         self.started_at = time.time()
         # set by start(): the parts that own sockets, and those that work with them
-        self.store: RpcClient | None = None
-        self.deployer: RpcClient | None = None
+        self.store: StoreClient | None = None
+        self.deployer: DeployerClient | None = None
         self.broker: Broker | None = None
         self.feed: StateFeed | None = None
         self.publisher: Publisher | None = None
@@ -126,16 +127,16 @@ class Gateway:
 
     def _start(self) -> None:
         s = self.settings
-        self.store = RpcClient(self.ctx, s.store_rpc, "store")
-        self.deployer = RpcClient(self.ctx, s.deployer_rpc, "deployer")
+        self.store = StoreClient(RpcClient(self.ctx, s.store_rpc, "store"))
+        self.deployer = DeployerClient(RpcClient(self.ctx, s.deployer_rpc, "deployer"))
         self.broker = Broker(self.ctx, s.gateway_router, s.queue_limit, self._instance_ready, self._instance_gone,
                              self._on_task_call, self._on_stuck, self.add_reports,
                              link=s.instance_link if s.backend in ("process", "docker") else "", peers=self.peer_records)
         self.publisher = Publisher(self.ctx, s.gateway_pub, self.traces, self.telemetry, self.broker, self.boot_id)
         self.deploys = Deploys(self.store, self.broker)
         self.scaler = Scaler(self.catalogue, self.broker, self.store, self.counters, self._background)
-        self.feed = StateFeed(self.ctx, s.store_pub, self.store, self._on_snapshot, self._on_event)
-        self.calls = AsyncCalls(s, self.boot_id, self.catalogue, StoreClient(self.store), self.broker, self.telemetry,
+        self.feed = StateFeed(self.ctx, s.store_pub, self.store.rpc, self._on_snapshot, self._on_event)
+        self.calls = AsyncCalls(s, self.boot_id, self.catalogue, self.store, self.broker, self.telemetry,
                                 self.scaler.touch, self.feed.synced, self.new_call_id, lambda: self.beat_ok_at)
         self.taskcalls = TaskCalls(self.catalogue, self.broker, self.calls, self.traces, self.scaler.touch,
                                    self.new_call_id, self._fusionizer_host)
@@ -161,7 +162,7 @@ class Gateway:
             task.cancel()
         if self.store is not None:
             try:  # gone at once: its async calls (flushed above) go to the other gateways without a wait
-                await self.store.call("gateway.bye", {"id": self.boot_id}, timeout_s=2.0)
+                await self.store.gateway_bye(self.boot_id, timeout_s=2.0)
             except NuclideError as exc:
                 log.warning("could not say BYE to the store", error=exc.message)
         for closer in (self.broker, self.feed, self.store, self.deployer, self.publisher):
@@ -187,7 +188,7 @@ class Gateway:
             if time.monotonic() - self.beat_ok_at > GATEWAY_TTL_S and self.calls is not None:
                 self.calls.hold()  # others may have taken our calls meanwhile (services/gateway/async_calls.py)
             try:
-                live = await self.store.call("gateway.announce", {"gateway": self.record}, timeout_s=GATEWAY_BEAT_S * 2)
+                live = await self.store.gateway_announce(self.record, timeout_s=GATEWAY_BEAT_S * 2)
                 self.beat_ok_at = time.monotonic()
                 self.gateways = {g["id"]: g for g in live["gateways"]}
                 self.gateways[self.boot_id] = self.record
@@ -260,7 +261,7 @@ class Gateway:
         async def kill() -> None:
             assert self.deployer is not None
             try:
-                await self.deployer.call("instance.replace", {"id": inst.id.decode(errors="replace")}, timeout_s=5.0)
+                await self.deployer.instance_replace(inst.id.decode(errors="replace"), timeout_s=5.0)
             except NuclideError as exc:
                 log.warning("could not have a stuck instance replaced", error=exc.message)
 

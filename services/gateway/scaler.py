@@ -16,7 +16,7 @@ from shared.errors import NuclideError
 from shared.logs import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shared.aiosock import RpcClient
+    from shared.storeclient import StoreClient
     from services.gateway.broker import Broker
     from services.gateway.catalogue import Catalogue, FunctionInfo
 
@@ -29,7 +29,7 @@ class Scaler:
     """``counters``: the gateway's, where "woken" and "scaled_to_zero" are counted; ``spawn`` runs a coroutine in
     the background."""
 
-    def __init__(self, catalogue: Catalogue, broker: Broker, store: RpcClient, counters: dict[str, int],
+    def __init__(self, catalogue: Catalogue, broker: Broker, store: StoreClient, counters: dict[str, int],
                  spawn: Callable[[Any], None]) -> None:
         self.catalogue = catalogue
         self.broker = broker
@@ -59,7 +59,7 @@ class Scaler:
 
         async def wake() -> None:
             try:
-                await self.store.call("group.scale", {"group_id": gid, "replicas": 1, "reason": reason})
+                await self.store.group_scale(gid, 1, reason)
             except NuclideError as exc:
                 log.warning("could not wake a scaled-to-zero group", group=gid, error=exc.message)
             finally:
@@ -97,8 +97,7 @@ class Scaler:
                 if busy:
                     continue
                 try:
-                    await self.store.call("group.scale", {"group_id": gid, "replicas": 0,
-                                                          "reason": f"idle for {idle_s:g} s"})
+                    await self.store.group_scale(gid, 0, f"idle for {idle_s:g} s")
                     self.counters["scaled_to_zero"] += 1
                     log.info("scaled to zero", group=gid, idle_s=idle_s)
                 except NuclideError as exc:
