@@ -31,7 +31,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "auth": (["shared/auth.py"], ["tests/unit/test_auth.py", "tests/unit/test_config.py"]),
     "store-calls": (["services/store/calls.py"],
                     ["tests/unit/test_store_calls.py", "tests/unit/test_store_state.py"]),
-    "broker": (["services/gateway/broker.py"], ["tests/unit/test_broker_vanished.py", "tests/unit/test_gateway_routing.py"]),
+    "broker": (["services/gateway/broker.py"],
+               ["tests/unit/test_broker.py", "tests/unit/test_broker_vanished.py", "tests/unit/test_gateway_routing.py"]),
     "sandbox": (["services/deployer/sandbox.py"], ["tests/unit/test_sandbox.py"]),
     "async": (["services/gateway/calls.py"], ["tests/integration/test_async.py", "tests/integration/test_readme_claims.py"]),
 }
