@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
 import time
 from typing import Any
 
 import pytest
 import zmq
+from structlog.testing import capture_logs
 
 from services.gateway import broker as broker_module
-from services.gateway.broker import EWMA_WEIGHT, STUCK_GRACE_S, Broker, Call, Instance
+from services.gateway.broker import EWMA_WEIGHT, FAST_CALL_S, SLOW_INFLIGHT_S, STUCK_GRACE_S, Broker, Call, Instance
 from shared import protocol
 from shared.errors import DeadlineExceeded, InstanceFailed, NotFound, TooManyRequests
 from tests.stack import free_port
 
-WAIT_S = 10.0  # generous: the machine is shared
+# generous (the machine is shared); `make mutate` shortens it, since every mutant that breaks a reply waits it out
+WAIT_S = float(os.environ.get("NUCLIDE_TEST_WAIT_S", "10"))
 
 
 async def until(predicate, timeout_s: float = WAIT_S, what: str = "condition") -> Any:
@@ -44,7 +47,7 @@ class Peer:
         self.sock.send_multipart(protocol.encode(command, header, *bodies))
 
     def ready(self, functions: dict[str, int] | None = None, command: bytes = protocol.READY, **fields: Any) -> None:
-        header = {"instance_id": self.ident.decode(), "group": "g", "group_version": 1,
+        header = {"instance_id": self.ident.decode(errors="replace"), "group": "g", "group_version": 1,
                   "functions": functions or {"f": 1}, "credit": 1, "concurrency": 1, "pid": 7, **fields}
         self.send(command, header)
 
@@ -77,6 +80,8 @@ class Peer:
 
 class Harness:
     def __init__(self, queue_limit: int = 2, link: str = "", peers: list[dict[str, Any]] | None = None) -> None:
+        self._capture = capture_logs()
+        self.logs: list[dict[str, Any]] = self._capture.__enter__()
         self.ctx = zmq.Context()
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.ready: list[Instance] = []
@@ -123,6 +128,12 @@ class Harness:
         for call in self.made:  # calls a test left in flight fail at close; their errors are expected
             if call.future.done() and not call.future.cancelled():
                 call.future.exception()
+        self._capture.__exit__(None, None, None)
+        # a message the broker could not handle raised out of its handler (the socket loop logs and goes on)
+        assert not self.logged("message handler failed"), self.logged("message handler failed")
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        return [{k: v for k, v in e.items() if k not in ("event", "log_level")} for e in self.logs if e["event"] == event]
 
 
 @pytest.fixture
@@ -156,6 +167,17 @@ def test_ready_fields_are_read_with_their_defaults_and_clamps() -> None:
     assert Instance(b"i6", {"functions": {"f": 1}, "batch": 1}).batch is False, "only a true batch flag counts"
     with pytest.raises(broker_module.ProtocolError, match="READY needs a non-empty map of functions"):
         Instance(b"i7", {"functions": ["f"]})
+
+
+def test_room_boundaries_count_as_fast() -> None:
+    inst = Instance(b"i1", {"functions": {"f": 1}, "credit": 5, "concurrency": 2})
+    inst.avg_s = FAST_CALL_S  # an average of exactly the limit is still fast
+    assert inst.room(0.0) == 5
+    call = Call("c", "f", {}, b"", None, 30.0)  # type: ignore[arg-type]
+    call.sent_at = 0.0
+    inst.inflight["c"] = call
+    assert 0.01 - 0.0 == SLOW_INFLIGHT_S and inst.room(SLOW_INFLIGHT_S) == 4, "in flight exactly the limit: still fast"
+    assert inst.room(SLOW_INFLIGHT_S * 2) == 1
 
 
 def test_idle_time_reported_by_an_instance_dates_its_last_call() -> None:
@@ -239,6 +261,14 @@ async def test_a_slow_instance_gets_only_its_concurrency_and_queued_calls_follow
     await asyncio.wait_for(first.future, WAIT_S)
     inst = h.broker.instances[b"i1"]
     assert inst.avg_s == pytest.approx(EWMA_WEIGHT * 0.050)
+    probe = h.call("probe")
+    h.broker.submit(probe)
+    await invoked(p)
+    p.send(protocol.RESULT, {"call_id": "probe", "status": 200, "took_ms": 0}, b"")
+    await asyncio.wait_for(probe.future, WAIT_S)
+    assert inst.avg_s == pytest.approx(EWMA_WEIGHT * 0.050 * (1 - EWMA_WEIGHT)), "a fast call pulls the average down"
+    p.send(protocol.RESULT, {"call_id": "c0", "status": 200, "took_ms": 5000}, b"")  # late: no call, no change
+    inst.avg_s = EWMA_WEIGHT * 0.050
     calls = [h.call(f"c{n}") for n in (1, 2, 3)]
     for call in calls:
         h.broker.submit(call, bounded=False)
@@ -317,6 +347,10 @@ async def test_calls_submitted_together_leave_in_one_batched_invoke(h: Harness) 
                                                                   {"call_id": "c2", "status": 201}], [b"r0", b"r2"]))
     assert (await asyncio.wait_for(calls[0].future, WAIT_S))[1] == b"r0"
     assert (await asyncio.wait_for(calls[2].future, WAIT_S))[0]["status"] == 201
+    later = [h.call("d1"), h.call("d2")]  # a later burst, here of two: flushed again, in one INVOKE
+    for call in later:
+        h.broker.submit(call)
+    assert [hd["call_id"] for hd, _ in await invoked(p)] == ["d1", "d2"]
     # one call alone goes as a plain INVOKE
     single = Harness()
     try:
@@ -393,6 +427,7 @@ async def test_an_exited_instance_fails_its_calls_and_is_forgotten(h: Harness) -
     assert failed.value.message == "the instance running function 'f' failed during the call: exit code 137"
     assert failed.value.details == {"function": "f"}
     assert [(i.id, why) for i, why in h.gone] == [(b"i1", "exit code 137")]
+    assert h.logged("instance gone") == [{"instance": "i1", "reason": "exit code 137"}]
     assert h.broker.instances == {} and "f" not in h.broker.routes and h.broker.pending == {}
     queued = h.call("c2", timeout_s=0.05)
     h.broker.submit(queued)
@@ -448,7 +483,9 @@ async def test_calls_reports_and_replies_reach_their_handlers(h: Harness) -> Non
     h.broker.reply(b"i1", {"call_id": "t1", "status": 200}, b"answer")
     answer = await p.recv()
     assert (answer.command, answer.header, answer.body) == (protocol.RESULT, {"call_id": "t1", "status": 200}, b"answer")
-    h.broker.reply(b"nobody", {"call_id": "t2"}, b"")  # a vanished caller: logged, not raised
+    h.broker.reply(b"nobody" * 10, {"call_id": "t2"}, b"")  # a vanished caller: logged, not raised
+    [undelivered] = h.logged("task call result not delivered")
+    assert undelivered["peer"] == (b"nobody" * 10)[:40] and "unreachable" in undelivered["error"].lower()
     p.send(protocol.HEARTBEAT, {"edges": [["a", "b", True, True, 1.0, 1]]})
     p.send(protocol.HEARTBEAT, {"failed_calls": []})  # no edges: not a report
     call = h.call("c1")
@@ -472,10 +509,23 @@ async def test_malformed_messages_are_dropped_and_the_broker_keeps_serving(h: Ha
     h.broker.submit(call)
     await invoked(p)
     p.sock.send_multipart([protocol.SIGNATURE, protocol.RESULT, protocol.pack_header({"batch": [{"call_id": "c1"}]})])
-    p.send(protocol.RESULT, {"call_id": "unknown", "status": 200}, b"")
-    p.send(protocol.RESULT, {"call_id": "c1", "status": 200}, b"fine")
-    assert (await asyncio.wait_for(call.future, WAIT_S))[1] == b"fine"
+    p.sock.send_multipart(protocol.encode_batch(protocol.RESULT, [{"call_id": "unknown", "status": 200},
+                                                                  {"call_id": "c1", "status": 200}], [b"", b"fine"]))
+    assert (await asyncio.wait_for(call.future, WAIT_S))[1] == b"fine", "a late result does not hide the next one"
     assert list(h.broker.instances) == [b"i1"] and len(h.ready) == 1
+    assert h.logged("dropped short message on the instance socket") == [{"frames": 3}]
+    [signature, command] = h.logged("dropped malformed message")
+    assert signature["peer"] == command["peer"] == b"bad" and "NUC0" in signature["error"] and "NOPE" in command["error"]
+    [no_functions, not_a_number] = h.logged("dropped bad READY")
+    assert (no_functions["peer"], no_functions["error"]) == (b"bad", "READY needs a non-empty map of functions to versions")
+    assert not_a_number["peer"] == b"bad" and "one" in not_a_number["error"]
+    assert h.logged("unexpected command from instance") == [{"command": protocol.REQ, "peer": b"bad"}]
+    [bad_batch] = h.logged("dropped malformed RESULT")
+    assert bad_batch["peer"] == b"i1" and "batch header" in bad_batch["error"]
+    long_ident = h.peer(b"x" * 60)
+    long_ident.sock.send_multipart([protocol.SIGNATURE, b"NOPE", protocol.pack_header({})])
+    await until(lambda: len(h.logged("dropped malformed message")) == 3, what="the third malformed message")
+    assert h.logged("dropped malformed message")[2]["peer"] == b"x" * 40, "a peer id is logged cut to 40 bytes"
 
 
 async def test_a_deleted_function_fails_its_queued_calls(h: Harness) -> None:
@@ -522,7 +572,7 @@ async def test_closing_fails_calls_in_flight() -> None:
 
 
 async def test_sandboxed_instances_connect_through_the_link_file(tmp_path) -> None:
-    link_dir = tmp_path / "l"
+    link_dir = tmp_path / "a" / "l"  # two folders to make
     link = f"ipc://{link_dir}/gateway.sock"
     h = Harness(link=link)
     try:
@@ -534,3 +584,18 @@ async def test_sandboxed_instances_connect_through_the_link_file(tmp_path) -> No
         assert h.broker.routes["f"][0].id == b"i1"
     finally:
         h.close()
+    link_dir.chmod(0o700)  # a folder that exists (a restarted gateway's) is reused and opened to the instances
+    again = Harness(link=f"ipc://{link_dir}/second.sock")
+    try:
+        assert stat.S_IMODE(link_dir.stat().st_mode) == 0o755
+        assert stat.S_IMODE((link_dir / "second.sock").stat().st_mode) == 0o666
+    finally:
+        again.close()
+
+
+async def test_an_instance_id_that_is_not_utf8_is_described_and_logged_readably(h: Harness) -> None:
+    p = await h.instance(b"\xffi1")
+    assert h.ready[0].describe()["id"] == "\ufffdi1" and h.logged("instance ready")[0]["id"] == "\ufffdi1"
+    p.send(protocol.BYE, {})
+    await until(lambda: h.gone, what="the instance to leave")
+    assert h.logged("instance gone") == [{"instance": "\ufffdi1", "reason": "said BYE"}]
