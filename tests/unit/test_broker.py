@@ -165,8 +165,9 @@ def test_ready_fields_are_read_with_their_defaults_and_clamps() -> None:
     assert Instance(b"i4", {"functions": {"f": 1}, "credit": 4, "concurrency": 9}).concurrency == 4
     assert Instance(b"i5", {"functions": {"f": 1}, "credit": 4, "concurrency": 2}).concurrency == 2
     assert Instance(b"i6", {"functions": {"f": 1}, "batch": 1}).batch is False, "only a true batch flag counts"
-    with pytest.raises(broker_module.ProtocolError, match="READY needs a non-empty map of functions"):
+    with pytest.raises(broker_module.ProtocolError) as refused:
         Instance(b"i7", {"functions": ["f"]})
+    assert str(refused.value) == "READY needs a non-empty map of functions to versions"
 
 
 def test_room_boundaries_count_as_fast() -> None:
@@ -317,10 +318,12 @@ async def test_a_queued_call_fails_at_its_deadline_and_leaves_the_queue(h: Harne
 async def test_an_unanswered_call_fails_at_its_deadline_and_marks_its_instance_stuck(h: Harness) -> None:
     p = await h.instance(b"i1", credit=2, concurrency=2)
     call = h.call("c1", timeout_s=0.05)
+    started = time.monotonic()
     h.broker.submit(call)
     await invoked(p)
     with pytest.raises(DeadlineExceeded) as late:
         await asyncio.wait_for(call.future, WAIT_S)
+    assert time.monotonic() - started >= STUCK_GRACE_S, "the runtime is given a grace past the timeout to answer"
     assert late.value.message == "function 'f' did not finish within its 0.05 s timeout (spec.timeout)"
     assert late.value.details == {"function": "f", "timeout_s": 0.05}
     inst = h.broker.instances[b"i1"]
@@ -402,6 +405,24 @@ async def test_new_calls_go_to_the_newest_version_and_old_instances_drain_after_
     assert (await asyncio.wait_for(g_call.future, WAIT_S))[1] == b"last"
     await old.silent(0.05)  # a negative check: a draining instance is given no queued call
     assert list(h.broker.queues["g"]) == [queued]
+    h.broker.instance_exited("old", "exit code 0")  # a drained instance that exits is forgotten quietly
+    assert [(i.id, why) for i, why in h.gone] == [(b"newer", "said BYE"), (b"old", "exit code 0")]
+    assert "g" not in h.broker.routes and list(h.broker.queues["g"]) == [queued]
+    await h.instance(b"zero", {"z": 0}, group_version=0)  # the lowest version there is still routes
+    assert [i.id for i in h.broker.routes["z"]] == [b"zero"]
+
+
+async def test_a_draining_instance_leaves_the_others_of_its_version_routed(h: Harness) -> None:
+    first = await h.instance(b"a", credit=1)
+    await h.instance(b"b", credit=1)
+    call = h.call("c1")
+    h.broker.submit(call)
+    await invoked(first)
+    first.send(protocol.BYE, {})
+    assert (await first.recv()).command == protocol.BYE
+    await until(lambda: h.broker.instances[b"a"].draining, what="a to drain")
+    await h.instance(b"c", credit=1)  # the routes of f are made again, past the draining instance
+    assert sorted(i.id for i in h.broker.routes["f"]) == [b"b", b"c"]
 
 
 async def test_a_heartbeat_from_an_unknown_instance_registers_it(h: Harness) -> None:
