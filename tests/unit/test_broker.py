@@ -90,13 +90,21 @@ class Harness:
         self.stuck: list[tuple[Instance, Call]] = []
         self.reports: list[dict[str, Any]] = []
         self.peers_list = peers or []
-        self.broker = Broker(self.ctx, self.endpoint, queue_limit, on_ready=self.ready.append,
-                             on_gone=lambda inst, why: self.gone.append((inst, why)),
-                             on_call=lambda ident, msg: self.calls.append((ident, msg)),
-                             on_stuck=lambda inst, call: self.stuck.append((inst, call)),
-                             on_reports=self.reports.append, link=link, peers=lambda: self.peers_list)
         self.open: list[Peer] = []
         self.made: list[Call] = []
+        try:
+            self.broker = self._broker(queue_limit, link)
+        except BaseException:
+            self.ctx.destroy(linger=0)
+            self._capture.__exit__(None, None, None)
+            raise
+
+    def _broker(self, queue_limit: int, link: str) -> Broker:
+        return Broker(self.ctx, self.endpoint, queue_limit, on_ready=self.ready.append,
+                      on_gone=lambda inst, why: self.gone.append((inst, why)),
+                      on_call=lambda ident, msg: self.calls.append((ident, msg)),
+                      on_stuck=lambda inst, call: self.stuck.append((inst, call)),
+                      on_reports=self.reports.append, link=link, peers=lambda: self.peers_list)
 
     def peer(self, ident: bytes, endpoint: str = "") -> Peer:
         p = Peer(self.ctx, endpoint or self.endpoint, ident)
@@ -124,7 +132,7 @@ class Harness:
         self.broker.close()
         for p in self.open:
             p.sock.close()
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # never waits on a socket a failed test left open
         for call in self.made:  # calls a test left in flight fail at close; their errors are expected
             if call.future.done() and not call.future.cancelled():
                 call.future.exception()
@@ -179,6 +187,12 @@ def test_room_boundaries_count_as_fast() -> None:
     inst.inflight["c"] = call
     assert 0.01 - 0.0 == SLOW_INFLIGHT_S and inst.room(SLOW_INFLIGHT_S) == 4, "in flight exactly the limit: still fast"
     assert inst.room(SLOW_INFLIGHT_S * 2) == 1
+
+
+def test_a_new_call_is_unsent_unqueued_and_not_cold() -> None:
+    call = Call("c1", "f", {"call_id": "c1"}, b"x", None, 2.5)  # type: ignore[arg-type]
+    assert (call.instance, call.timer, call.queued_at, call.sent_at, call.wall, call.cold, call.timeout_s) == (
+        None, None, 0.0, 0.0, 0.0, False, 2.5)
 
 
 def test_idle_time_reported_by_an_instance_dates_its_last_call() -> None:
@@ -586,8 +600,9 @@ async def test_closing_fails_calls_in_flight() -> None:
     h.broker.submit(call)
     await invoked(p)
     h.close()
-    with pytest.raises(NotFound, match="the gateway is shutting down"):
+    with pytest.raises(NotFound) as closing:
         await call.future
+    assert str(closing.value) == "the gateway is shutting down"
 
 
 async def test_sandboxed_instances_connect_through_the_link_file(tmp_path) -> None:

@@ -77,7 +77,7 @@ async def test_a_call_sent_to_a_vanished_instance_waits_for_the_next_one() -> No
             second.close()
     finally:
         broker.close()
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 async def vanish(broker: Broker, ident: bytes) -> None:
@@ -116,4 +116,4 @@ async def test_calls_batched_for_a_vanished_instance_are_queued_again_past_the_q
                 await asyncio.wait_for(call.future, 10)
     finally:
         broker.close()
-        ctx.term()
+        ctx.destroy(linger=0)
