@@ -482,6 +482,9 @@ async def test_a_silent_instance_is_dropped_and_a_busy_one_kept(monkeypatch: pyt
         await until(lambda: h.gone, what="the silent instance to be dropped")
         [(inst, why)] = h.gone
         assert inst.id == b"idle" and why.startswith("no heartbeat for ") and why.endswith(" s")
+        silent_s = float(why.split()[3])
+        # at least the liveness limit; the upper bound only catches a nonsense figure (a sum of clock readings)
+        assert 0.05 * broker_module.HEARTBEAT_LIVENESS <= silent_s < 3600, why
         beats = 0
         while beats < 3:  # the broker keeps beating to the instance it kept
             beats += (await busy.recv(skip=())).command == protocol.HEARTBEAT
@@ -491,6 +494,26 @@ async def test_a_silent_instance_is_dropped_and_a_busy_one_kept(monkeypatch: pyt
         await until(lambda: len(h.gone) == 2, what="the now idle and silent instance to be dropped")
         idle.sock.close()
         h.open.remove(idle)
+    finally:
+        h.close()
+
+
+async def test_a_busy_instance_that_vanished_is_dropped_at_the_next_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker_module, "HEARTBEAT_INTERVAL_S", 0.05)
+    h = Harness()
+    try:
+        p = await h.instance(b"i1")
+        call = h.call("c1")
+        h.broker.submit(call)
+        await invoked(p)
+        p.sock.close()  # gone without a BYE while running a call: only the failed heartbeat can tell
+        h.open.remove(p)
+        with pytest.raises(InstanceFailed) as failed:
+            await asyncio.wait_for(call.future, WAIT_S)
+        [(inst, why)] = h.gone
+        assert inst.id == b"i1" and why.startswith("unreachable: "), why
+        assert failed.value.message == f"the instance running function 'f' failed during the call: {why}"
+        assert h.broker.instances == {} and "f" not in h.broker.routes
     finally:
         h.close()
 
