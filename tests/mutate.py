@@ -16,6 +16,7 @@ integration tests, which mutmut cannot attribute, so such a group reports its mu
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -54,7 +55,9 @@ def run_group(name: str, keep: bool) -> tuple[dict[str, int], list[str]]:
     lines += ["pytest_add_cli_args=", "    -p", "    no:cacheprovider", "    -q"]
     (work / "setup.cfg").write_text("\n".join(lines) + "\n")
     mutmut = [sys.executable, "-m", "mutmut"]
-    run = subprocess.run([*mutmut, "run"], cwd=work, capture_output=True, text=True)
+    # a mutant that breaks a reply makes a test wait out its deadline: shorter ones keep a group within minutes
+    env = {**os.environ, "NUCLIDE_TEST_WAIT_S": "2"}
+    run = subprocess.run([*mutmut, "run"], cwd=work, capture_output=True, text=True, env=env)
     results = subprocess.run([*mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True)
     counts: dict[str, int] = {}
     survivors: list[str] = []

@@ -474,10 +474,11 @@ async def test_a_silent_instance_is_dropped_and_a_busy_one_kept(monkeypatch: pyt
     monkeypatch.setattr(broker_module, "HEARTBEAT_INTERVAL_S", 0.05)
     h = Harness()
     try:
-        idle = await h.instance(b"idle")
-        busy = await h.instance(b"busy", {"b": 1})
         call = h.call("c1", "b")
-        h.broker.submit(call)
+        h.broker.submit(call)  # queued first, so "busy" is never idle, however slow this machine is
+        idle = await h.instance(b"idle")
+        busy = h.peer(b"busy")
+        busy.ready({"b": 1})
         await invoked(busy)
         await until(lambda: h.gone, what="the silent instance to be dropped")
         [(inst, why)] = h.gone
@@ -520,12 +521,14 @@ async def test_a_busy_instance_that_vanished_is_dropped_at_the_next_heartbeat(mo
 
 async def test_a_live_instance_that_keeps_beating_stays(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(broker_module, "HEARTBEAT_INTERVAL_S", 0.05)
+    monkeypatch.setattr(broker_module, "HEARTBEAT_LIVENESS", 20)  # a 1 s window, far above this loop's delays
     h = Harness()
     try:
         p = await h.instance(b"i1")
-        for _ in range(10):
-            await p.recv(skip=())
+        deadline = time.monotonic() + 3.0  # three windows: a broker that ignored the beats would drop it
+        while time.monotonic() < deadline:
             p.send(protocol.HEARTBEAT, {})
+            await asyncio.sleep(0.05)  # the instance's own beat interval, not a wait
         assert h.gone == [] and b"i1" in h.broker.instances
     finally:
         h.close()
