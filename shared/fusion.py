@@ -74,12 +74,12 @@ def merge_specs(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if not specs:
         raise InvalidRequest("a group needs at least one task")
     names = sorted(specs)
-    shell = [n for n in names if specs[n].get("shell")]
-    if shell and len(names) > 1:
+    registered = [n for n in names if specs[n].get("registered_runtime")]
+    if registered and len(names) > 1:
         # a registered runtime runs a command per call in its own image: nothing to fuse in-process
-        raise Conflict(f"task '{shell[0]}' runs on the registered runtime '{specs[shell[0]].get('runtime')}' and"
+        raise Conflict(f"task '{registered[0]}' runs on the registered runtime '{specs[registered[0]].get('runtime')}' and"
                        " cannot be fused with other tasks; keep it in a group of its own",
-                       {"tasks": names, "runtime_task": shell[0]})
+                       {"tasks": names, "runtime_task": registered[0]})
     per_call = [n for n in names if (specs[n].get("warm_start") or "function") != "function"]
     if per_call and len(names) > 1:
         # each call gets a process of its own: no instance to share with other tasks

@@ -10,7 +10,7 @@ to its instances, so a gateway started later is reached without restarting anyth
      "link": ipc:// instance link on its own machine, "pub": tcp:// PUB of call traces, "http": base URL}
 
 An async call is owned by the boot id of the gateway running it; the store hands a call to another
-gateway only once its owner is no longer live (services/store/calls.py).
+gateway only once its owner is no longer live (services/store/durable_calls.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The specialisation frame the deployer writes to a warm pool container's stdin, and its reader.
 
 The deployer's warm pool (``services/deployer/backends/docker/warm_pool.py``) writes it through
-the Engine API; ``python3 -m services.runtime.pool`` in the container reads it::
+the Engine API; ``python3 -m services.runtime.pool_container`` in the container reads it::
 
     8 bytes   b"NUCPOOL1"                  signature and version
     4 bytes   header length H              big endian

@@ -11,7 +11,7 @@ Every message, on every socket::
 PUB/SUB messages put the topic alone in front::
 
     frame 0   topic        b"function.changed", b"call.done", ...
-    frame 1+  as above     b"NUC1", b"EVENT", header, bodies ...
+    frame 1+  as above     b"NUC1", b"PUB", header, bodies ...
 
 Commands and who sends them:
 
@@ -23,13 +23,13 @@ Commands and who sends them:
     RESULT              instance -> gateway: {call_id, status, ..., error: why a 5xx
                         failed, when the runtime knows}, body = result; with a RESULT or
                         HEARTBEAT an instance reports its in-process task calls:
-                        {edges: [...], failed_calls: [...]} (services/runtime/calls.py)
+                        {edges: [...], failed_calls: [...]} (services/runtime/context_calls.py)
                         Both may carry a batch instead: header {batch: [h1, ..., hn]},
                         bodies b1 .. bn (see encode_batch); the gateway sends batched
                         INVOKEs only to instances whose READY says {batch: true}
     CALL                instance -> gateway: a task-to-task call
     BYE                 instance -> gateway: stop sending me work; gateway -> instance: ack
-    EVENT               store -> subscribers (PUB): {seq, kind, data}
+    PUB                 a publisher -> its subscribers: the store's changes {seq, kind, data}, the gateway's traces and load
 
 Limits: a header is at most MAX_HEADER_BYTES, a message at most MAX_FRAMES frames
 and MAX_MESSAGE_BYTES in total. Decoding raises :class:`ProtocolError` on anything
@@ -56,9 +56,9 @@ RESULT = b"RESULT"
 CALL = b"CALL"
 HEARTBEAT = b"HEARTBEAT"
 BYE = b"BYE"
-EVENT = b"EVENT"
+PUBLISH = b"PUB"
 
-COMMANDS = frozenset({REQ, REP, ERR, READY, INVOKE, RESULT, CALL, HEARTBEAT, BYE, EVENT})
+COMMANDS = frozenset({REQ, REP, ERR, READY, INVOKE, RESULT, CALL, HEARTBEAT, BYE, PUBLISH})
 
 MAX_HEADER_BYTES = 1024 * 1024  # headers carry ids and settings (batches of them), never payloads
 MAX_FRAMES = 1024  # batches of calls carry one body frame per call
@@ -118,9 +118,9 @@ def unbatch(msg: Message) -> list[tuple[dict[str, Any], bytes]]:
     return list(zip(batch, msg.bodies))
 
 
-def encode_event(topic: bytes, header: dict[str, Any], *bodies: bytes) -> list[bytes]:
-    """Frames for a PUB message: the topic, then an EVENT message."""
-    return [topic, *encode(EVENT, header, *bodies)]
+def encode_published(topic: bytes, header: dict[str, Any], *bodies: bytes) -> list[bytes]:
+    """Frames for a PUB message: the topic, then a PUB message."""
+    return [topic, *encode(PUBLISH, header, *bodies)]
 
 
 def decode(frames: Sequence[bytes]) -> Message:
@@ -166,14 +166,14 @@ def split_envelope(frames: Sequence[bytes]) -> tuple[list[bytes], list[bytes]]:
     raise ProtocolError("no NUC1 signature frame found in the first frames")
 
 
-def decode_event(frames: Sequence[bytes]) -> tuple[bytes, Message]:
+def decode_published(frames: Sequence[bytes]) -> tuple[bytes, Message]:
     """Decode a SUB message into (topic, message)."""
     if len(frames) < 4:
         raise ProtocolError(f"event has {len(frames)} frames; at least 4 are required")
     topic = bytes(frames[0])
     msg = decode(frames[1:])
-    if msg.command != EVENT:
-        raise ProtocolError(f"expected EVENT after the topic, got {msg.command!r}")
+    if msg.command != PUBLISH:
+        raise ProtocolError(f"expected PUB after the topic, got {msg.command!r}")
     return topic, msg
 
 

@@ -67,6 +67,18 @@ _SPEC_IGNORED = {
 }
 
 
+# The key a stored spec held a registered runtime's definition under before it had its own name.
+_LEGACY_RUNTIME_KEY = "shell"
+
+
+def upgrade_stored(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec dict as read back from the store, with keys an older version wrote under other names renamed."""
+    if _LEGACY_RUNTIME_KEY in spec and "registered_runtime" not in spec:
+        spec = dict(spec)
+        spec["registered_runtime"] = spec.pop(_LEGACY_RUNTIME_KEY)
+    return spec
+
+
 @dataclasses.dataclass(frozen=True)
 class FunctionSpec:
     """Everything nuclide needs to build and run one function; defaults match a bare main.py."""
@@ -97,7 +109,7 @@ class FunctionSpec:
     warm_start: str = DEFAULT_WARM_START
     # the registered runtime's definition (image, path, dependencies, run) as it was at deploy time;
     # None for Python functions
-    shell: dict[str, Any] | None = None
+    registered_runtime: dict[str, Any] | None = None
     lambda_event: str = "auto"  # what a handler(event, context) gets: see services/runtime/lambda_shape.py
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +125,7 @@ class FunctionSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FunctionSpec:
+        d = upgrade_stored(d)
         # Unknown keys are dropped and missing ones defaulted: stored specs outlive code versions.
         kwargs: dict[str, Any] = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         if "env" in kwargs:
@@ -499,9 +512,9 @@ _SPEC_KNOWN = {"handler", "runtime", "env", "build", "minReplicas", "maxReplicas
 LAMBDA_EVENT_SHAPES = ("auto", "payload", "apigateway")
 
 
-def _parse_shell(spec: dict, kw: dict[str, Any], definition: dict[str, Any], warnings: list[str]) -> None:
+def _parse_registered_runtime(spec: dict, kw: dict[str, Any], definition: dict[str, Any], warnings: list[str]) -> None:
     """A function of a registered runtime: its `run` command is the handler; its code, the whole archive."""
-    kw["shell"] = {k: definition[k] for k in ("image", "image_id", "path", "dependencies", "run") if k in definition}
+    kw["registered_runtime"] = {k: definition[k] for k in ("image", "image_id", "path", "dependencies", "run") if k in definition}
     kw["handler"] = ""
     kw["requirements"] = ""  # the runtime's `dependencies` command reads the archive's files itself
     for key in ("handler", "build"):
@@ -545,11 +558,11 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
     doc = _load_yaml(archive, warnings)
     spec_doc = doc.get("spec") if isinstance(doc, dict) else None
     runtime_name = spec_doc.get("runtime") if isinstance(spec_doc, dict) else None
-    shell_def = None
+    runtime_def = None
     if runtime_name is not None:
         runtime_name = _parse_runtime(runtime_name, runtimes)
-        shell_def = (runtimes or {}).get(runtime_name) if runtime_name != HOST_RUNTIME else None
-    kw: dict[str, Any] = {"requirements": "" if shell_def else _parse_requirements(archive)}
+        runtime_def = (runtimes or {}).get(runtime_name) if runtime_name != HOST_RUNTIME else None
+    kw: dict[str, Any] = {"requirements": "" if runtime_def else _parse_requirements(archive)}
     if doc is None:
         kw["handler"] = _infer_handler(archive, fallback_handler_module)
         return FunctionSpec(**kw), warnings
@@ -565,9 +578,9 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
     spec = _sub(doc, "spec", "spec")
     _warn_unknown(spec, "spec.", _SPEC_KNOWN, _SPEC_IGNORED, warnings)
 
-    if shell_def is not None:
+    if runtime_def is not None:
         kw["runtime"] = runtime_name
-        _parse_shell(spec, kw, shell_def, warnings)
+        _parse_registered_runtime(spec, kw, runtime_def, warnings)
     elif spec.get("handler") is not None:
         kw["handler"] = parse_handler(spec["handler"], "function.yaml: spec.handler")
     else:
@@ -576,7 +589,7 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
         except InvalidRequest:
             raise _err("spec.handler", "is required, e.g. 'main:handler'") from None
         warnings.append(f"function.yaml: spec.handler missing; using {kw['handler']!r}")
-    if runtime_name is not None and shell_def is None:
+    if runtime_name is not None and runtime_def is None:
         kw["runtime"] = runtime_name
     if spec.get("warmStart") is not None:
         kw["warm_start"] = parse_warm_start(spec["warmStart"], "function.yaml: spec.warmStart")
@@ -591,7 +604,7 @@ def parse_function(archive: Archive, *, fallback_handler_module: str | None = No
     build = _sub(spec, "build", "spec.build")
     _warn_unknown(build, "spec.build.", {"commands"}, set(build) - {"commands"}, warnings)
     commands = _expect(build.get("commands") or [], list, "spec.build.commands", "a list of shell commands")
-    if shell_def is None:
+    if runtime_def is None:
         kw["build_commands"] = tuple(_expect(c, str, f"spec.build.commands[{i}]", "a string")
                                      for i, c in enumerate(commands))
     if spec.get("description") is not None:
@@ -626,6 +639,6 @@ def read_function(data: bytes, runtimes: dict[str, dict[str, Any]] | None, max_z
     """An uploaded zip checked whole: the archive, its spec and its handler; (spec, warnings)."""
     archive = read_archive(data, ArchiveLimits(max_zip_bytes=max_zip_bytes))
     spec, warnings = parse_function(archive, runtimes=runtimes, max_body_ceiling=max_body_ceiling)
-    if spec.shell is None:
+    if spec.registered_runtime is None:
         check_handler(archive, spec.handler)
     return spec, warnings

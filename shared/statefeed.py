@@ -15,6 +15,7 @@ from shared import protocol
 from shared.aiosock import AsyncSocket, RpcClient
 from shared.errors import NuclideError, ProtocolError
 from shared.logs import get_logger
+from shared.storeclient import StoreClient
 
 log = get_logger(__name__)
 
@@ -41,7 +42,7 @@ class StateFeed:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(pub_endpoint)
-        self._store = store
+        self._store = StoreClient(store)
         self._on_snapshot = on_snapshot
         self._on_event = on_event
         self._seq: int | None = None  # None: not synced yet, events are buffered
@@ -62,7 +63,7 @@ class StateFeed:
             if self._seq is None:
                 continue
             try:
-                store_seq = int((await self._store.call("ping", timeout_s=2.0))["seq"])
+                store_seq = int((await self._store.ping(timeout_s=2.0))["seq"])
             except (NuclideError, KeyError, TypeError, ValueError):
                 continue
             if store_seq <= self._seq:
@@ -84,7 +85,7 @@ class StateFeed:
     async def _sync(self) -> None:
         while True:
             try:
-                snap = await self._store.call("snapshot", timeout_s=5.0)
+                snap = await self._store.snapshot(timeout_s=5.0)
                 break
             except NuclideError as exc:
                 log.info("waiting for the store", error=str(exc))
@@ -100,7 +101,7 @@ class StateFeed:
 
     def _on_message(self, frames: list[bytes]) -> None:
         try:
-            _topic, msg = protocol.decode_event(frames)
+            _topic, msg = protocol.decode_published(frames)
             seq = int(msg.header["seq"])
             kind = str(msg.header["kind"])
             data = msg.header.get("data") or {}

@@ -30,12 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "archive": (["shared/archive.py"], ["tests/unit/test_archive.py"]),
     "auth": (["shared/auth.py"], ["tests/unit/test_auth.py", "tests/unit/test_config.py"]),
-    "store-calls": (["services/store/calls.py"],
+    "store-calls": (["services/store/durable_calls.py"],
                     ["tests/unit/test_store_calls.py", "tests/unit/test_store_state.py"]),
     "broker": (["services/gateway/broker.py"],
                ["tests/unit/test_broker.py", "tests/unit/test_broker_vanished.py", "tests/unit/test_gateway_routing.py"]),
     "sandbox": (["services/deployer/sandbox.py"], ["tests/unit/test_sandbox.py"]),
-    "async": (["services/gateway/calls.py"], ["tests/integration/test_async.py", "tests/integration/test_readme_claims.py"]),
+    "async": (["services/gateway/async_calls.py"], ["tests/integration/test_async.py", "tests/integration/test_readme_claims.py"]),
 }
 
 

@@ -412,7 +412,7 @@ class TraceListener:
             try:
                 while not self._stop.is_set():
                     if sock.poll(100):
-                        _, msg = protocol.decode_event(sock.recv_multipart())
+                        _, msg = protocol.decode_published(sock.recv_multipart())
                         self.edges.extend(msg.header.get("edges") or [])
                         self.calls.extend(msg.header.get("calls") or [])
             finally:

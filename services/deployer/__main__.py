@@ -3,33 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import zmq
 
 from shared.aiosock import sync_call
 from shared.config import Settings
-from shared.rpcargs import optional, required
 from shared.entry import main
 
 
 async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> int:
     from shared.aiosock import AsyncRpcServer, RpcClient
     from shared.config import ConfigError
-    from shared.errors import InvalidRequest, NuclideError
+    from shared.errors import NuclideError
     from shared.liveness import DEPLOYER_REPORT_INTERVAL_S
     from shared.logs import get_logger
-    from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
     from shared.statefeed import StateFeed
     from shared.service import settle_gc
+    from shared.storeclient import StoreClient
     from services.deployer.backends.base import Backend
     from services.deployer.backends.process import ProcessBackend
     from services.deployer.builder import Builder
     from services.deployer.children import Children
     from services.deployer.reconciler import Reconciler
+    from services.deployer.rpc import DeployerRpc
 
     log = get_logger("deployer")
-    store = RpcClient(ctx, settings.store_rpc, "store")
+    store = StoreClient(RpcClient(ctx, settings.store_rpc, "store"))
     children = Children()  # every child process of the deployer, and a sweep that reaps orphans
     backend: Backend
     if settings.backend in ("docker", "swarm"):  # both build the group's image on the engine
@@ -61,58 +60,15 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     if adopted:
         log.info("adopted running instances", count=len(adopted))
 
-    def handle(method: str, args: dict[str, Any], _bodies: tuple[bytes, ...]) -> Any:
-        if method == "ping":
-            return {"ok": True, "instances": len(backend.list())}
-        if method == "instances":
-            return [{"id": h.id, "group_id": h.group_id, "group_version": h.group_version, "pid": h.pid}
-                    for h in backend.list()]
-        if method == "instance.replace":
-            # the gateway found it stuck past a call's timeout: stop it; reconcile starts a new one
-            inst_id = required(args, "id", str)
-            handle = next((h for h in backend.list() if h.id == inst_id), None)
-            if handle is None:
-                return {"replaced": False}
-            handle.stopping = False
-            reconciler.replace(handle)
-            return {"replaced": True}
-        if method == "runtime.check":
-            check = getattr(backend, "check_image", None)
-            if check is None:
-                raise InvalidRequest(f"registered runtimes run on the docker backend; this deployer uses the"
-                                     f" '{backend.name}' backend (set NUCLIDE_BACKEND=docker)")
-            return check(required(args, "image", str))
-        if method == "python.check":
-            return backend.python_check(required(args, "version", str))
-        if method == "warm_start.check":
-            problem = warm_start_problem(backend.name, optional(args, "policy", str, DEFAULT_WARM_START))
-            if problem:
-                raise InvalidRequest(problem)
-            return {"ok": True}
-        if method == "logs":
-            name = required(args, "function", str)
-            tail = optional(args, "tail", int, 200)
-            since_s = optional(args, "since_s", (int, float))
-            cursor = optional(args, "cursor", dict)
-            if cursor is not None and not all(isinstance(k, str) and type(v) is int for k, v in cursor.items()):
-                raise InvalidRequest("argument 'cursor' must map log file keys to byte offsets")
-            group = reconciler.function_groups.get(name)
-            if group is None:
-                return {"text": "", "cursor": cursor or {}}
-            logs_dir = settings.var_dir.resolve() / "logs" / group
-            paths = list(logs_dir.glob("*.log")) if logs_dir.is_dir() else []
-            text, moved = backend.logs(paths, tail, since_s, cursor)
-            return {"text": text, "cursor": moved}
-        raise InvalidRequest(f"unknown deployer method {method!r}")
-
-    rpc = AsyncRpcServer(ctx, settings.deployer_rpc, handle, name="deployer")
-    feed = StateFeed(ctx, settings.store_pub, store, reconciler.on_snapshot, reconciler.on_event)
+    rpc = AsyncRpcServer(ctx, settings.deployer_rpc, DeployerRpc(settings, backend, reconciler).handle, name="deployer")
+    feed = StateFeed(ctx, settings.store_pub, store.rpc, reconciler.on_snapshot, reconciler.on_event)
     feed.start()
 
     async def report() -> None:
         while True:
             try:
-                await store.call("deployer.report", {"instances": len(backend.list())}, timeout_s=2.0)
+                await store.deployer_report(len(backend.list()), reconciler.metrics.snapshot(backend),
+                                            DEPLOYER_REPORT_INTERVAL_S, timeout_s=2.0)
             except NuclideError:
                 pass
             await asyncio.sleep(DEPLOYER_REPORT_INTERVAL_S)

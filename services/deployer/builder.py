@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.aiosock import RpcClient
 from shared.archive import extract_archive, read_archive
 from shared.config import Settings
 from shared.errors import BuildFailed
 from shared.logs import get_logger
+from shared.storeclient import StoreClient
 from services.deployer import pythons
 from services.deployer.children import Children
 from services.deployer.netns import RESOLV_CONF, Net, NetPool, NetUnavailable
@@ -90,8 +90,14 @@ def tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+
+def build_log_path(var_dir: Path, group_id: str, group_version: int) -> Path:
+    """Where a group version's build writes its output as it runs: in the group's log folder, beside its
+    instances' logs, so `logs -f` and a deploy that follows the function's log show the build too."""
+    return var_dir.resolve() / "logs" / group_id / f"build-v{group_version}.log"
+
 class Builder:
-    def __init__(self, settings: Settings, store: RpcClient, children: Children | None = None) -> None:
+    def __init__(self, settings: Settings, store: StoreClient, children: Children | None = None) -> None:
         self.settings = settings
         self.store = store
         self.children = children or Children()
@@ -117,8 +123,7 @@ class Builder:
         async with self._lock(f"code:{name}:{version}"):
             if target.exists():
                 return target
-            _, bodies = await self.store.call_with_bodies("blob.get", {"digest": digest}, timeout_s=60)
-            data = bodies[0]
+            data = await self.store.blob_get(digest)
             if hashlib.sha256(data).hexdigest() != digest:
                 raise BuildFailed(f"the stored archive of '{name}' v{version} is corrupt (digest mismatch)",
                                   {"tasks": [name]})

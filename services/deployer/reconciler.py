@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.aiosock import RpcClient
 from shared.config import Settings
 from shared.errors import BuildFailed, Conflict, NuclideError
 from shared.exits import EXIT_INIT_FAILED
@@ -36,8 +35,10 @@ from shared.fusion import merge_specs
 from shared.liveness import DRAIN_TIMEOUT_S
 from shared.logs import get_logger
 from shared.runtimes import DEFAULT_WARM_START, warm_start_problem
+from shared.storeclient import StoreClient
 from services.deployer.backends.base import Backend, InstanceHandle, InstanceSpec, ReplicatedBackend
-from services.deployer.builder import Builder, members_of_step, tail
+from services.deployer.builder import Builder, build_log_path, members_of_step, tail
+from services.deployer.metrics import DeployerMetrics
 
 log = get_logger(__name__)
 
@@ -48,7 +49,7 @@ EXIT_REPORTS_TIMEOUT_S = 5.0  # on shutdown, how long the stopped instances' exi
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, store: RpcClient, builder: Builder) -> None:
+    def __init__(self, settings: Settings, store: StoreClient, builder: Builder) -> None:
         self.settings = settings
         self.store = store
         self.builder = builder
@@ -69,6 +70,7 @@ class Reconciler:
         self.synced = False
         self.closing = False  # set on shutdown: nothing new is started after it
         self.gateways: dict[str, dict[str, Any]] = {}  # live gateways: a new instance connects to each
+        self.metrics = DeployerMetrics()  # sent with every deployer.report
 
     # ----- state from the store -------------------------------------------------------
 
@@ -90,12 +92,12 @@ class Reconciler:
         gone = [inst_id for inst_id in counted if inst_id not in running]
         if not gone:
             return
+        self.metrics.ended("gone", len(gone))
         log.info("the store counts instances that no longer run; reporting them gone", instances=gone)
 
         async def report() -> None:
             try:
-                await self.store.call("instances.gone", {"ids": gone, "reason": "no longer running (found when the"
-                                                                                  " deployer synced with the store)"})
+                await self.store.instances_gone(gone, "no longer running (found when the deployer synced with the store)")
             except NuclideError as exc:  # the next snapshot tries again
                 log.warning("could not report gone instances", error=str(exc))
 
@@ -286,7 +288,7 @@ class Reconciler:
         key = (name, version)
         rec = self._versions.get(key)
         if rec is None:
-            rec = self._versions[key] = await self.store.call("version.get", {"name": name, "version": version})
+            rec = self._versions[key] = await self.store.version_get(name, version)
         return rec
 
     async def _group_spec(self, group: dict[str, Any]) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
@@ -304,7 +306,7 @@ class Reconciler:
         except Conflict as exc:
             raise BuildFailed(exc.message, {"tasks": list(exc.details.get("tasks") or [])}) from None
         try:
-            build_log = self.settings.var_dir.resolve() / "logs" / group["id"] / f"build-v{group['version']}.log"
+            build_log = build_log_path(self.settings.var_dir, group["id"], int(group["version"]))
             deps = await self.builder.ensure_env(merged, build_log)
         except BuildFailed as exc:  # a fused group's build: say whose step failed
             if "step" in exc.details:
@@ -320,12 +322,12 @@ class Reconciler:
             })
             if merged.get("python"):  # another Python 3 than the platform's: the backend starts it there
                 functions[-1]["python"] = merged["python"]
-            if spec.get("shell"):  # a registered runtime's function: its definition and warm-start policy
+            if spec.get("registered_runtime"):  # a registered runtime's function: its definition and warm-start policy
                 if self.backend.name != "docker":
                     raise BuildFailed(f"'{name}' runs on the registered runtime '{spec.get('runtime')}', which"
                                       f" needs the docker backend (this deployer uses '{self.backend.name}')",
                                       {"tasks": [name]})
-                functions[-1].update(shell=spec["shell"], runtime=spec.get("runtime"),
+                functions[-1].update(registered_runtime=spec["registered_runtime"], runtime=spec.get("runtime"),
                                      warm_start=spec.get("warm_start") or "function")
             elif (spec.get("warm_start") or DEFAULT_WARM_START) != DEFAULT_WARM_START:
                 # deployed before the backend changed: the gateway refuses it up front otherwise
@@ -343,7 +345,13 @@ class Reconciler:
         try:
             if self.closing:
                 return
-            functions, memory, extra = await self._group_spec(group)
+            build_started = time.monotonic()
+            try:
+                functions, memory, extra = await self._group_spec(group)
+            except BuildFailed:
+                self.metrics.built(False, time.monotonic() - build_started)
+                raise
+            self.metrics.built(True, time.monotonic() - build_started)
             for _ in range(count):
                 if self.closing:
                     return
@@ -355,11 +363,10 @@ class Reconciler:
                 self.launching.add(inst_id)
                 try:
                     handle = await self.backend.start(spec)
+                    self.metrics.started += 1
                     log.info("instance started", instance=inst_id, pid=handle.pid)
-                    await self.store.call("instance.started", {
-                        "id": inst_id, "group_id": group["id"], "group_version": int(group["version"]),
-                        "backend": self.backend.name, "pid": handle.pid,
-                    })
+                    await self.store.instance_started(inst_id, group["id"], int(group["version"]), self.backend.name,
+                                                      handle.pid)
                 finally:
                     self.launching.discard(inst_id)
         except BuildFailed as exc:
@@ -381,6 +388,7 @@ class Reconciler:
         await self._report_failed(key, exc.message, str(exc.details.get("log_tail", "")), exc.details.get("tasks"))
 
     def _backoff(self, group_id: str) -> None:
+        self.metrics.backoffs += 1
         current = self.backoff_until.get(group_id, 0) - time.monotonic()
         delay = min(BACKOFF_MAX_S, max(0.5, current * 2 if current > 0 else 0.5))
         self.backoff_until[group_id] = time.monotonic() + delay
@@ -388,11 +396,8 @@ class Reconciler:
     async def _report_failed(self, key: tuple[str, int], error: str, log_tail: str,
                              tasks: list[str] | None = None) -> None:
         """``tasks``: the members the failure is theirs, when known (a fused group's build step, a spec)."""
-        report = {"group_id": key[0], "group_version": key[1], "error": error, "log_tail": log_tail}
-        if tasks:
-            report["tasks"] = list(tasks)
         try:
-            await self.store.call("deploy.failed", report)
+            await self.store.deploy_failed(key[0], key[1], error, log_tail, tasks)
         except NuclideError as exc:
             log.error("could not report a failed deploy", group=key[0], error=str(exc))
 
@@ -403,6 +408,7 @@ class Reconciler:
 
     async def _exited(self, handle: InstanceHandle, code: int | None) -> None:
         expected = handle.stopping or handle.id in self.stopping
+        self.metrics.ended("stopped" if expected else "crash")
         last_lines = ""
         try:
             last_lines = tail(Path(handle.log_path).read_text(errors="replace"), 30)
@@ -428,8 +434,7 @@ class Reconciler:
                         self.failed_versions.add(key)
                     self._backoff(handle.group_id)
         try:
-            await self.store.call("instance.exited", {"id": handle.id, "exit_code": code,
-                                                      "error": None if expected else last_lines})
+            await self.store.instance_exited(handle.id, code, None if expected else last_lines)
         except NuclideError as exc:
             log.warning("could not report an exit", instance=handle.id, error=str(exc))
         if expected:

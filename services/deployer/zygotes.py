@@ -97,6 +97,8 @@ class Zygotes:
         self._unavailable: str | None = None  # why no zygote can run here at all
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
+        self.forks = 0  # instances forked by a long-lived zygote (GET /metrics)
+        self.warm_hits = 0  # of those, forks whose zygote was already running
         if not settings.zygote:
             self._unavailable = "zygotes are turned off (NUCLIDE_ZYGOTE=false)"
         elif settings.sandbox == "none" or os.geteuid() != 0 or shutil.which("bwrap") is None:
@@ -125,6 +127,8 @@ class Zygotes:
         if self._unavailable:
             raise ZygoteUnavailable(self._unavailable)
         self.groups.setdefault(key, set()).add(group_id)
+        running = self.running.get(key)
+        warm = running is not None and not running.stopping
         zygote = await self.ensure(key)
         async with zygote.lock:
             try:
@@ -136,6 +140,8 @@ class Zygotes:
             # its instance process, when killed on the way, is a child of ours: the deployer's sweep reaps it
             raise ZygoteUnavailable(f"the zygote could not fork the instance: {reply['error']}")
         reply["zygote_pid"] = zygote.pid
+        self.forks += 1
+        self.warm_hits += warm
         return reply
 
     async def spawn_once(self, request: dict[str, Any], fds: list[int], python: str | None = None) -> dict[str, Any]:

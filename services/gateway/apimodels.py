@@ -3,7 +3,8 @@
 The handlers read and write these bodies themselves (a zip streams in, errors keep the
 project's own messages instead of FastAPI's 422), so these models document them and
 tests check real answers against them; they are not a validation layer. Every model
-allows extra fields, because fields are only ever added (STYLE.md, rule 2).
+allows extra fields: a field is only ever added to an answer, never renamed or removed, so a client
+written against an older schema keeps working.
 """
 
 from __future__ import annotations
@@ -199,6 +200,16 @@ class GroupsState(_Open):
     regroup: Regroup | None = Field(description="the latest change of setup, under way or finished")
 
 
+class CallGraphEdge(_Open):
+    caller: str = Field(description="the calling function")
+    callee: str = Field(description="the function it called (context.call)")
+    calls: int = Field(description="task calls from caller to callee within the window")
+    fused: int = Field(description="of them, calls that ran in-process (caller and callee in one fusion group)")
+    remote: int = Field(description="of them, calls that went through the gateway")
+    sync: int = Field(description="of them, synchronous calls (the caller waited for the answer)")
+    mean_ms: float | None = Field(description="mean duration of the synchronous calls; null without any")
+
+
 class OptimizerStatus(_Open):
     strategy: str
     state: str
@@ -212,6 +223,9 @@ class OptimizerStatus(_Open):
     scaling: dict[str, Any] | None = Field(None, description="the autoscaler: its windows, per group the decision"
                                            " and its evidence (observed, stable and panic concurrency, panic, desired,"
                                            " current, ready, reason), and the latest replica changes")
+    graph: list[CallGraphEdge] | None = Field(None, description="the call graph: task-call edges summed over the"
+                                              " last graph_window_s seconds, busiest first, at most 200")
+    graph_window_s: float | None = Field(None, description="how far back graph sums the traced edges")
 
 
 # ----- system ---------------------------------------------------------------------------

@@ -325,7 +325,7 @@ class Broker:
         inst = self.instances.get(ident)
         if inst is not None:
             inst.last_seen = time.monotonic()
-        # failed calls come with edges (services/runtime/calls.py take_reports): one lookup per message
+        # failed calls come with edges (services/runtime/context_calls.py take_reports): one lookup per message
         if "edges" in msg.header and self._on_reports is not None:
             self._on_reports(msg.header)
         if cmd == protocol.RESULT:

@@ -24,12 +24,14 @@ from starlette.datastructures import UploadFile
 from shared.archive import make_zip
 from shared.auth import bearer_is
 from shared.config import FUSIONIZER_MODE_WARNING
+from shared.deployerclient import DeployerClient
 from shared.errors import BuildFailed, Conflict, InvalidRequest, NotFound, NuclideError, PayloadTooLarge, Unavailable
 from shared.logtime import SINCE_FORMS, parse_since
 from shared.names import validate_function_name
 from shared.version import VERSION
 from shared.runtimes import DEFAULT_WARM_START, parse_runtime
 from shared.spec import HOST_RUNTIME, FunctionSpec, other_python, read_function
+from shared.storeclient import StoreClient
 from services.gateway import fusionizer
 from services.gateway.core import Gateway, error_payload
 from services.gateway.openapi import make_control_app
@@ -66,6 +68,14 @@ def build_control_app(gw: Gateway) -> FastAPI:
         version=VERSION,
     )
     mount_dashboard(app)  # before the routes: GET /{name} would take /ui
+
+    def store() -> StoreClient:
+        assert gw.store is not None  # connected when the gateway starts, before it serves a request
+        return StoreClient(gw.store)
+
+    def deployer() -> DeployerClient:
+        assert gw.deployer is not None
+        return DeployerClient(gw.deployer)
 
     def text_mode(request: Request) -> bool:
         return fusionizer.wants_text(request.headers.get("accept"), gw.settings.fusionizer_mode)
@@ -118,14 +128,12 @@ def build_control_app(gw: Gateway) -> FastAPI:
         return data
 
     async def describe(name: str) -> dict[str, Any]:
-        assert gw.store is not None
-        return await gw.store.call("function.get", {"name": name})
+        return await store().function_get(name)
 
     async def choose_python(name: str, spec: FunctionSpec, version: str, warnings: list[str]) -> FunctionSpec:
         """``spec`` on Python ``version`` when the deployer's backend has it, else on the platform's, with a warning."""
-        assert gw.deployer is not None
         try:
-            found = await gw.deployer.call("python.check", {"version": version}, timeout_s=30.0)
+            found = await deployer().python_check(version)
         except NuclideError as exc:
             raise Unavailable(f"'{name}' was not deployed: the deployer, which knows whether its backend has"
                               f" Python {version}, did not answer ({exc}); retry when it is up") from None
@@ -138,15 +146,13 @@ def build_control_app(gw: Gateway) -> FastAPI:
 
     async def deploy(name: str, data: bytes, wait: bool, status_ok: int = 200) -> JSONResponse:
         validate_function_name(name)
-        assert gw.store is not None
-        runtimes = {rt["name"]: rt for rt in await gw.store.call("runtime.list")}
+        runtimes = {rt["name"]: rt for rt in await store().runtime_list()}
         # reading a zip and parsing YAML of a user's are bounded, but can take a while: off the event loop
         spec, warnings = await asyncio.to_thread(read_function, data, runtimes, gw.settings.max_zip_bytes,
                                                  gw.settings.max_body_ceiling_bytes)
-        if spec.shell is None and spec.warm_start != DEFAULT_WARM_START:  # per-call containers: docker backend only
-            assert gw.deployer is not None
+        if spec.registered_runtime is None and spec.warm_start != DEFAULT_WARM_START:  # per-call containers: docker backend only
             try:
-                await gw.deployer.call("warm_start.check", {"policy": spec.warm_start}, timeout_s=10.0)
+                await deployer().warm_start_check(spec.warm_start)
             except InvalidRequest:
                 raise
             except NuclideError as exc:
@@ -163,7 +169,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
         if unknown:  # not refused: the caller may be deployed next
             warnings.append(f"spec.allowCallsFrom names {', '.join(repr(n) for n in unknown)}, not deployed here: a"
                             " function of that name may call it once deployed; check the spelling")
-        result = await gw.store.call("function.put", {"name": name, "spec": spec.to_dict(), "warnings": warnings}, data)
+        result = await store().function_put(name, spec.to_dict(), warnings, data)
         gw.apply_function(result["function"])
         if not wait:
             return JSONResponse(result["function"], status_code=202)
@@ -181,8 +187,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
     async def healthz() -> JSONResponse:
         parts: dict[str, Any] = {"gateway": True, "store": False, "deployer": False}
         try:
-            assert gw.store is not None
-            health = await gw.store.call("health", timeout_s=1.0)
+            health = await store().health(timeout_s=1.0)
             parts["store"] = bool(health.get("store"))
             if health.get("store_error"):
                 parts["store_error"] = health["store_error"]
@@ -204,17 +209,17 @@ def build_control_app(gw: Gateway) -> FastAPI:
     @app.get("/metrics", dependencies=[Depends(require_scrape_token)], tags=["system"])
     async def metrics() -> Response:
         """Prometheus' text format: OpenFaaS's gateway_* families per function, nuclide_* ones (README "Metrics")."""
-        assert gw.store is not None
         try:  # the autoscaler's families: what the optimizer last reported (nothing if the store is slow)
-            gw.optimizer_status = await gw.store.call("kv.get", {"key": "optimizer"}, timeout_s=1.0)
-        except NuclideError:
-            gw.optimizer_status = None
+            gw.optimizer_status = await store().kv_get("optimizer", timeout_s=1.0)
+            # the store's, the deployer's and the optimizer's families (services/gateway/svcmetrics.py)
+            gw.service_metrics = await store().metrics_get(timeout_s=1.0)
+        except NuclideError:  # a store that did not answer is not asked twice: its families are left out
+            gw.optimizer_status = gw.service_metrics = None
         return Response(gw.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/functions", dependencies=auth, tags=["functions"])
     async def list_functions() -> JSONResponse:
-        assert gw.store is not None
-        return JSONResponse(await gw.store.call("function.list"))
+        return JSONResponse(await store().function_list())
 
     @app.post("/functions", dependencies=auth, tags=["functions"], status_code=201)
     async def create_from_file(request: Request) -> JSONResponse:
@@ -277,9 +282,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
         return PlainTextResponse(fusionizer.describe(name, desc, gw.settings.http_port))
 
     async def delete_function(name: str, request: Request) -> Response:
-        assert gw.store is not None
         try:
-            await gw.store.call("function.delete", {"name": name})
+            await store().function_delete(name)
         except NotFound:
             if text_mode(request):
                 return failed_text(fusionizer.not_found(name))
@@ -290,10 +294,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
         return Response(status_code=204)
 
     async def read_logs(name: str, tail: int, since_s: float | None, cursor: dict[str, int] | None) -> dict[str, Any]:
-        assert gw.deployer is not None
-        args: dict[str, Any] = {"function": name, "tail": tail, "since_s": since_s, "cursor": cursor}
         try:
-            return await gw.deployer.call("logs", args, timeout_s=5.0)
+            return await deployer().logs(name, tail, since_s, cursor)
         except NuclideError as exc:
             raise Unavailable(f"logs are kept by the deployer, which did not answer: {exc}") from None
 
@@ -336,8 +338,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
     @app.get("/runtimes", dependencies=auth, tags=["runtimes"])
     async def list_runtimes() -> JSONResponse:
         """Registered runtimes, by name."""
-        assert gw.store is not None
-        return JSONResponse(await gw.store.call("runtime.list"))
+        return JSONResponse(await store().runtime_list())
 
     @app.put("/runtimes/{name}", dependencies=auth, tags=["runtimes"])
     async def put_runtime(name: str, request: Request) -> JSONResponse:
@@ -353,9 +354,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
                                  ' "dependencies": ["pip3", "install", "-r", "requirements.txt"],'
                                  ' "run": ["python3", "main.py"]}') from None
         runtime = parse_runtime(name, body)
-        assert gw.deployer is not None and gw.store is not None
         try:
-            checked = await gw.deployer.call("runtime.check", {"image": runtime["image"]}, timeout_s=10.0)
+            checked = await deployer().runtime_check(runtime["image"])
         except Unavailable as exc:
             raise Unavailable(f"runtime '{name}' was not registered: {exc.message}") from None
         except InvalidRequest:
@@ -363,27 +363,24 @@ def build_control_app(gw: Gateway) -> FastAPI:
         except NuclideError as exc:
             raise Unavailable(f"runtime '{name}' was not registered: the deployer, which checks the image with the"
                               f" Docker Engine, did not answer ({exc}); retry when it is up") from None
-        rec = await gw.store.call("runtime.put", {"runtime": runtime, "image_id": checked.get("image_id", "")})
+        rec = await store().runtime_put(runtime, checked.get("image_id", ""))
         created = rec.pop("created", False)
         return JSONResponse(rec, status_code=201 if created else 200)
 
     @app.get("/runtimes/{name}", dependencies=auth, tags=["runtimes"])
     async def get_runtime(name: str) -> JSONResponse:
-        assert gw.store is not None
-        return JSONResponse(await gw.store.call("runtime.get", {"name": name}))
+        return JSONResponse(await store().runtime_get(name))
 
     @app.delete("/runtimes/{name}", dependencies=auth, tags=["runtimes"], status_code=204)
     async def delete_runtime(name: str) -> Response:
         """Remove a runtime (409 naming the functions that still use it)."""
-        assert gw.store is not None
-        await gw.store.call("runtime.delete", {"name": name})
+        await store().runtime_delete(name)
         return Response(status_code=204)
 
     @app.get("/groups", dependencies=auth, tags=["fusion"])
     async def get_groups() -> JSONResponse:
         """The fusion setup: which tasks are deployed together, and each group's state."""
-        assert gw.store is not None
-        return JSONResponse(await gw.store.call("groups.list"))
+        return JSONResponse(await store().groups_list())
 
     @app.put("/groups", dependencies=auth, tags=["fusion"])
     async def put_groups(request: Request) -> JSONResponse:
@@ -401,13 +398,12 @@ def build_control_app(gw: Gateway) -> FastAPI:
             setup = await request.json()
         except ValueError:
             raise InvalidRequest('PUT /groups needs a JSON body like [["taska", "taskb"], ["taskc"]]') from None
-        assert gw.store is not None
-        result = await gw.store.call("groups.set", {"setup": setup})
+        result = await store().groups_set(setup)
         regroup = result.get("regroup")
         if regroup is None or not _truthy(request.query_params.get("wait")):
             return JSONResponse(result)
         regroup = await gw.wait_regrouped(int(regroup["id"]), gw.settings.deploy_timeout_s)
-        result = {**await gw.store.call("groups.list"), "regroup": regroup}
+        result = {**await store().groups_list(), "regroup": regroup}
         if regroup["state"] == "done":
             return JSONResponse(result)
         in_force = result["setup"]
@@ -430,36 +426,31 @@ def build_control_app(gw: Gateway) -> FastAPI:
         Page with ``before`` = the smallest ``queued_ts`` of the previous page; filter by
         ``source`` (http, zmq, topic, cron, call).
         """
-        assert gw.store is not None
         if status:
             status = status.upper()
         if before is not None and not math.isfinite(before):
             raise InvalidRequest("before must be a finite number: the queued_ts of the previous page's last call")
         limit = min(max(limit, 1), MAX_CALLS_PAGE)  # any integer the client sends, within what a page holds
-        return JSONResponse(await gw.store.call("calls.list", {"function": function, "status": status, "limit": limit,
-                                                                "source": source, "before": before}))
+        return JSONResponse(await store().calls_list(function, status, limit, source, before))
 
     @app.get("/calls/{call_id}", dependencies=auth, tags=["calls"])
     async def get_call(call_id: str) -> JSONResponse:
         """One call: status (PENDING, RUNNING, DONE, FAILED, DEAD), attempts, timings, result or error."""
-        assert gw.store is not None
-        return JSONResponse(await gw.store.call("calls.get", {"id": call_id}))
+        return JSONResponse(await store().calls_get(call_id))
 
     @app.get("/calls/{call_id}/result", dependencies=auth, tags=["calls"])
     async def get_call_result(call_id: str) -> Response:
         """The raw result of a finished call, with its status and content type."""
-        assert gw.store is not None
-        rec, bodies = await gw.store.call_with_bodies("calls.result", {"id": call_id})
+        rec, result = await store().calls_result(call_id)
         if rec["status"] not in ("DONE", "FAILED", "DEAD"):
             return JSONResponse({"id": call_id, "status": rec["status"]}, status_code=202)
-        return Response(bodies[0] if bodies else b"", status_code=rec.get("result_status") or 200,
+        return Response(result, status_code=rec.get("result_status") or 200,
                         media_type=rec.get("result_content_type") or None, headers={"X-Call-Status": rec["status"]})
 
     @app.post("/calls/{call_id}/redrive", dependencies=auth, tags=["calls"])
     async def redrive_call(call_id: str) -> JSONResponse:
         """Run a DEAD call again from its first attempt (409 for any other status)."""
-        assert gw.store is not None
-        rec = await gw.store.call("calls.redrive", {"id": call_id})
+        rec = await store().calls_redrive(call_id)
         if gw.calls is not None and gw.calls._claim_wanted is not None:
             gw.calls._claim_wanted.set()
         return JSONResponse(rec)
@@ -467,14 +458,12 @@ def build_control_app(gw: Gateway) -> FastAPI:
     @app.delete("/calls", dependencies=auth, tags=["calls"])
     async def purge_calls(status: str, function: str | None = None) -> JSONResponse:
         """Delete finished calls of a status (DEAD: purge the dead letters)."""
-        assert gw.store is not None
-        return JSONResponse(await gw.store.call("calls.purge", {"status": status.upper(), "function": function}))
+        return JSONResponse(await store().calls_purge(status.upper(), function))
 
     @app.get("/optimizer", dependencies=auth, tags=["fusion"])
     async def get_optimizer() -> JSONResponse:
         """The optimizer's strategy, rounds, current and best setup, and the latencies it decided on."""
-        assert gw.store is not None
-        status = await gw.store.call("kv.get", {"key": "optimizer"})
+        status = await store().kv_get("optimizer")
         if status is None:
             raise Unavailable("the optimizer has not reported yet (is it running?)")
         return JSONResponse(status)
@@ -495,8 +484,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
         replicas = body["replicas"]
         if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool)):
             raise InvalidRequest(f"replicas {json.dumps(replicas)[:40]} is not a whole number: {how}")
-        assert gw.store is not None
-        return JSONResponse(await gw.store.call("function.replicas", {"name": name, "replicas": replicas}))
+        return JSONResponse(await store().function_replicas(name, replicas))
 
     for prefix in ("/functions", ""):
         app.add_api_route(prefix + "/{name}", put_function, methods=["PUT"], dependencies=auth, tags=["functions"])

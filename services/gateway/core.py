@@ -33,7 +33,7 @@ from shared.names import invoke_target
 from shared.statefeed import StateFeed
 from services.gateway import fusionizer
 from services.gateway.broker import Broker, Call, Instance
-from services.gateway.calls import AsyncCalls
+from services.gateway.async_calls import AsyncCalls
 from services.gateway.http import valid_header
 from services.gateway.ingress import Ingress
 from services.gateway.load import LOAD_PUBLISH_S, LOAD_SAMPLE_S, LoadMeter
@@ -155,6 +155,7 @@ class Gateway:
         self.telemetry = Telemetry()  # per-function counters, rendered by GET /metrics (telemetry.py)
         self._metrics_registry = registry_for(self)
         self.optimizer_status: dict[str, Any] | None = None  # read from the store by GET /metrics
+        self.service_metrics: dict[str, Any] | None = None  # the store's metrics.get, read by GET /metrics
         self._started_mono = time.monotonic()
         self.deploy_waiters: dict[tuple[str, int], asyncio.Future] = {}
         self.regroup_waiters: dict[int, asyncio.Future] = {}  # regroup id -> its record once it ended
@@ -251,7 +252,7 @@ class Gateway:
         assert self.store is not None
         while True:
             if time.monotonic() - self.beat_ok_at > GATEWAY_TTL_S and self.calls is not None:
-                self.calls.hold()  # others may have taken our calls meanwhile (services/gateway/calls.py)
+                self.calls.hold()  # others may have taken our calls meanwhile (services/gateway/async_calls.py)
             try:
                 live = await self.store.call("gateway.announce", {"gateway": self.record}, timeout_s=GATEWAY_BEAT_S * 2)
                 self.beat_ok_at = time.monotonic()
@@ -471,7 +472,7 @@ class Gateway:
             edges = [[*key, round(total / n, 3), int(n)] for key, (n, total) in summed.items()]
             try:
                 assert self.pub is not None
-                self.pub.send_multipart(protocol.encode_event(b"trace", {"edges": edges, "calls": calls}), zmq.NOBLOCK)
+                self.pub.send_multipart(protocol.encode_published(b"trace", {"edges": edges, "calls": calls}), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # traces are best effort: subscribers see a gap in the sample, nothing else
 
@@ -490,7 +491,7 @@ class Gateway:
             report = {"gateway": self.boot_id, "interval_s": LOAD_PUBLISH_S, "functions": meter.take()}
             try:
                 assert self.pub is not None
-                self.pub.send_multipart(protocol.encode_event(b"load", report), zmq.NOBLOCK)
+                self.pub.send_multipart(protocol.encode_published(b"load", report), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # best effort, like traces: the optimizer holds its decisions through a gap
 

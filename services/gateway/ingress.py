@@ -50,7 +50,7 @@ from shared.triggers import parse_cron
 if TYPE_CHECKING:  # pragma: no cover
     from shared.config import Settings
     from shared.statefeed import StateFeed
-    from services.gateway.calls import AsyncCalls
+    from services.gateway.async_calls import AsyncCalls
 
 log = get_logger(__name__)
 

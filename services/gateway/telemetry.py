@@ -26,6 +26,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from services.gateway.svcmetrics import ServiceCollector
+
 if TYPE_CHECKING:
     from services.gateway.broker import Call
 
@@ -307,4 +309,5 @@ def registry_for(gw: Any) -> CollectorRegistry:
     and could hold collectors of another gateway started in the same process by a test)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(gw))
+    registry.register(ServiceCollector(lambda: gw.service_metrics))  # the other services' families
     return registry

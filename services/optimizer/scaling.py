@@ -14,10 +14,10 @@ import time
 from collections import deque
 from typing import Any
 
-from shared.aiosock import RpcClient
 from shared.config import Settings
 from shared.errors import NuclideError
 from shared.logs import get_logger
+from shared.storeclient import StoreClient
 from services.optimizer.autoscale import Bounds, GroupScaler, Windows
 
 log = get_logger(__name__)
@@ -29,7 +29,7 @@ HISTORY_KEEP = 100  # replica changes kept for GET /optimizer
 
 
 class Autoscaling:
-    def __init__(self, settings: Settings, store: RpcClient) -> None:
+    def __init__(self, settings: Settings, store: StoreClient) -> None:
         self.settings = settings
         self.store = store
         self.windows = Windows(stable_s=settings.autoscale_stable_window_s, panic_s=settings.autoscale_panic_window_s,
@@ -38,6 +38,7 @@ class Autoscaling:
         self.scalers: dict[str, GroupScaler] = {}
         self.groups: dict[str, dict[str, Any]] = {}  # group id -> its latest decision and evidence
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_KEEP)
+        self.scaled = {"up": 0, "down": 0}  # replica changes applied, for GET /metrics
 
     def on_load(self, header: dict[str, Any]) -> None:
         """A gateway's report: {"gateway": id, "functions": {name: [mean, peak]}}; malformed entries are skipped."""
@@ -77,7 +78,7 @@ class Autoscaling:
             await asyncio.sleep(self.settings.autoscale_tick_s)
 
     async def tick(self, now: float) -> None:
-        listing = await self.store.call("groups.list")
+        listing = await self.store.groups_list()
         seen = set()
         for group in listing["groups"]:
             gid = group["id"]
@@ -130,9 +131,10 @@ class Autoscaling:
         reason = (f"{entry['reason']}; observed concurrency {entry['observed_concurrency']:g}, stable"
                   f" {entry['stable_concurrency']:g}, panic {entry['panic_concurrency']:g}, target"
                   f" {bounds.target:g} per instance")
-        await self.store.call("group.scale", {"group_id": gid, "replicas": desired, "reason": reason[:500]})
+        await self.store.group_scale(gid, desired, reason[:500])
         change = {"at": time.time(), "group": gid, "tasks": tasks, "from": current, "to": desired,
                   "panic": entry["panic"], "observed_concurrency": entry["observed_concurrency"],
                   "reason": entry["reason"]}
         self.history.append(change)
+        self.scaled["up" if desired > current else "down"] += 1
         log.info("scaled", **change)

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from services.runtime import responses
-from services.runtime.calls import CallFailed, Frame, TaskCaller
+from services.runtime.context_calls import CallFailed, Frame, TaskCaller
 from services.runtime.context import Context, Logger
 from services.runtime.event import Event
 from services.runtime.handlers import (

@@ -19,7 +19,7 @@ from requests.structures import CaseInsensitiveDict
 from shared.names import invoke_target
 
 if TYPE_CHECKING:  # pragma: no cover
-    from services.runtime.calls import TaskCaller
+    from services.runtime.context_calls import TaskCaller
 
 FUSIONIZER_PORT = 8000  # the port Fusionizer task code writes into its URLs
 

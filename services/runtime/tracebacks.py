@@ -1,7 +1,7 @@
 """Tracebacks as a function's author should see them: their own frames and their libraries', not nuclide's.
 
 Lambda and nuclio show a handler's traceback from the handler down. Ours would start in
-``executor.py`` and ``handlers.py`` (and pass through ``calls.py`` when a task call failed), which
+``executor.py`` and ``handlers.py`` (and pass through ``context_calls.py`` when a task call failed), which
 tells the user nothing and shows them our internals. Every traceback the runtime writes to a
 function's log (a handler that raised, ``context.logger.exception``, a module that failed to load)
 goes through :func:`user_traceback`; a chained exception (``raise ... from``, or raised while

@@ -213,7 +213,8 @@ class SqlDatabase:
     def execute(self, sql: str, params: tuple = ()) -> Any:
         raise NotImplementedError
 
-    def executemany(self, sql: str, rows: list[tuple]) -> None:
+    def executemany(self, sql: str, rows: list[tuple]) -> int:
+        """Run one statement for each row (PostgreSQL sends them in one pipeline); the rows it changed in all."""
         raise NotImplementedError
 
     def tx(self) -> Any:
@@ -277,5 +278,5 @@ class Database(SqlDatabase):
     def execute(self, sql: str, params: tuple = ()) -> Any:
         return self.conn.execute(sql, params)
 
-    def executemany(self, sql: str, rows: list[tuple]) -> None:
-        self.conn.executemany(sql, rows)
+    def executemany(self, sql: str, rows: list[tuple]) -> int:
+        return self.conn.executemany(sql, rows).rowcount

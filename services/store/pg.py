@@ -195,6 +195,7 @@ class PgDatabase(SqlDatabase):
     def execute(self, sql: str, params: tuple = ()) -> Any:
         return self.conn.execute(pg_sql(sql), pg_params(params))
 
-    def executemany(self, sql: str, rows: list[tuple]) -> None:
+    def executemany(self, sql: str, rows: list[tuple]) -> int:
         with self.conn.cursor() as cur:
             cur.executemany(pg_sql(sql), [pg_params(r) for r in rows])
+            return cur.rowcount

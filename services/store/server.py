@@ -1,17 +1,17 @@
-"""The store service: RPC on a ROUTER, change events on a PUB with sequence numbers."""
+"""The store service: RPC on a ROUTER (dispatched by the METHODS table), change events on a PUB with sequence numbers."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
 from shared import protocol
 from shared.aiosock import AsyncRpcServer
 from shared.config import Settings
-from shared.errors import InvalidRequest, Unavailable
+from shared.errors import InvalidRequest, NuclideError, Unavailable
 from shared.gateways import GATEWAY_TTL_S
 from shared.rpcargs import optional, required, strings
 from shared.liveness import DEPLOYER_REPORT_INTERVAL_S, HEARTBEAT_LIVENESS
@@ -20,8 +20,9 @@ from shared.service import settle_gc
 from services.store.blobs import open_blobs
 from services.store.databases import open_database
 from services.store.db import LeadershipLost, SqlDatabase
-from services.store.calls import CallStore
-from services.store.state import Event, StoreState
+from services.store.durable_calls import CallStore
+from services.store.metrics import StoreMetrics
+from services.store.state import Change, StoreState
 
 log = get_logger(__name__)
 
@@ -36,6 +37,7 @@ class StoreServer:
         self.state = StoreState(self.db, open_blobs(self.db, settings.var_dir))
         self.calls = CallStore(self.db)
         self.storage_errors = 0  # database errors since the last write that went through
+        self.metrics = StoreMetrics()  # what GET /metrics on a gateway shows of the store and the other services
         self.lost: str | None = None  # why this store must stop serving (another store leads its database)
         self.lost_event = asyncio.Event()
         self.pub = ctx.socket(zmq.PUB)
@@ -48,17 +50,31 @@ class StoreServer:
             self.pub.close(linger=0)  # a standby taking over retries once the old leader's ports are free
             raise
 
-    def publish(self, events: list[Event]) -> None:
+    def publish(self, events: list[Change]) -> None:
+        self.metrics.events_published += len(events)
         for topic, data in events:
             seq = data.pop("seq")
             try:
                 self.pub.send_multipart(
-                    protocol.encode_event(topic.encode(), {"seq": seq, "kind": topic, "data": data}), zmq.NOBLOCK
+                    protocol.encode_published(topic.encode(), {"seq": seq, "kind": topic, "data": data}), zmq.NOBLOCK
                 )
             except zmq.Again:  # subscribers resync from a snapshot when they see a gap
                 log.warning("event dropped: PUB queue full", topic=topic, seq=seq)
 
     def handle(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
+        started = time.perf_counter()
+        outcome = "internal"
+        try:
+            result = self._guarded(method, args, bodies)
+            outcome = "ok"
+            return result
+        except NuclideError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            self.metrics.served(method, outcome, time.perf_counter() - started)
+
+    def _guarded(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
         try:
             return self._handle(method, args, bodies)
         except self.db.integrity_errors:
@@ -72,6 +88,7 @@ class StoreServer:
 
     def _storage_failed(self, exc: BaseException) -> None:
         self.storage_errors += 1
+        self.metrics.storage_errors += 1
         if self.storage_errors == 1 or self.storage_errors % 100 == 0:  # one line, not a traceback per request
             log.error("database error", error=f"{type(exc).__name__}: {exc}", errors=self.storage_errors)
         try:
@@ -101,146 +118,38 @@ class StoreServer:
         return None
 
     def _handle(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
-        st = self.state
-        if method == "ping":
-            return {"ok": True, "seq": st.seq()}
-        if method == "health":
-            age = time.time() - st.deployer_seen_at
-            problem = self._writable()
-            return {
-                "store": problem is None,
-                "store_error": problem,
-                "deployer": age < DEPLOYER_REPORT_INTERVAL_S * HEARTBEAT_LIVENESS,
-                "deployer_age_s": round(age, 3),
-            }
-        if method == "deployer.report":
-            st.deployer_seen_at = time.time()
-            return {"ok": True}
-        if method == "snapshot":
-            return st.snapshot()
-        if method == "function.get":
-            return st.get_function(required(args, "name", str))
-        if method == "function.list":
-            return st.list_functions()
-        if method == "version.get":
-            return st.get_version(required(args, "name", str), required(args, "version", int))
-        if method == "blob.get":
-            digest = required(args, "digest", str)
-            return {"digest": digest}, [st.blobs.get(digest)]
-        if method == "instances.list":
-            return st.instances_of(optional(args, "group_id", str))
-        if method.startswith("calls."):
-            return self.handle_calls(method, args, bodies)
-        if method == "gateways.list":
-            return st.live_gateways(GATEWAY_TTL_S)
-        if method == "groups.list":
-            return st.list_groups()
-        if method == "regroup.get":
-            return st.get_regroup(required(args, "id", int))
-        if method == "group.spec":
-            return st.group_spec(required(args, "group_id", str))
-        if method == "kv.get":
-            return st.kv_get(required(args, "key", str))
-        if method == "kv.put":
-            st.kv_put(required(args, "key", str), args.get("value"))  # any msgpack value: stored as given
-            return {"ok": True}
-        if method == "runtime.list":
-            return st.list_runtimes()
-        if method == "runtime.get":
-            return st.get_runtime(required(args, "name", str))
-        if method == "function.put":
-            spec = required(args, "spec", dict)
-            warnings = strings(args, "warnings", [])
-            result, events = st.put_function(required(args, "name", str), spec, warnings, bodies[0] if bodies else b"")
-        elif method == "runtime.put":
-            result, events = st.put_runtime(required(args, "runtime", dict), optional(args, "image_id", str, ""))
-        elif method == "runtime.delete":
-            result, events = st.delete_runtime(required(args, "name", str))
-        elif method == "groups.set":
-            result, events = st.set_groups(args.get("setup"))
-        elif method == "group.scale":
-            result, events = st.scale_group(required(args, "group_id", str), required(args, "replicas", int),
-                                            optional(args, "reason", str, ""))
-        elif method == "function.replicas":
-            replicas = args.get("replicas")
-            if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool)):
-                raise InvalidRequest("replicas must be an integer, or null to give replicas back to the autoscaler")
-            result, events = st.set_replicas_override(required(args, "name", str), replicas)
-        elif method == "function.delete":
-            result, events = st.delete_function(required(args, "name", str))
-        elif method == "instance.started":
-            events = st.instance_started(
-                required(args, "id", str), required(args, "group_id", str), required(args, "group_version", int),
-                optional(args, "backend", str, ""), optional(args, "pid", int),
-            )
-            result = {"ok": True}
-        elif method == "instance.ready":
-            functions = optional(args, "functions", dict, {})
-            events = st.instance_ready(
-                required(args, "id", str), required(args, "group_id", str), required(args, "group_version", int), dict(functions)
-            )
-            result = {"ok": True}
-        elif method == "instance.exited":
-            events = st.instance_exited(required(args, "id", str), optional(args, "exit_code", int), optional(args, "error", str))
-            result = {"ok": True}
-        elif method == "instances.gone":
-            result, events = st.instances_gone(strings(args, "ids"), optional(args, "reason", str, "gone"))
-        elif method == "gateway.announce":
-            result, events = st.announce_gateway(required(args, "gateway", dict), GATEWAY_TTL_S)
-        elif method == "gateway.bye":
-            result, events = st.gateway_bye(required(args, "id", str))
-        elif method == "deploy.failed":
-            events = st.deploy_failed(
-                required(args, "group_id", str), required(args, "group_version", int),
-                optional(args, "error", str, "deploy failed"), optional(args, "log_tail", str, ""),
-                strings(args, "tasks") if "tasks" in args else None,
-            )
-            result = {"ok": True}
-        else:
+        handler = METHODS.get(method)
+        if handler is None:
             raise InvalidRequest(f"unknown store method {method!r}")
-        self.publish(events)
-        return result
+        return handler(self, args, bodies)
 
-    def handle_calls(self, method: str, args: dict[str, Any], bodies: tuple[bytes, ...]) -> Any:
-        calls = self.calls
-        if method == "calls.submit":
-            return calls.submit(list(required(args, "calls", list)), bodies)
-        if method == "calls.update":
-            return {"changed": calls.update(list(required(args, "updates", list)), bodies)}
-        if method == "calls.record_sync":
-            if "rows" in args:
-                return {"recorded": calls.record_sync_rows(list(required(args, "rows", list)))}
-            return {"recorded": calls.record_sync(list(required(args, "calls", list)))}
-        if method == "calls.claim":
-            claimed, payloads = calls.claim(required(args, "owner", str), optional(args, "limit", int, 1000),
-                                            GATEWAY_TTL_S)
-            return claimed, payloads
-        if method == "calls.get":
-            return calls.get(required(args, "id", str))
-        if method == "calls.result":
-            rec, body = calls.result(required(args, "id", str))
-            return rec, [body]
-        if method == "calls.list":
-            return calls.list(optional(args, "function", str), optional(args, "status", str), optional(args, "limit", int, 100),
-                              optional(args, "source", str), optional(args, "before", (int, float)))
-        if method == "calls.redrive":
-            return calls.redrive(required(args, "id", str))
-        if method == "calls.purge":
-            return {"purged": calls.purge(required(args, "status", str), optional(args, "function", str))}
-        if method == "calls.owned":
-            ids = strings(args, "ids")
-            if len(ids) > 1000:
-                raise InvalidRequest(f"calls.owned takes at most 1000 ids, not {len(ids)}")
-            return calls.owned(required(args, "owner", str), ids)
-        if method == "calls.take_callback":
-            return {"taken": calls.take_callback(required(args, "id", str), required(args, "owner", str))}
-        if method == "calls.pending_callbacks":
-            pending = calls.pending_callbacks(required(args, "owner", str), optional(args, "limit", int, 100))
-            bodies_out = [p.pop("result_b") for p in pending]
-            return pending, bodies_out
-        if method == "calls.counts":
-            return calls.counts()
-        raise InvalidRequest(f"unknown store method {method!r}")
+    def health(self) -> dict[str, Any]:
+        """Whether a write goes through now, and whether the deployer beat recently (GET /healthz shows both)."""
+        age = time.time() - self.state.deployer_seen_at
+        problem = self._writable()
+        return {
+            "store": problem is None,
+            "store_error": problem,
+            "deployer": age < DEPLOYER_REPORT_INTERVAL_S * HEARTBEAT_LIVENESS,
+            "deployer_age_s": round(age, 3),
+        }
+
+    def deployer_report(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The deployer's beat and metrics (in memory only: a restarted store hears the next within seconds)."""
+        self.state.deployer_seen_at = time.time()
+        if "metrics" in args:
+            self.metrics.report("deployer", args["metrics"], args.get("interval_s", DEPLOYER_REPORT_INTERVAL_S))
+        return {"ok": True}
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The store's own families and the other services' newest snapshots, for a gateway's GET /metrics."""
+        leader = bool(getattr(self.db, "leading", True)) and self.lost is None
+        try:
+            calls = self.calls.counts()
+        except (*self.db.errors, OSError):  # the families without the call counts, rather than no families
+            calls = {}
+        own = self.metrics.snapshot(self.db.dialect, leader, calls)
+        return {"store": own, "services": self.metrics.services()}
 
     async def expire_calls(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -280,3 +189,164 @@ class StoreServer:
         self.pub.close(linger=0)
         self.db.close()
         return 1 if self.lost else 0
+
+
+# ----- the dispatch table: one small handler per store method ---------------------------------------------------
+# A handler reads its arguments (each checked, so a wrong one is an InvalidRequest naming it) and returns the reply,
+# or (reply, bodies) to send raw frames after it. A method that changes what subscribers follow is wrapped in
+# ``_publishing``: its handler returns (reply, events) and the events are published once the change is committed.
+
+Args = dict[str, Any]
+Bodies = tuple[bytes, ...]
+Handler = Callable[[StoreServer, Args, Bodies], Any]
+Mutation = Callable[[StoreState, Args, Bodies], tuple[Any, list[Change]]]
+
+
+def _publishing(mutate: Mutation) -> Handler:
+    def handler(server: StoreServer, args: Args, bodies: Bodies) -> Any:
+        result, events = mutate(server.state, args, bodies)
+        server.publish(events)
+        return result
+    return handler
+
+
+def _blob_get(s: StoreServer, a: Args, b: Bodies) -> Any:
+    digest = required(a, "digest", str)
+    return {"digest": digest}, [s.state.blobs.get(digest)]
+
+
+def _metrics_report(s: StoreServer, a: Args, b: Bodies) -> Any:
+    s.metrics.report(a.get("service"), a.get("metrics"), a.get("interval_s"))  # each checked there, named
+    return {"ok": True}
+
+
+def _kv_put(s: StoreServer, a: Args, b: Bodies) -> Any:
+    s.state.kv_put(required(a, "key", str), a.get("value"))  # any msgpack value: stored as given
+    return {"ok": True}
+
+
+def _function_put(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
+    spec = required(a, "spec", dict)
+    warnings = strings(a, "warnings", [])
+    return st.put_function(required(a, "name", str), spec, warnings, b[0] if b else b"")
+
+
+def _function_replicas(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
+    replicas = a.get("replicas")
+    if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool)):
+        raise InvalidRequest("replicas must be an integer, or null to give replicas back to the autoscaler")
+    return st.set_replicas_override(required(a, "name", str), replicas)
+
+
+def _instance_started(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
+    return {"ok": True}, st.instance_started(
+        required(a, "id", str), required(a, "group_id", str), required(a, "group_version", int),
+        optional(a, "backend", str, ""), optional(a, "pid", int))
+
+
+def _instance_ready(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
+    functions = optional(a, "functions", dict, {})
+    return {"ok": True}, st.instance_ready(
+        required(a, "id", str), required(a, "group_id", str), required(a, "group_version", int), dict(functions))
+
+
+def _instance_exited(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
+    return {"ok": True}, st.instance_exited(required(a, "id", str), optional(a, "exit_code", int),
+                                            optional(a, "error", str))
+
+
+def _deploy_failed(st: StoreState, a: Args, b: Bodies) -> tuple[Any, list[Change]]:
+    return {"ok": True}, st.deploy_failed(
+        required(a, "group_id", str), required(a, "group_version", int),
+        optional(a, "error", str, "deploy failed"), optional(a, "log_tail", str, ""),
+        strings(a, "tasks") if "tasks" in a else None)
+
+
+def _calls_record_sync(s: StoreServer, a: Args, b: Bodies) -> Any:
+    if "rows" in a:  # tuples in SYNC_ROW_FIELDS order, as the gateway batches them
+        return {"recorded": s.calls.record_sync_rows(list(required(a, "rows", list)))}
+    return {"recorded": s.calls.record_sync(list(required(a, "calls", list)))}
+
+
+def _calls_result(s: StoreServer, a: Args, b: Bodies) -> Any:
+    rec, body = s.calls.result(required(a, "id", str))
+    return rec, [body]
+
+
+def _calls_owned(s: StoreServer, a: Args, b: Bodies) -> Any:
+    ids = strings(a, "ids")
+    if len(ids) > 1000:
+        raise InvalidRequest(f"calls.owned takes at most 1000 ids, not {len(ids)}")
+    return s.calls.owned(required(a, "owner", str), ids)
+
+
+def _calls_pending_callbacks(s: StoreServer, a: Args, b: Bodies) -> Any:
+    pending = s.calls.pending_callbacks(required(a, "owner", str), optional(a, "limit", int, 100))
+    return pending, [p.pop("result_b") for p in pending]
+
+
+METHODS: dict[str, Handler] = {
+    # the store itself
+    "ping": lambda s, a, b: {"ok": True, "seq": s.state.seq()},
+    "health": lambda s, a, b: s.health(),
+    "deployer.report": lambda s, a, b: s.deployer_report(a),
+    "metrics.report": _metrics_report,
+    "metrics.get": lambda s, a, b: s.metrics_snapshot(),
+    "snapshot": lambda s, a, b: s.state.snapshot(),
+    "kv.get": lambda s, a, b: s.state.kv_get(required(a, "key", str)),
+    "kv.put": _kv_put,
+    # functions, versions, blobs
+    "function.get": lambda s, a, b: s.state.get_function(required(a, "name", str)),
+    "function.list": lambda s, a, b: s.state.list_functions(),
+    "function.put": _publishing(_function_put),
+    "function.delete": _publishing(lambda st, a, b: st.delete_function(required(a, "name", str))),
+    "function.replicas": _publishing(_function_replicas),
+    "version.get": lambda s, a, b: s.state.get_version(required(a, "name", str), required(a, "version", int)),
+    "blob.get": _blob_get,
+    # runtimes
+    "runtime.list": lambda s, a, b: s.state.list_runtimes(),
+    "runtime.get": lambda s, a, b: s.state.get_runtime(required(a, "name", str)),
+    "runtime.put": _publishing(lambda st, a, b: st.put_runtime(required(a, "runtime", dict),
+                                                               optional(a, "image_id", str, ""))),
+    "runtime.delete": _publishing(lambda st, a, b: st.delete_runtime(required(a, "name", str))),
+    # fusion groups and replicas
+    "groups.list": lambda s, a, b: s.state.list_groups(),
+    "groups.set": _publishing(lambda st, a, b: st.set_groups(a.get("setup"))),
+    "regroup.get": lambda s, a, b: s.state.get_regroup(required(a, "id", int)),
+    "group.spec": lambda s, a, b: s.state.group_spec(required(a, "group_id", str)),
+    "group.scale": _publishing(lambda st, a, b: st.scale_group(required(a, "group_id", str),
+                                                               required(a, "replicas", int),
+                                                               optional(a, "reason", str, ""))),
+    "deploy.failed": _publishing(_deploy_failed),
+    # instances
+    "instances.list": lambda s, a, b: s.state.instances_of(optional(a, "group_id", str)),
+    "instance.started": _publishing(_instance_started),
+    "instance.ready": _publishing(_instance_ready),
+    "instance.exited": _publishing(_instance_exited),
+    "instances.gone": _publishing(lambda st, a, b: st.instances_gone(strings(a, "ids"),
+                                                                     optional(a, "reason", str, "gone"))),
+    # gateways
+    "gateways.list": lambda s, a, b: s.state.live_gateways(GATEWAY_TTL_S),
+    "gateway.announce": _publishing(lambda st, a, b: st.announce_gateway(required(a, "gateway", dict),
+                                                                         GATEWAY_TTL_S)),
+    "gateway.bye": _publishing(lambda st, a, b: st.gateway_bye(required(a, "id", str))),
+    # calls: kept in the store's database, not followed by subscribers, so nothing is published
+    "calls.submit": lambda s, a, b: s.calls.submit(list(required(a, "calls", list)), b),
+    "calls.update": lambda s, a, b: {"changed": s.calls.update(list(required(a, "updates", list)), b)},
+    "calls.record_sync": _calls_record_sync,
+    "calls.claim": lambda s, a, b: s.calls.claim(required(a, "owner", str), optional(a, "limit", int, 1000),
+                                                 GATEWAY_TTL_S),
+    "calls.get": lambda s, a, b: s.calls.get(required(a, "id", str)),
+    "calls.result": _calls_result,
+    "calls.list": lambda s, a, b: s.calls.list(optional(a, "function", str), optional(a, "status", str),
+                                               optional(a, "limit", int, 100), optional(a, "source", str),
+                                               optional(a, "before", (int, float))),
+    "calls.redrive": lambda s, a, b: s.calls.redrive(required(a, "id", str)),
+    "calls.purge": lambda s, a, b: {"purged": s.calls.purge(required(a, "status", str),
+                                                            optional(a, "function", str))},
+    "calls.owned": _calls_owned,
+    "calls.take_callback": lambda s, a, b: {"taken": s.calls.take_callback(required(a, "id", str),
+                                                                          required(a, "owner", str))},
+    "calls.pending_callbacks": _calls_pending_callbacks,
+    "calls.counts": lambda s, a, b: s.calls.counts(),
+}

@@ -39,10 +39,11 @@ from shared.fusion import merge_specs, scale_bounds, validate_setup
 from shared.gateways import GATEWAY_TTL_S
 from shared.names import validate_function_name
 from shared.runtimes import FIELDS as RUNTIME_FIELDS, parse_runtime
+from shared.spec import upgrade_stored
 from services.store.blobs import Blobs, BlobStore  # noqa: F401 (BlobStore: re-exported)
 from services.store.db import SqlDatabase
 
-Event = tuple[str, dict[str, Any]]
+Change = tuple[str, dict[str, Any]]
 
 INSTANCE_HISTORY = 20  # exited instance rows kept per group, for logs and diagnosis
 REGROUP_HISTORY = 20  # finished regroups kept, for GET /groups and the optimizer
@@ -109,7 +110,7 @@ class StoreState:
     def function_record(self, row: Any) -> dict[str, Any]:
         shown = row["version"] or row["latest_version"]
         ver = self.db.one("SELECT * FROM function_versions WHERE name=? AND version=?", (row["name"], shown))
-        spec = json.loads(ver["spec"]) if ver else {}
+        spec = upgrade_stored(json.loads(ver["spec"])) if ver else {}
         group = self._group_row(row["group_id"])
         grec = self.group_record(group) if group else None
         latest = ver if shown == row["latest_version"] else self.db.one(
@@ -169,7 +170,7 @@ class StoreState:
         row = self.db.one("SELECT * FROM function_versions WHERE name=? AND version=?", (name, version))
         if row is None:
             raise NotFound(f"function '{name}' has no version {version}")
-        return {"name": name, "version": version, "digest": row["digest"], "spec": json.loads(row["spec"]), "state": row["state"]}
+        return {"name": name, "version": version, "digest": row["digest"], "spec": upgrade_stored(json.loads(row["spec"])), "state": row["state"]}
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -183,7 +184,7 @@ class StoreState:
 
     # ----- changes ------------------------------------------------------------
 
-    def _sequenced(self, payloads: list[Event]) -> list[Event]:
+    def _sequenced(self, payloads: list[Change]) -> list[Change]:
         """Number the events to publish (inside the caller's transaction)."""
         if payloads:
             first = self.next_seqs(len(payloads))
@@ -201,12 +202,11 @@ class StoreState:
                             " state='ready'", (name, version))
         return list(members)
 
-    def put_function(self, name: str, spec: dict[str, Any], warnings: list[str], zip_bytes: bytes) -> tuple[dict[str, Any], list[Event]]:
+    def put_function(self, name: str, spec: dict[str, Any], warnings: list[str], zip_bytes: bytes) -> tuple[dict[str, Any], list[Change]]:
         validate_function_name(name)
         if not zip_bytes:
             raise InvalidRequest("function.put needs the zip as its body")
-        shell = spec.get("shell")
-        if shell and self.db.one("SELECT 1 FROM runtimes WHERE name=?", (spec.get("runtime"),)) is None:
+        if spec.get("registered_runtime") and self.db.one("SELECT 1 FROM runtimes WHERE name=?", (spec.get("runtime"),)) is None:
             raise InvalidRequest(f"runtime '{spec.get('runtime')}' is not registered (any more); register it with"
                                  " PUT /runtimes/{name} and deploy again")
         digest = self.blobs.put(zip_bytes)
@@ -250,7 +250,7 @@ class StoreState:
                     (json.dumps(members), group_version, group_version,
                      self._redeploy_replicas(group, members, {name: spec}), now, group_id),
                 )
-            events: list[Event] = [("function.changed", {"function": self.get_function(name)}),
+            events: list[Change] = [("function.changed", {"function": self.get_function(name)}),
                                    ("group.changed", {"group": self.group_record(self._group_row(group_id))})]
             # a regroup under way was built from the version this one replaces: it would put that back
             for regroup_id in dict.fromkeys(r["regroup"] for r in self._proposed_with(name)):
@@ -278,7 +278,7 @@ class StoreState:
             raise NotFound(f"runtime '{name}' not found (registered: {known})")
         return self.runtime_record(row)
 
-    def put_runtime(self, definition: dict[str, Any], image_id: str) -> tuple[dict[str, Any], list[Event]]:
+    def put_runtime(self, definition: dict[str, Any], image_id: str) -> tuple[dict[str, Any], list[Change]]:
         """Register or replace a runtime; functions deployed before keep the definition they were built with."""
         rt = parse_runtime(definition.get("name"), {k: definition.get(k) for k in RUNTIME_FIELDS})
         now = time.time()
@@ -299,9 +299,9 @@ class StoreState:
         """Functions whose serving or latest version runs on the runtime ``name``."""
         rows = self.db.all("SELECT f.name AS name, v.spec AS spec FROM functions f JOIN function_versions v"
                            " ON v.name=f.name AND v.version IN (f.version, f.latest_version)")
-        return sorted({r["name"] for r in rows if json.loads(r["spec"]).get("runtime") == name})
+        return sorted({r["name"] for r in rows if upgrade_stored(json.loads(r["spec"])).get("runtime") == name})
 
-    def delete_runtime(self, name: str) -> tuple[dict[str, Any], list[Event]]:
+    def delete_runtime(self, name: str) -> tuple[dict[str, Any], list[Change]]:
         with self.db.tx():
             self.get_runtime(name)
             users = self.runtime_users(name)
@@ -312,7 +312,7 @@ class StoreState:
             seq = self.next_seqs(1)
         return {"deleted": name}, [("runtime.deleted", {"seq": seq, "name": name})]
 
-    def delete_function(self, name: str) -> tuple[dict[str, Any], list[Event]]:
+    def delete_function(self, name: str) -> tuple[dict[str, Any], list[Change]]:
         now = time.time()
         with self.db.tx():
             row = self._function_row(name)
@@ -322,7 +322,7 @@ class StoreState:
             overrides = self.replicas_overrides()
             if overrides.pop(name, None) is not None:
                 self._kv_write(REPLICAS_OVERRIDES_KEY, overrides)
-            events: list[Event] = [("function.deleted", {"name": name, "group_id": row["group_id"]})]
+            events: list[Change] = [("function.deleted", {"name": name, "group_id": row["group_id"]})]
             if group is not None:
                 members = json.loads(group["members"])
                 members.pop(name, None)
@@ -345,7 +345,7 @@ class StoreState:
             self._sequenced(events)
         return {"deleted": name}, events
 
-    def instance_started(self, instance_id: str, group_id: str, group_version: int, backend: str, pid: int | None) -> list[Event]:
+    def instance_started(self, instance_id: str, group_id: str, group_version: int, backend: str, pid: int | None) -> list[Change]:
         now = time.time()
         with self.db.tx():
             self.db.execute(
@@ -358,9 +358,9 @@ class StoreState:
             seq = self.next_seqs(1)
         return [("instance.changed", {"seq": seq, "instance": rec})]
 
-    def instance_ready(self, instance_id: str, group_id: str, group_version: int, functions: dict[str, int]) -> list[Event]:
+    def instance_ready(self, instance_id: str, group_id: str, group_version: int, functions: dict[str, int]) -> list[Change]:
         now = time.time()
-        events: list[Event] = []
+        events: list[Change] = []
         with self.db.tx():
             self.db.execute(
                 "INSERT INTO instances (id, group_id, group_version, backend, state, started_at, ready_at, updated_at)"
@@ -391,7 +391,7 @@ class StoreState:
             self._sequenced(events)
         return events
 
-    def instance_exited(self, instance_id: str, exit_code: int | None, error: str | None) -> list[Event]:
+    def instance_exited(self, instance_id: str, exit_code: int | None, error: str | None) -> list[Change]:
         now = time.time()
         with self.db.tx():
             row = self.db.one("SELECT * FROM instances WHERE id=?", (instance_id,))
@@ -404,7 +404,7 @@ class StoreState:
             self._trim_history(row["group_id"])
             rec = self.instance_record(self.db.one("SELECT * FROM instances WHERE id=?", (instance_id,)))
             group = self._group_row(row["group_id"])
-            payloads: list[Event] = [("instance.changed", {"instance": rec})]
+            payloads: list[Change] = [("instance.changed", {"instance": rec})]
             if group is not None:
                 payloads.append(("group.changed", {"group": self.group_record(group)}))
             first = self.next_seqs(len(payloads))
@@ -420,14 +420,14 @@ class StoreState:
             (group_id, group_id, INSTANCE_HISTORY),
         )
 
-    def instances_gone(self, instance_ids: list[str], reason: str) -> tuple[dict[str, Any], list[Event]]:
+    def instances_gone(self, instance_ids: list[str], reason: str) -> tuple[dict[str, Any], list[Change]]:
         """Mark exited the instances the deployer found no process for (it restarted, or was away when they
         died), so they stop counting as ready; rows already exited keep their exit code and error."""
         now = time.time()
         with self.db.tx():
             rows = [r for r in (self.db.one("SELECT * FROM instances WHERE id=?", (str(i),)) for i in instance_ids)
                     if r is not None and r["state"] != "exited"]
-            payloads: list[Event] = []
+            payloads: list[Change] = []
             for row in rows:
                 self.db.execute("UPDATE instances SET state='exited', error=?, updated_at=? WHERE id=?",
                                 (reason, now, row["id"]))
@@ -442,7 +442,7 @@ class StoreState:
         return {"exited": [r["id"] for r in rows]}, payloads
 
     def deploy_failed(self, group_id: str, group_version: int, error: str, log_tail: str,
-                      tasks: list[str] | None = None) -> list[Event]:
+                      tasks: list[str] | None = None) -> list[Change]:
         """A group version that will not serve; ``tasks`` are the members it failed for, when the deployer knows."""
         now = time.time()
         with self.db.tx():
@@ -453,7 +453,7 @@ class StoreState:
                 return self._sequenced(self._regroup_failed(group, error, log_tail, tasks or [], now))
             members = json.loads(group["members"])
             ready_members = json.loads(group["ready_members"])
-            payloads: list[Event] = []
+            payloads: list[Change] = []
             names: list[str] = []
             message = error if not log_tail else f"{error}\n{log_tail}"
             if group["ready_version"] == group_version:
@@ -515,7 +515,7 @@ class StoreState:
                 specs[name] = overrides[name]
                 continue
             row = self.db.one("SELECT spec FROM function_versions WHERE name=? AND version=?", (name, version))
-            specs[name] = json.loads(row["spec"]) if row else {}
+            specs[name] = upgrade_stored(json.loads(row["spec"])) if row else {}
         return specs
 
     def _group_replicas(self, members: dict[str, int], overrides: dict[str, dict[str, Any]] | None = None) -> int:
@@ -581,7 +581,7 @@ class StoreState:
             group_id += f"-{version}"
         return group_id
 
-    def set_groups(self, setup: Any) -> tuple[dict[str, Any], list[Event]]:
+    def set_groups(self, setup: Any) -> tuple[dict[str, Any], list[Change]]:
         """Propose a fusion setup; tasks it leaves out keep their group.
 
         Groups whose membership is in force already are left alone; every other group
@@ -611,7 +611,7 @@ class StoreState:
                 "SELECT id, members FROM groups WHERE regroup IS NOT NULL")}
             if under_way is not None and set(proposed) == needed:  # asked again for what is under way
                 return {**self.list_groups(), "regroup": self.get_regroup(under_way["id"])}, []
-            events: list[Event] = []
+            events: list[Change] = []
             regroup_id = None
             if needed:
                 regroup_id = self.db.execute(
@@ -659,12 +659,12 @@ class StoreState:
         high = scale_bounds(self._member_specs(members))["max_replicas"]
         return max(low, min(high, math.ceil(share - 1e-9)))
 
-    def _commit_if_ready(self, regroup_id: int, now: float) -> list[Event]:
+    def _commit_if_ready(self, regroup_id: int, now: float) -> list[Change]:
         """Put a regroup in force once every group it proposed serves: its tasks move in, the groups they left go."""
         proposed = self.db.all("SELECT * FROM groups WHERE regroup=?", (regroup_id,))
         if not proposed or any(r["ready_version"] != r["version"] or r["state"] != "ready" for r in proposed):
             return []
-        events: list[Event] = []
+        events: list[Change] = []
         moved: dict[str, str] = {}
         for row in proposed:
             self.db.execute("UPDATE groups SET regroup=NULL, updated_at=? WHERE id=?", (now, row["id"]))
@@ -697,21 +697,21 @@ class StoreState:
         events.append(("regroup.changed", {"regroup": self.get_regroup(regroup_id)}))
         return events
 
-    def _regroup_failed(self, group: Any, error: str, log_tail: str, tasks: list[str], now: float) -> list[Event]:
+    def _regroup_failed(self, group: Any, error: str, log_tail: str, tasks: list[str], now: float) -> list[Change]:
         """A proposed group failed: its regroup ends, naming the members that failed; nothing in force changes."""
         members = sorted(json.loads(group["members"]))
         failed = [t for t in tasks if t in members] or members
         others = [m for m in members if m not in failed]
         who = ("task " if len(failed) == 1 else "tasks ") + ", ".join(f"'{t}'" for t in failed)
         message = f"{who} failed" + (f" (fused with {', '.join(repr(o) for o in others)})" if others else "") + f": {error}"
-        events: list[Event] = [("deploy.failed", {"group_id": group["id"], "group_version": group["version"],
+        events: list[Change] = [("deploy.failed", {"group_id": group["id"], "group_version": group["version"],
                                                   "error": message, "log_tail": log_tail, "functions": []})]
         return events + self._end_regroup(group["regroup"], "failed", message, failed, log_tail, now)
 
     def _end_regroup(self, regroup_id: int, state: str, error: str, tasks: list[str], log_tail: str,
-                     now: float) -> list[Event]:
+                     now: float) -> list[Change]:
         """End a regroup that will not take over: the groups it proposed go, the setup in force stays."""
-        events: list[Event] = []
+        events: list[Change] = []
         for row in self.db.all("SELECT id FROM groups WHERE regroup=?", (regroup_id,)):
             self.db.execute("DELETE FROM groups WHERE id=?", (row["id"],))
             events.append(("group.deleted", {"group_id": row["id"]}))
@@ -741,13 +741,13 @@ class StoreState:
         """Functions held at a replica count by PUT /functions/{name}/replicas, until it is given back."""
         return self.kv_get(REPLICAS_OVERRIDES_KEY) or {}
 
-    def set_replicas_override(self, name: str, replicas: int | None) -> tuple[dict[str, Any], list[Event]]:
+    def set_replicas_override(self, name: str, replicas: int | None) -> tuple[dict[str, Any], list[Change]]:
         """Hold a function's group at ``replicas`` (within the function's minReplicas-maxReplicas, at least 1),
         or give it back to the autoscaler (None)."""
         row = self._function_row(name)
         shown = row["version"] or row["latest_version"]
         ver = self.db.one("SELECT spec FROM function_versions WHERE name=? AND version=?", (name, shown))
-        spec = json.loads(ver["spec"]) if ver else {}
+        spec = upgrade_stored(json.loads(ver["spec"])) if ver else {}
         low = max(int(spec.get("min_replicas", 1)), 1)
         high = max(int(spec.get("max_replicas") or low), low)
         overrides = self.replicas_overrides()
@@ -761,14 +761,14 @@ class StoreState:
         else:
             overrides[name] = replicas
         self.kv_put(REPLICAS_OVERRIDES_KEY, overrides)
-        events: list[Event] = []
+        events: list[Change] = []
         scaled = None
         if replicas is not None:
             result, events = self.scale_group(row["group_id"], replicas, f"manual override of '{name}'")
             scaled = result["replicas"]
         return {"function": name, "group_id": row["group_id"], "override": replicas, "replicas": scaled}, events
 
-    def scale_group(self, group_id: str, replicas: int, reason: str = "") -> tuple[dict[str, Any], list[Event]]:
+    def scale_group(self, group_id: str, replicas: int, reason: str = "") -> tuple[dict[str, Any], list[Change]]:
         """Set a group's replica target: 0 scales it to zero, waking it gives it its minimum back (at least 1)."""
         if replicas < 0 or replicas > 64:
             raise InvalidRequest(f"replicas {replicas} is out of range 0-64")
@@ -791,7 +791,7 @@ class StoreState:
                     self.db.execute("UPDATE functions SET state='scaledToZero', updated_at=? WHERE name=?", (now, name))
                 elif replicas > 0 and fn["state"] == "scaledToZero":
                     self.db.execute("UPDATE functions SET state='ready', updated_at=? WHERE name=?", (now, name))
-            payloads: list[Event] = [("group.changed", {"group": self.group_record(self._group_row(group_id))})]
+            payloads: list[Change] = [("group.changed", {"group": self.group_record(self._group_row(group_id))})]
             for name in members:
                 if self.db.one("SELECT 1 FROM functions WHERE name=?", (name,)):
                     payloads.append(("function.changed", {"function": self.get_function(name)}))
@@ -807,14 +807,14 @@ class StoreState:
         rows = self.db.all("SELECT record FROM gateways WHERE seen_at >= ? ORDER BY started_at, id", (cutoff,))
         return [json.loads(r["record"]) for r in rows]
 
-    def announce_gateway(self, record: dict[str, Any], ttl_s: float) -> tuple[dict[str, Any], list[Event]]:
+    def announce_gateway(self, record: dict[str, Any], ttl_s: float) -> tuple[dict[str, Any], list[Change]]:
         """A gateway's beat: its row refreshed (``gateway.changed`` when it is new), the silent ones dropped
         (``gateway.gone``); answers the live gateways."""
         gid = record.get("id")
         if not isinstance(gid, str) or not gid or not all(isinstance(record.get(k, ""), str) for k in record):
             raise InvalidRequest("a gateway record needs an 'id' and string fields (shared/gateways.py)")
         now = time.time()
-        payloads: list[Event] = []
+        payloads: list[Change] = []
         with self.db.tx():
             for row in self.db.all("SELECT id FROM gateways WHERE seen_at < ? AND id != ?", (now - ttl_s, gid)):
                 self.db.execute("DELETE FROM gateways WHERE id=?", (row["id"],))
@@ -832,10 +832,10 @@ class StoreState:
             self._sequenced(payloads)
         return {"gateways": live}, payloads
 
-    def gateway_bye(self, gateway_id: str) -> tuple[dict[str, Any], list[Event]]:
+    def gateway_bye(self, gateway_id: str) -> tuple[dict[str, Any], list[Change]]:
         """A gateway stopping in order: gone at once, so its async calls are claimed without waiting out its TTL."""
         with self.db.tx():
             removed = self.db.execute("DELETE FROM gateways WHERE id=?", (gateway_id,)).rowcount
-            payloads: list[Event] = [("gateway.gone", {"id": gateway_id, "reason": "stopped"})] if removed else []
+            payloads: list[Change] = [("gateway.gone", {"id": gateway_id, "reason": "stopped"})] if removed else []
             self._sequenced(payloads)
         return {"removed": bool(removed)}, payloads

@@ -113,9 +113,9 @@ class Bench:
     # ----- nuclide -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def stack(self, name: str, env: dict[str, str] | None = None) -> Iterator[Stack]:
+    def stack(self, name: str, env: dict[str, str] | None = None, gateways: int = 1) -> Iterator[Stack]:
         """A real nuclide stack (the services tests/stack.py starts; process backend) on free ports, in a temp var dir."""
-        stack = Stack(self.work_dir / name / "var", env)
+        stack = Stack(self.work_dir / name / "var", env, gateways=gateways)
         try:
             stack.start()
             for service, proc in stack.procs.items():

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from tests.bench.harness import Bench
 
 # imported in this order; the report lists scenarios in registration order
-SCENARIO_MODULES = ("tests.bench.sync_invoke", "tests.bench.scraped_invoke", "tests.bench.cold_start",
+SCENARIO_MODULES = ("tests.bench.sync_invoke", "tests.bench.scraped_invoke", "tests.bench.gateways_invoke",
+                    "tests.bench.cold_start",
                     "tests.bench.density", "tests.bench.async_throughput", "tests.bench.fusion_chain",
                     "tests.bench.docker_cold_start", "tests.bench.autoscale_step", "tests.bench.pending")
 

@@ -116,6 +116,8 @@ def _num(value: float | None, unit: str) -> str:
         if value < 1:
             return f"{value:.3f} ms"
         return f"{value:.2f} ms" if value < 100 else f"{value:,.0f} ms"
+    if unit == "us":
+        return f"{value:,.0f} us"
     if unit == "MB":
         return f"{value:.2f} MB" if value < 10 else f"{value:.1f} MB"
     return f"{value:g} {unit}"

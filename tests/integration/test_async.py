@@ -15,7 +15,7 @@ import zmq
 
 from shared import protocol
 from shared.ingress import Producer
-from services.gateway.calls import CLAIM_INTERVAL_S
+from services.gateway.async_calls import CLAIM_INTERVAL_S
 from tests.stack import Stack, free_port, function_yaml, never, wait_for
 
 pytestmark = pytest.mark.integration

@@ -33,12 +33,15 @@ def tmp_path(short_tmp_path: Path) -> Path:
     return short_tmp_path
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_TIMEOUT_S = 220  # docker_cold_start adds about 25 s where a Docker Engine runs, autoscale_step about 30 s
+RUN_TIMEOUT_S = 240  # docker_cold_start adds about 25 s where a Docker Engine runs, autoscale_step about 30 s,
+# sync_invoke_gateways about 10 s
 REQUIRED = os.environ.get("NUCLIDE_REQUIRE_BENCH") == "1"  # CI: a missing tool or baseline fails, never skips
 # the scenarios whose rows must carry figures (or, for a baseline missing here, say why they were skipped)
 NEW_ROWS = {
     "async_throughput": ["async: calls durable and done per second",
                          "async on PostgreSQL: calls durable and done per second"],
+    "sync_invoke_gateways": [f"sync invoke, 64 conn through 2 gateways: {what}"
+                             for what in ("throughput", "CPU per request", "p50 latency")],
     "fusion_chain": [f"fusion: {kind} 5-task chain, {pct} latency" for kind in ("fused", "unfused")
                      for pct in ("p50", "p99")],
 }

@@ -22,6 +22,7 @@ from tests.docker_util import (  # noqa: F401 (fixtures)
     memory_limit_checks, redeploy_under_steady_calls, remove_namespace, require_docker, shared_docker_stack,
     PROBE_SPEC, assert_probe_container_locked_down, lockdown_probe,
 )
+from tests.follow import Follower
 from tests.stack import Stack, function_yaml, wait_for
 from tests.tasks import TASK_A, TASK_B
 
@@ -236,3 +237,29 @@ def test_engine_down_is_one_line_and_process_functions_keep_serving(tmp_path: Pa
                     pass
         if (s.var_dir / "docker-namespace").exists() and docker_problem() is None:
             remove_namespace(namespace(s))
+
+
+# the lines it prints ("build step 1", "build step 2") are not in the command's own text, which the log shows too
+SLOW_BUILD = ("python3 -c \"import time; print('build step', 0 + 1, flush=True); time.sleep(8);"
+              " print('build step', 1 + 1, flush=True)\"")
+
+
+def test_a_follower_sees_the_image_build_as_it_runs(dstack: Stack) -> None:
+    """The env image's build steps reach the function's log while the build runs, not once it is over."""
+    name = f"slowbuild{os.urandom(3).hex()}"
+    spec = {"build": {"commands": [SLOW_BUILD]}}
+    r = dstack.deploy(name, {"function.yaml": function_yaml(name, **spec), "main.py": HELLO}, expect=202,
+                      headers={"X-Nuclide-Async": "true"})
+    assert r.json()["latest_version_state"] not in ("ready", "failed"), r.text
+    follower = Follower(dstack, name, since="1h")
+    try:
+        wait_for(lambda: "build step 1" in follower.text, 60, what="the first build step's line in the follower")
+        seen_at = follower.text
+        state = dstack.client.get(f"/functions/{name}").json()["latest_version_state"]
+        assert "build step 2" not in seen_at and state not in ("ready", "failed"), (state, seen_at[-500:])
+        wait_for(lambda: "build step 2" in follower.text, 60, what="the second build step's line")
+        wait_for(lambda: dstack.client.get(f"/functions/{name}").json()["state"] == "ready", 120, what="ready")
+        assert dstack.invoke(name).text == "hello"
+    finally:
+        follower.close()
+        dstack.client.delete(f"/{name}")

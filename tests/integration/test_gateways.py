@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from services.gateway.calls import CLAIM_INTERVAL_S
+from services.gateway.async_calls import CLAIM_INTERVAL_S
 from shared.gateways import GATEWAY_TTL_S
 from tests.stack import (
     Gateway, NuclideUp, Stack, free_port, free_port_base, function_yaml, make_zip, never, parse_metrics, wait_for,

@@ -22,7 +22,7 @@ from tests.docker_util import (
     redeploy_under_steady_calls, remove_namespace,
 )
 from tests.scaling import FAST_WINDOWS, drain_on_scale_down, scale_up_and_back_down
-from tests.stack import Stack, function_yaml, make_zip, wait_for
+from tests.stack import Stack, function_yaml, make_zip, parse_metrics, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -87,9 +87,10 @@ def remove_services(ns: str) -> None:
 
 
 @contextlib.contextmanager
-def swarm_stack(var_dir: Path, env: dict[str, str] | None = None) -> Iterator[Stack]:
+def swarm_stack(var_dir: Path, env: dict[str, str] | None = None, gateways: int = 1) -> Iterator[Stack]:
     s = Stack(var_dir, env={"NUCLIDE_BACKEND": "swarm", "NUCLIDE_DOCKER_HOST": DOCKER_HOST,
-                            "NUCLIDE_RUNTIME_IMAGE": RUNTIME_IMAGE, "NUCLIDE_DOCKER_POOL_SIZE": "0", **(env or {})})
+                            "NUCLIDE_RUNTIME_IMAGE": RUNTIME_IMAGE, "NUCLIDE_DOCKER_POOL_SIZE": "0", **(env or {})},
+              gateways=gateways)
     try:
         yield s.start()
     finally:
@@ -120,7 +121,8 @@ def test_a_function_is_a_locked_down_swarm_service(sstack: Stack) -> None:
     c = spec["TaskTemplate"]["ContainerSpec"]
     assert c["User"] == "65534:65534" and c["ReadOnly"] is True and c["CapabilityDrop"] == ["ALL"]
     assert spec["EndpointSpec"]["Mode"] == "dnsrr" and not spec["EndpointSpec"].get("Ports")
-    [task] = running_tasks(ns, "g-hello")
+    # the task answers before the manager has recorded it as running: the agent reports state changes late
+    [task] = wait_for(lambda: running_tasks(ns, "g-hello"), 30, what="Swarm to report the task running")
     container = docker_client().containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
     assert container.attrs["HostConfig"]["ReadonlyRootfs"] is True
     assert "hello was called" in wait_for(
@@ -228,6 +230,28 @@ def test_a_deployer_restart_adopts_the_services(swarm: None, tmp_path: Path) -> 
         assert s.invoke("adoptee").text == "hello"
         assert s.client.delete("/adoptee").status_code == 204
         wait_for(lambda: not services(ns, "nuclide.group=g-adoptee"), 60, what="the adopted service to go")
+
+
+def test_each_of_two_gateways_serves_the_swarm_tasks_and_a_late_gateway_gets_them_too(
+        swarm: None, tmp_path: Path) -> None:
+    """Tasks link to every live gateway: a sync call through either reaches one of the two tasks, and a gateway
+    started after the tasks gets them without a redeploy (the gateways name each other in their heartbeats)."""
+    with swarm_stack(tmp_path / "var", gateways=2) as s:
+        s.deploy("both", {"function.yaml": function_yaml("both", minReplicas=2, maxReplicas=2), "main.py": WHOAMI})
+        ns = namespace(s)
+        wait_for(lambda: len(running_tasks(ns, "g-both")) == 2, 60, what="two running tasks")
+        late = s.start_gateway()
+        for gw in s.gateways:
+            wait_for(lambda: parse_metrics(gw.client.get("/metrics"))["nuclide_instances"] == 2, 60,
+                     what=f"both tasks linked to {gw.key}")
+            seen = set()
+            for _ in range(40):  # the broker takes turns between equally loaded instances
+                r = gw.anon.post("/both")
+                assert r.status_code == 200, (gw.key, r.text)
+                seen.add(r.json()["instance"])
+            assert len(seen) == 2, (gw.key, seen)
+        assert late.key in {gw.key for gw in s.gateways} and len(s.gateways) == 3
+        assert len(running_tasks(ns, "g-both")) == 2, "no task was added or replaced for the new gateway"
 
 
 def _convergences(s: Stack, replicas: int) -> int:

@@ -112,4 +112,9 @@ def test_swarm_up_deploy_invoke_down(swarm: None, tmp_path: Path) -> None:
         for volume in client.volumes.list(filters={"label": f"com.docker.stack.namespace={stack}"}):
             with contextlib.suppress(Exception):
                 volume.remove()
+        for image in client.images.list("nuclide-fn"):  # the function's image, built for this stack only
+            for tag in image.tags:
+                if tag.startswith(f"nuclide-fn:{namespace}-"):
+                    with contextlib.suppress(Exception):
+                        client.images.remove(tag)
         client.close()

@@ -28,8 +28,8 @@ def test_round_trip_keeps_bodies_raw() -> None:
 
 
 def test_event_round_trip() -> None:
-    topic, msg = protocol.decode_event(protocol.encode_event(b"function.changed", {"seq": 4, "kind": "k", "data": {}}))
-    assert topic == b"function.changed" and msg.command == protocol.EVENT and msg.header["seq"] == 4
+    topic, msg = protocol.decode_published(protocol.encode_published(b"function.changed", {"seq": 4, "kind": "k", "data": {}}))
+    assert topic == b"function.changed" and msg.command == protocol.PUBLISH and msg.header["seq"] == 4
 
 
 def test_envelope_split() -> None:

@@ -146,7 +146,7 @@ def test_load_failures_print_only_the_users_frames(tmp_path: Path, capsys: pytes
 
 
 def test_logger_exception_leaves_out_nuclides_frames(tmp_path: Path) -> None:
-    from services.runtime.calls import decode_result
+    from services.runtime.context_calls import decode_result
 
     stream = io.StringIO()
     try:

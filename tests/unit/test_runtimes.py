@@ -21,7 +21,7 @@ from shared.archive import read_archive
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.fusion import merge_specs
 from shared.runtimes import parse_argv, parse_runtime, parse_warm_start, warm_start_problem
-from shared.spec import HOST_RUNTIME, parse_function
+from shared.spec import HOST_RUNTIME, FunctionSpec, parse_function
 
 RT = {"image": "myrt:1", "path": "/ws", "dependencies": "pip3 install -r requirements.txt", "run": ["python3", "t.py"]}
 
@@ -90,7 +90,7 @@ def test_a_spec_naming_a_registered_runtime_carries_its_definition() -> None:
     spec, warnings = parse_function(archive("spec: {runtime: pyrt, warmStart: none, handler: x:y}",
                                             {"requirements.txt": "--index-url http://evil\n"}), runtimes=REGISTERED)
     assert spec.runtime == "pyrt" and spec.warm_start == "none" and spec.handler == "" and spec.requirements == ""
-    assert spec.shell == {k: REGISTERED["pyrt"][k] for k in ("image", "image_id", "path", "dependencies", "run")}
+    assert spec.registered_runtime == {k: REGISTERED["pyrt"][k] for k in ("image", "image_id", "path", "dependencies", "run")}
     assert any("spec.handler is ignored" in w for w in warnings)
 
 
@@ -104,10 +104,10 @@ def test_unknown_runtime_lists_the_registered_ones() -> None:
 def test_python_functions_keep_their_policy_and_parse_as_before() -> None:
     spec, _ = parse_function(archive("spec: {handler: main:handler, runtime: python}", {"main.py": "def handler(c, e): pass"}),
                              runtimes=REGISTERED)
-    assert spec.runtime == HOST_RUNTIME and spec.shell is None and spec.warm_start == "function"
+    assert spec.runtime == HOST_RUNTIME and spec.registered_runtime is None and spec.warm_start == "function"
     for policy in ("none", "runtime"):  # per-call containers on the docker backend
         spec, _ = parse_function(archive(f"spec: {{handler: main:handler, warmStart: {policy}}}", {"main.py": ""}))
-        assert spec.warm_start == policy and spec.shell is None
+        assert spec.warm_start == policy and spec.registered_runtime is None
 
 
 def test_per_call_policies_need_the_docker_backend() -> None:
@@ -118,10 +118,10 @@ def test_per_call_policies_need_the_docker_backend() -> None:
 
 
 def test_runtime_functions_are_never_fused() -> None:
-    shell = {"runtime": "pyrt", "shell": {"image": "myrt:1"}}
-    assert merge_specs({"a": shell})["min_replicas"] == 1
+    registered = {"runtime": "pyrt", "registered_runtime": {"image": "myrt:1"}}
+    assert merge_specs({"a": registered})["min_replicas"] == 1
     with pytest.raises(Conflict, match="cannot be fused"):
-        merge_specs({"a": shell, "b": {"handler": "main:handler"}})
+        merge_specs({"a": registered, "b": {"handler": "main:handler"}})
     per_call = {"handler": "main:handler", "warm_start": "none"}
     assert merge_specs({"a": per_call})["min_replicas"] == 1
     with pytest.raises(Conflict, match="warmStart 'none'.*cannot be fused"):
@@ -174,7 +174,7 @@ def test_store_keeps_runtimes_with_events_and_refuses_deleting_one_in_use(st: St
     rec, _ = st.put_runtime({"name": "pyrt", **RT, "run": "python3 u.py"}, "sha256:abc")
     assert not rec["created"] and st.get_runtime("pyrt")["run"] == ["python3", "u.py"]
     assert [r["name"] for r in st.snapshot()["runtimes"]] == ["pyrt"]
-    st.put_function("fn", {"runtime": "pyrt", "shell": {"image": "myrt:1"}}, [], b"zip")
+    st.put_function("fn", {"runtime": "pyrt", "registered_runtime": {"image": "myrt:1"}}, [], b"zip")
     with pytest.raises(Conflict, match="'fn'"):
         st.delete_runtime("pyrt")
     st.delete_function("fn")
@@ -183,7 +183,21 @@ def test_store_keeps_runtimes_with_events_and_refuses_deleting_one_in_use(st: St
     with pytest.raises(NotFound, match="registered: none"):
         st.get_runtime("pyrt")
     with pytest.raises(InvalidRequest, match="not registered"):
-        st.put_function("fn", {"runtime": "pyrt", "shell": {"image": "myrt:1"}}, [], b"zip")
+        st.put_function("fn", {"runtime": "pyrt", "registered_runtime": {"image": "myrt:1"}}, [], b"zip")
+
+
+def test_a_spec_stored_under_the_old_key_reads_as_a_registered_runtime(st: StoreState) -> None:
+    """Specs written before the field had its name keep their runtime: the store and FunctionSpec rename the key."""
+    definition = {"image": "myrt:1", "path": "/opt/f", "run": ["python3", "t.py"]}
+    assert FunctionSpec.from_dict({"runtime": "pyrt", "shell": definition}).registered_runtime == definition
+    st.put_runtime({"name": "pyrt", **RT}, "sha256:abc")
+    st.put_function("old", {"runtime": "pyrt", "registered_runtime": definition}, [], b"zip")
+    st.db.execute("UPDATE function_versions SET spec=? WHERE name='old'",
+                  (json.dumps({"runtime": "pyrt", "shell": definition}),))
+    stored = st.get_version("old", 1)["spec"]
+    assert stored["registered_runtime"] == definition and "shell" not in stored
+    with pytest.raises(Conflict, match="cannot be fused"):
+        merge_specs({"old": stored, "b": {"handler": "main:handler"}})
 
 
 # ----- the runner's mapping ----------------------------------------------------------------------

@@ -146,7 +146,7 @@ def test_to_dict_and_from_dict_round_trip() -> None:
         "scratch_bytes", "network",
         "private", "allow_calls_from", "idle_timeout_s",
         "triggers",
-        "retry", "warm_start", "shell", "lambda_event",
+        "retry", "warm_start", "registered_runtime", "lambda_event",
     ]
     assert isinstance(data["build_commands"], list) and isinstance(data["triggers"], list)
     assert FunctionSpec.from_dict(data) == spec

@@ -1,4 +1,4 @@
-"""Durable calls (services/store/calls.py) field by field, on a real database: SQLite and PostgreSQL.
+"""Durable calls (services/store/durable_calls.py) field by field, on a real database: SQLite and PostgreSQL.
 
 The async guarantees (stored before 202, claimed once, retried, dead letters, idempotency keys) rest on
 these statements; each test pins what a user would see change if one of them did something else.
@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from services.store.calls import MAX_CLAIM, MAX_LIST, MAX_TEXT_FIELD, CallStore, _iso, call_problem
+from services.store.durable_calls import (
+    INSERT_ROWS, MAX_CLAIM, MAX_LIST, MAX_TEXT_FIELD, CallStore, _iso, call_problem,
+)
 from shared.errors import Conflict, InvalidRequest, NotFound
 
 
@@ -128,6 +130,45 @@ def test_a_repeated_id_or_idempotency_key_returns_the_first_call(calls: CallStor
         {"id": "a", "duplicate": True, "status": "RUNNING"}]
     assert calls.result("a")[1] == b""  # the first payload stays; nothing of the repeat was written
     assert sorted(m["id"] for m in calls.claim("other-boot", 10)[0]) == ["a", "c"]
+
+
+def test_repeats_within_one_batch_are_duplicates_of_the_first(calls: CallStore) -> None:
+    out = calls.submit([{"id": "x", "function": "fn", "idempotency_key": "k"},
+                        {"id": "x", "function": "fn"},
+                        {"id": "y", "function": "fn", "idempotency_key": "k"},
+                        {"id": "z", "function": "fn"}], (b"1", b"2", b"3", b"4"))
+    assert out == [{"id": "x", "duplicate": False, "status": "PENDING"},
+                   {"id": "x", "duplicate": True, "status": "PENDING"},
+                   {"id": "x", "duplicate": True, "status": "PENDING"},
+                   {"id": "z", "duplicate": False, "status": "PENDING"}]
+    assert calls.result("x")[1] == b"" and calls.counts() == {"PENDING": 2}
+    (meta, *_), payloads = calls.claim("other-boot", 1)
+    assert meta["id"] == "x" and payloads == [b"1"]  # the first payload, not a repeat's
+
+
+def test_a_batch_larger_than_one_insert_is_stored_whole_and_in_order(calls: CallStore) -> None:
+    n = INSERT_ROWS * 2 + 7
+    batch = [{"id": f"c{i:05d}", "function": "fn", "queued_at": float(i + 1)} for i in range(n)]
+    batch[INSERT_ROWS + 3] = {"id": "c00000", "function": "fn"}  # a repeat of the first, in the second chunk
+    out = calls.submit(batch, tuple(f"p{i}".encode() for i in range(n)))
+    assert [o["id"] for o in out] == [c["id"] for c in batch]
+    assert [o["duplicate"] for o in out].count(True) == 1 and out[INSERT_ROWS + 3]["duplicate"] is True
+    assert calls.counts() == {"PENDING": n - 1}
+    metas, payloads = calls.claim("other-boot", 3)  # oldest first
+    assert [m["id"] for m in metas] == ["c00000", "c00001", "c00002"] and payloads == [b"p0", b"p1", b"p2"]
+
+
+def test_one_calls_updates_apply_in_their_order_across_statements(calls: CallStore) -> None:
+    calls.submit([{"id": i, "function": "fn"} for i in ("a", "b")], (b"", b""))
+    # "a" alternates between two statements; "b" shares the first: grouping must not run a's third
+    # update (attempts=2) before its second (attempts=5 with an error)
+    assert calls.update([{"id": "a", "attempts": 1}, {"id": "a", "attempts": 5, "error": "e"},
+                         {"id": "b", "attempts": 7}, {"id": "a", "attempts": 2},
+                         {"id": "b", "status": "RUNNING"}, {"id": "b", "status": "DONE", "has_result": True},
+                         {"id": "b", "status": "RUNNING"}], (b"done",)) == 6
+    a, b = calls.get("a"), calls.get("b")
+    assert (a["attempts"], a["error"]) == (2, "e")
+    assert (b["attempts"], b["status"], b["result"]) == (7, "DONE", "done")
 
 
 def test_a_bad_call_is_refused_alone_and_its_batch_is_stored(calls: CallStore) -> None:

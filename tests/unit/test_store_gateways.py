@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.store.blobs import open_blobs
-from services.store.calls import CallStore
+from services.store.durable_calls import CallStore
 from services.store.state import StoreState
 from shared.errors import InvalidRequest
 

@@ -279,7 +279,7 @@ def test_conflicting_requirements_refuse_the_fusion(st: StoreState) -> None:
 
 
 def test_sync_call_rows_are_recorded_and_bad_rows_refused(open_store_db) -> None:
-    from services.store.calls import CallStore
+    from services.store.durable_calls import CallStore
 
     calls = CallStore(open_store_db())
     row = ["c1", "fn", "DONE", 1000.0, 1000.5, 200, None, True]
@@ -296,7 +296,7 @@ def test_sync_call_rows_are_recorded_and_bad_rows_refused(open_store_db) -> None
 
 
 def test_sync_call_rows_of_task_calls_keep_their_parent_and_source(open_store_db) -> None:
-    from services.store.calls import CallStore
+    from services.store.durable_calls import CallStore
 
     calls = CallStore(open_store_db())
     row = ["c1.1", "callee", "FAILED", 1000.0, 1000.2, 500, "ValueError: kaboom", False, "c1", "call"]
@@ -368,7 +368,7 @@ def test_zips_live_in_postgresql_where_every_store_replica_reads_them(tmp_path: 
 
 
 def test_a_claim_fits_in_one_reply_and_claims_continue_until_none_is_left(open_store_db) -> None:
-    from services.store.calls import CallStore
+    from services.store.durable_calls import CallStore
     from shared import protocol
 
     calls = CallStore(open_store_db())

@@ -44,6 +44,10 @@ class Backoff:
         self.next_s = self.first_s
 
 
+class PoolClosed(Exception):
+    """The deployer is shutting down: a pool member created now is removed at once."""
+
+
 class Refilling:
     """A pool of ``size`` things topped up in the background; subclasses make them in :meth:`_fill_missing`."""
 

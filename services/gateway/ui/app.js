@@ -1,14 +1,18 @@
 // nuclide dashboard: a single page over the gateway's JSON API (see /docs). Plain JavaScript, no build step.
 // The token lives in sessionStorage (this tab only) and goes out as "Authorization: Bearer".
-// One file of ~500 lines on purpose: without a build step or module loader, one script is what the page loads;
-// it is split into a section per page below.
+// Without a build step or module loader each script is a file the page loads, so this one holds the pages (a
+// section each) and the log follower they share; graph.js draws the fusion page's call graph.
 "use strict";
 
 const ROOT = location.pathname.replace(/\/ui(\/.*)?$/, "");  // the gateway's base path (behind a proxy too)
 const TOKEN_KEY = "nuclide.token";
 const POLL_MS = 2000;  // how often an open page refreshes what changes (logs, calls, states)
 const STATUSES = ["PENDING", "RUNNING", "DONE", "FAILED", "DEAD"];
+const LOG_LINES_KEPT = 2000;  // a page shows at most this many log lines; older ones scroll away
+const RECONNECT_MS = [500, 1000, 2000, 5000];  // waits before following logs again after a drop (then the last)
+const MISSING_RETRY_MS = 200;  // a first deploy's function exists a moment after the upload: ask for its logs again
 let timers = [];  // the current page's refresh timers, cleared when the page changes
+let leaving = [];  // what stops when the page changes (open log streams), run by leavePage()
 
 // ----- small helpers ------------------------------------------------------------------
 
@@ -64,6 +68,130 @@ function every(fn, intervalMs = POLL_MS) {
   timers.push(setInterval(fn, intervalMs));
 }
 
+function onLeave(fn) {
+  leaving.push(fn);
+}
+
+function leavePage() {
+  timers.forEach(clearInterval);
+  timers = [];
+  leaving.forEach((fn) => fn());
+  leaving = [];
+}
+
+// ----- following a function's logs ----------------------------------------------------
+
+function lineTime(line) {
+  if (!line.startsWith("{")) return null;  // a print, a traceback, a build's output: no stamp
+  try {
+    const record = JSON.parse(line);
+    return record && typeof record.ts === "string" ? record.ts : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+// Follows GET /functions/{name}/logs?follow=true, a chunked text/plain response that stays open: onLines(lines)
+// gets whole lines as they arrive. After a drop (the gateway restarted, the network blinked) it follows again
+// from the last stamped line's time (the server's clock, so a client clock that is off loses nothing) and skips
+// the lines of that instant it already gave. stop() aborts the fetch, which closes the stream on the gateway
+// too (nuclide_log_followers in /metrics counts the open ones); resume() follows again from where it stopped.
+// since() names the first request's start (a duration, on the server's clock); retryMissing asks again while
+// the function does not exist yet (a first deploy), otherwise a 404 ends the following.
+function followLogs(name, {tail = 200, since = null, retryMissing = false, onLines, onState = () => {}}) {
+  const url = `${ROOT}/functions/${encodeURIComponent(name)}/logs`;
+  const opened = performance.now();
+  let controller = null;
+  let generation = 0;  // one loop runs at a time: stop() and resume() start a new generation
+  let followed = false;  // a request was answered once: later ones continue from the last line
+  let lastTs = null;  // the last stamped line's time
+  let atLastTs = [];  // the lines given from that stamped line on: the server sends them again after a drop
+
+  const give = (lines, skip) => {
+    const out = [];
+    for (const line of lines) {
+      const ts = lineTime(line);
+      if (skip.length) {
+        if (ts !== null && ts !== lastTs) skip.length = 0;  // past the instant already shown
+        else {
+          const i = skip.indexOf(line);
+          if (i >= 0) { skip.splice(i, 1); continue; }
+        }
+      }
+      if (ts !== null && ts !== lastTs) { lastTs = ts; atLastTs = []; }
+      if (lastTs !== null && atLastTs.length < LOG_LINES_KEPT) atLastTs.push(line);
+      out.push(line);
+    }
+    if (out.length) onLines(out);
+  };
+
+  const wait = (delayMs) => new Promise((resolve) => setTimeout(resolve, delayMs));
+  const run = async (gen) => {
+    let drops = 0;
+    while (gen === generation) {
+      const q = new URLSearchParams({follow: "true", tail: String(followed ? 10000 : tail)});
+      const from = lastTs || (followed ? `${Math.ceil((performance.now() - opened) / 1000) + 2}s` : since && since());
+      if (from) q.set("since", from);
+      const skip = followed ? atLastTs.slice() : [];
+      controller = new AbortController();
+      let missing = false;
+      try {
+        const resp = await fetch(`${url}?${q}`, {
+          signal: controller.signal, cache: "no-store",
+          headers: {Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}`},
+        });
+        if (resp.status === 401) {
+          logout("The token was refused: log in again.");
+          return;
+        }
+        missing = resp.status === 404;
+        if (missing && !retryMissing) {
+          onState("stopped: the function is gone");
+          return;
+        }
+        if (resp.ok) {
+          followed = true;
+          drops = 0;
+          onState("following");
+          const reader = resp.body.getReader();
+          const decoder = new TextDecoder();
+          let partial = "";
+          for (;;) {
+            const {value, done} = await reader.read();
+            if (done) break;
+            partial += decoder.decode(value, {stream: true});
+            const cut = partial.lastIndexOf("\n");
+            if (cut >= 0) {
+              give(partial.slice(0, cut).split("\n"), skip);
+              partial = partial.slice(cut + 1);
+            }
+          }
+          partial += decoder.decode();
+          if (partial) give([partial], skip);
+        } else if (!missing) {
+          onState(`reconnecting: HTTP ${resp.status}`);
+        }
+      } catch (err) {
+        if (gen !== generation) return;  // stopped: the abort is ours
+      }
+      if (gen !== generation) return;
+      if (!missing) onState("reconnecting…");
+      await wait(missing ? MISSING_RETRY_MS : RECONNECT_MS[Math.min(drops++, RECONNECT_MS.length - 1)]);
+    }
+  };
+  const stop = () => {
+    generation += 1;
+    if (controller) controller.abort();
+    onState("stopped");
+  };
+  const resume = () => {
+    stop();
+    run(generation);
+  };
+  run(generation);
+  return {stop, resume};
+}
+
 function show(el) {
   const page = document.getElementById("page");
   page.replaceChildren(el);
@@ -78,8 +206,7 @@ function failure(where, err) {
 
 function logout(message) {
   sessionStorage.removeItem(TOKEN_KEY);
-  timers.forEach(clearInterval);
-  timers = [];
+  leavePage();
   document.getElementById("top").hidden = true;
   document.getElementById("page").hidden = true;
   document.getElementById("login").hidden = false;
@@ -108,38 +235,66 @@ function functionsPage() {
   const nameInput = h("input", {id: "deploy-name", placeholder: "function name", pattern: "[A-Za-z0-9][A-Za-z0-9_-]*"});
   const result = h("div", {id: "deploy-result", class: "notice"});
   let chosen = null;
+  let autoName = true;  // the name field follows the chosen file's name until someone types in it
+  nameInput.addEventListener("input", () => { autoName = !nameInput.value; });
 
   const choose = (file) => {
     chosen = file;
-    if (file && !nameInput.value) nameInput.value = file.name.replace(/\.zip$/i, "").replace(/[^A-Za-z0-9_-]/g, "-");
+    if (file && autoName) nameInput.value = file.name.replace(/\.zip$/i, "").replace(/[^A-Za-z0-9_-]/g, "-");
     drop.querySelector(".chosen").textContent = file ? `${file.name} (${file.size} bytes)` : "";
   };
   fileInput.addEventListener("change", () => choose(fileInput.files[0] || null));
+  // a zip dropped on the zone is deployed at once, under the name in the field (the file's, unless typed)
   const drop = h("div", {id: "dropzone",
     ondragover: (e) => { e.preventDefault(); drop.classList.add("over"); },
     ondragleave: () => drop.classList.remove("over"),
-    ondrop: (e) => { e.preventDefault(); drop.classList.remove("over"); choose(e.dataTransfer.files[0] || null); },
-  }, "Drop a function zip here, or ", fileInput, h("div", {class: "chosen mono"}));
+    ondrop: (e) => {
+      e.preventDefault();
+      drop.classList.remove("over");
+      const file = e.dataTransfer.files[0] || null;
+      if (!file) return;
+      choose(file);
+      if (!button.disabled) deploy();
+    },
+  }, "Drop a function zip here to deploy it, or pick one: ", fileInput, h("div", {class: "chosen mono"}));
 
+  // The deploy's answer comes once its instances are ready (or it failed); meanwhile the function's log lines
+  // from the deploy's start on (its build's output, then its new instances' start) stream into the page.
   const deploy = async (e) => {
-    e.preventDefault();
+    if (e) e.preventDefault();
     const name = nameInput.value.trim();
     if (!chosen || !name) {
       result.replaceChildren(h("p", {class: "error"}, "Choose a zip and a name first."));
       return;
     }
     button.disabled = true;
-    result.replaceChildren(badge("building"), ` deploying ${name}: building and starting its instances…`);
+    const output = h("pre", {id: "build-log"}, "");
+    result.replaceChildren(h("p", {id: "deploy-state"}, badge("building"), ` deploying ${name}: building and starting its instances…`),
+                           h("label", {}, "Build and start output"), output);
+    const started = performance.now();
+    const follower = followLogs(name, {
+      tail: 10000, retryMissing: true,
+      since: () => `${Math.ceil((performance.now() - started) / 1000) + 2}s`,
+      onLines: (lines) => {
+        output.textContent += lines.join("\n") + "\n";
+        output.scrollTop = output.scrollHeight;
+      },
+    });
+    onLeave(follower.stop);
     try {
       const desc = await api("PUT", `/${encodeURIComponent(name)}`,
                              {body: chosen, headers: {"Content-Type": "application/zip"}});
-      result.replaceChildren(badge(desc.state), ` ${name} version ${desc.version} is ${desc.state}`,
-                             desc.warnings && desc.warnings.length ? h("pre", {}, desc.warnings.join("\n")) : "");
+      result.firstChild.replaceWith(h("p", {id: "deploy-state"}, badge(desc.state), ` ${name} version ${desc.version} is ${desc.state}`,
+                                      desc.warnings && desc.warnings.length ? h("pre", {}, desc.warnings.join("\n")) : ""));
     } catch (err) {
-      const log = err.body && err.body.error && err.body.error.details ? err.body.error.details.log_tail : "";
-      result.replaceChildren(h("p", {class: "error"}, err.message),
-                             log ? h("div", {}, h("label", {}, "Build log"), h("pre", {id: "build-log"}, log)) : "");
+      const details = err.body && err.body.error && err.body.error.details;
+      const tail = details && details.log_tail ? details.log_tail.trimEnd() : "";
+      // the failure's own log tail is the server's last word: shown unless the stream already ended with it
+      if (tail && !output.textContent.trimEnd().endsWith(tail.split("\n").pop())) output.textContent = tail + "\n";
+      result.firstChild.replaceWith(h("p", {id: "deploy-state", class: "error"}, err.message));
     } finally {
+      follower.stop();
+      if (!output.textContent) output.textContent = "(no output)";
       button.disabled = false;
       refresh();  // a failed version is listed too, with the version that still serves
     }
@@ -213,7 +368,8 @@ function parseHeaders(text) {
 
 function functionPage(name) {
   const facts = h("div", {id: "function-facts"}, h("p", {class: "muted"}, "Loading…"));
-  const logs = h("pre", {id: "function-logs"}, "");
+  const logs = h("pre", {id: "function-logs"}, "(no output yet)");
+  const logState = h("span", {id: "logs-state", class: "muted"});
   const calls = h("div", {id: "function-calls"});
   const spark = h("div", {id: "function-spark"});
   const follow = h("input", {type: "checkbox", id: "follow-logs", checked: true});
@@ -271,17 +427,16 @@ function functionPage(name) {
       failure(facts, err);
     }
   };
-  const refreshLogs = async () => {
-    if (!follow.checked) return;
-    try {
-      const text = await api("GET", `/functions/${enc}/logs?tail=200`, {text: true});
-      const atBottom = logs.scrollTop + logs.clientHeight >= logs.scrollHeight - 4;
-      logs.textContent = text || "(no output yet)";
-      if (atBottom) logs.scrollTop = logs.scrollHeight;
-    } catch (err) {
-      logs.textContent = err.message;
-    }
+  let shown = [];
+  const showLines = (lines) => {
+    const atBottom = logs.scrollTop + logs.clientHeight >= logs.scrollHeight - 4;
+    shown = shown.concat(lines).slice(-LOG_LINES_KEPT);
+    logs.textContent = shown.join("\n");
+    if (atBottom) logs.scrollTop = logs.scrollHeight;
   };
+  const follower = followLogs(name, {tail: 200, onLines: showLines, onState: (s) => { logState.textContent = ` ${s}`; }});
+  onLeave(follower.stop);
+  follow.addEventListener("change", () => (follow.checked ? follower.resume() : follower.stop()));
   const refreshCalls = async () => {
     try {
       const rows = await api("GET", `/calls?function=${enc}&limit=25`);
@@ -293,7 +448,6 @@ function functionPage(name) {
   };
 
   every(refreshFacts, 5000);
-  every(refreshLogs);
   every(refreshCalls, 5000);
   return h("div", {},
     h("h1", {}, h("a", {href: "#/functions"}, "Functions"), " / ", name),
@@ -308,7 +462,7 @@ function functionPage(name) {
         h("div", {class: "inline"}, h("label", {}, asyncBox, " async (202 and a call id)"),
           h("button", {type: "submit", id: "invoke-button"}, "Send")),
         response)),
-    h("div", {class: "card"}, h("h2", {}, "Logs ", h("label", {style: "display:inline"}, follow, " follow")), logs),
+    h("div", {class: "card"}, h("h2", {}, "Logs ", h("label", {style: "display:inline"}, follow, " follow"), logState), logs),
     h("div", {class: "card"}, h("h2", {}, "Recent calls"), spark, calls));
 }
 
@@ -412,12 +566,23 @@ function groupCard(g) {
     g.error ? h("div", {class: "error", title: g.error}, g.error.length > 160 ? g.error.slice(0, 160) + "…" : g.error) : "");
 }
 
+function graphTable(edges) {
+  return h("table", {id: "call-graph-table"},
+    h("thead", {}, h("tr", {}, ["caller", "callee", "calls", "fused", "remote", "synchronous", "mean"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, edges.map((e) => h("tr", {"data-edge": `${e.caller}->${e.callee}`},
+      h("td", {}, e.caller), h("td", {}, e.callee), h("td", {class: "calls"}, e.calls), h("td", {class: "fused"}, e.fused),
+      h("td", {class: "remote"}, e.remote), h("td", {}, e.sync), h("td", {}, e.mean_ms === null ? "-" : `${e.mean_ms} ms`)))));
+}
+
 function fusionPage() {
   const groups = h("div", {id: "groups"});
+  const graph = h("div", {id: "call-graph"});
   const optimizer = h("div", {id: "optimizer"});
   const refresh = async () => {
+    const groupOf = new Map();
     try {
       const st = await api("GET", "/groups");
+      st.groups.forEach((g, i) => g.tasks.forEach((t) => groupOf.set(t, i)));
       const rg = st.regroup;
       groups.replaceChildren(
         h("div", {}, st.groups.length ? st.groups.map(groupCard) : h("p", {class: "muted"}, "No groups: deploy a function.")),
@@ -430,6 +595,15 @@ function fusionPage() {
     }
     try {
       const o = await api("GET", "/optimizer");
+      const minutes = o.graph_window_s ? `${Math.round(o.graph_window_s / 60)} minutes` : "a while";
+      graph.replaceChildren(
+        !o.graph ? h("p", {class: "muted"}, "The optimizer reports no call graph.")
+        : !o.graph.length ? h("p", {class: "muted"}, `No task calls in the last ${minutes}.`)
+        : h("div", {},
+            h("p", {class: "muted"}, `Task calls (context.call) of the last ${minutes}: boxes are functions, coloured by`,
+              " group; solid arrows ran in-process (fused), dashed ones through the gateway (remote)."),
+            h("div", {class: "graph-scroll"}, callGraphSvg(o.graph, groupOf)),
+            graphTable(o.graph)));
       optimizer.replaceChildren(
         h("dl", {class: "facts"},
           h("dt", {}, "strategy"), h("dd", {}, o.strategy), h("dt", {}, "state"), h("dd", {}, o.state),
@@ -445,6 +619,7 @@ function fusionPage() {
           : h("p", {class: "muted"}, "No decisions yet."));
     } catch (err) {
       optimizer.replaceChildren(h("p", {class: "muted"}, err.message));
+      graph.replaceChildren(h("p", {class: "muted"}, err.message));
     }
   };
   every(refresh, 5000);
@@ -452,6 +627,7 @@ function fusionPage() {
     h("h1", {}, "Fusion"),
     h("div", {class: "card"}, h("h2", {}, "Groups in force"),
       h("p", {class: "muted"}, "Tasks in one group run in one instance and call each other in-process."), groups),
+    h("div", {class: "card"}, h("h2", {}, "Call graph"), graph),
     h("div", {class: "card"}, h("h2", {}, "Optimizer"), optimizer));
 }
 
@@ -481,8 +657,7 @@ function runtimesPage() {
 // ----- routing ------------------------------------------------------------------------
 
 function route() {
-  timers.forEach(clearInterval);
-  timers = [];
+  leavePage();
   if (!sessionStorage.getItem(TOKEN_KEY)) {
     logout();
     return;

@@ -70,13 +70,11 @@ class FeedbackStrategy(Strategy):
         entry = per_fn.most_common(1)[0][0]
         durations = [c[2] for c in calls if c[1] == entry]
         sync_edges: Counter = Counter()
-        async_edges: Counter = Counter()
         for e in opt.edges:
-            if e[0] < start or not e[1]:
-                continue
-            (sync_edges if e[3] else async_edges)[(e[1], e[2])] += e[6]
+            if e[0] >= start and e[1] and e[3]:  # asynchronous edges are never fusion candidates
+                sync_edges[(e[1], e[2])] += e[6]
         return {"entry": entry, "median_ms": statistics.median(durations), "samples": len(durations),
-                "sync_edges": sync_edges, "async_edges": async_edges}
+                "sync_edges": sync_edges}
 
     async def run(self, opt: "Optimizer") -> None:
         rejected: set[frozenset[str]] = set()
@@ -97,10 +95,6 @@ class FeedbackStrategy(Strategy):
                 opt.status.update(best_setup=best_setup, best_median_ms=round(best_median, 3), entry=window["entry"])
                 opt.decide(setup, "baseline", f"entry task '{window['entry']}' median {best_median:.3f} ms",
                            median_ms=best_median, samples=window["samples"])
-            opt.status["graph"] = {
-                "sync": [[a, b, n] for (a, b), n in window["sync_edges"].most_common()],
-                "async": [[a, b, n] for (a, b), n in window["async_edges"].most_common()],
-            }
             found = candidates(setup, window["sync_edges"], rejected)
             if not found:
                 opt.status["state"] = "converged"

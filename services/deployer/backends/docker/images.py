@@ -50,7 +50,7 @@ from services.deployer.backends.base import InstanceSpec
 from services.deployer.backends.docker.engine import ENGINE_ERRORS, USER, Engine, EngineLost, in_thread
 from services.deployer.backends.docker.runner import usernet
 from services.deployer.backends.docker.runner.box import SRC_DIR
-from services.deployer.builder import Builder, env_key, tail
+from services.deployer.builder import Builder, build_log_path, env_key, tail
 
 log = get_logger(__name__)
 
@@ -233,18 +233,19 @@ class Images:
             return None
 
     def build(self, client: docker.DockerClient, tag: str, dockerfile: str, files: dict[str, bytes],
-               dirs: dict[str, Path], network: str = "none") -> str:
+              dirs: dict[str, Path], network: str = "none", log_path: Path | None = None) -> str:
         """Build an image from a Dockerfile, files and directories; returns the build output (noise removed).
 
         ``network``: what its RUN steps reach. ``isolated`` (steps that run the user's commands): the network
         namespace of a holder container of their own, network mode none with slirp4netns attached
         (``runner/usernet.py``): outbound connections, nothing on the host's loopback; ``host``: the host's
-        (``spec.network: host``); ``none``: nothing (a build that only copies files)."""
+        (``spec.network: host``); ``none``: nothing (a build that only copies files). ``log_path``: a file
+        each line of output is appended to as the engine sends it (the group's build log)."""
         if network != "isolated":
-            return self._build(client, tag, dockerfile, files, dirs, network)
+            return self._build(client, tag, dockerfile, files, dirs, network, log_path)
         holder = self._network_holder(client)
         try:
-            return self._build(client, tag, dockerfile, files, dirs, f"container:{holder}")
+            return self._build(client, tag, dockerfile, files, dirs, f"container:{holder}", log_path)
         finally:
             try:
                 client.api.remove_container(holder, force=True)
@@ -288,7 +289,7 @@ class Images:
         return str(created["Id"])
 
     def _build(self, client: docker.DockerClient, tag: str, dockerfile: str, files: dict[str, bytes],
-               dirs: dict[str, Path], network_mode: str) -> str:
+               dirs: dict[str, Path], network_mode: str, log_path: Path | None = None) -> str:
         deadline = time.monotonic() + self.settings.build_timeout_s
         lines: list[str] = []
         layers: list[str] = []  # image ids of the steps, to remove what a failed build leaves
@@ -306,6 +307,9 @@ class Images:
             stream = client.api.build(fileobj=ctx, custom_context=True, tag=tag, rm=True, forcerm=True, pull=False,
                                       network_mode=network_mode, decode=True,
                                       timeout=self.settings.build_timeout_s)
+            if log_path is not None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(log_path, "a") if log_path is not None else None
             try:
                 # a build quiet for build_timeout_s ends in a read timeout: that is the build, not the engine
                 for chunk in stream:
@@ -317,6 +321,9 @@ class Images:
                                 step = line[len(FAILED_STEP):]
                             elif line.strip() and not line.startswith(BUILD_NOISE):
                                 lines.append(line)
+                                if out is not None:
+                                    out.write(line + "\n")
+                                    out.flush()  # a deploy that follows the log shows the line now
                     if "error" in chunk:
                         failed = str(chunk["error"]).strip()
                     if time.monotonic() > deadline:
@@ -328,8 +335,13 @@ class Images:
                 failed = f"timed out after {self.settings.build_timeout_s:g} s"
             finally:
                 stream.close()  # a build left behind is cancelled by the engine when its client goes
+                if out is not None:
+                    out.close()
         text = "\n".join(lines)
         if failed is not None:
+            if log_path is not None and not step:
+                with open(log_path, "a") as fh:
+                    fh.write(f"image build failed: {failed}\n")
             for layer in reversed(layers):  # untagged ones only: the first is the tagged image built FROM
                 try:
                     if not client.api.inspect_image(layer).get("RepoTags"):
@@ -373,7 +385,8 @@ class Images:
         info = await self.engine.api(client.api.inspect_image, image)
         return str(info["Id"])
 
-    async def env_image(self, runtime_id: str, recipe: Path, runtime_image: str | None = None) -> tuple[str, str]:
+    async def env_image(self, runtime_id: str, recipe: Path, runtime_image: str | None = None,
+                        log_path: Path | None = None) -> tuple[str, str]:
         """The env image of a recipe directory, built when missing; returns (key, tag)."""
         client = self.engine.require()
         requirements = (recipe / "requirements.txt").read_text() if (recipe / "requirements.txt").exists() else ""
@@ -403,7 +416,7 @@ class Images:
                           f'RUN ["python3", "{target}/.recipe/build.py"]\n')
             log.info("building dependencies image", image=tag)
             try:
-                await self.engine.api(self.build, client, tag, dockerfile, files, {}, network)
+                await self.engine.api(self.build, client, tag, dockerfile, files, {}, network, log_path)
             except docker.errors.APIError as exc:
                 raise BuildFailed(f"image build failed: {exc.explanation or exc}") from None
             log.info("dependencies image built", image=tag, took_s=round(time.monotonic() - started, 2))
@@ -421,7 +434,9 @@ class Images:
         for i, fc in enumerate(spec.functions):
             in_image = dict(fc, code_dir=f"{FUNCTIONS_DIR}/{fc['name']}/{fc['version']}", deps_dir=None)
             if fc.get("deps_dir"):
-                key, env_tag = await self.env_image(runtime_id, Path(fc["deps_dir"]), base)
+                key, env_tag = await self.env_image(runtime_id, Path(fc["deps_dir"]), base,
+                                                    build_log_path(self.settings.var_dir, spec.group_id,
+                                                                   spec.group_version))
                 envs.setdefault(key, env_tag)
                 in_image["deps_dir"] = f"{ENVS_DIR}/{key}/site"
             code_dirs[f"code{i}"] = Path(fc["code_dir"])
@@ -500,13 +515,13 @@ class Images:
         """The version's image, built when missing (a failed build is a BuildFailed with the log's tail)."""
         client = self.engine.require()
         fc = spec.functions[0]
-        shell = fc["shell"]
-        labels = await self.engine.api(self.image_labels, client, shell["image"])
+        definition = fc["registered_runtime"]
+        labels = await self.engine.api(self.image_labels, client, definition["image"])
         if labels is None:
-            raise BuildFailed(f"the image '{shell['image']}' of runtime '{fc.get('runtime')}' is not in the local"
+            raise BuildFailed(f"the image '{definition['image']}' of runtime '{fc.get('runtime')}' is not in the local"
                               " Docker Engine any more; build or load it, then deploy again")
-        runtime_id = str((await self.engine.api(client.api.inspect_image, shell["image"]))["Id"])
-        inputs = digest(runtime_id, shell["path"], shell.get("dependencies") or [],
+        runtime_id = str((await self.engine.api(client.api.inspect_image, definition["image"]))["Id"])
+        inputs = digest(runtime_id, definition["path"], definition.get("dependencies") or [],
                         await asyncio.to_thread(tree_hash, Path(fc["code_dir"])))[:24]
         tag = f"{GROUP_REPO}:{self.namespace}-{spec.group_id}-v{spec.group_version}"
         async with self.lock(tag):
@@ -517,13 +532,14 @@ class Images:
             image_labels = {"nuclide.kind": "group", "nuclide.namespace": self.namespace, "nuclide.group": spec.group_id,
                             "nuclide.group_version": str(spec.group_version), "nuclide.envs": "",
                             "nuclide.inputs": inputs, "nuclide.env": "", "nuclide.runtime": runtime_id}
-            text = registered_dockerfile(shell["image"], shell["path"], list(shell.get("dependencies") or []),
+            text = registered_dockerfile(definition["image"], definition["path"], list(definition.get("dependencies") or []),
                                          label_line(image_labels), ca is not None)
             started = time.monotonic()
             try:
                 await self.engine.api(self.build, client, tag, text, {"ca.pem": ca} if ca else {},
                                       {"code": Path(fc["code_dir"])},
-                                      "host" if spec.extra.get("network") == "host" else "isolated")
+                                      "host" if spec.extra.get("network") == "host" else "isolated",
+                                      build_log_path(self.settings.var_dir, spec.group_id, spec.group_version))
             except docker.errors.APIError as exc:
                 raise BuildFailed(f"image build failed: {exc.explanation or exc}") from None
             log.info("runtime function image built", image=tag, took_s=round(time.monotonic() - started, 2))

@@ -53,21 +53,21 @@ FAST_BACKOFF_S = (5.0, 300.0)  # after a failed fast start: that runtime's image
 
 def is_registered(spec: InstanceSpec) -> bool:
     """A function on a registered runtime (its spec names the runtime's image, path and run command)."""
-    return any(fc.get("shell") for fc in spec.functions)
+    return any(fc.get("registered_runtime") for fc in spec.functions)
 
 
 def fast_eligible(spec: InstanceSpec) -> bool:
     """A registered runtime's function that needs no image of its own: no dependencies command, and the
     function policy (the others copy the code afresh per call or start a container per call)."""
     fc = spec.functions[0]
-    return (len(spec.functions) == 1 and bool(fc.get("shell")) and not fc["shell"].get("dependencies")
+    return (len(spec.functions) == 1 and bool(fc.get("registered_runtime")) and not fc["registered_runtime"].get("dependencies")
             and (fc.get("warm_start") or "function") == "function"
             and spec.extra.get("network", "isolated") != "host")  # pool containers are made isolated
 
 
 def is_per_call(spec: InstanceSpec) -> bool:
     """A Python function whose calls each get a process of their own (spec.warmStart none or runtime)."""
-    return any((fc.get("warm_start") or "function") != "function" and not fc.get("shell") for fc in spec.functions)
+    return any((fc.get("warm_start") or "function") != "function" and not fc.get("registered_runtime") for fc in spec.functions)
 
 
 class Runners:
@@ -132,7 +132,7 @@ class Runners:
 
     async def start_registered(self, spec: InstanceSpec) -> InstanceHandle:
         """A registered runtime's function: without an image build when it can be, else with its image."""
-        image = spec.functions[0]["shell"]["image"]
+        image = spec.functions[0]["registered_runtime"]["image"]
         failed = self._fast_failed.get(image)
         if self.pool.size > 0 and fast_eligible(spec) and not (failed is not None and failed.blocked):
             handle = await self.start_fast(spec)
@@ -145,8 +145,8 @@ class Runners:
         fc = spec.functions[0]
         try:
             client = self.engine.require()
-            image_id = str((await self.engine.api(client.api.inspect_image, fc["shell"]["image"]))["Id"])
-            shape = Shape(image_id, fc["shell"]["path"], int(spec.memory_bytes), str(spec.extra.get("cpu") or ""))
+            image_id = str((await self.engine.api(client.api.inspect_image, fc["registered_runtime"]["image"]))["Id"])
+            shape = Shape(image_id, fc["registered_runtime"]["path"], int(spec.memory_bytes), str(spec.extra.get("cpu") or ""))
             code = await self.pool.code_tar(fc["code_dir"])
             container_id = await self._ready_container(shape, code)
         except EngineLost:
@@ -154,7 +154,7 @@ class Runners:
         except (docker.errors.DockerException, Unavailable, OSError, RuntimeError, ValueError) as exc:
             self._fast_start_failed(spec, exc)
             return None
-        self._fast_failed.pop(fc["shell"]["image"], None)
+        self._fast_failed.pop(fc["registered_runtime"]["image"], None)
         try:
             return await self.start(spec, image_id, container=container_id, shape=shape)
         except BaseException:
@@ -183,7 +183,7 @@ class Runners:
 
     def _fast_start_failed(self, spec: InstanceSpec, exc: Exception) -> None:
         """The runtime's functions build their images for a while (doubling while it keeps failing)."""
-        image = spec.functions[0]["shell"]["image"]
+        image = spec.functions[0]["registered_runtime"]["image"]
         backoff_s = self._fast_failed.setdefault(image, Backoff(*FAST_BACKOFF_S)).failed()
         log.warning("could not start a runtime function without an image; building its image instead",
                     instance=spec.id, image=image, error=f"{type(exc).__name__}: {exc}"[:300],
@@ -219,7 +219,7 @@ class Runners:
             "slirp_log": str(self.settings.var_dir.resolve() / "logs" / "slirp4netns.log"),
         }
         if python is None:
-            config.update(path=fc["shell"]["path"], run=list(fc["shell"]["run"]))
+            config.update(path=fc["registered_runtime"]["path"], run=list(fc["registered_runtime"]["run"]))
         else:
             config.update(kind="python", path=PY_WORK_DIR, python=python)
         if container is not None:

@@ -43,7 +43,7 @@ import docker.errors
 from shared.config import Settings
 from shared.logs import get_logger
 from services.deployer.backends.docker.engine import Engine, in_thread, link_source
-from services.deployer.backends.refill import Refilling
+from services.deployer.backends.refill import PoolClosed, Refilling
 from services.deployer.sandbox import base_env
 from services.deployer.backends.docker.runner import MODULE as RUNNER_MODULE, SPARE_ARG, box
 
@@ -74,10 +74,6 @@ class Shape:
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> "Shape":
         return cls(str(rec["image_id"]), str(rec["path"]), int(rec["memory_bytes"]), str(rec.get("cpu") or ""))
-
-
-class PoolClosed(Exception):
-    """The deployer is shutting down: a container created now is removed at once."""
 
 
 class RuntimePool(Refilling):

@@ -2,12 +2,12 @@
 
 A pool container is created from the runtime image with an instance's lockdown (host network,
 read-only root, tmpfs ``/tmp``, no capabilities, no-new-privileges, user 65534, pids limit, log
-rotation) plus a tmpfs at ``/nuclide/functions``, and runs ``python3 -m services.runtime.pool``:
+rotation) plus a tmpfs at ``/nuclide/functions``, and runs ``python3 -m services.runtime.pool_container``:
 the runtime imported, waiting on stdin. A start of a Python group without dependencies takes one
 (or creates one at once when none is idle: that is still no image build), applies the function's
 memory and CPU limits with the Engine's update API (pids and the lockdown are the platform's, the
 same for every function), attaches to its stdin through the Engine API and writes the instance
-config and a tar of the members' code (``services/runtime/pool.py`` draws the frame). Only a
+config and a tar of the members' code (``services/runtime/pool_container.py`` draws the frame). Only a
 holder of Docker API access can do that; no port is opened. The engine closes the container's
 stdin when the deployer detaches and the process reads one frame: a container is specialised
 once, then is that instance until it exits and is removed, so one function's code never lands
@@ -56,12 +56,12 @@ from services.deployer.backends.docker.engine import (
     TMPFS_MAX_BYTES, USER, Engine, attach_network, container_env, host_config, in_thread,
 )
 from services.deployer.backends.docker.images import Images, normalize
-from services.deployer.backends.refill import Refilling
+from services.deployer.backends.refill import PoolClosed, Refilling
 
 log = get_logger(__name__)
 
 POOL_LABEL = "nuclide.pool"
-POOL_ARGV = ["python3", "-m", "services.runtime.pool"]
+POOL_ARGV = ["python3", "-m", "services.runtime.pool_container"]
 TAKE_TIMEOUT_S = 30.0  # how long a start waits for a pool container being created before the image path
 FAIL_BACKOFF_S = (2.0, 60.0)  # after a failed create: no pool for this long (doubling), starts take the image path
 TAR_CACHE_ENTRIES = 16  # code tars of recent group versions (code directories are content-addressed)
@@ -76,10 +76,6 @@ class Entry:
     container_id: str
     pid: int | None
     image_id: str
-
-
-class PoolClosed(Exception):
-    """The deployer is shutting down: a pool container created now is removed at once."""
 
 
 class WarmPool(Refilling):

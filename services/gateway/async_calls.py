@@ -40,6 +40,7 @@ from shared.failures import bounded, result_error
 from shared.gateways import GATEWAY_TTL_S
 from shared.logs import get_logger
 from shared.netpolicy import CallbackPolicy
+from shared.storeclient import StoreClient
 from shared.triggers import DEFAULT_RETRY, backoff_s
 from services.gateway.broker import Call
 from services.gateway.telemetry import Telemetry
@@ -141,6 +142,10 @@ class AsyncCalls:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def store(self) -> StoreClient:
+        assert self.gw.store is not None  # connected when the gateway starts, before any call arrives
+        return StoreClient(self.gw.store)
+
     # ----- submission ---------------------------------------------------------------
 
     def prepare(self, function: str, *, content_type: str = "", headers: list | None = None, source: str = "http",
@@ -201,13 +206,12 @@ class AsyncCalls:
             self._flush_submits()
 
     async def _store_submits(self, batch: list[tuple[dict[str, Any], bytes, asyncio.Future | None]]) -> None:
-        assert self.gw.store is not None
         metas = [m for m, _, _ in batch]
         payloads = [p for _, p, _ in batch]
         deadline = time.monotonic() + SUBMIT_TIMEOUT_S
         while True:
             try:
-                results = await self.gw.store.call("calls.submit", {"calls": metas}, *payloads, timeout_s=5.0)
+                results = await self.store().calls_submit(metas, payloads, timeout_s=5.0)
                 break
             except NuclideError as exc:
                 if time.monotonic() > deadline or isinstance(exc, InvalidRequest):
@@ -251,12 +255,10 @@ class AsyncCalls:
     async def resume_after_stall(self) -> None:
         """Forget the calls another gateway took meanwhile (their late results are fenced off by the store), then
         dispatch the held ones that are still ours."""
-        assert self.gw.store is not None
         ids = list(self.inflight)
         owned: set[str] = set()
         for i in range(0, len(ids), OWNED_BATCH):
-            owned.update(await self.gw.store.call("calls.owned", {"owner": self.boot, "ids": ids[i:i + OWNED_BATCH]},
-                                                  timeout_s=5.0))
+            owned.update(await self.store().calls_owned(self.boot, ids[i:i + OWNED_BATCH], timeout_s=5.0))
         lost = [call_id for call_id in ids if call_id not in owned]
         for call_id in lost:
             self.inflight.pop(call_id, None)
@@ -392,11 +394,9 @@ class AsyncCalls:
         self._update({"id": ac.id, "callback_state": state})
 
     async def _take_callback(self, call_id: str) -> bool:
-        assert self.gw.store is not None
         while True:
             try:
-                reply = await self.gw.store.call("calls.take_callback", {"id": call_id, "owner": self.boot},
-                                                 timeout_s=5.0)
+                reply = await self.store().calls_take_callback(call_id, self.boot, timeout_s=5.0)
                 return bool(reply["taken"])
             except NuclideError as exc:
                 log.warning("store unavailable to take a callback; will retry", call_id=call_id, error=exc.message)
@@ -424,12 +424,11 @@ class AsyncCalls:
         while self._updates:
             ids = list(self._updates)[:512]
             batch = [self._updates.pop(i) for i in ids]
-            # each write is fenced by this gateway's ownership (services/store/calls.py)
+            # each write is fenced by this gateway's ownership (services/store/durable_calls.py)
             updates = [{**u, "if_owner": self.boot} for u, _ in batch]
             bodies = [b or b"" for u, b in batch if u.get("has_result")]
             try:
-                assert self.gw.store is not None
-                await self.gw.store.call("calls.update", {"updates": updates}, *bodies, timeout_s=5.0)
+                await self.store().calls_update(updates, bodies, timeout_s=5.0)
             except NuclideError as exc:
                 log.warning("store unavailable for call updates; keeping them", pending=len(batch), error=exc.message)
                 for u, b in batch:  # newer updates of the same calls merge over these on the next _update
@@ -453,9 +452,8 @@ class AsyncCalls:
             return
         batch, self._records = self._records[:5000], self._records[5000:]
         try:
-            assert self.gw.store is not None
-            # the tuples as they are (services/store/calls.py SYNC_ROW_FIELDS): no dict per call
-            await self.gw.store.call("calls.record_sync", {"rows": batch}, timeout_s=5.0)
+            # the tuples as they are (services/store/durable_calls.py SYNC_ROW_FIELDS): no dict per call
+            await self.store().calls_record_sync(batch, timeout_s=5.0)
         except NuclideError:
             if len(self._records) < 100_000:  # records of sync calls are not worth unbounded memory
                 self._records[:0] = batch
@@ -483,10 +481,8 @@ class AsyncCalls:
         room = ASYNC_INFLIGHT_MAX - len(self.inflight)
         if room <= 0:
             return
-        assert self.gw.store is not None
         limit = min(room, protocol.MAX_BATCH)  # the store hands out no more: each payload is a frame of its reply
-        metas, payloads = await self.gw.store.call_with_bodies("calls.claim", {"owner": self.boot, "limit": limit},
-                                                               timeout_s=10.0)
+        metas, payloads = await self.store().calls_claim(self.boot, limit, timeout_s=10.0)
         now = time.time()
         for meta, payload in zip(metas, payloads):
             if meta["id"] in self.inflight:

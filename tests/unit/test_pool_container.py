@@ -12,7 +12,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from services.runtime.pool import unpack_code
+from services.runtime.pool_container import unpack_code
 from shared.poolframe import MAX_HEADER_BYTES, SIGNATURE, BadFrame, encode, read_header
 
 

@@ -1,6 +1,6 @@
 """A warm pool container of the docker backend: the runtime imported, waiting on stdin to become one instance.
 
-``python3 -m services.runtime.pool`` is what a pool container runs (see
+``python3 -m services.runtime.pool_container`` is what a pool container runs (see
 ``services/deployer/backends/docker/warm_pool.py``). It imports the runtime once, then reads one
 specialisation frame (``shared/poolframe.py`` draws it) from its stdin, which only a holder of
 Docker API access can write (the deployer attaches to the container's stdin through the Engine

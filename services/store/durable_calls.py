@@ -72,6 +72,17 @@ def record(row: Any, with_result: bool = True) -> dict[str, Any]:
     return out
 
 
+# the columns a submitted call is stored with, and how many calls one INSERT statement carries (18
+# values each: within SQLite's and PostgreSQL's limits on a statement's parameters)
+_INSERT = ("INSERT INTO calls (id, function, status, kind, source, attempts, max_attempts, idempotency_key,"
+           " callback_url, callback_state, owner, payload, content_type, headers, error, parent_id, queued_at,"
+           " finished_at, next_attempt_at) VALUES ")
+_INSERT_ROW = "(?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+INSERT_ROWS = 500
+# what an update may set, in the order its statement names them
+_UPDATE_FIELDS = ("status", "attempts", "started_at", "finished_at", "next_attempt_at", "result_status",
+                  "result_content_type", "error", "owner", "callback_state", "cold_start")
+
 MAX_TEXT_FIELD = 2048  # ids, keys, URLs and content types are short; anything longer is refused
 _TEXT_FIELDS = ("id", "function", "kind", "source", "status", "idempotency_key", "callback_url", "owner",
                 "content_type", "parent_id")
@@ -125,73 +136,88 @@ class CallStore:
         """Insert calls as PENDING (owned by their gateway); a repeated idempotency key returns the first id."""
         if len(payloads) != len(calls):
             raise InvalidRequest(f"calls.submit got {len(calls)} calls but {len(payloads)} payloads")
-        out = []
+        out: list[dict[str, Any] | None] = [None] * len(calls)
         now = time.time()
+        rows: list[tuple[int, dict[str, Any], tuple]] = []  # (position, call, the row's values)
+        for i, (call, payload) in enumerate(zip(calls, payloads)):
+            problem = call_problem(call)
+            if problem is not None:
+                # one bad call fails alone; the rest of its batch is stored as usual
+                out[i] = {"id": call.get("id") if isinstance(call, dict) else None, "duplicate": False,
+                          "status": "REFUSED", "error": problem}
+                continue
+            status = call.get("status", "PENDING")
+            rows.append((i, call, (
+                call["id"], call["function"], status, call.get("kind", "async"), call.get("source", "http"),
+                int(call.get("max_attempts", 1)), call.get("idempotency_key"), call.get("callback_url"),
+                "pending" if call.get("callback_url") else None, call.get("owner"), payload,
+                call.get("content_type", ""), json.dumps(call.get("headers") or []), call.get("error"),
+                call.get("parent_id"), float(call.get("queued_at") or now),
+                now if status in FINAL else None, call.get("next_attempt_at"))))
         with self.db.tx():
-            for call, payload in zip(calls, payloads):
-                problem = call_problem(call)
-                if problem is not None:
-                    # one bad call fails alone; the rest of its batch is stored as usual
-                    out.append({"id": call.get("id") if isinstance(call, dict) else None, "duplicate": False,
-                                "status": "REFUSED", "error": problem})
-                    continue
-                key = call.get("idempotency_key")
-                status = call.get("status", "PENDING")
-                # one statement for the common case; the primary key and the idempotency index
-                # turn a repeat into a no-op, then we look up what it repeated
-                inserted = self.db.execute(
-                    "INSERT INTO calls (id, function, status, kind, source, attempts, max_attempts,"
-                    " idempotency_key, callback_url, callback_state, owner, payload, content_type, headers, error,"
-                    " parent_id, queued_at, finished_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?,"
-                    " ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (call["id"], call["function"], status, call.get("kind", "async"), call.get("source", "http"),
-                     int(call.get("max_attempts", 1)), key, call.get("callback_url"),
-                     "pending" if call.get("callback_url") else None, call.get("owner"), payload,
-                     call.get("content_type", ""), json.dumps(call.get("headers") or []), call.get("error"),
-                     call.get("parent_id"), float(call.get("queued_at") or now),
-                     now if status in FINAL else None, call.get("next_attempt_at")),
-                ).rowcount
-                if inserted:
-                    out.append({"id": call["id"], "duplicate": False, "status": status})
-                    continue
-                row = self.db.one("SELECT id, status FROM calls WHERE id=?", (call["id"],))
-                if row is None and key:
-                    row = self.db.one("SELECT id, status FROM calls WHERE function=? AND idempotency_key=?",
-                                      (call["function"], key))
-                if row is None:
-                    raise InvalidRequest(f"call {call['id']!r} could not be stored")
-                out.append({"id": row["id"], "duplicate": True, "status": row["status"]})
-        return out
+            for start in range(0, len(rows), INSERT_ROWS):
+                chunk = rows[start:start + INSERT_ROWS]
+                # one statement per chunk; the primary key and the idempotency index turn a repeat (of an
+                # earlier call, or of one before it in the chunk) into a no-op, then we look up what it repeated
+                inserted = {row[0] for row in self.db.all(
+                    _INSERT + ", ".join([_INSERT_ROW] * len(chunk)) + " ON CONFLICT DO NOTHING RETURNING id",
+                    tuple(v for _, _, values in chunk for v in values))}
+                for i, call, values in chunk:
+                    if call["id"] in inserted:
+                        inserted.discard(call["id"])  # a second row with this id in the chunk is a repeat
+                        out[i] = {"id": call["id"], "duplicate": False, "status": values[2]}
+                        continue
+                    row = self.db.one("SELECT id, status FROM calls WHERE id=?", (call["id"],))
+                    key = call.get("idempotency_key")
+                    if row is None and key:
+                        row = self.db.one("SELECT id, status FROM calls WHERE function=? AND idempotency_key=?",
+                                          (call["function"], key))
+                    if row is None:
+                        raise InvalidRequest(f"call {call['id']!r} could not be stored")
+                    out[i] = {"id": row["id"], "duplicate": True, "status": row["status"]}
+        return [o for o in out if o is not None]
 
     def update(self, updates: list[dict[str, Any]], results: tuple[bytes, ...]) -> int:
-        """Apply a batch of state changes; a body is given for updates with ``has_result``."""
+        """Apply a batch of state changes; a body is given for updates with ``has_result``.
+
+        Updates with the same statement (the same fields, under the same conditions) go as one
+        executemany (one round trip to PostgreSQL), and one call's updates still apply in their order."""
         results_iter = iter(results)
+        groups: list[tuple[str, list[tuple]]] = []  # statements in the order they run, with their rows
+        last_of_sql: dict[str, int] = {}  # statement -> its latest group
+        last_of_call: dict[str, int] = {}  # call id -> the latest group that updates it
+        for u in updates:
+            fields: list[str] = []
+            values: list[Any] = []
+            for key in _UPDATE_FIELDS:
+                if key in u:
+                    fields.append(f"{key}=?")
+                    values.append(u[key])
+            if u.get("has_result"):
+                fields.append("result=?")
+                values.append(next(results_iter, b""))
+            if not fields:
+                continue
+            values.append(u["id"])
+            sql = f"UPDATE calls SET {', '.join(fields)} WHERE id=?"
+            if "status" in u:
+                # a finished call is never reopened by a late, stale update (redrive is explicit)
+                sql += " AND status NOT IN ('DONE', 'FAILED', 'DEAD')"
+            if "if_owner" in u:
+                # a gateway writes only the calls it still owns: one that stalled past its liveness lost them
+                # to another gateway, whose attempt is the one recorded
+                sql += " AND owner=?"
+                values.append(u["if_owner"])
+            at = last_of_sql.get(sql, -1)
+            if at < 0 or at < last_of_call.get(u["id"], -1):  # joining it would run this before an earlier update
+                at = last_of_sql[sql] = len(groups)
+                groups.append((sql, []))
+            groups[at][1].append(tuple(values))
+            last_of_call[u["id"]] = at
         changed = 0
         with self.db.tx():
-            for u in updates:
-                fields: list[str] = []
-                values: list[Any] = []
-                for key in ("status", "attempts", "started_at", "finished_at", "next_attempt_at", "result_status",
-                            "result_content_type", "error", "owner", "callback_state", "cold_start"):
-                    if key in u:
-                        fields.append(f"{key}=?")
-                        values.append(u[key])
-                if u.get("has_result"):
-                    fields.append("result=?")
-                    values.append(next(results_iter, b""))
-                if not fields:
-                    continue
-                values.append(u["id"])
-                sql = f"UPDATE calls SET {', '.join(fields)} WHERE id=?"
-                if "status" in u:
-                    # a finished call is never reopened by a late, stale update (redrive is explicit)
-                    sql += " AND status NOT IN ('DONE', 'FAILED', 'DEAD')"
-                if "if_owner" in u:
-                    # a gateway writes only the calls it still owns: one that stalled past its liveness lost them
-                    # to another gateway, whose attempt is the one recorded
-                    sql += " AND owner=?"
-                    values.append(u["if_owner"])
-                changed += self.db.execute(sql, tuple(values)).rowcount
+            for sql, rows in groups:
+                changed += self.db.executemany(sql, rows) if len(rows) > 1 else self.db.execute(sql, rows[0]).rowcount
         return changed
 
     def record_sync(self, calls: list[dict[str, Any]]) -> int:
