@@ -51,7 +51,8 @@ class Peer:
                   "functions": functions or {"f": 1}, "credit": 1, "concurrency": 1, "pid": 7, **fields}
         self.send(command, header)
 
-    async def recv(self, timeout_s: float = WAIT_S, skip: tuple[bytes, ...] = (protocol.HEARTBEAT,)) -> protocol.Message:
+    async def recv(self, timeout_s: float = WAIT_S,
+                   skip: tuple[bytes, ...] = (protocol.HEARTBEAT,)) -> protocol.Message:
         """The next message that is not one of ``skip`` (heartbeats come whenever the broker beats)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -141,7 +142,8 @@ class Harness:
         assert not self.logged("message handler failed"), self.logged("message handler failed")
 
     def logged(self, event: str) -> list[dict[str, Any]]:
-        return [{k: v for k, v in e.items() if k not in ("event", "log_level")} for e in self.logs if e["event"] == event]
+        return [{k: v for k, v in e.items() if k not in ("event", "log_level")}
+                for e in self.logs if e["event"] == event]
 
 
 @pytest.fixture
@@ -254,7 +256,8 @@ async def test_a_call_goes_to_the_instance_with_most_room_and_its_result_settles
 
 
 async def test_equally_free_instances_take_turns(h: Harness) -> None:
-    peers = {b"a": await h.instance(b"a", credit=4, concurrency=4), b"b": await h.instance(b"b", credit=4, concurrency=4)}
+    peers = {b"a": await h.instance(b"a", credit=4, concurrency=4),
+             b"b": await h.instance(b"b", credit=4, concurrency=4)}
     order = []
     for n in range(4):
         call = h.call(f"c{n}")
@@ -395,7 +398,8 @@ async def test_new_calls_go_to_the_newest_version_and_old_instances_drain_after_
     old = await h.instance(b"old", {"f": 1, "g": 1}, credit=5, concurrency=5)
     new = await h.instance(b"new", {"f": 2}, credit=1, group_version=1)
     newer_group = await h.instance(b"newer", {"f": 2}, credit=1, group_version=2)
-    assert h.broker.routes["f"] == [h.broker.instances[b"newer"]] and h.broker.routes["g"] == [h.broker.instances[b"old"]]
+    assert h.broker.routes["f"] == [h.broker.instances[b"newer"]]
+    assert h.broker.routes["g"] == [h.broker.instances[b"old"]]
     assert {i.id for i in h.broker.serving("f")} == {b"old", b"new", b"newer"}
     g_call = h.call("g1", "g")
     h.broker.submit(g_call)
@@ -544,7 +548,8 @@ async def test_calls_reports_and_replies_reach_their_handlers(h: Harness) -> Non
     assert ident == b"i1" and msg.header == {"call_id": "t1", "function": "other"} and msg.body == b"arg"
     h.broker.reply(b"i1", {"call_id": "t1", "status": 200}, b"answer")
     answer = await p.recv()
-    assert (answer.command, answer.header, answer.body) == (protocol.RESULT, {"call_id": "t1", "status": 200}, b"answer")
+    assert (answer.command, answer.header, answer.body) == (
+        protocol.RESULT, {"call_id": "t1", "status": 200}, b"answer")
     h.broker.reply(b"nobody" * 10, {"call_id": "t2"}, b"")  # a vanished caller: logged, not raised
     [undelivered] = h.logged("task call result not delivered")
     assert undelivered["peer"] == (b"nobody" * 10)[:40] and "unreachable" in undelivered["error"].lower()
@@ -578,7 +583,8 @@ async def test_malformed_messages_are_dropped_and_the_broker_keeps_serving(h: Ha
     assert list(h.broker.instances) == [ok] and len(h.ready) == 1
     assert h.logged("dropped short message on the instance socket") == [{"frames": 3}]
     [signature, command] = h.logged("dropped malformed message")
-    assert signature["peer"] == command["peer"] == nasty[:40] and "NUC0" in signature["error"] and "NOPE" in command["error"]
+    assert signature["peer"] == command["peer"] == nasty[:40]
+    assert "NUC0" in signature["error"] and "NOPE" in command["error"]
     [no_functions, not_a_number] = h.logged("dropped bad READY")
     assert no_functions == {"peer": nasty[:40], "error": "READY needs a non-empty map of functions to versions"}
     assert not_a_number["peer"] == nasty[:40] and "one" in not_a_number["error"]
