@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from shared.gateways import endpoint_for
+from shared.instanceconfig import InstanceConfig
 from shared.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 
 # a restarted gateway is found again within RECONNECT_IVL_MAX_MS; sane range 100-5000 ms
@@ -37,17 +38,17 @@ class Link:
 
 
 class InstanceLinks:
-    def __init__(self, ctx: zmq.Context, identity: str, config: dict[str, Any]) -> None:
+    def __init__(self, ctx: zmq.Context, identity: str, config: InstanceConfig) -> None:
         """``config``: the instance config; its ``gateways`` (endpoints), ``link`` (a sandboxed instance, which
         reaches gateways on its machine by their link sockets) and ``host`` (the machine's name)."""
         self.ctx = ctx
         self.identity = identity.encode()
-        self.use_link = bool(config.get("link"))
-        self.link_dir = str(config.get("link_dir") or "")  # where a container sees the link directory
-        self.host = str(config.get("host") or "")
+        self.use_link = config.link
+        self.link_dir = config.link_dir  # where a container sees the link directory
+        self.host = config.host
         self.links: dict[str, Link] = {}
         self.by_socket: dict[zmq.Socket, Link] = {}
-        for endpoint in config["gateways"]:
+        for endpoint in config.gateways:
             self.open(endpoint)
 
     def open(self, endpoint: str) -> Link:

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-CONFIG_ENV = "NUCLIDE_INSTANCE_CONFIG_JSON"
+from shared.instanceconfig import CONFIG_ENV  # noqa: F401 (where a per-call process finds its config)
 ARGV = ["python3", "-m", "services.runtime.once"]
 CHECK_ARG = "--check"
 

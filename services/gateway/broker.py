@@ -30,10 +30,7 @@ from shared.logs import get_logger
 
 log = get_logger(__name__)
 
-_INVOKE = protocol.INVOKE
-_SIG = protocol.SIGNATURE
-_packb = protocol.pack_header
-
+_invoke = protocol.invoke
 
 FAST_CALL_S = 0.002  # calls shorter than this on average are pipelined; sane range 0.0005-0.02
 # an in-flight call older than this marks the instance slow before its result is in (it
@@ -233,11 +230,11 @@ class Broker:
         sent = 0
         try:
             if len(calls) > 1 and inst.batch:
-                self._send([inst.id, _SIG, _INVOKE, _packb({"batch": [c.header for c in calls]}),
-                            *[c.body for c in calls]])
+                self._send([inst.id, *protocol.encode_batch(protocol.INVOKE, [c.header for c in calls],
+                                                            [c.body for c in calls])])
             else:
                 for call in calls:
-                    self._send([inst.id, _SIG, _INVOKE, _packb(call.header), call.body])
+                    self._send([inst.id, *_invoke(call.header, call.body)])
                     sent += 1
         except zmq.ZMQError as exc:
             # the peer was gone before these left (ROUTER_MANDATORY): they never ran, so they wait
@@ -312,14 +309,10 @@ class Broker:
     # ----- messages from instances -------------------------------------------
 
     def _on_message(self, frames: list[bytes]) -> None:
-        if len(frames) < 4:
-            log.warning("dropped short message on the instance socket", frames=len(frames))
-            return
-        ident = frames[0]
         try:
-            msg = protocol.decode(frames[1:])
+            ident, msg = protocol.decode_from_peer(frames)
         except ProtocolError as exc:
-            log.warning("dropped malformed message", peer=ident[:40], error=str(exc))
+            log.warning("dropped malformed message", peer=frames[0][:40] if frames else b"", error=str(exc))
             return
         cmd = msg.command
         inst = self.instances.get(ident)
@@ -473,7 +466,7 @@ class Broker:
     def reply(self, ident: bytes, header: dict[str, Any], body: bytes) -> None:
         """Answer a peer's CALL with a RESULT."""
         try:
-            self._send([ident, _SIG, protocol.RESULT, _packb(header), body])
+            self._send([ident, *protocol.result(header, body)])
         except zmq.ZMQError as exc:
             log.warning("task call result not delivered", peer=ident[:40], error=str(exc))
 

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from shared.instanceconfig import InstanceConfig
 from services.runtime import responses
 from services.runtime.context_calls import CallFailed, Frame, TaskCaller
 from services.runtime.context import Context, Logger
@@ -68,18 +69,18 @@ class Function:
             self.to_response = lambda_response
 
 
-def load_functions(config: dict[str, Any]) -> dict[str, Function]:
+def load_functions(config: InstanceConfig) -> dict[str, Function]:
     functions: dict[str, Function] = {}
-    for fc in config["functions"]:
-        if len(config["functions"]) == 1:  # a fused group sets each task's env per call instead
+    for fc in config.functions:
+        if len(config.functions) == 1:  # a fused group sets each task's env per call instead
             for key, value in (fc.get("env") or {}).items():
                 os.environ[str(key)] = str(value)
         extra = [fc["deps_dir"]] if fc.get("deps_dir") else []
         handler = load_handler(fc["code_dir"], fc["handler"], extra)
         logger = Logger(function=fc["name"])
         context = Context(function_name=fc["name"], version=int(fc["version"]), logger=logger,
-                          memory_limit_in_mb=int(config.get("memory_bytes") or 0) // (1024 * 1024),
-                          log_stream_name=str(config.get("instance_id") or ""))
+                          memory_limit_in_mb=config.memory_bytes // (1024 * 1024),
+                          log_stream_name=config.instance_id)
         call_init_context(handler, context)
         if handler.is_async:
             thread_loop()  # asyncio imported and the loop made before READY, not in the first call
@@ -95,17 +96,17 @@ class Executor:
     call with it alone.
     """
 
-    def __init__(self, config: dict[str, Any], functions: dict[str, Function]) -> None:
+    def __init__(self, config: InstanceConfig, functions: dict[str, Function]) -> None:
         self.config = config
         self.functions = functions
-        self.instance_id: str = config["instance_id"]
-        self.max_concurrency = max(1, min(int(fc.get("max_concurrency", 1)) for fc in config["functions"]))
+        self.instance_id = config.instance_id
+        self.max_concurrency = max(1, min(int(fc.get("max_concurrency", 1)) for fc in config.functions))
         self._ctx: zmq.Context | None = None
         self._ctx_lock = threading.Lock()
-        self.caller = TaskCaller(self, list(config["gateways"]))
+        self.caller = TaskCaller(self, list(config.gateways))
         self._session: Any = None  # built on first use: importing requests costs ~45 ms of every cold start
-        self.envs = {fc["name"]: dict(fc.get("env") or {}) for fc in config["functions"]}
-        self.timeouts = {fc["name"]: float(fc.get("timeout_s") or 30.0) for fc in config["functions"]}
+        self.envs = {fc["name"]: dict(fc.get("env") or {}) for fc in config.functions}
+        self.timeouts = {fc["name"]: float(fc.get("timeout_s") or 30.0) for fc in config.functions}
         self._fused = len(functions) > 1
         self._with_env = {name for name, env in self.envs.items() if env} if self._fused else set()
         for fn in functions.values():
@@ -137,8 +138,7 @@ class Executor:
         if self._session is None:
             from services.runtime.session import GatewaySession
 
-            self._session = GatewaySession(self.config.get("fusionizer_host", "127.0.0.1"),
-                                           self.config.get("gateway_url", ""), self.caller)
+            self._session = GatewaySession(self.config.fusionizer_host, self.config.gateway_url, self.caller)
         return self._session
 
     # ----- calls ---------------------------------------------------------------------
@@ -237,7 +237,7 @@ class Executor:
             fn.logger.error(message)
             return responses.json_error(504, "deadline_exceeded", message, {"function": fn.name, "timeout_s": limit})
         except MemoryError:
-            limit_mib = int(self.config.get("memory_bytes") or 0) // (1024 * 1024)
+            limit_mib = self.config.memory_bytes // (1024 * 1024)
             message = (f"function '{fn.name}' ran out of memory: it is limited to {limit_mib} MiB"
                        " (spec.resources.limits.memory)")
             fn.logger.error(message)
@@ -282,7 +282,7 @@ class Executor:
         close_thread_loop()
 
 
-def load_or_report(config: dict[str, Any]) -> dict[str, Function] | None:
+def load_or_report(config: InstanceConfig) -> dict[str, Function] | None:
     """The loaded functions, or None once why not is on stderr (one line the deployer shows the user, then details)."""
     try:
         return load_functions(config)

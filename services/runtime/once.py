@@ -16,13 +16,13 @@ limit, ``os._exit``) leaves an incomplete or empty stdout, which ``decode_result
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 from typing import Any
 
 from shared.exits import EXIT_INIT_FAILED
+from shared.instanceconfig import InstanceConfig
 from shared.oncewire import CHECK_ARG, CONFIG_ENV, decode_invoke, encode_result
 
 EXIT_BAD_INPUT = 2
@@ -31,7 +31,7 @@ EXIT_BAD_INPUT = 2
 def run(argv: list[str], stdin: Any, result_out: Any) -> int:
     from services.runtime.executor import Executor, load_or_report, on_alarm
 
-    config = json.loads(os.environ[CONFIG_ENV])
+    config = InstanceConfig.from_json(os.environ[CONFIG_ENV])
     check = argv[1:] == [CHECK_ARG]
     data = b"" if check else stdin.read()
     functions = load_or_report(config)

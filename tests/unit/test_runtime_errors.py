@@ -14,6 +14,7 @@ import pytest
 from services.runtime.context import Logger
 from services.runtime.executor import load_or_report
 from shared.failures import ERROR_MAX_BYTES
+from shared.instanceconfig import InstanceConfig
 from tests.unit.test_runtime_task_calls import executor, invoke
 
 NUCLIDE_DIRS = ("/services/", "/shared/")
@@ -132,8 +133,8 @@ def test_load_failures_print_only_the_users_frames(tmp_path: Path, capsys: pytes
     code.mkdir()
     (code / "helper.py").write_text("def setup():\n    raise RuntimeError('fails at import')\n")
     (code / "main.py").write_text("import helper\nhelper.setup()\n\ndef handler(context, event):\n    return 1\n")
-    config = {"instance_id": "i1", "group": "g", "group_version": 1, "gateways": [],
-              "functions": [{"name": "broken", "version": 1, "code_dir": str(code), "handler": "main:handler"}]}
+    config = InstanceConfig("i1", "g", 1, (), ({"name": "broken", "version": 1, "code_dir": str(code),
+                                                "handler": "main:handler"},))
     try:
         assert load_or_report(config) is None
     finally:

@@ -35,7 +35,8 @@ def test_an_async_handler_gets_its_loop_before_the_first_call(tmp_path: Path) ->
     config = {"instance_id": "i1", "group": "g", "group_version": 1, "gateways": ["tcp://127.0.0.1:9"],
               "functions": [{"name": "a", "version": 1, "code_dir": str(code), "handler": "main:handler"}]}
     probe = (f"import json, sys, time\nfrom services.runtime.executor import Executor, load_functions\n"
-             f"config = json.loads({json.dumps(json.dumps(config))})\n"
+             "from shared.instanceconfig import InstanceConfig\n"
+             f"config = InstanceConfig.from_json({json.dumps(json.dumps(config))})\n"
              "functions = load_functions(config)\n"
              "loaded = 'asyncio' in sys.modules\n"
              "ex = Executor(config, functions)\n"

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from shared.instanceconfig import InstanceConfig
 from services.runtime.loop import Executor, load_functions, on_alarm
 
 CHAIN = {
@@ -30,8 +31,7 @@ def executor(tmp_path: Path, sources: dict[str, str], env: dict[str, dict[str, s
         (code / "main.py").write_text(source)
         functions.append({"name": name, "version": 1, "code_dir": str(code), "handler": "main:handler",
                           "env": (env or {}).get(name, {}), "timeout_s": timeout_s})
-    config = {"instance_id": "i1", "group": "g", "group_version": 1, "gateways": ["tcp://127.0.0.1:9"],
-              "functions": functions}
+    config = InstanceConfig("i1", "g", 1, ("tcp://127.0.0.1:9",), tuple(functions))
     return Executor(config, load_functions(config))
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.gateways import instance_endpoints, this_host
+from shared.instanceconfig import InstanceConfig
 from shared.config import Settings
 from shared.errors import BuildFailed
 from shared.procs import descendants as _descendants, start_time as _start_time
@@ -113,22 +114,18 @@ class ProcessBackend(Backend):
         inst_dir.mkdir(parents=True, exist_ok=True)
         sandboxed = self.settings.sandbox != "none"
         isolated = sandboxed and spec.extra.get("network", "isolated") != "host"
-        config = {
-            "instance_id": spec.id,
-            "group": spec.group_id,
-            "group_version": spec.group_version,
+        config = InstanceConfig(
+            instance_id=spec.id, group=spec.group_id, group_version=spec.group_version,
             # an isolated instance has no route to the host: it reaches the gateways of this machine by their
             # unix sockets (shared/gateways.py); every live gateway, and those it learns of later
-            "gateways": instance_endpoints(spec.extra.get("gateways") or [], isolated, this_host(),
-                                           self.settings.instance_link if isolated else self.settings.gateway_router),
-            "link": isolated, "host": this_host(),
-            "gateway_url": self.settings.http_url,
-            "fusionizer_host": self.settings.advertised_host,
-            "memory_bytes": spec.memory_bytes,
-            "functions": spec.functions,
-        }
+            gateways=tuple(instance_endpoints(spec.extra.get("gateways") or [], isolated, this_host(),
+                                              self.settings.instance_link if isolated else self.settings.gateway_router)),
+            link=isolated, host=this_host(),
+            gateway_url=self.settings.http_url, fusionizer_host=self.settings.advertised_host,
+            memory_bytes=int(spec.memory_bytes), functions=tuple(spec.functions),
+        )
         config_path = inst_dir / "config.json"
-        config_path.write_text(json.dumps(config))
+        config_path.write_text(config.to_json())
         code_dirs = tuple(Path(f["code_dir"]) for f in spec.functions)
         deps = tuple(sorted({Path(f["deps_dir"]).parent for f in spec.functions if f.get("deps_dir")}))
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,12 +160,12 @@ class ProcessBackend(Backend):
         self._watchers[spec.id] = asyncio.ensure_future(self._watch_child(handle, proc))
         return handle
 
-    async def _fork(self, spec: InstanceSpec, config: dict, code_dirs: tuple[Path, ...], deps: tuple[Path, ...],
+    async def _fork(self, spec: InstanceSpec, config: InstanceConfig, code_dirs: tuple[Path, ...], deps: tuple[Path, ...],
                     key: str, isolated: bool, python: str | None) -> InstanceHandle:
         """A confined instance, forked from its environment's zygote or, failing that (or on another
         interpreter, ``python``), from a zygote of its own."""
         readonly = [str(p) for p in deps] + ([str(link_dir(self.settings))] if isolated else [])
-        request = {"op": "spawn", "id": spec.id, "config": config, "writable": [str(p) for p in code_dirs],
+        request = {"op": "spawn", "id": spec.id, "config": config.to_dict(), "writable": [str(p) for p in code_dirs],
                    "readonly": readonly, "cwd": str(code_dirs[0]), "memory_bytes": spec.memory_bytes,
                    "uid": instance_uid(spec.id), "pids": int(spec.extra.get("pids") or DEFAULT_PIDS),
                    "scratch_bytes": int(spec.extra.get("scratch_bytes") or DEFAULT_SCRATCH_BYTES),

@@ -34,6 +34,7 @@ import docker
 import docker.errors
 
 from shared.gateways import instance_endpoints, this_host
+from shared.instanceconfig import CONFIG_ENV, InstanceConfig
 from shared.config import Settings
 from shared.errors import BuildFailed, Unavailable
 from shared.logs import get_logger
@@ -47,7 +48,6 @@ from services.deployer.backends.docker.runner.box import PY_WORK_DIR, UID
 
 log = get_logger(__name__)
 
-CONFIG_ENV = "NUCLIDE_INSTANCE_CONFIG_JSON"
 CONFIG_PATH = "/tmp/nuclide-instance.json"
 EXIT_REPORT_TIMEOUT_S = 15.0  # after a stop: how long to wait for the exit to be reported
 # an image-built instance's start: copy each (source, destination) pair of code directories, then serve in
@@ -112,26 +112,22 @@ class Containers:
         self._reported: dict[str, asyncio.Future] = {}  # instance id -> set once its exit is reported
 
     def instance_config(self, spec: InstanceSpec, functions: list[dict[str, Any]],
-                        isolated: bool | None = None) -> dict[str, Any]:
+                        isolated: bool | None = None) -> InstanceConfig:
         """What services.runtime (and services.runtime.once) read: the functions as they are in the image.
         ``isolated``: whether its container has a network of its own (default: as the spec asks)."""
         isolated = is_isolated(spec) if isolated is None else isolated
         fallback = instance_gateways(self.settings, isolated)[0]
         link_dir = usernet.LINK_DIR if isolated else ""
-        return {
-            "instance_id": spec.id,
-            "group": spec.group_id,
-            "group_version": spec.group_version,
+        return InstanceConfig(
+            instance_id=spec.id, group=spec.group_id, group_version=spec.group_version,
             # every gateway known: an isolated container reaches those of this machine through the link
             # directory bound into it, which it sees at link_dir (a gateway's HEARTBEAT names the others)
-            "gateways": instance_endpoints(spec.extra.get("gateways") or [], isolated, this_host(), fallback,
-                                           link_dir),
-            "link": isolated, "host": this_host(), "link_dir": link_dir,
-            "gateway_url": self.settings.http_url,
-            "fusionizer_host": self.settings.advertised_host,
-            "memory_bytes": spec.memory_bytes,
-            "functions": functions,
-        }
+            gateways=tuple(instance_endpoints(spec.extra.get("gateways") or [], isolated, this_host(), fallback,
+                                              link_dir)),
+            link=isolated, host=this_host(), link_dir=link_dir,
+            gateway_url=self.settings.http_url, fusionizer_host=self.settings.advertised_host,
+            memory_bytes=int(spec.memory_bytes), functions=tuple(functions),
+        )
 
     def instance_labels(self, spec: InstanceSpec, names: list[str]) -> dict[str, str]:
         """What identifies an instance's container (a pool container's record holds the same)."""
@@ -176,7 +172,7 @@ class Containers:
                 image, name=f"nuclide-{self.engine.namespace}-{spec.id}", labels=labels, user=USER,
                 working_dir=PY_WORK_DIR, host_config=host, use_config_proxy=False,
                 command=["/bin/sh", "-c", COPY_AND_SERVE, "nuclide-instance", *copies],
-                environment={CONFIG_ENV: json.dumps(config), **container_env()},
+                environment={CONFIG_ENV: config.to_json(), **container_env()},
             )
             try:
                 client.api.start(created["Id"])

@@ -31,6 +31,7 @@ from typing import Any
 import docker.errors
 
 from shared.gateways import instance_endpoints
+from shared.instanceconfig import InstanceConfig
 from shared.config import Settings
 from shared.errors import InvalidRequest, Unavailable
 from shared.logs import get_logger
@@ -198,21 +199,27 @@ class Runners:
 
     # ----- runner processes ---------------------------------------------------------------
 
-    async def start(self, spec: InstanceSpec, image: str, python: dict[str, Any] | None = None,
+    async def start(self, spec: InstanceSpec, image: str, python: InstanceConfig | None = None,
                     container: str | None = None, shape: Shape | None = None) -> InstanceHandle:
         """A runner for a registered runtime's function, or with ``python`` (the instance config of the group
         image's one function) for a Python function's per-call containers. ``container``: a started one of
         ``shape`` with the code in (no image of the function's: ``image`` is the runtime's)."""
         fc = spec.functions[0]
+        instance = InstanceConfig(
+            instance_id=spec.id, group=spec.group_id, group_version=spec.group_version,
+            gateways=tuple(instance_endpoints(spec.extra.get("gateways") or [], False, "", self.settings.gateway_router)),
+            memory_bytes=int(spec.memory_bytes),
+            functions=({"name": fc["name"], "version": fc["version"], "timeout_s": fc.get("timeout_s", 30.0),
+                        "env": fc.get("env") or {}},),
+        )
+        # the instance config, and next to it the runner's own settings (an instance program ignores keys it
+        # does not know: shared/instanceconfig.py)
         config = {
-            "instance_id": spec.id, "group": spec.group_id, "group_version": spec.group_version,
-            "gateways": instance_endpoints(spec.extra.get("gateways") or [], False, "", self.settings.gateway_router),
+            **instance.to_dict(),
             "docker_host": self.settings.docker_host,
             "namespace": self.engine.namespace, "image": image,
-            "warm_start": fc.get("warm_start") or "function", "memory_bytes": spec.memory_bytes,
+            "warm_start": fc.get("warm_start") or "function",
             "cpu": spec.extra.get("cpu"), "max_concurrency": int(fc.get("max_concurrency") or 1),
-            "function": {"name": fc["name"], "version": fc["version"], "timeout_s": fc.get("timeout_s", 30.0),
-                         "env": fc.get("env") or {}},
             "log_path": str(spec.log_path),
             "network": "host" if spec.extra.get("network") == "host" else "isolated",
             "link_source": link_source(self.settings),
@@ -221,7 +228,7 @@ class Runners:
         if python is None:
             config.update(path=fc["registered_runtime"]["path"], run=list(fc["registered_runtime"]["run"]))
         else:
-            config.update(kind="python", path=PY_WORK_DIR, python=python)
+            config.update(kind="python", path=PY_WORK_DIR, python=python.to_dict())
         if container is not None:
             config.update(code_volume=True, code_dir=fc["code_dir"], container=container)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -158,7 +158,7 @@ class WarmPool(Refilling):
         if entry is None:
             return None
         config = self.containers.instance_config(spec, functions)
-        frame = encode(config, spec.memory_bytes, functions[0]["code_dir"], code)
+        frame = encode(config.to_dict(), spec.memory_bytes, functions[0]["code_dir"], code)
         client = self.engine.require()
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         spec.log_path.touch()

@@ -234,7 +234,7 @@ class SwarmBackend(ReplicatedBackend):
                   if k not in ("nuclide.instance", "nuclide.log_path")}
         memory = int(spec.memory_bytes)
         scratch = int(spec.extra.get("scratch_bytes") or min(memory, TMPFS_MAX_BYTES))
-        env = {CONFIG_ENV: templated_config(config, spec.group_id, spec.group_version), **container_env()}
+        env = {CONFIG_ENV: templated_config(config.to_dict(), spec.group_id, spec.group_version), **container_env()}
         return service_spec(
             name=name, labels=labels, image=image,
             command=["/bin/sh", "-c", COPY_AND_SERVE, "nuclide-instance", *copies], env=env, user=USER,

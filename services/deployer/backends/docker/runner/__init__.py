@@ -1,7 +1,7 @@
 """The runner: an instance of a function on a registered runtime, one container command per call.
 
-It speaks the instance protocol to the gateway (READY, INVOKE -> RESULT, HEARTBEAT, BYE) like
-``services.runtime.loop``, so routing, async calls, retries and metrics work unchanged, but it
+It speaks the instance protocol to the gateway (READY, INVOKE -> RESULT, HEARTBEAT, BYE) through
+the Python runtime's own loop (``shared/instanceloop.py``), so routing, async calls, retries and metrics work unchanged, but it
 runs on the deployer's host (the runtime image is the user's and may have no Python or ZeroMQ)
 and drives the Docker Engine API. Per call, by the function's warm-start policy:
 
@@ -39,7 +39,9 @@ it (``__main__.spare_main``).
 
 The package: ``results.py`` maps what a call's command did to its result (pure, unit tested),
 ``box.py`` is the containers' lockdown (the deployer's runtime pool makes the same), ``driver.py``
-drives the Engine API, ``wire.py`` is the instance loop, ``__main__.py`` the entry points.
+drives the Engine API, ``wire.py`` is the instance (its calls; the link is ``shared/instanceloop.py``),
+``__main__.py`` the entry points. Its config is an instance config (``shared/instanceconfig.py``) with
+the runner's own settings beside it.
 """
 
 SPARE_ARG = "--spare"  # wait for the config's path on stdin, imports done (see __main__.spare_main)

@@ -40,7 +40,7 @@ def spare_main(docker_host: str) -> int:
     import docker.errors  # noqa: F401 (what CallContainers and Runner import: loaded before a start needs them)
     import zmq  # noqa: F401
 
-    from shared import liveness, protocol  # noqa: F401
+    from shared import instanceloop, liveness, protocol  # noqa: F401
 
     api = None
     try:

@@ -6,15 +6,16 @@ never built from user input: the run command arrives as their positional argumen
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
-from shared.oncewire import ARGV as ONCE_ARGV, CONFIG_ENV
+from shared.instanceconfig import CONFIG_ENV, InstanceConfig
+from shared.oncewire import ARGV as ONCE_ARGV
 from services.deployer.backends.docker.runner import box
 from services.deployer.backends.docker.runner.box import SRC_DIR, USER, WARM_MAIN
 from services.deployer.backends.docker.runner.results import STDERR_TAIL_CHARS
@@ -112,8 +113,8 @@ class CallContainers:
         self.path = config["path"]
         self.memory = int(config["memory_bytes"])
         self.labels = {"nuclide.namespace": config["namespace"], "nuclide.runner": config["instance_id"],
-                       "nuclide.runner_function": config["function"]["name"]}
-        self.env = {"HOME": "/tmp", "LANG": "C.UTF-8", "SRC": SRC_DIR, **(config["function"].get("env") or {})}
+                       "nuclide.runner_function": config["functions"][0]["name"]}
+        self.env = {"HOME": "/tmp", "LANG": "C.UTF-8", "SRC": SRC_DIR, **(config["functions"][0].get("env") or {})}
         self.python = config.get("kind") == "python"
         # no image of the function's: the code goes into each warm container's code volume from here
         self.code_volume = bool(config.get("code_volume"))
@@ -126,10 +127,10 @@ class CallContainers:
         if self.python:
             # the image's code directory is the source; each call runs in a fresh, writable copy at path
             # (the code directory is scratch on every backend)
-            python = config["python"]
-            src = python["functions"][0]["code_dir"]
-            instance = dict(python, functions=[dict(python["functions"][0], code_dir=self.path, max_concurrency=1)])
-            self.env.update({"SRC": src, CONFIG_ENV: json.dumps(instance), "PYTHONUNBUFFERED": "1",
+            python = InstanceConfig.from_dict(config["python"])
+            src = python.functions[0]["code_dir"]
+            instance = replace(python, functions=(dict(python.functions[0], code_dir=self.path, max_concurrency=1),))
+            self.env.update({"SRC": src, CONFIG_ENV: instance.to_json(), "PYTHONUNBUFFERED": "1",
                              "PYTHONDONTWRITEBYTECODE": "1", "MALLOC_ARENA_MAX": "2"})
             self.run, self.workdir = list(ONCE_ARGV), src
             self.fresh_argv = self.warm_argv = ["/bin/sh", "-c", PY_DRIVER, "nuclide-driver", "fresh", self.path,

@@ -1,23 +1,22 @@
-"""The runner's instance loop: READY, INVOKE -> a worker thread runs the call -> RESULT; HEARTBEAT; BYE.
+"""The runner as an instance: its calls, each run by a container command on a worker thread.
 
-What the gateway sees of a runner is what it sees of a warm Python instance; the calls run on
-worker threads (one per concurrent call), which hand their results back through a wake-up pipe.
+The link to the gateways (READY, INVOKE -> RESULT, HEARTBEAT, BYE) is ``shared/instanceloop.py``,
+the Python runtime's too: what the gateway sees of a runner is what it sees of a warm Python
+instance. The calls run on worker threads (one per concurrent call).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import queue
-import signal
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from shared.instanceconfig import InstanceConfig
 from shared.oncewire import CHECK_ARG, decode_result, encode_invoke
-from shared.wakepipe import finished_calls
 from services.deployer.backends.docker.runner.driver import API_TIMEOUT_S, CallContainers
 from services.deployer.backends.docker.runner.results import (
     STDERR_TAIL_CHARS, error_result, input_json, parse_driver_output, python_result, stderr_tail, to_result,
@@ -27,18 +26,18 @@ PY_TIMEOUT_GRACE_S = 1.0  # a Python call's own timeout answers first; the runne
 
 
 class Runner:
-    """The instance loop: READY, INVOKE -> a worker thread runs the call -> RESULT; HEARTBEAT; BYE."""
+    """One function's instance: INVOKE -> a worker thread runs the call in a container -> RESULT."""
 
     def __init__(self, config: dict[str, Any], containers: CallContainers) -> None:
         import zmq
 
-        from shared import protocol
+        from shared.instanceloop import InstanceLoop
 
-        self.zmq, self.protocol = zmq, protocol
-        self.config = config
-        self.fn = config["function"]
+        self.config = config  # the instance config and the runner's own settings (runners.py writes both)
+        instance = InstanceConfig.from_dict(config)
+        self.fn = instance.functions[0]
         self.containers = containers
-        self.instance_id = config["instance_id"]
+        self.instance_id = instance.instance_id
         self.concurrency = max(1, int(config["max_concurrency"]))
         self.timeout_s = float(self.fn.get("timeout_s") or 30.0)
         self.policy = config["warm_start"]
@@ -46,17 +45,11 @@ class Runner:
         self.warm: set[str] = set()
         self._warm_lock = threading.Lock()
         self.ctx = zmq.Context()
-        from shared.instancelinks import InstanceLinks
-
-        # one DEALER per gateway; a call's RESULT goes back on the link it came in on
-        self.links = InstanceLinks(self.ctx, self.instance_id, config)
         self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="call")
-        self.done: queue.SimpleQueue[tuple[dict[str, Any], bytes]] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self.inflight = 0
-        self.last_call_at = time.monotonic()
-        self.stopping = False
+        self.instance_loop = InstanceLoop(self.ctx, instance, {
+            "functions": {self.fn["name"]: int(self.fn["version"])},
+            "credit": self.concurrency, "concurrency": self.concurrency,
+        }, self.execute, self.pool, log=self.log)
 
     def log(self, message: str, **fields: Any) -> None:
         line = {"ts": round(time.time(), 3), "level": fields.pop("level", "info"), "function": self.fn["name"],
@@ -111,19 +104,11 @@ class Runner:
 
     def _replace_warm(self, cid: str) -> None:
         self._drop_warm(cid)
-        if not self.stopping:
+        if not self.instance_loop.stopping:
             try:
                 self._add_warm()
             except Exception as exc:
                 self.log("could not start a replacement container", level="error", error=str(exc))
-
-    def ready_header(self) -> dict[str, Any]:
-        return {"instance_id": self.instance_id, "group": self.config["group"],
-                "group_version": int(self.config["group_version"]),
-                "functions": {self.fn["name"]: int(self.fn["version"])},
-                "credit": self.concurrency, "concurrency": self.concurrency, "pid": os.getpid(),
-                # seconds since a call last finished here, through any gateway (see services/runtime/loop.py)
-                "idle_s": round(time.monotonic() - self.last_call_at, 3)}
 
     def execute(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
         """One call, on a worker thread; never raises."""
@@ -201,95 +186,8 @@ class Runner:
             self.idle.put(cid)
         return out, err, timed_out
 
-    def _submit(self, header: dict[str, Any], body: bytes, link: Any) -> None:
-        def run() -> None:
-            result, out = self.execute(header, body)
-            self.done.put((result, (link, out)))
-            os.write(self._wake_w, b"x")
-
-        self.inflight += 1
-        self.pool.submit(run)
-
-    def _send(self, link: Any, command: bytes, header: dict[str, Any], body: bytes | None = None) -> None:
-        frames = self.protocol.encode(command, header) + ([body] if body is not None else [])
-        link.sock.send_multipart(frames)
-        link.last_sent = time.monotonic()
-
     def run(self) -> int:
-        from shared.liveness import BYE_ACK_TIMEOUT_S, DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
-
-        zmq, protocol = self.zmq, self.protocol
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGINT, self._on_term)
-        links = self.links
-        poller = zmq.Poller()
-        for link in links:
-            self._send(link, protocol.READY, self.ready_header())
-            poller.register(link.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        limit = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
-        bye_sent_at = 0.0
-        while True:
-            if self.stopping and not bye_sent_at:
-                for link in links:
-                    self._send(link, protocol.BYE, {"instance_id": self.instance_id})
-                bye_sent_at = time.monotonic()
-            if bye_sent_at:
-                waited = time.monotonic() - bye_sent_at
-                quiet = time.monotonic() - limit
-                acked = all(link.bye_acked or link.last_heard < quiet for link in links)
-                if (self.inflight == 0 and (acked or waited > BYE_ACK_TIMEOUT_S)) or waited > DRAIN_TIMEOUT_S:
-                    return 0
-            events = dict(poller.poll(100 if bye_sent_at else int(HEARTBEAT_INTERVAL_S * 1000)))
-            now = time.monotonic()
-            if self._wake_r in events:
-                for result, (link, out) in finished_calls(self._wake_r, self.done):
-                    self.inflight -= 1
-                    self.last_call_at = now
-                    if link.endpoint in links.links:  # else its gateway is gone, and its caller with it
-                        self._send(link, protocol.RESULT, result, out)
-            for sock in events:
-                link = links.by_socket.get(sock)  # type: ignore[call-overload]
-                if link is None:
-                    continue
-                link.last_heard = now
-                learnt: Any = None
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        msg = protocol.decode(frames)
-                    except Exception as exc:
-                        self.log("dropped a malformed message", level="warning", error=str(exc))
-                        continue
-                    if msg.command == protocol.INVOKE:
-                        self._submit(msg.header, msg.body, link)
-                    elif msg.command == protocol.BYE:
-                        link.bye_acked = True
-                    elif msg.command == protocol.HEARTBEAT and "gateways" in msg.header:
-                        learnt = msg.header["gateways"]
-                if learnt is not None and not self.stopping:
-                    opened, closed = links.learn(learnt)
-                    for gone in closed:
-                        poller.unregister(gone.sock)
-                    for new in opened:
-                        poller.register(new.sock, zmq.POLLIN)
-                        self._send(new, protocol.READY, self.ready_header())
-            if self.stopping:
-                continue
-            for link in links:
-                if now - link.last_sent < HEARTBEAT_INTERVAL_S:
-                    continue
-                if now - link.last_heard > limit:
-                    self._send(link, protocol.READY, self.ready_header())  # the gateway went quiet: announce again
-                    link.last_heard = now
-                else:
-                    self._send(link, protocol.HEARTBEAT, self.ready_header())
-
-    def _on_term(self, signum: int, frame: Any) -> None:
-        self.stopping = True
+        return self.instance_loop.run()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -299,5 +197,5 @@ class Runner:
         for cid in warm:
             self.containers.remove(cid)
         self.containers.close()
-        self.links.close(linger_ms=1000)
+        self.instance_loop.close(linger_ms=1000)
         self.ctx.term()
