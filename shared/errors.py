@@ -2,12 +2,31 @@
 
 Errors cross ZeroMQ as ``{"code": ..., "message": ..., "details": ...}`` and come
 back as the same class through :func:`from_wire`. The gateway maps them to HTTP
-with :attr:`NuclideError.http_status`, in one place.
+with :attr:`NuclideError.http_status`, in one place. Over HTTP an error's body is
+always :func:`error_body`'s ``{"error": {code, message[, details]}}``, whichever process
+answers (the gateway, an instance, the host-side runner of a registered runtime).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode  # built once: dumps() with options builds one a call
+
+
+def wire_error(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{code, message[, details]}``: an error as it crosses the wire and stands in an error body."""
+    wire: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        wire["details"] = details
+    return wire
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
+    """The JSON body of an error answer: ``{"error": {code, message[, details]}}`` (clients read it so, see
+    services/cli/client.py)."""
+    return _compact_json({"error": wire_error(code, message, details)}).encode()
 
 
 class NuclideError(Exception):
@@ -22,10 +41,11 @@ class NuclideError(Exception):
         self.details = details or {}
 
     def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.details:
-            wire["details"] = self.details
-        return wire
+        return wire_error(self.code, self.message, self.details)
+
+    def body(self) -> bytes:
+        """This error as the JSON body of an HTTP answer (:func:`error_body`)."""
+        return error_body(self.code, self.message, self.details)
 
 
 class InvalidRequest(NuclideError):

@@ -225,3 +225,28 @@ def decode_from_peer(frames: Sequence[bytes]) -> tuple[bytes, Message]:
     if len(frames) < 4:
         raise ProtocolError(f"message has {len(frames)} frames; a peer's message has at least 4")
     return bytes(frames[0]), decode(frames[1:])
+
+
+def invoke_header(call_id: str, function: str, deadline_ms: int, *, parent_id: str | None = None,
+                  method: str = "POST", path: str = "/", query: str = "", headers: list[list[str]] | None = None,
+                  content_type: str = "", mode: str = "http", **extra: Any) -> dict[str, Any]:
+    """The header of an INVOKE (gateway -> instance): the call's ids, its HTTP request (method, path below the
+    function, query, ``[[name, value], ...]`` headers, content type), its deadline (ms since the epoch) and its
+    mode (``http``, ``execute``). ``extra``: fields some INVOKEs add (an async call's ``attempt``); a CALL
+    (instance -> gateway) is an INVOKE header plus the caller's ``depth``, ``chain``, ``caller``, ``async`` and
+    ``instance``, and the gateway forwards it as the callee's INVOKE."""
+    header = {
+        "call_id": call_id,
+        "parent_id": parent_id,
+        "function": function,
+        "method": method,
+        "path": path,
+        "query": query,
+        "headers": headers if headers is not None else [],
+        "content_type": content_type,
+        "deadline_ms": deadline_ms,
+        "mode": mode,
+    }
+    if extra:
+        header.update(extra)
+    return header

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import httpx
 
-from services.gateway.core import TRACE_FLUSH_S
+from services.gateway.traces import TRACE_FLUSH_S
 
 if TYPE_CHECKING:  # pragma: no cover
     from shared.ingress import Producer

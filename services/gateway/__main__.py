@@ -24,8 +24,10 @@ async def serve(settings: Settings, ctx: zmq.Context, stop: asyncio.Event) -> in
     gateway = Gateway(settings, ctx, load_or_create_token(settings))
     await gateway.start()
     app = make_asgi(gateway, build_control_app(gateway))
-    server = HttpServer(gateway, app, settings.http_host, settings.http_port,
-                        body_grace_s=settings.http_body_grace_s, min_body_rate=settings.http_min_body_rate)
+    server = HttpServer(app, settings.http_host, settings.http_port, direct_target=gateway.direct_target,
+                        direct=gateway.invoke_direct, refuse=gateway.refuse_direct,
+                        body_limit=gateway.catalogue.body_limit, body_grace_s=settings.http_body_grace_s,
+                        min_body_rate=settings.http_min_body_rate)
     try:
         await server.start()
     except OSError as exc:

@@ -30,7 +30,7 @@ import asyncio
 import json
 import re
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 
@@ -40,16 +40,15 @@ from shared.failures import bounded, result_error
 from shared.gateways import GATEWAY_TTL_S
 from shared.logs import get_logger
 from shared.netpolicy import CallbackPolicy
-from shared.storeclient import StoreClient
 from shared.triggers import DEFAULT_RETRY, backoff_s
 from services.gateway.broker import Call
-from services.gateway.telemetry import Telemetry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shared.aiosock import RpcClient
     from shared.config import Settings
-    from shared.statefeed import StateFeed
+    from shared.storeclient import StoreClient
     from services.gateway.broker import Broker
+    from services.gateway.catalogue import Catalogue, FunctionInfo
+    from services.gateway.telemetry import Telemetry
 
 log = get_logger(__name__)
 
@@ -86,29 +85,25 @@ class AsyncCall:
         self.parent_id = meta.get("parent_id")
 
 
-class CallsHost(Protocol):
-    """What async calls use of the gateway: its settings, the function catalogue, the store, the broker
-    and the state feed (the last three set once the gateway started)."""
-
-    settings: Settings
-    boot_id: str
-    beat_ok_at: float  # monotonic time of this gateway's last beat the store took (shared/gateways.py)
-    functions: dict[str, Any]
-    store: RpcClient | None
-    broker: Broker | None
-    feed: StateFeed | None
-    telemetry: Telemetry
-
-    def new_call_id(self) -> str: ...
-
-    def touch(self, info: Any) -> bool: ...
-
-
 class AsyncCalls:
-    def __init__(self, gw: CallsHost) -> None:
-        self.gw = gw
-        self.boot = gw.boot_id
-        self.callback_policy = CallbackPolicy.parse(gw.settings.callback_allow)
+    """``touch``: the scaler's (a cold start, and a wake for a group at zero); ``synced``: set once the store's
+    feed is in sync (functions and their retry policies known); ``heard_at``: the monotonic time of this gateway's
+    last beat the store took (shared/gateways.py)."""
+
+    def __init__(self, settings: Settings, boot_id: str, catalogue: Catalogue, store: StoreClient, broker: Broker,
+                 telemetry: Telemetry, touch: Callable[[FunctionInfo], bool], synced: asyncio.Event,
+                 new_call_id: Callable[[], str], heard_at: Callable[[], float]) -> None:
+        self.settings = settings
+        self.boot = boot_id
+        self.catalogue = catalogue
+        self.store = store
+        self.broker = broker
+        self.telemetry = telemetry
+        self.touch = touch
+        self.synced = synced
+        self.new_call_id = new_call_id
+        self.heard_at = heard_at
+        self.callback_policy = CallbackPolicy.parse(settings.callback_allow)
         self.inflight: dict[str, AsyncCall] = {}
         self._submits: list[tuple[dict[str, Any], bytes, asyncio.Future]] = []
         self._updates: dict[str, tuple[dict[str, Any], bytes | None]] = {}  # call id -> merged update
@@ -142,10 +137,6 @@ class AsyncCalls:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def store(self) -> StoreClient:
-        assert self.gw.store is not None  # connected when the gateway starts, before any call arrives
-        return StoreClient(self.gw.store)
-
     # ----- submission ---------------------------------------------------------------
 
     def prepare(self, function: str, *, content_type: str = "", headers: list | None = None, source: str = "http",
@@ -160,9 +151,9 @@ class AsyncCalls:
         callback_url = self.callback_policy.check_url(callback_url)
         if not isinstance(content_type, str) or len(content_type) > MAX_CONTENT_TYPE:
             raise InvalidRequest(f"content_type must be a string of at most {MAX_CONTENT_TYPE} characters")
-        info = self.gw.functions.get(function)
+        info = self.catalogue.functions.get(function)
         meta: dict[str, Any] = {
-            "id": call_id or self.gw.new_call_id(), "function": function, "kind": "async", "source": source,
+            "id": call_id or self.new_call_id(), "function": function, "kind": "async", "source": source,
             "max_attempts": int(info.retry["max_attempts"]) if info else 1,
             "idempotency_key": idempotency_key, "callback_url": callback_url, "content_type": content_type,
             "headers": headers or [], "parent_id": parent_id, "queued_at": time.time(),
@@ -179,7 +170,7 @@ class AsyncCalls:
     def enqueue(self, meta: dict[str, Any], payload: bytes, waiter: asyncio.Future | None = None) -> None:
         """Queue a call for the next store transaction; it runs once stored (``waiter`` gets the outcome)."""
         self._submits.append((meta, payload, waiter))
-        if len(self._submits) >= self.gw.settings.async_batch_max:
+        if len(self._submits) >= self.settings.async_batch_max:
             self._flush_submits()
         elif self._submit_flush is None:
             self._submit_flush = asyncio.get_running_loop().call_later(FLUSH_DELAY_S, self._flush_submits)
@@ -199,7 +190,7 @@ class AsyncCalls:
         self._submit_flush = None
         if not self._submits:
             return
-        batch = self._submits[: self.gw.settings.async_batch_max]
+        batch = self._submits[: self.settings.async_batch_max]
         del self._submits[: len(batch)]
         self._spawn(self._store_submits(batch))
         if self._submits:
@@ -211,7 +202,7 @@ class AsyncCalls:
         deadline = time.monotonic() + SUBMIT_TIMEOUT_S
         while True:
             try:
-                results = await self.store().calls_submit(metas, payloads, timeout_s=5.0)
+                results = await self.store.calls_submit(metas, payloads, timeout_s=5.0)
                 break
             except NuclideError as exc:
                 if time.monotonic() > deadline or isinstance(exc, InvalidRequest):
@@ -250,7 +241,7 @@ class AsyncCalls:
         self.holding = True
 
     def stalled(self) -> bool:
-        return self.holding or time.monotonic() - self.gw.beat_ok_at > GATEWAY_TTL_S
+        return self.holding or time.monotonic() - self.heard_at() > GATEWAY_TTL_S
 
     async def resume_after_stall(self) -> None:
         """Forget the calls another gateway took meanwhile (their late results are fenced off by the store), then
@@ -258,7 +249,7 @@ class AsyncCalls:
         ids = list(self.inflight)
         owned: set[str] = set()
         for i in range(0, len(ids), OWNED_BATCH):
-            owned.update(await self.store().calls_owned(self.boot, ids[i:i + OWNED_BATCH], timeout_s=5.0))
+            owned.update(await self.store.calls_owned(self.boot, ids[i:i + OWNED_BATCH], timeout_s=5.0))
         lost = [call_id for call_id in ids if call_id not in owned]
         for call_id in lost:
             self.inflight.pop(call_id, None)
@@ -275,8 +266,7 @@ class AsyncCalls:
         if self.stalled():
             self.held[ac.id] = ac
             return
-        gw = self.gw
-        info = gw.functions.get(ac.function)
+        info = self.catalogue.functions.get(ac.function)
         now = time.time()
         if info is None:
             self._finish(ac, "FAILED", error=f"function '{ac.function}' not found")
@@ -288,21 +278,17 @@ class AsyncCalls:
         ac.attempts += 1
         self._update({"id": ac.id, "status": "RUNNING", "attempts": ac.attempts, "started_at": now,
                       "owner": self.boot})
-        header = {
-            "call_id": ac.id, "parent_id": ac.parent_id, "function": ac.function, "method": "POST",
-            "path": f"/{ac.function}", "query": "", "headers": ac.headers + [["fusionizer-server-address",
-                                                                             gw.settings.advertised_host]],
-            "content_type": ac.content_type, "deadline_ms": int((now + info.timeout_s) * 1000), "mode": "http",
-            "attempt": ac.attempts,
-        }
+        header = protocol.invoke_header(
+            ac.id, ac.function, int((now + info.timeout_s) * 1000), parent_id=ac.parent_id, path=f"/{ac.function}",
+            headers=ac.headers + [["fusionizer-server-address", self.settings.advertised_host]],
+            content_type=ac.content_type, attempt=ac.attempts)
         fut = asyncio.get_running_loop().create_future()
-        assert gw.broker is not None
-        cold = gw.touch(info)
+        cold = self.touch(info)
         if cold:
             self._update({"id": ac.id, "cold_start": 1})
-        gw.telemetry.started(ac.function, cold)
+        self.telemetry.started(ac.function, cold)
         dispatched = time.monotonic()
-        gw.broker.submit(Call(ac.id, ac.function, header, ac.payload, fut, info.timeout_s), bounded=False)
+        self.broker.submit(Call(ac.id, ac.function, header, ac.payload, fut, info.timeout_s), bounded=False)
         fut.add_done_callback(lambda f: self._attempt_done(ac, f, dispatched))
 
     def _attempt_done(self, ac: AsyncCall, fut: asyncio.Future, dispatched: float) -> None:
@@ -317,24 +303,24 @@ class AsyncCalls:
                 # duration gives when it really started, so durations and timings are true
                 self._update({"id": ac.id, "started_at": time.time() - took_ms / 1000})
             status = int(result.get("status", 200))
-            self.gw.telemetry.finished(ac.function, status, time.monotonic() - dispatched)
+            self.telemetry.finished(ac.function, status, time.monotonic() - dispatched)
             if status < 500:
                 self._finish(ac, "DONE", code=status, content_type=result.get("content_type") or "", body=body)
                 return
             error = result_error(result, body)
         else:
             status = getattr(exc, "http_status", 500)
-            self.gw.telemetry.finished(ac.function, status, time.monotonic() - dispatched)
+            self.telemetry.finished(ac.function, status, time.monotonic() - dispatched)
             error = bounded(exc.message if isinstance(exc, NuclideError) else repr(exc))
             if isinstance(exc, NotFound):
                 self._finish(ac, "FAILED", code=404, error=error)
                 return
-        info = self.gw.functions.get(ac.function)
+        info = self.catalogue.functions.get(ac.function)
         retry = info.retry if info else DEFAULT_RETRY
         if ac.attempts < ac.max_attempts and time.time() - ac.queued_at < retry["max_event_age_s"]:
             delay = backoff_s(retry, ac.attempts)
             self.counters["retried"] += 1
-            self.gw.telemetry.retried(ac.function)
+            self.telemetry.retried(ac.function)
             self._update({"id": ac.id, "status": "PENDING", "error": error, "next_attempt_at": time.time() + delay})
             asyncio.get_running_loop().call_later(delay, self._redispatch, ac)
             return
@@ -358,8 +344,8 @@ class AsyncCalls:
             update["result_content_type"] = content_type
         self._update(update, body)
         self.counters[status.lower()] = self.counters.get(status.lower(), 0) + 1
-        if ac.function in self.gw.functions:  # a name no function has never becomes a label
-            self.gw.telemetry.async_finished(ac.function, status)
+        if ac.function in self.catalogue.functions:  # a name no function has never becomes a label
+            self.telemetry.async_finished(ac.function, status)
         if ac.callback_url and ac.callback_state != "sending":
             self._spawn(self._callback(ac, status, code, content_type, body or b"", error))
         # room for calls waiting unowned in the store
@@ -396,7 +382,7 @@ class AsyncCalls:
     async def _take_callback(self, call_id: str) -> bool:
         while True:
             try:
-                reply = await self.store().calls_take_callback(call_id, self.boot, timeout_s=5.0)
+                reply = await self.store.calls_take_callback(call_id, self.boot, timeout_s=5.0)
                 return bool(reply["taken"])
             except NuclideError as exc:
                 log.warning("store unavailable to take a callback; will retry", call_id=call_id, error=exc.message)
@@ -428,7 +414,7 @@ class AsyncCalls:
             updates = [{**u, "if_owner": self.boot} for u, _ in batch]
             bodies = [b or b"" for u, b in batch if u.get("has_result")]
             try:
-                await self.store().calls_update(updates, bodies, timeout_s=5.0)
+                await self.store.calls_update(updates, bodies, timeout_s=5.0)
             except NuclideError as exc:
                 log.warning("store unavailable for call updates; keeping them", pending=len(batch), error=exc.message)
                 for u, b in batch:  # newer updates of the same calls merge over these on the next _update
@@ -453,7 +439,7 @@ class AsyncCalls:
         batch, self._records = self._records[:5000], self._records[5000:]
         try:
             # the tuples as they are (services/store/durable_calls.py SYNC_ROW_FIELDS): no dict per call
-            await self.store().calls_record_sync(batch, timeout_s=5.0)
+            await self.store.calls_record_sync(batch, timeout_s=5.0)
         except NuclideError:
             if len(self._records) < 100_000:  # records of sync calls are not worth unbounded memory
                 self._records[:0] = batch
@@ -464,8 +450,7 @@ class AsyncCalls:
 
     async def _claim_loop(self) -> None:
         self._claim_wanted = asyncio.Event()
-        assert self.gw.feed is not None
-        await self.gw.feed.synced.wait()  # retry policies and functions must be known first
+        await self.synced.wait()  # retry policies and functions must be known first
         while True:
             try:
                 await self._claim_once()
@@ -482,7 +467,7 @@ class AsyncCalls:
         if room <= 0:
             return
         limit = min(room, protocol.MAX_BATCH)  # the store hands out no more: each payload is a frame of its reply
-        metas, payloads = await self.store().calls_claim(self.boot, limit, timeout_s=10.0)
+        metas, payloads = await self.store.calls_claim(self.boot, limit, timeout_s=10.0)
         now = time.time()
         for meta, payload in zip(metas, payloads):
             if meta["id"] in self.inflight:

@@ -245,7 +245,7 @@ class Broker:
                 self.pending.pop(call.call_id, None)
                 if call.timer:
                     call.timer.cancel()
-            self._drop_instance(inst, f"instance unreachable: {exc}")
+            self.drop(inst, f"instance unreachable: {exc}")
             for call in undelivered:
                 if not call.future.done():
                     call.instance = None
@@ -443,8 +443,8 @@ class Broker:
         log.info("instance gone", instance=inst.id.decode(errors="replace"), reason=reason)
         self._on_gone(inst, reason)
 
-    def _drop_instance(self, inst: Instance, reason: str) -> None:
-        """An instance died or vanished: fail what it was running, stop routing to it."""
+    def drop(self, inst: Instance, reason: str) -> None:
+        """An instance died, vanished or is stuck: fail what it was running, stop routing to it."""
         self._forget(inst, reason)
         calls = list(inst.inflight.values())
         inst.inflight.clear()
@@ -461,7 +461,7 @@ class Broker:
     def instance_exited(self, instance_id: str, detail: str) -> None:
         inst = self.instances.get(instance_id.encode())
         if inst is not None:
-            self._drop_instance(inst, detail)
+            self.drop(inst, detail)
 
     def reply(self, ident: bytes, header: dict[str, Any], body: bytes) -> None:
         """Answer a peer's CALL with a RESULT."""
@@ -501,12 +501,12 @@ class Broker:
             limit = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
             for inst in list(self.instances.values()):
                 if now - inst.last_seen > limit and not inst.inflight:
-                    self._drop_instance(inst, f"no heartbeat for {now - inst.last_seen:.1f} s")
+                    self.drop(inst, f"no heartbeat for {now - inst.last_seen:.1f} s")
                     continue
                 try:
                     self._send([inst.id, *beat])
                 except zmq.ZMQError as exc:
-                    self._drop_instance(inst, f"unreachable: {exc}")
+                    self.drop(inst, f"unreachable: {exc}")
 
     def close(self) -> None:
         self._sweeper.cancel()

@@ -33,7 +33,7 @@ from shared.runtimes import DEFAULT_WARM_START, parse_runtime
 from shared.spec import HOST_RUNTIME, FunctionSpec, other_python, read_function
 from shared.storeclient import StoreClient
 from services.gateway import fusionizer
-from services.gateway.core import Gateway, error_payload
+from services.gateway.core import Gateway
 from services.gateway.openapi import make_control_app
 from services.gateway.ui import UI_URL, mount_dashboard
 
@@ -60,6 +60,11 @@ def parse_flag(param: str, value: str | None) -> bool:
     raise InvalidRequest(f"{param}: {value[:32]!r} is not a flag; use {param}=true or {param}=false")
 
 
+def error_response(exc: NuclideError) -> Response:
+    """An error as JSON (shared/errors.py error_body), the way the invoke path answers one."""
+    return Response(exc.body(), status_code=exc.http_status, media_type="application/json")
+
+
 def build_control_app(gw: Gateway) -> FastAPI:
     app = make_control_app(
         title="nuclide",
@@ -71,11 +76,11 @@ def build_control_app(gw: Gateway) -> FastAPI:
 
     def store() -> StoreClient:
         assert gw.store is not None  # connected when the gateway starts, before it serves a request
-        return StoreClient(gw.store)
+        return gw.store
 
     def deployer() -> DeployerClient:
         assert gw.deployer is not None
-        return DeployerClient(gw.deployer)
+        return gw.deployer
 
     def text_mode(request: Request) -> bool:
         return fusionizer.wants_text(request.headers.get("accept"), gw.settings.fusionizer_mode)
@@ -84,7 +89,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
     async def _nuclide_error(request: Request, exc: NuclideError) -> Response:
         if text_mode(request):
             return PlainTextResponse(exc.message, status_code=exc.http_status)
-        return JSONResponse(error_payload(exc), status_code=exc.http_status)
+        return error_response(exc)
 
     async def require_token(request: Request) -> None:
         if gw.settings.fusionizer_mode:
@@ -144,7 +149,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
                         " may behave differently")
         return dataclasses.replace(spec, runtime=HOST_RUNTIME)
 
-    async def deploy(name: str, data: bytes, wait: bool, status_ok: int = 200) -> JSONResponse:
+    async def deploy(name: str, data: bytes, wait: bool, status_ok: int = 200) -> Response:
         validate_function_name(name)
         runtimes = {rt["name"]: rt for rt in await store().runtime_list()}
         # reading a zip and parsing YAML of a user's are bounded, but can take a while: off the event loop
@@ -165,22 +170,24 @@ def build_control_app(gw: Gateway) -> FastAPI:
             warnings.append(gw.settings.sandbox_warning())
         if spec.name and spec.name != name:
             warnings.append(f"metadata.name '{spec.name}' differs from the deployed name '{name}'; using '{name}'")
-        unknown = [n for n in spec.allow_calls_from if n != "*" and n != name and n not in gw.functions]
+        unknown = [n for n in spec.allow_calls_from if n != "*" and n != name and n not in gw.catalogue.functions]
         if unknown:  # not refused: the caller may be deployed next
             warnings.append(f"spec.allowCallsFrom names {', '.join(repr(n) for n in unknown)}, not deployed here: a"
                             " function of that name may call it once deployed; check the spelling")
         result = await store().function_put(name, spec.to_dict(), warnings, data)
-        gw.apply_function(result["function"])
+        gw.catalogue.apply_function(result["function"])
         if not wait:
             return JSONResponse(result["function"], status_code=202)
         waited_from = time.monotonic()
-        outcome = await gw.wait_deployed(result["group_id"], int(result["group_version"]), gw.settings.deploy_timeout_s)
+        assert gw.deploys is not None
+        outcome = await gw.deploys.wait_deployed(result["group_id"], int(result["group_version"]),
+                                                 gw.settings.deploy_timeout_s)
         gw.telemetry.deploy_waited(name, outcome.ok, time.monotonic() - waited_from)
         desc = await describe(name)
         if not outcome.ok:
             exc = BuildFailed(f"deploying '{name}' version {result['version']} failed: {outcome.error}",
                               {"log_tail": outcome.log_tail, "function": desc})
-            return JSONResponse(error_payload(exc), status_code=exc.http_status)
+            return error_response(exc)
         return JSONResponse(desc, status_code=status_ok)
 
     @app.get("/healthz", tags=["system"])
@@ -288,7 +295,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
             if text_mode(request):
                 return failed_text(fusionizer.not_found(name))
             raise
-        gw.functions.pop(name, None)
+        gw.catalogue.functions.pop(name, None)
         if text_mode(request):
             return PlainTextResponse(fusionizer.deleted(name))
         return Response(status_code=204)
@@ -308,7 +315,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
             if first.get("text"):
                 yield first["text"].encode()
             cursor = first.get("cursor") or {}
-            while name in gw.functions and not gw.stopping:
+            while name in gw.catalogue.functions and not gw.stopping:
                 await asyncio.sleep(LOG_FOLLOW_POLL_S)
                 try:
                     got = await read_logs(name, 1, since_s, cursor)
@@ -383,7 +390,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
         return JSONResponse(await store().groups_list())
 
     @app.put("/groups", dependencies=auth, tags=["fusion"])
-    async def put_groups(request: Request) -> JSONResponse:
+    async def put_groups(request: Request) -> Response:
         """Set a fusion setup, e.g. [["taska", "taskb"], ["taskc"]]; tasks left out keep their group.
 
         Answers once the request is recorded, with the setup in force and, under
@@ -402,7 +409,8 @@ def build_control_app(gw: Gateway) -> FastAPI:
         regroup = result.get("regroup")
         if regroup is None or not _truthy(request.query_params.get("wait")):
             return JSONResponse(result)
-        regroup = await gw.wait_regrouped(int(regroup["id"]), gw.settings.deploy_timeout_s)
+        assert gw.deploys is not None
+        regroup = await gw.deploys.wait_regrouped(int(regroup["id"]), gw.settings.deploy_timeout_s)
         result = {**await store().groups_list(), "regroup": regroup}
         if regroup["state"] == "done":
             return JSONResponse(result)
@@ -416,7 +424,7 @@ def build_control_app(gw: Gateway) -> FastAPI:
         else:
             exc = Conflict(f"the setup {json.dumps(regroup['setup'])} was not applied and {json.dumps(in_force)}"
                            f" stays in force: it was {regroup['state']} ({regroup['error']})", {"setup": in_force})
-        return JSONResponse(error_payload(exc), status_code=exc.http_status)
+        return error_response(exc)
 
     @app.get("/calls", dependencies=auth, tags=["calls"])
     async def list_calls(function: str | None = None, status: str | None = None, source: str | None = None,

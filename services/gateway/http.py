@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import httptools
 
+from shared.errors import error_body
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -45,6 +46,7 @@ BODY_HIGH_WATER = 256 * 1024  # an ASGI request body buffered beyond this pauses
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus}
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters (CR, LF, NUL, ...) but not tab
+_INTERNAL_ERROR = error_body("internal", "internal error; see the gateway log")
 
 
 def status_line(status: int) -> bytes:
@@ -287,7 +289,7 @@ class AsgiCycle:
                 conn.close()
 
     def _internal_error(self) -> None:
-        body = b'{"error":{"code":"internal","message":"internal error; see the gateway log"}}'
+        body = _INTERNAL_ERROR
         self.response_started = self.head_written = self.response_complete = True
         self.keep_alive = False
         self.conn.transport.write(b"".join(response_head(
@@ -390,7 +392,7 @@ class HttpProtocol(asyncio.Protocol):
         """Answer a request we cannot read (and everything after it on this connection) and close."""
         if self.closed:
             return
-        body = ('{"error":{"code":"invalid_request","message":"%s"}}' % message).encode()
+        body = error_body("invalid_request", message)
         if not any(getattr(c, "response_started", False) or getattr(c, "done", False) for c in self.cycles):
             self.transport.write(b"".join(response_head(
                 status, [(b"content-type", b"application/json")], len(body), False)) + body)
@@ -547,9 +549,14 @@ class HttpProtocol(asyncio.Protocol):
 class HttpServer:
     """Serves the gateway on one TCP port; see the module docstring."""
 
-    def __init__(self, gateway: Any, app: Callable[..., Any], host: str, port: int, backlog: int = 4096,
-                 body_grace_s: float = 10.0, min_body_rate: int = 1024) -> None:
-        self.gateway = gateway
+    def __init__(self, app: Callable[..., Any], host: str, port: int, *,
+                 direct_target: Callable[[str, str, list], tuple[str, str, str] | None],
+                 direct: Callable[[DirectRequest], None], refuse: Callable[[DirectRequest], None],
+                 body_limit: Callable[[str], int], backlog: int = 4096, body_grace_s: float = 10.0,
+                 min_body_rate: int = 1024) -> None:
+        """``direct_target``: (function, mode, path below it) when a request is a sync invocation to answer
+        directly, else None; ``direct`` starts one (``request.respond`` gets the answer); ``refuse`` answers one
+        whose body is over ``body_limit(function)`` bytes."""
         self.body_grace_s = body_grace_s
         self.min_body_rate = min_body_rate
         self.app = app
@@ -562,9 +569,10 @@ class HttpServer:
         self.bound: tuple[str, int] | None = (host, port)
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
-        self.direct_target: Callable[[str, str, list], tuple[str, str, str] | None] = gateway.direct_target
-        self.direct: Callable[[DirectRequest], None] = gateway.invoke_direct
-        self.body_limit: Callable[[str], int] = gateway.body_limit  # a function's largest invocation body
+        self.direct_target = direct_target
+        self.direct = direct
+        self.refuse = refuse
+        self.body_limit = body_limit  # a function's largest invocation body
 
     async def start(self) -> None:
         self._server = await self.loop.create_server(
@@ -582,9 +590,6 @@ class HttpServer:
         except ValueError:
             return None
         return declared if declared > limit else None
-
-    def refuse(self, request: DirectRequest) -> None:
-        self.gateway.refuse_direct(request)
 
     def spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)

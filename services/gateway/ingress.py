@@ -37,7 +37,7 @@ import asyncio
 import hmac
 import math
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -49,8 +49,8 @@ from shared.triggers import parse_cron
 
 if TYPE_CHECKING:  # pragma: no cover
     from shared.config import Settings
-    from shared.statefeed import StateFeed
     from services.gateway.async_calls import AsyncCalls
+    from services.gateway.catalogue import Catalogue
 
 log = get_logger(__name__)
 
@@ -68,21 +68,18 @@ def _text(value: str | bytes) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
-class IngressHost(Protocol):
-    """What the ingress uses of the gateway: settings, the ZeroMQ context, the function catalogue,
-    the state feed and the async calls (the last two set once the gateway started), the API token."""
-
-    settings: Settings
-    token: bytes
-    ctx: zmq.Context
-    functions: dict[str, Any]
-    feed: StateFeed | None
-    calls: AsyncCalls | None
-
-
 class Ingress:
-    def __init__(self, gw: IngressHost) -> None:
-        self.gw = gw
+    """``token``: the API token (a message carrying it, or the ``ingress_token`` setting, reaches private
+    functions); ``synced``: set once the store's feed is in sync (cron waits for the functions)."""
+
+    def __init__(self, settings: Settings, ctx: zmq.Context, token: bytes, catalogue: Catalogue, calls: AsyncCalls,
+                 synced: asyncio.Event) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.token = token
+        self.catalogue = catalogue
+        self.calls = calls
+        self.synced = synced
         self.pending = 0
         self.counters = {"accepted": 0, "malformed": 0, "refused": 0, "topic_messages": 0, "topic_calls": 0,
                          "topic_refused": 0, "cron_calls": 0}
@@ -92,13 +89,13 @@ class Ingress:
         self._cron_next: dict[tuple[str, str], float] = {}
 
     def start(self) -> None:
-        s = self.gw.settings
-        pull = self.gw.ctx.socket(zmq.PULL)
+        s = self.settings
+        pull = self.ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.RCVHWM, 10_000)
         pull.bind(s.gateway_pull)
         self._pull = AsyncSocket(pull, self._on_pull)
-        sub = self.gw.ctx.socket(zmq.SUB)
+        sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.bind(s.gateway_sub)
@@ -110,7 +107,7 @@ class Ingress:
         if not isinstance(token, (str, bytes)) or not token:
             return False
         given = token.encode() if isinstance(token, str) else token
-        wanted = [self.gw.token, self.gw.settings.ingress_token.encode()]
+        wanted = [self.token, self.settings.ingress_token.encode()]
         return any(w and hmac.compare_digest(given, w) for w in wanted)
 
     def _spawn(self, coro: Any) -> None:
@@ -137,7 +134,7 @@ class Ingress:
             self.counters["malformed"] += 1
             log.warning("dropped malformed ingress message", error=str(exc), dropped=self.counters["malformed"])
             return
-        info = self.gw.functions.get(function)
+        info = self.catalogue.functions.get(function)
         if info is not None and info.private and not self.may_reach(msg.header.get("token")):
             # recorded, never run: the producer can look the call up and see why
             self.counters["refused"] += 1
@@ -145,16 +142,15 @@ class Ingress:
                         refused=self.counters["refused"])
             self._spawn(self._refuse(function, msg.header.get("call_id"), private_refusal(function)))
             return
-        if len(msg.body) > self.gw.body_limit(function):
+        if len(msg.body) > self.catalogue.body_limit(function):
             # recorded, not silently dropped: the producer can look the call up and see why
             self.counters["oversized"] = self.counters.get("oversized", 0) + 1
             self._spawn(self._refuse(function, msg.header.get("call_id"),
-                                     self.gw.body_too_large(function, len(msg.body)).message))
+                                     self.catalogue.body_too_large(function, len(msg.body)).message))
             return
-        assert self.gw.calls is not None
         try:
             call_id = msg.header.get("call_id")
-            meta = self.gw.calls.prepare(
+            meta = self.calls.prepare(
                 function, content_type=msg.header.get("content_type") or "",
                 headers=[[_text(k), _text(v)] for k, v in headers], source="zmq",
                 idempotency_key=msg.header.get("idempotency_key"), callback_url=msg.header.get("callback_url"),
@@ -169,7 +165,7 @@ class Ingress:
             self._pull.pause()
         waiter = asyncio.get_running_loop().create_future()
         waiter.add_done_callback(self._accepted)
-        self.gw.calls.enqueue(meta, msg.body, waiter)
+        self.calls.enqueue(meta, msg.body, waiter)
 
     def _accepted(self, fut: asyncio.Future) -> None:
         self.pending -= 1
@@ -179,10 +175,9 @@ class Ingress:
             self._pull.resume()
 
     async def _refuse(self, function: str, call_id: Any, error: str) -> None:
-        assert self.gw.calls is not None
         try:
-            await self.gw.calls.submit(function, b"", source="zmq", call_id=call_id if isinstance(call_id, str) else None,
-                                       refused=error)
+            await self.calls.submit(function, b"", source="zmq", call_id=call_id if isinstance(call_id, str) else None,
+                                    refused=error)
         except NuclideError as exc:
             log.warning("could not record a refused ingress message", function=function, error=exc.message)
 
@@ -216,7 +211,7 @@ class Ingress:
             token = msg.header.get("token")
         self.counters["topic_messages"] += 1
         opens_private: bool | None = None  # checked once, for the first private subscriber
-        for info in list(self.gw.functions.values()):
+        for info in list(self.catalogue.functions.values()):
             if topic in info.topics:
                 if info.private:
                     if opens_private is None:
@@ -232,22 +227,20 @@ class Ingress:
 
     async def _submit_quietly(self, function: str, payload: bytes, content_type: str, source: str,
                               headers: list[list[str]], idempotency_key: str | None = None) -> None:
-        assert self.gw.calls is not None
         try:
-            await self.gw.calls.submit(function, payload, content_type=content_type, source=source, headers=headers,
-                                       idempotency_key=idempotency_key)
+            await self.calls.submit(function, payload, content_type=content_type, source=source, headers=headers,
+                                    idempotency_key=idempotency_key)
         except NuclideError as exc:
             log.warning("trigger call not accepted", function=function, source=source, error=exc.message)
 
     # ----- cron -----------------------------------------------------------------------
 
     async def _cron_loop(self) -> None:
-        assert self.gw.feed is not None
-        await self.gw.feed.synced.wait()
+        await self.synced.wait()
         while True:
             now = time.time()
             live: set[tuple[str, str]] = set()
-            for info in list(self.gw.functions.values()):
+            for info in list(self.catalogue.functions.values()):
                 for trig in info.cron:
                     key = (info.name, f"{trig['name']}|{trig.get('interval_s')}|{trig.get('schedule')}"
                                       f"|{trig.get('timezone')}")

@@ -173,7 +173,7 @@ class GatewayCollector(Collector):  # reads the gateway it is given (Any: core i
     def collect(self) -> Iterator[Metric]:
         gw = self.gw
         tel = gw.telemetry
-        deployed = sorted(gw.functions)
+        deployed = sorted(gw.catalogue.functions)
         tel.forget(deployed)
         yield from self._openfaas(gw, tel, deployed)
         yield from self._per_function(gw, tel, deployed)
@@ -196,7 +196,7 @@ class GatewayCollector(Collector):  # reads the gateway it is given (Any: core i
         ]
         out = {key: GaugeMetricFamily(f"nuclide_autoscaler_{key}", doc, labels=["group"]) for key, doc in families}
         for gid in sorted(decisions):
-            if gid not in gw.groups:
+            if gid not in gw.catalogue.groups:
                 continue
             d = decisions[gid]
             for key, _ in families:
@@ -226,8 +226,8 @@ class GatewayCollector(Collector):  # reads the gateway it is given (Any: core i
                     total.add_metric([name, str(code)], hist.count)
                     seconds.add_metric([name, str(code)], hist.buckets(), hist.sum_s)
                 started.add_metric([name], stats.started)
-            info = gw.functions[name]
-            group = gw.groups.get(info.group_id) if info.group_id else None
+            info = gw.catalogue.functions[name]
+            group = gw.catalogue.groups.get(info.group_id) if info.group_id else None
             service.add_metric([name], int(group.get("replicas_ready") or 0) if group else 0)
         yield from (total, started, seconds, service)
 

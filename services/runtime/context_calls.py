@@ -193,14 +193,12 @@ class TaskCaller:
                 return result
             status, rheaders, rctype, out = result
         else:
-            header = {
-                "call_id": call_id, "parent_id": parent or None, "function": name, "method": method,
-                "path": path or "/", "query": query, "headers": headers, "content_type": content_type,
-                "deadline_ms": deadline_ms, "mode": "http", "depth": depth, "chain": chain,
-                "caller": caller, "async": not sync,
+            header = protocol.invoke_header(
+                call_id, name, deadline_ms, parent_id=parent or None, method=method, path=path or "/", query=query,
+                headers=headers, content_type=content_type, depth=depth, chain=chain, caller=caller,
                 # the gateway ties the call to this instance's group: a private callee outside it refuses
-                "instance": self.runtime.instance_id,
-            }
+                instance=self.runtime.instance_id)
+            header["async"] = not sync
             result, out = self._remote(header, body)
             status, rctype = int(result.get("status", 200)), str(result.get("content_type") or "")
             rheaders = result.get("headers") or []

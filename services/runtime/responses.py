@@ -7,6 +7,7 @@ import math
 from typing import Any, Callable, Mapping
 
 from services.runtime.context import Response
+from shared.errors import error_body
 from shared.failures import bounded
 
 __all__ = ["to_result", "error_result", "json_error", "execute_result", "Failure", "Result", "TEXT", "JSON", "BINARY"]
@@ -240,10 +241,7 @@ def error_result(exc: BaseException) -> Failure:
 
 def json_error(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> Failure:
     """An error the runtime answers itself: ``{"error": {code, message[, details]}}`` as JSON."""
-    error: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        error["details"] = details
-    return Failure((status, [], JSON, json.dumps({"error": error}).encode()), message)
+    return Failure((status, [], JSON, error_body(code, message, details)), message)
 
 
 def execute_result(value: Any) -> Result:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.gateway.core import TRACE_FLUSH_S
+from services.gateway.traces import TRACE_FLUSH_S
 from tests.stack import ROOT, Stack, function_yaml, never, wait_for
 from tests.tasks import TASK_A, TASK_B
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from services.gateway.broker import FAST_CALL_S, SLOW_INFLIGHT_S, Call, Instance
-from services.gateway.core import function_headers
+from services.gateway.invocation import function_headers
 from shared.names import invoke_target
 
 
@@ -84,36 +84,24 @@ def test_ready_needs_functions() -> None:
 
 
 def test_reported_edges_are_summed_and_malformed_ones_dropped() -> None:
-    from services.gateway.core import Gateway
+    from services.gateway.traces import Traces
 
-    gw = Gateway.__new__(Gateway)  # only the trace state: add_edges is pure bookkeeping
-    gw.trace_edges = {}
-    gw.add_edges([["a", "b", True, True, 2.0, 3], ["a", "b", True, True, 4.0], ["a", "c", True, False, 1.0, 1]])
-    gw.add_edges([["a", "b", True, True, 1.0, 0], ["a", "b", True, True, 1.0, -2], [["unhashable"], "b", True, True, 1.0],
-                  ["a"], "not an edge", ["a", "b", True, True, "slow", 1]])
-    gw.add_edges("not a list")
-    assert gw.trace_edges == {("a", "b", True, True): [4, 10.0], ("a", "c", True, False): [1, 1.0]}
+    traces = Traces()
+    traces.add_edges([["a", "b", True, True, 2.0, 3], ["a", "b", True, True, 4.0], ["a", "c", True, False, 1.0, 1]])
+    traces.add_edges([["a", "b", True, True, 1.0, 0], ["a", "b", True, True, 1.0, -2],
+                      [["unhashable"], "b", True, True, 1.0], ["a"], "not an edge", ["a", "b", True, True, "slow", 1]])
+    traces.add_edges("not a list")
+    assert traces.edges == {("a", "b", True, True): [4, 10.0], ("a", "c", True, False): [1, 1.0]}
 
 
 def test_reported_failed_task_calls_are_recorded_and_malformed_ones_dropped() -> None:
-    from services.gateway.core import Gateway
+    from services.gateway.taskcalls import reported_failures
 
-    class Records:
-        def __init__(self) -> None:
-            self.rows: list[tuple] = []
-
-        def record_sync(self, row: tuple) -> None:
-            self.rows.append(row)
-
-    gw = Gateway.__new__(Gateway)  # only the trace state and the records the reports feed
-    gw.trace_edges, gw.calls = {}, Records()
     good = ["c1.1", "c1", "callee", 500, "ValueError: " + "x" * 5000, 10.0, 10.5]
-    gw.add_reports({"edges": [["caller", "callee", True, True, 0.5, 1]],
-                    "failed_calls": [good, ["c1.2", 7, "callee", 500, "e", 1.0, 2.0], ["c1.3"], "no",
-                                     ["c1.4", None, "callee", "500", "e", 1.0, 2.0], ["c1.5", None, "f", 500, "e", "x", 2]]})
-    gw.add_reports({"edges": [], "failed_calls": "not a list"})
-    ((call_id, function, status, queued, finished, code, error, cold, parent, source),) = gw.calls.rows
+    rows = reported_failures([good, ["c1.2", 7, "callee", 500, "e", 1.0, 2.0], ["c1.3"], "no",
+                              ["c1.4", None, "callee", "500", "e", 1.0, 2.0], ["c1.5", None, "f", 500, "e", "x", 2]])
+    assert reported_failures("not a list") == []
+    ((call_id, function, status, queued, finished, code, error, cold, parent, source),) = rows
     assert (call_id, function, status, queued, finished, code, cold, parent, source) == (
         "c1.1", "callee", "FAILED", 10.0, 10.5, 500, False, "c1", "call")
     assert error.startswith("ValueError: xxx") and len(error) <= 1024 and error.endswith("...")
-    assert gw.trace_edges == {("caller", "callee", True, True): [1, 0.5]}

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from shared.errors import error_body
 from shared.oncewire import decode_result
 
 STDERR_TAIL_CHARS = 2000
@@ -49,10 +50,7 @@ def parse_driver_output(stdout: bytes, stderr: bytes, timed_out: bool = False) -
 
 def error_result(status: int, code: str, message: str, **details: Any) -> tuple[int, str, bytes]:
     """(status, content type, body) of an error the way the gateway words errors."""
-    body: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        body["details"] = details
-    return status, "application/json", json.dumps({"error": body}).encode()
+    return status, "application/json", error_body(code, message, details)
 
 
 def stderr_tail(data: bytes) -> str:
