@@ -64,7 +64,7 @@ class Load:
                         self.refusals += 1
                     except httpx.HTTPError:
                         self.refusals += 1
-                    time.sleep(0.05)
+                    time.sleep(0.05)  # a client's pause before it retries a refused submission, not a wait
 
     def join(self) -> None:
         for t in self._threads:

@@ -202,7 +202,7 @@ def redeploy_under_steady_calls(stack: Stack, serving: Callable[[], int]) -> Non
             while not stop.is_set():
                 r = client.post("/steady")
                 results.append((r.status_code, r.text))
-                time.sleep(0.01)
+                time.sleep(0.01)  # the pace of the steady stream of calls, not a wait
 
     thread = threading.Thread(target=caller, daemon=True)
     thread.start()

@@ -16,6 +16,7 @@ integration tests, which mutmut cannot attribute, so such a group reports its mu
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -31,7 +32,9 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "auth": (["shared/auth.py"], ["tests/unit/test_auth.py", "tests/unit/test_config.py"]),
     "store-calls": (["services/store/durable_calls.py"],
                     ["tests/unit/test_store_calls.py", "tests/unit/test_store_state.py"]),
-    "broker": (["services/gateway/broker.py"], ["tests/unit/test_broker_vanished.py", "tests/unit/test_gateway_routing.py"]),
+    "broker": (["services/gateway/broker.py"],
+               ["tests/unit/test_broker.py", "tests/unit/test_broker_vanished.py",
+                "tests/unit/test_gateway_routing.py"]),
     "sandbox": (["services/deployer/sandbox.py"], ["tests/unit/test_sandbox.py"]),
     "async": (["services/gateway/async_calls.py"], ["tests/integration/test_async.py", "tests/integration/test_readme_claims.py"]),
 }
@@ -53,7 +56,9 @@ def run_group(name: str, keep: bool) -> tuple[dict[str, int], list[str]]:
     lines += ["pytest_add_cli_args=", "    -p", "    no:cacheprovider", "    -q"]
     (work / "setup.cfg").write_text("\n".join(lines) + "\n")
     mutmut = [sys.executable, "-m", "mutmut"]
-    run = subprocess.run([*mutmut, "run"], cwd=work, capture_output=True, text=True)
+    # a mutant that breaks a reply makes a test wait out its deadline: shorter ones keep a group within minutes
+    env = {**os.environ, "NUCLIDE_TEST_WAIT_S": "2"}
+    run = subprocess.run([*mutmut, "run"], cwd=work, capture_output=True, text=True, env=env)
     results = subprocess.run([*mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True)
     counts: dict[str, int] = {}
     survivors: list[str] = []

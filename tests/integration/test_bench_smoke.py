@@ -85,8 +85,12 @@ for p in left:
         os.killpg(p["pid"], signal.SIGKILL) if os.getpgid(p["pid"]) == p["pid"] else os.kill(p["pid"], signal.SIGKILL)
     except OSError:
         pass
-time.sleep(0.2)
-reap()
+deadline = time.monotonic() + 5  # the killed ones become zombies at once; reap each before reporting
+while True:
+    reap()
+    if not children() or time.monotonic() > deadline:
+        break
+    time.sleep(0.01)
 json.dump({"rc": rc, "leftovers": left}, open(sys.argv[1], "w"))
 """
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import zmq
 
 from shared import protocol
 from shared.curve import Keys, ZapHandler, memory_keys
 from services.gateway.broker import Broker, Call, Instance
+from shared.errors import DeadlineExceeded
 from tests.stack import free_port
 
 
@@ -24,14 +26,14 @@ async def until(predicate, timeout_s: float = 5.0, what: str = "condition"):
         await asyncio.sleep(0.01)
 
 
-def instance(ctx: zmq.Context, endpoint: str, ident: bytes, keys: Keys) -> zmq.Socket:
+def instance(ctx: zmq.Context, endpoint: str, ident: bytes, keys: Keys, **ready: object) -> zmq.Socket:
     sock = keys.client_of_instance(ctx.socket(zmq.DEALER), ident.decode(), "g", 1)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, ident)
     sock.connect(endpoint)
     sock.send_multipart(protocol.encode(protocol.READY, {
         "instance_id": ident.decode(), "group": "g", "group_version": 1, "functions": {"f": 1},
-        "credit": 1, "concurrency": 1, "pid": 1}))
+        "credit": 1, "concurrency": 1, "pid": 1, **ready}))
     return sock
 
 
@@ -62,7 +64,8 @@ async def test_a_call_sent_to_a_vanished_instance_waits_for_the_next_one() -> No
         broker.submit(call)  # routed to i1, which the broker still lists
         await until(lambda: gone, what="the vanished instance to be dropped")
         assert not future.done(), "a call that never left must not fail with the vanished instance"
-        assert list(broker.queues["f"]) == [call]
+        assert list(broker.queues["f"]) == [call] and call.instance is None
+        assert gone[0].startswith("instance unreachable: ") and broker.pending == {}, "it is queued, not in flight"
 
         second = instance(ctx, endpoint, b"i2", keys)
         try:
@@ -78,4 +81,47 @@ async def test_a_call_sent_to_a_vanished_instance_waits_for_the_next_one() -> No
     finally:
         broker.close()
         zap.close()
-        ctx.term()
+        ctx.destroy(linger=0)
+
+
+async def vanish(broker: Broker, ident: bytes) -> None:
+    """Wait until the broker's ROUTER has dropped a closed peer: sending to it raises from then on."""
+    beat = protocol.encode(protocol.HEARTBEAT, {})
+
+    def vanished() -> bool:
+        try:
+            broker._send([ident, *beat])
+        except zmq.ZMQError:
+            return True
+        return False
+
+    await until(vanished, what="the ROUTER to drop the closed peer")
+
+
+async def test_calls_batched_for_a_vanished_instance_are_queued_again_past_the_queue_limit() -> None:
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    gone: list[str] = []
+    keys = memory_keys()
+    zap = ZapHandler(ctx, keys)
+    broker = Broker(ctx, endpoint, 1, on_ready=lambda inst: None, on_gone=lambda inst, why: gone.append(why),
+                    keys=keys)
+    loop = asyncio.get_running_loop()
+    try:
+        first = instance(ctx, endpoint, b"i1", keys, credit=2, concurrency=2, batch=True)
+        await until(lambda: broker.routes.get("f"), what="the first instance's READY")
+        first.close()
+        await vanish(broker, b"i1")
+        calls = [Call(f"c{n}", "f", {"call_id": f"c{n}"}, b"", loop.create_future(), 0.05) for n in range(3)]
+        for call in calls:  # two fill the instance's credit (sent together at the flush), one fills the queue
+            broker.submit(call)
+        assert list(broker.queues["f"]) == [calls[2]]
+        await until(lambda: gone, what="the vanished instance to be dropped")
+        assert list(broker.queues["f"]) == [calls[2], calls[0], calls[1]], "calls that never left wait again"
+        for call in calls:  # no instance comes: each fails at its deadline as a call that waited for one
+            with pytest.raises(DeadlineExceeded, match="no instance of function 'f' became free"):
+                await asyncio.wait_for(call.future, 10)
+    finally:
+        broker.close()
+        zap.close()
+        ctx.destroy(linger=0)

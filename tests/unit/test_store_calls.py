@@ -232,6 +232,43 @@ def test_a_finished_call_is_never_reopened_by_a_late_update(calls: CallStore) ->
     assert calls.get("c1")["callback"]["state"] == "sent"
 
 
+def test_a_write_fenced_by_owner_applies_only_while_the_writer_owns_the_call(calls: CallStore) -> None:
+    calls.submit([{"id": "c1", "function": "fn", "owner": "boot-1"}, {"id": "c2", "function": "fn", "owner": "boot-1"}],
+                 (b"", b""))
+    # boot-1 stalled and boot-2 took c1 over: boot-1's late writes to it change nothing, to c2 they apply
+    calls.update([{"id": "c1", "owner": "boot-2"}], ())
+    assert calls.update([{"id": "c1", "status": "DONE", "error": "stale", "if_owner": "boot-1"}], ()) == 0
+    assert calls.update([{"id": "c1", "attempts": 5, "if_owner": "boot-1"}], ()) == 0
+    assert (calls.get("c1")["status"], calls.get("c1")["error"], calls.get("c1")["attempts"]) == ("PENDING", None, 0)
+    assert calls.update([{"id": "c2", "status": "DONE", "has_result": True, "if_owner": "boot-1"}], (b"ok",)) == 1
+    assert calls.update([{"id": "c1", "status": "RUNNING", "if_owner": "boot-2"}], ()) == 1
+    assert (calls.get("c1")["status"], calls.get("c2")["status"], calls.result("c2")[1]) == ("RUNNING", "DONE", b"ok")
+
+
+def test_owned_names_the_unfinished_calls_a_gateway_still_owns(calls: CallStore) -> None:
+    calls.submit([{"id": i, "function": "fn", "owner": "me"} for i in ("run", "wait", "done", "gone")]
+                 + [{"id": "theirs", "function": "fn", "owner": "other"}], (b"",) * 5)
+    calls.update([{"id": "run", "status": "RUNNING"}, {"id": "done", "status": "DONE"},
+                  {"id": "gone", "owner": "other"}], ())
+    assert sorted(calls.owned("me", ["run", "wait", "done", "gone", "theirs", "unknown"])) == ["run", "wait"]
+    assert calls.owned("me", ["wait"]) == ["wait"] and calls.owned("me", []) == []
+    assert calls.owned("nobody", ["run"]) == []
+
+
+def test_a_callback_is_taken_once_and_only_by_the_calls_owner(calls: CallStore) -> None:
+    cb = "https://example.com/cb"
+    calls.submit([{"id": "c1", "function": "fn", "owner": "me", "callback_url": cb},
+                  {"id": "plain", "function": "fn", "owner": "me"}], (b"", b""))
+    calls.update([{"id": "c1", "status": "DONE"}, {"id": "plain", "status": "DONE"}], ())
+    assert calls.take_callback("c1", "other") is False, "not the owner"
+    assert calls.get("c1")["callback"]["state"] == "pending"
+    assert calls.take_callback("c1", "me") is True
+    assert calls.get("c1")["callback"]["state"] == "sending"
+    assert calls.take_callback("c1", "me") is False, "once: a second POST is never started"
+    assert calls.take_callback("plain", "me") is False and calls.take_callback("unknown", "me") is False
+    assert [c["id"] for c in calls.pending_callbacks("me", 10)] == []
+
+
 def test_claim_takes_unfinished_async_calls_of_other_boots_oldest_first(calls: CallStore) -> None:
     calls.submit([{"id": "mine", "function": "fn", "owner": "me", "queued_at": 1.0},
                   {"id": "new", "function": "fn", "owner": "old", "queued_at": 3.0},
