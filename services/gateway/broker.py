@@ -413,7 +413,7 @@ class Broker:
     def _register(self, ident: bytes, header: dict[str, Any], old: Instance | None, key: str | None) -> None:
         try:
             inst = Instance(ident, header, key)
-            issued = self._keys.issued(key, ident.decode(), inst.group, inst.group_version)
+            issued = self._keys.issued(key, ident.decode(errors="replace"), inst.group, inst.group_version)
         except (ProtocolError, TypeError, ValueError, UnicodeDecodeError) as exc:
             log.warning("dropped bad READY", peer=ident[:40], error=str(exc))
             return

@@ -239,7 +239,7 @@ async def test_ready_is_welcomed_with_a_heartbeat_naming_the_live_gateways(h: Ha
     call = h.call("c1")
     h.broker.submit(call)
     [(header, body)] = await invoked(p)
-    p.ready(credit=2, concurrency=2)
+    p.ready(group="grp", group_version=3, credit=2, concurrency=2)
     await until(lambda: h.broker.instances[b"i1"] is not inst, what="the second READY")
     assert len(h.ready) == 1
     assert h.broker.instances[b"i1"].inflight == {"c1": call} and call.instance is h.broker.instances[b"i1"]
@@ -553,7 +553,9 @@ async def test_calls_reports_and_replies_reach_their_handlers(h: Harness) -> Non
     p.send(protocol.CALL, {"call_id": "t1", "function": "other"}, b"arg")
     await until(lambda: h.calls, what="the CALL")
     [(ident, msg)] = h.calls
-    assert ident == b"i1" and msg.header == {"call_id": "t1", "function": "other"} and msg.body == b"arg"
+    # the broker names the calling instance by the key that sent the CALL
+    assert ident == b"i1" and msg.header == {"call_id": "t1", "function": "other", "instance": "i1"}
+    assert msg.body == b"arg"
     h.broker.reply(b"i1", {"call_id": "t1", "status": 200}, b"answer")
     answer = await p.recv()
     assert (answer.command, answer.header, answer.body) == (
@@ -595,7 +597,9 @@ async def test_malformed_messages_are_dropped_and_the_broker_keeps_serving(h: Ha
     [no_functions, not_a_number] = h.logged("dropped bad READY")
     assert no_functions == {"peer": nasty[:40], "error": "READY needs a non-empty map of functions to versions"}
     assert not_a_number["peer"] == nasty[:40] and "one" in not_a_number["error"]
-    assert h.logged("unexpected command from instance") == [{"command": protocol.REQ, "peer": nasty[:40]}]
+    # an unregistered peer's other commands are refused for its key (services/gateway/broker.py)
+    refused = h.logged("dropped a message from an unregistered peer")
+    assert [(e["command"], e["peer"]) for e in refused] == [(protocol.REQ, nasty[:40])]
     [bad_batch] = h.logged("dropped malformed RESULT")
     assert bad_batch["peer"] == ok[:40] and "batch header" in bad_batch["error"]
 
