@@ -142,8 +142,11 @@ def test_native_calls_behave_the_same_fused_or_not(fresh_stack: Stack, fused: bo
         assert r.status_code == 200, r.text
         assert setup_of(s) == [["callee", "caller"]]
     assert s.invoke("caller", {"what": "sum"}).json() == 5
-    meta = s.invoke("caller", {"what": "meta"}).json()
-    assert meta["id"] != meta["caller_id"] and meta["id"].startswith(meta["caller_id"]), "own call id, parent = caller"
+    answer = s.invoke("caller", {"what": "meta"})
+    meta = answer.json()
+    # the callee runs under a call id of its own; the caller's is the one its client got (the parent link
+    # is recorded with a failed task call: checked below)
+    assert meta["caller_id"] == answer.headers["x-call-id"] and meta["id"] != meta["caller_id"], meta
     missing = s.invoke("caller", {"what": "missing"}).json()
     assert "function 'no-such-task' not found" in missing["error"] and missing["type"] == "CallFailed"
     caught = s.invoke("caller", {"what": "raise"})
@@ -152,7 +155,7 @@ def test_native_calls_behave_the_same_fused_or_not(fresh_stack: Stack, fused: bo
     failed = wait_for(lambda: calls_under(s, "callee", caught.headers["x-call-id"]), 10, what="the callee's record")
     assert [(c["status"], c["kind"], c["source"], c["error"]) for c in failed] == [
         ("FAILED", "sync", "call", "ValueError: callee refused: bad numbers")]
-    assert failed[0]["id"].startswith(caught.headers["x-call-id"] + ".")
+    assert failed[0]["id"] != caught.headers["x-call-id"]  # its own id, under the caller's (calls_under)
     uncaught = s.invoke("caller", {"what": "uncaught"})
     assert uncaught.status_code == 500
     outer = wait_for(lambda: (r := s.client.get(f"/calls/{uncaught.headers['x-call-id']}")).status_code == 200
