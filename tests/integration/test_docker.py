@@ -239,15 +239,16 @@ def test_engine_down_is_one_line_and_process_functions_keep_serving(tmp_path: Pa
             remove_namespace(namespace(s))
 
 
-# the lines it prints ("build step 1", "build step 2") are not in the command's own text, which the log shows too
-SLOW_BUILD = ("python3 -c \"import time; print('build step', 0 + 1, flush=True); time.sleep(8);"
+# the lines it prints ("build step 1", "build step 2") are not in the command's own text, which the log shows too;
+# {nonce} makes each run's command new, so no dependencies image of an earlier run is reused (nothing would build)
+SLOW_BUILD = ("python3 -c \"import time; '{nonce}'; print('build step', 0 + 1, flush=True); time.sleep(8);"
               " print('build step', 1 + 1, flush=True)\"")
 
 
 def test_a_follower_sees_the_image_build_as_it_runs(dstack: Stack) -> None:
     """The env image's build steps reach the function's log while the build runs, not once it is over."""
     name = f"slowbuild{os.urandom(3).hex()}"
-    spec = {"build": {"commands": [SLOW_BUILD]}}
+    spec = {"build": {"commands": [SLOW_BUILD.format(nonce=os.urandom(8).hex())]}}
     r = dstack.deploy(name, {"function.yaml": function_yaml(name, **spec), "main.py": HELLO}, expect=202,
                       headers={"X-Nuclide-Async": "true"})
     assert r.json()["latest_version_state"] not in ("ready", "failed"), r.text

@@ -288,6 +288,21 @@ class Images:
             raise
         return str(created["Id"])
 
+    @staticmethod
+    def _build_line(line: str, lines: list[str], layers: list[str], out: Any) -> str | None:
+        """One line of a build's output: a layer id, the failed step (returned), or output kept (and written
+        to ``out`` at once, so a deploy that follows the log shows it now)."""
+        if line.startswith(" ---> ") and " " not in line[6:].strip():
+            layers.append(line[6:].strip())
+        elif line.startswith(FAILED_STEP):
+            return line[len(FAILED_STEP):]
+        elif line.strip() and not line.startswith(BUILD_NOISE):
+            lines.append(line)
+            if out is not None:
+                out.write(line + "\n")
+                out.flush()
+        return None
+
     def _build(self, client: docker.DockerClient, tag: str, dockerfile: str, files: dict[str, bytes],
                dirs: dict[str, Path], network_mode: str, log_path: Path | None = None) -> str:
         deadline = time.monotonic() + self.settings.build_timeout_s
@@ -312,18 +327,12 @@ class Images:
             out = open(log_path, "a") if log_path is not None else None
             try:
                 # a build quiet for build_timeout_s ends in a read timeout: that is the build, not the engine
+                partial = ""  # the engine cuts its stream anywhere, a line's middle included
                 for chunk in stream:
                     if "stream" in chunk:
-                        for line in ANSI_ESCAPE.sub("", str(chunk["stream"])).splitlines():
-                            if line.startswith(" ---> ") and " " not in line[6:].strip():
-                                layers.append(line[6:].strip())
-                            elif line.startswith(FAILED_STEP):
-                                step = line[len(FAILED_STEP):]
-                            elif line.strip() and not line.startswith(BUILD_NOISE):
-                                lines.append(line)
-                                if out is not None:
-                                    out.write(line + "\n")
-                                    out.flush()  # a deploy that follows the log shows the line now
+                        *complete, partial = (partial + ANSI_ESCAPE.sub("", str(chunk["stream"]))).split("\n")
+                        for line in complete:
+                            step = self._build_line(line.rstrip("\r"), lines, layers, out) or step
                     if "error" in chunk:
                         failed = str(chunk["error"]).strip()
                     if time.monotonic() > deadline:
@@ -335,6 +344,8 @@ class Images:
                 failed = f"timed out after {self.settings.build_timeout_s:g} s"
             finally:
                 stream.close()  # a build left behind is cancelled by the engine when its client goes
+                if partial:
+                    step = self._build_line(partial.rstrip("\r"), lines, layers, out) or step
                 if out is not None:
                     out.close()
         text = "\n".join(lines)
