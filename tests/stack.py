@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -84,6 +85,19 @@ def free_port_base(count: int = 8) -> int:
 
 class ServiceDied(AssertionError):
     """A service of the stack exited on its own: fails the wait at once, whatever the wait was for."""
+
+
+async def until(predicate: Callable[[], Any], timeout_s: float, what: str = "condition",
+                interval_s: float = 0.005) -> Any:
+    """:func:`wait_for` inside an event loop: poll ``predicate`` between turns of the loop until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition") -> Any:

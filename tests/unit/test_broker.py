@@ -17,21 +17,14 @@ from services.gateway.broker import EWMA_WEIGHT, FAST_CALL_S, SLOW_INFLIGHT_S, S
 from shared import protocol
 from shared.curve import INSTANCE_DOMAIN, Keys, ZapHandler, memory_keys
 from shared.errors import DeadlineExceeded, InstanceFailed, NotFound, TooManyRequests
-from tests.stack import free_port
+from tests.stack import free_port, until as wait_until
 
 # generous (the machine is shared); `make mutate` shortens it, since every mutant that breaks a reply waits it out
 WAIT_S = float(os.environ.get("NUCLIDE_TEST_WAIT_S", "10"))
 
 
 async def until(predicate, timeout_s: float = WAIT_S, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.005)
+    return await wait_until(predicate, timeout_s, what)
 
 
 class Peer:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import zmq
@@ -12,18 +11,11 @@ from shared import protocol
 from shared.curve import Keys, ZapHandler, memory_keys
 from services.gateway.broker import Broker, Call, Instance
 from shared.errors import DeadlineExceeded
-from tests.stack import free_port
+from tests.stack import free_port, until as wait_until
 
 
 async def until(predicate, timeout_s: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+    return await wait_until(predicate, timeout_s, what, interval_s=0.01)
 
 
 def instance(ctx: zmq.Context, endpoint: str, ident: bytes, keys: Keys, **ready: object) -> zmq.Socket:
