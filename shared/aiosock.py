@@ -57,9 +57,10 @@ def close_all() -> int:
 class AsyncSocket:
     """A socket whose incoming messages are passed to ``on_message(frames)``.
 
-    ``keyed``: ``on_message(frames, key)`` with the sender's CURVE public key (z85 str, the
-    User-Id the ZAP handler gave its connection), so a ROUTER can judge a message by the key
-    that sent it rather than by the identity it claims.
+    ``keyed``: ``on_message(frames, first)`` with the message's first part as a zmq.Frame too, whose
+    User-Id property is the sender's CURVE public key (the ZAP handler's answer for its connection),
+    so a ROUTER can judge a message by the key that sent it; reading the property is left to the
+    receiver, for the messages that need it.
     """
 
     def __init__(self, sock: zmq.Socket, on_message: Callable[..., None], keyed: bool = False) -> None:
@@ -154,11 +155,7 @@ class AsyncSocket:
                 log.error("socket receive failed", error=str(exc))
                 return
             try:
-                key = first.get("User-Id")  # the ZAP handler's answer: the sender's public key (z85)
-            except (zmq.ZMQError, UnicodeDecodeError):
-                key = None
-            try:
-                handle(frames, key)
+                handle(frames, first)
             except Exception:  # a bad message must never stop the socket loop
                 log.exception("message handler failed")
         self._schedule_drain()

@@ -35,7 +35,7 @@ import zmq
 import zmq.utils.z85
 
 from shared.config import ConfigError, Settings
-from shared.linkkeys import curve_client
+from shared.linkkeys import curve_client, link_route
 
 SERVICES = ("store", "deployer", "gateway", "optimizer")
 SERVICE_DOMAIN = "nuclide.service"  # store RPC and feed, deployer RPC, gateway feed: service keys only
@@ -268,19 +268,23 @@ class Keys:
             raise KeyProblem("only the deployer and gateways hold the instance-key seed")
         return instance_keypair(self.seed, instance_id, group, group_version)
 
-    def issued(self, key: str | None, instance_id: str, group: str, group_version: int) -> bool:
+    def issued(self, key: str | None, route: bytes, instance_id: str, group: str, group_version: int) -> bool:
         """Whether ``key`` (z85) is the one the deployer issued for that instance of that group version
-        (or, for Swarm's tasks, for every instance of it): what a gateway asks of every READY."""
+        (or, for Swarm's tasks, for every instance of it), and ``route`` the routing id that key makes for
+        ``instance_id`` (shared/linkkeys.link_route): what a gateway asks of every READY."""
         if key is None:
             return False
         for ident in (instance_id, GROUP_WIDE):
-            if hmac.compare_digest(self.instance(ident, group, group_version).public, key.encode()):
-                return True
+            pair = self.instance(ident, group, group_version)
+            if hmac.compare_digest(pair.public, key.encode()):
+                return hmac.compare_digest(link_route(pair.secret, instance_id), route)
         return False
 
     def client_of_instance(self, sock: zmq.Socket, instance_id: str, group: str, group_version: int) -> zmq.Socket:
-        """``sock`` keyed as that instance, a CURVE client of the gateways (tests and benchmarks stand in for one)."""
+        """``sock`` keyed as that instance, a CURVE client of the gateways, with the routing id its key makes
+        (tests and benchmarks stand in for one)."""
         pair = self.instance(instance_id, group, group_version)
+        sock.setsockopt(zmq.ROUTING_ID, link_route(pair.secret, instance_id))
         return curve_client(sock, pair.public, pair.secret, self.public("gateway"))
 
     def instance_config(self, instance_id: str, group: str, group_version: int) -> dict[str, str]:

@@ -19,7 +19,7 @@ import zmq
 
 from shared.gateways import endpoint_for
 from shared.instanceconfig import InstanceConfig
-from shared.linkkeys import instance_socket
+from shared.linkkeys import instance_socket, link_route
 from shared.liveness import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 
 # a restarted gateway is found again within RECONNECT_IVL_MAX_MS; sane range 100-5000 ms
@@ -58,7 +58,8 @@ class InstanceLinks:
         """A DEALER to one gateway: the only place an instance's gateway socket is set up."""
         sock = instance_socket(self.ctx.socket(zmq.DEALER), {"curve": self.curve})
         sock.setsockopt(zmq.LINGER, 2000)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        # the gateways know this instance by a routing id only it can make (its instance id is in its READY)
+        sock.setsockopt(zmq.ROUTING_ID, link_route(self.curve["secret"].encode(), self.identity.decode()))
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         sock.setsockopt(zmq.SNDHWM, 100_000)

@@ -1,6 +1,6 @@
 """The invoke broker: instances register on a ROUTER, calls go to the least loaded one.
 
-Instances connect a DEALER (identity = instance id) and say READY with the
+Instances connect a DEALER (its routing id made from its key, below) and say READY with the
 functions they serve, their concurrency and their credit (how many INVOKEs they
 accept at once, concurrency plus a prefetch buffer). While an instance's calls are
 fast the broker fills the whole credit, so the next call is already waiting when
@@ -11,12 +11,15 @@ that function's newest version with the most room; when none has room it waits
 in that function's bounded queue until a RESULT frees one, or until its deadline. Older-version instances
 keep serving their in-flight calls while a redeploy or regroup drains them.
 
-Every message is judged by the CURVE key that sent it (the socket tells it, see
-shared/curve.py), never by what it claims: a READY registers an instance only when its
-key is the one the deployer issued for that instance id, group and group version; every
-later message on that identity must come with the same key; a RESULT settles a call only
-when it comes from the instance the call was sent to; a CALL only from a registered
-instance's key. Anything else is dropped unanswered and counted in ``refused``.
+A READY registers an instance only when the CURVE key that sent it (the socket tells it, see
+shared/curve.py) is the one the deployer issued for that instance id, group and group version,
+and the routing id it came on is the one that key makes for that id (shared/linkkeys.link_route).
+Nobody without the instance's secret key can connect under that routing id, not even once the
+instance's own connection is gone, and a connection cannot change its key: so every later message
+on it is the instance's, and every INVOKE sent to it reaches nobody else. A RESULT settles a call
+only when it comes from the instance the call was sent to. A CALL (a task call, sent on a socket of
+its own) is taken only with a registered instance's key, as that instance whatever its header
+claims. Anything else is dropped unanswered and counted in ``refused``.
 """
 
 from __future__ import annotations
@@ -52,17 +55,20 @@ STUCK_GRACE_S = 1.0
 
 class Instance:
     __slots__ = ("id", "group", "group_version", "functions", "credit", "concurrency", "inflight", "last_seen",
-                 "pid", "draining", "avg_s", "batch", "outbox", "last_call_at", "key")
+                 "pid", "draining", "avg_s", "batch", "outbox", "last_call_at", "name")
 
-    def __init__(self, ident: bytes, header: dict[str, Any], key: str | None = None) -> None:
-        self.id = ident
-        self.key = key  # the CURVE public key (z85) it registered with: every message must come with it
+    def __init__(self, ident: bytes, header: dict[str, Any]) -> None:
+        self.id = ident  # its routing id (made from its key: shared/linkkeys.link_route)
         self.group = str(header.get("group", ""))
         self.group_version = int(header.get("group_version", 0))
         functions = header.get("functions") or {}
         if not isinstance(functions, dict) or not functions:
             raise ProtocolError("READY needs a non-empty map of functions to versions")
         self.functions: dict[str, int] = {str(k): int(v) for k, v in functions.items()}
+        name = header.get("instance_id")
+        if not isinstance(name, str) or not name:
+            raise ProtocolError("READY needs the instance's id (instance_id)")
+        self.name = name  # its instance id, as the deployer and the store know it
         self.credit = max(1, int(header.get("credit", 1)))
         self.concurrency = max(1, min(self.credit, int(header.get("concurrency", self.credit))))
         self.avg_s = 0.0
@@ -92,7 +98,7 @@ class Instance:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "id": self.id.decode(errors="replace"), "group": self.group, "group_version": self.group_version,
+            "id": self.name, "group": self.group, "group_version": self.group_version,
             "functions": self.functions, "credit": self.credit, "concurrency": self.concurrency,
             "inflight": len(self.inflight),
             "draining": self.draining, "pid": self.pid,
@@ -117,6 +123,16 @@ class Call:
         self.sent_at = 0.0
         self.wall = 0.0  # time.time() when the gateway took the call (its call record's queued_at)
         self.cold = False  # it had to wait for an instance to start
+
+
+def sender_key(frame: zmq.Frame | None) -> str | None:
+    """The CURVE public key (z85) of the peer a message came from: the User-Id the ZAP handler gave it."""
+    if frame is None:
+        return None
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, UnicodeDecodeError):
+        return None
 
 
 def bind_link(sock: zmq.Socket, link: str) -> None:
@@ -145,9 +161,8 @@ class Broker:
         sock = keys.server(ctx.socket(zmq.ROUTER), INSTANCE_DOMAIN)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished instance raises, so we notice
-        # no handover: a second connection naming an identity in use would take it, and with it the
-        # INVOKEs meant for that instance, before the broker could judge it by its key; it stays unheard
-        # until the first one is gone (a dead connection on loopback or ipc is noticed at once)
+        # no handover: a second connection under a routing id in use (only its instance can make it) stays
+        # unheard until the first one is gone (a dead connection on loopback or ipc is noticed at once)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -161,9 +176,10 @@ class Broker:
         self.queue_limit = queue_limit
         self._keys = keys
         self._admits = admits
-        self.refused = 0  # messages dropped because of the key they came with (see the module docstring)
+        self.refused = 0  # messages dropped unanswered (see the module docstring)
         self.instances: dict[bytes, Instance] = {}
-        self.by_key: dict[str, Instance] = {}
+        self.by_name: dict[str, Instance] = {}  # instance id -> instance
+        self.by_key: dict[str, Instance] = {}  # CURVE public key (z85) -> the instance registered with it
         self.routes: dict[str, list[Instance]] = {}  # function -> instances of its newest version
         self.queues: dict[str, deque[Call]] = {}
         self.pending: dict[str, Call] = {}
@@ -178,7 +194,7 @@ class Broker:
         self._on_stuck = on_stuck
         self._peers = peers
         self._loop = asyncio.get_running_loop()
-        self._asock = AsyncSocket(sock, self._on_message, keyed=True)
+        self._asock = AsyncSocket(sock, self._on_message, keyed=True)  # a READY's key is read from its frame
         self._send = self._asock.send
         self._sweeper = asyncio.ensure_future(self._sweep())
 
@@ -328,11 +344,12 @@ class Broker:
 
     # ----- messages from instances -------------------------------------------
 
-    def _refuse(self, why: str, ident: bytes, key: str | None, **extra: Any) -> None:
+    def _refuse(self, why: str, ident: bytes, key: str | None = None, **extra: Any) -> None:
         self.refused += 1
         log.warning(why, peer=ident[:40], key=key, refused=self.refused, **extra)
 
-    def _on_message(self, frames: list[bytes], key: str | None = None) -> None:
+    def _on_message(self, frames: list[bytes], first: zmq.Frame | None = None) -> None:
+        """``first``: the message's first frame, whose User-Id (the sender's CURVE key) a READY is judged by."""
         try:
             ident, msg = protocol.decode_from_peer(frames)
         except ProtocolError as exc:
@@ -341,17 +358,15 @@ class Broker:
         cmd = msg.command
         inst = self.instances.get(ident)
         if inst is not None:
-            if key != inst.key:
-                self._refuse("dropped a message on an instance's identity sent with another key", ident, key,
-                             command=cmd)
-                return
             inst.last_seen = time.monotonic()
         elif cmd == protocol.CALL:
-            if key not in self.by_key:
-                self._refuse("dropped a CALL from a key no registered instance holds", ident, key)
+            # a task call comes on a socket of its own: the caller is the instance whose key it carries
+            inst = self.by_key.get(sender_key(first) or "")
+            if inst is None:
+                self._refuse("dropped a CALL from a key no registered instance holds", ident, sender_key(first))
                 return
         elif cmd != protocol.READY and cmd != protocol.HEARTBEAT:
-            self._refuse("dropped a message from an unregistered peer", ident, key, command=cmd)
+            self._refuse("dropped a message from an unregistered peer", ident, command=cmd)
             return
         # failed calls come with edges (services/runtime/context_calls.py take_reports): one lookup per message
         if "edges" in msg.header and self._on_reports is not None:
@@ -372,14 +387,14 @@ class Broker:
                     self._pump(owner)
         elif cmd == protocol.HEARTBEAT or cmd == protocol.READY:
             if inst is None or cmd == protocol.READY:
-                self._register(ident, msg.header, inst, key)
+                self._register(ident, msg.header, inst, sender_key(first))
             else:
                 inst.note_idle(msg.header)
         elif cmd == protocol.BYE:
             self._on_bye(ident, inst)
         elif cmd == protocol.CALL and self._on_call is not None:
-            # the calling instance is the one its key belongs to, whatever the header claims
-            msg.header["instance"] = self.by_key[key].id.decode(errors="replace")
+            # the calling instance is the one its routing id or its key belongs to, whatever the header claims
+            msg.header["instance"] = inst.name  # type: ignore[union-attr]
             self._on_call(ident, msg)
         else:
             log.warning("unexpected command from instance", command=cmd, peer=ident[:40])
@@ -393,9 +408,7 @@ class Broker:
         if call.instance is None or call.instance.id != ident:
             # only the instance the call was sent to answers it: a result from any other is dropped
             # and the call waits for its own
-            self._refuse("dropped a RESULT for a call sent to another instance", ident,
-                         self.instances[ident].key if ident in self.instances else None,
-                         function=call.function)
+            self._refuse("dropped a RESULT for a call sent to another instance", ident, function=call.function)
             return None
         del self.pending[call_id]
         if call.timer:
@@ -412,15 +425,16 @@ class Broker:
 
     def _register(self, ident: bytes, header: dict[str, Any], old: Instance | None, key: str | None) -> None:
         try:
-            inst = Instance(ident, header, key)
-            issued = self._keys.issued(key, ident.decode(errors="replace"), inst.group, inst.group_version)
+            inst = Instance(ident, header)
+            issued = self._keys.issued(key, ident, inst.name, inst.group, inst.group_version)
         except (ProtocolError, TypeError, ValueError, UnicodeDecodeError) as exc:
             log.warning("dropped bad READY", peer=ident[:40], error=str(exc))
             return
         if not issued:
             # the deployer issued this instance's key for one group and version: a READY for any other
-            # (or for another instance's identity) is not this key's to send
-            self._refuse("refused a READY whose key was not issued for that instance, group and version", ident,
+            # (or for another instance's id, or on a routing id this key does not make) is not this key's to send
+            self._refuse("refused a READY whose key or routing id was not issued for that instance, group and"
+                         " version", ident,
                          key, group=inst.group, group_version=inst.group_version)
             return
         problem = self._admits(inst) if self._admits is not None else None
@@ -433,9 +447,8 @@ class Broker:
                 call.instance = inst
             self._unroute(old)
         self.instances[ident] = inst
-        if old is not None and self.by_key.get(old.key or "") is old:
-            del self.by_key[old.key or ""]
-        self.by_key[key] = inst
+        self.by_name[inst.name] = inst
+        self.by_key[key] = inst  # type: ignore[index]
         for fn in inst.functions:
             self._reroute(fn)
         log.info("instance ready", **inst.describe())
@@ -499,10 +512,13 @@ class Broker:
         inst.outbox.clear()
         if self.instances.get(inst.id) is inst:
             del self.instances[inst.id]
-        if self.by_key.get(inst.key or "") is inst:
-            del self.by_key[inst.key or ""]
+        if self.by_name.get(inst.name) is inst:
+            del self.by_name[inst.name]
+        for key, holder in list(self.by_key.items()):
+            if holder is inst:
+                del self.by_key[key]
         self._unroute(inst)
-        log.info("instance gone", instance=inst.id.decode(errors="replace"), reason=reason)
+        log.info("instance gone", instance=inst.name, reason=reason)
         self._on_gone(inst, reason)
 
     def drop(self, inst: Instance, reason: str) -> None:
@@ -521,7 +537,7 @@ class Broker:
                 ))
 
     def instance_exited(self, instance_id: str, detail: str) -> None:
-        inst = self.instances.get(instance_id.encode())
+        inst = self.by_name.get(instance_id)
         if inst is not None:
             self.drop(inst, detail)
 

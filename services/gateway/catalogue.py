@@ -113,7 +113,7 @@ class Deploys:
 
     async def instance_ready(self, inst: Instance) -> None:
         try:
-            await self.store.instance_ready(inst.id.decode(errors="replace"), inst.group, inst.group_version,
+            await self.store.instance_ready(inst.name, inst.group, inst.group_version,
                                             inst.functions)
         except NuclideError as exc:
             log.warning("could not report instance ready", error=str(exc))

@@ -269,7 +269,7 @@ class Gateway:
 
     def _on_stuck(self, inst: Instance, call: Call) -> None:
         """An instance kept a call past its timeout without answering: have the deployer replace it."""
-        log.warning("instance stuck past a call's timeout; replacing it", instance=inst.id.decode(errors="replace"),
+        log.warning("instance stuck past a call's timeout; replacing it", instance=inst.name,
                     function=call.function, timeout_s=call.timeout_s)
         assert self.broker is not None
         self.broker.drop(inst, f"stuck past the {call.timeout_s:g} s timeout of '{call.function}'")
@@ -277,7 +277,7 @@ class Gateway:
         async def kill() -> None:
             assert self.deployer is not None
             try:
-                await self.deployer.instance_replace(inst.id.decode(errors="replace"), timeout_s=5.0)
+                await self.deployer.instance_replace(inst.name, timeout_s=5.0)
             except NuclideError as exc:
                 log.warning("could not have a stuck instance replaced", error=exc.message)
 

@@ -136,11 +136,11 @@ class TaskCalls:
     def check_caller(self, callee: FunctionInfo, header: dict[str, Any]) -> None:
         """Raise Forbidden unless the instance behind a task call may call this private function.
 
-        The caller is the instance whose key sent the CALL (the broker puts it in the header), as the broker
+        The caller is the instance the CALL came from (the broker puts its id in the header), as the broker
         knows it (its group and the functions it serves, from its registration), and the function it is
         running, when that is one of those."""
         inst_id = header.get("instance")
-        inst = self.broker.instances.get(inst_id.encode()) if isinstance(inst_id, str) else None
+        inst = self.broker.by_name.get(inst_id) if isinstance(inst_id, str) else None
         caller = header.get("caller")
         group = inst.group if inst is not None else None
         caller_fn = caller if inst is not None and isinstance(caller, str) and caller in inst.functions else None

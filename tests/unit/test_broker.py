@@ -31,13 +31,15 @@ class Peer:
     """An instance: a DEALER with its own identity, connected to the broker's ROUTER."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, ident: bytes, keys: Keys, group: str = "g",
-                 group_version: int = 1) -> None:
-        """Keyed as the deployer keys that instance of ``group`` at ``group_version`` (shared/curve.py)."""
+                 group_version: int = 1, route: bytes | None = None) -> None:
+        """Keyed as the deployer keys that instance of ``group`` at ``group_version`` (shared/curve.py), on the
+        routing id that key makes, or on ``route``."""
         self.ident = ident
         self.sock = keys.client_of_instance(ctx.socket(zmq.DEALER), ident.decode(errors="replace"), group,
                                             group_version)
+        if route is not None:
+            self.sock.setsockopt(zmq.ROUTING_ID, route)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTING_ID, ident)
         self.sock.connect(endpoint)
 
     def send(self, command: bytes, header: dict[str, Any], *bodies: bytes) -> None:
@@ -107,8 +109,9 @@ class Harness:
                       on_stuck=lambda inst, call: self.stuck.append((inst, call)),
                       on_reports=self.reports.append, link=link, peers=lambda: self.peers_list, keys=self.keys)
 
-    def peer(self, ident: bytes, endpoint: str = "", group: str = "g", group_version: int = 1) -> Peer:
-        p = Peer(self.ctx, endpoint or self.endpoint, ident, self.keys, group, group_version)
+    def peer(self, ident: bytes, endpoint: str = "", group: str = "g", group_version: int = 1,
+             route: bytes | None = None) -> Peer:
+        p = Peer(self.ctx, endpoint or self.endpoint, ident, self.keys, group, group_version, route)
         self.open.append(p)
         return p
 
@@ -163,26 +166,30 @@ async def invoked(peer: Peer) -> list[tuple[dict[str, Any], bytes]]:
 # ----- Instance: what a READY header means ----------------------------------------------------------
 
 def test_ready_fields_are_read_with_their_defaults_and_clamps() -> None:
-    inst = Instance(b"i1", {"functions": {"f": "3"}})
+    inst = Instance(b"i1", {"instance_id": "i1", "functions": {"f": "3"}})
     assert inst.describe() == {"id": "i1", "group": "", "group_version": 0, "functions": {"f": 3}, "credit": 1,
                                "concurrency": 1, "inflight": 0, "draining": False, "pid": None}
     assert inst.batch is False and inst.last_call_at == 0.0 and inst.avg_s == 0.0
-    inst = Instance(b"i2", {"functions": {"f": 1}, "group": "g", "group_version": "4", "credit": 8, "pid": 12,
+    inst = Instance(b"i2", {"instance_id": "i2", "functions": {"f": 1}, "group": "g", "group_version": "4", "credit": 8, "pid": 12,
                             "batch": True})
     assert (inst.group, inst.group_version, inst.credit, inst.concurrency, inst.pid, inst.batch) == (
         "g", 4, 8, 8, 12, True), "concurrency defaults to the credit"
-    assert Instance(b"i3", {"functions": {"f": 1}, "credit": 0, "concurrency": 0}).describe()["credit"] == 1
-    assert Instance(b"i3", {"functions": {"f": 1}, "credit": 0, "concurrency": 0}).concurrency == 1
-    assert Instance(b"i4", {"functions": {"f": 1}, "credit": 4, "concurrency": 9}).concurrency == 4
-    assert Instance(b"i5", {"functions": {"f": 1}, "credit": 4, "concurrency": 2}).concurrency == 2
-    assert Instance(b"i6", {"functions": {"f": 1}, "batch": 1}).batch is False, "only a true batch flag counts"
+    assert Instance(b"i3", {"instance_id": "i3", "functions": {"f": 1}, "credit": 0, "concurrency": 0}).describe()["credit"] == 1
+    assert Instance(b"i3", {"instance_id": "i3", "functions": {"f": 1}, "credit": 0, "concurrency": 0}).concurrency == 1
+    assert Instance(b"i4", {"instance_id": "i4", "functions": {"f": 1}, "credit": 4, "concurrency": 9}).concurrency == 4
+    assert Instance(b"i5", {"instance_id": "i5", "functions": {"f": 1}, "credit": 4, "concurrency": 2}).concurrency == 2
+    assert Instance(b"i6", {"instance_id": "i6", "functions": {"f": 1}, "batch": 1}).batch is False, "only a true batch flag counts"
     with pytest.raises(broker_module.ProtocolError) as refused:
-        Instance(b"i7", {"functions": ["f"]})
+        Instance(b"i7", {"instance_id": "i7", "functions": ["f"]})
     assert str(refused.value) == "READY needs a non-empty map of functions to versions"
+    for name in (None, "", 7):
+        with pytest.raises(broker_module.ProtocolError) as refused:
+            Instance(b"i8", {"instance_id": name, "functions": {"f": 1}})
+        assert str(refused.value) == "READY needs the instance's id (instance_id)"
 
 
 def test_room_boundaries_count_as_fast() -> None:
-    inst = Instance(b"i1", {"functions": {"f": 1}, "credit": 5, "concurrency": 2})
+    inst = Instance(b"i1", {"instance_id": "i1", "functions": {"f": 1}, "credit": 5, "concurrency": 2})
     inst.avg_s = FAST_CALL_S  # an average of exactly the limit is still fast
     assert inst.room(0.0) == 5
     call = Call("c", "f", {}, b"", None, 30.0)  # type: ignore[arg-type]
@@ -200,7 +207,7 @@ def test_a_new_call_is_unsent_unqueued_and_not_cold() -> None:
 
 def test_idle_time_reported_by_an_instance_dates_its_last_call() -> None:
     before = time.monotonic()
-    inst = Instance(b"i1", {"functions": {"f": 1}, "idle_s": 5})
+    inst = Instance(b"i1", {"instance_id": "i1", "functions": {"f": 1}, "idle_s": 5})
     after = time.monotonic()
     assert before - 5 <= inst.last_call_at <= after - 5
     inst.note_idle({"idle_s": 0.0})
@@ -209,7 +216,7 @@ def test_idle_time_reported_by_an_instance_dates_its_last_call() -> None:
     inst.note_idle({"idle_s": 100})
     assert inst.last_call_at == latest, "an older report never moves the last call back"
     for bad in (True, -1, "5", None, [1]):
-        inst = Instance(b"i2", {"functions": {"f": 1}, "idle_s": bad})
+        inst = Instance(b"i2", {"instance_id": "i2", "functions": {"f": 1}, "idle_s": bad})
         assert inst.last_call_at == 0.0, bad
 
 
@@ -233,10 +240,10 @@ async def test_ready_is_welcomed_with_a_heartbeat_naming_the_live_gateways(h: Ha
     h.broker.submit(call)
     [(header, body)] = await invoked(p)
     p.ready(group="grp", group_version=3, credit=2, concurrency=2)
-    await until(lambda: h.broker.instances[b"i1"] is not inst, what="the second READY")
+    await until(lambda: h.broker.by_name["i1"] is not inst, what="the second READY")
     assert len(h.ready) == 1
-    assert h.broker.instances[b"i1"].inflight == {"c1": call} and call.instance is h.broker.instances[b"i1"]
-    assert h.broker.routes["f"] == [h.broker.instances[b"i1"]]
+    assert h.broker.by_name["i1"].inflight == {"c1": call} and call.instance is h.broker.by_name["i1"]
+    assert h.broker.routes["f"] == [h.broker.by_name["i1"]]
     p.send(protocol.RESULT, {"call_id": "c1", "status": 200}, b"ok")
     assert await asyncio.wait_for(call.future, WAIT_S) == ({"call_id": "c1", "status": 200}, b"ok")
 
@@ -248,11 +255,11 @@ async def test_a_call_goes_to_the_instance_with_most_room_and_its_result_settles
     h.broker.submit(call)
     [(header, body)] = await invoked(big)
     assert (header, body) == ({"call_id": "c1", "function": "f"}, b"payload")
-    assert call.instance is h.broker.instances[b"big"] and call.sent_at > 0 and h.broker.pending == {"c1": call}
+    assert call.instance is h.broker.by_name["big"] and call.sent_at > 0 and h.broker.pending == {"c1": call}
     big.send(protocol.RESULT, {"call_id": "c1", "status": 200, "took_ms": 1.0}, b"done")
     header, body = await asyncio.wait_for(call.future, WAIT_S)
     assert (header["status"], body) == (200, b"done")
-    assert h.broker.pending == {} and h.broker.instances[b"big"].inflight == {}
+    assert h.broker.pending == {} and h.broker.by_name["big"].inflight == {}
     await small.silent(0.05)  # a negative check: the smaller instance was never asked
 
 
@@ -264,10 +271,10 @@ async def test_equally_free_instances_take_turns(h: Harness) -> None:
         call = h.call(f"c{n}")
         h.broker.submit(call)
         await until(lambda: call.instance is not None, what="dispatch")
-        order.append(call.instance.id)
-        [(header, _)] = await invoked(peers[call.instance.id])
+        order.append(call.instance.name.encode())
+        [(header, _)] = await invoked(peers[call.instance.name.encode()])
         # took_ms 0: both stay fast, so both have the same room (a busy machine's clock would make one slow)
-        peers[call.instance.id].send(protocol.RESULT, {"call_id": header["call_id"], "status": 200, "took_ms": 0}, b"")
+        peers[call.instance.name.encode()].send(protocol.RESULT, {"call_id": header["call_id"], "status": 200, "took_ms": 0}, b"")
         await asyncio.wait_for(call.future, WAIT_S)
     assert order in ([b"a", b"b", b"a", b"b"], [b"b", b"a", b"b", b"a"])
 
@@ -279,7 +286,7 @@ async def test_a_slow_instance_gets_only_its_concurrency_and_queued_calls_follow
     await invoked(p)
     p.send(protocol.RESULT, {"call_id": "c0", "status": 200, "took_ms": 50}, b"")
     await asyncio.wait_for(first.future, WAIT_S)
-    inst = h.broker.instances[b"i1"]
+    inst = h.broker.by_name["i1"]
     assert inst.avg_s == pytest.approx(EWMA_WEIGHT * 0.050)
     probe = h.call("probe")
     h.broker.submit(probe)
@@ -344,7 +351,7 @@ async def test_an_unanswered_call_fails_at_its_deadline_and_marks_its_instance_s
     assert time.monotonic() - started >= STUCK_GRACE_S, "the runtime is given a grace past the timeout to answer"
     assert late.value.message == "function 'f' did not finish within its 0.05 s timeout (spec.timeout)"
     assert late.value.details == {"function": "f", "timeout_s": 0.05}
-    inst = h.broker.instances[b"i1"]
+    inst = h.broker.by_name["i1"]
     assert h.stuck == [(inst, call)] and inst.inflight == {} and h.broker.pending == {}
     p.send(protocol.RESULT, {"call_id": "c1", "status": 200}, b"late")  # ignored: the call is over
     after = h.call("c2")
@@ -399,24 +406,24 @@ async def test_new_calls_go_to_the_newest_version_and_old_instances_drain_after_
     old = await h.instance(b"old", {"f": 1, "g": 1}, credit=5, concurrency=5)
     new = await h.instance(b"new", {"f": 2}, credit=1, group_version=1)
     newer_group = await h.instance(b"newer", {"f": 2}, credit=1, group_version=2)
-    assert h.broker.routes["f"] == [h.broker.instances[b"newer"]]
-    assert h.broker.routes["g"] == [h.broker.instances[b"old"]]
-    assert {i.id for i in h.broker.serving("f")} == {b"old", b"new", b"newer"}
+    assert h.broker.routes["f"] == [h.broker.by_name["newer"]]
+    assert h.broker.routes["g"] == [h.broker.by_name["old"]]
+    assert {i.name.encode() for i in h.broker.serving("f")} == {b"old", b"new", b"newer"}
     g_call = h.call("g1", "g")
     h.broker.submit(g_call)
     await invoked(old)
     newer_group.send(protocol.BYE, {})
     assert (await newer_group.recv()).command == protocol.BYE, "a BYE is acknowledged"
     await until(lambda: h.gone, what="the idle instance that said BYE to be forgotten")
-    assert [(i.id, why) for i, why in h.gone] == [(b"newer", "said BYE")] and b"newer" not in h.broker.instances
-    assert h.broker.routes["f"] == [h.broker.instances[b"new"]]
+    assert [(i.name, why) for i, why in h.gone] == [("newer", "said BYE")] and "newer" not in h.broker.by_name
+    assert h.broker.routes["f"] == [h.broker.by_name["new"]]
     call = h.call("f1")
     h.broker.submit(call)
     await invoked(new)
     # an instance with a call in flight that says BYE keeps it, takes nothing new, and is not forgotten yet
     old.send(protocol.BYE, {})
     assert (await old.recv()).command == protocol.BYE
-    await until(lambda: h.broker.instances[b"old"].draining, what="old to drain")
+    await until(lambda: h.broker.by_name["old"].draining, what="old to drain")
     assert "g" not in h.broker.routes and len(h.gone) == 1
     queued = h.call("g2", "g")
     h.broker.submit(queued)
@@ -425,10 +432,10 @@ async def test_new_calls_go_to_the_newest_version_and_old_instances_drain_after_
     await old.silent(0.05)  # a negative check: a draining instance is given no queued call
     assert list(h.broker.queues["g"]) == [queued]
     h.broker.instance_exited("old", "exit code 0")  # a drained instance that exits is forgotten quietly
-    assert [(i.id, why) for i, why in h.gone] == [(b"newer", "said BYE"), (b"old", "exit code 0")]
+    assert [(i.name.encode(), why) for i, why in h.gone] == [(b"newer", "said BYE"), (b"old", "exit code 0")]
     assert "g" not in h.broker.routes and list(h.broker.queues["g"]) == [queued]
     await h.instance(b"zero", {"z": 0}, group_version=0)  # the lowest version there is still routes
-    assert [i.id for i in h.broker.routes["z"]] == [b"zero"]
+    assert [i.name.encode() for i in h.broker.routes["z"]] == [b"zero"]
 
 
 async def test_a_draining_instance_leaves_the_others_of_its_version_routed(h: Harness) -> None:
@@ -439,21 +446,21 @@ async def test_a_draining_instance_leaves_the_others_of_its_version_routed(h: Ha
     await invoked(first)
     first.send(protocol.BYE, {})
     assert (await first.recv()).command == protocol.BYE
-    await until(lambda: h.broker.instances[b"a"].draining, what="a to drain")
+    await until(lambda: h.broker.by_name["a"].draining, what="a to drain")
     await h.instance(b"c", credit=1)  # the routes of f are made again, past the draining instance
-    assert sorted(i.id for i in h.broker.routes["f"]) == [b"b", b"c"]
+    assert sorted(i.name.encode() for i in h.broker.routes["f"]) == [b"b", b"c"]
 
 
 async def test_a_heartbeat_from_an_unknown_instance_registers_it(h: Harness) -> None:
     p = h.peer(b"i1")  # the gateway restarted; the instance only beats
     p.ready(command=protocol.HEARTBEAT, idle_s=3)
     await until(lambda: h.ready, what="registration from a HEARTBEAT")
-    inst = h.broker.instances[b"i1"]
+    inst = h.broker.by_name["i1"]
     assert h.broker.routes["f"] == [inst]
     before = inst.last_call_at
     p.send(protocol.HEARTBEAT, {"idle_s": 0})
     await until(lambda: inst.last_call_at > before, what="the idle time of a known instance's HEARTBEAT")
-    assert h.broker.instances[b"i1"] is inst and len(h.ready) == 1, "a known instance's HEARTBEAT does not re-register"
+    assert h.broker.by_name["i1"] is inst and len(h.ready) == 1, "a known instance's HEARTBEAT does not re-register"
 
 
 async def test_an_exited_instance_fails_its_calls_and_is_forgotten(h: Harness) -> None:
@@ -467,7 +474,7 @@ async def test_an_exited_instance_fails_its_calls_and_is_forgotten(h: Harness) -
         await asyncio.wait_for(call.future, WAIT_S)
     assert failed.value.message == "the instance running function 'f' failed during the call: exit code 137"
     assert failed.value.details == {"function": "f"}
-    assert [(i.id, why) for i, why in h.gone] == [(b"i1", "exit code 137")]
+    assert [(i.name.encode(), why) for i, why in h.gone] == [(b"i1", "exit code 137")]
     assert h.logged("instance gone") == [{"instance": "i1", "reason": "exit code 137"}]
     assert h.broker.instances == {} and "f" not in h.broker.routes and h.broker.pending == {}
     queued = h.call("c2", timeout_s=0.05)
@@ -487,14 +494,14 @@ async def test_a_silent_instance_is_dropped_and_a_busy_one_kept(monkeypatch: pyt
         await invoked(busy)
         await until(lambda: h.gone, what="the silent instance to be dropped")
         [(inst, why)] = h.gone
-        assert inst.id == b"idle" and why.startswith("no heartbeat for ") and why.endswith(" s")
+        assert inst.name.encode() == b"idle" and why.startswith("no heartbeat for ") and why.endswith(" s")
         silent_s = float(why.split()[3])
         # at least the liveness limit; the upper bound only catches a nonsense figure (a sum of clock readings)
         assert 0.05 * broker_module.HEARTBEAT_LIVENESS <= silent_s < 3600, why
         beats = 0
         while beats < 3:  # the broker keeps beating to the instance it kept
             beats += (await busy.recv(skip=())).command == protocol.HEARTBEAT
-        assert b"busy" in h.broker.instances and not call.future.done()
+        assert "busy" in h.broker.by_name and not call.future.done()
         busy.send(protocol.RESULT, {"call_id": "c1", "status": 200}, b"")
         await asyncio.wait_for(call.future, WAIT_S)
         await until(lambda: len(h.gone) == 2, what="the now idle and silent instance to be dropped")
@@ -517,7 +524,7 @@ async def test_a_busy_instance_that_vanished_is_dropped_at_the_next_heartbeat(mo
         with pytest.raises(InstanceFailed) as failed:
             await asyncio.wait_for(call.future, WAIT_S)
         [(inst, why)] = h.gone
-        assert inst.id == b"i1" and why.startswith("unreachable: "), why
+        assert inst.name.encode() == b"i1" and why.startswith("unreachable: "), why
         assert failed.value.message == f"the instance running function 'f' failed during the call: {why}"
         assert h.broker.instances == {} and "f" not in h.broker.routes
     finally:
@@ -534,7 +541,7 @@ async def test_a_live_instance_that_keeps_beating_stays(monkeypatch: pytest.Monk
         while time.monotonic() < deadline:
             p.send(protocol.HEARTBEAT, {})
             await asyncio.sleep(0.05)  # the instance's own beat interval, not a wait
-        assert h.gone == [] and b"i1" in h.broker.instances
+        assert h.gone == [] and "i1" in h.broker.by_name
     finally:
         h.close()
 
@@ -546,10 +553,11 @@ async def test_calls_reports_and_replies_reach_their_handlers(h: Harness) -> Non
     p.send(protocol.CALL, {"call_id": "t1", "function": "other"}, b"arg")
     await until(lambda: h.calls, what="the CALL")
     [(ident, msg)] = h.calls
-    # the broker names the calling instance by the key that sent the CALL
-    assert ident == b"i1" and msg.header == {"call_id": "t1", "function": "other", "instance": "i1"}
+    # the broker names the calling instance by the routing id the CALL came on (its key made it)
+    assert ident == h.broker.by_name["i1"].id and msg.header == {"call_id": "t1", "function": "other",
+                                                                 "instance": "i1"}
     assert msg.body == b"arg"
-    h.broker.reply(b"i1", {"call_id": "t1", "status": 200}, b"answer")
+    h.broker.reply(ident, {"call_id": "t1", "status": 200}, b"answer")
     answer = await p.recv()
     assert (answer.command, answer.header, answer.body) == (
         protocol.RESULT, {"call_id": "t1", "status": 200}, b"answer")
@@ -569,7 +577,7 @@ async def test_calls_reports_and_replies_reach_their_handlers(h: Harness) -> Non
 async def test_malformed_messages_are_dropped_and_the_broker_keeps_serving(h: Harness) -> None:
     ok, nasty = b"i" * 50, b"b" * 60  # long ids: a log names a peer by its first 40 bytes
     p = await h.instance(ok, credit=2, concurrency=2)
-    bad = h.peer(nasty)
+    bad = h.peer(nasty, route=nasty)  # a routing id of its own choosing: its READYs are refused too
     bad.sock.send_multipart([protocol.SIGNATURE, protocol.READY])  # too short
     bad.sock.send_multipart([b"NUC0", protocol.READY, protocol.pack_header({"functions": {"f": 1}})])
     bad.sock.send_multipart([protocol.SIGNATURE, b"NOPE", protocol.pack_header({})])
@@ -583,7 +591,7 @@ async def test_malformed_messages_are_dropped_and_the_broker_keeps_serving(h: Ha
     p.sock.send_multipart(protocol.encode_batch(protocol.RESULT, [{"call_id": "unknown", "status": 200},
                                                                   {"call_id": "c1", "status": 200}], [b"", b"fine"]))
     assert (await asyncio.wait_for(call.future, WAIT_S))[1] == b"fine", "a late result does not hide the next one"
-    assert list(h.broker.instances) == [ok] and len(h.ready) == 1
+    assert list(h.broker.by_name) == [ok.decode()] and len(h.ready) == 1
     [short, signature, command] = h.logged("dropped malformed message")
     assert short["peer"] == signature["peer"] == command["peer"] == nasty[:40]
     assert "NUC0" in signature["error"] and "NOPE" in command["error"]
@@ -594,7 +602,7 @@ async def test_malformed_messages_are_dropped_and_the_broker_keeps_serving(h: Ha
     refused = h.logged("dropped a message from an unregistered peer")
     assert [(e["command"], e["peer"]) for e in refused] == [(protocol.REQ, nasty[:40])]
     [bad_batch] = h.logged("dropped malformed RESULT")
-    assert bad_batch["peer"] == ok[:40] and "batch header" in bad_batch["error"]
+    assert bad_batch["peer"] == h.broker.by_name[ok.decode()].id[:40] and "batch header" in bad_batch["error"]
 
 
 async def test_a_deleted_function_fails_its_queued_calls(h: Harness) -> None:
@@ -613,7 +621,7 @@ async def test_a_deleted_function_fails_its_queued_calls(h: Harness) -> None:
 
 async def test_wait_ready_returns_a_registered_instance_or_the_next_match(h: Harness) -> None:
     first = await h.instance(b"i1")
-    assert (await h.broker.wait_ready(lambda i: i.id == b"i1", 1.0)).id == b"i1"
+    assert (await h.broker.wait_ready(lambda i: i.name.encode() == b"i1", 1.0)).name.encode() == b"i1"
     waiting = asyncio.ensure_future(h.broker.wait_ready(lambda i: i.functions.get("g") == 2, WAIT_S))
     await until(lambda: h.broker.ready_waiters, what="the waiter")
     other = h.peer(b"i2")
@@ -622,7 +630,7 @@ async def test_wait_ready_returns_a_registered_instance_or_the_next_match(h: Har
     assert not waiting.done(), "a READY that does not match does not wake the waiter"
     third = h.peer(b"i3")
     third.ready({"g": 2})
-    assert (await asyncio.wait_for(waiting, WAIT_S)).id == b"i3"
+    assert (await asyncio.wait_for(waiting, WAIT_S)).name.encode() == b"i3"
     assert h.broker.ready_waiters == []
     with pytest.raises(asyncio.TimeoutError):
         await h.broker.wait_ready(lambda i: False, 0.01)
@@ -651,7 +659,7 @@ async def test_sandboxed_instances_connect_through_the_link_file(tmp_path) -> No
         p = h.peer(b"i1", endpoint=link)
         p.ready()
         assert (await p.recv(skip=())).command == protocol.HEARTBEAT
-        assert h.broker.routes["f"][0].id == b"i1"
+        assert h.broker.routes["f"][0].name.encode() == b"i1"
     finally:
         h.close()
     link_dir.chmod(0o700)  # a folder that exists (a restarted gateway's) is reused and opened to the instances

@@ -1,4 +1,4 @@
-"""The broker judges every message by the CURVE key that sent it (real sockets, a real ZAP handler)."""
+"""The broker judges instances by the CURVE key and the routing id that key makes (real sockets, a real ZAP handler)."""
 
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ class Peers:
 
     def open(self, ident: str, key_of: tuple[str, str, int] | None = None, made_up: bool = False,
              plain: bool = False) -> zmq.Socket:
-        """A DEALER with routing id ``ident``, keyed as instance ``key_of`` (default: itself, in group g v1),
-        with a made-up keypair, or with no CURVE at all."""
+        """A DEALER keyed as instance ``key_of`` (default: ``ident`` of group g v1) on the routing id that key
+        makes for it; or keyed as another instance, with a made-up keypair or with no CURVE at all, on
+        routing id ``ident``."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, ident.encode())
@@ -76,6 +77,8 @@ class Peers:
             curve_client(sock, public, secret, self.keys.public("gateway"))
         elif not plain:
             self.keys.client_of_instance(sock, *(key_of or (ident, "g", 1)))
+            if key_of is not None and key_of[0] != ident:  # another instance's key: its own routing id
+                sock.setsockopt(zmq.ROUTING_ID, ident.encode())
         self.monitors[sock] = sock.get_monitor_socket()
         sock.connect(self.endpoint)
         self.socks.append(sock)
@@ -123,7 +126,7 @@ async def test_an_instance_registers_only_with_the_key_issued_for_it(rig) -> Non
     good = peers.open("good")
     ready(good, "good")
     await until(lambda: broker.routes.get("f"), what="the READY with the issued key")
-    assert list(broker.instances) == [b"good"]
+    assert list(broker.by_name) == ["good"]
 
 
 async def test_a_result_counts_only_from_the_instance_the_call_was_sent_to(rig) -> None:
@@ -137,9 +140,9 @@ async def test_a_result_counts_only_from_the_instance_the_call_was_sent_to(rig) 
 
     forger = peers.open("forger")  # a registered instance of another group, with its own issued key
     ready(forger, "forger")
-    await until(lambda: b"forger" in broker.instances, what="the forger's READY")
+    await until(lambda: "forger" in broker.by_name, what="the forger's READY")
     forger.send_multipart(protocol.encode(protocol.RESULT, {"call_id": "c-victim", "status": 200}, b"forged"))
-    # a second connection on the victim instance's identity, with a key of its own: not heard while it lives
+    # a connection on the victim's instance id as routing id, with a key of its own: not the victim's route
     squatter = peers.open("runner", made_up=True)
     squatter.send_multipart(protocol.encode(protocol.RESULT, {"call_id": "c-victim", "status": 200}, b"squat"))
     await until(lambda: broker.refused >= 1, what="the forged RESULT to be refused")
@@ -155,7 +158,7 @@ async def test_a_call_names_the_instance_its_key_belongs_to(rig) -> None:
     broker._on_call = lambda ident, msg: calls.append(msg)
     caller = peers.open("caller")
     ready(caller, "caller")
-    await until(lambda: b"caller" in broker.instances, what="the caller's READY")
+    await until(lambda: "caller" in broker.by_name, what="the caller's READY")
     stranger = peers.open("stranger", made_up=True)
     stranger.send_multipart(protocol.encode(protocol.CALL, {"call_id": "1", "function": "victim",
                                                             "instance": "caller"}, b""))
@@ -166,3 +169,35 @@ async def test_a_call_names_the_instance_its_key_belongs_to(rig) -> None:
                                                         "instance": "runner-of-victim"}, b""))
     await until(lambda: calls, what="the instance's CALL")
     assert [m.header["call_id"] for m in calls] == ["2"] and calls[0].header["instance"] == "caller"
+
+
+async def test_nobody_takes_over_the_routing_of_an_instance_whose_connection_is_gone(rig) -> None:
+    """An instance's connection drops (a crash) while the broker still lists it: a peer that connects under the
+    victim's instance id, as it is known from the API and logs, must not receive the calls meant for it."""
+    broker, zap, peers = rig
+    from zmq.utils.monitor import recv_monitor_message
+
+    router_events = broker._asock.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    victim = peers.keys.client_of_instance(peers.ctx.socket(zmq.DEALER), "victim-i", "h", 1)
+    victim.setsockopt(zmq.LINGER, 0)
+    victim.connect(peers.endpoint)
+    ready(victim, "victim-i", "h", 1, ("victim",))
+    await until(lambda: broker.routes.get("victim"), what="the victim's instance")
+    victim.close(linger=0)
+    assert await asyncio.to_thread(router_events.poll, 5000), "the gateway saw the victim's connection close"
+    assert recv_monitor_message(router_events)["event"] == zmq.EVENT_DISCONNECTED
+    broker._asock.sock.disable_monitor()
+    router_events.close(linger=0)
+    assert "victim-i" in broker.by_name, "still listed: no heartbeat was missed yet"
+    squatters = [peers.open("victim-i", made_up=True),  # a key of its own making
+                 peers.open("victim-i", key_of=("forger", "g", 1))]  # a key issued to another instance
+    for sock in squatters:
+        assert not await asyncio.to_thread(handshake_failed, sock, peers.monitors[sock]), "connected"
+    future = asyncio.get_running_loop().create_future()
+    broker.submit(Call("c-victim", "victim", {"call_id": "c-victim", "function": "victim"}, b"secret", future, 10.0))
+    # the INVOKE finds no peer on the victim's routing id: the broker drops the victim and the call waits
+    await until(lambda: "victim-i" not in broker.by_name, what="the victim to be dropped as unreachable")
+    assert not future.done() and list(broker.queues["victim"])[0].call_id == "c-victim"
+    for sock in squatters:
+        assert not sock.poll(200), "no message reaches a squatter"
+    future.cancel()

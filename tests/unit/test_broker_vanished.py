@@ -21,7 +21,6 @@ async def until(predicate, timeout_s: float = 5.0, what: str = "condition"):
 def instance(ctx: zmq.Context, endpoint: str, ident: bytes, keys: Keys, **ready: object) -> zmq.Socket:
     sock = keys.client_of_instance(ctx.socket(zmq.DEALER), ident.decode(), "g", 1)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTING_ID, ident)
     sock.connect(endpoint)
     sock.send_multipart(protocol.encode(protocol.READY, {
         "instance_id": ident.decode(), "group": "g", "group_version": 1, "functions": {"f": 1},
@@ -40,12 +39,13 @@ async def test_a_call_sent_to_a_vanished_instance_waits_for_the_next_one() -> No
     try:
         first = instance(ctx, endpoint, b"i1", keys)
         await until(lambda: broker.routes.get("f"), what="the first instance's READY")
+        route = broker.by_name["i1"].id  # the routing id its key made (shared/linkkeys.link_route)
         first.close()
         beat = protocol.encode(protocol.HEARTBEAT, {})
 
         def vanished() -> bool:  # the ROUTER has dropped the peer: sending to it raises now
             try:
-                broker._send([b"i1", *beat])
+                broker._send([route, *beat])
             except zmq.ZMQError:
                 return True
             return False
@@ -102,8 +102,9 @@ async def test_calls_batched_for_a_vanished_instance_are_queued_again_past_the_q
     try:
         first = instance(ctx, endpoint, b"i1", keys, credit=2, concurrency=2, batch=True)
         await until(lambda: broker.routes.get("f"), what="the first instance's READY")
+        route = broker.by_name["i1"].id  # the routing id its key made (shared/linkkeys.link_route)
         first.close()
-        await vanish(broker, b"i1")
+        await vanish(broker, route)
         calls = [Call(f"c{n}", "f", {"call_id": f"c{n}"}, b"", loop.create_future(), 0.05) for n in range(3)]
         for call in calls:  # two fill the instance's credit (sent together at the flush), one fills the queue
             broker.submit(call)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import zmq
+
+from shared.linkkeys import link_route
 import zmq.utils.z85
 
 from shared.config import ConfigError, Settings, load_settings
@@ -83,15 +85,31 @@ def test_a_seed_from_settings_is_used_and_kept_out_of_files(tmp_path: Path) -> N
 
 def test_an_instance_key_is_bound_to_its_instance_group_and_version() -> None:
     keys = memory_keys()
-    issued = keys.instance("g-a-v1-000001", "g-a", 1).public.decode()
-    assert keys.issued(issued, "g-a-v1-000001", "g-a", 1)
-    assert not keys.issued(issued, "g-a-v1-000002", "g-a", 1), "another instance's identity"
-    assert not keys.issued(issued, "g-a-v1-000001", "g-b", 1), "another group"
-    assert not keys.issued(issued, "g-a-v1-000001", "g-a", 2), "another version"
-    assert not keys.issued(zmq.curve_keypair()[0].decode(), "g-a-v1-000001", "g-a", 1), "a made-up key"
-    assert not memory_keys().issued(issued, "g-a-v1-000001", "g-a", 1), "another stack's seed"
-    shared = keys.instance(GROUP_WIDE, "g-a", 1).public.decode()  # Swarm's tasks of one group version
-    assert keys.issued(shared, "any-task-id", "g-a", 1) and not keys.issued(shared, "any-task-id", "g-a", 2)
+    pair = keys.instance("g-a-v1-000001", "g-a", 1)
+    issued, route = pair.public.decode(), link_route(pair.secret, "g-a-v1-000001")
+    assert keys.issued(issued, route, "g-a-v1-000001", "g-a", 1)
+    assert not keys.issued(issued, route, "g-a-v1-000002", "g-a", 1), "another instance's identity"
+    assert not keys.issued(issued, route, "g-a-v1-000001", "g-b", 1), "another group"
+    assert not keys.issued(issued, route, "g-a-v1-000001", "g-a", 2), "another version"
+    assert not keys.issued(zmq.curve_keypair()[0].decode(), route, "g-a-v1-000001", "g-a", 1), "a made-up key"
+    assert not memory_keys().issued(issued, route, "g-a-v1-000001", "g-a", 1), "another stack's seed"
+    assert not keys.issued(issued, b"g-a-v1-000001", "g-a-v1-000001", "g-a", 1), "the instance id as routing id"
+    assert not keys.issued(None, route, "g-a-v1-000001", "g-a", 1), "no key at all"
+    shared = keys.instance(GROUP_WIDE, "g-a", 1)  # Swarm's tasks of one group version
+    task_route = link_route(shared.secret, "any-task-id")
+    assert keys.issued(shared.public.decode(), task_route, "any-task-id", "g-a", 1)
+    assert not keys.issued(shared.public.decode(), task_route, "any-task-id", "g-a", 2)
+    assert not keys.issued(shared.public.decode(), task_route, "another-task", "g-a", 1), "a sibling's routing id"
+
+
+def test_a_routing_id_needs_the_secret_key_and_is_one_libzmq_accepts() -> None:
+    keys = memory_keys()
+    pair = keys.instance("i", "g", 1)
+    route = link_route(pair.secret, "i")
+    assert route[:1] == b"r" and len(route) == 17, "libzmq keeps routing ids that start with a zero byte"
+    assert route == link_route(pair.secret, "i") != link_route(pair.secret, "j")
+    assert route != link_route(keys.instance("i", "g", 2).secret, "i"), "another key, another routing id"
+    assert pair.public not in route and b"i" != route
 
 
 def zap_request(domain: str, mechanism: bytes = b"CURVE", key: bytes | None = None) -> list[bytes]:

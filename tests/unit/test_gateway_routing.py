@@ -45,7 +45,7 @@ def test_function_headers_drop_credentials_in_any_case_and_keep_the_rest() -> No
 
 
 def _inst(credit: int = 33, concurrency: int = 1) -> Instance:
-    return Instance(b"i1", {"group": "g", "group_version": 1, "functions": {"f": 1}, "credit": credit,
+    return Instance(b"i1", {"instance_id": "i1", "group": "g", "group_version": 1, "functions": {"f": 1}, "credit": credit,
                             "concurrency": concurrency})
 
 
