@@ -82,6 +82,15 @@ class _DirectAnswer:
         self.req.respond(*self.gateway.answer(self.req.headers, error_answer(exc, call.call_id)))
 
 
+def new_call_id() -> str:
+    """A new call's id: 32 hex digits, the time in milliseconds then 80 random bits."""
+    # a call id is a capability of sorts (it names the call in URLs and fetches its result), so it must
+    # not be guessable from another one: 80 random bits. They follow the time in milliseconds (48 bits, as
+    # in UUIDv7), so new ids land at the end of the store's index of calls, not at random places in it
+    # (wholly random ids cost SQLite about 19 us per recorded call against 7 us at 300,000 rows)
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
 class Gateway:
     def __init__(self, settings: Settings, ctx: zmq.Context, token: str, keys: Keys) -> None:
         self.settings = settings
@@ -300,9 +309,7 @@ class Gateway:
     # ----- the invoke path ----------------------------------------------------------
 
     def new_call_id(self) -> str:
-        # 128 random bits: a call id is a capability of sorts (it names the call in URLs and fetches its
-        # result), so it must not be guessable from another one; about 1 us
-        return os.urandom(16).hex()
+        return new_call_id()
 
     async def invoke(self, scope: dict, receive: Any, send: Any, name: str, mode: str, path: str = "/") -> None:
         """An invocation through ASGI: async ones, and sync ones when the app runs under another server."""

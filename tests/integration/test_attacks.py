@@ -455,7 +455,7 @@ def zeromq_attacks(s: Stack) -> None:
                      60, what="the victim's call to finish")
     assert final["status"] == "DONE" and final["result"] == "still here", final
 
-    # call ids are 128 random bits: nothing to learn from one about the next
+    # call ids carry 80 random bits after the time: nothing to learn from one about the next
     ids = [s.invoke("victim").headers["x-call-id"] for _ in range(8)]
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids) and len(set(ids)) == 8, ids
     steps = {int(b, 16) - int(a, 16) for a, b in zip(ids, ids[1:])}
