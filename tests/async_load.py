@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 import time
 
 import httpx
@@ -72,13 +73,23 @@ class Load:
 
 
 def wait_all_done(s: Stack, ids: set[str], timeout_s: float = 120) -> None:
-    """Every call of ``ids`` reaches DONE before the deadline."""
-    def all_final() -> bool:
-        done = 0
-        for call_id in ids:
-            r = s.client.get(f"/calls/{call_id}")
-            if r.status_code == 200 and r.json()["status"] == "DONE":
-                done += 1
-        return done == len(ids)
+    """Every call of ``ids`` reaches DONE before the deadline; the failure tells which did not, and how they stand."""
+    left = set(ids)
+    last: dict[str, object] = {}
 
-    wait_for(all_final, timeout_s, interval_s=1.0, what="every accepted call to be DONE")
+    def all_final() -> bool:
+        for call_id in sorted(left):
+            r = s.client.get(f"/calls/{call_id}")
+            last[call_id] = r.json() if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:200]}"
+            if r.status_code == 200 and r.json()["status"] == "DONE":
+                left.discard(call_id)
+        return not left
+
+    try:
+        wait_for(all_final, timeout_s, interval_s=1.0, what="every accepted call to be DONE")
+    except AssertionError as exc:
+        states = Counter(v["status"] if isinstance(v, dict) else "unreadable" for k, v in last.items() if k in left)
+        sample = [last[k] for k in sorted(left)[:3]]
+        raise AssertionError(f"{exc}: {len(left)} of {len(ids)} not DONE, by status {dict(states)}; for example"
+                             f" {sample}\nstore log:\n{s.service_log('store')[-3000:]}"
+                             f"\ngateway log:\n{s.service_log('gateway')[-3000:]}") from None

@@ -30,7 +30,7 @@ import asyncio
 import json
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import httpx
 
@@ -59,6 +59,8 @@ RECORD_FLUSH_S = 0.1
 CLAIM_INTERVAL_S = 2.0
 STORE_RETRY_S = 0.5
 OWNED_BATCH = 500  # call ids per ownership check after a stall
+UNSURE_MAX = 100_000  # calls whose storing was not confirmed, kept to be run if the store holds them
+UNSURE_KEEP_S = 60.0  # how long such a call may still turn up in the store (a slow store's late commit)
 SUBMIT_TIMEOUT_S = 15.0  # an async submission not stored by then is refused (503), never half-accepted
 CALLBACK_TIMEOUT_S = 10.0
 _CALL_ID = re.compile(r"^[A-Za-z0-9._:-]{1,80}$")
@@ -117,6 +119,9 @@ class AsyncCalls:
         # after a stall past GATEWAY_TTL_S (see hold()): calls not dispatched until the store says they are still ours
         self.holding = False
         self.held: dict[str, AsyncCall] = {}
+        # calls this gateway sent to be stored as its own whose storing it could not confirm (the store went away
+        # between commit and reply): the claim loop asks the store which it holds and runs those (see _adopt_unsure)
+        self.unsure: dict[str, tuple[AsyncCall, float]] = {}
 
     def start(self) -> None:
         self._http = httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S, trust_env=False)
@@ -200,6 +205,7 @@ class AsyncCalls:
         metas = [m for m, _, _ in batch]
         payloads = [p for _, p, _ in batch]
         deadline = time.monotonic() + SUBMIT_TIMEOUT_S
+        retried = False
         while True:
             try:
                 results = await self.store.calls_submit(metas, payloads, timeout_s=5.0)
@@ -207,10 +213,13 @@ class AsyncCalls:
             except NuclideError as exc:
                 if time.monotonic() > deadline or isinstance(exc, InvalidRequest):
                     log.warning("async calls not stored", count=len(batch), error=exc.message)
+                    if not isinstance(exc, InvalidRequest):  # an attempt may have been stored, its reply lost
+                        self._add_unsure((meta, payload) for meta, payload, _ in batch)
                     for _, _, fut in batch:
                         if fut is not None and not fut.done():
                             fut.set_exception(Unavailable(f"the call could not be stored: {exc.message}"))
                     return
+                retried = True
                 await asyncio.sleep(STORE_RETRY_S)
         for (meta, payload, fut), res in zip(batch, results):
             if res.get("status") == "REFUSED":
@@ -224,8 +233,37 @@ class AsyncCalls:
                     ac = AsyncCall(meta, payload)
                     self.inflight[ac.id] = ac
                     self._dispatch(ac)
+            elif retried and res["id"] == meta["id"]:
+                # the same call again: most likely an earlier attempt of this batch was stored and its reply lost
+                self._add_unsure([(meta, payload)])
             if fut is not None and not fut.done():
                 fut.set_result(res)
+
+    def _add_unsure(self, calls: Iterable[tuple[dict[str, Any], bytes]]) -> None:
+        now = time.monotonic()
+        for meta, payload in calls:
+            if meta.get("owner") == self.boot and len(self.unsure) < UNSURE_MAX:
+                self.unsure[meta["id"]] = (AsyncCall(meta, payload), now)
+        if self.unsure and self._claim_wanted is not None:
+            self._claim_wanted.set()
+
+    async def _adopt_unsure(self) -> None:
+        """Run the calls of :attr:`unsure` the store holds as this gateway's and unfinished (nothing else will: no
+        other gateway claims a live gateway's calls); forget the rest once a late commit is no longer possible."""
+        ids = [call_id for call_id in self.unsure if call_id not in self.inflight][:OWNED_BATCH]
+        owned = set(await self.store.calls_owned(self.boot, ids, timeout_s=5.0)) if ids else set()
+        now = time.monotonic()
+        for call_id in list(self.unsure):
+            ac, since = self.unsure[call_id]
+            if call_id in owned and call_id not in self.inflight:
+                log.info("running an async call whose storing was not confirmed but which the store holds",
+                         call_id=call_id)
+                del self.unsure[call_id]
+                self.counters["submitted"] += 1
+                self.inflight[call_id] = ac
+                self._dispatch(ac)
+            elif call_id in self.inflight or now - since > UNSURE_KEEP_S:
+                del self.unsure[call_id]
 
     # ----- dispatch -------------------------------------------------------------------
 
@@ -453,6 +491,8 @@ class AsyncCalls:
         await self.synced.wait()  # retry policies and functions must be known first
         while True:
             try:
+                if self.unsure:
+                    await self._adopt_unsure()
                 await self._claim_once()
             except NuclideError as exc:
                 log.info("claiming calls failed; will retry", error=exc.message)

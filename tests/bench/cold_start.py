@@ -33,6 +33,7 @@ from typing import Any
 import zmq
 
 from shared.curve import INSTANCE_DOMAIN, ZapHandler, memory_keys
+from shared.linkkeys import link_route
 from tests.bench.apps import NOOP_SOURCE
 from tests.bench.harness import PYTHON, Bench, median
 from tests.bench.model import Row, ScenarioResult, Target
@@ -84,13 +85,19 @@ def _noop_instance(var_dir: Path, endpoint: str) -> tuple[str, Path, dict[str, A
     }
 
 
-def _await_ready(sock: zmq.Socket, inst_id: str, t0: float, exited: Any) -> float:
-    """Seconds from ``t0`` to the READY of ``inst_id`` on ``sock``; raises if ``exited()`` says it died."""
+def _route(cfg: dict[str, Any]) -> bytes:
+    """The routing id the instance of ``cfg`` connects under (made from its key, shared/linkkeys.py)."""
+    return link_route(cfg["curve"]["secret"].encode(), cfg["instance_id"])
+
+
+def _await_ready(sock: zmq.Socket, route: bytes, t0: float, exited: Any) -> float:
+    """Seconds from ``t0`` to the READY of the instance routed as ``route`` on ``sock``; raises if ``exited()``
+    says it died."""
     deadline = t0 + READY_TIMEOUT_S
     while True:
         if sock.poll(50):
             frames = sock.recv_multipart()
-            if frames[0] == inst_id.encode() and len(frames) > 2 and frames[2] == b"READY":
+            if frames[0] == route and len(frames) > 2 and frames[2] == b"READY":
                 return time.perf_counter() - t0
         if exited():
             raise RuntimeError("the runtime exited before READY")
@@ -116,7 +123,7 @@ def runtime_to_ready(bench: Bench, sock: zmq.Socket, endpoint: str, var_dir: Pat
     t0 = time.perf_counter()
     proc = bench.procs.spawn(argv, what, bench.work_dir / "runtime.log", cwd=code_dir, env=base_env())
     try:
-        return _await_ready(sock, inst_id, t0, lambda: proc.poll() is not None)
+        return _await_ready(sock, _route(cfg), t0, lambda: proc.poll() is not None)
     finally:
         # the instance inside bwrap is in a session of its own: signal the whole tree
         tree = [proc.pid, *descendants(proc.pid)]
@@ -169,7 +176,7 @@ async def zygote_to_ready(bench: Bench, sock: zmq.Socket, endpoint: str, var_dir
             bench.procs.record(pid, "forked instance (bench)")
             waiter = asyncio.ensure_future(wait_child(pid))
             try:
-                took = await asyncio.to_thread(_await_ready, sock, inst_id, t0, waiter.done)
+                took = await asyncio.to_thread(_await_ready, sock, _route(cfg), t0, waiter.done)
             finally:
                 os.kill(pid, signal.SIGKILL)
                 await waiter
