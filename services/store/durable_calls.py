@@ -151,7 +151,7 @@ class CallStore:
                 call["id"], call["function"], status, call.get("kind", "async"), call.get("source", "http"),
                 int(call.get("max_attempts", 1)), call.get("idempotency_key"), call.get("callback_url"),
                 "pending" if call.get("callback_url") else None, call.get("owner"), payload,
-                call.get("content_type", ""), json.dumps(call.get("headers") or []), call.get("error"),
+                call.get("content_type") or None, json.dumps(call.get("headers") or []), call.get("error"),
                 call.get("parent_id"), float(call.get("queued_at") or now),
                 now if status in FINAL else None, call.get("next_attempt_at"))))
         with self.db.tx():
@@ -239,7 +239,7 @@ class CallStore:
                 " (?, ?, ?, 'sync', ?, 1, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
         return len(rows)
 
-    def claim(self, owner: str, limit: int, gateway_ttl_s: float = 0.0) -> tuple[list[dict[str, Any]], list[bytes]]:
+    def claim(self, owner: str, limit: int, gateway_ttl_s: float) -> tuple[list[dict[str, Any]], list[bytes]]:
         """Take non-final async calls that no live gateway owns (unowned ones, and those of a gateway boot that
         said BYE or was silent for ``gateway_ttl_s``), for ``owner``; the caller honours next_attempt_at.
 

@@ -16,6 +16,9 @@ from services.store.durable_calls import (
 )
 from shared.errors import Conflict, InvalidRequest, NotFound
 
+# no gateway beats in these tests: every owner other than the claimer counts as gone
+TTL_S = 30.0
+
 
 @pytest.fixture
 def calls(open_store_db) -> CallStore:
@@ -83,7 +86,7 @@ def test_submit_stores_every_field_and_a_new_call_is_pending(calls: CallStore) -
     assert got["callback"] == {"url": "https://example.com/cb", "state": "pending"}
     assert before <= got["queued_ts"] <= time.time()
     assert got["timings"]["finished"] is None and got["duration_s"] is None and "result" not in got
-    metas, payloads = calls.claim("boot-2", 10)
+    metas, payloads = calls.claim("boot-2", 10, TTL_S)
     assert payloads == [b"body"]
     assert (metas[0]["content_type"], metas[0]["headers"], metas[0]["callback_url"], metas[0]["source"]) == (
         "text/plain", [["x-a", "1"]], "https://example.com/cb", "push")
@@ -96,7 +99,7 @@ def test_submit_defaults(calls: CallStore) -> None:
     assert (got["kind"], got["source"], got["max_attempts"], got["queued_ts"]) == ("async", "http", 1, 1234.5)
     assert got["timings"]["queued"] == "1970-01-01T00:20:34.500Z"
     assert "idempotency_key" not in got and "callback" not in got
-    (meta,), payloads = calls.claim("g", 1)
+    (meta,), payloads = calls.claim("g", 1, TTL_S)
     assert payloads == [b""] and meta["content_type"] == "" and meta["headers"] == []
 
 
@@ -104,7 +107,7 @@ def test_submit_keeps_kind_and_next_attempt(calls: CallStore) -> None:
     submit_one(calls, kind="cron", next_attempt_at=86400.25)
     got = calls.get("c1")
     assert got["kind"] == "cron" and got["timings"]["next_attempt"] == "1970-01-02T00:00:00.250Z"
-    assert calls.claim("g", 1) == ([], [])  # only async calls are claimed
+    assert calls.claim("g", 1, TTL_S) == ([], [])  # only async calls are claimed
 
 
 def test_a_call_stored_final_is_finished_at_once(calls: CallStore) -> None:
@@ -129,7 +132,7 @@ def test_a_repeated_id_or_idempotency_key_returns_the_first_call(calls: CallStor
     assert calls.submit([{"id": "a", "function": "fn", "idempotency_key": "k2"}], (b"5",)) == [
         {"id": "a", "duplicate": True, "status": "RUNNING"}]
     assert calls.result("a")[1] == b""  # the first payload stays; nothing of the repeat was written
-    assert sorted(m["id"] for m in calls.claim("other-boot", 10)[0]) == ["a", "c"]
+    assert sorted(m["id"] for m in calls.claim("other-boot", 10, TTL_S)[0]) == ["a", "c"]
 
 
 def test_repeats_within_one_batch_are_duplicates_of_the_first(calls: CallStore) -> None:
@@ -142,7 +145,7 @@ def test_repeats_within_one_batch_are_duplicates_of_the_first(calls: CallStore) 
                    {"id": "x", "duplicate": True, "status": "PENDING"},
                    {"id": "z", "duplicate": False, "status": "PENDING"}]
     assert calls.result("x")[1] == b"" and calls.counts() == {"PENDING": 2}
-    (meta, *_), payloads = calls.claim("other-boot", 1)
+    (meta, *_), payloads = calls.claim("other-boot", 1, TTL_S)
     assert meta["id"] == "x" and payloads == [b"1"]  # the first payload, not a repeat's
 
 
@@ -154,7 +157,7 @@ def test_a_batch_larger_than_one_insert_is_stored_whole_and_in_order(calls: Call
     assert [o["id"] for o in out] == [c["id"] for c in batch]
     assert [o["duplicate"] for o in out].count(True) == 1 and out[INSERT_ROWS + 3]["duplicate"] is True
     assert calls.counts() == {"PENDING": n - 1}
-    metas, payloads = calls.claim("other-boot", 3)  # oldest first
+    metas, payloads = calls.claim("other-boot", 3, TTL_S)  # oldest first
     assert [m["id"] for m in metas] == ["c00000", "c00001", "c00002"] and payloads == [b"p0", b"p1", b"p2"]
 
 
@@ -209,8 +212,8 @@ def test_update_sets_each_field_and_results_in_order(calls: CallStore) -> None:
 def test_update_moves_owner_and_next_attempt_and_a_missing_body_is_empty(calls: CallStore) -> None:
     submit_one(calls, owner="boot-1")
     assert calls.update([{"id": "c1", "owner": "boot-2", "next_attempt_at": 7.5, "has_result": True}], ()) == 1
-    assert calls.claim("boot-2", 10) == ([], [])  # boot-2 owns it now: not its to claim again
-    (meta,), _ = calls.claim("boot-3", 10)
+    assert calls.claim("boot-2", 10, TTL_S) == ([], [])  # boot-2 owns it now: not its to claim again
+    (meta,), _ = calls.claim("boot-3", 10, TTL_S)
     assert meta["next_attempt_at"] == 7.5
     assert calls.result("c1")[1] == b"" and calls.get("c1")["result"] == ""
 
@@ -279,23 +282,23 @@ def test_claim_takes_unfinished_async_calls_of_other_boots_oldest_first(calls: C
                  (b"",) * 6)
     calls.record_sync_rows([["s1", "fn", "DONE", 0.1, 0.2, 200, None, False]])
     calls.update([{"id": "old", "status": "RUNNING", "attempts": 1}], ())
-    metas, _ = calls.claim("me", 2)
+    metas, _ = calls.claim("me", 2, TTL_S)
     assert [m["id"] for m in metas] == ["old", "new"]
     assert metas[0]["was_running"] is True and metas[1]["was_running"] is False
     assert metas[0]["attempts"] == 1 and metas[0]["queued_at"] == 2.0
     assert {k: metas[0][k] for k in ("function", "max_attempts", "callback_state", "parent_id", "source")} == {
         "function": "fn", "max_attempts": 1, "callback_state": None, "parent_id": None, "source": "http"}
     assert calls.get("old")["status"] == "PENDING"  # a claimed call waits for its new owner to run it
-    assert [m["id"] for m in calls.claim("me", 10)[0]] == ["free"]
-    assert calls.claim("me", 10) == ([], [])
-    assert [m["id"] for m in calls.claim("someone-else", 10)[0]] == ["mine", "old", "new", "free"]
+    assert [m["id"] for m in calls.claim("me", 10, TTL_S)[0]] == ["free"]
+    assert calls.claim("me", 10, TTL_S) == ([], [])
+    assert [m["id"] for m in calls.claim("someone-else", 10, TTL_S)[0]] == ["mine", "old", "new", "free"]
 
 
 @pytest.mark.parametrize("limit, taken", [(0, 0), (-5, 0), (1, 1), (MAX_CLAIM + 50, MAX_CLAIM)])
 def test_claim_limits(calls: CallStore, limit: int, taken: int) -> None:
     n = MAX_CLAIM + 10
     calls.submit([{"id": f"c{i}", "function": "fn", "queued_at": float(i)} for i in range(n)], (b"",) * n)
-    assert len(calls.claim("me", limit)[0]) == taken
+    assert len(calls.claim("me", limit, TTL_S)[0]) == taken
 
 
 def test_pending_callbacks_are_those_of_finished_calls_not_yet_posted(calls: CallStore) -> None:
@@ -372,7 +375,7 @@ def test_redrive_gives_a_dead_call_a_fresh_start(calls: CallStore) -> None:
     assert (got["status"], got["attempts"], got["error"], got["timings"]["finished"],
             got["timings"]["next_attempt"], got["callback"]["state"]) == ("PENDING", 0, None, None, None, "pending")
     # no owner any more: the next claim of any gateway, its first one included, takes it
-    assert [m["id"] for m in calls.claim("boot-1", 10)[0]] == ["c1"]
+    assert [m["id"] for m in calls.claim("boot-1", 10, TTL_S)[0]] == ["c1"]
 
 
 def test_redrive_without_a_callback_leaves_none(calls: CallStore) -> None:
@@ -421,7 +424,7 @@ def test_record_sync_keeps_no_payload(calls: CallStore) -> None:
     got = calls.get("s")
     assert (got["kind"], got["attempts"], got["duration_s"], got["cold_start"], got["parent_id"], got["source"]) == (
         "sync", 1, 0.5, True, "p", "call")
-    assert calls.result("s")[1] == b"" and calls.claim("anyone", 10) == ([], [])
+    assert calls.result("s")[1] == b"" and calls.claim("anyone", 10, TTL_S) == ([], [])
     # a sync record arriving twice (a resent batch) is kept once
     assert calls.record_sync([{"id": "s", "function": "f", "status": "FAILED", "queued_at": 1.0}]) == 1
     assert calls.get("s")["status"] == "DONE"
@@ -448,6 +451,6 @@ def test_counts_by_status(calls: CallStore) -> None:
 
 def test_headers_round_trip_as_json(calls: CallStore) -> None:
     submit_one(calls, headers=[["content-type", "a/b"], ["x-k", "v\u00e9"]])
-    (meta,), _ = calls.claim("g", 1)
+    (meta,), _ = calls.claim("g", 1, TTL_S)
     assert meta["headers"] == [["content-type", "a/b"], ["x-k", "v\u00e9"]]
     assert json.loads(json.dumps(meta["headers"])) == meta["headers"]

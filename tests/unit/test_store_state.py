@@ -12,6 +12,9 @@ from shared.errors import InvalidRequest, NotFound
 
 SPEC = {"handler": "main:handler", "runtime": "python:3.11", "min_replicas": 1}
 
+# no gateway beats in these tests: every owner other than the claimer counts as gone
+TTL_S = 30.0
+
 
 @pytest.fixture
 def st(tmp_path: Path, open_store_db) -> StoreState:
@@ -376,7 +379,7 @@ def test_a_claim_fits_in_one_reply_and_claims_continue_until_none_is_left(open_s
     calls.submit([{"id": f"c{i}", "function": "fn", "owner": "old-boot"} for i in range(n)], (b"payload",) * n)
     claimed: list[str] = []
     while True:
-        metas, payloads = calls.claim("new-boot", 5000)
+        metas, payloads = calls.claim("new-boot", 5000, TTL_S)
         if not metas:
             break
         # what the store's RPC server sends back: the gateway must be able to read it
