@@ -29,10 +29,11 @@ def instances_settle(s: Stack, name: str, count: int) -> None:
 
 
 class Load:
-    """``connections`` clients calling a function back to back until stopped; every status is counted."""
+    """``connections`` clients calling a function back to back until stopped, each call with ``body``; every
+    status is counted."""
 
-    def __init__(self, url: str, name: str, connections: int, limit_s: float = 60.0) -> None:
-        self.url, self.name = url, name
+    def __init__(self, url: str, name: str, connections: int, limit_s: float = 60.0, body: bytes = b"x") -> None:
+        self.url, self.name, self.body = url, name, body
         self.statuses: Counter[int] = Counter()
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -54,7 +55,7 @@ class Load:
         with httpx.Client(base_url=self.url, timeout=40) as c:
             while not self._stop.is_set() and time.monotonic() < self._deadline:
                 try:
-                    status = c.post(f"/{self.name}", content=b"x").status_code
+                    status = c.post(f"/{self.name}", content=self.body).status_code
                 except httpx.HTTPError as exc:
                     with self._lock:
                         self.errors.append(repr(exc))
@@ -63,8 +64,23 @@ class Load:
                     self.statuses[status] += 1
 
 
+    def calls(self) -> int:
+        with self._lock:
+            return sum(self.statuses.values()) + len(self.errors)
+
+    def failures(self) -> list[str]:
+        """Every call that did not answer 200: its status, or the client's error."""
+        with self._lock:
+            return [f"{n} x {status}" for status, n in self.statuses.items() if status != 200] + self.errors[:5]
+
+
 def replicas(s: Stack, name: str) -> dict[str, int]:
     return s.client.get(f"/functions/{name}").json()["replicas"]
+
+
+def decision(s: Stack, group_id: str) -> dict:
+    """The autoscaler's latest decision for a group, as GET /optimizer reports it ({} before the first)."""
+    return s.client.get("/optimizer").json()["scaling"]["groups"].get(group_id) or {}
 
 
 def scale_up_and_back_down(s: Stack) -> None:

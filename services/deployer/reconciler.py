@@ -6,9 +6,11 @@ loop. Rules per group:
 
 - the target version (group.version) gets replicas_desired instances;
 - any other instance (an older version, a group that was regrouped or deleted)
-  stops only once every task it serves has a ready instance of a current group
-  elsewhere, or no longer exists: redeploys, regroups and deletes never leave a
-  task without an instance, and a failed regroup leaves the old ones serving;
+  stops only once every task it serves has as many ready instances of its current
+  group elsewhere as that group should run (at least one), or no longer exists:
+  redeploys, regroups and deletes never leave a task without an instance, a regroup
+  under load keeps the capacity in use until the new groups have theirs, and a
+  failed regroup leaves the old ones serving;
 - a version whose build failed or whose instances failed to load is reported
   to the store once (deploy.failed, naming the members whose build step or spec
   failed when it was theirs) and not retried;
@@ -26,7 +28,7 @@ import asyncio
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from shared.config import Settings
 from shared.curve import GROUP_WIDE, Keys
@@ -47,6 +49,16 @@ CRASH_WINDOW_S = 60.0
 CRASH_LIMIT = 3  # crashes within the window before the function is reported failed
 BACKOFF_MAX_S = 30.0
 EXIT_REPORTS_TIMEOUT_S = 5.0  # on shutdown, how long the stopped instances' exit reports may take
+
+
+def may_stop(serves: Iterable[str], ready: Mapping[str, int], needed: Mapping[str, int]) -> bool:
+    """Whether an instance that is not current (older version, regrouped or deleted group) may stop.
+
+    ``serves``: the functions it serves; ``ready``: per function, the ready instances of current groups
+    that serve it; ``needed``: per function that still exists, the replicas its current group should
+    run. Each function it serves that still exists needs that many ready elsewhere, and at least one.
+    """
+    return all(ready.get(fn, 0) >= max(1, needed[fn]) for fn in serves if fn in needed)
 
 
 class Reconciler:
@@ -254,12 +266,17 @@ class Reconciler:
                 and not (group["state"] == "failed" and group["ready_version"] != group["version"]))
 
     def _safe_to_stop(self, h: InstanceHandle, current: list[InstanceHandle]) -> bool:
+        ready: dict[str, int] = {}
+        for o in current:
+            if o is not h and o.id in self.ever_ready:
+                for fn in o.functions:
+                    ready[fn] = ready.get(fn, 0) + 1
+        needed = {}
         for fn in h.functions:
-            if fn not in self.function_groups:
-                continue  # deleted: nobody needs it served
-            if not any(o is not h and fn in o.functions and o.id in self.ever_ready for o in current):
-                return False
-        return True
+            if fn in self.function_groups:  # a deleted function needs nobody to serve it
+                group = self.groups.get(self.function_groups[fn])
+                needed[fn] = int(group["replicas_desired"]) if group is not None else 1
+        return may_stop(h.functions, ready, needed)
 
     def replace(self, handle: InstanceHandle) -> None:
         """Kill a stuck instance at once; the next reconcile starts its replacement."""

@@ -7,7 +7,8 @@ fast the broker fills the whole credit, so the next call is already waiting when
 one finishes (a 2.5x throughput gain for short handlers); once its calls are slow
 it gets no more than its concurrency, so no call waits behind a slow one while
 another instance could take it. A call for a function goes to the instance of
-that function's newest version with the most room; when none has room it waits
+that function's newest version with the most room (in whatever group: during a regroup the old and
+the new groups' instances share its calls); when none has room it waits
 in that function's bounded queue until a RESULT frees one, or until its deadline. Older-version instances
 keep serving their in-flight calls while a redeploy or regroup drains them.
 
@@ -333,7 +334,12 @@ class Broker:
                 return
 
     def fail_function(self, name: str, exc: Exception) -> None:
-        """Fail every queued call of a function (it was deleted)."""
+        """A function was deleted: fail every queued call of it, and no instance serves it any more (one that
+        had it, fused with others, still runs them; a function deployed again under the name restarts at
+        version 1, which that instance's old code must not answer for)."""
+        for inst in self.instances.values():
+            inst.functions.pop(name, None)
+        self.routes.pop(name, None)
         queue = self.queues.pop(name, None)
         while queue:
             call = queue.popleft()
@@ -479,8 +485,13 @@ class Broker:
     # ----- routing table ---------------------------------------------------------
 
     def _reroute(self, fn: str) -> None:
-        """routes[fn] = live, non-draining instances of the newest version serving fn."""
-        best_version: tuple[int, int] = (-1, -1)
+        """routes[fn] = live, non-draining instances of the newest version of fn, whatever their group.
+
+        A regroup runs the same version of fn in the group it leaves and in the group it joins: both
+        serve it until the old instances say BYE, so the new group's first READY instance does not take
+        the whole load while the others start (the deployer stops the old ones only once the new group
+        has its replicas ready)."""
+        best_version = -1
         chosen: list[Instance] = []
         for inst in self.instances.values():
             if inst.draining:
@@ -488,10 +499,9 @@ class Broker:
             version = inst.functions.get(fn)
             if version is None:
                 continue
-            key = (version, inst.group_version)  # group versions are global: newer deployments win
-            if key > best_version:
-                best_version, chosen = key, [inst]
-            elif key == best_version:
+            if version > best_version:
+                best_version, chosen = version, [inst]
+            elif version == best_version:
                 chosen.append(inst)
         if chosen:
             self.routes[fn] = chosen

@@ -406,7 +406,8 @@ async def test_new_calls_go_to_the_newest_version_and_old_instances_drain_after_
     old = await h.instance(b"old", {"f": 1, "g": 1}, credit=5, concurrency=5)
     new = await h.instance(b"new", {"f": 2}, credit=1, group_version=1)
     newer_group = await h.instance(b"newer", {"f": 2}, credit=1, group_version=2)
-    assert h.broker.routes["f"] == [h.broker.by_name["newer"]]
+    # the newest version of f, in whichever group: a newer group version of it does not take its calls alone
+    assert sorted(i.name for i in h.broker.routes["f"]) == ["new", "newer"]
     assert h.broker.routes["g"] == [h.broker.by_name["old"]]
     assert {i.name.encode() for i in h.broker.serving("f")} == {b"old", b"new", b"newer"}
     g_call = h.call("g1", "g")
@@ -713,3 +714,34 @@ async def test_an_instance_takes_queued_calls_only_of_the_functions_routed_to_it
     assert [c.call_id for c in h.broker.queues["f"]] == ["f2"]
     new.send(protocol.RESULT, {"call_id": "f1", "status": 200}, b"")
     assert [hd["call_id"] for hd, _ in await invoked(new)] == ["f2"]
+
+
+async def test_during_a_regroup_calls_go_to_every_instance_of_the_newest_version_until_the_old_ones_say_bye(
+        h: Harness) -> None:
+    # the same version of f in the group in force and in the group a regroup made: both serve, so a regroup
+    # under load keeps the capacity in use while the new group's instances come up
+    old = await h.instance(b"old", {"f": 1, "g": 1}, credit=1, group="g-fg", group_version=1)
+    new = await h.instance(b"new", {"f": 1}, credit=1, group="g-f", group_version=2)
+    assert sorted(i.name for i in h.broker.routes["f"]) == ["new", "old"]
+    first, second = h.call("c1"), h.call("c2")
+    h.broker.submit(first)
+    h.broker.submit(second)
+    got = {p.ident: [hdr["call_id"] for hdr, _ in await invoked(p)] for p in (old, new)}
+    assert sorted(got.values()) == [["c1"], ["c2"]], got
+    old.send(protocol.BYE, {})
+    assert (await old.recv()).command == protocol.BYE
+    await until(lambda: h.broker.by_name["old"].draining, what="old to drain")
+    assert [i.name for i in h.broker.routes["f"]] == ["new"]
+
+
+async def test_a_deleted_function_is_no_longer_served_by_the_instances_that_had_it(h: Harness) -> None:
+    # fused with f, g is deleted and deployed again (its versions restart at 1): the old instance's g is not it
+    old = await h.instance(b"old", {"f": 1, "g": 1}, credit=1, group="g-fg", group_version=1)
+    h.broker.fail_function("g", NotFound("function 'g' was deleted"))
+    assert "g" not in h.broker.routes and h.broker.by_name["old"].functions == {"f": 1}
+    assert [i.name for i in h.broker.serving("f")] == ["old"]
+    redeployed = await h.instance(b"new", {"g": 1}, credit=1, group="g-g", group_version=3)
+    call = h.call("c1", "g")
+    h.broker.submit(call)
+    assert [hdr["call_id"] for hdr, _ in await invoked(redeployed)] == ["c1"]
+    await old.silent(0.05)
