@@ -111,14 +111,20 @@ class TraceFields(NamedTuple):
         return bool(self.flags & SAMPLED)
 
 
-def from_headers(call_id: str, traceparent: str | bytes | None, tracestate: str | bytes | None) -> TraceFields:
-    """A call's trace from a request's headers: the caller's trace, or a new one when it sent none (or a bad one).
+def from_traceparent(traceparent: object, tracestate: object) -> TraceFields | None:
+    """The trace a caller named with these two headers, or None when ``traceparent`` is absent or invalid.
 
     ``tracestate`` is kept only with a valid ``traceparent``, as the spec says."""
-    parent = parse_traceparent(traceparent)
+    parent = parse_traceparent(traceparent) if isinstance(traceparent, (str, bytes)) else None
     if parent is None:
-        return TraceFields(new_trace_id(call_id), 0, None, None)
-    return TraceFields(parent.trace_id, parent.flags, parent.parent_id, clean_tracestate(tracestate))
+        return None
+    return TraceFields(parent.trace_id, parent.flags, parent.parent_id,
+                       clean_tracestate(tracestate) if isinstance(tracestate, (str, bytes)) else None)
+
+
+def from_headers(call_id: str, traceparent: str | bytes | None, tracestate: str | bytes | None) -> TraceFields:
+    """A call's trace from a request's headers: the caller's trace, or a new one when it sent none (or a bad one)."""
+    return from_traceparent(traceparent, tracestate) or TraceFields(new_trace_id(call_id), 0, None, None)
 
 
 def from_header_map(call_id: str, header: dict) -> TraceFields:
@@ -132,3 +138,11 @@ def from_header_map(call_id: str, header: dict) -> TraceFields:
     return TraceFields(trace_id, flags & 0xFF if isinstance(flags, int) and not isinstance(flags, bool) else 0,
                        parent if valid_span_id(parent) else None,
                        clean_tracestate(state) if isinstance(state, str) else None)
+
+
+def of_invoke(header: dict) -> TraceFields | None:
+    """The trace of an INVOKE the gateway sent (its fields already checked there), or None without one."""
+    trace_id = header.get("trace_id")
+    if trace_id is None:
+        return None
+    return TraceFields(trace_id, header.get("trace_flags") or 0, header.get("parent_span"), header.get("tracestate"))
