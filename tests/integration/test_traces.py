@@ -154,11 +154,9 @@ def test_fused_task_calls_are_spans_of_sampled_traces_only(fresh_stack: Stack) -
     unsampled = "5bf92f3577b34da6a3ce929d0e0e4736"
     r = s.invoke("fu-a", {}, headers={"traceparent": f"00-{unsampled}-{PARENT}-00"})
     assert r.status_code == 200 and r.json()["child"]["parent"] == r.json()["span_id"]
-    tree = trace_of(s, unsampled, 1)
-    # the in-process calls' reports arrive within 100 ms of them; by the time a second entry call is
-    # recorded, they would be too
-    s.invoke("fu-a", {})
-    wait_for(lambda: s.client.get(f"/calls/{s.invoke('fu-a', {}).headers['x-call-id']}").status_code == 200, 10,
-             what="a later call's record")
+    trace_of(s, unsampled, 1)
+    # an instance reports its in-process calls within 100 ms, so before a later call is recorded
+    later = s.invoke("fu-a", {}).headers["x-call-id"]
+    wait_for(lambda: s.client.get(f"/calls/{later}").status_code == 200, 10, what="a later call's record")
     tree = s.client.get(f"/traces/{unsampled}").json()
     assert tree["calls"] == 1 and tree["roots"][0]["children"] == [], "unsampled: fused calls are not recorded"
