@@ -1,4 +1,8 @@
-"""W3C Trace Context on the Docker backend: a container instance's handler and a registered runtime's command."""
+"""W3C Trace Context on the Docker backend: a container instance's handler and a registered runtime's command.
+
+A container instance runs the runtime baked into the runtime image, so these need images built from
+this tree (`make images`, or NUCLIDE_IMAGE_TAG=<tag> for both the build and the tests).
+"""
 
 from __future__ import annotations
 
