@@ -165,3 +165,34 @@ def test_without_a_trace_the_handler_sees_none(tmp_path: Path) -> None:
             None, None, None, None, 0)
     finally:
         ex.close()
+
+
+# ----- the trace as a tree, and as the CLI prints it ---------------------------------------------
+
+
+def row(call_id: str, parent_id: str | None, function: str, fused: bool = False, started: float = 1.0) -> dict[str, Any]:
+    return {"id": call_id, "function": function, "span_id": span_id(call_id), "parent_id": parent_id,
+            "parent_span": span_id(parent_id) if parent_id else PARENT, "status": "DONE", "kind": "sync",
+            "source": "call" if parent_id else "http", "fused": fused, "started_ts": started,
+            "started": "2026-12-06T20:00:00.000Z", "duration_ms": 1.5, "result_status": 200, "error": None}
+
+
+def test_a_trace_becomes_a_tree_and_unrecorded_fused_callers_are_skipped() -> None:
+    from services.cli.commands import trace_lines
+    from services.gateway.tracetree import build
+
+    # r calls f (fused, sampled: recorded) and, through the unrecorded fused r.2, the remote x
+    rows = [row("r", None, "a"), row("r.1", "r", "b", fused=True), row("x", "r.2", "c"), row("y", "x", "d")]
+    tree = build({"trace_id": TRACE, "calls": rows, "truncated": False})
+    (root,) = tree["roots"]
+    assert tree["calls"] == 4 and root["id"] == "r" and root["parent_span"] == PARENT
+    assert [c["id"] for c in root["children"]] == ["r.1", "x"], "x hangs under r, the nearest recorded caller"
+    x = root["children"][1]
+    assert x["parent_span"] == span_id("r.2"), "its parent span still names the real caller"
+    assert [c["id"] for c in x["children"]] == ["y"] and root["children"][0]["mode"] == "fused"
+    orphan = build({"trace_id": TRACE, "calls": [row("z", "elsewhere", "e")]})
+    assert [r["id"] for r in orphan["roots"]] == ["z"], "a call whose caller is not in the trace is a root"
+    lines = trace_lines(tree)
+    assert lines[0] == f"trace {TRACE}: 4 calls"
+    assert lines[1].startswith("  a  DONE 200  1.500 ms  remote") and lines[2].startswith("    b  DONE 200")
+    assert lines[4].startswith("      d  ") and lines[4].endswith("  y")
