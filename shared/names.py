@@ -13,6 +13,7 @@ RESERVED_NAMES: frozenset[str] = frozenset(
         "functions",
         "function",
         "calls",
+        "traces",
         "groups",
         "runtimes",
         "healthz",

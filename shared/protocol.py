@@ -5,7 +5,7 @@ Every message, on every socket::
     [routing frames ...]   added and removed by ROUTER sockets only
     frame 0   b"NUC1"      signature: protocol and version; anything else is rejected
     frame 1   command      short ASCII verb, one of COMMANDS
-    frame 2   header       msgpack map with str keys (ids, method, deadline_ms, ...)
+    frame 2   header       msgpack map with str keys (ids, trace, method, deadline_ms, ...)
     frame 3+  bodies       raw bytes (zips, payloads, results), never re-encoded
 
 PUB/SUB messages put the topic alone in front::
@@ -229,10 +229,13 @@ def decode_from_peer(frames: Sequence[bytes]) -> tuple[bytes, Message]:
 
 def invoke_header(call_id: str, function: str, deadline_ms: int, *, parent_id: str | None = None,
                   method: str = "POST", path: str = "/", query: str = "", headers: list[list[str]] | None = None,
-                  content_type: str = "", mode: str = "http", **extra: Any) -> dict[str, Any]:
+                  content_type: str = "", mode: str = "http", trace_id: str | None = None, trace_flags: int = 0,
+                  parent_span: str | None = None, tracestate: str | None = None, **extra: Any) -> dict[str, Any]:
     """The header of an INVOKE (gateway -> instance): the call's ids, its HTTP request (method, path below the
     function, query, ``[[name, value], ...]`` headers, content type), its deadline (ms since the epoch) and its
-    mode (``http``, ``execute``). ``extra``: fields some INVOKEs add (an async call's ``attempt``); a CALL
+    mode (``http``, ``execute``). Its W3C trace (shared/tracecontext.py): ``trace_id`` and ``trace_flags``, the
+    caller's span ``parent_span`` (absent for a trace's root) and ``tracestate`` (absent when empty); the call's
+    own span id is derived from its call id. ``extra``: fields some INVOKEs add (an async call's ``attempt``); a CALL
     (instance -> gateway) is an INVOKE header plus the caller's ``depth``, ``chain``, ``caller``, ``async`` and
     ``instance``, and the gateway forwards it as the callee's INVOKE."""
     header = {
@@ -247,6 +250,13 @@ def invoke_header(call_id: str, function: str, deadline_ms: int, *, parent_id: s
         "deadline_ms": deadline_ms,
         "mode": mode,
     }
+    if trace_id is not None:
+        header["trace_id"] = trace_id
+        header["trace_flags"] = trace_flags
+        if parent_span is not None:
+            header["parent_span"] = parent_span
+        if tracestate is not None:
+            header["tracestate"] = tracestate
     if extra:
         header.update(extra)
     return header

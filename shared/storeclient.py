@@ -252,6 +252,10 @@ class StoreClient:
         return await self._call("calls.list", {"function": function, "status": status, "limit": limit,
                                                "source": source, "before": before}, timeout_s=timeout_s)
 
+    async def calls_trace(self, trace_id: str, *, timeout_s: float = RPC_TIMEOUT_S) -> dict[str, Any]:
+        """The calls of a W3C trace, oldest first (at most 1000): ``{"trace_id", "calls": [...], "truncated"}``."""
+        return await self._call("calls.trace", {"trace_id": trace_id}, timeout_s=timeout_s)
+
     async def calls_redrive(self, call_id: str, *, timeout_s: float = RPC_TIMEOUT_S) -> dict[str, Any]:
         """Run a DEAD call again: its record; Conflict for any other status."""
         return await self._call("calls.redrive", {"id": call_id}, timeout_s=timeout_s)

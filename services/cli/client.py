@@ -225,6 +225,10 @@ class Client:
     def get_call(self, call_id: str) -> dict[str, Any]:
         return self._json(self.request("GET", f"/calls/{_path(call_id)}"))
 
+    def call_trace(self, call_id: str) -> dict[str, Any]:
+        """The W3C trace a call is part of, as a tree of calls."""
+        return self._json(self.request("GET", f"/calls/{_path(call_id)}/trace"))
+
     def call_result(self, call_id: str) -> httpx.Response:
         """The stored result as the function answered it (any status); 202 while the call is not final.
 

@@ -1,4 +1,4 @@
-"""The API subcommands of the nuclide CLI: deploy, invoke, get, list, delete, logs, calls."""
+"""The API subcommands of the nuclide CLI: deploy, invoke, get, list, delete, logs, calls, trace."""
 
 from __future__ import annotations
 
@@ -662,6 +662,33 @@ def cmd_calls(client: Client, opts: argparse.Namespace, streams: Streams) -> int
     return 0
 
 
+def trace_lines(tree: dict[str, Any]) -> list[str]:
+    """A trace (GET /calls/{id}/trace) as indented lines: function, status, duration, fused or remote, start, id."""
+    cut = " (the first 1000)" if tree.get("truncated") else ""
+    out = [f"trace {tree['trace_id']}: {tree['calls']} call{'' if tree['calls'] == 1 else 's'}{cut}"]
+
+    def walk(node: dict[str, Any], depth: int) -> None:
+        took = f"{node['duration_ms']:.3f} ms" if node.get("duration_ms") is not None else "running"
+        code = f" {node['result_status']}" if node.get("result_status") is not None else ""
+        out.append(f"{'  ' * depth}{node['function']}  {node['status']}{code}  {took}  {node['mode']}"
+                   f"  {node.get('started') or '-'}  {node['id']}")
+        for child in node.get("children") or ():
+            walk(child, depth + 1)
+
+    for root in tree.get("roots") or ():
+        walk(root, 1)
+    return out
+
+
+def cmd_trace(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    tree = client.call_trace(opts.id)
+    if opts.output == "json":
+        print(dump(tree, "json"), file=streams.out)
+    else:
+        print("\n".join(trace_lines(tree)), file=streams.out)
+    return 0
+
+
 # ----- get, list, delete, logs -------------------------------------------------------
 
 
@@ -752,5 +779,6 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Streams], int]] = {
     "delete": cmd_delete,
     "logs": cmd_logs,
     "calls": cmd_calls,
+    "trace": cmd_trace,
     "scale": cmd_scale,
 }

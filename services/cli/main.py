@@ -8,7 +8,7 @@ import sys
 
 from shared.config import ConfigError, load_settings
 
-API_COMMANDS = ("deploy", "invoke", "get", "list", "delete", "logs", "calls", "version", "scale")
+API_COMMANDS = ("deploy", "invoke", "get", "list", "delete", "logs", "calls", "trace", "version", "scale")
 # faas-cli's names for the same commands
 ALIASES = {"describe": "get", "ls": "list", "rm": "delete", "remove": "delete"}
 CALL_STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DEAD")
@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                    " time (2026-01-02T15:04:05Z)")
 
     _calls_parser(sub, common)
+
+    p = sub.add_parser("trace", parents=[common], help="print the trace a call is part of: the tree of task calls,"
+                       " with status, duration, fused or remote")
+    p.add_argument("id", metavar="CALL_ID")
+    p.add_argument("-o", "--output", choices=("tree", "json"), default="tree")
 
     p = sub.add_parser("version", parents=[common], help="print the CLI's version and the gateway's")
     p.add_argument("--client", action="store_true", help="the CLI's version only (no request)")

@@ -142,6 +142,36 @@ class Call(_Open):
     result_status: int | None
     result: Any = Field(None, description="the result: JSON, text, or {content_type, size} for other bodies")
     result_content_type: str | None = None
+    trace_id: str | None = Field(None, description="its W3C trace (GET /traces/{trace_id}); null for calls recorded"
+                                                   " before calls had one")
+    fused: bool = Field(False, description="an in-process task call (caller and callee in one fusion group)")
+
+
+class TraceCall(_Open):
+    id: str
+    function: str
+    span_id: str = Field(description="its W3C span id (16 hex digits, derived from the call id)")
+    parent_id: str | None = Field(description="the calling call, for a task-to-task call")
+    parent_span: str | None = Field(description="the caller's span: the traceparent's parent id for a call from"
+                                                " outside, the calling call's span for a task call; null for a root")
+    status: Literal["PENDING", "RUNNING", "DONE", "FAILED", "DEAD"]
+    result_status: int | None
+    mode: Literal["fused", "remote"] = Field(description="fused: in-process in the caller's group; remote: through"
+                                                         " the gateway")
+    kind: str = Field(description="async, or sync")
+    source: str = Field(description="http, zmq, topic, cron or call")
+    started: str | None
+    started_ts: float | None = Field(description="seconds since the epoch")
+    duration_ms: float | None = Field(description="null until it finished")
+    error: str | None
+    children: list["TraceCall"] = Field(description="the task calls it made, oldest first")
+
+
+class Trace(_Open):
+    trace_id: str
+    calls: int = Field(description="calls in the trace (at most 1000 are read)")
+    truncated: bool = Field(description="the trace has more than 1000 calls; the oldest 1000 are shown")
+    roots: list[TraceCall] = Field(description="the calls with no recorded caller: the entry call, usually one")
 
 
 class PurgeResult(_Open):

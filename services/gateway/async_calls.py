@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import httpx
 
-from shared import protocol
+from shared import protocol, tracecontext
 from shared.errors import DeadlineExceeded, InvalidRequest, NotFound, NuclideError, Unavailable
 from shared.failures import bounded, result_error
 from shared.gateways import GATEWAY_TTL_S
@@ -70,7 +70,7 @@ MAX_CONTENT_TYPE = 256
 
 class AsyncCall:
     __slots__ = ("id", "function", "payload", "content_type", "headers", "attempts", "max_attempts", "callback_url",
-                 "queued_at", "source", "parent_id", "callback_state")
+                 "queued_at", "source", "parent_id", "callback_state", "trace")
 
     def __init__(self, meta: dict[str, Any], payload: bytes) -> None:
         self.id = meta["id"]
@@ -85,6 +85,8 @@ class AsyncCall:
         self.queued_at = float(meta.get("queued_at") or time.time())
         self.source = meta.get("source", "http")
         self.parent_id = meta.get("parent_id")
+        # its W3C trace as it was submitted; a call stored before calls had one starts a trace of its own
+        self.trace = tracecontext.from_header_map(self.id, meta)
 
 
 class AsyncCalls:
@@ -146,8 +148,11 @@ class AsyncCalls:
 
     def prepare(self, function: str, *, content_type: str = "", headers: list | None = None, source: str = "http",
                 idempotency_key: str | None = None, callback_url: str | None = None, call_id: str | None = None,
-                parent_id: str | None = None, refused: str | None = None) -> dict[str, Any]:
-        """The stored form of a new async call; ``refused`` records it FAILED with that reason instead."""
+                parent_id: str | None = None, refused: str | None = None,
+                trace: tracecontext.TraceFields | None = None) -> dict[str, Any]:
+        """The stored form of a new async call; ``refused`` records it FAILED with that reason instead.
+
+        ``trace``: the W3C trace it is part of (shared/tracecontext.py); without one it starts its own."""
         if call_id is not None and (not isinstance(call_id, str) or not _CALL_ID.match(call_id)):
             raise InvalidRequest("call_id must be 1-80 letters, digits, '.', '_', ':' or '-'")
         if idempotency_key is not None and (not isinstance(idempotency_key, str)
@@ -163,6 +168,10 @@ class AsyncCalls:
             "idempotency_key": idempotency_key, "callback_url": callback_url, "content_type": content_type,
             "headers": headers or [], "parent_id": parent_id, "queued_at": time.time(),
         }
+        if trace is None:
+            trace = tracecontext.TraceFields(tracecontext.new_trace_id(meta["id"]), 0, None, None)
+        meta.update(trace_id=trace.trace_id, trace_flags=trace.flags, parent_span=trace.parent_span,
+                    tracestate=trace.tracestate)
         if info is None:
             # recorded, not dropped: the producer can find out what happened to its message
             meta.update(status="FAILED", error=f"function '{function}' not found")
@@ -319,7 +328,8 @@ class AsyncCalls:
         header = protocol.invoke_header(
             ac.id, ac.function, int((now + info.timeout_s) * 1000), parent_id=ac.parent_id, path=f"/{ac.function}",
             headers=ac.headers + [["fusionizer-server-address", self.settings.advertised_host]],
-            content_type=ac.content_type, attempt=ac.attempts)
+            content_type=ac.content_type, attempt=ac.attempts, trace_id=ac.trace.trace_id,
+            trace_flags=ac.trace.flags, parent_span=ac.trace.parent_span, tracestate=ac.trace.tracestate)
         fut = asyncio.get_running_loop().create_future()
         cold = self.touch(info)
         if cold:

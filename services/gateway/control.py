@@ -32,7 +32,8 @@ from shared.version import VERSION
 from shared.runtimes import DEFAULT_WARM_START, parse_runtime
 from shared.spec import HOST_RUNTIME, FunctionSpec, other_python, read_function
 from shared.storeclient import StoreClient
-from services.gateway import fusionizer
+from shared import tracecontext
+from services.gateway import fusionizer, tracetree
 from services.gateway.core import Gateway
 from services.gateway.openapi import make_control_app
 from services.gateway.ui import UI_URL, mount_dashboard
@@ -445,6 +446,30 @@ def build_control_app(gw: Gateway) -> FastAPI:
     async def get_call(call_id: str) -> JSONResponse:
         """One call: status (PENDING, RUNNING, DONE, FAILED, DEAD), attempts, timings, result or error."""
         return JSONResponse(await store().calls_get(call_id))
+
+    async def trace_tree(trace_id: str) -> dict[str, Any]:
+        trace = await store().calls_trace(trace_id)
+        if not trace["calls"]:
+            raise NotFound(f"trace '{trace_id}' not found: no call recorded in it (calls are kept"
+                           f" {gw.settings.call_retention_s:g} s)")
+        return tracetree.build(trace)
+
+    @app.get("/calls/{call_id}/trace", dependencies=auth, tags=["calls"])
+    async def get_call_trace(call_id: str) -> JSONResponse:
+        """The W3C trace the call is part of: every recorded call in it, as a tree."""
+        rec = await store().calls_get(call_id)
+        if not rec.get("trace_id"):
+            raise NotFound(f"call '{call_id}' has no trace: it was recorded before calls had one")
+        return JSONResponse(await trace_tree(rec["trace_id"]))
+
+    @app.get("/traces/{trace_id}", dependencies=auth, tags=["calls"])
+    async def get_trace(trace_id: str) -> JSONResponse:
+        """A W3C trace as a tree of calls: each with its span, parent span, status, start, duration, fused or
+        remote, and the task calls it made."""
+        if not tracecontext.valid_trace_id(trace_id):
+            raise InvalidRequest(f"trace id {trace_id[:80]!r} is not a W3C trace id: it must be"
+                                 f" {tracecontext.TRACE_ID_FORMAT}")
+        return JSONResponse(await trace_tree(trace_id))
 
     @app.get("/calls/{call_id}/result", dependencies=auth, tags=["calls"])
     async def get_call_result(call_id: str) -> Response:

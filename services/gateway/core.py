@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 from prometheus_client import generate_latest
 
-from shared import protocol
+from shared import protocol, tracecontext
 from shared.aiosock import RpcClient
 from shared.auth import check_bearer
 from shared.config import Settings
@@ -77,7 +77,7 @@ class _DirectAnswer:
         call = self.call
         if not isinstance(exc, NuclideError):
             exc = NuclideError(str(exc))
-        self.gateway._record(call.call_id, call.function, call.wall, "FAILED", exc.http_status, exc.message, call.cold)
+        self.gateway._record(call, "FAILED", exc.http_status, exc.message)
         self.gateway.telemetry.call_done(call, exc.http_status)
         self.req.respond(*self.gateway.answer(self.req.headers, error_answer(exc, call.call_id)))
 
@@ -338,7 +338,7 @@ class Gateway:
         try:
             result, rbody = await fut
         except NuclideError as exc:
-            self._record(call_id, name, call.wall, "FAILED", exc.http_status, exc.message, call.cold)
+            self._record(call, "FAILED", exc.http_status, exc.message)
             self.telemetry.call_done(call, exc.http_status)
             raise
         return self._finish(call, result, rbody)
@@ -400,7 +400,16 @@ class Gateway:
         """The call to submit to the broker (its future is set by the caller)."""
         name = info.name
         headers = function_headers(raw_headers)
-        content_type = next((v for k, v in headers if k.lower() == "content-type"), None)
+        content_type = traceparent = tracestate = None
+        for k, v in headers:
+            key = k.lower()
+            if key == "content-type":
+                content_type = content_type or v
+            elif key == "traceparent":
+                traceparent = v
+            elif key == "tracestate":
+                tracestate = v
+        trace = tracecontext.from_headers(call_id, traceparent, tracestate)
         headers.append(["fusionizer-server-address", self._fusionizer_host])
         content_type = content_type or ""
         if mode == "execute":
@@ -414,7 +423,8 @@ class Gateway:
         now = time.time()
         header = protocol.invoke_header(call_id, name, int((now + timeout_s) * 1000), method=method, path=path,
                                         query=query.decode("latin-1"), headers=headers, content_type=content_type,
-                                        mode=mode)
+                                        mode=mode, trace_id=trace.trace_id, trace_flags=trace.flags,
+                                        parent_span=trace.parent_span, tracestate=trace.tracestate)
         call = Call(call_id, name, header, body, None, timeout_s)
         call.wall = now
         call.cold = self.scaler.touch(info)
@@ -432,25 +442,28 @@ class Gateway:
         self.traces.add_call(name, took_ms, status)
         self.telemetry.call_done(call, status)
         if status < 500:
-            self._record(call.call_id, name, call.wall, "DONE", status, None, call.cold)
+            self._record(call, "DONE", status, None)
         else:
-            self._record(call.call_id, name, call.wall, "FAILED", status, result_error(result, rbody), call.cold)
+            self._record(call, "FAILED", status, result_error(result, rbody))
         return result_answer(call.call_id, call.cold, status, result, rbody)
 
-    def _record(self, call_id: str, name: str, queued_at: float, status: str, code: int, error: str | None,
-                cold: bool = False) -> None:
+    def _record(self, call: Call, status: str, code: int, error: str | None) -> None:
+        """Record a finished sync call, with its trace (the caller's span when the request named one)."""
         if self.calls is not None:
-            self.calls.record_sync((call_id, name, status, queued_at, time.time(), code, error, cold))
+            header = call.header
+            self.calls.record_sync((call.call_id, call.function, status, call.wall, time.time(), code, error, call.cold,
+                                    None, "http", header.get("trace_id"), header.get("parent_span"), False))
 
     async def _submit_async(self, name: str, body: bytes, raw_headers: list, call_id: str) -> Answer:
         """202 once the call is durable; its result is kept (GET /calls/{id}) and may be called back."""
         assert self.calls is not None
         hdrs = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
         forwarded = function_headers(raw_headers, ASYNC_CONTROL)
+        trace = tracecontext.from_headers(call_id, hdrs.get("traceparent"), hdrs.get("tracestate"))
         call_id, duplicate = await self.calls.submit(
             name, body, content_type=hdrs.get("content-type", ""), headers=forwarded, source="http", call_id=call_id,
             idempotency_key=hdrs.get("x-idempotency-key") or None,
-            callback_url=hdrs.get("x-callback-url"))
+            callback_url=hdrs.get("x-callback-url"), trace=trace)
         return async_answer(call_id, duplicate)
 
     async def _read_body(self, scope: dict, receive: Any, name: str) -> bytes:

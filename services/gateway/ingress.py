@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from shared import protocol
+from shared import protocol, tracecontext
 from shared.aiosock import AsyncSocket
 from shared.curve import PRODUCER_DOMAIN, Keys
 from shared.errors import NuclideError, ProtocolError
@@ -160,7 +160,8 @@ class Ingress:
                 function, content_type=msg.header.get("content_type") or "",
                 headers=[[_text(k), _text(v)] for k, v in headers], source="zmq",
                 idempotency_key=msg.header.get("idempotency_key"), callback_url=msg.header.get("callback_url"),
-                call_id=call_id)
+                call_id=call_id,
+                trace=tracecontext.from_traceparent(msg.header.get("traceparent"), msg.header.get("tracestate")))
         except NuclideError as exc:
             self.counters["malformed"] += 1
             log.warning("dropped ingress message", function=function, error=exc.message)

@@ -47,7 +47,7 @@ INVOKE_ROUTES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 MODELS: tuple[type[BaseModel], ...] = (
     m.ErrorBody, m.FunctionDescription, m.ServiceFaasCreated, m.ZipUpload, m.PythonFileUpload, m.AsyncAccepted,
     m.ExecuteRequest, m.Call, m.PurgeResult, m.RuntimeBody, m.Runtime, m.GroupsState, m.OptimizerStatus, m.Health,
-    m.RootInfo, m.ReplicasBody, m.ReplicasResult,
+    m.RootInfo, m.ReplicasBody, m.ReplicasResult, m.Trace, m.TraceCall,
 )
 BEARER = [{"bearer": []}]
 PUBLIC: list[dict[str, list[str]]] = []
@@ -185,6 +185,11 @@ CONTROL_DOCS: dict[tuple[str, str], dict[str, Any]] = {
     ("get", "/calls"): {"responses": {"200": answer("calls, newest first", many(m.Call))}},
     ("delete", "/calls"): {"responses": {"200": answer("how many were deleted", ref(m.PurgeResult)), "400": BAD}},
     ("get", "/calls/{call_id}"): {"responses": {"200": answer("the call", ref(m.Call)), "404": NOT_FOUND}},
+    ("get", "/calls/{call_id}/trace"): {"responses": {
+        "200": answer("the W3C trace the call is part of, as a tree of calls", ref(m.Trace)), "404": NOT_FOUND}},
+    ("get", "/traces/{trace_id}"): {"responses": {
+        "200": answer("the trace as a tree of calls", ref(m.Trace)),
+        "400": error("the trace id is not 32 lowercase hex digits"), "404": NOT_FOUND}},
     ("get", "/calls/{call_id}/result"): {"responses": {
         "200": answer("the raw result body with the function's status and content type (X-Call-Status says DONE,"
                       " FAILED or DEAD)", content={"*/*": {"schema": {}}}),

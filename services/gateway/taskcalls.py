@@ -4,9 +4,10 @@ A sync CALL is submitted to the broker under the callee's timeout (or the caller
 when sooner) and answered with a RESULT on the caller's request id; an async one becomes a
 durable call (services/gateway/async_calls.py) and the RESULT names it. A private callee takes calls
 only from its own fusion group and the functions its ``spec.allowCallsFrom`` names, judged by
-the instance the broker knows sent the CALL. Every call adds an edge to the call graph; a failed
-one is recorded as a sync call of its own under its caller's, as the in-process ones an
-instance reports are.
+the instance the broker knows sent the CALL. Every call adds an edge to the call graph and is
+recorded as a sync call of its own under its caller's, in its caller's W3C trace (the trace fields
+of the CALL are checked, and a bad one starts a new trace, as on HTTP). Of the in-process calls an
+instance reports, the failed ones are recorded, and in a sampled trace every one (``spans``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from shared import tracecontext
 from shared.auth import may_call_private
 from shared.errors import Forbidden, NotFound, NuclideError
 from shared.failures import bounded, result_error
@@ -28,26 +30,47 @@ if TYPE_CHECKING:  # pragma: no cover
     from services.gateway.traces import Traces
 
 
-def failed_call_record(call_id: str, function: str, parent_id: str | None, code: int, error: str,
-                       queued_at: float, finished_at: float) -> tuple:
-    """A failed task call as a sync call record of its own under its caller's (source "call")."""
-    return call_id, function, "FAILED", queued_at, finished_at, code, error, False, parent_id, "call"
+def task_call_record(call_id: str, function: str, parent_id: str | None, code: int, error: str | None,
+                     queued_at: float, finished_at: float, trace_id: str | None = None, fused: bool = False) -> tuple:
+    """A task call as a sync call record of its own under its caller's (source "call"), FAILED for a 5xx."""
+    return (call_id, function, "FAILED" if code >= 500 else "DONE", queued_at, finished_at, code, error, False,
+            parent_id, "call", trace_id, None, fused)
 
 
 def reported_failures(rows: Any) -> list[tuple]:
     """The records of the in-process task calls an instance reports as failed: [call_id, parent_id, function,
-    status, error, queued_at, finished_at] each; a malformed row is dropped, like a malformed edge."""
+    status, error, queued_at, finished_at(, trace_id)] each; a malformed row is dropped, like a malformed edge."""
     if not isinstance(rows, list):
         return []
     records = []
     for row in rows:
         try:
-            call_id, parent_id, function, status, error, queued_at, finished_at = row
+            call_id, parent_id, function, status, error, queued_at, finished_at, *rest = row
+            trace_id = rest[0] if rest and tracecontext.valid_trace_id(rest[0]) else None
             if not (isinstance(call_id, str) and isinstance(function, str) and isinstance(status, int)
                     and isinstance(parent_id, (str, type(None))) and isinstance(error, str)):
                 continue
-            records.append(failed_call_record(call_id, function, parent_id, status, bounded(error),
-                                              float(queued_at), float(finished_at)))
+            records.append(task_call_record(call_id, function, parent_id, status, bounded(error),
+                                            float(queued_at), float(finished_at), trace_id, True))
+        except (TypeError, ValueError):
+            continue
+    return records
+
+
+def reported_spans(rows: Any) -> list[tuple]:
+    """The records of the in-process task calls of sampled traces an instance reports: [call_id, parent_id,
+    function, status, queued_at, finished_at, trace_id] each; a malformed row is dropped."""
+    if not isinstance(rows, list):
+        return []
+    records = []
+    for row in rows:
+        try:
+            call_id, parent_id, function, status, queued_at, finished_at, trace_id = row
+            if not (isinstance(call_id, str) and isinstance(function, str) and isinstance(status, int)
+                    and isinstance(parent_id, (str, type(None))) and tracecontext.valid_trace_id(trace_id)):
+                continue
+            records.append(task_call_record(call_id, function, parent_id, status, None, float(queued_at),
+                                            float(finished_at), trace_id, True))
         except (TypeError, ValueError):
             continue
     return records
@@ -74,6 +97,10 @@ class TaskCalls:
         if failed:
             for record in reported_failures(failed):
                 self.calls.record_sync(record)
+        spans = header.get("spans")
+        if spans:
+            for record in reported_spans(spans):
+                self.calls.record_sync(record)
 
     async def call(self, ident: bytes, header: dict[str, Any], body: bytes) -> None:
         """Route one CALL from the instance ``ident`` and answer it with a RESULT."""
@@ -85,6 +112,10 @@ class TaskCalls:
         sync = not header.get("async")
         started = time.perf_counter()
         error: str | None = None
+        # the caller's trace, its span the callee's parent; fields that are not valid start a new trace
+        trace = tracecontext.from_header_map(call_id, header)
+        parent_id = header.get("parent_id")
+        parent_id = parent_id if isinstance(parent_id, str) else None
         try:
             info = self.catalogue.functions.get(name)
             if info is None:
@@ -95,13 +126,20 @@ class TaskCalls:
             if sync and isinstance(header.get("deadline_ms"), int):
                 deadline_ms = min(deadline_ms, header["deadline_ms"])
             # a CALL's header is an INVOKE's (shared/protocol.py invoke_header): forwarded as the callee's
-            invoke_header = dict(header, call_id=call_id, deadline_ms=deadline_ms)
+            invoke_header = dict(header, call_id=call_id, deadline_ms=deadline_ms, trace_id=trace.trace_id,
+                                 trace_flags=trace.flags)
+            invoke_header.pop("parent_span", None)
+            invoke_header.pop("tracestate", None)
+            if trace.parent_span is not None:
+                invoke_header["parent_span"] = trace.parent_span
+            if trace.tracestate is not None:
+                invoke_header["tracestate"] = trace.tracestate
             invoke_header["headers"] = list(header.get("headers") or []) + [
                 ["fusionizer-server-address", self.fusionizer_host]]
             if not sync:
                 new_id, _ = await self.calls.submit(name, body, content_type=str(header.get("content_type") or ""),
                                                     headers=list(header.get("headers") or []), source="call",
-                                                    parent_id=header.get("parent_id"), call_id=call_id)
+                                                    parent_id=parent_id, call_id=call_id, trace=trace)
                 # the RESULT answers the caller's request id; the body names the durable call
                 self.broker.reply(ident, {"call_id": reply_id, "status": 202, "content_type": "application/json"},
                                   json.dumps({"call_id": new_id}).encode())
@@ -125,11 +163,10 @@ class TaskCalls:
             error = exc.message if exc.http_status >= 500 else None
         took_ms = (time.perf_counter() - started) * 1000
         self.traces.add_edge(header.get("caller"), name, sync, False, took_ms)
-        if error is not None:  # a failed task call is recorded as the in-process ones are (add_reports)
-            parent_id = header.get("parent_id")
+        if sync:  # recorded as the in-process ones are (add_reports), in the caller's trace
             now = time.time()
-            self.calls.record_sync(failed_call_record(call_id, name, parent_id if isinstance(parent_id, str) else None,
-                                                      out_header["status"], error, now - took_ms / 1000, now))
+            self.calls.record_sync(task_call_record(call_id, name, parent_id, out_header["status"], error,
+                                                    now - took_ms / 1000, now, trace.trace_id))
         if sync:
             self.broker.reply(ident, out_header, rbody)
 

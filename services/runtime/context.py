@@ -9,6 +9,7 @@ import time
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence, TextIO
 
+from shared.tracecontext import TraceFields, format_traceparent, span_id
 from services.runtime.event import event_uuid
 from services.runtime.tracebacks import user_traceback
 
@@ -229,6 +230,8 @@ class Context:
         "log_stream_name",
         "_call_id",
         "_deadline_ms",
+        "_trace",
+        "_parent_call",
         "_caller",
         "__dict__",  # nuclio handlers commonly stash clients on the context itself
     )
@@ -256,12 +259,20 @@ class Context:
         self.log_stream_name = log_stream_name  # Lambda's name: the instance whose log has the lines
         self._call_id: str | None = None
         self._deadline_ms = 0
+        self._trace: TraceFields | None = None
+        self._parent_call: str | None = None
         self._caller: Any = None
 
-    def _begin(self, call_id: str, deadline_ms: int) -> None:
-        """Aim the context (and its logger) at a new invocation; called by the runtime loop."""
+    def _begin(self, call_id: str, deadline_ms: int, trace: TraceFields | None = None,
+               parent_call: str | None = None) -> None:
+        """Aim the context (and its logger) at a new invocation; called by the runtime loop.
+
+        ``trace``: the call's W3C trace; ``parent_call``: the caller's call id for an in-process call (its span
+        is this call's parent), None when the trace's ``parent_span`` names the parent."""
         self._call_id = call_id
         self._deadline_ms = deadline_ms
+        self._trace = trace
+        self._parent_call = parent_call
         self.logger.call_id = call_id
 
     @property
@@ -273,6 +284,48 @@ class Context:
     def call_id(self) -> str | None:
         """The current call id (alias of request_id)."""
         return self._call_id
+
+    # W3C Trace Context (shared/tracecontext.py): None outside a traced call
+
+    @property
+    def trace_id(self) -> str | None:
+        """The current call's trace id (32 hex digits): the caller's, or a new one when it sent none."""
+        trace = self._trace
+        return trace.trace_id if trace is not None else None
+
+    @property
+    def span_id(self) -> str | None:
+        """The current call's span id (16 hex digits, derived from its call id)."""
+        return span_id(self._call_id) if self._trace is not None and self._call_id is not None else None
+
+    @property
+    def parent_span_id(self) -> str | None:
+        """The caller's span id: the ``traceparent`` sent with the request, or the calling task's span; None for
+        the root of a trace."""
+        trace = self._trace
+        if trace is None:
+            return None
+        return span_id(self._parent_call) if self._parent_call else trace.parent_span
+
+    @property
+    def trace_flags(self) -> int:
+        """The trace's flags (bit 0: sampled); 0 outside a traced call."""
+        trace = self._trace
+        return trace.flags if trace is not None else 0
+
+    @property
+    def traceparent(self) -> str | None:
+        """The ``traceparent`` header to send with a request this call makes: this call as the parent."""
+        trace = self._trace
+        if trace is None or self._call_id is None:
+            return None
+        return format_traceparent(trace.trace_id, span_id(self._call_id), trace.flags)
+
+    @property
+    def tracestate(self) -> str | None:
+        """The ``tracestate`` the caller sent, as it was (None without one)."""
+        trace = self._trace
+        return trace.tracestate if trace is not None else None
 
     @property
     def deadline_ms(self) -> int:

@@ -13,6 +13,12 @@ instance reports them with its RESULTs (or a HEARTBEAT) at most every 100 ms; th
 gateway traces remote calls itself, as it routes them. An in-process call that
 fails (5xx) is reported too, one row each, so the gateway records it as a call of
 its own under its caller's, as it does for a failed remote one.
+
+Every call carries its caller's W3C trace (shared/tracecontext.py): a remote call sends the trace
+id, flags and tracestate with the caller's span as its parent, and an in-process one runs in the
+caller's trace too. In-process calls of a sampled trace (flags bit 0) are reported one by one
+(``spans``), so the trace shows them; those of an unsampled one are only summed, as recording each
+costs about as much as the call itself.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from shared import protocol
+from shared.tracecontext import SAMPLED, TraceFields, span_id
 from shared.errors import ProtocolError
 from shared.failures import bounded, message_of
 from services.runtime.event import Event
@@ -36,6 +43,7 @@ MAX_CALL_DEPTH = 16  # nested task calls; deeper is almost always a cycle
 # failed in-process calls kept for the next report (every 100 ms at most): a storm of failures
 # keeps the first ones, and the report stays well under protocol.MAX_HEADER_BYTES
 MAX_FAILED_REPORTED = 256
+MAX_SPANS_REPORTED = 1024  # in-process calls of sampled traces kept per report (100 ms); more are not recorded
 _JSON = "application/json"
 
 
@@ -50,16 +58,23 @@ class CallFailed(Exception):
 
 
 class Frame:
-    """What is running on this thread: the call a nested call is made from."""
+    """What is running on this thread: the call a nested call is made from.
 
-    __slots__ = ("call_id", "function", "depth", "chain", "deadline_ms")
+    ``trace``: the W3C trace of the INVOKE this call runs under (None without one); its ``parent_span`` is
+    the INVOKE's caller's. ``parent_call``: for an in-process call, its caller's call id (whose span is
+    its parent span; derived only when asked)."""
 
-    def __init__(self, call_id: str, function: str, depth: int, chain: list[str], deadline_ms: int) -> None:
+    __slots__ = ("call_id", "function", "depth", "chain", "deadline_ms", "trace", "parent_call")
+
+    def __init__(self, call_id: str, function: str, depth: int, chain: list[str], deadline_ms: int,
+                 trace: TraceFields | None = None, parent_call: str | None = None) -> None:
         self.call_id = call_id
         self.function = function
         self.depth = depth
         self.chain = chain
         self.deadline_ms = deadline_ms
+        self.trace = trace
+        self.parent_call = parent_call
 
 
 def encode_payload(payload: Any) -> tuple[bytes, str]:
@@ -119,8 +134,10 @@ class TaskCaller:
         self._sockets: list[zmq.Socket] = []  # every thread's call socket, closed at shutdown
         # in-process calls since the last report: (caller, callee) -> [calls, total ms]
         self._edges: dict[tuple[str | None, str], list[float]] = {}
-        # and those that failed: [call_id, parent_id, function, status, error, queued_at, finished_at]
+        # and those that failed: [call_id, parent_id, function, status, error, queued_at, finished_at, trace_id]
         self._failed: list[list[Any]] = []
+        # and those of sampled traces: [call_id, parent_id, function, status, queued_at, finished_at, trace_id]
+        self._spans: list[list[Any]] = []
         self._edges_lock = threading.Lock()
 
     # ----- frames ------------------------------------------------------------------
@@ -162,10 +179,11 @@ class TaskCaller:
         frame = stack[-1] if stack else None
         now_ms = int(time.time() * 1000)
         if frame is None:
-            parent, depth, chain, caller = "", 1, [name], None
+            parent, depth, chain, caller, trace = "", 1, [name], None, None
             deadline_ms = now_ms + 30_000
         else:
             parent, depth, chain, caller = frame.call_id, frame.depth + 1, frame.chain + [name], frame.function
+            trace = frame.trace
             deadline_ms = frame.deadline_ms or now_ms + 30_000
         if timeout_s is not None:
             deadline_ms = min(deadline_ms, now_ms + int(timeout_s * 1000))
@@ -179,10 +197,13 @@ class TaskCaller:
             started = time.perf_counter()
             event = Event.for_call(call_id, parent or None, name, method, path or "/", query, headers,
                                    content_type, body, deadline_ms)
-            result = self.runtime.execute_local(fn, Frame(call_id, name, depth, chain, deadline_ms), event, mapper)
+            result = self.runtime.execute_local(fn, Frame(call_id, name, depth, chain, deadline_ms, trace,
+                                                          parent or None), event, mapper)
             took_ms = (time.perf_counter() - started) * 1000
             if result[0] is not _AS_IS and result[0] >= 500:
-                self._failed_locally(call_id, parent or None, name, result, took_ms)
+                self._failed_locally(call_id, parent or None, name, result, took_ms, trace)
+            elif trace is not None and trace.flags & SAMPLED:
+                self._span(call_id, parent or None, name, 200 if result[0] is _AS_IS else result[0], took_ms, trace)
             with self._edges_lock:
                 slot = self._edges.get((caller, name))
                 if slot is None:
@@ -199,20 +220,35 @@ class TaskCaller:
                 headers=headers, content_type=content_type, depth=depth, chain=chain, caller=caller,
                 # the gateway ties the call to this instance's group: a private callee outside it refuses
                 instance=self.runtime.instance_id)
+            if trace is not None:  # the callee's parent span is this call's
+                header.update(trace_id=trace.trace_id, trace_flags=trace.flags, parent_span=span_id(parent))
+                if trace.tracestate is not None:
+                    header["tracestate"] = trace.tracestate
             header["async"] = not sync
             result, out = self._remote(header, body)
             status, rctype = int(result.get("status", 200)), str(result.get("content_type") or "")
             rheaders = result.get("headers") or []
         return status, rctype, out, rheaders
 
-    def _failed_locally(self, call_id: str, parent_id: str | None, name: str, result: Any, took_ms: float) -> None:
+    def _failed_locally(self, call_id: str, parent_id: str | None, name: str, result: Any, took_ms: float,
+                        trace: TraceFields | None) -> None:
         """Keep a failed in-process call for the next report (before its edge: see :meth:`take_reports`)."""
         status, _, content_type, body = result
         error = getattr(result, "error", None) or bounded(message_of(content_type, body))  # a Failure says why
         finished_at = time.time()
         with self._edges_lock:
             if len(self._failed) < MAX_FAILED_REPORTED:
-                self._failed.append([call_id, parent_id, name, status, error, finished_at - took_ms / 1000, finished_at])
+                self._failed.append([call_id, parent_id, name, status, error, finished_at - took_ms / 1000, finished_at,
+                                     trace.trace_id if trace is not None else None])
+
+    def _span(self, call_id: str, parent_id: str | None, name: str, status: int, took_ms: float,
+              trace: TraceFields) -> None:
+        """Keep an in-process call of a sampled trace for the next report (before its edge, as a failed one)."""
+        finished_at = time.time()
+        with self._edges_lock:
+            if len(self._spans) < MAX_SPANS_REPORTED:
+                self._spans.append([call_id, parent_id, name, status, finished_at - took_ms / 1000, finished_at,
+                                    trace.trace_id])
 
     @property
     def edges_pending(self) -> bool:
@@ -223,18 +259,23 @@ class TaskCaller:
         """What the instance reports of its in-process calls since the last report; only the non-empty keys.
 
         ``edges``: [caller, callee, sync, local, mean ms, calls]; ``failed_calls``: [call_id, parent_id,
-        function, status, error, queued_at, finished_at]. A failed call is kept before its edge, so no
-        failure waits without an edge pending: the reports that :attr:`edges_pending` triggers carry them all.
+        function, status, error, queued_at, finished_at, trace_id]; ``spans`` (in-process calls of sampled traces):
+        [call_id, parent_id, function, status, queued_at, finished_at, trace_id]. A failed call or a span is kept
+        before its edge, so none waits without an edge pending: the reports that :attr:`edges_pending` triggers
+        carry them all.
         """
         with self._edges_lock:
             summed, self._edges = self._edges, {}
             failed, self._failed = self._failed, []
+            spans, self._spans = self._spans, []
         reports: dict[str, list[list[Any]]] = {}
         if summed:
             reports["edges"] = [[caller, callee, True, True, round(total / n, 3), int(n)]
                                 for (caller, callee), (n, total) in summed.items()]
         if failed:
             reports["failed_calls"] = failed
+        if spans:
+            reports["spans"] = spans
         return reports
 
     def _socket(self) -> zmq.Socket:

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from shared.instanceconfig import InstanceConfig
+from shared.tracecontext import of_invoke as invoke_trace
 from services.runtime import responses
 from services.runtime.context_calls import CallFailed, Frame, TaskCaller
 from services.runtime.context import Context, Logger
@@ -173,7 +174,7 @@ class Executor:
 
         ``mapper`` turns the handler's value into what the caller gets (by default the RESULT tuple)."""
         ctx = fn.context
-        saved = (ctx._call_id, ctx._deadline_ms, fn.logger.call_id)
+        saved = (ctx._call_id, ctx._deadline_ms, ctx._trace, ctx._parent_call, fn.logger.call_id)
         try:
             if _get_running_loop() is None:
                 return self._call(fn, frame, event, None, b"", None, mapper)
@@ -187,7 +188,7 @@ class Executor:
                 return box[0]
             return self._call(fn, frame, event, None, b"", None, mapper)
         finally:
-            ctx._call_id, ctx._deadline_ms, fn.logger.call_id = saved
+            ctx._call_id, ctx._deadline_ms, ctx._trace, ctx._parent_call, fn.logger.call_id = saved
 
     def _run(self, header: dict[str, Any], body: bytes,
              loop: asyncio.AbstractEventLoop | None) -> tuple[int, list, str, bytes]:
@@ -205,7 +206,7 @@ class Executor:
             timer_s = max(0.001, min(limit_s, remaining_s))
             signal.setitimer(signal.ITIMER_REAL, timer_s)
         frame = Frame(header.get("call_id", ""), fn.name, int(header.get("depth") or 0),
-                      list(header.get("chain") or [fn.name]), deadline_ms)
+                      list(header.get("chain") or [fn.name]), deadline_ms, invoke_trace(header))
         try:
             return self._call(fn, frame, None, header, body, loop)
         finally:
@@ -219,7 +220,7 @@ class Executor:
         stack.append(frame)
         restore_env = self._apply_env(fn) if fn.name in self._with_env else None
         try:
-            fn.context._begin(frame.call_id, frame.deadline_ms)
+            fn.context._begin(frame.call_id, frame.deadline_ms, frame.trace, frame.parent_call)
             if event is None:
                 event = Event.from_invoke(header or {}, body)
             session = self.session() if fn.needs_session else None

@@ -146,6 +146,17 @@ MIGRATIONS: list[str] = [
     CREATE TABLE gateways (id TEXT PRIMARY KEY, record TEXT NOT NULL, started_at REAL NOT NULL,
                            seen_at REAL NOT NULL);
     """,
+    # W3C trace context (shared/tracecontext.py): a call's trace, the caller's span when it came from outside
+    # (a task call's parent span is derived from parent_id), the flags and tracestate an async call runs with,
+    # and whether it ran in-process (fused); GET /traces/{id} reads a trace by its index
+    """
+    ALTER TABLE calls ADD COLUMN trace_id TEXT;
+    ALTER TABLE calls ADD COLUMN parent_span TEXT;
+    ALTER TABLE calls ADD COLUMN trace_flags INTEGER;
+    ALTER TABLE calls ADD COLUMN tracestate TEXT;
+    ALTER TABLE calls ADD COLUMN fused INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX calls_trace ON calls (trace_id);
+    """,
 ]
 
 

@@ -16,14 +16,18 @@ import time
 from typing import Any
 
 from shared import protocol
+from shared.tracecontext import span_id
 from shared.errors import Conflict, InvalidRequest, NotFound
 from services.store.db import SqlDatabase
 
-# the compact form of calls.record_sync: one array per sync call, in this order; a task call's row
-# adds the last two (an entry call's parent is None and its source "http")
+# the compact form of calls.record_sync: one array per sync call, in this order; the first 8 are required,
+# a task call's row adds parent_id and source (an entry call's parent is None and its source "http"), and a
+# traced call's the last three (its W3C trace id, the caller's span when it came from outside, fused or not)
 SYNC_ROW_FIELDS = ("id", "function", "status", "queued_at", "finished_at", "result_status", "error", "cold_start",
-                   "parent_id", "source")
-_ENTRY_ROW_LEN = len(SYNC_ROW_FIELDS) - 2
+                   "parent_id", "source", "trace_id", "parent_span", "fused")
+_ENTRY_ROW_LEN = 8
+_TASK_ROW_LEN = 10
+_ROW_LENS = (_ENTRY_ROW_LEN, _TASK_ROW_LEN, len(SYNC_ROW_FIELDS))
 
 FINAL = ("DONE", "FAILED", "DEAD")
 STATUSES = ("PENDING", "RUNNING", "DONE", "FAILED", "DEAD")
@@ -51,6 +55,8 @@ def record(row: Any, with_result: bool = True) -> dict[str, Any]:
                        if row["finished_at"] and row["started_at"] else None),
         "error": row["error"],
         "result_status": row["result_status"],
+        "trace_id": row["trace_id"],
+        "fused": bool(row["fused"]),
     }
     if row["idempotency_key"]:
         out["idempotency_key"] = row["idempotency_key"]
@@ -72,12 +78,12 @@ def record(row: Any, with_result: bool = True) -> dict[str, Any]:
     return out
 
 
-# the columns a submitted call is stored with, and how many calls one INSERT statement carries (18
+# the columns a submitted call is stored with, and how many calls one INSERT statement carries (22
 # values each: within SQLite's and PostgreSQL's limits on a statement's parameters)
 _INSERT = ("INSERT INTO calls (id, function, status, kind, source, attempts, max_attempts, idempotency_key,"
            " callback_url, callback_state, owner, payload, content_type, headers, error, parent_id, queued_at,"
-           " finished_at, next_attempt_at) VALUES ")
-_INSERT_ROW = "(?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+           " finished_at, next_attempt_at, trace_id, parent_span, trace_flags, tracestate) VALUES ")
+_INSERT_ROW = "(?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 INSERT_ROWS = 500
 # what an update may set, in the order its statement names them
 _UPDATE_FIELDS = ("status", "attempts", "started_at", "finished_at", "next_attempt_at", "result_status",
@@ -85,8 +91,9 @@ _UPDATE_FIELDS = ("status", "attempts", "started_at", "finished_at", "next_attem
 
 MAX_TEXT_FIELD = 2048  # ids, keys, URLs and content types are short; anything longer is refused
 _TEXT_FIELDS = ("id", "function", "kind", "source", "status", "idempotency_key", "callback_url", "owner",
-                "content_type", "parent_id")
-_NUMBER_FIELDS = ("max_attempts", "queued_at", "next_attempt_at")
+                "content_type", "parent_id", "trace_id", "parent_span", "tracestate")
+_NUMBER_FIELDS = ("max_attempts", "queued_at", "next_attempt_at", "trace_flags")
+MAX_TRACE = 1000  # calls one calls.trace answers: a trace past it is cut (and says so)
 
 
 def call_problem(call: Any) -> str | None:
@@ -119,13 +126,15 @@ def call_problem(call: Any) -> str | None:
 def _sync_row(row: Any) -> tuple:
     """A row of the gateway's (SYNC_ROW_FIELDS) as the columns _insert_sync writes; InvalidRequest if it is not one."""
     size = len(row) if isinstance(row, (list, tuple)) else 0
-    if size in (_ENTRY_ROW_LEN, len(SYNC_ROW_FIELDS)) and all(isinstance(v, str) for v in row[:3]):
+    if size in _ROW_LENS and all(isinstance(v, str) for v in row[:3]):
         call_id, function, status, queued_at, finished_at, result_status, error, cold = row[:_ENTRY_ROW_LEN]
-        parent_id, source = row[_ENTRY_ROW_LEN:] or (None, "http")
-        if isinstance(parent_id, (str, type(None))) and isinstance(source, str):
+        parent_id, source = row[_ENTRY_ROW_LEN:_TASK_ROW_LEN] or (None, "http")
+        trace_id, parent_span, fused = row[_TASK_ROW_LEN:] or (None, None, False)
+        if (isinstance(parent_id, (str, type(None))) and isinstance(source, str)
+                and isinstance(trace_id, (str, type(None))) and isinstance(parent_span, (str, type(None)))):
             return (call_id, function, status, source, queued_at, queued_at, finished_at, result_status, error,
-                    parent_id, int(bool(cold)))
-    raise InvalidRequest(f"a sync call row must be [{', '.join(SYNC_ROW_FIELDS)}] (the last two only for task calls)")
+                    parent_id, int(bool(cold)), trace_id, parent_span, int(bool(fused)))
+    raise InvalidRequest(f"a sync call row must be [{', '.join(SYNC_ROW_FIELDS)}] (the first 8, 10, or all)")
 
 
 class CallStore:
@@ -153,7 +162,8 @@ class CallStore:
                 "pending" if call.get("callback_url") else None, call.get("owner"), payload,
                 call.get("content_type") or None, json.dumps(call.get("headers") or []), call.get("error"),
                 call.get("parent_id"), float(call.get("queued_at") or now),
-                now if status in FINAL else None, call.get("next_attempt_at"))))
+                now if status in FINAL else None, call.get("next_attempt_at"), call.get("trace_id"),
+                call.get("parent_span"), call.get("trace_flags"), call.get("tracestate"))))
         with self.db.tx():
             for start in range(0, len(rows), INSERT_ROWS):
                 chunk = rows[start:start + INSERT_ROWS]
@@ -224,7 +234,8 @@ class CallStore:
         """Record finished sync calls (no payload or result kept), one executemany per batch."""
         rows = [(c["id"], c["function"], c["status"], c.get("source", "http"), c["queued_at"], c.get("started_at"),
                  c.get("finished_at"), c.get("result_status"), c.get("error"), c.get("parent_id"),
-                 int(bool(c.get("cold_start")))) for c in calls]
+                 int(bool(c.get("cold_start"))), c.get("trace_id"), c.get("parent_span"), int(bool(c.get("fused"))))
+                for c in calls]
         return self._insert_sync(rows)
 
     def record_sync_rows(self, rows: list[Any]) -> int:
@@ -235,8 +246,8 @@ class CallStore:
         with self.db.tx():
             self.db.executemany(
                 "INSERT INTO calls (id, function, status, kind, source, attempts, max_attempts, queued_at,"
-                " started_at, finished_at, result_status, error, parent_id, cold_start) VALUES"
-                " (?, ?, ?, 'sync', ?, 1, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
+                " started_at, finished_at, result_status, error, parent_id, cold_start, trace_id, parent_span, fused)"
+                " VALUES (?, ?, ?, 'sync', ?, 1, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
         return len(rows)
 
     def claim(self, owner: str, limit: int, gateway_ttl_s: float) -> tuple[list[dict[str, Any]], list[bytes]]:
@@ -258,7 +269,9 @@ class CallStore:
                   "content_type": r["content_type"] or "", "headers": json.loads(r["headers"] or "[]"),
                   "callback_url": r["callback_url"], "callback_state": r["callback_state"],
                   "was_running": r["status"] == "RUNNING", "queued_at": r["queued_at"],
-                  "next_attempt_at": r["next_attempt_at"], "parent_id": r["parent_id"], "source": r["source"]}
+                  "next_attempt_at": r["next_attempt_at"], "parent_id": r["parent_id"], "source": r["source"],
+                  "trace_id": r["trace_id"], "parent_span": r["parent_span"], "trace_flags": r["trace_flags"] or 0,
+                  "tracestate": r["tracestate"]}
                  for r in rows]
         return calls, [bytes(r["payload"] or b"") for r in rows]
 
@@ -318,6 +331,25 @@ class CallStore:
         sql += " ORDER BY queued_at DESC LIMIT ?"
         params.append(max(1, min(int(limit), MAX_LIST)))
         return [record(r, with_result=False) for r in self.db.all(sql, tuple(params))]
+
+    def trace(self, trace_id: str) -> dict[str, Any]:
+        """The calls of a trace, oldest first, at most MAX_TRACE (``truncated`` says when there were more): each
+        with its span, its parent's call and span, its timings and whether it ran in-process."""
+        rows = self.db.all("SELECT id, function, status, kind, source, parent_id, parent_span, fused, queued_at,"
+                           " started_at, finished_at, result_status, error FROM calls WHERE trace_id=?"
+                           " ORDER BY queued_at LIMIT ?", (trace_id, MAX_TRACE + 1))
+        spans = []
+        for r in rows[:MAX_TRACE]:
+            started = r["started_at"] if r["started_at"] is not None else r["queued_at"]
+            parent_span = r["parent_span"] or (span_id(r["parent_id"]) if r["parent_id"] else None)
+            spans.append({
+                "id": r["id"], "function": r["function"], "span_id": span_id(r["id"]), "parent_id": r["parent_id"],
+                "parent_span": parent_span, "status": r["status"], "kind": r["kind"], "source": r["source"],
+                "fused": bool(r["fused"]), "started_ts": started, "started": _iso(started),
+                "duration_ms": (round((r["finished_at"] - started) * 1000, 3)
+                                if r["finished_at"] is not None and started is not None else None),
+                "result_status": r["result_status"], "error": r["error"]})
+        return {"trace_id": trace_id, "calls": spans, "truncated": len(rows) > MAX_TRACE}
 
     def redrive(self, call_id: str) -> dict[str, Any]:
         with self.db.tx():

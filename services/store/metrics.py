@@ -12,7 +12,7 @@ from shared.svcmetrics import RPC_BUCKETS_S, SERVICES, Histogram, labelled, sing
 READ_METHODS = frozenset({
     "ping", "health", "snapshot", "function.get", "function.list", "version.get", "blob.get", "instances.list",
     "gateways.list", "groups.list", "regroup.get", "group.spec", "kv.get", "runtime.list", "runtime.get",
-    "calls.get", "calls.result", "calls.list", "calls.owned", "calls.pending_callbacks", "calls.counts",
+    "calls.get", "calls.result", "calls.list", "calls.owned", "calls.pending_callbacks", "calls.counts", "calls.trace",
     "metrics.get",
 })
 # distinct method label values kept: the store's methods number about 50; a peer sending made-up names

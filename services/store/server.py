@@ -351,4 +351,5 @@ METHODS: dict[str, Handler] = {
                                                                           required(a, "owner", str))},
     "calls.pending_callbacks": _calls_pending_callbacks,
     "calls.counts": lambda s, a, b: s.calls.counts(),
+    "calls.trace": lambda s, a, b: s.calls.trace(required(a, "trace_id", str)),
 }

@@ -101,7 +101,22 @@ def test_reported_failed_task_calls_are_recorded_and_malformed_ones_dropped() ->
     rows = reported_failures([good, ["c1.2", 7, "callee", 500, "e", 1.0, 2.0], ["c1.3"], "no",
                               ["c1.4", None, "callee", "500", "e", 1.0, 2.0], ["c1.5", None, "f", 500, "e", "x", 2]])
     assert reported_failures("not a list") == []
-    ((call_id, function, status, queued, finished, code, error, cold, parent, source),) = rows
-    assert (call_id, function, status, queued, finished, code, cold, parent, source) == (
-        "c1.1", "callee", "FAILED", 10.0, 10.5, 500, False, "c1", "call")
+    ((call_id, function, status, queued, finished, code, error, cold, parent, source, trace_id, parent_span,
+      fused),) = rows
+    assert (call_id, function, status, queued, finished, code, cold, parent, source, trace_id, parent_span, fused) == (
+        "c1.1", "callee", "FAILED", 10.0, 10.5, 500, False, "c1", "call", None, None, True)
     assert error.startswith("ValueError: xxx") and len(error) <= 1024 and error.endswith("...")
+
+
+def test_reported_failures_and_spans_keep_a_valid_trace_id_only() -> None:
+    from services.gateway.taskcalls import reported_failures, reported_spans
+
+    trace = "0193c0ffee0000000000000000000001"
+    (failed,) = reported_failures([["c1.1", "c1", "callee", 500, "e", 1.0, 2.0, trace]])
+    (bad_trace,) = reported_failures([["c1.2", "c1", "callee", 500, "e", 1.0, 2.0, "not-a-trace"]])
+    assert failed[10] == trace and failed[12] is True and bad_trace[10] is None
+    spans = reported_spans([["c1.3", "c1", "callee", 200, 1.0, 2.0, trace], ["c1.4", "c1", "callee", 200, 1.0, 2.0],
+                            ["c1.5", "c1", "callee", 200, 1.0, 2.0, "0" * 32], ["c1.6", 5, "callee", 200, 1.0, 2.0, trace],
+                            "not a row"])
+    assert spans == [("c1.3", "callee", "DONE", 1.0, 2.0, 200, None, False, "c1", "call", trace, None, True)]
+    assert reported_spans("not a list") == []

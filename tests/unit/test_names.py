@@ -50,7 +50,7 @@ def test_reserved_names_with_dots_are_refused_by_the_pattern_first() -> None:
 
 def test_reserved_set_is_complete() -> None:
     expected = {
-        "functions", "function", "calls", "groups", "runtimes", "healthz", "health", "metrics", "docs",
+        "functions", "function", "calls", "traces", "groups", "runtimes", "healthz", "health", "metrics", "docs",
         "redoc", "openapi.json", "optimizer", "async-function", "api", "static", "favicon.ico", "system",
         "version", "login", "admin", "ui",
     }

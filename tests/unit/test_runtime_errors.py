@@ -74,7 +74,8 @@ def test_a_failing_in_process_call_is_reported_with_its_parent(tmp_path: Path) -
         assert (result["status"], out) == (200, b"caught: kaboom")
         reports = ex.caller.take_reports()
         (row,) = reports["failed_calls"]
-        call_id, parent_id, function, status, error, queued_at, finished_at = row
+        call_id, parent_id, function, status, error, queued_at, finished_at, trace_id = row
+        assert trace_id is None, "an INVOKE without a trace has none"
         assert call_id.startswith("c1.") and (parent_id, function, status, error) == ("c1", "b", 500, "ValueError: kaboom")
         assert 0 < queued_at <= finished_at
         assert [e[:2] for e in reports["edges"]] == [["a", "b"]], "a failure travels with its edge"

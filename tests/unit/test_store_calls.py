@@ -454,3 +454,30 @@ def test_headers_round_trip_as_json(calls: CallStore) -> None:
     (meta,), _ = calls.claim("g", 1, TTL_S)
     assert meta["headers"] == [["content-type", "a/b"], ["x-k", "v\u00e9"]]
     assert json.loads(json.dumps(meta["headers"])) == meta["headers"]
+
+
+def test_a_trace_is_read_by_its_id_with_spans_and_parents(calls: CallStore) -> None:
+    from shared.tracecontext import span_id
+
+    trace, other = "4bf92f3577b34da6a3ce929d0e0e4736", "5bf92f3577b34da6a3ce929d0e0e4736"
+    calls.record_sync_rows([
+        ["root", "a", "DONE", 10.0, 10.5, 200, None, False, None, "http", trace, "00f067aa0ba902b7", False],
+        ["root.1", "b", "DONE", 10.1, 10.2, 200, None, False, "root", "call", trace, None, True],
+        ["plain", "a", "DONE", 11.0, 11.1, 200, None, False],  # the gateway's older rows still go in
+        ["elsewhere", "a", "DONE", 9.0, 9.1, 200, None, False, None, "http", other, None, False]])
+    submit_one(calls, id="async1", function="c", parent_id="root", trace_id=trace, parent_span=span_id("root"),
+               trace_flags=1, tracestate="k=v")
+    got = calls.trace(trace)
+    assert got["trace_id"] == trace and not got["truncated"]
+    assert [c["id"] for c in got["calls"]] == ["root", "root.1", "async1"]
+    root, fused, queued = got["calls"]
+    assert (root["parent_span"], root["span_id"], root["fused"], root["duration_ms"]) == (
+        "00f067aa0ba902b7", span_id("root"), False, 500.0)
+    assert (fused["parent_span"], fused["fused"], fused["parent_id"]) == (span_id("root"), True, "root")
+    assert queued["kind"] == "async" and queued["duration_ms"] is None and queued["parent_span"] == span_id("root")
+    assert calls.get("root")["trace_id"] == trace and calls.get("plain")["trace_id"] is None
+    claimed, _ = calls.claim("gw1", 10)
+    assert [(c["trace_id"], c["trace_flags"], c["tracestate"]) for c in claimed] == [(trace, 1, "k=v")]
+    assert calls.trace("ffffffffffffffffffffffffffffffff")["calls"] == []
+    with pytest.raises(InvalidRequest):
+        calls.record_sync_rows([["x", "a", "DONE", 1.0, 1.1, 200, None, False, None, "http", 5, None, False]])

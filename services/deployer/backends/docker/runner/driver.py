@@ -141,16 +141,19 @@ class CallContainers:
             self.warm_argv = ["/bin/sh", "-c", DRIVER, "nuclide-driver",
                               "fresh" if config["warm_start"] == "runtime" else "keep", self.path, *self.run]
 
-    def _create(self, argv: list[str], auto_remove: bool, stdin_once: bool) -> str:
+    def _create(self, argv: list[str], auto_remove: bool, stdin_once: bool, env: dict[str, str] | None = None) -> str:
         """A container running one of our sh scripts or the once runner (the image's own entrypoint is replaced)."""
         host = box.host_config(self.api, self.path, self.memory, self.config.get("cpu"), auto_remove,
                                self.code_volume, isolated=self.isolated, link_source=self.link_source)
-        return box.create(self.api, self.image, argv, self.labels, self.env, self.workdir, host, stdin_once)
+        return box.create(self.api, self.image, argv, self.labels, {**self.env, **env} if env else self.env,
+                          self.workdir, host, stdin_once)
 
-    def fresh_call(self, data: bytes, timeout_s: float, argv: list[str] | None = None) -> tuple[bytes, bytes, bool]:
-        """Policy none: a container of its own for one call; its (stdout, stderr, timed out)."""
+    def fresh_call(self, data: bytes, timeout_s: float, argv: list[str] | None = None,
+                   env: dict[str, str] | None = None) -> tuple[bytes, bytes, bool]:
+        """Policy none: a container of its own for one call (``env``: variables of this call only); its (stdout,
+        stderr, timed out)."""
         deadline = time.monotonic() + timeout_s
-        cid = self._create(argv or self.fresh_argv, auto_remove=True, stdin_once=True)
+        cid = self._create(argv or self.fresh_argv, auto_remove=True, stdin_once=True, env=env)
         timed_out = True
         try:
             sock = self.api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
@@ -194,11 +197,13 @@ class CallContainers:
             raise
         return cid
 
-    def warm_call(self, cid: str, data: bytes, timeout_s: float,
-                  argv: list[str] | None = None) -> tuple[bytes, bytes, bool]:
-        """One call as an exec in a warm container; its (stdout, stderr, timed out)."""
+    def warm_call(self, cid: str, data: bytes, timeout_s: float, argv: list[str] | None = None,
+                  env: dict[str, str] | None = None) -> tuple[bytes, bytes, bool]:
+        """One call as an exec in a warm container (``env``: variables of this call only); its (stdout, stderr,
+        timed out)."""
         deadline = time.monotonic() + timeout_s
-        ex = self.api.exec_create(cid, argv or self.warm_argv, stdin=True, user=USER, environment=self.env)
+        ex = self.api.exec_create(cid, argv or self.warm_argv, stdin=True, user=USER,
+                                  environment={**self.env, **env} if env else self.env)
         sock = self.api.exec_start(ex["Id"], socket=True)
         return exchange(sock, data, deadline)
 

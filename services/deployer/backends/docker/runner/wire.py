@@ -17,6 +17,7 @@ from typing import Any
 
 from shared.instanceconfig import InstanceConfig
 from shared.oncewire import CHECK_ARG, decode_result, encode_invoke
+from shared.tracecontext import format_traceparent, span_id
 from services.deployer.backends.docker.runner.driver import API_TIMEOUT_S, CallContainers
 from services.deployer.backends.docker.runner.results import (
     STDERR_TAIL_CHARS, error_result, input_json, parse_driver_output, python_result, stderr_tail, to_result,
@@ -24,6 +25,19 @@ from services.deployer.backends.docker.runner.results import (
 
 PY_TIMEOUT_GRACE_S = 1.0  # a Python call's own timeout answers first; the runner kills the container this much later
 
+
+
+def trace_env(header: dict[str, Any]) -> dict[str, str] | None:
+    """A registered runtime's command learns its call's W3C trace from its environment: TRACEPARENT (naming the
+    call's own span, as a request it makes should send it on) and TRACESTATE; None for a call without a trace."""
+    trace_id = header.get("trace_id")
+    if not isinstance(trace_id, str):
+        return None
+    env = {"TRACEPARENT": format_traceparent(trace_id, span_id(str(header.get("call_id", ""))),
+                                             int(header.get("trace_flags") or 0))}
+    if isinstance(header.get("tracestate"), str):
+        env["TRACESTATE"] = header["tracestate"]
+    return env
 
 class Runner:
     """One function's instance: INVOKE -> a worker thread runs the call in a container -> RESULT."""
@@ -124,7 +138,7 @@ class Runner:
             return self._execute_python(header, body, timeout_s, started)
         else:
             try:
-                outcome = parse_driver_output(*self._run(input_json(body), timeout_s))
+                outcome = parse_driver_output(*self._run(input_json(body), timeout_s, env=trace_env(header)))
                 status, ctype, out = to_result(self.fn["name"], self.containers.run[0], outcome, self.timeout_s,
                                                self.containers.memory)
                 if outcome.stderr.strip():
@@ -169,12 +183,13 @@ class Runner:
                 return False
         return parse_driver_output(out, b"").exit_code is not None
 
-    def _run(self, data: bytes, timeout_s: float, argv: list[str] | None = None) -> tuple[bytes, bytes, bool]:
+    def _run(self, data: bytes, timeout_s: float, argv: list[str] | None = None,
+             env: dict[str, str] | None = None) -> tuple[bytes, bytes, bool]:
         if self.policy == "none":
-            return self.containers.fresh_call(data, timeout_s, argv)
+            return self.containers.fresh_call(data, timeout_s, argv, env)
         cid = self._take_warm()
         try:
-            out, err, timed_out = self.containers.warm_call(cid, data, timeout_s, argv)
+            out, err, timed_out = self.containers.warm_call(cid, data, timeout_s, argv, env)
         except BaseException:
             self._drop_warm(cid)
             raise
