@@ -36,6 +36,7 @@ class Load:
         self.url, self.name, self.body = url, name, body
         self.statuses: Counter[int] = Counter()
         self.errors: list[str] = []
+        self.answers: list[str] = []  # the first few answers that were not 200, as they came
         self._stop = threading.Event()
         self._deadline = time.monotonic() + limit_s  # bounded even if a test forgets to stop it
         self._lock = threading.Lock()
@@ -55,13 +56,15 @@ class Load:
         with httpx.Client(base_url=self.url, timeout=40) as c:
             while not self._stop.is_set() and time.monotonic() < self._deadline:
                 try:
-                    status = c.post(f"/{self.name}", content=self.body).status_code
+                    resp = c.post(f"/{self.name}", content=self.body)
                 except httpx.HTTPError as exc:
                     with self._lock:
                         self.errors.append(repr(exc))
                     continue
                 with self._lock:
-                    self.statuses[status] += 1
+                    self.statuses[resp.status_code] += 1
+                    if resp.status_code != 200 and len(self.answers) < 5:
+                        self.answers.append(f"{resp.status_code} {resp.text[:300]}")
 
 
     def calls(self) -> int:
@@ -71,7 +74,8 @@ class Load:
     def failures(self) -> list[str]:
         """Every call that did not answer 200: its status, or the client's error."""
         with self._lock:
-            return [f"{n} x {status}" for status, n in self.statuses.items() if status != 200] + self.errors[:5]
+            return ([f"{n} x {status}" for status, n in self.statuses.items() if status != 200] + self.errors[:5]
+                    + self.answers)
 
 
 def replicas(s: Stack, name: str) -> dict[str, int]:

@@ -111,6 +111,7 @@ class AsyncCalls:
         self.inflight: dict[str, AsyncCall] = {}
         self._submits: list[tuple[dict[str, Any], bytes, asyncio.Future]] = []
         self._updates: dict[str, tuple[dict[str, Any], bytes | None]] = {}  # call id -> merged update
+        self._updates_lock = asyncio.Lock()
         # (id, function, status, queued_at, finished_at, code, error, cold[, parent_id, source]): SYNC_ROW_FIELDS
         self._records: list[tuple] = []
         self._submit_flush: asyncio.TimerHandle | None = None
@@ -455,6 +456,12 @@ class AsyncCalls:
         self._spawn(self._flush_updates_now())
 
     async def _flush_updates_now(self) -> None:
+        # one flush at a time: a batch kept after a failure must not land after a newer one for the same call
+        # (a RUNNING retried after its DONE went through would leave the call RUNNING for ever)
+        async with self._updates_lock:
+            await self._flush_updates_locked()
+
+    async def _flush_updates_locked(self) -> None:
         while self._updates:
             ids = list(self._updates)[:512]
             batch = [self._updates.pop(i) for i in ids]

@@ -7,8 +7,8 @@ fast the broker fills the whole credit, so the next call is already waiting when
 one finishes (a 2.5x throughput gain for short handlers); once its calls are slow
 it gets no more than its concurrency, so no call waits behind a slow one while
 another instance could take it. A call for a function goes to the instance of
-that function's newest version with the most room (in whatever group: during a regroup the old and
-the new groups' instances share its calls); when none has room it waits
+that function's newest version with the most room (in whatever group: during a regroup the new group's
+instances take its calls first, and the old group's what the new one has no room for); when none has room it waits
 in that function's bounded queue until a RESULT frees one, or until its deadline. Older-version instances
 keep serving their in-flight calls while a redeploy or regroup drains them.
 
@@ -211,11 +211,15 @@ class Broker:
         if insts:
             best = None
             best_free = 0
+            best_group = -1
             now = time.monotonic()
             for inst in insts:
+                # the newest group's instance with the most room; during a regroup the group it leaves takes
+                # only what the new one has no room for
                 free = inst.room(now)
-                if free > best_free:
-                    best, best_free = inst, free
+                if free > 0 and (inst.group_version > best_group
+                                 or (inst.group_version == best_group and free > best_free)):
+                    best, best_free, best_group = inst, free, inst.group_version
             if best is not None:
                 if len(insts) > 1:
                     # rotate so equally loaded instances take turns (and all stay warm)
@@ -256,12 +260,15 @@ class Broker:
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
         for inst in dirty:
-            calls, inst.outbox = inst.outbox, []
-            calls = [c for c in calls if not c.future.done()]  # expired or failed meanwhile
-            current = self.instances.get(inst.id)  # a re-READY replaces the object, not the peer
-            if calls and current is not None:
-                for start in range(0, len(calls), protocol.MAX_BATCH):
-                    self._send_calls(current, calls[start:start + protocol.MAX_BATCH])
+            self._send_outbox(inst, self.instances.get(inst.id))  # a re-READY replaces the object, not the peer
+
+    def _send_outbox(self, inst: Instance, to: Instance | None) -> None:
+        """Send the calls dispatched to ``inst`` in this turn of the loop (to ``to``, the peer's object now)."""
+        calls, inst.outbox = inst.outbox, []
+        calls = [c for c in calls if not c.future.done()]  # expired or failed meanwhile
+        if calls and to is not None:
+            for start in range(0, len(calls), protocol.MAX_BATCH):
+                self._send_calls(to, calls[start:start + protocol.MAX_BATCH])
 
     def _send_calls(self, inst: Instance, calls: list[Call]) -> None:
         sent = 0
@@ -471,6 +478,10 @@ class Broker:
         self._pump(inst)
 
     def _on_bye(self, ident: bytes, inst: Instance | None) -> None:
+        if inst is not None and inst.outbox:
+            # calls given to it in this turn of the loop leave before the acknowledgement: an instance that
+            # has its BYE acknowledged and no call in flight exits, and one sent after would be lost with it
+            self._send_outbox(inst, inst)
         try:
             self._send([ident, *protocol.encode(protocol.BYE, {})])
         except zmq.ZMQError:
@@ -488,8 +499,8 @@ class Broker:
         """routes[fn] = live, non-draining instances of the newest version of fn, whatever their group.
 
         A regroup runs the same version of fn in the group it leaves and in the group it joins: both
-        serve it until the old instances say BYE, so the new group's first READY instance does not take
-        the whole load while the others start (the deployer stops the old ones only once the new group
+        serve it until the old instances say BYE (the new group's first, see submit), so the new group's
+        first READY instance does not take the whole load while the others start (the deployer stops the old ones only once the new group
         has its replicas ready)."""
         best_version = -1
         chosen: list[Instance] = []

@@ -181,7 +181,11 @@ class TaskCalls:
         caller = header.get("caller")
         group = inst.group if inst is not None else None
         caller_fn = caller if inst is not None and isinstance(caller, str) and caller in inst.functions else None
-        if not may_call_private(callee.group_id, callee.allow_calls_from, group, caller_fn):
+        # during a regroup the caller's function may already be in the callee's group while this instance of
+        # it (the group it leaves) still serves calls: the function's group in force counts too
+        current = self.catalogue.functions.get(caller_fn) if caller_fn is not None else None
+        if not (may_call_private(callee.group_id, callee.allow_calls_from, group, caller_fn)
+                or (current is not None and may_call_private(callee.group_id, (), current.group_id, caller_fn))):
             who = f"function '{caller_fn}'" if caller_fn else "a caller outside any function of this platform"
             raise Forbidden(f"function '{callee.name}' is private: {who} may not call it (only functions of its"
                             f" fusion group and those its spec.allowCallsFrom names may)")

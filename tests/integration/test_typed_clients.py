@@ -104,6 +104,7 @@ async def tour(store: StoreClient) -> dict[str, Any]:
     seen["call"] = await store.calls_get("c1")
     await store.calls_record_sync([["s1", "f", "DONE", 1.0, 1.5, 200, None, False]])
     seen["listed"] = await store.calls_list("f", None, 10)
+    seen["trace"] = await store.calls_trace("0" * 31 + "1")
     seen["claimed"] = await store.calls_claim("boot-other", 10)
     try:
         await store.calls_redrive("c1")
@@ -172,6 +173,7 @@ def test_every_method_of_the_typed_client_is_served_by_a_real_store(store_only: 
     assert [p["id"] for p in seen["pending"][0]] == ["c1"] and seen["pending"][1] == (b"the result",)
     assert seen["taken"] == {"taken": True} and seen["call"]["callback"]["state"] == "sending"
     assert {c["id"] for c in seen["listed"]} == {"c1", "s1"}
+    assert seen["trace"] == {"trace_id": "0" * 31 + "1", "calls": [], "truncated": False}
     assert seen["claimed"] == ([], ())
     assert isinstance(seen.get("redrive"), Conflict)
     assert seen["counts"]["DONE"] == 2 and seen["purged"] == {"purged": 2}

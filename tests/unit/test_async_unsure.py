@@ -116,3 +116,45 @@ async def test_a_submission_given_up_on_runs_if_the_store_holds_it_and_is_forgot
         assert [c.call_id for c in broker.calls] == ["call-0"] and broker.calls[0].body == b"kept"
     finally:
         await gw.stop()
+
+
+class SlowFailingUpdates(LossyStore):
+    """The first two calls.update wait until their ``release`` event is set, then fail as a store that went
+    away does; later ones go through."""
+
+    def __init__(self, calls: CallStore) -> None:
+        super().__init__(calls, lose=0)
+        self.release = [asyncio.Event(), asyncio.Event()]
+        self.updates = 0
+
+    async def calls_update(self, updates: list[dict[str, Any]], bodies: list[bytes], *, timeout_s: float) -> Any:
+        self.updates += 1
+        if self.updates <= 2:
+            await self.release[self.updates - 1].wait()
+            raise Unavailable("the store did not answer calls.update in time")
+        return self.calls.update(updates, tuple(bodies))
+
+
+async def test_an_update_kept_after_a_failure_never_lands_after_a_newer_one(
+        open_store_db, monkeypatch: pytest.MonkeyPatch) -> None:
+    # RUNNING goes out and hangs (the store is restarting); DONE is flushed meanwhile and hangs too; RUNNING
+    # fails first, then DONE: whatever the order, the call ends DONE, not RUNNING with DONE's result
+    calls = CallStore(open_store_db())
+    monkeypatch.setattr(async_calls, "STORE_RETRY_S", 0.3)  # a kept batch waits before it goes again
+    calls.submit([{"id": "c1", "function": "fn", "owner": BOOT}], (b"p",))
+    store = SlowFailingUpdates(calls)
+    gw = _gateway(store, Broker())
+    gw._update({"id": "c1", "status": "RUNNING", "attempts": 1})
+    first = asyncio.ensure_future(gw._flush_updates_now())
+    await _until(lambda: store.updates == 1)
+    gw._update({"id": "c1", "status": "DONE", "result_status": 200, "finished_at": time.time(), "has_result": True},
+               b"ok")
+    second = asyncio.ensure_future(gw._flush_updates_now())
+    await asyncio.sleep(0.05)
+    store.release[0].set()  # the RUNNING batch fails first
+    await asyncio.sleep(0.05)
+    store.release[1].set()
+    await asyncio.gather(first, second)
+    await gw._flush_updates_now()
+    got = calls.get("c1")
+    assert (got["status"], got["result_status"]) == ("DONE", 200), got

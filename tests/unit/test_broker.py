@@ -716,7 +716,7 @@ async def test_an_instance_takes_queued_calls_only_of_the_functions_routed_to_it
     assert [hd["call_id"] for hd, _ in await invoked(new)] == ["f2"]
 
 
-async def test_during_a_regroup_calls_go_to_every_instance_of_the_newest_version_until_the_old_ones_say_bye(
+async def test_during_a_regroup_the_new_group_takes_calls_first_and_the_old_one_the_rest_until_it_says_bye(
         h: Harness) -> None:
     # the same version of f in the group in force and in the group a regroup made: both serve, so a regroup
     # under load keeps the capacity in use while the new group's instances come up
@@ -727,11 +727,28 @@ async def test_during_a_regroup_calls_go_to_every_instance_of_the_newest_version
     h.broker.submit(first)
     h.broker.submit(second)
     got = {p.ident: [hdr["call_id"] for hdr, _ in await invoked(p)] for p in (old, new)}
-    assert sorted(got.values()) == [["c1"], ["c2"]], got
+    # the new group first (a fused call stays fused once the regroup is in force), the old one takes the rest
+    assert got == {new.ident: ["c1"], old.ident: ["c2"]}, got
     old.send(protocol.BYE, {})
     assert (await old.recv()).command == protocol.BYE
     await until(lambda: h.broker.by_name["old"].draining, what="old to drain")
     assert [i.name for i in h.broker.routes["f"]] == ["new"]
+
+
+async def test_a_call_given_to_an_instance_in_the_turn_it_says_bye_reaches_it_before_the_acknowledgement(
+        h: Harness) -> None:
+    # its RESULT frees room, the queued call is dispatched to it, and its BYE is read in the same turn: the
+    # INVOKE must leave before the BYE's acknowledgement (an acknowledged instance with nothing in flight exits)
+    p = await h.instance(b"i1", credit=1, batch=True)
+    first, queued = h.call("c1"), h.call("c2")
+    h.broker.submit(first)
+    h.broker.submit(queued)
+    assert [hdr["call_id"] for hdr, _ in await invoked(p)] == ["c1"]
+    p.send(protocol.RESULT, {"call_id": "c1", "status": 200, "took_ms": 0}, b"")
+    p.send(protocol.BYE, {})
+    got = await p.recv()
+    assert got.command == protocol.INVOKE and [hdr["call_id"] for hdr, _ in protocol.unbatch(got)] == ["c2"], got
+    assert (await p.recv()).command == protocol.BYE
 
 
 async def test_a_deleted_function_is_no_longer_served_by_the_instances_that_had_it(h: Harness) -> None:

@@ -476,7 +476,7 @@ def test_a_trace_is_read_by_its_id_with_spans_and_parents(calls: CallStore) -> N
     assert (fused["parent_span"], fused["fused"], fused["parent_id"]) == (span_id("root"), True, "root")
     assert queued["kind"] == "async" and queued["duration_ms"] is None and queued["parent_span"] == span_id("root")
     assert calls.get("root")["trace_id"] == trace and calls.get("plain")["trace_id"] is None
-    claimed, _ = calls.claim("gw1", 10)
+    claimed, _ = calls.claim("gw1", 10, TTL_S)
     assert [(c["trace_id"], c["trace_flags"], c["tracestate"]) for c in claimed] == [(trace, 1, "k=v")]
     assert calls.trace("ffffffffffffffffffffffffffffffff")["calls"] == []
     with pytest.raises(InvalidRequest):

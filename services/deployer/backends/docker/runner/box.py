@@ -88,6 +88,17 @@ def create(api: Any, image: str, argv: list[str], labels: dict[str, str], env: d
     return api.create_container_from_config(config, name=name)["Id"]
 
 
+# what the engine answers when runc fails to set a container up on a busy host ("stat /bin/sh: permission
+# denied" and the like): the container's process never started, so starting a new one is safe
+TRANSIENT_START = "OCI runtime create failed"
+START_RETRY_S = 0.2
+
+
+def transient_start(exc: BaseException) -> bool:
+    """Whether a container failed to start for the engine's reason, not its own (see TRANSIENT_START)."""
+    return TRANSIENT_START in str(exc)
+
+
 def _owned(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     """Files, directories and symlinks only, owned by the container's user, no set-id bits."""
     if not (info.isfile() or info.isdir() or info.issym()):

@@ -153,11 +153,9 @@ class CallContainers:
         """Policy none: a container of its own for one call (``env``: variables of this call only); its (stdout,
         stderr, timed out)."""
         deadline = time.monotonic() + timeout_s
-        cid = self._create(argv or self.fresh_argv, auto_remove=True, stdin_once=True, env=env)
+        cid, sock = self._start_fresh(argv or self.fresh_argv, env)
         timed_out = True
         try:
-            sock = self.api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-            self.api.start(cid)
             # the command reads its input first: sent once the network is there, it never runs without it
             self._attach(cid)
             out, err, timed_out = exchange(sock, data, deadline)
@@ -165,6 +163,27 @@ class CallContainers:
             if timed_out:  # it may still run, or never started: the engine removes the others itself
                 self.remove(cid)
         return out, err, timed_out
+
+    def _start_fresh(self, argv: list[str], env: dict[str, str] | None) -> tuple[str, Any]:
+        """A per-call container, attached then started; a second one when the engine failed to set the first
+        up (box.transient_start: nothing ran in it). Its id and attached socket."""
+        import docker.errors
+
+        for attempt in range(2):
+            cid = self._create(argv, auto_remove=True, stdin_once=True, env=env)
+            sock = None
+            try:
+                sock = self.api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+                self.api.start(cid)
+                return cid, sock
+            except BaseException as exc:
+                if sock is not None:
+                    sock.close()
+                self.remove(cid)
+                if attempt or not (isinstance(exc, docker.errors.APIError) and box.transient_start(exc)):
+                    raise
+                time.sleep(box.START_RETRY_S)
+        raise AssertionError("unreachable")
 
     def start_warm(self) -> str:
         """A warm container, running and idle; raises RuntimeError with its output when it does not stay up."""
