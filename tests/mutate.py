@@ -35,7 +35,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
                      "tests/unit/test_store_gateways.py"]),
     "broker": (["services/gateway/broker.py"],
                ["tests/unit/test_broker.py", "tests/unit/test_broker_vanished.py",
-                "tests/unit/test_gateway_routing.py"]),
+                "tests/unit/test_broker_keys.py", "tests/unit/test_gateway_routing.py"]),
     "sandbox": (["services/deployer/sandbox.py"], ["tests/unit/test_sandbox.py"]),
     "async": (["services/gateway/async_calls.py"], ["tests/integration/test_async.py", "tests/integration/test_readme_claims.py"]),
 }

@@ -762,3 +762,41 @@ async def test_a_deleted_function_is_no_longer_served_by_the_instances_that_had_
     h.broker.submit(call)
     assert [hdr["call_id"] for hdr, _ in await invoked(redeployed)] == ["c1"]
     await old.silent(0.05)
+
+
+async def test_a_command_instances_do_not_send_is_logged_and_never_taken_for_a_task_call(h: Harness) -> None:
+    p = await h.instance(b"i1")
+    p.send(protocol.REQ, {"call_id": "t1", "function": "other"}, b"arg")
+    p.send(protocol.CALL, {"call_id": "t2", "function": "other"}, b"arg")  # a real one after it
+    await until(lambda: h.calls, what="the CALL")
+    assert [msg.header["call_id"] for _, msg in h.calls] == ["t2"]
+    assert h.logged("unexpected command from instance") == [
+        {"command": protocol.REQ, "peer": h.broker.by_name["i1"].id[:40]}]
+
+
+async def test_results_that_free_room_for_several_calls_fill_it_across_the_functions_served(h: Harness) -> None:
+    for call in (h.call("f1"), h.call("f2"), h.call("f3"), h.call("g1", "g")):
+        h.broker.submit(call, bounded=False)
+    p = h.peer(b"i1")
+    p.ready({"f": 1, "g": 1}, credit=2, concurrency=2, batch=True)
+    assert [hd["call_id"] for hd, _ in await invoked(p)] == ["f1", "f2"]
+    # both answers in one message: one look at the queues must give both freed places, to f's call and g's
+    p.sock.send_multipart(protocol.encode_batch(protocol.RESULT, [{"call_id": "f1", "status": 200, "took_ms": 0},
+                                                                  {"call_id": "f2", "status": 200, "took_ms": 0}],
+                                                [b"", b""]))
+    assert [hd["call_id"] for hd, _ in await invoked(p)] == ["f3", "g1"]
+    assert not h.broker.queues["f"] and not h.broker.queues["g"]
+
+
+async def test_deleting_a_function_leaves_the_instances_that_never_served_it_alone(h: Harness) -> None:
+    await h.instance(b"i1", {"f": 1})
+    h.broker.fail_function("g", NotFound("function 'g' was deleted"))
+    assert h.broker.by_name["i1"].functions == {"f": 1} and [i.name for i in h.broker.serving("f")] == ["i1"]
+
+
+async def test_an_instance_of_group_version_0_the_default_takes_calls(h: Harness) -> None:
+    p = await h.instance(b"i1", group_version=0)
+    assert h.broker.by_name["i1"].group_version == 0
+    call = h.call("c1")
+    h.broker.submit(call)
+    assert [hd["call_id"] for hd, _ in await invoked(p)] == ["c1"]

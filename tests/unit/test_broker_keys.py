@@ -7,6 +7,7 @@ from typing import Iterator
 
 import pytest
 import zmq
+from structlog.testing import capture_logs
 
 from shared import protocol
 from shared.curve import Keys, ZapHandler, memory_keys
@@ -63,6 +64,13 @@ class Peers:
         self.ctx, self.endpoint, self.keys = ctx, endpoint, keys
         self.socks: list[zmq.Socket] = []
         self.monitors: dict[zmq.Socket, zmq.Socket] = {}
+        self.logs: list[dict] = []  # what the broker logged (the rig captures it)
+        self.key: dict[zmq.Socket, str] = {}  # each socket's CURVE public key (z85), as the broker reads it
+
+    def refusals(self, event: str) -> list[dict]:
+        """The broker's log entries for ``event``, without the event and level."""
+        return [{k: v for k, v in e.items() if k not in ("event", "log_level")} for e in self.logs
+                if e["event"] == event]
 
     def open(self, ident: str, key_of: tuple[str, str, int] | None = None, made_up: bool = False,
              plain: bool = False) -> zmq.Socket:
@@ -75,8 +83,10 @@ class Peers:
         if made_up:
             public, secret = zmq.curve_keypair()
             curve_client(sock, public, secret, self.keys.public("gateway"))
+            self.key[sock] = public.decode()
         elif not plain:
             self.keys.client_of_instance(sock, *(key_of or (ident, "g", 1)))
+            self.key[sock] = self.keys.instance(*(key_of or (ident, "g", 1))).public.decode()
             if key_of is not None and key_of[0] != ident:  # another instance's key: its own routing id
                 sock.setsockopt(zmq.ROUTING_ID, ident.encode())
         self.monitors[sock] = sock.get_monitor_socket()
@@ -91,12 +101,16 @@ async def rig() -> Iterator[tuple[Broker, ZapHandler, Peers]]:
     keys = memory_keys()
     zap = ZapHandler(ctx, keys)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
+    capture = capture_logs()
+    logs = capture.__enter__()
     broker = Broker(ctx, endpoint, 10, on_ready=lambda inst: None, on_gone=lambda inst, why: None, keys=keys,
                     admits=admits)
     peers = Peers(ctx, endpoint, keys)
+    peers.logs = logs
     try:
         yield broker, zap, peers
     finally:
+        capture.__exit__(None, None, None)
         for sock in peers.socks:
             if not peers.monitors[sock].closed:
                 sock.disable_monitor()
@@ -123,6 +137,18 @@ async def test_an_instance_registers_only_with_the_key_issued_for_it(rig) -> Non
         ready(sock, ident, group, version, functions)
     await until(lambda: broker.refused >= len(attempts), what="every forged READY to be refused")
     assert broker.instances == {} and broker.routes.get("victim") in (None, [])
+    # each refusal counted once and logged with who tried what (the operator's record of an attack)
+    assert broker.refused == len(attempts)
+    not_issued = peers.refusals("refused a READY whose key or routing id was not issued for that instance, group"
+                                " and version")
+    not_members = peers.refusals("refused a READY for functions that are not its group's")
+    assert sorted(e.pop("refused") for e in not_issued + not_members) == list(range(1, len(attempts) + 1))
+    expected = [{"peer": sock.getsockopt(zmq.ROUTING_ID)[:40], "key": peers.key[sock], "group": group,
+                 "group_version": version} for sock, _, group, version, _ in attempts[:4]]
+    assert sorted(not_issued, key=repr) == sorted(expected, key=repr)
+    greedy = attempts[4][0]
+    assert not_members == [{"peer": greedy.getsockopt(zmq.ROUTING_ID)[:40], "key": peers.key[greedy],
+                            "problem": "['victim'] not in group g"}]
     good = peers.open("good")
     ready(good, "good")
     await until(lambda: broker.routes.get("f"), what="the READY with the issued key")
@@ -145,8 +171,14 @@ async def test_a_result_counts_only_from_the_instance_the_call_was_sent_to(rig) 
     # a connection on the victim's instance id as routing id, with a key of its own: not the victim's route
     squatter = peers.open("runner", made_up=True)
     squatter.send_multipart(protocol.encode(protocol.RESULT, {"call_id": "c-victim", "status": 200}, b"squat"))
-    await until(lambda: broker.refused >= 1, what="the forged RESULT to be refused")
+    await until(lambda: broker.refused >= 2, what="the forged RESULTs to be refused")
     assert not future.done(), "a RESULT from another instance must not settle the call"
+    assert broker.refused == 2
+    [other] = peers.refusals("dropped a RESULT for a call sent to another instance")
+    assert other == {"peer": forger.getsockopt(zmq.ROUTING_ID)[:40], "key": None, "function": "victim",
+                     "refused": other["refused"]}
+    [unregistered] = peers.refusals("dropped a message from an unregistered peer")
+    assert unregistered["peer"] == b"runner" and unregistered["command"] == protocol.RESULT
     runner.send_multipart(protocol.encode(protocol.RESULT, {"call_id": "c-victim", "status": 200}, b"real"))
     header, body = await asyncio.wait_for(future, 5)
     assert body == b"real"
@@ -163,12 +195,35 @@ async def test_a_call_names_the_instance_its_key_belongs_to(rig) -> None:
     stranger.send_multipart(protocol.encode(protocol.CALL, {"call_id": "1", "function": "victim",
                                                             "instance": "caller"}, b""))
     await until(lambda: broker.refused >= 1, what="the CALL from an unregistered key to be refused")
+    assert broker.refused == 1 and not calls
+    assert peers.refusals("dropped a CALL from a key no registered instance holds") == [
+        {"peer": b"stranger", "key": peers.key[stranger], "refused": 1}]
     # the task caller's socket: another routing id, the instance's key; the header lies about who calls
     task = peers.open("task-socket", key_of=("caller", "g", 1))
     task.send_multipart(protocol.encode(protocol.CALL, {"call_id": "2", "function": "victim",
                                                         "instance": "runner-of-victim"}, b""))
     await until(lambda: calls, what="the instance's CALL")
     assert [m.header["call_id"] for m in calls] == ["2"] and calls[0].header["instance"] == "caller"
+
+
+async def test_a_gone_instance_s_key_makes_no_more_calls_and_the_others_keep_theirs(rig) -> None:
+    broker, zap, peers = rig
+    calls: list[protocol.Message] = []
+    broker._on_call = lambda ident, msg: calls.append(msg)
+    leaving, staying = peers.open("leaving"), peers.open("staying")
+    ready(leaving, "leaving")
+    ready(staying, "staying")
+    await until(lambda: {"leaving", "staying"} <= set(broker.by_name), what="both instances")
+    leaving_task = peers.open("leaving-task", key_of=("leaving", "g", 1))
+    staying_task = peers.open("staying-task", key_of=("staying", "g", 1))
+    leaving.send_multipart(protocol.encode(protocol.BYE, {}))
+    await until(lambda: "leaving" not in broker.by_name, what="the instance that said BYE to be forgotten")
+    leaving_task.send_multipart(protocol.encode(protocol.CALL, {"call_id": "1", "function": "f"}, b""))
+    await until(lambda: broker.refused >= 1, what="the gone instance's CALL to be refused")
+    staying_task.send_multipart(protocol.encode(protocol.CALL, {"call_id": "2", "function": "f"}, b""))
+    await until(lambda: calls, what="the staying instance's CALL")
+    assert [(m.header["call_id"], m.header["instance"]) for m in calls] == [("2", "staying")]
+    assert broker.refused == 1 and list(broker.by_key.values()) == [broker.by_name["staying"]]
 
 
 async def test_nobody_takes_over_the_routing_of_an_instance_whose_connection_is_gone(rig) -> None:
