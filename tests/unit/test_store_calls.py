@@ -442,6 +442,21 @@ def test_a_sync_row_of_eight_fields_is_an_http_entry_call(calls: CallStore) -> N
         calls.record_sync_rows(["abcdefgh"])  # a string of the right length is not a row
 
 
+def test_a_trace_past_its_limit_is_cut_and_says_so(calls: CallStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.store import durable_calls
+
+    monkeypatch.setattr(durable_calls, "MAX_TRACE", 3)
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    rows = [[f"c{i}", "a", "DONE", 10.0 + i, 10.5 + i, 200, None, False, None, "http", trace, None, False]
+            for i in range(4)]
+    calls.record_sync_rows(rows[:3])
+    exactly = calls.trace(trace)
+    assert [c["id"] for c in exactly["calls"]] == ["c0", "c1", "c2"] and exactly["truncated"] is False
+    calls.record_sync_rows(rows[3:])
+    past = calls.trace(trace)
+    assert [c["id"] for c in past["calls"]] == ["c0", "c1", "c2"] and past["truncated"] is True
+
+
 def test_counts_by_status(calls: CallStore) -> None:
     assert calls.counts() == {}
     calls.submit([{"id": "a", "function": "f"}, {"id": "b", "function": "f", "status": "DEAD"},
@@ -465,19 +480,42 @@ def test_a_trace_is_read_by_its_id_with_spans_and_parents(calls: CallStore) -> N
         ["root.1", "b", "DONE", 10.1, 10.2, 200, None, False, "root", "call", trace, None, True],
         ["plain", "a", "DONE", 11.0, 11.1, 200, None, False],  # the gateway's older rows still go in
         ["elsewhere", "a", "DONE", 9.0, 9.1, 200, None, False, None, "http", other, None, False]])
-    submit_one(calls, id="async1", function="c", parent_id="root", trace_id=trace, parent_span=span_id("root"),
-               trace_flags=1, tracestate="k=v")
+    # an async call whose caller's span is not its parent call's (a remote parent): its own parent_span is kept
+    submit_one(calls, id="async1", function="c", parent_id="root", trace_id=trace, parent_span="a1a2a3a4a5a6a7a8",
+               trace_flags=1, tracestate="k=v", queued_at=10.3)
+    calls.record_sync([{"id": "dict", "function": "d", "status": "FAILED", "queued_at": 10.4, "finished_at": 10.4001234,
+                        "result_status": 500, "error": "boom", "source": "call", "parent_id": "root.1",
+                        "trace_id": trace, "parent_span": "b1b2b3b4b5b6b7b8", "fused": True}])
+    calls.record_sync_rows([["orphan", "e", "DONE", 10.6, 10.7, 200, None, False, None, "http", trace, None, False]])
     got = calls.trace(trace)
     assert got["trace_id"] == trace and not got["truncated"]
-    assert [c["id"] for c in got["calls"]] == ["root", "root.1", "async1"]
-    root, fused, queued = got["calls"]
-    assert (root["parent_span"], root["span_id"], root["fused"], root["duration_ms"]) == (
-        "00f067aa0ba902b7", span_id("root"), False, 500.0)
+    assert [c["id"] for c in got["calls"]] == ["root", "root.1", "async1", "dict", "orphan"]
+    root, fused, queued, from_dict, orphan = got["calls"]
+    assert root == {"id": "root", "function": "a", "span_id": span_id("root"), "parent_id": None,
+                    "parent_span": "00f067aa0ba902b7", "status": "DONE", "kind": "sync", "source": "http",
+                    "fused": False, "started_ts": 10.0, "started": _iso(10.0), "duration_ms": 500.0,
+                    "result_status": 200, "error": None}
+    # no parent_span of its own: its parent call's span
     assert (fused["parent_span"], fused["fused"], fused["parent_id"]) == (span_id("root"), True, "root")
-    assert queued["kind"] == "async" and queued["duration_ms"] is None and queued["parent_span"] == span_id("root")
+    assert (from_dict["parent_span"], from_dict["fused"], from_dict["source"], from_dict["duration_ms"],
+            from_dict["status"], from_dict["result_status"], from_dict["error"]) == (
+        "b1b2b3b4b5b6b7b8", True, "call", 0.123, "FAILED", 500, "boom")
+    assert orphan["parent_span"] is None and orphan["parent_id"] is None and orphan["fused"] is False
+    # not started yet: dated from its queueing, no duration
+    assert (queued["kind"], queued["duration_ms"], queued["parent_span"], queued["started_ts"]) == (
+        "async", None, "a1a2a3a4a5a6a7a8", 10.3)
     assert calls.get("root")["trace_id"] == trace and calls.get("plain")["trace_id"] is None
+    assert (calls.get("root.1")["fused"], calls.get("plain")["fused"], calls.get("dict")["fused"]) == (True, False, True)
+    assert calls.get("dict")["trace_id"] == trace
+    submit_one(calls, id="untraced", function="c", queued_at=12.0)
     claimed, _ = calls.claim("gw1", 10, TTL_S)
-    assert [(c["trace_id"], c["trace_flags"], c["tracestate"]) for c in claimed] == [(trace, 1, "k=v")]
+    assert [(c["id"], c["trace_id"], c["parent_span"], c["trace_flags"], c["tracestate"]) for c in claimed] == [
+        ("async1", trace, "a1a2a3a4a5a6a7a8", 1, "k=v"), ("untraced", None, None, 0, None)]
+    # once it runs, it is dated from its start: 0.1234567 s of work
+    calls.update([{"id": "async1", "status": "DONE", "started_at": 20.0, "finished_at": 20.1234567,
+                   "result_status": 200}], ())
+    queued = calls.trace(trace)["calls"][2]
+    assert (queued["started_ts"], queued["started"], queued["duration_ms"]) == (20.0, _iso(20.0), 123.457)
     assert calls.trace("ffffffffffffffffffffffffffffffff")["calls"] == []
     with pytest.raises(InvalidRequest):
         calls.record_sync_rows([["x", "a", "DONE", 1.0, 1.1, 200, None, False, None, "http", 5, None, False]])
