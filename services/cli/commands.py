@@ -7,6 +7,7 @@ import contextlib
 import json
 import keyword
 import re
+import signal
 import socket
 import sys
 import threading
@@ -731,15 +732,54 @@ def cmd_scale(client: Client, opts: argparse.Namespace, streams: Streams) -> int
     return 0
 
 
+def follow_logs(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
+    """Print the function's log lines as they come until Ctrl-C (SIGINT) or the stream's end.
+
+    Once the stream is open, SIGINT only shuts its socket down and the loop ends at the stream's end, so the
+    interrupt never lands as an exception inside the HTTP client's own bookkeeping (its locks and pool); before
+    that (still connecting) it interrupts as usual."""
+    stopping = threading.Event()
+    opened: list[Any] = []
+
+    def on_open(sock: Any) -> None:
+        opened.append(sock)
+        if stopping.is_set():
+            _shut(sock)
+
+    def on_sigint(_signum: int, _frame: Any) -> None:
+        stopping.set()
+        if not opened or opened[0] is None:
+            raise KeyboardInterrupt
+        _shut(opened[0])
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    try:
+        for chunk in client.follow_logs(opts.name, opts.tail, opts.since, on_open=on_open):
+            if stopping.is_set():
+                break
+            streams.out.write(chunk)
+            streams.out.flush()
+    except KeyboardInterrupt:
+        pass  # the way to stop following
+    except CliError:
+        if not stopping.is_set():
+            raise  # the stream broke on its own; after Ctrl-C a cut stream is what was asked for
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    return 0
+
+
+def _shut(sock: Any) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def cmd_logs(client: Client, opts: argparse.Namespace, streams: Streams) -> int:
     if opts.follow:
-        try:
-            for chunk in client.follow_logs(opts.name, opts.tail, opts.since):
-                streams.out.write(chunk)
-                streams.out.flush()
-        except KeyboardInterrupt:
-            pass  # the way to stop following
-        return 0
+        return follow_logs(client, opts, streams)
     text = client.logs(opts.name, opts.tail, opts.since)
     if text:
         streams.out.write(text if text.endswith("\n") else text + "\n")

@@ -131,20 +131,29 @@ def test_the_stream_ends_when_the_function_is_deleted(stack: Stack, follower: li
 
 def test_cli_logs_follow_since(stack: Stack, logger_fn: str) -> None:
     env = {k: v for k, v in stack.env.items() if k != "NUCLIDE_CLI_CONFIG"}
-    env.update({"NUCLIDE_URL": stack.url, "NUCLIDE_TOKEN": stack.token})
+    # a CLI that does not stop at Ctrl-C is sent SIGABRT below: faulthandler then prints where it was stuck
+    env.update({"NUCLIDE_URL": stack.url, "NUCLIDE_TOKEN": stack.token, "PYTHONFAULTHANDLER": "1"})
+    before = followers(stack)  # streams other tests of this module left may still be counted
     proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "logs", "-f", "--since", "5m", logger_fn],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
     try:
-        wait_for(lambda: followers(stack) >= 1, 15, what="the CLI to follow")
+        wait_for(lambda: followers(stack) > before, 15, what="the CLI to follow")
         marker = uuid.uuid4().hex
         stack.invoke(logger_fn, marker)
         wait_for(lambda: any(f"logged {marker}" in ln for ln in out), 15, what="the line in `nuclide logs -f`")
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0, proc.stderr.read()
-        assert "Traceback" not in proc.stderr.read()
+        try:
+            code = proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(10)
+            raise AssertionError(f"`nuclide logs -f` did not stop at SIGINT; where it was:\n{proc.stderr.read()}")
+        err = proc.stderr.read()
+        assert code == 0 and "Traceback" not in err, err
+        wait_for(lambda: followers(stack) <= before, 15, what="the gateway to see the CLI's stream closed")
     finally:
         if proc.poll() is None:
             proc.kill()
