@@ -287,9 +287,7 @@ class DeployOutput:
         self._thread.join(5)
 
     def _shutdown(self) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
+        _shut(self._sock)
 
     def _opened(self, sock: Any) -> None:
         with self._lock:
@@ -772,6 +770,7 @@ def follow_logs(client: Client, opts: argparse.Namespace, streams: Streams) -> i
 
 
 def _shut(sock: Any) -> None:
+    """Shut a log stream's socket down (ends its iteration at once), if it has one."""
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
