@@ -85,8 +85,9 @@ class Peers:
             curve_client(sock, public, secret, self.keys.public("gateway"))
             self.key[sock] = public.decode()
         elif not plain:
-            self.keys.client_of_instance(sock, *(key_of or (ident, "g", 1)))
-            self.key[sock] = self.keys.instance(*(key_of or (ident, "g", 1))).public.decode()
+            issued = key_of or (ident, "g", 1)
+            self.keys.client_of_instance(sock, *issued)
+            self.key[sock] = self.keys.instance(*issued).public.decode()
             if key_of is not None and key_of[0] != ident:  # another instance's key: its own routing id
                 sock.setsockopt(zmq.ROUTING_ID, ident.encode())
         self.monitors[sock] = sock.get_monitor_socket()
@@ -101,24 +102,22 @@ async def rig() -> Iterator[tuple[Broker, ZapHandler, Peers]]:
     keys = memory_keys()
     zap = ZapHandler(ctx, keys)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    capture = capture_logs()
-    logs = capture.__enter__()
-    broker = Broker(ctx, endpoint, 10, on_ready=lambda inst: None, on_gone=lambda inst, why: None, keys=keys,
-                    admits=admits)
-    peers = Peers(ctx, endpoint, keys)
-    peers.logs = logs
-    try:
-        yield broker, zap, peers
-    finally:
-        capture.__exit__(None, None, None)
-        for sock in peers.socks:
-            if not peers.monitors[sock].closed:
-                sock.disable_monitor()
-                peers.monitors[sock].close(linger=0)
-            sock.close(linger=0)
-        broker.close()
-        zap.close()
-        ctx.term()
+    with capture_logs() as logs:
+        broker = Broker(ctx, endpoint, 10, on_ready=lambda inst: None, on_gone=lambda inst, why: None, keys=keys,
+                        admits=admits)
+        peers = Peers(ctx, endpoint, keys)
+        peers.logs = logs
+        try:
+            yield broker, zap, peers
+        finally:
+            for sock in peers.socks:
+                if not peers.monitors[sock].closed:
+                    sock.disable_monitor()
+                    peers.monitors[sock].close(linger=0)
+                sock.close(linger=0)
+            broker.close()
+            zap.close()
+            ctx.term()
 
 
 async def test_an_instance_registers_only_with_the_key_issued_for_it(rig) -> None:
